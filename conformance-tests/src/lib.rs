@@ -1,0 +1,1 @@
+//! conformance-tests (work in progress).

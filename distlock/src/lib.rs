@@ -1,0 +1,1 @@
+//! distlock (work in progress).

@@ -1,0 +1,115 @@
+//! The contract every backend keeps.
+
+use crate::{Lease, LockError, LockKey, Releases};
+use async_trait::async_trait;
+use std::time::Duration;
+use tokio::time::Instant;
+
+
+
+/// The answer to one acquisition attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The lock is ours.
+    Acquired(Lease),
+    /// Someone else holds it. `expires_in` is the holder's remaining TTL when the backend
+    /// knows it: the client never waits longer than that before trying again, so a holder
+    /// that died is taken over as soon as its lease runs out.
+    Held {
+        /// Remaining TTL of the current holder, if known.
+        expires_in: Option<Duration>,
+    },
+}
+
+impl Attempt {
+    /// The lease, if acquired.
+    pub fn into_lease(self) -> Option<Lease> {
+        match self {
+            Attempt::Acquired(lease) => Some(lease),
+            Attempt::Held { .. } => None,
+        }
+    }
+}
+
+/// What a backend can promise. The client and the conformance suite adapt to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Leases carry fencing tokens that strictly increase per key.
+    pub fencing: bool,
+    /// `subscribe` delivers a signal on release (pub/sub, NOTIFY, watch); without it the
+    /// client polls with backoff.
+    pub release_notifications: bool,
+    /// The backend queues waiters itself ([`LockBackend::acquire_queued`]), first come first
+    /// served.
+    pub fair_queue: bool,
+    /// Smallest TTL the server honours; smaller requests are raised to it (and the granted
+    /// TTL is reported in the lease).
+    pub min_ttl: Duration,
+    /// Resolution of the server's TTL (1 ms for Redis `PX`, 1 s for etcd leases).
+    pub ttl_granularity: Duration,
+    /// How long after TTL a lock of a holder that stopped renewing may still be held: the
+    /// server's expiry slack (timer resolution, heartbeat interval).
+    pub expiry_slack: Duration,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            fencing: false,
+            release_notifications: false,
+            fair_queue: false,
+            min_ttl: Duration::from_millis(1),
+            ttl_granularity: Duration::from_millis(1),
+            expiry_slack: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A lock store. One attempt at a time; the client ([`crate::Locker`]) adds waiting, retry,
+/// renewal and the lost signal on top.
+///
+/// Every method takes `&self` and may be called concurrently. Renew and release compare the
+/// lease's owner token atomically on the server: they never act on another holder's lock.
+#[async_trait]
+pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
+    /// One attempt that never waits behind a holder.
+    ///
+    /// `ttl` has been validated ([`crate::validate_ttl`]). The returned lease's
+    /// `sent_at` must be taken before the request leaves, so that its deadline is safe.
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError>;
+
+    /// Extends a lease we still hold to `ttl` from now. `Err(LockError::Lost)` when the
+    /// backend no longer has us as the holder; other errors mean "could not tell".
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError>;
+
+    /// Gives the lease up. `Ok(false)`: it was no longer ours (expired, taken over, already
+    /// released). Never frees another holder's lock.
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError>;
+
+    /// Starts listening for releases of `key`. The client subscribes before the attempt that
+    /// precedes a wait, so a release in between is not missed. The default never signals:
+    /// the client then polls with backoff.
+    async fn subscribe(&self, _key: &LockKey) -> Result<Releases, LockError> {
+        Ok(Releases::never())
+    }
+
+    /// Waits in the backend's own fair queue until the lock is granted or `deadline`
+    /// passes (`Ok(None)`). Called only when [`Capabilities::fair_queue`] is set.
+    ///
+    /// Must be cancel-safe: dropping the future leaves no queue entry and no lock behind.
+    async fn acquire_queued(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        let _ = (key, ttl, deadline);
+        Err(LockError::InvalidConfig(
+            "this backend has no fair queue (Capabilities::fair_queue is false)".into(),
+        ))
+    }
+
+    /// What this backend can promise.
+    fn capabilities(&self) -> Capabilities;
+}

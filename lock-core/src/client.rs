@@ -1,0 +1,311 @@
+//! `Locker`: waiting, retry, renewal and the lost signal over any backend.
+
+use crate::guard::{GuardState, LockGuard};
+use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl, watchdog};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// Options of one acquisition; a [`Locker`] holds defaults that each call can override.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LockOptions {
+    /// Lease TTL: how long the lock outlives a holder that stops renewing. Default 30 s.
+    pub ttl: Duration,
+    /// How long `acquire` waits behind another holder. Zero (the default) tries once.
+    pub wait: Duration,
+    /// Delay between attempts when no release signal arrives.
+    pub backoff: Backoff,
+    /// Renew the lease in the background at TTL/3 while the guard lives. Default on.
+    pub auto_renew: bool,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            ttl: Duration::from_secs(30),
+            wait: Duration::ZERO,
+            backoff: Backoff::default(),
+            auto_renew: true,
+        }
+    }
+}
+
+/// The client: acquire, try, or run a future under a lock, on any backend.
+///
+/// Cheap to clone (the backend is shared). Two `Locker`s — in one process or in many —
+/// contend for real: the lock is not reentrant, a second acquisition of a held key waits.
+#[derive(Clone, Debug)]
+pub struct Locker {
+    backend: Arc<dyn LockBackend>,
+    defaults: LockOptions,
+}
+
+impl Locker {
+    /// A locker over `backend` with default options.
+    pub fn new(backend: impl LockBackend) -> Self {
+        Self::from_arc(Arc::new(backend))
+    }
+
+    /// A locker over a shared backend.
+    pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
+        Locker {
+            backend,
+            defaults: LockOptions::default(),
+        }
+    }
+
+    /// The same locker with other default options.
+    pub fn with_defaults(mut self, defaults: LockOptions) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// The default options.
+    pub fn defaults(&self) -> &LockOptions {
+        &self.defaults
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
+    /// Starts a request for `key` with this locker's defaults; set options on it, then call
+    /// `acquire`, `try_acquire` or `run`.
+    pub fn lock(&self, key: impl Into<String>) -> LockRequest<'_> {
+        LockRequest {
+            locker: self,
+            key: key.into(),
+            options: self.defaults,
+        }
+    }
+
+    /// Acquires `key`, waiting up to the default wait. `Err(Timeout)` if still held then.
+    pub async fn acquire(&self, key: impl Into<String>) -> Result<LockGuard, LockError> {
+        self.lock(key).acquire().await
+    }
+
+    /// One attempt: `Ok(None)` if someone else holds `key`.
+    pub async fn try_acquire(&self, key: impl Into<String>) -> Result<Option<LockGuard>, LockError> {
+        self.lock(key).try_acquire().await
+    }
+
+    /// Runs `work` while holding `key`, then releases. If the lock is lost midway, `work` is
+    /// dropped and the result is `Err(Lost)`.
+    pub async fn with_lock<F: Future>(
+        &self,
+        key: impl Into<String>,
+        work: F,
+    ) -> Result<F::Output, LockError> {
+        self.lock(key).run(work).await
+    }
+}
+
+/// One acquisition being configured: `locker.lock("k").wait(..).ttl(..).acquire().await`.
+#[derive(Debug)]
+#[must_use = "call acquire, try_acquire or run"]
+pub struct LockRequest<'a> {
+    locker: &'a Locker,
+    key: String,
+    options: LockOptions,
+}
+
+impl LockRequest<'_> {
+    /// Lease TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = ttl;
+        self
+    }
+
+    /// How long to wait behind another holder (zero: try once).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.options.wait = wait;
+        self
+    }
+
+    /// Backoff between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.options.backoff = backoff;
+        self
+    }
+
+    /// Whether a watchdog renews the lease while the guard lives.
+    pub fn auto_renew(mut self, auto_renew: bool) -> Self {
+        self.options.auto_renew = auto_renew;
+        self
+    }
+
+    /// All options at once.
+    pub fn options(mut self, options: LockOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Acquires, waiting up to `wait`; `Err(Timeout)` if still held then.
+    pub async fn acquire(self) -> Result<LockGuard, LockError> {
+        let wait = self.options.wait;
+        let key = self.key.clone();
+        match self.acquire_inner(wait).await? {
+            Some(guard) => Ok(guard),
+            None => Err(LockError::Timeout { key, waited: wait }),
+        }
+    }
+
+    /// One attempt: `Ok(None)` if someone else holds the key.
+    pub async fn try_acquire(self) -> Result<Option<LockGuard>, LockError> {
+        self.acquire_inner(Duration::ZERO).await
+    }
+
+    /// Runs `work` under the lock (see [`Locker::with_lock`]).
+    pub async fn run<F: Future>(self, work: F) -> Result<F::Output, LockError> {
+        let guard = self.acquire().await?;
+        let lost = guard.lost();
+        tokio::select! {
+            biased;
+            _ = lost => {
+                let reason = guard.lost_reason().unwrap_or_else(|| "lease expired".into());
+                let key = guard.key().to_string();
+                drop(guard);
+                Err(LockError::lost(key, reason))
+            }
+            output = work => {
+                if let Err(error) = guard.release().await {
+                    tracing::warn!(%error, "release after with_lock failed; TTL will free the lock");
+                }
+                Ok(output)
+            }
+        }
+    }
+
+    async fn acquire_inner(self, wait: Duration) -> Result<Option<LockGuard>, LockError> {
+        let key = LockKey::new(self.key)?;
+        let options = self.options;
+        validate_ttl(options.ttl)?;
+        let backend = self.locker.backend.clone();
+        let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
+        async move {
+            let start = Instant::now();
+            let deadline = start.checked_add(wait).unwrap_or(start + crate::MAX_TTL);
+            let lease = if !wait.is_zero() && backend.capabilities().fair_queue {
+                backend.acquire_queued(&key, options.ttl, deadline).await?
+            } else {
+                wait_loop(&backend, &key, &options, deadline).await?
+            };
+            let Some(lease) = lease else {
+                tracing::debug!(waited = ?start.elapsed(), "not acquired");
+                return Ok(None);
+            };
+            tracing::debug!(fence = ?lease.fence(), waited = ?start.elapsed(), "acquired");
+            Ok(Some(guard_for(backend, lease, &options)))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn guard_for(backend: Arc<dyn LockBackend>, lease: crate::Lease, options: &LockOptions) -> LockGuard {
+    let state = GuardState::new(lease);
+    let watchdog = tokio::spawn(watchdog::run(
+        backend.clone(),
+        state.clone(),
+        options.ttl,
+        options.auto_renew,
+    ));
+    LockGuard::new(state, backend, Some(watchdog))
+}
+
+/// subscribe → try → wait for a release or the next backoff step → try again.
+async fn wait_loop(
+    backend: &Arc<dyn LockBackend>,
+    key: &LockKey,
+    options: &LockOptions,
+    deadline: Instant,
+) -> Result<Option<crate::Lease>, LockError> {
+    let mut releases: Option<Releases> = None;
+    let mut delays = options.backoff.delays();
+    loop {
+        let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
+        let now = Instant::now();
+        let expires_in = match outcome {
+            Ok(Attempt::Acquired(lease)) => return Ok(Some(lease)),
+            Ok(Attempt::Held { expires_in }) => expires_in,
+            Err(error) if error.is_retryable() && now < deadline => {
+                tracing::debug!(%error, "attempt failed; retrying");
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        if now >= deadline {
+            return Ok(None);
+        }
+        if releases.is_none() {
+            // Subscribe, then try again at once: a release between the failed attempt and
+            // the subscription would otherwise be missed.
+            releases = Some(backend.subscribe(key).await?);
+            continue;
+        }
+        let step = delays.next().unwrap_or(options.backoff.max);
+        let mut until = now + step;
+        if let Some(remaining) = expires_in {
+            until = until.min(now + remaining + Duration::from_millis(1));
+        }
+        let until = until.min(deadline);
+        if let Some(releases) = releases.as_mut() {
+            let wake = releases.next(until).await;
+            tracing::trace!(?wake, "woke");
+        }
+    }
+}
+
+type AttemptFuture = Pin<Box<dyn Future<Output = Result<Attempt, LockError>> + Send>>;
+
+/// One `try_acquire` in flight. If it is dropped before it finishes (the caller's `acquire`
+/// was cancelled), the attempt is finished in the background and a lease it was granted is
+/// released, so cancellation never leaves a lock behind.
+struct InFlightAttempt {
+    attempt: Option<AttemptFuture>,
+    backend: Arc<dyn LockBackend>,
+}
+
+impl InFlightAttempt {
+    fn start(backend: &Arc<dyn LockBackend>, key: &LockKey, ttl: Duration) -> Self {
+        let owned_backend = backend.clone();
+        let key = key.clone();
+        InFlightAttempt {
+            attempt: Some(Box::pin(async move { owned_backend.try_acquire(&key, ttl).await })),
+            backend: backend.clone(),
+        }
+    }
+}
+
+impl Future for InFlightAttempt {
+    type Output = Result<Attempt, LockError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(attempt) = self.attempt.as_mut() else {
+            return Poll::Ready(Err(LockError::InvalidConfig(
+                "attempt polled after completion".into(),
+            )));
+        };
+        let output = std::task::ready!(attempt.as_mut().poll(cx));
+        self.attempt = None;
+        Poll::Ready(output)
+    }
+}
+
+impl Drop for InFlightAttempt {
+    fn drop(&mut self) {
+        let Some(attempt) = self.attempt.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let backend = self.backend.clone();
+        runtime.spawn(async move {
+            if let Ok(Attempt::Acquired(lease)) = attempt.await {
+                tracing::debug!(key = %lease.key(), "releasing a lease granted to a cancelled acquire");
+                let _ = backend.release(&lease).await;
+            }
+        });
+    }
+}

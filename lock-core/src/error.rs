@@ -1,0 +1,115 @@
+//! The one error type every backend and the client return.
+
+use std::time::Duration;
+
+/// A boxed error kept as the `source` of [`LockError::Backend`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong when taking, keeping or giving up a lock.
+///
+/// The variants separate what the caller does next: `Timeout` (try later or give up), `Lost`
+/// (stop the critical section now), the `Invalid*` family (fix the input; retrying cannot
+/// help) and `Backend` (the server or the connection failed; [`LockError::is_retryable`] says
+/// whether another attempt may succeed).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The lock was not acquired before the wait deadline.
+    #[error("lock {key:?} not acquired within {waited:?}: another holder kept it")]
+    Timeout {
+        /// The key that was asked for.
+        key: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The lease is no longer ours: it expired, was taken over, or the backend forgot it.
+    #[error("lock {key:?} was lost: {reason}")]
+    Lost {
+        /// The key whose lease was lost.
+        key: String,
+        /// Why the lease is considered lost.
+        reason: String,
+    },
+    /// The key is not acceptable (empty, too long, contains NUL).
+    #[error("invalid lock key: {0}")]
+    InvalidKey(String),
+    /// The TTL is not acceptable (zero, or too large to represent).
+    #[error("invalid TTL {ttl:?}: {reason}")]
+    InvalidTtl {
+        /// The TTL that was given.
+        ttl: Duration,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configuration value (URL, option) is not acceptable.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The backend (server, connection, protocol) failed.
+    #[error("{backend} backend error{}: {message}", if *.retryable { " (may succeed if retried)" } else { "" })]
+    Backend {
+        /// Which backend reported it (`redis`, `postgres`, …).
+        backend: &'static str,
+        /// What failed, for humans.
+        message: String,
+        /// Whether a later attempt may succeed (connection refused, timeout) or not
+        /// (authentication, protocol error).
+        retryable: bool,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl LockError {
+    /// A backend failure with a source error.
+    pub fn backend(
+        backend: &'static str,
+        message: impl Into<String>,
+        retryable: bool,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        LockError::Backend {
+            backend,
+            message: message.into(),
+            retryable,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A backend failure without a source error.
+    pub fn backend_msg(backend: &'static str, message: impl Into<String>, retryable: bool) -> Self {
+        LockError::Backend {
+            backend,
+            message: message.into(),
+            retryable,
+            source: None,
+        }
+    }
+
+    /// A `Lost` error for `key`.
+    pub fn lost(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        LockError::Lost {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether trying the same operation again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LockError::Backend { retryable, .. } => *retryable,
+            LockError::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this error says the lease is gone.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, LockError::Lost { .. })
+    }
+
+    /// Whether this error is a wait timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, LockError::Timeout { .. })
+    }
+}

@@ -1,0 +1,165 @@
+//! The held lock: fence, deadline, lost signal, release.
+
+use crate::{FencingToken, Lease, LockBackend, LockError, LockKey};
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// State shared by a guard and its watchdog.
+#[derive(Debug)]
+pub(crate) struct GuardState {
+    lease: Mutex<Lease>,
+    lost: CancellationToken,
+    lost_reason: Mutex<Option<String>>,
+}
+
+impl GuardState {
+    pub(crate) fn new(lease: Lease) -> Arc<Self> {
+        Arc::new(GuardState {
+            lease: Mutex::new(lease),
+            lost: CancellationToken::new(),
+            lost_reason: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn lease(&self) -> Lease {
+        lock(&self.lease).clone()
+    }
+
+    pub(crate) fn set_lease(&self, lease: Lease) {
+        *lock(&self.lease) = lease;
+    }
+
+    pub(crate) fn fire_lost(&self, reason: String) {
+        let mut slot = lock(&self.lost_reason);
+        if slot.is_none() {
+            tracing::warn!(key = %lock(&self.lease).key(), %reason, "lock lost");
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.lost.cancel();
+    }
+
+    pub(crate) fn lost_token(&self) -> &CancellationToken {
+        &self.lost
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A held lock.
+///
+/// While it lives (and auto-renew is on) a watchdog renews the lease at TTL/3. If renewal is
+/// refused, or cannot be confirmed before the lease's local validity deadline, the guard's
+/// lost signal fires: stop the critical section. Release it with [`LockGuard::release`];
+/// dropping it releases in the background when a Tokio runtime is there, otherwise the TTL
+/// frees the lock.
+#[derive(Debug)]
+#[must_use = "dropping the guard releases the lock"]
+pub struct LockGuard {
+    key: LockKey,
+    state: Arc<GuardState>,
+    backend: Arc<dyn LockBackend>,
+    watchdog: Option<JoinHandle<()>>,
+    released: bool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(
+        state: Arc<GuardState>,
+        backend: Arc<dyn LockBackend>,
+        watchdog: Option<JoinHandle<()>>,
+    ) -> Self {
+        let key = state.lease().key().clone();
+        LockGuard {
+            key,
+            state,
+            backend,
+            watchdog,
+            released: false,
+        }
+    }
+
+    /// The locked key.
+    pub fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    /// The fencing token of this hold, when the backend provides one.
+    pub fn fence(&self) -> Option<FencingToken> {
+        self.state.lease().fence()
+    }
+
+    /// The current lease (renewals replace it).
+    pub fn lease(&self) -> Lease {
+        self.state.lease()
+    }
+
+    /// Until when the holder may act: the latest lease's local validity deadline.
+    pub fn valid_until(&self) -> Instant {
+        self.state.lease().valid_until()
+    }
+
+    /// Whether the lock is lost (signal fired, or validity deadline passed).
+    pub fn is_lost(&self) -> bool {
+        self.state.lost_token().is_cancelled() || self.state.lease().is_expired()
+    }
+
+    /// Why the lock was lost, once it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        lock(&self.state.lost_reason).clone()
+    }
+
+    /// A future that resolves when the lock is lost. It is `'static`: move it into a task or a
+    /// `select!`.
+    pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        self.state.lost_token().clone().cancelled_owned()
+    }
+
+    /// A token cancelled when the lock is lost (a child of the guard's own token, so
+    /// cancelling it does not fire the guard's signal).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.state.lost_token().child_token()
+    }
+
+    /// Releases the lock. `Ok(false)`: it was no longer ours (expired or taken over).
+    pub async fn release(mut self) -> Result<bool, LockError> {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        let lease = self.state.lease();
+        let result = self.backend.release(&lease).await;
+        // Only now: if this future is dropped mid-release, Drop releases in the background.
+        self.released = true;
+        tracing::debug!(key = %self.key, ?result, "released");
+        result
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(key = %self.key, "guard dropped outside a runtime; TTL will free it");
+            return;
+        };
+        let backend = self.backend.clone();
+        let lease = self.state.lease();
+        runtime.spawn(async move {
+            match backend.release(&lease).await {
+                Ok(released) => tracing::debug!(key = %lease.key(), released, "released on drop"),
+                Err(error) => {
+                    tracing::warn!(key = %lease.key(), %error, "release on drop failed; TTL will free it")
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,235 @@
+//! What a backend grants: a lease with an owner token, a fencing token and a local deadline.
+
+use crate::{LockError, LockKey};
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Largest TTL accepted anywhere: one year. Larger values overflow some servers' millisecond
+/// arithmetic and are never what a caller meant.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a TTL before it reaches a backend: not zero, not above [`MAX_TTL`].
+pub fn validate_ttl(ttl: Duration) -> Result<(), LockError> {
+    if ttl.is_zero() {
+        return Err(LockError::InvalidTtl {
+            ttl,
+            reason: "a TTL of zero would expire before it is granted".into(),
+        });
+    }
+    if ttl > MAX_TTL {
+        return Err(LockError::InvalidTtl {
+            ttl,
+            reason: format!("the largest accepted TTL is {MAX_TTL:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// The clock-drift allowance subtracted from a TTL: 1% of it plus 2 ms (as in Redlock).
+pub fn drift(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// A random 128-bit token that names one holder; renew and release compare it on the server.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerToken(u128);
+
+impl OwnerToken {
+    /// A fresh random token.
+    pub fn random() -> Self {
+        OwnerToken(rand::random())
+    }
+
+    /// A token from its raw value (as read back from a server).
+    pub fn from_u128(value: u128) -> Self {
+        OwnerToken(value)
+    }
+
+    /// Parses the 32-hex-digit form produced by `Display`.
+    pub fn parse_hex(text: &str) -> Option<Self> {
+        if text.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(text, 16).ok().map(OwnerToken)
+    }
+
+    /// The raw value.
+    pub fn as_u128(&self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerToken({self})")
+    }
+}
+
+/// A number that strictly increases for successive holders of one key.
+///
+/// Pass it to the resource you protect and have the resource reject writes carrying a token
+/// lower than one it has seen: that is what makes a paused, expired holder harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One grant of a lock by a backend.
+///
+/// The holder may act on the protected resource only before [`Lease::valid_until`], which is
+/// computed locally as (instant the request was sent) + TTL − drift, so it never trusts a
+/// server clock. Renewing returns a new `Lease` with a later deadline.
+#[derive(Clone)]
+pub struct Lease {
+    key: LockKey,
+    owner: OwnerToken,
+    fence: Option<FencingToken>,
+    ttl: Duration,
+    sent_at: Instant,
+    valid_until: Instant,
+    backend_data: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Lease {
+    /// A lease for `key` granted with `ttl` to a request sent at `sent_at`.
+    pub fn new(
+        key: LockKey,
+        owner: OwnerToken,
+        fence: Option<FencingToken>,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Self {
+        let valid_until = sent_at + ttl.saturating_sub(drift(ttl));
+        Lease {
+            key,
+            owner,
+            fence,
+            ttl,
+            sent_at,
+            valid_until,
+            backend_data: None,
+        }
+    }
+
+    /// Attaches backend-private data (an etcd lease id, a session handle). Backends read it
+    /// back with [`Lease::backend_data`].
+    pub fn with_backend_data(mut self, data: Arc<dyn Any + Send + Sync>) -> Self {
+        self.backend_data = Some(data);
+        self
+    }
+
+    /// Replaces the validity deadline, e.g. with Redlock's TTL − elapsed − drift.
+    pub fn with_valid_until(mut self, valid_until: Instant) -> Self {
+        self.valid_until = valid_until;
+        self
+    }
+
+    /// The same lease with another owner token. Backends use it never; the conformance suite
+    /// uses it to forge a lease and check that the backend refuses it.
+    pub fn with_owner(mut self, owner: OwnerToken) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    /// The same lease renewed: same owner and fence, new TTL and deadline from `sent_at`.
+    pub fn renewed(&self, ttl: Duration, sent_at: Instant) -> Self {
+        let mut next = Lease::new(self.key.clone(), self.owner, self.fence, ttl, sent_at);
+        next.backend_data = self.backend_data.clone();
+        next
+    }
+
+    /// The locked key.
+    pub fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    /// The holder's owner token.
+    pub fn owner(&self) -> OwnerToken {
+        self.owner
+    }
+
+    /// The fencing token, when the backend provides one.
+    pub fn fence(&self) -> Option<FencingToken> {
+        self.fence
+    }
+
+    /// The TTL the backend granted (it may be larger than asked, e.g. etcd's 2 s minimum).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// When the request that produced this lease was sent.
+    pub fn sent_at(&self) -> Instant {
+        self.sent_at
+    }
+
+    /// Until when the holder may act, unless renewed.
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    /// Whether the local validity deadline has passed.
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.valid_until
+    }
+
+    /// Backend-private data attached with [`Lease::with_backend_data`], if it has type `T`.
+    pub fn backend_data<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.backend_data.as_ref()?.downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("owner", &self.owner)
+            .field("fence", &self.fence)
+            .field("ttl", &self.ttl)
+            .field(
+                "valid_for",
+                &self.valid_until.saturating_duration_since(Instant::now()),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rules() {
+        assert!(validate_ttl(Duration::ZERO).is_err());
+        assert!(validate_ttl(Duration::MAX).is_err());
+        assert!(validate_ttl(Duration::from_millis(1)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn deadline_subtracts_drift() {
+        let now = Instant::now();
+        let lease = Lease::new(
+            LockKey::new("k").unwrap(),
+            OwnerToken::random(),
+            None,
+            Duration::from_secs(10),
+            now,
+        );
+        assert_eq!(lease.valid_until(), now + Duration::from_millis(9898));
+        let hex = lease.owner().to_string();
+        assert_eq!(OwnerToken::parse_hex(&hex), Some(lease.owner()));
+    }
+}

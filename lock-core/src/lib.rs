@@ -1,0 +1,44 @@
+//! The distlock contract and client.
+//!
+//! - [`LockBackend`]: what a lock store must do — one non-blocking attempt, renew, release
+//!   (both compare-and-act on an owner token), and optionally a release signal or a fair queue.
+//! - [`Locker`]: the client every backend shares — waiting with backoff and release signals,
+//!   a watchdog that renews at TTL/3, a lost-lock signal that fires before the lease's
+//!   validity deadline, fencing tokens, and cancel-safe acquisition.
+//! - [`MemoryBackend`]: an in-process backend, the embedded default.
+//!
+//! ```
+//! # async fn demo() -> Result<(), lock_core::LockError> {
+//! use lock_core::{Locker, MemoryBackend};
+//! use std::time::Duration;
+//!
+//! let locker = Locker::new(MemoryBackend::new());
+//! let guard = locker.lock("ledger:42").wait(Duration::from_secs(5)).acquire().await?;
+//! println!("fence {:?}", guard.fence());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+
+mod backend;
+mod client;
+mod error;
+mod guard;
+mod key;
+mod lease;
+mod memory;
+mod releases;
+mod retry;
+mod watchdog;
+
+pub use backend::{Attempt, Capabilities, LockBackend};
+pub use client::{LockOptions, LockRequest, Locker};
+pub use error::{BoxError, LockError};
+pub use guard::LockGuard;
+pub use key::{LockKey, MAX_KEY_LEN};
+pub use lease::{FencingToken, Lease, MAX_TTL, OwnerToken, drift, validate_ttl};
+pub use memory::MemoryBackend;
+pub use releases::{ReleaseHub, Releases, Wake};
+pub use retry::{Backoff, Delays};
+pub use watchdog::lost_margin;
+
+pub use async_trait::async_trait;

@@ -1,0 +1,1 @@
+//! lock-etcd (work in progress).

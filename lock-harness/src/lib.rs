@@ -1,0 +1,1 @@
+//! lock-harness (work in progress).

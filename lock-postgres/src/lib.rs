@@ -1,0 +1,1 @@
+//! lock-postgres (work in progress).

@@ -1,0 +1,1 @@
+//! lock-redis (work in progress).
