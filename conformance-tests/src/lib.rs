@@ -1,1 +1,83 @@
-//! conformance-tests (work in progress).
+//! The conformance suite every distlock backend runs.
+//!
+//! A backend crate implements [`BackendFactory`] (fresh backend instances on one server, and
+//! optionally an independent look at whether a key is held) and stamps out one test per case:
+//!
+//! ```ignore
+//! conformance_tests::conformance_suite! {
+//!     factory = async { MyFactory::start().await },
+//!     skip = { fencing_tokens_increase: "this backend has no fencing tokens" },
+//! }
+//! ```
+//!
+//! Each case is an `async fn(&dyn BackendFactory) -> anyhow::Result<()>` in [`cases`], so other
+//! harnesses can call them too. A case a backend cannot support is listed under `skip` with a
+//! reason: it is reported as ignored with that reason, never as passed. A case that finds a
+//! capability missing without being listed fails and says so.
+
+pub mod cases;
+pub mod faulty;
+mod suite_macro;
+
+pub use faulty::{Fault, FaultPlan, FaultyBackend};
+
+use async_trait::async_trait;
+use lock_core::{LockBackend, LockKey};
+use std::sync::Arc;
+
+/// Makes backends for the suite, all on the same server (or shared state).
+#[async_trait]
+pub trait BackendFactory: Send + Sync + 'static {
+    /// A short name for messages (`memory`, `redis`, `redlock-3`).
+    fn name(&self) -> String;
+
+    /// A new backend instance with its own connections, on the same server as every other
+    /// instance from this factory: two instances contend like two processes would.
+    async fn backend(&self) -> anyhow::Result<Arc<dyn LockBackend>>;
+
+    /// Whether `key` is held, read on the server independently of any backend instance's
+    /// local state. `Ok(None)` when the factory cannot tell.
+    async fn is_held(&self, key: &LockKey) -> anyhow::Result<Option<bool>> {
+        let _ = key;
+        Ok(None)
+    }
+}
+
+/// A fresh key name for one case, so cases on a shared server never meet.
+pub fn unique_key(case: &str) -> String {
+    format!("{case}-{:016x}", rand::random::<u64>())
+}
+
+/// Runs one case against the factory produced by `factory`, panicking with a readable report
+/// on failure (the `conformance_suite!` tests call this).
+pub async fn run_case<F, Fut, C, CFut>(case_name: &str, factory: Fut, case: C)
+where
+    F: BackendFactory,
+    Fut: std::future::Future<Output = anyhow::Result<F>>,
+    C: FnOnce(Arc<dyn BackendFactory>) -> CFut,
+    CFut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let factory: Arc<dyn BackendFactory> = match factory.await {
+        Ok(factory) => Arc::new(factory),
+        Err(error) => panic!("{case_name}: could not set up the backend factory: {error:?}"),
+    };
+    let name = factory.name();
+    if let Err(error) = case(factory).await {
+        panic!("conformance case `{case_name}` failed on backend `{name}`: {error:?}");
+    }
+}
+
+/// Stamps out one `#[tokio::test]` per conformance case.
+///
+/// `factory` is an expression evaluating to a future of `anyhow::Result<impl BackendFactory>`;
+/// it is evaluated once per test. Cases named under `skip` become `#[ignore = "reason"]` tests,
+/// shown as ignored with their reason in the test report.
+#[macro_export]
+macro_rules! conformance_suite {
+    (factory = $factory:expr $(, skip = { $($skip:ident : $reason:literal),* $(,)? })? $(,)?) => {
+        $(
+            $( const _: () = { let _ = $crate::cases::$skip; }; )*
+        )?
+        $crate::__conformance_cases!(@emit [$factory] [$($($skip : $reason),*)?]);
+    };
+}

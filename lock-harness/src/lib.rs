@@ -1,1 +1,12 @@
-//! lock-harness (work in progress).
+//! Real servers for tests: start them on free loopback ports in temporary directories, break
+//! them on purpose (pause, kill, restart, cut the connection), and clean up.
+//!
+//! Nothing here talks to a server on a standard port: every server is one this harness
+//! started. A missing server binary is an error naming the Debian package to install (run
+//! `scripts/setup`); tests never skip silently.
+
+pub mod process;
+pub mod proxy;
+
+pub use process::{ServerProcess, find_binary, free_port, wait_for_port};
+pub use proxy::{ProxyMode, TcpProxy};

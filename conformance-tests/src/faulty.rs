@@ -1,0 +1,143 @@
+//! A wrapper backend that fails, hangs or delays calls on demand, so watchdog and lost-signal
+//! cases run on every backend.
+
+use async_trait::async_trait;
+use lock_core::{Attempt, Capabilities, Lease, LockBackend, LockError, LockKey, Releases};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What to do to one kind of call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Pass the call through.
+    #[default]
+    None,
+    /// Answer with a retryable backend error, without calling the backend.
+    Fail,
+    /// Never answer (until the fault is changed: a hung call then finishes as `None` would).
+    Hang,
+    /// Answer `Lost` (renew) without calling the backend.
+    Lost,
+    /// Wait this long, then pass the call through.
+    Delay(Duration),
+}
+
+/// The faults in force, shared between a [`FaultyBackend`] and the test that steers it.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    inner: Arc<Mutex<Plan>>,
+}
+
+#[derive(Debug, Default)]
+struct Plan {
+    acquire: Fault,
+    renew: Fault,
+    release: Fault,
+    renew_calls: u64,
+}
+
+impl FaultPlan {
+    fn plan(&self) -> std::sync::MutexGuard<'_, Plan> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Sets the fault for `try_acquire`.
+    pub fn acquire(&self, fault: Fault) {
+        self.plan().acquire = fault;
+    }
+    /// Sets the fault for `renew`.
+    pub fn renew(&self, fault: Fault) {
+        self.plan().renew = fault;
+    }
+    /// Sets the fault for `release`.
+    pub fn release(&self, fault: Fault) {
+        self.plan().release = fault;
+    }
+    /// How many renew calls reached the wrapper.
+    pub fn renew_calls(&self) -> u64 {
+        self.plan().renew_calls
+    }
+}
+
+/// Wraps a backend and applies a [`FaultPlan`] to its calls.
+#[derive(Debug)]
+pub struct FaultyBackend {
+    inner: Arc<dyn LockBackend>,
+    plan: FaultPlan,
+}
+
+impl FaultyBackend {
+    /// Wraps `inner`; steer it through the returned plan.
+    pub fn wrap(inner: Arc<dyn LockBackend>) -> (Arc<Self>, FaultPlan) {
+        let plan = FaultPlan::default();
+        (
+            Arc::new(FaultyBackend {
+                inner,
+                plan: plan.clone(),
+            }),
+            plan,
+        )
+    }
+
+    async fn apply(&self, which: fn(&Plan) -> Fault) -> Result<(), LockError> {
+        loop {
+            let fault = which(&self.plan.plan());
+            match fault {
+                Fault::None => return Ok(()),
+                Fault::Fail => {
+                    return Err(LockError::backend_msg(
+                        "faulty",
+                        "injected failure",
+                        true,
+                    ));
+                }
+                Fault::Lost => return Err(LockError::lost("?", "injected Lost answer")),
+                Fault::Delay(delay) => {
+                    tokio::time::sleep(delay).await;
+                    return Ok(());
+                }
+                Fault::Hang => tokio::time::sleep_until(Instant::now() + Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for FaultyBackend {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        self.apply(|plan| plan.acquire).await?;
+        self.inner.try_acquire(key, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        self.plan.plan().renew_calls += 1;
+        match self.apply(|plan| plan.renew).await {
+            Err(LockError::Lost { reason, .. }) => Err(LockError::lost(lease.key().as_str(), reason)),
+            Err(error) => Err(error),
+            Ok(()) => self.inner.renew(lease, ttl).await,
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        self.apply(|plan| plan.release).await?;
+        self.inner.release(lease).await
+    }
+
+    async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
+        self.inner.subscribe(key).await
+    }
+
+    async fn acquire_queued(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        self.apply(|plan| plan.acquire).await?;
+        self.inner.acquire_queued(key, ttl, deadline).await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}

@@ -1,0 +1,228 @@
+//! A TCP proxy between a client and a server that can cut, black-hole, heal and delay.
+//!
+//! It runs on its own thread and runtime, so it outlives any one test's runtime and keeps
+//! working while a test's runtime is busy.
+
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What the proxy does with traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward bytes both ways (after the configured delay).
+    Forward,
+    /// Network partition: accept connections but forward nothing; bytes wait until healed.
+    /// The client sees a silent peer, not an error.
+    Blackhole,
+    /// Refuse: close every open connection and close new ones at once. The client sees a
+    /// reset, as when the server's host goes away.
+    Refuse,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Settings {
+    mode: ProxyMode,
+    delay: Duration,
+}
+
+/// A proxy listening on a free loopback port and forwarding to `upstream`.
+#[derive(Debug)]
+pub struct TcpProxy {
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    settings: watch::Sender<Settings>,
+    // Cancelled by `Refuse`, replaced on heal: closes every connection opened before.
+    connections: Arc<Mutex<CancellationToken>>,
+    shutdown: CancellationToken,
+}
+
+impl TcpProxy {
+    /// Starts a proxy to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Result<Self> {
+        let std_listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy port")?;
+        std_listener.set_nonblocking(true)?;
+        let listen = std_listener.local_addr()?;
+        let (settings, settings_rx) = watch::channel(Settings {
+            mode: ProxyMode::Forward,
+            delay: Duration::ZERO,
+        });
+        let connections = Arc::new(Mutex::new(CancellationToken::new()));
+        let shutdown = CancellationToken::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the proxy runtime")?;
+        let thread_connections = connections.clone();
+        let thread_shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name(format!("proxy-{listen}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    accept_loop(
+                        listener,
+                        upstream,
+                        settings_rx,
+                        thread_connections,
+                        thread_shutdown,
+                    )
+                    .await;
+                });
+            })
+            .context("spawning the proxy thread")?;
+        Ok(TcpProxy {
+            listen,
+            upstream,
+            settings,
+            connections,
+            shutdown,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Where the proxy forwards to.
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
+    /// Sets the mode. `Refuse` closes every open connection.
+    pub fn set_mode(&self, mode: ProxyMode) {
+        if mode == ProxyMode::Refuse {
+            let mut token = lock(&self.connections);
+            token.cancel();
+            *token = CancellationToken::new();
+        }
+        self.settings.send_modify(|settings| settings.mode = mode);
+    }
+
+    /// Closes every connection and refuses new ones until healed.
+    pub fn cut(&self) {
+        self.set_mode(ProxyMode::Refuse);
+    }
+
+    /// Stops forwarding without closing anything (a silent partition) until healed.
+    pub fn blackhole(&self) {
+        self.set_mode(ProxyMode::Blackhole);
+    }
+
+    /// Forwards again.
+    pub fn heal(&self) {
+        self.set_mode(ProxyMode::Forward);
+    }
+
+    /// Delays every forwarded chunk by `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.settings.send_modify(|settings| settings.delay = delay);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        lock(&self.connections).cancel();
+        self.shutdown.cancel();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    settings: watch::Receiver<Settings>,
+    connections: Arc<Mutex<CancellationToken>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else { continue };
+        if settings.borrow().mode == ProxyMode::Refuse {
+            drop(client);
+            continue;
+        }
+        let closed = lock(&connections).clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let up = pump(client_read, server_write, settings.clone());
+            let down = pump(server_read, client_write, settings);
+            tokio::select! {
+                _ = closed.cancelled() => {}
+                _ = async { tokio::join!(up, down) } => {}
+            }
+        });
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut settings: watch::Receiver<Settings>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        // Wait out a black hole before reading more, so bytes queue up in the kernel.
+        loop {
+            let mode = settings.borrow().mode;
+            match mode {
+                ProxyMode::Forward => break,
+                ProxyMode::Refuse => return,
+                ProxyMode::Blackhole => {
+                    if settings.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(read) => read,
+        };
+        let delay = settings.borrow().delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        // A chunk read just before a black hole is held until healed.
+        loop {
+            let mode = settings.borrow().mode;
+            match mode {
+                ProxyMode::Forward => break,
+                ProxyMode::Refuse => return,
+                ProxyMode::Blackhole => {
+                    if settings.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
