@@ -10,3 +10,7 @@ pub mod proxy;
 
 pub use process::{ServerProcess, find_binary, free_port, wait_for_port};
 pub use proxy::{ProxyMode, TcpProxy};
+
+pub mod etcd;
+pub mod postgres;
+pub mod redis;

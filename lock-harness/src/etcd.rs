@@ -1,0 +1,1 @@
+//! etcd servers for tests (being written).

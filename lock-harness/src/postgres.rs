@@ -1,0 +1,1 @@
+//! postgres servers for tests (being written).

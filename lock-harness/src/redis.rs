@@ -1,0 +1,1 @@
+//! redis servers for tests (being written).
