@@ -1,0 +1,30 @@
+//! The conformance suite on the in-memory backend.
+
+use async_trait::async_trait;
+use conformance_tests::BackendFactory;
+use lock_core::{LockBackend, LockKey, MemoryBackend};
+use std::sync::Arc;
+
+/// Every backend from this factory shares one lock table, as processes share a server.
+struct MemoryFactory {
+    table: MemoryBackend,
+}
+
+#[async_trait]
+impl BackendFactory for MemoryFactory {
+    fn name(&self) -> String {
+        "memory".into()
+    }
+
+    async fn backend(&self) -> anyhow::Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(self.table.clone()))
+    }
+
+    async fn is_held(&self, key: &LockKey) -> anyhow::Result<Option<bool>> {
+        Ok(Some(self.table.is_held(key)))
+    }
+}
+
+conformance_tests::conformance_suite! {
+    factory = async { anyhow::Ok(MemoryFactory { table: MemoryBackend::new() }) },
+}
