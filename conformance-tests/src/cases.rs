@@ -268,6 +268,11 @@ pub async fn release_after_expiry_spares_next_holder(factory: &dyn BackendFactor
     let caps = first.capabilities();
     let short = ttl_for(&caps, Duration::from_millis(300));
     let long = ttl_for(&caps, Duration::from_secs(10));
+    // An expired lease that nobody took is not ours any more either.
+    let lonely = key(&unique_key("expired-alone"))?;
+    let lease = first.try_acquire(&lonely, short).await?.into_lease().context("not acquired")?;
+    sleep_until_instant(lease.sent_at() + short + caps.expiry_slack + 50 * MS).await;
+    ensure!(!first.release(&lease).await?, "release of an expired lease (nobody took over) returned true");
     let k = key(&unique_key("expiry"))?;
     let old = first.try_acquire(&k, short).await?.into_lease().context("not acquired")?;
     let new = wait_until_acquired(&second, &k, long, short + caps.expiry_slack + Duration::from_secs(2)).await?;
