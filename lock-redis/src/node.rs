@@ -1,0 +1,484 @@
+//! One Redis server: the command connection, the scripts, and the pub/sub listener.
+
+use crate::KeyScheme;
+use futures::StreamExt;
+use lock_core::{LockError, ReleaseHub};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return `{1, fence}`,
+/// else `{0, PTTL}` so the caller knows when the holder's lease runs out.
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('INCR', KEYS[2])}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
+/// Compare the owner token, then `PEXPIRE`. An expired key reads as absent, so a late renew
+/// never revives it.
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+",
+    )
+});
+
+/// Compare the owner token, then `DEL` and announce the release on the key's channel.
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], '1')
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Redlock: while we still hold the lock on this node, raise its fence counter to at least
+/// ARGV[2] (the largest fence our quorum returned). Returns 1 if we still held it.
+static RAISE_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local wanted = tonumber(ARGV[2])
+if current == nil or current < wanted then
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+return 1
+",
+    )
+});
+
+/// Maps a redis error to a [`LockError::Backend`], keeping it as the source.
+pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockError {
+    let retryable = !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
+        || error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal();
+    LockError::backend("redis", format!("{context}: {error}"), retryable, error)
+}
+
+/// A node's answer to the acquire script.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NodeAcquire {
+    /// Set; the fence counter's new value.
+    Acquired(u64),
+    /// Held by another owner; its remaining TTL in ms (negative: unknown).
+    Held(i64),
+}
+
+enum Command {
+    Subscribe(String, oneshot::Sender<()>),
+    Unsubscribe(String),
+}
+
+/// One Redis server.
+#[derive(Debug)]
+pub(crate) struct Node {
+    conn: ConnectionManager,
+    commands: mpsc::UnboundedSender<Command>,
+    addr: String,
+}
+
+impl Node {
+    /// Connects the command connection (bounded by `connect_timeout`) and starts the pub/sub
+    /// listener, which connects in the background and feeds `hub`. When the server does not
+    /// answer and `must_answer` is false (a Redlock node), the node is kept with a lazy
+    /// connection that retries on use, and the failure is returned beside it.
+    async fn connect(
+        url: &str,
+        scheme: KeyScheme,
+        hub: ReleaseHub,
+        commands: (mpsc::UnboundedSender<Command>, mpsc::UnboundedReceiver<Command>),
+        options: &crate::RedisOptions,
+        shutdown: CancellationToken,
+        must_answer: bool,
+    ) -> Result<(Node, Option<LockError>), LockError> {
+        let client = redis::Client::open(url)
+            .map_err(|error| LockError::InvalidConfig(format!("redis URL {url:?}: {error}")))?;
+        let addr = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.command_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let eager = timeout(
+            options.connect_timeout,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await;
+        let (conn, failure) = match eager {
+            Ok(Ok(conn)) => (conn, None),
+            Ok(Err(error)) => {
+                let error = backend_error(&format!("connecting to {addr}"), error);
+                if must_answer {
+                    return Err(error);
+                }
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
+                (conn, Some(error))
+            }
+            Err(_) => {
+                let error = LockError::backend_msg(
+                    "redis",
+                    format!(
+                        "connecting to {addr}: no answer within {:?}",
+                        options.connect_timeout
+                    ),
+                    true,
+                );
+                if must_answer {
+                    return Err(error);
+                }
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
+                (conn, Some(error))
+            }
+        };
+        let (sender, receiver) = commands;
+        tokio::spawn(listen(
+            client,
+            scheme,
+            hub,
+            receiver,
+            shutdown,
+            options.command_timeout.min(Duration::from_secs(1)),
+        ));
+        Ok((
+            Node {
+                conn,
+                commands: sender,
+                addr,
+            },
+            failure,
+        ))
+    }
+
+    /// A command channel for [`Node::connect`]; the sender side also goes to the hub's idle hook.
+    fn channel() -> (mpsc::UnboundedSender<Command>, mpsc::UnboundedReceiver<Command>) {
+        mpsc::unbounded_channel()
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub(crate) async fn acquire(
+        &self,
+        lock_key: &str,
+        fence_key: &str,
+        token: &str,
+        ttl_ms: u64,
+    ) -> Result<NodeAcquire, LockError> {
+        let mut conn = self.conn.clone();
+        let (won, value): (i64, i64) = ACQUIRE
+            .key(lock_key)
+            .key(fence_key)
+            .arg(token)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|error| backend_error("acquire", error))?;
+        if won == 1 {
+            let fence = u64::try_from(value).map_err(|_| {
+                LockError::backend_msg("redis", format!("fence counter is {value}"), false)
+            })?;
+            Ok(NodeAcquire::Acquired(fence))
+        } else {
+            Ok(NodeAcquire::Held(value))
+        }
+    }
+
+    pub(crate) async fn renew(
+        &self,
+        lock_key: &str,
+        token: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, LockError> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = RENEW
+            .key(lock_key)
+            .arg(token)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|error| backend_error("renew", error))?;
+        Ok(renewed == 1)
+    }
+
+    pub(crate) async fn release(
+        &self,
+        lock_key: &str,
+        token: &str,
+        channel: &str,
+    ) -> Result<bool, LockError> {
+        let mut conn = self.conn.clone();
+        let released: i64 = RELEASE
+            .key(lock_key)
+            .arg(token)
+            .arg(channel)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|error| backend_error("release", error))?;
+        Ok(released == 1)
+    }
+
+    pub(crate) async fn raise_fence(
+        &self,
+        lock_key: &str,
+        fence_key: &str,
+        token: &str,
+        fence: u64,
+    ) -> Result<bool, LockError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = RAISE_FENCE
+            .key(lock_key)
+            .key(fence_key)
+            .arg(token)
+            .arg(fence)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|error| backend_error("raise fence", error))?;
+        Ok(held == 1)
+    }
+
+    /// Asks the listener to subscribe to `key`'s channel; resolves when the server confirmed
+    /// it, or when the listener is not connected (it then subscribes on reconnect and wakes
+    /// every waiter), or after `wait`.
+    pub(crate) async fn subscribe(&self, key: &str, wait: Duration) {
+        let (ack, confirmed) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Subscribe(key.to_owned(), ack))
+            .is_ok()
+        {
+            let _ = timeout(wait, confirmed).await;
+        }
+    }
+}
+
+/// The hook a hub calls when a key's last waiter leaves: unsubscribe on every node.
+fn idle_hook(senders: Vec<mpsc::UnboundedSender<Command>>) -> ReleaseHub {
+    ReleaseHub::with_idle_hook(move |key| {
+        for sender in &senders {
+            let _ = sender.send(Command::Unsubscribe(key.to_owned()));
+        }
+    })
+}
+
+/// The pub/sub listener of one node: one connection per backend and node, whatever the
+/// number of waiters. Reconnects with backoff; after each (re)connect it subscribes every key
+/// that has waiters and wakes them all, since releases may have been missed meanwhile.
+async fn listen(
+    client: redis::Client,
+    scheme: KeyScheme,
+    hub: ReleaseHub,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+    op_timeout: Duration,
+) {
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = timeout(op_timeout.max(Duration::from_millis(500)), client.get_async_pubsub()) => connected,
+        };
+        let pubsub = match connected {
+            Ok(Ok(pubsub)) => pubsub,
+            _ => {
+                // Not connected: answer pending subscribes at once (they are redone on
+                // connect) and try again later.
+                let until = Instant::now() + delay;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(until) => break,
+                        command = commands.recv() => if command.is_none() { return },
+                    }
+                }
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let mut channels: HashMap<String, String> = HashMap::new();
+        let keys = hub.subscribed_keys();
+        let mut ok = true;
+        if !keys.is_empty() {
+            let names: Vec<String> = keys.iter().map(|key| scheme.channel(key)).collect();
+            ok = matches!(timeout(op_timeout, sink.subscribe(&names)).await, Ok(Ok(())));
+            channels.extend(names.into_iter().zip(keys));
+        }
+        if !ok {
+            continue;
+        }
+        delay = Duration::from_millis(10);
+        hub.notify_all();
+        let mut ping = tokio::time::interval(Duration::from_secs(1));
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Subscribe(key, ack)) => {
+                        let channel = scheme.channel(&key);
+                        if !matches!(timeout(op_timeout, sink.subscribe(&channel)).await, Ok(Ok(()))) {
+                            break;
+                        }
+                        channels.insert(channel, key);
+                        let _ = ack.send(());
+                    }
+                    Some(Command::Unsubscribe(key)) => {
+                        // A new waiter may have come between the hook and now: keep it.
+                        if hub.has_waiters(&key) {
+                            continue;
+                        }
+                        let channel = scheme.channel(&key);
+                        channels.remove(&channel);
+                        if !matches!(timeout(op_timeout, sink.unsubscribe(&channel)).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                },
+                message = stream.next() => match message {
+                    None => break,
+                    Some(message) => {
+                        if let Some(key) = channels.get(message.get_channel_name()) {
+                            hub.notify(key);
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    // A silent peer (paused server, black-holed network) never closes the
+                    // stream: a ping that goes unanswered makes us reconnect.
+                    if !matches!(timeout(op_timeout, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+/// A TTL in whole milliseconds, rounded up (the server then holds at least as long as the
+/// lease says), and at least 1.
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
+    let millis = ttl.as_nanos().div_ceil(1_000_000);
+    u64::try_from(millis).unwrap_or(u64::MAX).max(1)
+}
+
+/// Shared state of a backend: its nodes, the release hub and the shutdown signal of the
+/// background listeners (cancelled when the backend is dropped).
+#[derive(Debug)]
+pub(crate) struct Nodes {
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) hub: ReleaseHub,
+    pub(crate) scheme: KeyScheme,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Nodes {
+    /// Connects every node. With `min_connected` below the node count (Redlock), nodes that
+    /// do not answer at connect are kept as lazy connections that retry on use.
+    pub(crate) async fn connect(
+        urls: &[String],
+        options: &crate::RedisOptions,
+        min_connected: usize,
+    ) -> Result<Arc<Nodes>, LockError> {
+        let db = match urls.first() {
+            Some(url) => redis::Client::open(url.as_str())
+                .map_err(|error| LockError::InvalidConfig(format!("redis URL {url:?}: {error}")))?
+                .get_connection_info()
+                .redis_settings()
+                .db(),
+            None => return Err(LockError::InvalidConfig("no redis node given".into())),
+        };
+        let scheme = KeyScheme::new(options.prefix.clone(), db)?;
+        let channels: Vec<_> = urls.iter().map(|_| Node::channel()).collect();
+        let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
+        let shutdown = CancellationToken::new();
+        let must_answer = min_connected >= urls.len();
+        let attempts = urls.iter().zip(channels).map(|(url, channel)| {
+            Node::connect(
+                url,
+                scheme.clone(),
+                hub.clone(),
+                channel,
+                options,
+                shutdown.clone(),
+                must_answer,
+            )
+        });
+        let results = futures::future::join_all(attempts).await;
+        let mut nodes = Vec::with_capacity(urls.len());
+        let mut failures = Vec::new();
+        for result in results {
+            match result {
+                Ok((node, failure)) => {
+                    if let Some(failure) = failure {
+                        failures.push(failure.to_string());
+                    }
+                    nodes.push(node);
+                }
+                Err(error) => {
+                    shutdown.cancel();
+                    return Err(error);
+                }
+            }
+        }
+        let connected = nodes.len() - failures.len();
+        if connected < min_connected {
+            shutdown.cancel();
+            return Err(LockError::backend_msg(
+                "redis",
+                format!(
+                    "only {connected} of {} redis nodes answered (need {min_connected}): {}",
+                    urls.len(),
+                    failures.join("; ")
+                ),
+                true,
+            ));
+        }
+        Ok(Arc::new(Nodes {
+            nodes,
+            hub,
+            scheme,
+            shutdown,
+        }))
+    }
+
+    /// Subscribes `key` on every node (waiting up to `wait` for the confirmations).
+    pub(crate) async fn subscribe(&self, key: &str, wait: Duration) {
+        futures::future::join_all(self.nodes.iter().map(|node| node.subscribe(key, wait))).await;
+    }
+}

@@ -1,0 +1,219 @@
+//! Options and URL parsing.
+
+use lock_core::LockError;
+use std::time::Duration;
+
+/// Options shared by [`crate::RedisBackend`] and [`crate::RedlockBackend`].
+///
+/// ```
+/// use lock_redis::RedisOptions;
+/// use std::time::Duration;
+/// let options = RedisOptions::default()
+///     .prefix("billing:")
+///     .command_timeout(Duration::from_secs(1));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisOptions {
+    pub(crate) prefix: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) node_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: Self::default_prefix().into(),
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(2),
+            node_timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// The default key prefix, `distlock:`.
+    pub fn default_prefix() -> &'static str {
+        "distlock:"
+    }
+
+    /// Prefix of every Redis key and channel (default `distlock:`). Must not contain braces.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Bound on establishing a connection (default 2 s). `connect` fails with a retryable
+    /// `LockError::Backend` after it.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bound on one command's answer on a single server (default 2 s).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Redlock: bound on one node's answer (default 200 ms, and never more than TTL/10 of
+    /// the call), so a slow or dead node cannot stall an acquisition.
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), LockError> {
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+            ("node_timeout", self.node_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(LockError::InvalidConfig(format!("{name} must not be zero")));
+            }
+        }
+        crate::KeyScheme::new(self.prefix.clone(), 0).map(|_| ())
+    }
+}
+
+/// A parsed distlock Redis URL: the node URLs handed to `redis`, and our own options.
+#[derive(Debug)]
+pub(crate) struct ParsedUrl {
+    pub(crate) redlock: bool,
+    pub(crate) nodes: Vec<String>,
+    pub(crate) options: RedisOptions,
+}
+
+/// Parses `redis://[user:pass@]host:port[/db][?prefix=…]` or
+/// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]`.
+pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUrl, LockError> {
+    let bad = |why: &str| LockError::InvalidConfig(format!("redis URL {url:?}: {why}"));
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("expected redis://host:port/db or redlock://h1:p1,h2:p2,h3:p3/db"))?;
+    let redlock = match scheme {
+        "redis" => false,
+        "redlock" => true,
+        other => return Err(bad(&format!("unknown scheme {other:?} (use redis or redlock)"))),
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.split_once('/') {
+        Some((authority, path)) => (authority, path),
+        None => (before_query, ""),
+    };
+    let db: i64 = if path.is_empty() {
+        0
+    } else {
+        path.parse()
+            .map_err(|_| bad(&format!("database {path:?} is not a number")))?
+    };
+    if db < 0 {
+        return Err(bad("database must not be negative"));
+    }
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let mut passthrough = Vec::new();
+    if let Some(query) = query {
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let millis = || {
+                value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| bad(&format!("{name} must be a positive number of milliseconds")))
+            };
+            match name.as_ref() {
+                "prefix" => options.prefix = value.into_owned(),
+                "connect_timeout_ms" => options.connect_timeout = millis()?,
+                "command_timeout_ms" => options.command_timeout = millis()?,
+                "node_timeout_ms" => options.node_timeout = millis()?,
+                _ => passthrough.push(format!(
+                    "{}={}",
+                    url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>(),
+                    url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
+                )),
+            }
+        }
+    }
+    options.validate()?;
+    let host_list: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if host_list.iter().any(|host| host.is_empty()) {
+        return Err(bad("empty host"));
+    }
+    if !redlock && host_list.len() != 1 {
+        return Err(bad(
+            "redis:// takes one host; use redlock://h1:p1,h2:p2,h3:p3 for several independent masters",
+        ));
+    }
+    let mut nodes = Vec::with_capacity(host_list.len());
+    for host in host_list {
+        let mut node = String::from("redis://");
+        if let Some(userinfo) = userinfo {
+            node.push_str(userinfo);
+            node.push('@');
+        }
+        node.push_str(host);
+        node.push('/');
+        node.push_str(&db.to_string());
+        if !passthrough.is_empty() {
+            node.push('?');
+            node.push_str(&passthrough.join("&"));
+        }
+        // Let the redis crate judge host, port and its own parameters now, not at connect.
+        redis::Client::open(node.as_str())
+            .map_err(|error| bad(&format!("node {host:?}: {error}")))?;
+        nodes.push(node);
+    }
+    Ok(ParsedUrl {
+        redlock,
+        nodes,
+        options,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_forms() -> Result<(), LockError> {
+        let single = parse_url("redis://127.0.0.1:6379/3?prefix=x:", RedisOptions::default())?;
+        assert!(!single.redlock);
+        assert_eq!(single.nodes, ["redis://127.0.0.1:6379/3"]);
+        assert_eq!(single.options.prefix, "x:");
+        let many = parse_url(
+            "redlock://u:p@h1:1,h2:2,h3:3/1?node_timeout_ms=50",
+            RedisOptions::default(),
+        )?;
+        assert!(many.redlock);
+        assert_eq!(many.nodes.len(), 3);
+        assert_eq!(many.nodes[1], "redis://u:p@h2:2/1");
+        assert_eq!(many.options.node_timeout, Duration::from_millis(50));
+        for bad in [
+            "redis//x",
+            "http://h:1",
+            "redis://h:1/x",
+            "redis://h1:1,h2:2/0",
+            "redis://h:99999/0",
+            "redlock://h1:1,,h2:2",
+            "redis://h:1/0?prefix=a{b",
+            "redis://h:1/0?node_timeout_ms=0",
+        ] {
+            assert!(
+                matches!(
+                    parse_url(bad, RedisOptions::default()),
+                    Err(LockError::InvalidConfig(_))
+                ),
+                "{bad} accepted"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
+
+use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
+use crate::{KeyScheme, RedisOptions};
+use async_trait::async_trait;
+use futures::future::join_all;
+use lock_core::{
+    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
+    Releases, drift, validate_ttl,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, timeout};
+
+/// Locks held on a majority of N independent Redis masters (Redlock).
+///
+/// - acquire: the acquire script on every node at once, each bounded by the node timeout
+///   (at most TTL/10); granted when a quorum (N/2+1) answered yes and the validity
+///   TTL − elapsed − drift is still positive; otherwise every node is rolled back.
+/// - fence: the largest counter value among the quorum, written back (while we still hold
+///   the lock there) to every quorum node whose counter was lower; granted only if a quorum
+///   confirms. Any later holder's quorum meets ours on a node whose counter was already at
+///   our fence, so its fence is larger. See the crate README for the limits.
+/// - renew / release: compare-and-act scripts on every node; renew needs a quorum.
+/// - waiting: each node's releases are published on it; the backend keeps one pub/sub
+///   connection per node, shared by all its waiters.
+#[derive(Clone, Debug)]
+pub struct RedlockBackend {
+    inner: Arc<Nodes>,
+    quorum: usize,
+    node_timeout: Duration,
+}
+
+enum Outcome<T> {
+    Answer(T),
+    Failed(LockError),
+}
+
+impl RedlockBackend {
+    /// Connects to `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]`.
+    pub async fn connect(url: &str) -> Result<Self, LockError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects with `options` (URL parameters override them).
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, LockError> {
+        let parsed = crate::options::parse_url(url, options)?;
+        Self::connect_nodes(&parsed.nodes, parsed.options).await
+    }
+
+    /// Connects to the given `redis://` node URLs (one per independent master). At least a
+    /// quorum must answer now; the others are retried on use.
+    pub async fn connect_nodes(urls: &[String], options: RedisOptions) -> Result<Self, LockError> {
+        options.validate()?;
+        if urls.is_empty() {
+            return Err(LockError::InvalidConfig("Redlock needs at least one node".into()));
+        }
+        let quorum = urls.len() / 2 + 1;
+        let inner = Nodes::connect(urls, &options, quorum).await?;
+        Ok(RedlockBackend {
+            inner,
+            quorum,
+            node_timeout: options.node_timeout,
+        })
+    }
+
+    /// How this backend names Redis keys and channels.
+    pub fn key_scheme(&self) -> &KeyScheme {
+        &self.inner.scheme
+    }
+
+    /// Nodes needed for a grant: N/2+1.
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    /// The number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.inner.nodes.len()
+    }
+
+    fn node_timeout(&self, ttl: Duration) -> Duration {
+        self.node_timeout
+            .min(ttl / 10)
+            .max(Duration::from_millis(1))
+    }
+
+    /// Runs `call` on every node at once, each bounded by `limit`.
+    async fn on_all<'a, T, F, Fut>(&'a self, limit: Duration, call: F) -> Vec<Outcome<T>>
+    where
+        F: Fn(&'a Node) -> Fut,
+        Fut: Future<Output = Result<T, LockError>> + 'a,
+    {
+        join_all(self.inner.nodes.iter().map(|node| {
+            let call = call(node);
+            async move {
+                match timeout(limit, call).await {
+                    Ok(Ok(answer)) => Outcome::Answer(answer),
+                    Ok(Err(error)) => Outcome::Failed(error),
+                    Err(_) => Outcome::Failed(LockError::backend_msg(
+                        "redis",
+                        format!("node {} did not answer within {limit:?}", node.addr()),
+                        true,
+                    )),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// Releases our token on every node (partial acquisitions, failed fence rounds).
+    async fn roll_back(&self, key: &LockKey, token: &str, limit: Duration) {
+        let scheme = &self.inner.scheme;
+        let lock_key = scheme.lock_key(key);
+        let channel = scheme.channel(key.as_str());
+        self.on_all(limit, |node| node.release(&lock_key, token, &channel))
+            .await;
+    }
+
+    fn quorum_error(&self, what: &str, errors: &[String]) -> LockError {
+        LockError::backend_msg(
+            "redis",
+            format!(
+                "redlock {what}: no quorum of {} of {} nodes ({})",
+                self.quorum,
+                self.inner.nodes.len(),
+                errors.join("; ")
+            ),
+            true,
+        )
+    }
+}
+
+#[async_trait]
+impl LockBackend for RedlockBackend {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let limit = self.node_timeout(granted);
+        let scheme = &self.inner.scheme;
+        let lock_key = scheme.lock_key(key);
+        let fence_key = scheme.fence_key(key);
+        let owner = OwnerToken::random();
+        let token = owner.to_string();
+        let sent_at = Instant::now();
+        // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
+        let valid_until = sent_at + granted.saturating_sub(drift(granted));
+
+        let outcomes = self
+            .on_all(limit, |node| node.acquire(&lock_key, &fence_key, &token, ttl_ms))
+            .await;
+        let mut acquired: Vec<(usize, u64)> = Vec::new();
+        let mut held_ttls: Vec<Option<u64>> = Vec::new();
+        let mut errors = Vec::new();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
+                Outcome::Answer(NodeAcquire::Held(pttl)) => held_ttls.push(u64::try_from(pttl).ok()),
+                Outcome::Failed(error) => errors.push(error.to_string()),
+            }
+        }
+
+        if acquired.len() >= self.quorum && Instant::now() < valid_until {
+            // Fence round: bring every quorum node's counter up to the largest one.
+            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
+            let behind: Vec<usize> = acquired
+                .iter()
+                .filter(|(_, value)| *value < fence)
+                .map(|(index, _)| *index)
+                .collect();
+            let mut confirmed = acquired.len() - behind.len();
+            if !behind.is_empty() {
+                let raised = join_all(behind.iter().filter_map(|index| self.inner.nodes.get(*index)).map(
+                    |node| timeout(limit, node.raise_fence(&lock_key, &fence_key, &token, fence)),
+                ))
+                .await;
+                confirmed += raised
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
+                    .count();
+            }
+            if confirmed >= self.quorum && Instant::now() < valid_until {
+                let lease = Lease::new(key.clone(), owner, Some(FencingToken(fence)), granted, sent_at)
+                    .with_valid_until(valid_until);
+                return Ok(Attempt::Acquired(lease));
+            }
+            errors.push(format!(
+                "only {confirmed} nodes confirmed the fence before the validity ran out"
+            ));
+        }
+
+        // Not granted: roll back every node (a timed-out node may have set the key).
+        self.roll_back(key, &token, limit).await;
+        if !held_ttls.is_empty() {
+            // The nodes we rolled back are free; a quorum is free once enough of the
+            // holder's keys expire too.
+            let needed = self.quorum.saturating_sub(acquired.len());
+            let mut known: Vec<u64> = held_ttls.iter().flatten().copied().collect();
+            known.sort_unstable();
+            let expires_in = if needed == 0 || known.len() < held_ttls.len() {
+                None
+            } else {
+                known.get(needed - 1).copied().map(Duration::from_millis)
+            };
+            return Ok(Attempt::Held { expires_in });
+        }
+        Err(self.quorum_error("acquire", &errors))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        validate_ttl(ttl)?;
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let limit = self.node_timeout(granted);
+        let lock_key = self.inner.scheme.lock_key(lease.key());
+        let token = lease.owner().to_string();
+        let sent_at = Instant::now();
+        let valid_until = sent_at + granted.saturating_sub(drift(granted));
+        let outcomes = self
+            .on_all(limit, |node| node.renew(&lock_key, &token, ttl_ms))
+            .await;
+        let mut renewed = 0;
+        let mut refused = 0;
+        let mut errors = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Answer(true) => renewed += 1,
+                Outcome::Answer(false) => refused += 1,
+                Outcome::Failed(error) => errors.push(error.to_string()),
+            }
+        }
+        if renewed >= self.quorum && Instant::now() < valid_until {
+            return Ok(lease.renewed(granted, sent_at).with_valid_until(valid_until));
+        }
+        if refused > self.inner.nodes.len() - self.quorum {
+            return Err(LockError::lost(
+                lease.key().as_str(),
+                format!(
+                    "{refused} of {} redis nodes no longer hold our token",
+                    self.inner.nodes.len()
+                ),
+            ));
+        }
+        Err(self.quorum_error("renew", &errors))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        let scheme = &self.inner.scheme;
+        let lock_key = scheme.lock_key(lease.key());
+        let channel = scheme.channel(lease.key().as_str());
+        let token = lease.owner().to_string();
+        let limit = self.node_timeout(lease.ttl());
+        let outcomes = self
+            .on_all(limit, |node| node.release(&lock_key, &token, &channel))
+            .await;
+        let mut released = 0;
+        let mut errors = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Answer(true) => released += 1,
+                Outcome::Answer(false) => {}
+                Outcome::Failed(error) => errors.push(error.to_string()),
+            }
+        }
+        if released >= self.quorum {
+            return Ok(true);
+        }
+        if released + errors.len() >= self.quorum && !errors.is_empty() {
+            // Could have been ours on the nodes we could not reach: their TTL frees them.
+            return Err(self.quorum_error("release", &errors));
+        }
+        Ok(false)
+    }
+
+    async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
+        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
+        if first {
+            self.inner.subscribe(key.as_str(), self.node_timeout * 5).await;
+        }
+        Ok(releases)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::default();
+        caps.fencing = true;
+        caps.release_notifications = true;
+        caps.min_ttl = Duration::from_millis(10);
+        caps.ttl_granularity = Duration::from_millis(1);
+        caps.expiry_slack = Duration::from_millis(10);
+        caps
+    }
+}

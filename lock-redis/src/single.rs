@@ -1,0 +1,149 @@
+//! `RedisBackend`: one Redis server.
+
+use crate::node::{NodeAcquire, Nodes, ttl_millis};
+use crate::{KeyScheme, RedisOptions};
+use async_trait::async_trait;
+use lock_core::{
+    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
+    Releases, validate_ttl,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Locks on one Redis server (or a primary with its replicas: only the primary is used).
+///
+/// Acquire, renew and release are each one Lua script (EVALSHA) over one multiplexed
+/// [`redis::aio::ConnectionManager`]: `SET NX PX` + `INCR` of the fence counter,
+/// compare-and-`PEXPIRE`, compare-and-`DEL` + `PUBLISH`. Waiters share one pub/sub
+/// connection. Cheap to clone (shared connections).
+///
+/// Fencing tokens survive a server restart only with persistence (AOF `appendfsync always`):
+/// without it the counters restart from 1 and a restarted server forgets every held lock.
+#[derive(Clone, Debug)]
+pub struct RedisBackend {
+    inner: Arc<Nodes>,
+}
+
+impl RedisBackend {
+    /// Connects to `redis://[user:pass@]host:port[/db][?prefix=…]` with default options.
+    pub async fn connect(url: &str) -> Result<Self, LockError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects with `options` (URL parameters override them).
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, LockError> {
+        let parsed = crate::options::parse_url(url, options)?;
+        if parsed.redlock {
+            return Err(LockError::InvalidConfig(format!(
+                "{url:?} is a redlock:// URL: use RedlockBackend or lock_redis::connect"
+            )));
+        }
+        Self::connect_node(&parsed.nodes, &parsed.options).await
+    }
+
+    pub(crate) async fn connect_node(
+        nodes: &[String],
+        options: &RedisOptions,
+    ) -> Result<Self, LockError> {
+        options.validate()?;
+        let inner = Nodes::connect(nodes, options, nodes.len()).await?;
+        Ok(RedisBackend { inner })
+    }
+
+    /// How this backend names Redis keys and channels.
+    pub fn key_scheme(&self) -> &KeyScheme {
+        &self.inner.scheme
+    }
+
+    fn node(&self) -> Result<&crate::node::Node, LockError> {
+        self.inner
+            .nodes
+            .first()
+            .ok_or_else(|| LockError::InvalidConfig("no redis node".into()))
+    }
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let scheme = &self.inner.scheme;
+        let owner = OwnerToken::random();
+        let token = owner.to_string();
+        let sent_at = Instant::now();
+        let answer = self
+            .node()?
+            .acquire(&scheme.lock_key(key), &scheme.fence_key(key), &token, ttl_ms)
+            .await?;
+        Ok(match answer {
+            NodeAcquire::Acquired(fence) => Attempt::Acquired(Lease::new(
+                key.clone(),
+                owner,
+                Some(FencingToken(fence)),
+                granted,
+                sent_at,
+            )),
+            NodeAcquire::Held(pttl) => Attempt::Held {
+                expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+            },
+        })
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        validate_ttl(ttl)?;
+        let ttl_ms = ttl_millis(ttl);
+        let sent_at = Instant::now();
+        let key = lease.key();
+        let renewed = self
+            .node()?
+            .renew(
+                &self.inner.scheme.lock_key(key),
+                &lease.owner().to_string(),
+                ttl_ms,
+            )
+            .await?;
+        if renewed {
+            Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
+        } else {
+            Err(LockError::lost(
+                key.as_str(),
+                "the redis key expired or belongs to another owner",
+            ))
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        let key = lease.key();
+        let scheme = &self.inner.scheme;
+        self.node()?
+            .release(
+                &scheme.lock_key(key),
+                &lease.owner().to_string(),
+                &scheme.channel(key.as_str()),
+            )
+            .await
+    }
+
+    async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
+        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
+        if first {
+            self.inner
+                .subscribe(key.as_str(), Duration::from_secs(1))
+                .await;
+        }
+        Ok(releases)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::default();
+        caps.fencing = true;
+        caps.release_notifications = true;
+        caps.min_ttl = Duration::from_millis(1);
+        caps.ttl_granularity = Duration::from_millis(1);
+        caps.expiry_slack = Duration::from_millis(10);
+        caps
+    }
+}

@@ -1,0 +1,88 @@
+//! The conformance suite against real `redis-server` processes: one server, Redlock over 3,
+//! Redlock over 5.
+//!
+//! Each test starts its own servers (redis-server starts in a few ms) on free loopback ports
+//! through `lock_harness`, and drops them when the test ends: tests never share state.
+
+use async_trait::async_trait;
+use conformance_tests::BackendFactory;
+use lock_core::{LockBackend, LockKey};
+use lock_harness::redis::RedisServer;
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions, RedlockBackend};
+use std::sync::Arc;
+
+/// N servers; N = 1 gives `RedisBackend`, N > 1 `RedlockBackend`.
+struct RedisFactory {
+    servers: Vec<RedisServer>,
+    clients: Vec<redis::aio::MultiplexedConnection>,
+    scheme: KeyScheme,
+}
+
+impl RedisFactory {
+    async fn start(nodes: usize) -> anyhow::Result<Self> {
+        let mut servers = Vec::with_capacity(nodes);
+        let mut clients = Vec::with_capacity(nodes);
+        for _ in 0..nodes {
+            let server = RedisServer::start()?;
+            clients.push(server.client()?.get_multiplexed_async_connection().await?);
+            servers.push(server);
+        }
+        Ok(RedisFactory {
+            servers,
+            clients,
+            scheme: KeyScheme::new(RedisOptions::default_prefix(), 0)?,
+        })
+    }
+}
+
+#[async_trait]
+impl BackendFactory for RedisFactory {
+    fn name(&self) -> String {
+        match self.servers.len() {
+            1 => "redis".into(),
+            n => format!("redlock-{n}"),
+        }
+    }
+
+    async fn backend(&self) -> anyhow::Result<Arc<dyn LockBackend>> {
+        let urls: Vec<String> = self.servers.iter().map(RedisServer::url).collect();
+        Ok(if urls.len() == 1 {
+            Arc::new(RedisBackend::connect(&urls[0]).await?)
+        } else {
+            Arc::new(RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?)
+        })
+    }
+
+    /// Read on the servers directly: held when a quorum of them has the lock key.
+    async fn is_held(&self, key: &LockKey) -> anyhow::Result<Option<bool>> {
+        let lock_key = self.scheme.lock_key(key);
+        let mut holding = 0;
+        for client in &self.clients {
+            let mut client = client.clone();
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&lock_key)
+                .query_async(&mut client)
+                .await?;
+            holding += usize::from(exists);
+        }
+        Ok(Some(holding > self.servers.len() / 2))
+    }
+}
+
+mod single {
+    conformance_tests::conformance_suite! {
+        factory = super::RedisFactory::start(1),
+    }
+}
+
+mod redlock3 {
+    conformance_tests::conformance_suite! {
+        factory = super::RedisFactory::start(3),
+    }
+}
+
+mod redlock5 {
+    conformance_tests::conformance_suite! {
+        factory = super::RedisFactory::start(5),
+    }
+}
