@@ -1,0 +1,611 @@
+//! `EtcdBackend`: the `LockBackend` over etcd leases, a FIFO queue per key and watches.
+
+use crate::config::EtcdConfig;
+use crate::keys::{entry_key, key_range};
+use crate::watch::{Watcher, Woken};
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use lock_core::{
+    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
+    validate_ttl,
+};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+const BACKEND: &str = "etcd";
+
+/// etcd's smallest lease TTL with its default raft timing (heartbeat 100 ms, election
+/// 1 s): it raises shorter requests to this.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// How long after its TTL an abandoned lease may still hold its key: etcd's lessor looks for
+/// expired leases every 500 ms and then revokes them through raft; 200 ms more covers the
+/// raft round, the watch event and a loaded machine.
+pub const EXPIRY_SLACK: Duration = Duration::from_millis(700);
+
+/// What a granted lease carries for renew and release.
+#[derive(Debug)]
+struct Held {
+    /// The queue entry `<prefix>/<enc(key)>/<lease hex>`.
+    entry: Vec<u8>,
+    lease_id: i64,
+    /// The TTL etcd granted (whole seconds, at least the requested TTL).
+    granted: Duration,
+}
+
+struct Inner {
+    client: Client,
+    config: EtcdConfig,
+    watcher: Watcher,
+}
+
+/// Locks in etcd: a lease per lock, a queue of contenders per key ordered by create
+/// revision, fencing by revision, and watch wake-ups.
+///
+/// - The lock key `k` owns the range `<prefix>/<enc(k)>/`; each contender puts
+///   `<range><lease hex>` (value: its owner token) attached to its own lease. The holder is
+///   the entry with the smallest create revision; its create revision is the fencing token.
+/// - `try_acquire` puts its entry only if the range is empty (one txn), so it never leaves a
+///   waiter entry behind.
+/// - `acquire_queued` joins the queue and watches only its predecessor's entry (no thundering
+///   herd), starting at the read's revision + 1; after every wake-up it checks that its own
+///   entry still exists before it looks for predecessors (etcd issue #11456), and keeps its
+///   lease alive while it waits. A cancelled or timed-out wait revokes its lease, which
+///   deletes its entry.
+/// - renew = check (txn: entry's value is our owner token and it is on our lease) + lease
+///   keep-alive; release = the same check + revoke of our lease, which deletes the entry.
+///   A forged or stale lease fails the check and touches nothing.
+///
+/// Cheap to clone? No: wrap it in an `Arc` (as [`crate::connect`] does). Each instance has its
+/// own connection and its own watch stream.
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("endpoints", &self.inner.config.endpoints)
+            .field("prefix", &self.inner.config.prefix)
+            .finish()
+    }
+}
+
+/// Classifies an etcd client error: transport trouble and unavailability may pass if
+/// retried; bad arguments, auth and protocol errors will not.
+fn backend_error(what: &str, error: etcd_client::Error) -> LockError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    let retryable = match &error {
+        E::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::ResourceExhausted
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Internal
+        ),
+        E::TransportError(_)
+        | E::IoError(_)
+        | E::WatchError(_)
+        | E::LeaseKeepAliveError(_)
+        | E::EndpointError(_)
+        | E::Internal(_) => true,
+        _ => false,
+    };
+    LockError::backend(BACKEND, format!("{what}: {error}"), retryable, error)
+}
+
+/// Whether etcd said the lease does not exist (expired or revoked).
+fn is_lease_not_found(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        _ => false,
+    }
+}
+
+/// Whole seconds of lease TTL for a requested TTL: rounded up, at least [`MIN_TTL`].
+fn lease_seconds(ttl: Duration) -> i64 {
+    let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(seconds.max(MIN_TTL.as_secs())).unwrap_or(i64::MAX)
+}
+
+fn revision(response: &TxnResponse) -> Result<i64, LockError> {
+    response
+        .header()
+        .map(|header| header.revision())
+        .ok_or_else(|| LockError::backend_msg(BACKEND, "txn answer without a header", false))
+}
+
+fn fence(create_revision: i64) -> Result<FencingToken, LockError> {
+    u64::try_from(create_revision)
+        .map(FencingToken)
+        .map_err(|_| LockError::backend_msg(BACKEND, "negative create revision", false))
+}
+
+/// The key-values of the `index`-th op answer of a txn, if it was a range read.
+fn range_answer(response: &TxnResponse, index: usize) -> Vec<KeyValue> {
+    match response.op_responses().into_iter().nth(index) {
+        Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// Revokes a lease in the background when dropped while armed: a cancelled or failed
+/// acquisition must not leave a queue entry (attached to that lease) behind.
+struct RevokeOnDrop {
+    armed: Option<(Arc<Inner>, i64)>,
+}
+
+impl RevokeOnDrop {
+    fn new(inner: &Arc<Inner>, lease_id: i64) -> Self {
+        RevokeOnDrop {
+            armed: Some((inner.clone(), lease_id)),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+
+    /// Revokes now and waits for it (bounded by the request timeout).
+    async fn revoke_now(&mut self) {
+        if let Some((inner, lease_id)) = self.armed.take()
+            && let Err(error) = inner.revoke(lease_id).await
+        {
+            tracing::debug!(%error, lease_id, "revoke failed; the lease will expire on its own");
+        }
+    }
+}
+
+impl Drop for RevokeOnDrop {
+    fn drop(&mut self) {
+        let Some((inner, lease_id)) = self.armed.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(error) = inner.revoke(lease_id).await {
+                tracing::debug!(%error, lease_id, "background revoke failed; the lease will expire");
+            }
+        });
+    }
+}
+
+impl Inner {
+    async fn call<T>(
+        &self,
+        what: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, LockError> {
+        match timeout(self.config.request_timeout, request).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(error)) => Err(backend_error(what, error)),
+            Err(_) => Err(LockError::backend_msg(
+                BACKEND,
+                format!("{what}: no answer within {:?}", self.config.request_timeout),
+                true,
+            )),
+        }
+    }
+
+    /// Grants a lease; returns its id and the granted TTL.
+    async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LockError> {
+        let seconds = lease_seconds(ttl);
+        let mut lease = self.client.lease_client();
+        let granted = self
+            .call("lease grant", lease.grant(seconds, None))
+            .await?;
+        let granted_seconds = u64::try_from(granted.ttl().max(seconds)).unwrap_or(u64::MAX);
+        Ok((granted.id(), Duration::from_secs(granted_seconds)))
+    }
+
+    /// Revokes a lease. `Ok(false)`: it no longer existed.
+    async fn revoke(&self, lease_id: i64) -> Result<bool, LockError> {
+        let mut lease = self.client.lease_client();
+        match timeout(self.config.request_timeout, lease.revoke(lease_id)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
+            Ok(Err(error)) => Err(backend_error("lease revoke", error)),
+            Err(_) => Err(LockError::backend_msg(BACKEND, "lease revoke: no answer", true)),
+        }
+    }
+
+    /// One keep-alive round trip. `Ok(false)`: the lease is gone.
+    async fn keep_alive(&self, lease_id: i64) -> Result<bool, LockError> {
+        let mut lease = self.client.lease_client();
+        match timeout(self.config.request_timeout, lease.keep_alive(lease_id)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
+            Ok(Err(error)) => Err(backend_error("lease keep-alive", error)),
+            Err(_) => Err(LockError::backend_msg(BACKEND, "lease keep-alive: no answer", true)),
+        }
+    }
+
+    async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, LockError> {
+        let mut kv = self.client.kv_client();
+        self.call(what, kv.txn(txn)).await
+    }
+
+    /// Whether `held.entry` still exists, carries `owner` and is attached to our lease: the
+    /// compare half of compare-and-act, evaluated by the server.
+    async fn still_ours(&self, held: &Held, owner: OwnerToken) -> Result<bool, LockError> {
+        let check = Txn::new().when([
+            Compare::value(held.entry.clone(), CompareOp::Equal, owner.to_string()),
+            Compare::lease(held.entry.clone(), CompareOp::Equal, held.lease_id),
+        ]);
+        Ok(self.txn("ownership check", check).await?.succeeded())
+    }
+
+    /// Remaining TTL of a holder's lease, for `Attempt::Held`.
+    async fn remaining(&self, lease_id: i64) -> Option<Duration> {
+        let mut lease = self.client.lease_client();
+        let answer = self
+            .call("lease time-to-live", lease.time_to_live(lease_id, None))
+            .await
+            .ok()?;
+        // etcd truncates to whole seconds: the real remainder is up to 1 s longer.
+        Some(Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0)))
+    }
+}
+
+fn lease_for(
+    key: &LockKey,
+    owner: OwnerToken,
+    create_revision: i64,
+    entry: Vec<u8>,
+    lease_id: i64,
+    granted: Duration,
+    sent_at: Instant,
+) -> Result<Lease, LockError> {
+    Ok(
+        Lease::new(key.clone(), owner, Some(fence(create_revision)?), granted, sent_at)
+            .with_backend_data(Arc::new(Held {
+                entry,
+                lease_id,
+                granted,
+            })),
+    )
+}
+
+impl EtcdBackend {
+    /// Connects to the endpoints of `config` and checks, within the connect timeout, that
+    /// the cluster answers a linearizable read.
+    pub async fn connect(config: EtcdConfig) -> Result<Self, LockError> {
+        if config.endpoints.is_empty() {
+            return Err(LockError::InvalidConfig("no etcd endpoints".into()));
+        }
+        let endpoints: Vec<String> = config
+            .endpoints
+            .iter()
+            .map(|endpoint| format!("http://{endpoint}"))
+            .collect();
+        // gRPC keep-alive pings find a dead connection; etcd refuses pings more often than
+        // every 5 s, so ping every 10 s. Requests that need a leader fail fast without one.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        let unreachable = |detail: String| {
+            LockError::backend_msg(
+                BACKEND,
+                format!("cannot reach etcd at {}: {detail}", config.endpoints.join(",")),
+                true,
+            )
+        };
+        let client = match timeout(config.connect_timeout, Client::connect(&endpoints, Some(options))).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(etcd_client::Error::InvalidUri(error))) => {
+                return Err(LockError::InvalidConfig(format!("etcd endpoint: {error}")));
+            }
+            Ok(Err(error)) => return Err(unreachable(error.to_string())),
+            Err(_) => return Err(unreachable(format!("no connection within {:?}", config.connect_timeout))),
+        };
+        // The channel connects lazily: prove the cluster answers before handing it out.
+        let mut kv = client.kv_client();
+        let probe = kv.get(
+            format!("{}/", config.prefix),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        );
+        match timeout(config.connect_timeout, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(unreachable(error.to_string())),
+            Err(_) => return Err(unreachable(format!("no answer within {:?}", config.connect_timeout))),
+        }
+        let watcher = Watcher::start(client.clone(), config.request_timeout);
+        Ok(EtcdBackend {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                watcher,
+            }),
+        })
+    }
+
+    /// The configuration this backend was built with.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+
+    /// The etcd key range that holds the queue of `key` (for tools and tests that look at
+    /// the server directly).
+    pub fn key_range(&self, key: &LockKey) -> Vec<u8> {
+        key_range(&self.inner.config.prefix, key)
+    }
+
+    /// The etcd lease id behind a lease granted by this backend.
+    pub fn lease_id(lease: &Lease) -> Option<i64> {
+        lease.backend_data::<Held>().map(|held| held.lease_id)
+    }
+
+    /// Waits until `entry` (created at `my_revision`) is the oldest in `range`, keeping its
+    /// lease alive, until `deadline`. `Ok(Some(refreshed))`: acquired, lease last refreshed
+    /// by a request sent at `refreshed`. `Ok(None)`: deadline.
+    async fn wait_turn(
+        &self,
+        range: &[u8],
+        entry: &[u8],
+        my_revision: i64,
+        lease_id: i64,
+        granted: Duration,
+        mut refreshed: Instant,
+        deadline: Instant,
+    ) -> Result<Option<Instant>, LockError> {
+        let inner = &self.inner;
+        let mut retry_delay = Duration::from_millis(10);
+        loop {
+            // Own entry first (#11456), then the newest entry older than ours.
+            let check = Txn::new()
+                .when([Compare::create_revision(entry.to_vec(), CompareOp::Equal, my_revision)])
+                .and_then([TxnOp::get(
+                    range.to_vec(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_max_create_revision(my_revision - 1)
+                            .with_sort(SortTarget::Create, SortOrder::Descend)
+                            .with_limit(1)
+                            .with_keys_only(),
+                    ),
+                )]);
+            let answer = match inner.txn("queue check", check).await {
+                Ok(answer) => answer,
+                Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                    tracing::debug!(%error, "queue check failed; retrying");
+                    sleep(retry_delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    retry_delay = (retry_delay * 2).min(Duration::from_millis(500));
+                    if refreshed + granted / 3 <= Instant::now() {
+                        let sent = Instant::now();
+                        if let Ok(true) = inner.keep_alive(lease_id).await {
+                            refreshed = sent;
+                        }
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if !answer.succeeded() {
+                return Err(LockError::backend_msg(
+                    BACKEND,
+                    "the queue entry vanished while waiting (its lease expired or was revoked)",
+                    true,
+                ));
+            }
+            let Some(predecessor) = range_answer(&answer, 0).into_iter().next() else {
+                return Ok(Some(refreshed));
+            };
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            let mut wakeup = inner
+                .watcher
+                .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1);
+            loop {
+                let refresh_at = refreshed + granted / 3;
+                tokio::select! {
+                    woken = wakeup.wait() => {
+                        if woken == Woken::Interrupted {
+                            sleep(Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now()))).await;
+                        }
+                        break;
+                    }
+                    _ = sleep_until(refresh_at) => {
+                        let sent = Instant::now();
+                        match inner.keep_alive(lease_id).await {
+                            Ok(true) => refreshed = sent,
+                            Ok(false) => {
+                                return Err(LockError::backend_msg(
+                                    BACKEND,
+                                    "the queue entry's lease expired or was revoked while waiting",
+                                    true,
+                                ));
+                            }
+                            // Retried at the next loop turn; the lease has TTL − TTL/3 left.
+                            Err(error) => {
+                                tracing::debug!(%error, "keep-alive while waiting failed");
+                                refreshed = refreshed.max(Instant::now() - granted / 3 + Duration::from_millis(100));
+                            }
+                        }
+                    }
+                    _ = sleep_until(deadline) => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let inner = &self.inner;
+        let range = key_range(&inner.config.prefix, key);
+        let owner = OwnerToken::random();
+        let sent_at = Instant::now();
+        let (lease_id, granted) = inner.grant(ttl).await?;
+        let mut revoke = RevokeOnDrop::new(inner, lease_id);
+        let entry = entry_key(&range, lease_id);
+        let txn = Txn::new()
+            .when([Compare::create_revision(range.clone(), CompareOp::Equal, 0).with_prefix()])
+            .and_then([TxnOp::put(
+                entry.clone(),
+                owner.to_string(),
+                Some(PutOptions::new().with_lease(lease_id)),
+            )])
+            .or_else([TxnOp::get(
+                range,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            )]);
+        let answer = inner.txn("acquire txn", txn).await?;
+        if answer.succeeded() {
+            let lease = lease_for(key, owner, revision(&answer)?, entry, lease_id, granted, sent_at)?;
+            revoke.disarm();
+            return Ok(Attempt::Acquired(lease));
+        }
+        // Held: our unused lease is revoked in the background as `revoke` drops.
+        let expires_in = match range_answer(&answer, 0).first() {
+            Some(holder) => inner.remaining(holder.lease()).await,
+            // The holder vanished between compare and read: worth trying again at once.
+            None => Some(Duration::ZERO),
+        };
+        Ok(Attempt::Held { expires_in })
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        validate_ttl(ttl)?;
+        let Some(held) = lease.backend_data::<Held>() else {
+            return Err(LockError::lost(
+                lease.key().as_str(),
+                "the lease was not granted by an etcd backend",
+            ));
+        };
+        let sent_at = Instant::now();
+        if !self.inner.still_ours(held, lease.owner()).await? {
+            return Err(LockError::lost(
+                lease.key().as_str(),
+                "the lock entry is gone or belongs to another owner",
+            ));
+        }
+        if !self.inner.keep_alive(held.lease_id).await? {
+            return Err(LockError::lost(
+                lease.key().as_str(),
+                "etcd answered the keep-alive with TTL 0: the lease expired",
+            ));
+        }
+        // A keep-alive restores the granted TTL; it cannot change it.
+        Ok(lease.renewed(held.granted, sent_at))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        let Some(held) = lease.backend_data::<Held>() else {
+            return Ok(false);
+        };
+        // Never revoke a lease whose entry is not ours: a forged lease carries the real
+        // holder's lease id.
+        if !self.inner.still_ours(held, lease.owner()).await? {
+            return Ok(false);
+        }
+        // The lease is this holder's alone, so revoking it deletes exactly its entry.
+        self.inner.revoke(held.lease_id).await
+    }
+
+    async fn acquire_queued(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        validate_ttl(ttl)?;
+        let inner = &self.inner;
+        let range = key_range(&inner.config.prefix, key);
+        let owner = OwnerToken::random();
+        let sent_at = Instant::now();
+        let (lease_id, granted) = inner.grant(ttl).await?;
+        // From here on, dropping this future revokes the lease and so deletes the entry.
+        let mut revoke = RevokeOnDrop::new(inner, lease_id);
+        let entry = entry_key(&range, lease_id);
+        let join = Txn::new().and_then([
+            TxnOp::put(
+                entry.clone(),
+                owner.to_string(),
+                Some(PutOptions::new().with_lease(lease_id)),
+            ),
+            TxnOp::get(
+                range.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            ),
+        ]);
+        let answer = inner.txn("queue join txn", join).await?;
+        let my_revision = revision(&answer)?;
+        let first = range_answer(&answer, 1)
+            .first()
+            .map(KeyValue::create_revision);
+        let refreshed = if first == Some(my_revision) {
+            Some(sent_at)
+        } else {
+            self.wait_turn(&range, &entry, my_revision, lease_id, granted, sent_at, deadline)
+                .await?
+        };
+        match refreshed {
+            Some(refreshed) => {
+                let lease = lease_for(key, owner, my_revision, entry, lease_id, granted, refreshed)?;
+                revoke.disarm();
+                Ok(Some(lease))
+            }
+            None => {
+                revoke.revoke_now().await;
+                Ok(None)
+            }
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut capabilities = Capabilities::default();
+        capabilities.fencing = true;
+        // Waiters queue in etcd and are woken by a watch on their predecessor; the
+        // subscribe-and-poll path is not needed.
+        capabilities.release_notifications = false;
+        capabilities.fair_queue = true;
+        capabilities.min_ttl = MIN_TTL;
+        capabilities.ttl_granularity = Duration::from_secs(1);
+        capabilities.expiry_slack = EXPIRY_SLACK;
+        capabilities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_seconds_round_up_to_the_minimum() {
+        assert_eq!(lease_seconds(Duration::from_millis(1)), 2);
+        assert_eq!(lease_seconds(Duration::from_millis(2001)), 3);
+        assert_eq!(lease_seconds(Duration::from_secs(30)), 30);
+    }
+}

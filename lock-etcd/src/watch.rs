@@ -1,0 +1,188 @@
+//! One watch stream per backend, shared by every waiter.
+//!
+//! A waiter asks to be woken when one key (its predecessor in the queue) is deleted, from a
+//! given revision on. The task multiplexes those one-shot watches over a single gRPC stream,
+//! with watch ids it assigns itself (etcd ≥ 3.4), and wakes the waiter on the delete event. If
+//! the stream breaks or the server cancels a watch, the waiters concerned are woken too: they
+//! re-read the queue and watch again, so a lost event costs a re-check, never a missed wake-up.
+
+use etcd_client::{
+    Client, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The watched key was deleted.
+    Deleted,
+    /// The watch failed or was cancelled: re-check, and pause briefly before watching again.
+    Interrupted,
+}
+
+struct Request {
+    key: Vec<u8>,
+    start_revision: i64,
+    wake: oneshot::Sender<()>,
+}
+
+/// Handle to the watch task; the task ends when every handle is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct Watcher {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// A pending one-shot watch.
+pub(crate) struct Wakeup {
+    receiver: oneshot::Receiver<()>,
+}
+
+impl Wakeup {
+    /// Resolves when the key is deleted or the watch is interrupted.
+    pub(crate) async fn wait(&mut self) -> Woken {
+        match (&mut self.receiver).await {
+            Ok(()) => Woken::Deleted,
+            Err(_) => Woken::Interrupted,
+        }
+    }
+}
+
+impl Watcher {
+    /// Starts the watch task on the current runtime.
+    pub(crate) fn start(client: Client, create_timeout: Duration) -> Self {
+        let (requests, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(client, receiver, create_timeout));
+        Watcher { requests }
+    }
+
+    /// Wakes the caller when `key` is deleted at `start_revision` or later.
+    pub(crate) fn on_delete(&self, key: Vec<u8>, start_revision: i64) -> Wakeup {
+        let (wake, receiver) = oneshot::channel();
+        // If the task is gone the sender is dropped with the request: the waiter is woken
+        // as interrupted and falls back to re-checking.
+        let _ = self.requests.send(Request {
+            key,
+            start_revision,
+            wake,
+        });
+        Wakeup { receiver }
+    }
+}
+
+struct Stream {
+    sender: WatchRequestSender,
+    responses: WatchResponseStream,
+}
+
+async fn next_response(stream: &mut Option<Stream>) -> Option<Result<WatchResponse, ()>> {
+    match stream {
+        Some(stream) => match stream.responses.message().await {
+            Ok(Some(response)) => Some(Ok(response)),
+            Ok(None) | Err(_) => Some(Err(())),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn run(
+    client: Client,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    create_timeout: Duration,
+) {
+    let mut stream: Option<Stream> = None;
+    let mut active: HashMap<i64, oneshot::Sender<()>> = HashMap::new();
+    let mut next_id: i64 = 1;
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some(request) = request else { return };
+                if request.wake.is_closed() {
+                    continue;
+                }
+                // Drop the watches of waiters that gave up (deadline, cancelled acquire).
+                let abandoned: Vec<i64> = active
+                    .iter()
+                    .filter(|(_, wake)| wake.is_closed())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in abandoned {
+                    active.remove(&id);
+                    if let Some(open) = stream.as_mut() {
+                        let _ = open.sender.cancel(id).await;
+                    }
+                }
+                let id = next_id;
+                next_id += 1;
+                let options = WatchOptions::new()
+                    .with_start_revision(request.start_revision)
+                    .with_filters([WatchFilterType::NoPut])
+                    .with_watch_id(id);
+                let sent = match stream.as_mut() {
+                    Some(open) => open.sender.watch(request.key, Some(options)).await.is_ok(),
+                    None => {
+                        let mut watch_client = client.watch_client();
+                        match timeout(create_timeout, watch_client.watch(request.key, Some(options))).await {
+                            Ok(Ok(created)) => {
+                                let (sender, responses) = created.split();
+                                stream = Some(Stream { sender, responses });
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                };
+                if sent {
+                    active.insert(id, request.wake);
+                } else {
+                    // Dropping the sender wakes this waiter; the others re-check as well.
+                    tracing::debug!("etcd watch stream could not be opened or written");
+                    stream = None;
+                    active.clear();
+                }
+            }
+            response = next_response(&mut stream) => {
+                match response {
+                    Some(Ok(response)) => handle(&mut stream, &mut active, response).await,
+                    _ => {
+                        tracing::debug!("etcd watch stream ended; waking every waiter to re-check");
+                        stream = None;
+                        active.clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    stream: &mut Option<Stream>,
+    active: &mut HashMap<i64, oneshot::Sender<()>>,
+    response: WatchResponse,
+) {
+    let id = response.watch_id();
+    if response.canceled() {
+        // Compacted start revision, lost leader (require-leader), or our own cancel:
+        // dropping the sender wakes the waiter to re-check.
+        active.remove(&id);
+        return;
+    }
+    if !response.events().is_empty()
+        && let Some(wake) = active.remove(&id)
+    {
+        let _ = wake.send(());
+        if let Some(open) = stream.as_mut() {
+            let _ = open.sender.cancel(id).await;
+        }
+        return;
+    }
+    // A waiter that gave up (deadline, cancelled acquire) no longer needs its watch.
+    if active.get(&id).is_some_and(oneshot::Sender::is_closed) {
+        active.remove(&id);
+        if let Some(open) = stream.as_mut() {
+            let _ = open.sender.cancel(id).await;
+        }
+    }
+}

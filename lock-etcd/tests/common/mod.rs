@@ -1,0 +1,53 @@
+//! Shared by the etcd test binaries: a conformance factory over a harness-started cluster.
+
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use conformance_tests::BackendFactory;
+use lock_core::{LockBackend, LockKey};
+use lock_harness::etcd::EtcdCluster;
+use std::sync::Arc;
+
+/// Backends on one etcd cluster (1 or 3 members) that this test started itself; every backend
+/// connects through the harness proxies, `is_held` reads the server directly.
+pub struct EtcdFactory {
+    pub cluster: EtcdCluster,
+    pub prefix: String,
+}
+
+impl EtcdFactory {
+    /// Starts a cluster of `members` for one test (killed when the factory drops).
+    pub async fn start(members: usize) -> anyhow::Result<Self> {
+        let cluster = EtcdCluster::start(members).await?;
+        Ok(EtcdFactory {
+            cluster,
+            prefix: format!("distlock-test-{:08x}", rand_suffix()),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.cluster.url(Some(&self.prefix))
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) as u32
+}
+
+#[async_trait]
+impl BackendFactory for EtcdFactory {
+    fn name(&self) -> String {
+        format!("etcd-{}", self.cluster.size())
+    }
+
+    async fn backend(&self) -> anyhow::Result<Arc<dyn LockBackend>> {
+        Ok(lock_etcd::connect(&self.url()).await?)
+    }
+
+    async fn is_held(&self, key: &LockKey) -> anyhow::Result<Option<bool>> {
+        let range = lock_etcd::key_range(&self.prefix, key);
+        let entries = self.cluster.keys_with_prefix(&range).await?;
+        Ok(Some(!entries.is_empty()))
+    }
+}
