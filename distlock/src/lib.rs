@@ -1,1 +1,146 @@
-//! distlock (work in progress).
+//! distlock: distributed locks with swappable backends.
+//!
+//! One contract ([`LockBackend`]) and one client ([`Locker`]) with waiting, retry, watchdog
+//! renewal, a lost-lock signal and fencing tokens, over:
+//!
+//! | URL | backend | Cargo feature |
+//! |---|---|---|
+//! | `memory://` or `memory://name` | in-process table (the default) | none |
+//! | `redis://host:port/db` | one Redis server | `redis` |
+//! | `redlock://h1:p1,h2:p2,h3:p3/db` | Redlock over independent Redis masters | `redis` |
+//! | `postgres://user:pass@host:port/db` | PostgreSQL advisory locks | `postgres` |
+//! | `etcd://host:port[,host:port…]` | etcd leases | `etcd` |
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), distlock::LockError> {
+//! use std::time::Duration;
+//! let locker = distlock::connect("memory://").await?;
+//! let guard = locker.lock("invoice:42").wait(Duration::from_secs(5)).acquire().await?;
+//! // Pass the fence to the resource so it can refuse a stale holder.
+//! println!("holding {} with fence {:?}", guard.key(), guard.fence());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Swap backends by changing the URL (and enabling the backend's feature); the code above
+//! stays the same.
+
+pub use lock_core::*;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Connects to the backend named by `url` and returns a [`Locker`] with default options.
+///
+/// `memory://` is this process's default in-memory table and `memory://name` a named one:
+/// every `connect` to the same memory URL shares the same table, as clients of one server do.
+/// A URL whose backend feature is not enabled is an [`LockError::InvalidConfig`] naming the
+/// feature.
+pub async fn connect(url: &str) -> Result<Locker, LockError> {
+    Ok(Locker::from_arc(connect_backend(url).await?))
+}
+
+/// Like [`connect`], but returns the backend itself (to wrap it, or share it between lockers
+/// with different defaults).
+pub async fn connect_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(LockError::InvalidConfig(format!(
+            "{url:?} is not a lock URL: expected scheme://…, e.g. memory://, redis://127.0.0.1:6379/0, \
+             postgres://user@127.0.0.1/db, etcd://127.0.0.1:2379"
+        )));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "memory" => memory_table(rest),
+        "redis" | "rediss" | "redis+unix" | "redlock" => redis_backend(url).await,
+        "postgres" | "postgresql" => postgres_backend(url).await,
+        "etcd" | "etcds" => etcd_backend(url).await,
+        other => Err(LockError::InvalidConfig(format!(
+            "unknown lock URL scheme {other:?} in {url:?}: supported are memory, redis, rediss, \
+             redlock (feature `redis`), postgres, postgresql (feature `postgres`), etcd (feature `etcd`)"
+        ))),
+    }
+}
+
+fn memory_table(name: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    static TABLES: OnceLock<Mutex<HashMap<String, MemoryBackend>>> = OnceLock::new();
+    let name = name.trim_end_matches('/');
+    if name.contains(['/', '?', '#', '@']) {
+        return Err(LockError::InvalidConfig(format!(
+            "memory URL takes only an optional table name (memory:// or memory://name), got memory://{name}"
+        )));
+    }
+    let tables = TABLES.get_or_init(Mutex::default);
+    let mut tables = tables.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(Arc::new(tables.entry(name.to_owned()).or_default().clone()))
+}
+
+#[allow(dead_code)]
+fn feature_off(feature: &str, url: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "{url:?} needs the `{feature}` backend, which this build of distlock does not include: \
+         enable the Cargo feature `{feature}` (e.g. `distlock = {{ features = [\"{feature}\"] }}`, \
+         or `--features {feature}`)"
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn redis_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    lock_redis::connect(url).await
+}
+#[cfg(not(feature = "redis"))]
+async fn redis_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    Err(feature_off("redis", url))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    lock_postgres::connect(url).await
+}
+#[cfg(not(feature = "postgres"))]
+async fn postgres_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    Err(feature_off("postgres", url))
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    lock_etcd::connect(url).await
+}
+#[cfg(not(feature = "etcd"))]
+async fn etcd_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    Err(feature_off("etcd", url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_urls_share_tables_by_name() {
+        let a = connect("memory://facade-test").await.unwrap();
+        let b = connect("memory://facade-test").await.unwrap();
+        let c = connect("memory://other-table").await.unwrap();
+        let guard = a.acquire("k").await.unwrap();
+        assert!(b.try_acquire("k").await.unwrap().is_none());
+        let elsewhere = c.try_acquire("k").await.unwrap();
+        assert!(elsewhere.is_some());
+        guard.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_urls_are_typed_errors() {
+        for url in ["", "localhost:6379", "ftp://x", "memory://a/b", "://"] {
+            match connect(url).await {
+                Err(LockError::InvalidConfig(message)) => assert!(!message.is_empty()),
+                other => panic!("{url:?}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+
+    #[cfg(not(feature = "redis"))]
+    #[tokio::test]
+    async fn disabled_feature_is_named() {
+        let error = connect("redis://127.0.0.1:1/0").await.unwrap_err();
+        assert!(error.to_string().contains("feature `redis`"), "{error}");
+    }
+}
