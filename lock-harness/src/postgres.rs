@@ -1,1 +1,425 @@
-//! postgres servers for tests (being written).
+//! PostgreSQL servers for tests: `initdb` into a temporary directory, `postgres` on a free
+//! loopback port, stop / restart on the same port and data, pause, terminate a session, and a
+//! process-wide shared server for test binaries.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
+//! `postgres` system user (the data directory is chowned to it). The `postgres` binary is run
+//! directly (not through the daemonizing `pg_ctl`) so the harness owns the process.
+//!
+//! The server is started through `setpriv --pdeathsig SIGQUIT` from a keeper thread that lives
+//! as long as the test process: if the test binary is killed hard (SIGKILL, a crash), the
+//! kernel sends SIGQUIT to the postmaster, which is PostgreSQL's immediate shutdown, so no
+//! server outlives the test process. Its data directory (under the system temp dir, named
+//! `distlock-pg-<pid>-*`) is then left behind; the next start removes directories of dead
+//! processes.
+
+use crate::process::{ServerProcess, find_binary, free_port, wait_for_port};
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const PACKAGE: &str = "postgresql";
+const DIR_PREFIX: &str = "distlock-pg-";
+
+/// Directories where Debian installs PostgreSQL's server binaries, newest first.
+fn server_dirs() -> Vec<String> {
+    let mut dirs: Vec<(u32, String)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter_map(|entry| {
+                    let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+                    Some((version, format!("{}/bin", entry.path().display())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+    dirs.into_iter().map(|(_, dir)| dir).collect()
+}
+
+fn find_pg_binary(name: &str) -> Result<PathBuf> {
+    let dirs = server_dirs();
+    let refs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+    // Prefer the versioned directory: Debian's /usr/bin wrappers need a cluster config.
+    for dir in &refs {
+        let candidate = Path::new(dir).join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    find_binary(name, PACKAGE, &refs)
+}
+
+/// uid and gid to run the server as: the `postgres` user when we are root, else ourselves.
+fn server_user() -> Result<Option<(u32, u32)>> {
+    let me = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running `id -u`")?;
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return Ok(None);
+    }
+    let id = |flag: &str| -> Result<u32> {
+        let output = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .context("running `id` to find the postgres user")?;
+        if !output.status.success() {
+            bail!(
+                "running as root, but there is no `postgres` user to run the server as \
+                 (PostgreSQL refuses root); install the Debian package `{PACKAGE}`"
+            );
+        }
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .context("parsing the output of `id`")
+    };
+    Ok(Some((id("-u")?, id("-g")?)))
+}
+
+fn with_user(command: &mut Command, user: Option<(u32, u32)>) {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = user {
+        command.uid(uid).gid(gid);
+    }
+}
+
+/// Removes data directories left by test processes that no longer exist (killed hard).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if kill(Pid::from_raw(pid), None).is_err() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+type SpawnRequest = (Command, PathBuf, mpsc::Sender<Result<ServerProcess>>);
+
+/// Spawns server processes from one thread that lives as long as the process, so that the
+/// parent-death signal fires when the test process dies, not when some test thread ends.
+fn spawn_on_keeper(command: Command, log: &Path) -> Result<ServerProcess> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (sender, receiver) = mpsc::channel::<SpawnRequest>();
+        let _ = std::thread::Builder::new()
+            .name("postgres-keeper".into())
+            .spawn(move || {
+                for (command, log, reply) in receiver {
+                    let _ = reply.send(ServerProcess::spawn("postgres", command, &log));
+                }
+                // The sender lives in a static: this loop never ends while the process runs.
+            });
+        Mutex::new(sender)
+    });
+    let (reply, answer) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .send((command, log.to_owned(), reply))
+        .context("the postgres keeper thread is gone")?;
+    answer
+        .recv()
+        .context("the postgres keeper thread did not answer")?
+}
+
+/// A PostgreSQL server started by the harness. Dropping it shuts the server down (immediate
+/// shutdown) and removes its data directory.
+#[derive(Debug)]
+pub struct PostgresServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    user: Option<(u32, u32)>,
+    postgres: PathBuf,
+    psql: PathBuf,
+    process: Mutex<Option<ServerProcess>>,
+    extra_settings: Vec<(String, String)>,
+}
+
+impl PostgresServer {
+    /// `initdb` + start on a free loopback port, trust authentication for user `postgres`,
+    /// `fsync=off` (test speed; commits still go through the WAL).
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`PostgresServer::start`], with extra `-c name=value` server settings.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
+        remove_stale_dirs();
+        let initdb = find_pg_binary("initdb")?;
+        let postgres = find_pg_binary("postgres")?;
+        let psql = find_pg_binary("psql")?;
+        let user = server_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .context("creating the postgres temp dir")?;
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir(&sock)?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&sock, Some(uid), Some(gid))?;
+        }
+        let mut command = Command::new(&initdb);
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .args(["--no-sync", "--no-instructions"])
+            .current_dir(dir.path());
+        with_user(&mut command, user);
+        let output = command
+            .output()
+            .with_context(|| format!("running {initdb:?}"))?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let server = PostgresServer {
+            dir,
+            port: free_port()?,
+            user,
+            postgres,
+            psql,
+            process: Mutex::new(None),
+            extra_settings: settings
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+        };
+        server.start_again()?;
+        Ok(server)
+    }
+
+    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
+        self.process
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the server again on the same port and data directory (after [`Self::stop`] or
+    /// [`Self::kill`]); a no-op if it runs.
+    pub fn start_again(&self) -> Result<()> {
+        let mut process = self.process();
+        if process.is_some() {
+            return Ok(());
+        }
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "SIGQUIT", "--"])
+            .arg(&self.postgres)
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path().join("sock"))
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .current_dir(self.dir.path());
+        for (name, value) in &self.extra_settings {
+            command.arg("-c").arg(format!("{name}={value}"));
+        }
+        with_user(&mut command, self.user);
+        let log = self.dir.path().join("postgres.log");
+        let mut child = spawn_on_keeper(command, &log)?;
+        // The port opens before recovery ends; wait until a real query answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        wait_for_port(self.addr(), Duration::from_secs(30))
+            .map_err(|error| anyhow::anyhow!("{error}; postgres log:\n{}", child.log_tail()))?;
+        loop {
+            child.check_running()?;
+            if self.sql("SELECT 1").is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "postgres did not answer queries; log:\n{}",
+                    child.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *process = Some(child);
+        Ok(())
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT: sessions are terminated, data kept),
+    /// waiting until the postmaster exits.
+    pub fn stop(&self) -> Result<()> {
+        let Some(mut child) = self.process().take() else {
+            return Ok(());
+        };
+        signal(&child, Signal::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.check_running().is_ok() {
+            if Instant::now() >= deadline {
+                child.kill()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Crashes the server: immediate shutdown (SIGQUIT, like a power cut for the clients),
+    /// then waits for the postmaster to exit. Data that reached the WAL survives.
+    pub fn kill(&self) -> Result<()> {
+        let Some(mut child) = self.process().take() else {
+            return Ok(());
+        };
+        signal(&child, Signal::SIGQUIT)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.check_running().is_ok() {
+            if Instant::now() >= deadline {
+                child.kill()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Fast shutdown then start on the same port and data.
+    pub fn restart(&self) -> Result<()> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// Freezes the postmaster (SIGSTOP). Sessions already open keep working: their backend
+    /// processes are separate; use [`PostgresServer::terminate_sessions`] or a proxy to cut
+    /// a client instead.
+    pub fn pause(&self) -> Result<()> {
+        match self.process().as_ref() {
+            Some(child) => child.pause(),
+            None => bail!("postgres is not running"),
+        }
+    }
+
+    /// Resumes a paused postmaster.
+    pub fn resume(&self) -> Result<()> {
+        match self.process().as_ref() {
+            Some(child) => child.resume(),
+            None => bail!("postgres is not running"),
+        }
+    }
+
+    /// The loopback port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The TCP address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A `postgres://` URL for database `postgres` as user `postgres` (trust auth).
+    pub fn url(&self) -> String {
+        Self::url_for(self.addr())
+    }
+
+    /// The same URL through another address, e.g. a [`crate::TcpProxy`] in front of it.
+    pub fn url_for(addr: SocketAddr) -> String {
+        format!("postgres://postgres@{addr}/postgres?sslmode=disable")
+    }
+
+    /// Runs `query` with `psql` over TCP and returns its unaligned, tuples-only output.
+    pub fn sql(&self, query: &str) -> Result<String> {
+        let output = Command::new(&self.psql)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-U", "postgres", "-d", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(query)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .with_context(|| format!("running {:?}", self.psql))?;
+        if !output.status.success() {
+            bail!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Terminates (`pg_terminate_backend`) every session whose `application_name` is
+    /// `application_name`; returns how many were terminated.
+    pub fn terminate_sessions(&self, application_name: &str) -> Result<usize> {
+        let escaped = application_name.replace('\'', "''");
+        let out = self.sql(&format!(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{escaped}' AND pid <> pg_backend_pid()"
+        ))?;
+        out.parse()
+            .context("parsing the count of terminated sessions")
+    }
+
+    /// Terminates the session with backend process id `pid`.
+    pub fn terminate_backend(&self, pid: i32) -> Result<bool> {
+        Ok(self.sql(&format!("SELECT pg_terminate_backend({pid})"))? == "t")
+    }
+
+    /// The server log so far (last lines).
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+fn signal(child: &ServerProcess, signal: Signal) -> Result<()> {
+    let pid = child.pid().context("postgres is not running")?;
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to postgres"))
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// One server shared by every test of this test binary, started on first use (from a
+/// dedicated thread, so it does not belong to any test's runtime). It is never dropped: when
+/// the test process exits, the parent-death signal stops it (see the module docs).
+pub fn shared() -> Result<&'static PostgresServer> {
+    static SHARED: OnceLock<std::result::Result<PostgresServer, String>> = OnceLock::new();
+    let server = SHARED.get_or_init(|| {
+        std::thread::spawn(|| PostgresServer::start().map_err(|error| format!("{error:#}")))
+            .join()
+            .unwrap_or_else(|_| Err("the thread starting postgres panicked".into()))
+    });
+    match server {
+        Ok(server) => Ok(server),
+        Err(error) => bail!("starting the shared postgres server failed: {error}"),
+    }
+}

@@ -1,1 +1,958 @@
-//! lock-postgres (work in progress).
+//! PostgreSQL backend for distlock: session advisory locks on dedicated holder sessions.
+//!
+//! - **Holder sessions.** Held locks live on a few connections the backend opens itself (never
+//!   borrowed from, nor returned to, a user's pool). Many locks share one session: at most
+//!   [`PostgresConfig::max_sessions`] connections however many locks are held.
+//! - **Not reentrant.** A session is reentrant for advisory locks, so the backend keeps a local
+//!   table of the advisory keys it holds (or is acquiring) and answers `Held` for them.
+//! - **TTL.** Advisory locks have none; the backend gives them one twice over. While the process
+//!   runs, a reaper task unlocks every lock whose renewal did not arrive before its deadline
+//!   (the leaked-guard case). If the process stops (paused, partitioned, dead), the server ends
+//!   the holder session by `idle_session_timeout`, which the backend keeps equal to the largest
+//!   TTL of the locks on that session, the renewals being the heartbeat. See the README.
+//! - **Fencing.** `distlock_fences(namespace, name)` holds a counter per key, bumped in the same
+//!   statement as `pg_try_advisory_lock`: acquiring a free lock is one round trip.
+//! - **Wake-ups.** Release is one statement that unlocks and `NOTIFY`s; each backend `LISTEN`s on
+//!   one connection and dispatches to its waiters through a [`lock_core::ReleaseHub`].
+//! - **Keys** are hashed with sqlx's [`PgAdvisoryLock::new`] over `namespace NUL key`, so two
+//!   applications with different namespaces never share a lock. See [`advisory_key`].
+
+use async_trait::async_trait;
+use lock_core::{
+    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
+    ReleaseHub, Releases, validate_ttl,
+};
+use sqlx::postgres::{PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, OnceCell};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout_at};
+
+const BACKEND: &str = "postgres";
+
+/// The table holding one fencing counter per (namespace, key).
+pub const FENCE_TABLE: &str = "distlock_fences";
+
+/// Smallest TTL granted: the holder session's `idle_session_timeout` follows the TTL, and a
+/// shorter one would end sessions between two statements of a busy client.
+pub const MIN_TTL: Duration = Duration::from_millis(500);
+
+/// The 64-bit advisory lock key for `key` in `namespace`: sqlx's [`PgAdvisoryLock::new`]
+/// (HKDF-SHA256) over `namespace + "\0" + key`, or over `key` alone when the namespace is
+/// empty (then it equals `PgAdvisoryLock::new(key)`, for interop with plain sqlx users).
+///
+/// Keys never contain NUL, so distinct (namespace, key) pairs hash distinct inputs. Two inputs
+/// may still collide in 64 bits (about 1 in 2^32 for 2^16 live keys); a collision only makes
+/// the two keys exclude each other. Fences are kept per full name, so they stay correct.
+pub fn advisory_key(namespace: &str, key: &str) -> i64 {
+    let lock = if namespace.is_empty() {
+        PgAdvisoryLock::new(key)
+    } else {
+        PgAdvisoryLock::new(format!("{namespace}\0{key}"))
+    };
+    lock.key().as_bigint().unwrap_or_default()
+}
+
+/// Settings of a [`PostgresBackend`].
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// Mixed into every key's hash and fence row, so applications sharing a database do not
+    /// share locks. Default `distlock`. Must not contain NUL.
+    pub namespace: String,
+    /// Most holder sessions (connections) this backend opens. Default 8.
+    pub max_sessions: usize,
+    /// Holder sessions per distinct TTL; keys are spread over them by hash. Default 4.
+    pub sessions_per_ttl: usize,
+    /// Bound on opening a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Bound on one statement on a holder session, waiting for the session included. A
+    /// statement that takes longer ends the session (and so every lock on it). Default 5 s.
+    pub op_timeout: Duration,
+    /// `application_name` prefix: holder sessions are `<prefix>-holder`, the listener
+    /// `<prefix>-listener`. Default `distlock`.
+    pub application_name: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            namespace: "distlock".into(),
+            max_sessions: 8,
+            sessions_per_ttl: 4,
+            connect_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
+            application_name: "distlock".into(),
+        }
+    }
+}
+
+/// `postgres://…` (or `postgresql://…`) → a backend. Extra query parameters read here (and not
+/// passed to sqlx): `namespace`, `max_sessions`, `sessions_per_ttl`, `op_timeout_ms`,
+/// `connect_timeout_ms`, `application_name`.
+pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
+    Ok(Arc::new(PostgresBackend::connect(url).await?))
+}
+
+fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig), LockError> {
+    let mut parsed = url::Url::parse(url)
+        .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(LockError::InvalidConfig(format!(
+            "a postgres URL starts with postgres:// or postgresql://, not {}://",
+            parsed.scheme()
+        )));
+    }
+    let mut config = PostgresConfig::default();
+    let mut kept = Vec::new();
+    let bad = |name: &str, value: &str| {
+        LockError::InvalidConfig(format!("invalid value {value:?} for URL parameter {name}"))
+    };
+    for (name, value) in parsed.query_pairs() {
+        let number = || value.parse::<u64>().map_err(|_| bad(&name, &value));
+        match name.as_ref() {
+            "namespace" => config.namespace = value.to_string(),
+            "max_sessions" => config.max_sessions = usize::try_from(number()?).map_err(|_| bad(&name, &value))?,
+            "sessions_per_ttl" => {
+                config.sessions_per_ttl = usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+            }
+            "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
+            "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
+            "application_name" => config.application_name = value.to_string(),
+            _ => kept.push((name.to_string(), value.to_string())),
+        }
+    }
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    let options = PgConnectOptions::from_str(parsed.as_str())
+        .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
+    Ok((options, config))
+}
+
+fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
+    if config.namespace.contains('\0') {
+        return Err(LockError::InvalidConfig("the namespace must not contain NUL".into()));
+    }
+    if config.max_sessions == 0 || config.sessions_per_ttl == 0 {
+        return Err(LockError::InvalidConfig(
+            "max_sessions and sessions_per_ttl must be at least 1".into(),
+        ));
+    }
+    if config.op_timeout.is_zero() || config.connect_timeout.is_zero() {
+        return Err(LockError::InvalidConfig("timeouts must not be zero".into()));
+    }
+    Ok(())
+}
+
+/// Whether the error means the connection (and so the session and its locks) is gone or
+/// unusable, rather than one statement failing.
+fn is_connection_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 08: connection exception; 57: operator intervention (terminated, shutdown).
+            code.starts_with("08") || code.starts_with("57")
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+fn map_error(context: &str, error: sqlx::Error) -> LockError {
+    match &error {
+        sqlx::Error::Configuration(_) => LockError::InvalidConfig(format!("{context}: {error}")),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default().to_string();
+            // 28: authentication; 3D000: no such database; 42: syntax/privileges.
+            let permanent = code.starts_with("28") || code == "3D000" || code.starts_with("42");
+            LockError::backend(BACKEND, format!("{context}: {error}"), !permanent, error)
+        }
+        _ => LockError::backend(BACKEND, format!("{context}: {error}"), true, error),
+    }
+}
+
+fn timed_out(context: &str, after: Duration) -> LockError {
+    LockError::backend_msg(BACKEND, format!("{context}: no answer within {after:?}"), true)
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    // Round up: the session must never time out before the lease's deadline.
+    u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+/// One connection's state, behind the session's async mutex (statements on a session are
+/// serialized).
+#[derive(Debug, Default)]
+struct SessionState {
+    conn: Option<PgConnection>,
+    /// Bumped when the connection is dropped: leases granted on an older epoch are gone.
+    epoch: u64,
+    /// TTL (ms) → number of locks held on this session with that TTL. The session's
+    /// `idle_session_timeout` is the largest key (0 = off when no lock is held).
+    ttls: BTreeMap<u64, usize>,
+    pid: i32,
+}
+
+impl SessionState {
+    fn timeout_with(&self, extra: Option<u64>) -> String {
+        let max = self.ttls.keys().next_back().copied().unwrap_or(0);
+        max.max(extra.unwrap_or(0)).to_string()
+    }
+
+    fn add_ttl(&mut self, ttl: u64) {
+        *self.ttls.entry(ttl).or_insert(0) += 1;
+    }
+
+    fn remove_ttl(&mut self, ttl: u64) {
+        if let Some(count) = self.ttls.get_mut(&ttl) {
+            *count -= 1;
+            if *count == 0 {
+                self.ttls.remove(&ttl);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    id: usize,
+    class_ms: u64,
+    state: tokio::sync::Mutex<SessionState>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// An acquire of this advisory key is in flight on one of our sessions.
+    Pending,
+    Held(HeldLock),
+}
+
+#[derive(Debug, Clone)]
+struct HeldLock {
+    key: LockKey,
+    owner: OwnerToken,
+    session: Arc<Session>,
+    epoch: u64,
+    ttl_ms: u64,
+    /// The reaper unlocks at this instant unless a renewal moved it.
+    deadline: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    entries: HashMap<i64, Entry>,
+    /// When the reaper plans to wake next.
+    reaper_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    options: PgConnectOptions,
+    config: PostgresConfig,
+    channel: String,
+    book: Mutex<Book>,
+    sessions: Mutex<Vec<Arc<Session>>>,
+    hub: ReleaseHub,
+    listener: OnceCell<JoinHandle<()>>,
+    reaper_wake: Notify,
+}
+
+/// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
+/// [`PostgresBackend::from_pool`] or [`PostgresBackend::with_options`]; share it as
+/// `Arc<dyn LockBackend>` in a [`lock_core::Locker`].
+///
+/// Dropping it closes its holder sessions: the server then frees every lock it held.
+#[derive(Debug)]
+pub struct PostgresBackend {
+    inner: Arc<Inner>,
+    reaper: JoinHandle<()>,
+}
+
+impl Drop for PostgresBackend {
+    fn drop(&mut self) {
+        self.reaper.abort();
+        if let Some(listener) = self.inner.listener.get() {
+            listener.abort();
+        }
+    }
+}
+
+impl PostgresBackend {
+    /// Connects with a `postgres://` URL (see [`connect`] for the extra parameters).
+    pub async fn connect(url: &str) -> Result<Self, LockError> {
+        let (options, config) = parse_url(url)?;
+        Self::with_options(options, config).await
+    }
+
+    /// A backend on the same server as `pool`, with its own connections: the pool's
+    /// connections are never used to hold locks, so its size is unaffected.
+    pub async fn from_pool(pool: &PgPool, config: PostgresConfig) -> Result<Self, LockError> {
+        Self::with_options((*pool.connect_options()).clone(), config).await
+    }
+
+    /// A backend from connect options. Checks the server (reachable, not behind a
+    /// transaction-pooling PgBouncer) and creates the fence table if missing.
+    pub async fn with_options(
+        options: PgConnectOptions,
+        config: PostgresConfig,
+    ) -> Result<Self, LockError> {
+        check_config(&config)?;
+        let channel = format!("distlock_{:016x}", advisory_key("", &config.namespace).cast_unsigned());
+        let inner = Arc::new(Inner {
+            options,
+            config,
+            channel,
+            book: Mutex::default(),
+            sessions: Mutex::default(),
+            hub: ReleaseHub::new(),
+            listener: OnceCell::new(),
+            reaper_wake: Notify::new(),
+        });
+        inner.setup().await?;
+        let reaper = tokio::spawn(reaper(inner.clone()));
+        Ok(PostgresBackend { inner, reaper })
+    }
+
+    /// The advisory key this backend uses for `key` (see [`advisory_key`]).
+    pub fn advisory_key(&self, key: &LockKey) -> i64 {
+        advisory_key(&self.inner.config.namespace, key.as_str())
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &PostgresConfig {
+        &self.inner.config
+    }
+
+    /// Server process ids of the holder sessions that are connected now (for tests and
+    /// monitoring: `pg_stat_activity.pid`).
+    pub async fn holder_pids(&self) -> Vec<i32> {
+        let sessions: Vec<Arc<Session>> = lock(&self.inner.sessions).clone();
+        let mut pids = Vec::new();
+        for session in sessions {
+            let state = session.state.lock().await;
+            if state.conn.is_some() {
+                pids.push(state.pid);
+            }
+        }
+        pids
+    }
+
+    /// How many locks this backend holds now, by its own bookkeeping.
+    pub fn held_count(&self) -> usize {
+        lock(&self.inner.book)
+            .entries
+            .values()
+            .filter(|entry| matches!(entry, Entry::Held(_)))
+            .count()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the maps consistent, so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const ACQUIRE_SQL: &str = "\
+WITH l AS (SELECT pg_try_advisory_lock($1) AS ok),
+f AS (
+  INSERT INTO distlock_fences AS t (namespace, name, fence, owner, expires_at)
+  SELECT $2, $3, 1, $4, clock_timestamp() + $5::float8 * interval '1 millisecond' FROM l WHERE l.ok
+  ON CONFLICT (namespace, name) DO UPDATE
+    SET fence = t.fence + 1, owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+  RETURNING t.fence
+)
+SELECT l.ok,
+  (SELECT fence FROM f),
+  CASE WHEN l.ok THEN NULL ELSE
+    (SELECT (extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::int8
+       FROM distlock_fences WHERE namespace = $2 AND name = $3) END,
+  set_config('idle_session_timeout', CASE WHEN l.ok THEN $6 ELSE $7 END, false)
+FROM l";
+
+const RENEW_SQL: &str = "\
+WITH u AS (
+  UPDATE distlock_fences SET expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond'
+  WHERE namespace = $1 AND name = $2 AND owner = $4 RETURNING 1)
+SELECT (SELECT count(*) FROM u), set_config('idle_session_timeout', $5, false)";
+
+const UNLOCK_SQL: &str = "\
+SELECT pg_advisory_unlock($1), pg_notify($2, $3)::text, set_config('idle_session_timeout', $4, false)";
+
+impl Inner {
+    /// Checks the server with a throw-away connection and creates the fence table.
+    async fn setup(&self) -> Result<(), LockError> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let (mut conn, _) = self.open_session(deadline).await?;
+        let work = async {
+            let mut tx = sqlx::Connection::begin(&mut conn).await?;
+            // Serialize concurrent CREATE TABLE IF NOT EXISTS (it can race on the catalog).
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(advisory_key("distlock", "schema"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS distlock_fences (
+                   namespace text NOT NULL,
+                   name text NOT NULL,
+                   fence bigint NOT NULL,
+                   owner text,
+                   expires_at timestamptz,
+                   PRIMARY KEY (namespace, name))",
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        };
+        match timeout_at(deadline, work).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(map_error("creating the fence table", error)),
+            Err(_) => Err(timed_out("creating the fence table", self.config.connect_timeout)),
+        }
+    }
+
+    /// Opens a holder-style connection: checks that session state survives between
+    /// transactions (it does not behind a transaction-pooling PgBouncer) and turns
+    /// `idle_session_timeout` off until a lock is held.
+    async fn open_session(&self, deadline: Instant) -> Result<(PgConnection, i32), LockError> {
+        let options = self
+            .options
+            .clone()
+            .application_name(&format!("{}-holder", self.config.application_name));
+        let work = async {
+            let mut conn = options.connect().await?;
+            let first: i32 = sqlx::query_scalar(
+                "SELECT pg_backend_pid() FROM (SELECT set_config('idle_session_timeout', '0', false)) s",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            let second: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await?;
+            Ok::<_, sqlx::Error>((conn, first, second))
+        };
+        match timeout_at(deadline, work).await {
+            Err(_) => Err(timed_out(
+                &format!(
+                    "connecting to postgres at {}:{}",
+                    self.options.get_host(),
+                    self.options.get_port()
+                ),
+                self.config.connect_timeout,
+            )),
+            Ok(Err(error)) => Err(map_error("connecting to postgres", error)),
+            Ok(Ok((_, first, second))) if first != second => Err(LockError::InvalidConfig(
+                "two statements on one connection ran in different server sessions: this looks \
+                 like PgBouncer in transaction or statement pooling mode, which breaks session \
+                 advisory locks. Connect to PostgreSQL directly or through session pooling."
+                    .into(),
+            )),
+            Ok(Ok((conn, first, _))) => Ok((conn, first)),
+        }
+    }
+
+    fn pick_session(&self, hash: i64, ttl_ms: u64) -> Arc<Session> {
+        let mut sessions = lock(&self.sessions);
+        let class: Vec<Arc<Session>> = sessions
+            .iter()
+            .filter(|session| session.class_ms == ttl_ms)
+            .cloned()
+            .collect();
+        let per_ttl = self.config.sessions_per_ttl;
+        let slot = usize::try_from(hash.cast_unsigned() % per_ttl as u64).unwrap_or(0);
+        if let Some(session) = class.get(slot) {
+            return session.clone();
+        }
+        if sessions.len() < self.config.max_sessions {
+            let session = Arc::new(Session {
+                id: sessions.len(),
+                class_ms: ttl_ms,
+                state: tokio::sync::Mutex::default(),
+            });
+            sessions.push(session.clone());
+            return session;
+        }
+        if !class.is_empty() {
+            return class[slot % class.len()].clone();
+        }
+        // Every session is taken by other TTLs: share the closest one. Its timeout follows the
+        // largest TTL on it, so this lock can only be kept longer after a stall, never less.
+        sessions
+            .iter()
+            .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
+            .cloned()
+            .unwrap_or_else(|| {
+                // Unreachable: max_sessions ≥ 1, so the list is not empty here.
+                Arc::new(Session {
+                    id: usize::MAX,
+                    class_ms: ttl_ms,
+                    state: tokio::sync::Mutex::default(),
+                })
+            })
+    }
+
+    /// Locks the session and makes sure it is connected, within `deadline`.
+    async fn session_conn<'s>(
+        &self,
+        session: &'s Session,
+        deadline: Instant,
+    ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
+        let mut state = timeout_at(deadline, session.state.lock())
+            .await
+            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+        if state.conn.is_none() {
+            let (conn, pid) = self.open_session(deadline).await?;
+            state.conn = Some(conn);
+            state.pid = pid;
+            state.ttls.clear();
+        }
+        Ok(state)
+    }
+
+    /// Drops the session's connection: the server ends the session and frees its locks. Every
+    /// lease granted on it is gone from our books, so renew answers `Lost`.
+    fn break_session(&self, session: &Session, state: &mut SessionState, why: &str) {
+        tracing::warn!(session = session.id, pid = state.pid, why, "holder session lost; its locks are lost");
+        state.conn = None;
+        state.ttls.clear();
+        let old = state.epoch;
+        state.epoch += 1;
+        let mut book = lock(&self.book);
+        book.entries.retain(|_, entry| match entry {
+            Entry::Held(held) => !(held.session.id == session.id && held.epoch == old),
+            Entry::Pending => true,
+        });
+    }
+
+    fn forget_pending(&self, hash: i64) {
+        let mut book = lock(&self.book);
+        if matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+            book.entries.remove(&hash);
+        }
+    }
+
+    async fn acquire_op(
+        self: Arc<Self>,
+        key: LockKey,
+        hash: i64,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<Attempt, LockError> {
+        let ttl_ms = ttl_ms(ttl);
+        let session = self.pick_session(hash, ttl_ms);
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut state = match self.session_conn(&session, deadline).await {
+            Ok(state) => state,
+            Err(error) => {
+                self.forget_pending(hash);
+                return Err(error);
+            }
+        };
+        let owner = OwnerToken::random();
+        let query = sqlx::query(ACQUIRE_SQL)
+            .bind(hash)
+            .bind(&self.config.namespace)
+            .bind(key.as_str())
+            .bind(owner.to_string())
+            .bind(ttl_ms as f64)
+            .bind(state.timeout_with(Some(ttl_ms)))
+            .bind(state.timeout_with(None));
+        let result = match state.conn.as_mut() {
+            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        let row = match result {
+            Ok(Ok(row)) => row,
+            Ok(Err(error)) => {
+                if is_connection_error(&error) {
+                    self.break_session(&session, &mut state, "acquire failed");
+                } else if let Some(conn) = state.conn.as_mut() {
+                    // A session lock taken by a statement that then failed survives the
+                    // rollback: undo it. We did not hold this key on this session (our books
+                    // said so), so this unlock cannot drop a lock we mean to keep.
+                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)").bind(hash).execute(conn);
+                    if !matches!(timeout_at(deadline, undo).await, Ok(Ok(_))) {
+                        self.break_session(&session, &mut state, "undoing a failed acquire failed");
+                    }
+                }
+                self.forget_pending(hash);
+                return Err(map_error("acquire", error));
+            }
+            Err(_) => {
+                self.break_session(&session, &mut state, "acquire timed out");
+                self.forget_pending(hash);
+                return Err(timed_out("acquire", self.config.op_timeout));
+            }
+        };
+        let decoded = (|| {
+            let ok: bool = row.try_get(0)?;
+            let fence: Option<i64> = row.try_get(1)?;
+            let remaining: Option<i64> = row.try_get(2)?;
+            Ok::<_, sqlx::Error>((ok, fence, remaining))
+        })();
+        let (ok, fence, remaining) = match decoded {
+            Ok(values) => values,
+            Err(error) => {
+                self.break_session(&session, &mut state, "unexpected acquire answer");
+                self.forget_pending(hash);
+                return Err(map_error("decoding the acquire answer", error));
+            }
+        };
+        if !ok {
+            self.forget_pending(hash);
+            let expires_in = remaining
+                .and_then(|ms| u64::try_from(ms).ok())
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis);
+            return Ok(Attempt::Held { expires_in });
+        }
+        let Some(fence) = fence.and_then(|fence| u64::try_from(fence).ok()) else {
+            self.break_session(&session, &mut state, "acquire returned no fence");
+            self.forget_pending(hash);
+            return Err(LockError::backend_msg(BACKEND, "acquire returned no fencing token", false));
+        };
+        state.add_ttl(ttl_ms);
+        let deadline = sent_at + ttl;
+        let epoch = state.epoch;
+        {
+            let mut book = lock(&self.book);
+            book.entries.insert(
+                hash,
+                Entry::Held(HeldLock {
+                    key: key.clone(),
+                    owner,
+                    session: session.clone(),
+                    epoch,
+                    ttl_ms,
+                    deadline,
+                }),
+            );
+            if book.reaper_at.is_none_or(|at| deadline < at) {
+                book.reaper_at = Some(deadline);
+                self.reaper_wake.notify_one();
+            }
+        }
+        drop(state);
+        Ok(Attempt::Acquired(Lease::new(
+            key,
+            owner,
+            Some(FencingToken(fence)),
+            ttl,
+            sent_at,
+        )))
+    }
+
+    /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
+    async fn unlock_op(self: Arc<Self>, held: HeldLock) -> Result<bool, LockError> {
+        let hash = advisory_key(&self.config.namespace, held.key.as_str());
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut state = timeout_at(deadline, held.session.state.lock())
+            .await
+            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+        if state.epoch != held.epoch || state.conn.is_none() {
+            return Ok(false);
+        }
+        state.remove_ttl(held.ttl_ms);
+        let query = sqlx::query(UNLOCK_SQL)
+            .bind(hash)
+            .bind(&self.channel)
+            .bind(held.key.as_str())
+            .bind(state.timeout_with(None));
+        let result = match state.conn.as_mut() {
+            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        // Local waiters need not wait for the NOTIFY round trip.
+        self.hub.notify(held.key.as_str());
+        match result {
+            Ok(Ok(row)) => Ok(row.try_get::<bool, _>(0).unwrap_or(false)),
+            Ok(Err(error)) => {
+                if is_connection_error(&error) {
+                    self.break_session(&held.session, &mut state, "release failed");
+                }
+                Err(map_error("release", error))
+            }
+            Err(_) => {
+                self.break_session(&held.session, &mut state, "release timed out");
+                Err(timed_out("release", self.config.op_timeout))
+            }
+        }
+    }
+
+    async fn renew_op(
+        self: Arc<Self>,
+        lease: Lease,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<Lease, LockError> {
+        let key = lease.key().clone();
+        let hash = advisory_key(&self.config.namespace, key.as_str());
+        let lost = |reason: &str| LockError::lost(key.as_str(), reason);
+        let held = match lock(&self.book).entries.get(&hash) {
+            Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == key => {
+                if held.deadline <= sent_at {
+                    return Err(lost("the lease expired before it was renewed"));
+                }
+                held.clone()
+            }
+            _ => return Err(lost("this backend does not hold the key for this owner")),
+        };
+        let new_ttl = ttl_ms(ttl);
+        let deadline = Instant::now() + self.config.op_timeout;
+        let mut state = timeout_at(deadline, held.session.state.lock())
+            .await
+            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+        if state.epoch != held.epoch || state.conn.is_none() {
+            return Err(lost("its holder session was lost"));
+        }
+        let query = sqlx::query(RENEW_SQL)
+            .bind(&self.config.namespace)
+            .bind(key.as_str())
+            .bind(new_ttl as f64)
+            .bind(lease.owner().to_string())
+            .bind(state.timeout_with(Some(new_ttl)));
+        let result = match state.conn.as_mut() {
+            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        let row = match result {
+            Ok(Ok(row)) => row,
+            Ok(Err(error)) if is_connection_error(&error) => {
+                self.break_session(&held.session, &mut state, "renew failed");
+                return Err(LockError::lost(
+                    key.as_str(),
+                    format!("its holder session was lost: {error}"),
+                ));
+            }
+            Ok(Err(error)) => return Err(map_error("renew", error)),
+            Err(_) => {
+                self.break_session(&held.session, &mut state, "renew timed out");
+                return Err(lost("its holder session stopped answering"));
+            }
+        };
+        let matched: i64 = row.try_get(0).unwrap_or(0);
+        if matched != 1 {
+            return Err(lost("the fence row names another owner"));
+        }
+        // Only now move the deadline, and only if the reaper did not take the lock meanwhile.
+        let mut book = lock(&self.book);
+        match book.entries.get_mut(&hash) {
+            Some(Entry::Held(entry)) if entry.owner == lease.owner() && entry.epoch == held.epoch => {
+                if entry.ttl_ms != new_ttl {
+                    state.remove_ttl(entry.ttl_ms);
+                    state.add_ttl(new_ttl);
+                    entry.ttl_ms = new_ttl;
+                }
+                entry.deadline = sent_at + ttl;
+                Ok(lease.renewed(ttl, sent_at))
+            }
+            _ => Err(lost("the lease expired while it was being renewed")),
+        }
+    }
+
+    async fn ensure_listener(self: &Arc<Self>) -> Result<(), LockError> {
+        let this = self.clone();
+        self.listener
+            .get_or_try_init(|| async move {
+                let options = this
+                    .options
+                    .clone()
+                    .application_name(&format!("{}-listener", this.config.application_name));
+                let timeout = this.config.connect_timeout;
+                let work = async {
+                    let pool = PgPoolOptions::new()
+                        .max_connections(1)
+                        .min_connections(0)
+                        .acquire_timeout(timeout)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .connect_with(options)
+                        .await?;
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(&this.channel).await?;
+                    Ok::<_, sqlx::Error>(listener)
+                };
+                let listener = match tokio::time::timeout(timeout, work).await {
+                    Ok(Ok(listener)) => listener,
+                    Ok(Err(error)) => return Err(map_error("starting the release listener", error)),
+                    Err(_) => return Err(timed_out("starting the release listener", timeout)),
+                };
+                Ok(tokio::spawn(listen_loop(listener, this.hub.clone())))
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+async fn listen_loop(mut listener: PgListener, hub: ReleaseHub) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => hub.notify(notification.payload()),
+            Ok(None) => {
+                // Reconnected: releases in between were missed, so every waiter tries again.
+                tracing::debug!("release listener reconnected");
+                hub.notify_all();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "release listener failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                hub.notify_all();
+            }
+        }
+    }
+}
+
+/// Unlocks locks whose renewal did not arrive before their deadline (a guard leaked or a
+/// watchdog stopped while this process keeps running).
+async fn reaper(inner: Arc<Inner>) {
+    loop {
+        let now = Instant::now();
+        let (expired, next) = {
+            let mut book = lock(&inner.book);
+            let mut expired = Vec::new();
+            let mut next: Option<Instant> = None;
+            book.entries.retain(|_, entry| match entry {
+                Entry::Held(held) if held.deadline <= now => {
+                    expired.push(held.clone());
+                    false
+                }
+                Entry::Held(held) => {
+                    next = Some(next.map_or(held.deadline, |at| at.min(held.deadline)));
+                    true
+                }
+                Entry::Pending => true,
+            });
+            book.reaper_at = next;
+            (expired, next)
+        };
+        for held in expired {
+            tracing::debug!(key = %held.key, "lease expired without renewal; unlocking");
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Err(error) = inner.unlock_op(held).await {
+                    tracing::warn!(%error, "unlocking an expired lease failed");
+                }
+            });
+        }
+        let wake = next.unwrap_or_else(|| now + Duration::from_secs(3600));
+        tokio::select! {
+            _ = sleep_until(wake) => {}
+            _ = inner.reaper_wake.notified() => {}
+        }
+    }
+}
+
+/// Runs `work` on its own task so that a caller dropping the future mid-statement neither
+/// cancels the statement (which would leave the shared session mid-protocol) nor loses a
+/// lock granted meanwhile (`on_orphan` gets it).
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, LockError>> + Send + 'static,
+    on_orphan: impl FnOnce(T) + Send + 'static,
+) -> Result<T, LockError> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let result = work.await;
+        if let Err(Ok(orphan)) = sender.send(result) {
+            on_orphan(orphan);
+        }
+    });
+    receiver
+        .await
+        .unwrap_or_else(|_| Err(LockError::backend_msg(BACKEND, "the statement task ended", true)))
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
+        let sent_at = Instant::now();
+        let hash = self.advisory_key(key);
+        {
+            let mut book = lock(&self.inner.book);
+            match book.entries.get(&hash) {
+                // Ours already (or being acquired): a session would grant it again, so we
+                // answer for it, like any other holder.
+                Some(Entry::Held(held)) => {
+                    return Ok(Attempt::Held {
+                        expires_in: Some(held.deadline.saturating_duration_since(sent_at)),
+                    });
+                }
+                Some(Entry::Pending) => return Ok(Attempt::Held { expires_in: None }),
+                None => {
+                    book.entries.insert(hash, Entry::Pending);
+                }
+            }
+        }
+        let inner = self.inner.clone();
+        let orphan_inner = self.inner.clone();
+        detached(inner.acquire_op(key.clone(), hash, ttl, sent_at), move |attempt| {
+            // The caller went away after the lock was granted: give it back at once.
+            if let Attempt::Acquired(lease) = attempt {
+                tokio::spawn(async move {
+                    let _ = release_lease(orphan_inner, lease).await;
+                });
+            }
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        validate_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
+        let sent_at = Instant::now();
+        detached(self.inner.clone().renew_op(lease.clone(), ttl, sent_at), |_| {}).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        detached(release_lease(self.inner.clone(), lease.clone()), |_| {}).await
+    }
+
+    async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
+        if let Err(error) = self.inner.ensure_listener().await {
+            // Waiters still hear local releases and poll with backoff; retried next time.
+            tracing::warn!(%error, "no release listener; waiters fall back to polling");
+        }
+        Ok(self.inner.hub.subscribe(key.as_str()))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut capabilities = Capabilities::default();
+        capabilities.fencing = true;
+        capabilities.release_notifications = true;
+        capabilities.fair_queue = false;
+        capabilities.min_ttl = MIN_TTL;
+        capabilities.ttl_granularity = Duration::from_millis(1);
+        capabilities.expiry_slack = Duration::from_millis(250);
+        capabilities
+    }
+}
+
+async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<bool, LockError> {
+    let hash = advisory_key(&inner.config.namespace, lease.key().as_str());
+    let now = Instant::now();
+    let held = {
+        let mut book = lock(&inner.book);
+        match book.entries.get(&hash) {
+            Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == *lease.key() => {
+                let held = held.clone();
+                book.entries.remove(&hash);
+                held
+            }
+            _ => return Ok(false),
+        }
+    };
+    let still_valid = held.deadline > now;
+    let unlocked = inner.unlock_op(held).await?;
+    Ok(unlocked && still_valid)
+}
