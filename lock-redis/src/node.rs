@@ -11,15 +11,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return `{1, fence}`,
-/// else `{0, PTTL}` so the caller knows when the holder's lease runs out.
+/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return
+/// `{1, fence, ''}`, else `{0, PTTL, holder token}` so the caller knows when the holder's
+/// lease runs out (and, for Redlock, whether one holder has a quorum or the vote split).
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2])}
+  return {1, redis.call('INCR', KEYS[2]), ''}
 end
-return {0, redis.call('PTTL', KEYS[1])}
+return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
 ",
     )
 });
@@ -80,12 +81,12 @@ pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockErro
 }
 
 /// A node's answer to the acquire script.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum NodeAcquire {
     /// Set; the fence counter's new value.
     Acquired(u64),
-    /// Held by another owner; its remaining TTL in ms (negative: unknown).
-    Held(i64),
+    /// Held by another owner: its remaining TTL in ms (negative: unknown) and its token.
+    Held(i64, String),
 }
 
 enum Command {
@@ -193,7 +194,7 @@ impl Node {
         ttl_ms: u64,
     ) -> Result<NodeAcquire, LockError> {
         let mut conn = self.conn.clone();
-        let (won, value): (i64, i64) = ACQUIRE
+        let (won, value, holder): (i64, i64, String) = ACQUIRE
             .key(lock_key)
             .key(fence_key)
             .arg(token)
@@ -207,7 +208,7 @@ impl Node {
             })?;
             Ok(NodeAcquire::Acquired(fence))
         } else {
-            Ok(NodeAcquire::Held(value))
+            Ok(NodeAcquire::Held(value, holder))
         }
     }
 

@@ -8,6 +8,7 @@ use lock_core::{
     Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
     Releases, drift, validate_ttl,
 };
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,17 @@ pub struct RedlockBackend {
     inner: Arc<Nodes>,
     quorum: usize,
     node_timeout: Duration,
+}
+
+/// Rounds of one `try_acquire` when the vote splits, and the pause between them.
+const SPLIT_ROUNDS: u64 = 4;
+const SPLIT_JITTER_MS: u64 = 4;
+
+enum Round {
+    /// A final answer: acquired, or another owner holds a quorum.
+    Done(Attempt),
+    /// No owner has a quorum (contenders split the nodes): worth another round.
+    Split(Attempt),
 }
 
 enum Outcome<T> {
@@ -118,6 +130,98 @@ impl RedlockBackend {
             .await;
     }
 
+    /// One Redlock round: the acquire script on every node, the fence round, roll-back.
+    async fn acquire_round(&self, key: &LockKey, ttl: Duration) -> Result<Round, LockError> {
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let limit = self.node_timeout(granted);
+        let scheme = &self.inner.scheme;
+        let lock_key = scheme.lock_key(key);
+        let fence_key = scheme.fence_key(key);
+        let owner = OwnerToken::random();
+        let token = owner.to_string();
+        let sent_at = Instant::now();
+        // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
+        let valid_until = sent_at + granted.saturating_sub(drift(granted));
+
+        let outcomes = self
+            .on_all(limit, |node| node.acquire(&lock_key, &fence_key, &token, ttl_ms))
+            .await;
+        let mut acquired: Vec<(usize, u64)> = Vec::new();
+        let mut held: Vec<(Option<u64>, String)> = Vec::new();
+        let mut errors = Vec::new();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
+                Outcome::Answer(NodeAcquire::Held(pttl, holder)) => {
+                    held.push((u64::try_from(pttl).ok(), holder));
+                }
+                Outcome::Failed(error) => errors.push(error.to_string()),
+            }
+        }
+
+        if acquired.len() >= self.quorum && Instant::now() < valid_until {
+            // Fence round: bring every quorum node's counter up to the largest one.
+            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
+            let behind: Vec<usize> = acquired
+                .iter()
+                .filter(|(_, value)| *value < fence)
+                .map(|(index, _)| *index)
+                .collect();
+            let mut confirmed = acquired.len() - behind.len();
+            if !behind.is_empty() {
+                let raised = join_all(
+                    behind
+                        .iter()
+                        .filter_map(|index| self.inner.nodes.get(*index))
+                        .map(|node| {
+                            timeout(limit, node.raise_fence(&lock_key, &fence_key, &token, fence))
+                        }),
+                )
+                .await;
+                confirmed += raised
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
+                    .count();
+            }
+            if confirmed >= self.quorum && Instant::now() < valid_until {
+                let lease =
+                    Lease::new(key.clone(), owner, Some(FencingToken(fence)), granted, sent_at)
+                        .with_valid_until(valid_until);
+                return Ok(Round::Done(Attempt::Acquired(lease)));
+            }
+            errors.push(format!(
+                "only {confirmed} nodes confirmed the fence before the validity ran out"
+            ));
+        }
+
+        // Not granted: roll back every node (a timed-out node may have set the key).
+        self.roll_back(key, &token, limit).await;
+        // The nodes we rolled back are free; a quorum is free once enough of the holders'
+        // keys expire too.
+        let needed = self.quorum.saturating_sub(acquired.len());
+        let mut known: Vec<u64> = held.iter().filter_map(|(pttl, _)| *pttl).collect();
+        known.sort_unstable();
+        let expires_in = if needed == 0 || known.len() < held.len() {
+            None
+        } else {
+            known.get(needed - 1).copied().map(Duration::from_millis)
+        };
+        let mut per_holder: HashMap<&str, usize> = HashMap::new();
+        for (_, holder) in &held {
+            *per_holder.entry(holder.as_str()).or_default() += 1;
+        }
+        let holder_has_quorum = per_holder.values().any(|count| *count >= self.quorum);
+        if holder_has_quorum {
+            return Ok(Round::Done(Attempt::Held { expires_in }));
+        }
+        if held.is_empty() {
+            // Unreachable nodes, not contention: another round right now would not help.
+            return Err(self.quorum_error("acquire", &errors));
+        }
+        Ok(Round::Split(Attempt::Held { expires_in }))
+    }
+
     fn quorum_error(&self, what: &str, errors: &[String]) -> LockError {
         LockError::backend_msg(
             "redis",
@@ -136,77 +240,21 @@ impl RedlockBackend {
 impl LockBackend for RedlockBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
-        let ttl_ms = ttl_millis(ttl);
-        let granted = Duration::from_millis(ttl_ms);
-        let limit = self.node_timeout(granted);
-        let scheme = &self.inner.scheme;
-        let lock_key = scheme.lock_key(key);
-        let fence_key = scheme.fence_key(key);
-        let owner = OwnerToken::random();
-        let token = owner.to_string();
-        let sent_at = Instant::now();
-        // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
-        let valid_until = sent_at + granted.saturating_sub(drift(granted));
-
-        let outcomes = self
-            .on_all(limit, |node| node.acquire(&lock_key, &fence_key, &token, ttl_ms))
-            .await;
-        let mut acquired: Vec<(usize, u64)> = Vec::new();
-        let mut held_ttls: Vec<Option<u64>> = Vec::new();
-        let mut errors = Vec::new();
-        for (index, outcome) in outcomes.into_iter().enumerate() {
-            match outcome {
-                Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
-                Outcome::Answer(NodeAcquire::Held(pttl)) => held_ttls.push(u64::try_from(pttl).ok()),
-                Outcome::Failed(error) => errors.push(error.to_string()),
+        let mut round = 0;
+        loop {
+            round += 1;
+            match self.acquire_round(key, ttl).await? {
+                Round::Done(attempt) => return Ok(attempt),
+                Round::Split(_) if round < SPLIT_ROUNDS => {
+                    // Nobody has a quorum: contenders split the nodes between them and all
+                    // rolled back. Retrying after a random pause lets one of them win, as
+                    // Redlock prescribes; this is not waiting behind a holder.
+                    let jitter = rand::random_range(0..=SPLIT_JITTER_MS * round);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Round::Split(attempt) => return Ok(attempt),
             }
         }
-
-        if acquired.len() >= self.quorum && Instant::now() < valid_until {
-            // Fence round: bring every quorum node's counter up to the largest one.
-            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
-            let behind: Vec<usize> = acquired
-                .iter()
-                .filter(|(_, value)| *value < fence)
-                .map(|(index, _)| *index)
-                .collect();
-            let mut confirmed = acquired.len() - behind.len();
-            if !behind.is_empty() {
-                let raised = join_all(behind.iter().filter_map(|index| self.inner.nodes.get(*index)).map(
-                    |node| timeout(limit, node.raise_fence(&lock_key, &fence_key, &token, fence)),
-                ))
-                .await;
-                confirmed += raised
-                    .iter()
-                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
-                    .count();
-            }
-            if confirmed >= self.quorum && Instant::now() < valid_until {
-                let lease = Lease::new(key.clone(), owner, Some(FencingToken(fence)), granted, sent_at)
-                    .with_valid_until(valid_until);
-                return Ok(Attempt::Acquired(lease));
-            }
-            errors.push(format!(
-                "only {confirmed} nodes confirmed the fence before the validity ran out"
-            ));
-        }
-
-        // Not granted: roll back every node (a timed-out node may have set the key).
-        self.roll_back(key, &token, limit).await;
-        if !held_ttls.is_empty() {
-            // The nodes we rolled back are free; a quorum is free once enough of the
-            // holder's keys expire too.
-            let needed = self.quorum.saturating_sub(acquired.len());
-            let mut known: Vec<u64> = held_ttls.iter().flatten().copied().collect();
-            known.sort_unstable();
-            let expires_in = if needed == 0 || known.len() < held_ttls.len() {
-                None
-            } else {
-                known.get(needed - 1).copied().map(Duration::from_millis)
-            };
-            return Ok(Attempt::Held { expires_in });
-        }
-        Err(self.quorum_error("acquire", &errors))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {

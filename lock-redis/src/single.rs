@@ -86,7 +86,7 @@ impl LockBackend for RedisBackend {
                 granted,
                 sent_at,
             )),
-            NodeAcquire::Held(pttl) => Attempt::Held {
+            NodeAcquire::Held(pttl, _) => Attempt::Held {
                 expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
             },
         })
