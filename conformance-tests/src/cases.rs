@@ -32,7 +32,11 @@ fn key(name: &str) -> Result<LockKey> {
     Ok(LockKey::new(name)?)
 }
 
-async fn held_by_other(backend: &Arc<dyn LockBackend>, key: &LockKey, ttl: Duration) -> Result<bool> {
+async fn held_by_other(
+    backend: &Arc<dyn LockBackend>,
+    key: &LockKey,
+    ttl: Duration,
+) -> Result<bool> {
     match backend.try_acquire(key, ttl).await? {
         Attempt::Held { .. } => Ok(true),
         Attempt::Acquired(lease) => {
@@ -65,17 +69,32 @@ pub async fn acquire_release_reacquire(factory: &dyn BackendFactory) -> Result<(
     let guard = a.lock(&name).ttl(ttl).acquire().await?;
     ensure!(!guard.is_lost(), "a fresh guard reports lost");
     ensure!(guard.key() == &k, "guard has the wrong key");
-    ensure!(guard.valid_until() > Instant::now(), "fresh lease already past its validity deadline");
+    ensure!(
+        guard.valid_until() > Instant::now(),
+        "fresh lease already past its validity deadline"
+    );
     expect_server_view(factory, &k, true).await?;
 
     let started = Instant::now();
     let second = b.lock(&name).ttl(ttl).try_acquire().await?;
     let took = started.elapsed();
-    ensure!(second.is_none(), "try_acquire of a held key returned a guard");
-    ensure!(took < Duration::from_millis(500), "try_acquire of a held key took {took:?}; it must not wait");
-    ensure!(a.try_acquire(&name).await?.is_none(), "the holder's own locker got the key again");
+    ensure!(
+        second.is_none(),
+        "try_acquire of a held key returned a guard"
+    );
+    ensure!(
+        took < Duration::from_millis(500),
+        "try_acquire of a held key took {took:?}; it must not wait"
+    );
+    ensure!(
+        a.try_acquire(&name).await?.is_none(),
+        "the holder's own locker got the key again"
+    );
 
-    ensure!(guard.release().await?, "release of a held lock returned false");
+    ensure!(
+        guard.release().await?,
+        "release of a held lock returned false"
+    );
     expect_server_view(factory, &k, false).await?;
 
     let again = b
@@ -95,7 +114,10 @@ pub async fn contention_no_lost_updates(factory: &dyn BackendFactory) -> Result<
     const ROUNDS: usize = 3;
     let lockers = [locker(factory).await?, locker(factory).await?];
     let name = unique_key("contention");
-    let ttl = ttl_for(&lockers[0].backend().capabilities(), Duration::from_secs(10));
+    let ttl = ttl_for(
+        &lockers[0].backend().capabilities(),
+        Duration::from_secs(10),
+    );
     let counter = Arc::new(AtomicU64::new(0));
     let windows = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -123,7 +145,10 @@ pub async fn contention_no_lost_updates(factory: &dyn BackendFactory) -> Result<
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push((start, end, guard.fence()));
-                ensure!(guard.release().await?, "release inside contention returned false");
+                ensure!(
+                    guard.release().await?,
+                    "release inside contention returned false"
+                );
             }
             anyhow::Ok(())
         }));
@@ -132,13 +157,25 @@ pub async fn contention_no_lost_updates(factory: &dyn BackendFactory) -> Result<
         task.await??;
     }
     let total = counter.load(Ordering::SeqCst);
-    ensure!(total == (TASKS * ROUNDS) as u64, "lost updates: counter is {total}, expected {}", TASKS * ROUNDS);
+    ensure!(
+        total == (TASKS * ROUNDS) as u64,
+        "lost updates: counter is {total}, expected {}",
+        TASKS * ROUNDS
+    );
     let mut windows = windows.lock().unwrap_or_else(|p| p.into_inner()).clone();
     windows.sort_by_key(|w| w.0);
     for pair in windows.windows(2) {
-        ensure!(pair[1].0 >= pair[0].1, "hold windows overlap: {:?} and {:?}", pair[0], pair[1]);
+        ensure!(
+            pair[1].0 >= pair[0].1,
+            "hold windows overlap: {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
         if let (Some(first), Some(second)) = (pair[0].2, pair[1].2) {
-            ensure!(second > first, "fences not increasing under contention: {first} then {second}");
+            ensure!(
+                second > first,
+                "fences not increasing under contention: {first} then {second}"
+            );
         }
     }
     Ok(())
@@ -150,7 +187,10 @@ pub async fn simultaneous_try_acquire_one_winner(factory: &dyn BackendFactory) -
     let lockers = [locker(factory).await?, locker(factory).await?];
     for round in 0..3 {
         let name = unique_key(&format!("race{round}"));
-        let ttl = ttl_for(&lockers[0].backend().capabilities(), Duration::from_secs(10));
+        let ttl = ttl_for(
+            &lockers[0].backend().capabilities(),
+            Duration::from_secs(10),
+        );
         let barrier = Arc::new(Barrier::new(TASKS));
         let mut tasks = Vec::new();
         for task in 0..TASKS {
@@ -168,7 +208,11 @@ pub async fn simultaneous_try_acquire_one_winner(factory: &dyn BackendFactory) -
                 winners.push(guard);
             }
         }
-        ensure!(winners.len() == 1, "round {round}: {} tasks won the same key", winners.len());
+        ensure!(
+            winners.len() == 1,
+            "round {round}: {} tasks won the same key",
+            winners.len()
+        );
         for guard in winners {
             guard.release().await?;
         }
@@ -192,10 +236,22 @@ pub async fn not_reentrant(factory: &dyn BackendFactory) -> Result<()> {
         Ok(_) => bail!("the holder's own Locker acquired the held key again (reentrant)"),
         Err(other) => bail!("expected Timeout, got {other}"),
     }
-    ensure!(started.elapsed() >= wait - 5 * MS, "Timeout came before the wait ran out: {:?}", started.elapsed());
-    ensure!(a2.try_acquire(&name).await?.is_none(), "a second Locker on the same backend got the held key");
+    ensure!(
+        started.elapsed() >= wait - 5 * MS,
+        "Timeout came before the wait ran out: {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        a2.try_acquire(&name).await?.is_none(),
+        "a second Locker on the same backend got the held key"
+    );
     ensure!(guard.release().await?, "release returned false");
-    let again = a.lock(&name).ttl(ttl).try_acquire().await?.context("not free after release")?;
+    let again = a
+        .lock(&name)
+        .ttl(ttl)
+        .try_acquire()
+        .await?
+        .context("not free after release")?;
     again.release().await?;
     Ok(())
 }
@@ -218,13 +274,25 @@ pub async fn forged_lease_cannot_renew_or_release(factory: &dyn BackendFactory) 
         Ok(_) => bail!("renew with a forged owner token succeeded"),
         Err(error) => bail!("renew with a forged owner token: expected Lost, got {error}"),
     }
-    ensure!(!backend.release(&forged).await?, "release with a forged owner token returned true");
-    ensure!(!other.release(&forged).await?, "release with a forged owner token (other instance) returned true");
-    ensure!(held_by_other(&other, &k, ttl).await?, "the lock was freed by a forged release");
+    ensure!(
+        !backend.release(&forged).await?,
+        "release with a forged owner token returned true"
+    );
+    ensure!(
+        !other.release(&forged).await?,
+        "release with a forged owner token (other instance) returned true"
+    );
+    ensure!(
+        held_by_other(&other, &k, ttl).await?,
+        "the lock was freed by a forged release"
+    );
     expect_server_view(factory, &k, true).await?;
 
     // Stale: the first holder's lease after a new holder took the key.
-    ensure!(backend.release(&lease).await?, "release of the real lease returned false");
+    ensure!(
+        backend.release(&lease).await?,
+        "release of the real lease returned false"
+    );
     let second = other
         .try_acquire(&k, ttl)
         .await?
@@ -235,10 +303,22 @@ pub async fn forged_lease_cannot_renew_or_release(factory: &dyn BackendFactory) 
         Ok(_) => bail!("renew with a stale lease succeeded"),
         Err(error) => bail!("renew with a stale lease: expected Lost, got {error}"),
     }
-    ensure!(!backend.release(&lease).await?, "release with a stale lease returned true");
-    ensure!(held_by_other(&backend, &k, ttl).await?, "a stale release freed the new holder's lock");
-    other.renew(&second, ttl).await.context("the new holder could not renew")?;
-    ensure!(other.release(&second).await?, "new holder's release returned false");
+    ensure!(
+        !backend.release(&lease).await?,
+        "release with a stale lease returned true"
+    );
+    ensure!(
+        held_by_other(&backend, &k, ttl).await?,
+        "a stale release freed the new holder's lock"
+    );
+    other
+        .renew(&second, ttl)
+        .await
+        .context("the new holder could not renew")?;
+    ensure!(
+        other.release(&second).await?,
+        "new holder's release returned false"
+    );
     Ok(())
 }
 
@@ -270,17 +350,46 @@ pub async fn release_after_expiry_spares_next_holder(factory: &dyn BackendFactor
     let long = ttl_for(&caps, Duration::from_secs(10));
     // An expired lease that nobody took is not ours any more either.
     let lonely = key(&unique_key("expired-alone"))?;
-    let lease = first.try_acquire(&lonely, short).await?.into_lease().context("not acquired")?;
+    let lease = first
+        .try_acquire(&lonely, short)
+        .await?
+        .into_lease()
+        .context("not acquired")?;
     sleep_until_instant(lease.sent_at() + short + caps.expiry_slack + 50 * MS).await;
-    ensure!(!first.release(&lease).await?, "release of an expired lease (nobody took over) returned true");
+    ensure!(
+        !first.release(&lease).await?,
+        "release of an expired lease (nobody took over) returned true"
+    );
     let k = key(&unique_key("expiry"))?;
-    let old = first.try_acquire(&k, short).await?.into_lease().context("not acquired")?;
-    let new = wait_until_acquired(&second, &k, long, short + caps.expiry_slack + Duration::from_secs(2)).await?;
-    ensure!(!first.release(&old).await?, "release of an expired lease returned true");
-    ensure!(held_by_other(&third, &k, long).await?, "releasing the expired lease freed the next holder's lock");
+    let old = first
+        .try_acquire(&k, short)
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    let new = wait_until_acquired(
+        &second,
+        &k,
+        long,
+        short + caps.expiry_slack + Duration::from_secs(2),
+    )
+    .await?;
+    ensure!(
+        !first.release(&old).await?,
+        "release of an expired lease returned true"
+    );
+    ensure!(
+        held_by_other(&third, &k, long).await?,
+        "releasing the expired lease freed the next holder's lock"
+    );
     expect_server_view(factory, &k, true).await?;
-    second.renew(&new, long).await.context("next holder could not renew")?;
-    ensure!(second.release(&new).await?, "next holder's release returned false");
+    second
+        .renew(&new, long)
+        .await
+        .context("next holder could not renew")?;
+    ensure!(
+        second.release(&new).await?,
+        "next holder's release returned false"
+    );
     ensure!(!second.release(&new).await?, "double release returned true");
     Ok(())
 }
@@ -292,15 +401,28 @@ pub async fn renew_extends_and_expired_renew_is_lost(factory: &dyn BackendFactor
     let caps = backend.capabilities();
     let ttl = ttl_for(&caps, Duration::from_millis(1000));
     let k = key(&unique_key("renew"))?;
-    let lease = backend.try_acquire(&k, ttl).await?.into_lease().context("not acquired")?;
+    let lease = backend
+        .try_acquire(&k, ttl)
+        .await?
+        .into_lease()
+        .context("not acquired")?;
     let original_expiry = lease.sent_at() + lease.ttl();
     sleep(ttl / 2).await;
     let renewed = backend.renew(&lease, ttl).await?;
-    ensure!(renewed.valid_until() > lease.valid_until(), "renew did not move the validity deadline");
-    ensure!(renewed.fence() == lease.fence(), "renew changed the fencing token");
+    ensure!(
+        renewed.valid_until() > lease.valid_until(),
+        "renew did not move the validity deadline"
+    );
+    ensure!(
+        renewed.fence() == lease.fence(),
+        "renew changed the fencing token"
+    );
     // Past the original expiry (plus the server's slack) the lock must still be ours.
     sleep_until_instant(original_expiry + caps.expiry_slack + 50 * MS).await;
-    ensure!(held_by_other(&other, &k, ttl).await?, "lock expired at its original TTL despite renew");
+    ensure!(
+        held_by_other(&other, &k, ttl).await?,
+        "lock expired at its original TTL despite renew"
+    );
     // Now let it expire for real.
     let renewed_expiry = renewed.sent_at() + renewed.ttl();
     sleep_until_instant(renewed_expiry + caps.expiry_slack + 100 * MS).await;
@@ -309,11 +431,10 @@ pub async fn renew_extends_and_expired_renew_is_lost(factory: &dyn BackendFactor
         Ok(_) => bail!("renew after expiry succeeded (revived an expired lock)"),
         Err(error) => bail!("renew after expiry: expected Lost, got {error}"),
     }
-    let taken = other
-        .try_acquire(&k, ttl)
-        .await?
-        .into_lease()
-        .context("after a refused renew the key is still held: the expired lease was revived")?;
+    let taken =
+        other.try_acquire(&k, ttl).await?.into_lease().context(
+            "after a refused renew the key is still held: the expired lease was revived",
+        )?;
     other.release(&taken).await?;
     Ok(())
 }
@@ -344,10 +465,20 @@ pub async fn abandoned_lock_expires_within_ttl(factory: &dyn BackendFactory) -> 
         .await
         .context("a waiter never got the abandoned lock")?;
     let took = started.elapsed();
-    ensure!(took <= limit, "abandoned lock freed after {took:?}; TTL {ttl:?} + slack {:?} allows at most {limit:?}", caps.expiry_slack);
-    ensure!(took + 50 * MS >= ttl.saturating_sub(lock_core::drift(ttl)), "abandoned lock freed after {took:?}, before its TTL {ttl:?}");
+    ensure!(
+        took <= limit,
+        "abandoned lock freed after {took:?}; TTL {ttl:?} + slack {:?} allows at most {limit:?}",
+        caps.expiry_slack
+    );
+    ensure!(
+        took + 50 * MS >= ttl.saturating_sub(lock_core::drift(ttl)),
+        "abandoned lock freed after {took:?}, before its TTL {ttl:?}"
+    );
     next.release().await?;
-    ensure!(!busy.is_lost(), "the renewed lock on the same backend was lost");
+    ensure!(
+        !busy.is_lost(),
+        "the renewed lock on the same backend was lost"
+    );
     busy.release().await?;
     Ok(())
 }
@@ -357,14 +488,24 @@ pub async fn fencing_tokens_increase(factory: &dyn BackendFactory) -> Result<()>
     let a = locker(factory).await?;
     let b = locker(factory).await?;
     let caps = a.backend().capabilities();
-    ensure!(caps.fencing, "backend declares no fencing tokens: list `fencing_tokens_increase` under skip with the reason");
+    ensure!(
+        caps.fencing,
+        "backend declares no fencing tokens: list `fencing_tokens_increase` under skip with the reason"
+    );
     let name = unique_key("fence");
     let ttl = ttl_for(&caps, Duration::from_secs(10));
     let mut last = None;
     for round in 0..6 {
         let locker = if round % 2 == 0 { &a } else { &b };
-        let guard = locker.lock(&name).ttl(ttl).wait(Duration::from_secs(5)).acquire().await?;
-        let fence = guard.fence().context("a backend with fencing returned no fence")?;
+        let guard = locker
+            .lock(&name)
+            .ttl(ttl)
+            .wait(Duration::from_secs(5))
+            .acquire()
+            .await?;
+        let fence = guard
+            .fence()
+            .context("a backend with fencing returned no fence")?;
         if let Some(previous) = last {
             ensure!(fence > previous, "fence went from {previous} to {fence}");
         }
@@ -384,7 +525,10 @@ pub async fn fencing_tokens_increase(factory: &dyn BackendFactory) -> Result<()>
         .acquire()
         .await?;
     let taken_fence = taker.fence().context("no fence")?;
-    ensure!(taken_fence > abandoned_fence, "take-over after expiry got fence {taken_fence}, not above the expired holder's {abandoned_fence}");
+    ensure!(
+        taken_fence > abandoned_fence,
+        "take-over after expiry got fence {taken_fence}, not above the expired holder's {abandoned_fence}"
+    );
     taker.release().await?;
     // Another key has its own sequence but must also be well-formed.
     let other = a.lock(unique_key("fence-other")).ttl(ttl).acquire().await?;
@@ -401,7 +545,11 @@ pub async fn wait_timeout_is_bounded(factory: &dyn BackendFactory) -> Result<()>
     let ttl = ttl_for(&caps, Duration::from_secs(10));
     let name = unique_key("timeout");
     let guard = a.lock(&name).ttl(ttl).acquire().await?;
-    for wait in [Duration::ZERO, Duration::from_millis(250), Duration::from_millis(700)] {
+    for wait in [
+        Duration::ZERO,
+        Duration::from_millis(250),
+        Duration::from_millis(700),
+    ] {
         let started = Instant::now();
         let outcome = b.lock(&name).ttl(ttl).wait(wait).acquire().await;
         let took = started.elapsed();
@@ -410,12 +558,23 @@ pub async fn wait_timeout_is_bounded(factory: &dyn BackendFactory) -> Result<()>
             Ok(_) => bail!("acquired a held key"),
             Err(other) => bail!("wait {wait:?}: expected Timeout, got {other}"),
         }
-        ensure!(took + 5 * MS >= wait, "wait {wait:?}: Timeout after only {took:?}");
-        ensure!(took <= wait + Duration::from_millis(250), "wait {wait:?}: Timeout after {took:?}, more than wait + 250 ms");
+        ensure!(
+            took + 5 * MS >= wait,
+            "wait {wait:?}: Timeout after only {took:?}"
+        );
+        ensure!(
+            took <= wait + Duration::from_millis(250),
+            "wait {wait:?}: Timeout after {took:?}, more than wait + 250 ms"
+        );
     }
     ensure!(guard.release().await?, "release returned false");
     // After the timed-out waits nothing of theirs is left: the key is free.
-    let again = b.lock(&name).ttl(ttl).try_acquire().await?.context("timed-out waiters left the key blocked")?;
+    let again = b
+        .lock(&name)
+        .ttl(ttl)
+        .try_acquire()
+        .await?
+        .context("timed-out waiters left the key blocked")?;
     again.release().await?;
     Ok(())
 }
@@ -436,7 +595,11 @@ pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> R
             let name = name.clone();
             let give_up = Duration::from_micros(rand::random_range(0..250_000));
             tasks.push(tokio::spawn(async move {
-                let acquire = locker.lock(&name).ttl(ttl).wait(Duration::from_secs(30)).acquire();
+                let acquire = locker
+                    .lock(&name)
+                    .ttl(ttl)
+                    .wait(Duration::from_secs(30))
+                    .acquire();
                 match timeout(give_up, acquire).await {
                     // Acquired before the cancel: dropping the guard releases it.
                     Ok(Ok(guard)) => drop(guard),
@@ -460,7 +623,10 @@ pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> R
                 guard.release().await?;
                 break;
             }
-            ensure!(Instant::now() < deadline, "round {round}: key still held 3 s after every acquire was cancelled or released (TTL {ttl:?})");
+            ensure!(
+                Instant::now() < deadline,
+                "round {round}: key still held 3 s after every acquire was cancelled or released (TTL {ttl:?})"
+            );
             sleep(20 * MS).await;
         }
     }
@@ -473,7 +639,10 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
     let a = locker(factory).await?;
     let b = locker(factory).await?;
     let caps = a.backend().capabilities();
-    ensure!(caps.release_notifications || caps.fair_queue, "backend has no release signal: list `handoff_wakes_waiter_fast` under skip with the reason");
+    ensure!(
+        caps.release_notifications || caps.fair_queue,
+        "backend has no release signal: list `handoff_wakes_waiter_fast` under skip with the reason"
+    );
     let ttl = ttl_for(&caps, Duration::from_secs(10));
     // A polling client with this backoff would take ~100 ms or more per hand-off.
     let slow_polling = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
@@ -505,7 +674,10 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
     }
     delays.sort();
     let median = delays[delays.len() / 2];
-    ensure!(median <= Duration::from_millis(25), "median hand-off {median:?} (all: {delays:?}): the waiter is polling, not woken by the release");
+    ensure!(
+        median <= Duration::from_millis(25),
+        "median hand-off {median:?} (all: {delays:?}): the waiter is polling, not woken by the release"
+    );
     Ok(())
 }
 
@@ -522,7 +694,10 @@ async fn lost_fires_before_deadline(factory: &dyn BackendFactory, fault: Fault) 
     // Let at least one renewal succeed first.
     let deadline = Instant::now() + ttl;
     while plan.renew_calls() == 0 {
-        ensure!(Instant::now() < deadline, "the watchdog never renewed within one TTL");
+        ensure!(
+            Instant::now() < deadline,
+            "the watchdog never renewed within one TTL"
+        );
         sleep(10 * MS).await;
     }
     sleep(20 * MS).await;
@@ -535,10 +710,18 @@ async fn lost_fires_before_deadline(factory: &dyn BackendFactory, fault: Fault) 
         .with_context(|| format!("lost() never fired with renew fault {fault:?}"))?;
     let fired = Instant::now();
     let valid_until = guard.valid_until();
-    ensure!(fired < valid_until, "lost() fired {:?} after the validity deadline", fired - valid_until);
+    ensure!(
+        fired < valid_until,
+        "lost() fired {:?} after the validity deadline",
+        fired - valid_until
+    );
     ensure!(guard.is_lost(), "is_lost() false after lost() fired");
     if fault == Fault::Lost {
-        ensure!(fired - injected <= ttl / 3 + Duration::from_millis(200), "a Lost answer took {:?} to fire the signal", fired - injected);
+        ensure!(
+            fired - injected <= ttl / 3 + Duration::from_millis(200),
+            "a Lost answer took {:?} to fire the signal",
+            fired - injected
+        );
     }
     plan.renew(Fault::None);
     drop(guard);
@@ -576,7 +759,10 @@ pub async fn with_lock_drops_work_on_loss(factory: &dyn BackendFactory) -> Resul
     let name = unique_key("with-lock");
     let value = locker.lock(&name).ttl(ttl).run(async { 42 }).await?;
     ensure!(value == 42, "with_lock returned the wrong value");
-    let free = locker.try_acquire(&name).await?.context("with_lock left the key held")?;
+    let free = locker
+        .try_acquire(&name)
+        .await?
+        .context("with_lock left the key held")?;
     free.release().await?;
 
     let dropped = Arc::new(AtomicBool::new(false));
@@ -598,18 +784,28 @@ pub async fn with_lock_drops_work_on_loss(factory: &dyn BackendFactory) -> Resul
         })
     };
     let started = Instant::now();
-    let outcome = timeout(ttl * 2 + Duration::from_secs(1), locker.lock(&name).ttl(ttl).run(work))
-        .await
-        .context("with_lock kept running after the lock was lost")?;
+    let outcome = timeout(
+        ttl * 2 + Duration::from_secs(1),
+        locker.lock(&name).ttl(ttl).run(work),
+    )
+    .await
+    .context("with_lock kept running after the lock was lost")?;
     injector.await?;
     match outcome {
         Err(error) if error.is_lost() => {}
         Ok(()) => bail!("with_lock completed although the lock was lost"),
         Err(error) => bail!("with_lock: expected Lost, got {error}"),
     }
-    ensure!(dropped.load(Ordering::SeqCst), "with_lock returned but the work future was not dropped");
+    ensure!(
+        dropped.load(Ordering::SeqCst),
+        "with_lock returned but the work future was not dropped"
+    );
     ensure!(!finished.load(Ordering::SeqCst), "the work ran to the end");
-    ensure!(started.elapsed() < ttl, "loss noticed only after {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < ttl,
+        "loss noticed only after {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -624,14 +820,23 @@ pub async fn drop_releases_in_background(factory: &dyn BackendFactory) -> Result
     let waiter = {
         let b = b.clone();
         let name = name.clone();
-        tokio::spawn(async move { b.lock(&name).ttl(ttl).wait(Duration::from_secs(10)).acquire().await })
+        tokio::spawn(async move {
+            b.lock(&name)
+                .ttl(ttl)
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await
+        })
     };
     sleep(Duration::from_millis(100)).await;
     let dropped_at = Instant::now();
     drop(guard);
     let next = waiter.await??;
     let took = dropped_at.elapsed();
-    ensure!(took < Duration::from_millis(500), "dropped guard freed the lock only after {took:?} (TTL {ttl:?})");
+    ensure!(
+        took < Duration::from_millis(500),
+        "dropped guard freed the lock only after {took:?} (TTL {ttl:?})"
+    );
     next.release().await?;
     Ok(())
 }
@@ -644,15 +849,25 @@ pub async fn bad_input_is_rejected(factory: &dyn BackendFactory) -> Result<()> {
     for bad in ["", "a\0b", too_long.as_str()] {
         match locker.try_acquire(bad).await {
             Err(LockError::InvalidKey(_)) => {}
-            other => bail!("key {:?}: expected InvalidKey, got {other:?}", &bad[..bad.len().min(20)]),
+            other => bail!(
+                "key {:?}: expected InvalidKey, got {other:?}",
+                &bad[..bad.len().min(20)]
+            ),
         }
         match locker.with_lock(bad, async {}).await {
             Err(LockError::InvalidKey(_)) => {}
-            other => bail!("with_lock key {:?}: expected InvalidKey, got {other:?}", &bad[..bad.len().min(20)]),
+            other => bail!(
+                "with_lock key {:?}: expected InvalidKey, got {other:?}",
+                &bad[..bad.len().min(20)]
+            ),
         }
     }
     let name = unique_key("bad-ttl");
-    for ttl in [Duration::ZERO, MAX_TTL + Duration::from_secs(1), Duration::MAX] {
+    for ttl in [
+        Duration::ZERO,
+        MAX_TTL + Duration::from_secs(1),
+        Duration::MAX,
+    ] {
         match locker.lock(&name).ttl(ttl).try_acquire().await {
             Err(LockError::InvalidTtl { .. }) => {}
             other => bail!("ttl {ttl:?}: expected InvalidTtl, got {other:?}"),
@@ -668,7 +883,12 @@ pub async fn bad_input_is_rejected(factory: &dyn BackendFactory) -> Result<()> {
         }
     }
     let ok_ttl = ttl_for(&backend.capabilities(), Duration::from_secs(5));
-    let free = locker.lock(&name).ttl(ok_ttl).try_acquire().await?.context("bad TTLs left the key held")?;
+    let free = locker
+        .lock(&name)
+        .ttl(ok_ttl)
+        .try_acquire()
+        .await?
+        .context("bad TTLs left the key held")?;
     free.release().await?;
     // The longest valid key, in multi-byte characters, and odd characters, all work.
     let mut longest = unique_key("long");
@@ -682,7 +902,10 @@ pub async fn bad_input_is_rejected(factory: &dyn BackendFactory) -> Result<()> {
             .try_acquire()
             .await?
             .with_context(|| format!("valid key {:?} not acquired", &good[..20]))?;
-        ensure!(guard.release().await?, "release of a valid odd key returned false");
+        ensure!(
+            guard.release().await?,
+            "release of a valid odd key returned false"
+        );
     }
     Ok(())
 }
@@ -710,12 +933,20 @@ pub async fn many_keys_held_and_renewed(factory: &dyn BackendFactory) -> Result<
     // Past 1.5 TTL every lease has been renewed at least once.
     sleep(ttl + ttl / 2).await;
     let lost = guards.iter().filter(|guard| guard.is_lost()).count();
-    ensure!(lost == 0, "{lost} of {KEYS} held locks were lost while auto-renew was on");
+    ensure!(
+        lost == 0,
+        "{lost} of {KEYS} held locks were lost while auto-renew was on"
+    );
     let renewed = guards
         .iter()
-        .filter(|guard| guard.lease().sent_at() > all_acquired && guard.valid_until() > Instant::now())
+        .filter(|guard| {
+            guard.lease().sent_at() > all_acquired && guard.valid_until() > Instant::now()
+        })
         .count();
-    ensure!(renewed == KEYS, "only {renewed} of {KEYS} leases were renewed and are still valid after 1.5 TTL");
+    ensure!(
+        renewed == KEYS,
+        "only {renewed} of {KEYS} leases were renewed and are still valid after 1.5 TTL"
+    );
     let still_held: Vec<bool> = futures::stream::iter(names.iter())
         .map(|name| {
             let other = other.clone();
@@ -727,7 +958,10 @@ pub async fn many_keys_held_and_renewed(factory: &dyn BackendFactory) -> Result<
         .into_iter()
         .collect::<Result<_>>()?;
     let free = still_held.iter().filter(|held| !**held).count();
-    ensure!(free == 0, "{free} of {KEYS} keys were free on the server while their guards lived");
+    ensure!(
+        free == 0,
+        "{free} of {KEYS} keys were free on the server while their guards lived"
+    );
     let released: Vec<_> = futures::stream::iter(guards)
         .map(|guard| guard.release())
         .buffer_unordered(64)
@@ -748,8 +982,33 @@ pub async fn keys_are_independent(factory: &dyn BackendFactory) -> Result<()> {
     let ttl = ttl_for(&caps, Duration::from_secs(10));
     let base = unique_key("indep");
     let suffixes = [
-        "", "/", "/b", ":", ":b", ":lock", ":fence", ":fence:lock", "}:fence", "{", "}", "{b}", "b", "/0", "%2F",
-        "\\", "*", "?", "[a]", " ", "_", "-", ".", "..", "/..", "é", "\u{0301}",
+        "",
+        "/",
+        "/b",
+        ":",
+        ":b",
+        ":lock",
+        ":fence",
+        ":fence:lock",
+        "}:fence",
+        "{",
+        "}",
+        "{b}",
+        "b",
+        "/0",
+        "%2F",
+        "\\",
+        "*",
+        "?",
+        "[a]",
+        " ",
+        "_",
+        "-",
+        ".",
+        "..",
+        "/..",
+        "é",
+        "\u{0301}",
     ];
     let names: Vec<String> = suffixes
         .iter()
@@ -768,14 +1027,24 @@ pub async fn keys_are_independent(factory: &dyn BackendFactory) -> Result<()> {
         guards.push(guard);
     }
     for name in &names {
-        ensure!(b.try_acquire(name).await?.is_none(), "key {name:?} was free while held");
+        ensure!(
+            b.try_acquire(name).await?.is_none(),
+            "key {name:?} was free while held"
+        );
     }
     // Releasing one key frees that key only.
     let first = guards.remove(0);
     ensure!(first.release().await?, "release returned false");
-    let retaken = b.try_acquire(&names[0]).await?.context("released key not free")?;
+    let retaken = b
+        .try_acquire(&names[0])
+        .await?
+        .context("released key not free")?;
     for name in &names[1..] {
-        ensure!(b.try_acquire(name).await?.is_none(), "releasing {:?} freed {name:?}", names[0]);
+        ensure!(
+            b.try_acquire(name).await?.is_none(),
+            "releasing {:?} freed {name:?}",
+            names[0]
+        );
     }
     retaken.release().await?;
     for guard in guards {

@@ -85,18 +85,16 @@ impl FaultyBackend {
             match fault {
                 Fault::None => return Ok(()),
                 Fault::Fail => {
-                    return Err(LockError::backend_msg(
-                        "faulty",
-                        "injected failure",
-                        true,
-                    ));
+                    return Err(LockError::backend_msg("faulty", "injected failure", true));
                 }
                 Fault::Lost => return Err(LockError::lost("?", "injected Lost answer")),
                 Fault::Delay(delay) => {
                     tokio::time::sleep(delay).await;
                     return Ok(());
                 }
-                Fault::Hang => tokio::time::sleep_until(Instant::now() + Duration::from_millis(5)).await,
+                Fault::Hang => {
+                    tokio::time::sleep_until(Instant::now() + Duration::from_millis(5)).await
+                }
             }
         }
     }
@@ -112,7 +110,9 @@ impl LockBackend for FaultyBackend {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
         self.plan.plan().renew_calls += 1;
         match self.apply(|plan| plan.renew).await {
-            Err(LockError::Lost { reason, .. }) => Err(LockError::lost(lease.key().as_str(), reason)),
+            Err(LockError::Lost { reason, .. }) => {
+                Err(LockError::lost(lease.key().as_str(), reason))
+            }
             Err(error) => Err(error),
             Ok(()) => self.inner.renew(lease, ttl).await,
         }

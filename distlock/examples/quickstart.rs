@@ -39,7 +39,10 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 balance.store(seen + 1, Ordering::SeqCst);
                 let fence = guard.fence().map_or("none".to_owned(), |f| f.to_string());
-                println!("worker {worker} held {key} with fence {fence}: balance {seen} -> {}", seen + 1);
+                println!(
+                    "worker {worker} held {key} with fence {fence}: balance {seen} -> {}",
+                    seen + 1
+                );
                 guard.release().await?;
             }
             anyhow::Ok(())
@@ -50,7 +53,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let expected = (WORKERS * ROUNDS) as u64;
     let actual = balance.load(Ordering::SeqCst);
-    println!("final balance {actual}, expected {expected}, in {:?}", started.elapsed());
+    println!(
+        "final balance {actual}, expected {expected}, in {:?}",
+        started.elapsed()
+    );
     if actual != expected {
         bail!("lost updates: the lock did not exclude concurrent holders");
     }

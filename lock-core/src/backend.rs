@@ -5,8 +5,6 @@ use async_trait::async_trait;
 use std::time::Duration;
 use tokio::time::Instant;
 
-
-
 /// The answer to one acquisition attempt.
 #[derive(Debug)]
 pub enum Attempt {

@@ -90,7 +90,10 @@ impl Locker {
     }
 
     /// One attempt: `Ok(None)` if someone else holds `key`.
-    pub async fn try_acquire(&self, key: impl Into<String>) -> Result<Option<LockGuard>, LockError> {
+    pub async fn try_acquire(
+        &self,
+        key: impl Into<String>,
+    ) -> Result<Option<LockGuard>, LockError> {
         self.lock(key).try_acquire().await
     }
 
@@ -207,7 +210,11 @@ impl LockRequest<'_> {
     }
 }
 
-fn guard_for(backend: Arc<dyn LockBackend>, lease: crate::Lease, options: &LockOptions) -> LockGuard {
+fn guard_for(
+    backend: Arc<dyn LockBackend>,
+    lease: crate::Lease,
+    options: &LockOptions,
+) -> LockGuard {
     let state = GuardState::new(lease);
     let watchdog = tokio::spawn(watchdog::run(
         backend.clone(),
@@ -276,7 +283,9 @@ impl InFlightAttempt {
         let owned_backend = backend.clone();
         let key = key.clone();
         InFlightAttempt {
-            attempt: Some(Box::pin(async move { owned_backend.try_acquire(&key, ttl).await })),
+            attempt: Some(Box::pin(async move {
+                owned_backend.try_acquire(&key, ttl).await
+            })),
             backend: backend.clone(),
         }
     }
@@ -298,8 +307,12 @@ impl Future for InFlightAttempt {
 
 impl Drop for InFlightAttempt {
     fn drop(&mut self) {
-        let Some(attempt) = self.attempt.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let backend = self.backend.clone();
         runtime.spawn(async move {
             if let Ok(Attempt::Acquired(lease)) = attempt.await {

@@ -107,7 +107,9 @@ impl ReleaseHub {
 
     /// Wakes every waiter of `key`.
     pub fn notify(&self, key: &str) {
-        let slot = lock(&self.inner.slots).get(key).map(|(slot, _)| slot.clone());
+        let slot = lock(&self.inner.slots)
+            .get(key)
+            .map(|(slot, _)| slot.clone());
         if let Some(slot) = slot {
             slot.bump();
         }
@@ -138,7 +140,9 @@ impl ReleaseHub {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the map inconsistent (each operation is
     // a single insert/remove), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct HubSubscription {

@@ -45,7 +45,9 @@ pub(crate) async fn run(
         let mut retry_delay = (ttl / 50).max(Duration::from_millis(5));
         loop {
             if Instant::now() >= lost_at {
-                state.fire_lost("renewal could not be confirmed before the validity deadline".into());
+                state.fire_lost(
+                    "renewal could not be confirmed before the validity deadline".into(),
+                );
                 return;
             }
             match timeout_at(lost_at, backend.renew(&lease, ttl)).await {

@@ -127,7 +127,8 @@ impl ServerProcess {
             .pid()
             .with_context(|| format!("{} is not running", self.name))?;
         let pid = i32::try_from(pid).context("pid out of range")?;
-        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to {}", self.name))
+        kill(Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to {}", self.name))
     }
 
     /// Freezes the process (SIGSTOP): it keeps its sockets but answers nothing.
