@@ -2,6 +2,7 @@
 
 use crate::config::EtcdConfig;
 use crate::keys::{entry_key, key_range};
+use crate::renewer::{Renewal, Renewer};
 use crate::watch::{Watcher, Woken};
 use async_trait::async_trait;
 use etcd_client::{
@@ -43,6 +44,7 @@ struct Inner {
     client: Client,
     config: EtcdConfig,
     watcher: Watcher,
+    renewer: Renewer,
 }
 
 /// Locks in etcd: a lease per lock, a queue of contenders per key ordered by create
@@ -58,8 +60,8 @@ struct Inner {
 ///   entry still exists before it looks for predecessors (etcd issue #11456), and keeps its
 ///   lease alive while it waits. A cancelled or timed-out wait revokes its lease, which
 ///   deletes its entry.
-/// - renew = check (txn: entry's value is our owner token and it is on our lease) + lease
-///   keep-alive; release = the same check + revoke of our lease, which deletes the entry.
+/// - renew = check (entry's value is our owner token and it is on our lease, read in one
+///   txn) + lease keep-alive, batched across concurrent renewals; release = the same check + revoke of our lease, which deletes the entry.
 ///   A forged or stale lease fails the check and touches nothing.
 ///
 /// Cheap to clone? No: wrap it in an `Arc` (as [`crate::connect`] does). Each instance has its
@@ -206,9 +208,7 @@ impl Inner {
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let seconds = lease_seconds(ttl);
         let mut lease = self.client.lease_client();
-        let granted = self
-            .call("lease grant", lease.grant(seconds, None))
-            .await?;
+        let granted = self.call("lease grant", lease.grant(seconds, None)).await?;
         let granted_seconds = u64::try_from(granted.ttl().max(seconds)).unwrap_or(u64::MAX);
         Ok((granted.id(), Duration::from_secs(granted_seconds)))
     }
@@ -220,7 +220,11 @@ impl Inner {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
             Ok(Err(error)) => Err(backend_error("lease revoke", error)),
-            Err(_) => Err(LockError::backend_msg(BACKEND, "lease revoke: no answer", true)),
+            Err(_) => Err(LockError::backend_msg(
+                BACKEND,
+                "lease revoke: no answer",
+                true,
+            )),
         }
     }
 
@@ -231,7 +235,11 @@ impl Inner {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
             Ok(Err(error)) => Err(backend_error("lease keep-alive", error)),
-            Err(_) => Err(LockError::backend_msg(BACKEND, "lease keep-alive: no answer", true)),
+            Err(_) => Err(LockError::backend_msg(
+                BACKEND,
+                "lease keep-alive: no answer",
+                true,
+            )),
         }
     }
 
@@ -258,7 +266,9 @@ impl Inner {
             .await
             .ok()?;
         // etcd truncates to whole seconds: the real remainder is up to 1 s longer.
-        Some(Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0)))
+        Some(Duration::from_secs(
+            u64::try_from(answer.ttl()).unwrap_or(0),
+        ))
     }
 }
 
@@ -271,14 +281,18 @@ fn lease_for(
     granted: Duration,
     sent_at: Instant,
 ) -> Result<Lease, LockError> {
-    Ok(
-        Lease::new(key.clone(), owner, Some(fence(create_revision)?), granted, sent_at)
-            .with_backend_data(Arc::new(Held {
-                entry,
-                lease_id,
-                granted,
-            })),
+    Ok(Lease::new(
+        key.clone(),
+        owner,
+        Some(fence(create_revision)?),
+        granted,
+        sent_at,
     )
+    .with_backend_data(Arc::new(Held {
+        entry,
+        lease_id,
+        granted,
+    })))
 }
 
 impl EtcdBackend {
@@ -302,17 +316,30 @@ impl EtcdBackend {
         let unreachable = |detail: String| {
             LockError::backend_msg(
                 BACKEND,
-                format!("cannot reach etcd at {}: {detail}", config.endpoints.join(",")),
+                format!(
+                    "cannot reach etcd at {}: {detail}",
+                    config.endpoints.join(",")
+                ),
                 true,
             )
         };
-        let client = match timeout(config.connect_timeout, Client::connect(&endpoints, Some(options))).await {
+        let client = match timeout(
+            config.connect_timeout,
+            Client::connect(&endpoints, Some(options)),
+        )
+        .await
+        {
             Ok(Ok(client)) => client,
             Ok(Err(etcd_client::Error::InvalidUri(error))) => {
                 return Err(LockError::InvalidConfig(format!("etcd endpoint: {error}")));
             }
             Ok(Err(error)) => return Err(unreachable(error.to_string())),
-            Err(_) => return Err(unreachable(format!("no connection within {:?}", config.connect_timeout))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {:?}",
+                    config.connect_timeout
+                )));
+            }
         };
         // The channel connects lazily: prove the cluster answers before handing it out.
         let mut kv = client.kv_client();
@@ -323,14 +350,21 @@ impl EtcdBackend {
         match timeout(config.connect_timeout, probe).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(unreachable(error.to_string())),
-            Err(_) => return Err(unreachable(format!("no answer within {:?}", config.connect_timeout))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {:?}",
+                    config.connect_timeout
+                )));
+            }
         }
         let watcher = Watcher::start(client.clone(), config.request_timeout);
+        let renewer = Renewer::start(client.clone(), config.request_timeout);
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
                 client,
                 config,
                 watcher,
+                renewer,
             }),
         })
     }
@@ -369,7 +403,11 @@ impl EtcdBackend {
         loop {
             // Own entry first (#11456), then the newest entry older than ours.
             let check = Txn::new()
-                .when([Compare::create_revision(entry.to_vec(), CompareOp::Equal, my_revision)])
+                .when([Compare::create_revision(
+                    entry.to_vec(),
+                    CompareOp::Equal,
+                    my_revision,
+                )])
                 .and_then([TxnOp::get(
                     range.to_vec(),
                     Some(
@@ -385,7 +423,8 @@ impl EtcdBackend {
                 Ok(answer) => answer,
                 Err(error) if error.is_retryable() && Instant::now() < deadline => {
                     tracing::debug!(%error, "queue check failed; retrying");
-                    sleep(retry_delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    sleep(retry_delay.min(deadline.saturating_duration_since(Instant::now())))
+                        .await;
                     retry_delay = (retry_delay * 2).min(Duration::from_millis(500));
                     if refreshed + granted / 3 <= Instant::now() {
                         let sent = Instant::now();
@@ -477,7 +516,15 @@ impl LockBackend for EtcdBackend {
             )]);
         let answer = inner.txn("acquire txn", txn).await?;
         if answer.succeeded() {
-            let lease = lease_for(key, owner, revision(&answer)?, entry, lease_id, granted, sent_at)?;
+            let lease = lease_for(
+                key,
+                owner,
+                revision(&answer)?,
+                entry,
+                lease_id,
+                granted,
+                sent_at,
+            )?;
             revoke.disarm();
             return Ok(Attempt::Acquired(lease));
         }
@@ -499,17 +546,25 @@ impl LockBackend for EtcdBackend {
             ));
         };
         let sent_at = Instant::now();
-        if !self.inner.still_ours(held, lease.owner()).await? {
-            return Err(LockError::lost(
-                lease.key().as_str(),
-                "the lock entry is gone or belongs to another owner",
-            ));
-        }
-        if !self.inner.keep_alive(held.lease_id).await? {
-            return Err(LockError::lost(
-                lease.key().as_str(),
-                "etcd answered the keep-alive with TTL 0: the lease expired",
-            ));
+        let renewal = self
+            .inner
+            .renewer
+            .renew(held.entry.clone(), lease.owner().to_string(), held.lease_id)
+            .await?;
+        match renewal {
+            Renewal::Renewed => {}
+            Renewal::NotOurs => {
+                return Err(LockError::lost(
+                    lease.key().as_str(),
+                    "the lock entry is gone or belongs to another owner",
+                ));
+            }
+            Renewal::Expired => {
+                return Err(LockError::lost(
+                    lease.key().as_str(),
+                    "etcd answered the keep-alive with TTL 0: the lease expired",
+                ));
+            }
         }
         // A keep-alive restores the granted TTL; it cannot change it.
         Ok(lease.renewed(held.granted, sent_at))
@@ -568,12 +623,21 @@ impl LockBackend for EtcdBackend {
         let refreshed = if first == Some(my_revision) {
             Some(sent_at)
         } else {
-            self.wait_turn(&range, &entry, my_revision, lease_id, granted, sent_at, deadline)
-                .await?
+            self.wait_turn(
+                &range,
+                &entry,
+                my_revision,
+                lease_id,
+                granted,
+                sent_at,
+                deadline,
+            )
+            .await?
         };
         match refreshed {
             Some(refreshed) => {
-                let lease = lease_for(key, owner, my_revision, entry, lease_id, granted, refreshed)?;
+                let lease =
+                    lease_for(key, owner, my_revision, entry, lease_id, granted, refreshed)?;
                 revoke.disarm();
                 Ok(Some(lease))
             }

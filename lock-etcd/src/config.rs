@@ -72,7 +72,11 @@ impl EtcdConfig {
         for host in hosts.split(',') {
             endpoints.push(parse_endpoint(host).map_err(|why| invalid(&why))?);
         }
-        let prefix = if prefix.is_empty() { DEFAULT_PREFIX } else { prefix };
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX
+        } else {
+            prefix
+        };
         Ok(EtcdConfig::new(endpoints).with_prefix(prefix))
     }
 }

@@ -41,7 +41,9 @@ mod tests {
 
     #[test]
     fn ranges_never_nest() {
-        let keys = ["a", "a/", "a/b", "ab", "a%2Fb", "a%", "%", "/", "a:b", "{a}"];
+        let keys = [
+            "a", "a/", "a/b", "ab", "a%2Fb", "a%", "%", "/", "a:b", "{a}",
+        ];
         for x in keys {
             for y in keys {
                 if x != y {

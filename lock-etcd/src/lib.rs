@@ -21,6 +21,7 @@
 mod backend;
 mod config;
 mod keys;
+mod renewer;
 mod watch;
 
 pub use backend::{EXPIRY_SLACK, EtcdBackend, MIN_TTL};
