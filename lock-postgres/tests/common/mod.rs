@@ -1,0 +1,83 @@
+//! Shared test setup: one PostgreSQL server per test binary (started on first use by
+//! `lock_harness::postgres::shared`, stopped by the parent-death signal when the binary
+//! exits) and a conformance factory giving each test fresh backends on it.
+
+#![allow(dead_code)]
+
+use anyhow::Result;
+use async_trait::async_trait;
+use conformance_tests::BackendFactory;
+use lock_core::{LockBackend, LockKey};
+use lock_harness::postgres::PostgresServer;
+use lock_postgres::{PostgresBackend, PostgresConfig, advisory_key};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// The test binary's server.
+pub async fn server() -> Result<&'static PostgresServer> {
+    tokio::task::spawn_blocking(lock_harness::postgres::shared).await?
+}
+
+/// Whether advisory key `hash` is held by any session, read from `pg_locks`.
+pub async fn advisory_held(pool: &PgPool, hash: i64) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 1 AND ((classid::int8 << 32) | objid::int8) = $1)",
+    )
+    .bind(hash)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Fresh backends on the shared server; `is_held` reads `pg_locks` on its own connection.
+pub struct PgFactory {
+    pub url: String,
+    pub config: PostgresConfig,
+    inspector: OnceCell<PgPool>,
+}
+
+impl PgFactory {
+    pub async fn start() -> Result<Self> {
+        let server = server().await?;
+        Ok(PgFactory {
+            url: server.url(),
+            config: PostgresConfig::default(),
+            inspector: OnceCell::new(),
+        })
+    }
+
+    pub async fn inspector(&self) -> Result<&PgPool> {
+        self.inspector
+            .get_or_try_init(|| async {
+                let options = PgConnectOptions::from_str(&self.url)?.application_name("inspector");
+                Ok::<_, anyhow::Error>(
+                    PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect_with(options)
+                        .await?,
+                )
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl BackendFactory for PgFactory {
+    fn name(&self) -> String {
+        "postgres".into()
+    }
+
+    async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
+        let options = PgConnectOptions::from_str(&self.url)?;
+        Ok(Arc::new(
+            PostgresBackend::with_options(options, self.config.clone()).await?,
+        ))
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
+        let hash = advisory_key(&self.config.namespace, key.as_str());
+        Ok(Some(advisory_held(self.inspector().await?, hash).await?))
+    }
+}
