@@ -3,7 +3,9 @@
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
 use crate::{KeyScheme, RedisOptions};
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use lock_core::{
     Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
     Releases, drift, validate_ttl,
@@ -31,6 +33,7 @@ pub struct RedlockBackend {
     inner: Arc<Nodes>,
     quorum: usize,
     node_timeout: Duration,
+    release_timeout: Duration,
 }
 
 /// Rounds of one `try_acquire` when the vote splits, and the pause between them.
@@ -42,6 +45,13 @@ enum Round {
     Done(Attempt),
     /// No owner has a quorum (contenders split the nodes): worth another round.
     Split(Attempt),
+}
+
+fn node(nodes: &Nodes, index: usize) -> Result<&Node, LockError> {
+    nodes
+        .nodes
+        .get(index)
+        .ok_or_else(|| LockError::backend_msg("redis", format!("no node {index}"), false))
 }
 
 enum Outcome<T> {
@@ -74,6 +84,7 @@ impl RedlockBackend {
             inner,
             quorum,
             node_timeout: options.node_timeout,
+            release_timeout: options.command_timeout,
         })
     }
 
@@ -98,36 +109,74 @@ impl RedlockBackend {
             .max(Duration::from_millis(1))
     }
 
-    /// Runs `call` on every node at once, each bounded by `limit`.
-    async fn on_all<'a, T, F, Fut>(&'a self, limit: Duration, call: F) -> Vec<Outcome<T>>
+    /// Runs `call` on every node at once, each bounded by `limit`, in spawned tasks. Returns
+    /// as soon as `quorum` answers satisfy `enough` (the other calls finish in the background,
+    /// so a slow node delays nothing), else when every node answered or timed out.
+    async fn on_all<T, F, Fut>(
+        &self,
+        limit: Duration,
+        call: F,
+        enough: fn(&T) -> bool,
+    ) -> Vec<(usize, Outcome<T>)>
     where
-        F: Fn(&'a Node) -> Fut,
-        Fut: Future<Output = Result<T, LockError>> + 'a,
+        T: Send + 'static,
+        F: Fn(Arc<Nodes>, usize) -> Fut,
+        Fut: Future<Output = Result<T, LockError>> + Send + 'static,
     {
-        join_all(self.inner.nodes.iter().map(|node| {
-            let call = call(node);
-            async move {
-                match timeout(limit, call).await {
-                    Ok(Ok(answer)) => Outcome::Answer(answer),
-                    Ok(Err(error)) => Outcome::Failed(error),
-                    Err(_) => Outcome::Failed(LockError::backend_msg(
-                        "redis",
-                        format!("node {} did not answer within {limit:?}", node.addr()),
-                        true,
-                    )),
-                }
+        let mut pending: FuturesUnordered<_> = (0..self.inner.nodes.len())
+            .map(|index| {
+                let call = call(self.inner.clone(), index);
+                let task = tokio::spawn(async move { timeout(limit, call).await });
+                async move { (index, task.await) }
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(self.inner.nodes.len());
+        let mut good = 0;
+        while let Some((index, joined)) = pending.next().await {
+            let addr = self.inner.nodes.get(index).map_or("?", Node::addr);
+            let outcome = match joined {
+                Ok(Ok(Ok(answer))) => Outcome::Answer(answer),
+                Ok(Ok(Err(error))) => Outcome::Failed(error),
+                Ok(Err(_)) => Outcome::Failed(LockError::backend_msg(
+                    "redis",
+                    format!("node {addr} did not answer within {limit:?}"),
+                    true,
+                )),
+                Err(join) => Outcome::Failed(LockError::backend(
+                    "redis",
+                    format!("node {addr}: call failed"),
+                    true,
+                    join,
+                )),
+            };
+            if let Outcome::Answer(answer) = &outcome
+                && enough(answer)
+            {
+                good += 1;
             }
-        }))
-        .await
+            outcomes.push((index, outcome));
+            if good >= self.quorum {
+                break;
+            }
+        }
+        outcomes
     }
 
     /// Releases our token on every node (partial acquisitions, failed fence rounds).
     async fn roll_back(&self, key: &LockKey, token: &str, limit: Duration) {
         let scheme = &self.inner.scheme;
-        let lock_key = scheme.lock_key(key);
-        let channel = scheme.channel(key.as_str());
-        self.on_all(limit, |node| node.release(&lock_key, token, &channel))
-            .await;
+        let lock_key = Arc::<str>::from(scheme.lock_key(key));
+        let channel = Arc::<str>::from(scheme.channel(key.as_str()));
+        let token = Arc::<str>::from(token);
+        self.on_all(
+            limit,
+            |nodes, index| {
+                let (lock_key, channel, token) = (lock_key.clone(), channel.clone(), token.clone());
+                async move { node(&nodes, index)?.release(&lock_key, &token, &channel).await }
+            },
+            |_| false,
+        )
+        .await;
     }
 
     /// One Redlock round: the acquire script on every node, the fence round, roll-back.
@@ -144,13 +193,31 @@ impl RedlockBackend {
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
 
-        let outcomes = self
-            .on_all(limit, |node| node.acquire(&lock_key, &fence_key, &token, ttl_ms))
-            .await;
+        let outcomes = {
+            let (lock_key, fence_key, token) = (
+                Arc::<str>::from(lock_key.as_str()),
+                Arc::<str>::from(fence_key.as_str()),
+                Arc::<str>::from(token.as_str()),
+            );
+            self.on_all(
+                limit,
+                |nodes, index| {
+                    let (lock_key, fence_key, token) =
+                        (lock_key.clone(), fence_key.clone(), token.clone());
+                    async move {
+                        node(&nodes, index)?
+                            .acquire(&lock_key, &fence_key, &token, ttl_ms)
+                            .await
+                    }
+                },
+                |answer| matches!(answer, NodeAcquire::Acquired(_)),
+            )
+            .await
+        };
         let mut acquired: Vec<(usize, u64)> = Vec::new();
         let mut held: Vec<(Option<u64>, String)> = Vec::new();
         let mut errors = Vec::new();
-        for (index, outcome) in outcomes.into_iter().enumerate() {
+        for (index, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
                 Outcome::Answer(NodeAcquire::Held(pttl, holder)) => {
@@ -266,13 +333,22 @@ impl LockBackend for RedlockBackend {
         let token = lease.owner().to_string();
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
-        let outcomes = self
-            .on_all(limit, |node| node.renew(&lock_key, &token, ttl_ms))
-            .await;
+        let outcomes = {
+            let (lock_key, token) = (Arc::<str>::from(lock_key), Arc::<str>::from(token));
+            self.on_all(
+                limit,
+                |nodes, index| {
+                    let (lock_key, token) = (lock_key.clone(), token.clone());
+                    async move { node(&nodes, index)?.renew(&lock_key, &token, ttl_ms).await }
+                },
+                |renewed| *renewed,
+            )
+            .await
+        };
         let mut renewed = 0;
         let mut refused = 0;
         let mut errors = Vec::new();
-        for outcome in outcomes {
+        for (_, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(true) => renewed += 1,
                 Outcome::Answer(false) => refused += 1,
@@ -299,13 +375,28 @@ impl LockBackend for RedlockBackend {
         let lock_key = scheme.lock_key(lease.key());
         let channel = scheme.channel(lease.key().as_str());
         let token = lease.owner().to_string();
-        let limit = self.node_timeout(lease.ttl());
-        let outcomes = self
-            .on_all(limit, |node| node.release(&lock_key, &token, &channel))
-            .await;
+        // No validity is at stake here, so a loaded node gets the longer command timeout.
+        let limit = self.release_timeout;
+        let outcomes = {
+            let (lock_key, channel, token) = (
+                Arc::<str>::from(lock_key),
+                Arc::<str>::from(channel),
+                Arc::<str>::from(token),
+            );
+            self.on_all(
+                limit,
+                |nodes, index| {
+                    let (lock_key, channel, token) =
+                        (lock_key.clone(), channel.clone(), token.clone());
+                    async move { node(&nodes, index)?.release(&lock_key, &token, &channel).await }
+                },
+                |released| *released,
+            )
+            .await
+        };
         let mut released = 0;
         let mut errors = Vec::new();
-        for outcome in outcomes {
+        for (_, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(true) => released += 1,
                 Outcome::Answer(false) => {}
