@@ -87,7 +87,9 @@ fn temp_dir() -> Result<tempfile::TempDir> {
     {
         return Ok(dir);
     }
-    builder.tempdir().context("creating a temporary directory for etcd")
+    builder
+        .tempdir()
+        .context("creating a temporary directory for etcd")
 }
 
 impl EtcdCluster {
@@ -139,6 +141,9 @@ impl EtcdCluster {
 
     fn spawn_member(&mut self, binary: &Path, index: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        // One token for the whole cluster (members with different tokens form different
+        // clusters), unique per cluster so that two test clusters never merge.
+        let token = format!("distlock-{}", self.members.first().map_or(0, |m| m.peer_port));
         let member = self
             .members
             .get_mut(index)
@@ -164,7 +169,7 @@ impl EtcdCluster {
             .arg("--initial-cluster-state")
             .arg("new")
             .arg("--initial-cluster-token")
-            .arg(format!("distlock-{}", member.peer_port))
+            .arg(&token)
             .arg("--heartbeat-interval")
             .arg(HEARTBEAT_MS.to_string())
             .arg("--election-timeout")
@@ -311,7 +316,7 @@ impl EtcdCluster {
         self.wait_ready(Duration::from_secs(30)).await
     }
 
-    /// The index of the current leader, asked of the running members.
+    /// The index of the current leader (a running member), asked of the running members.
     pub async fn leader(&self) -> Result<usize> {
         for member in self.members.iter().filter(|member| member.is_running()) {
             let status = async {
@@ -339,6 +344,9 @@ impl EtcdCluster {
                         .members
                         .iter()
                         .position(|member| member.name == listed.name())
+                    // Right after a kill the others still name the dead leader for an
+                    // election timeout: that is no leader.
+                    && self.members[index].is_running()
                 {
                     return Ok(index);
                 }
@@ -420,9 +428,12 @@ async fn connect(endpoints: &[String]) -> Result<Client> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
         .with_timeout(Duration::from_secs(2));
-    let client = timeout(Duration::from_secs(2), Client::connect(endpoints, Some(options)))
-        .await
-        .context("connecting to etcd timed out")??;
+    let client = timeout(
+        Duration::from_secs(2),
+        Client::connect(endpoints, Some(options)),
+    )
+    .await
+    .context("connecting to etcd timed out")??;
     Ok(client)
 }
 
@@ -439,11 +450,13 @@ mod tests {
         drop(client);
         drop(cluster);
         if let Some(pid) = pid {
-            assert!(!Path::new(&format!("/proc/{pid}")).exists() || {
-                // A zombie is reaped by kill(); the entry vanishes right after.
-                std::thread::sleep(Duration::from_millis(50));
-                !Path::new(&format!("/proc/{pid}")).exists()
-            });
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists() || {
+                    // A zombie is reaped by kill(); the entry vanishes right after.
+                    std::thread::sleep(Duration::from_millis(50));
+                    !Path::new(&format!("/proc/{pid}")).exists()
+                }
+            );
         }
         Ok(())
     }
