@@ -1,1 +1,302 @@
-fn main() {}
+//! `cargo bench -p lock-postgres`: distlock on PostgreSQL against the raw-protocol floor,
+//! measured in the same run on a server the harness starts (fsync=off).
+//!
+//! - uncontended: acquire + release of one key, one task (raw floor: one sqlx connection
+//!   doing `pg_try_advisory_lock` then `pg_advisory_unlock`);
+//! - 16 tasks on distinct keys: throughput (raw: 16 connections doing the same);
+//! - hand-off: a holder keeps the lock 5 ms, one waiter is blocked in `acquire`; time from the
+//!   release call to the waiter holding the lock (raw: unlock + `pg_notify` on one connection,
+//!   the waiter's connection `LISTEN`s and then `pg_try_advisory_lock`s).
+
+use anyhow::{Context, Result, ensure};
+use lock_core::{LockOptions, Locker};
+use lock_harness::postgres::PostgresServer;
+use lock_postgres::PostgresBackend;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener};
+use sqlx::{ConnectOptions, Connection};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const UNCONTENDED_ROUNDS: usize = 3000;
+const PARALLEL_TASKS: usize = 16;
+const PARALLEL_ROUNDS: usize = 300;
+const HANDOFF_ROUNDS: usize = 200;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    ops: f64,
+}
+
+fn stats(mut samples: Vec<Duration>, elapsed: Duration) -> Stats {
+    samples.sort();
+    Stats {
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+        ops: samples.len() as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+fn us(duration: Duration) -> String {
+    format!("{:.0} µs", duration.as_secs_f64() * 1e6)
+}
+
+async fn raw_conn(url: &str) -> Result<PgConnection> {
+    Ok(PgConnectOptions::from_str(url)?.connect().await?)
+}
+
+async fn raw_pair(conn: &mut PgConnection, key: i64) -> Result<()> {
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+    ensure!(got, "raw lock not granted");
+    let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+    ensure!(freed, "raw unlock failed");
+    Ok(())
+}
+
+async fn raw_uncontended(url: &str) -> Result<Stats> {
+    let mut conn = raw_conn(url).await?;
+    for _ in 0..300 {
+        raw_pair(&mut conn, 42).await?;
+    }
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let started = Instant::now();
+    for _ in 0..UNCONTENDED_ROUNDS {
+        let t = Instant::now();
+        raw_pair(&mut conn, 42).await?;
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+async fn distlock_uncontended(locker: &Locker) -> Result<Stats> {
+    for _ in 0..300 {
+        locker.acquire("bench-uncontended").await?.release().await?;
+    }
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let started = Instant::now();
+    for _ in 0..UNCONTENDED_ROUNDS {
+        let t = Instant::now();
+        let guard = locker.acquire("bench-uncontended").await?;
+        ensure!(guard.release().await?, "release answered false");
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+async fn raw_parallel(url: &str) -> Result<Stats> {
+    let mut conns = Vec::new();
+    for _ in 0..PARALLEL_TASKS {
+        conns.push(raw_conn(url).await?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(PARALLEL_ROUNDS);
+            for _ in 0..PARALLEL_ROUNDS {
+                let t = Instant::now();
+                raw_pair(&mut conn, 1000 + i as i64).await?;
+                samples.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(stats(all, started.elapsed()))
+}
+
+async fn distlock_parallel(locker: &Locker) -> Result<Stats> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..PARALLEL_TASKS {
+        let locker = locker.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("bench-parallel-{i}");
+            let mut samples = Vec::with_capacity(PARALLEL_ROUNDS);
+            for _ in 0..PARALLEL_ROUNDS {
+                let t = Instant::now();
+                let guard = locker.acquire(key.as_str()).await?;
+                guard.release().await?;
+                samples.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(stats(all, started.elapsed()))
+}
+
+async fn distlock_handoff(holder: &Locker, waiter: &Locker) -> Result<Stats> {
+    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
+    let started = Instant::now();
+    for round in 0..HANDOFF_ROUNDS + 10 {
+        let key = format!("bench-handoff-{round}");
+        let guard = holder.acquire(key.as_str()).await?;
+        let waiting = tokio::spawn({
+            let waiter = waiter.clone();
+            async move {
+                let guard = waiter.lock(key).wait(Duration::from_secs(5)).acquire().await?;
+                let at = Instant::now();
+                guard.release().await?;
+                Ok::<_, anyhow::Error>(at)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released_at = Instant::now();
+        guard.release().await?;
+        let acquired_at = waiting.await??;
+        if round >= 10 {
+            samples.push(acquired_at.saturating_duration_since(released_at));
+        }
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+async fn raw_handoff(url: &str) -> Result<Stats> {
+    let mut holder = raw_conn(url).await?;
+    let mut waiter = raw_conn(url).await?;
+    let mut listener = PgListener::connect(url).await?;
+    listener.listen("bench_raw").await?;
+    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
+    let started = Instant::now();
+    for round in 0..HANDOFF_ROUNDS + 10 {
+        let key = 5000 + round as i64;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut holder)
+            .await?;
+        ensure!(got);
+        let busy: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut waiter)
+            .await?;
+        ensure!(!busy);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released_at = Instant::now();
+        sqlx::query("SELECT pg_advisory_unlock($1), pg_notify('bench_raw', $2)::text")
+            .bind(key)
+            .bind(key.to_string())
+            .execute(&mut holder)
+            .await?;
+        loop {
+            let note = listener.recv().await?;
+            if note.payload() == key.to_string() {
+                break;
+            }
+        }
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut waiter)
+            .await?;
+        ensure!(got, "raw waiter did not get the lock");
+        let acquired_at = Instant::now();
+        sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut waiter).await?;
+        if round >= 10 {
+            samples.push(acquired_at - released_at);
+        }
+    }
+    waiter.close().await?;
+    Ok(stats(samples, started.elapsed()))
+}
+
+async fn run(server: &PostgresServer) -> Result<()> {
+    let url = server.url();
+    let options = LockOptions {
+        ttl: Duration::from_secs(30),
+        ..LockOptions::default()
+    };
+    let locker = Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let waiter = Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+
+    let raw_one = raw_uncontended(&url).await?;
+    let dl_one = distlock_uncontended(&locker).await?;
+    let raw_par = raw_parallel(&url).await?;
+    let dl_par = distlock_parallel(&locker).await?;
+    let raw_hand = raw_handoff(&url).await?;
+    let dl_hand = distlock_handoff(&locker, &waiter).await?;
+
+    println!("| measure | raw floor | distlock | ratio |");
+    println!("|---|---|---|---|");
+    let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
+    println!(
+        "| uncontended acquire+release p50 | {} | {} | {:.2}× |",
+        us(raw_one.p50),
+        us(dl_one.p50),
+        ratio(raw_one.p50, dl_one.p50)
+    );
+    println!(
+        "| uncontended acquire+release p99 | {} | {} | {:.2}× |",
+        us(raw_one.p99),
+        us(dl_one.p99),
+        ratio(raw_one.p99, dl_one.p99)
+    );
+    println!(
+        "| uncontended ops/s (pairs) | {:.0} | {:.0} | {:.2}× |",
+        raw_one.ops,
+        dl_one.ops,
+        raw_one.ops / dl_one.ops.max(1e-9)
+    );
+    println!(
+        "| {PARALLEL_TASKS} tasks, distinct keys: ops/s | {:.0} | {:.0} | {:.2}× |",
+        raw_par.ops,
+        dl_par.ops,
+        raw_par.ops / dl_par.ops.max(1e-9)
+    );
+    println!(
+        "| {PARALLEL_TASKS} tasks, distinct keys: p50 / p99 | {} / {} | {} / {} | |",
+        us(raw_par.p50),
+        us(raw_par.p99),
+        us(dl_par.p50),
+        us(dl_par.p99)
+    );
+    println!(
+        "| hand-off median (5 ms hold, 1 waiter) | {} | {} | {:.2}× |",
+        us(raw_hand.p50),
+        us(dl_hand.p50),
+        ratio(raw_hand.p50, dl_hand.p50)
+    );
+    println!(
+        "| hand-off p99 | {} | {} | {:.2}× |",
+        us(raw_hand.p99),
+        us(dl_hand.p99),
+        ratio(raw_hand.p99, dl_hand.p99)
+    );
+    println!();
+    println!(
+        "rounds: uncontended {UNCONTENDED_ROUNDS}, parallel {PARALLEL_TASKS}×{PARALLEL_ROUNDS}, hand-off {HANDOFF_ROUNDS}; \
+         distlock = Locker (auto-renew on, TTL 30 s) over PostgresBackend"
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let server = PostgresServer::start().context("starting postgres")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(run(&server));
+    drop(runtime);
+    drop(server);
+    result
+}

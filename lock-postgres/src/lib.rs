@@ -10,10 +10,13 @@
 //!   (the leaked-guard case). If the process stops (paused, partitioned, dead), the server ends
 //!   the holder session by `idle_session_timeout`, which the backend keeps equal to the largest
 //!   TTL of the locks on that session, the renewals being the heartbeat. See the README.
-//! - **Fencing.** `distlock_fences(namespace, name)` holds a counter per key, bumped in the same
-//!   statement as `pg_try_advisory_lock`: acquiring a free lock is one round trip.
-//! - **Wake-ups.** Release is one statement that unlocks and `NOTIFY`s; each backend `LISTEN`s on
-//!   one connection and dispatches to its waiters through a [`lock_core::ReleaseHub`].
+//! - **Fencing.** The sequence `distlock_fence_seq` (created if missing) is drawn in the same
+//!   statement as `pg_try_advisory_lock`: acquiring a free lock is one round trip, and tokens
+//!   strictly increase per key (they increase across all keys), across restarts.
+//! - **Wake-ups.** Release is one statement that unlocks and, when some backend waits for the
+//!   key, `NOTIFY`s. A waiting backend marks its interest with a shared advisory lock on the
+//!   key's hash in the two-int keyspace (held on its waiter connection) and `LISTEN`s on one
+//!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`].
 //! - **Keys** are hashed with sqlx's [`PgAdvisoryLock::new`] over `namespace NUL key`, so two
 //!   applications with different namespaces never share a lock. See [`advisory_key`].
 
@@ -34,8 +37,14 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 
 const BACKEND: &str = "postgres";
 
-/// The table holding one fencing counter per (namespace, key).
-pub const FENCE_TABLE: &str = "distlock_fences";
+/// The sequence that fencing tokens are drawn from.
+pub const FENCE_SEQUENCE: &str = "distlock_fence_seq";
+
+/// The waiter-interest key of advisory key `hash`: the same 64 bits in the two-int keyspace
+/// (`pg_locks.objsubid` 2), which never meets the one-bigint keyspace of the locks.
+pub fn waiter_key(hash: i64) -> (i32, i32) {
+    ((hash >> 32) as i32, hash as i32)
+}
 
 /// Smallest TTL granted: the holder session's `idle_session_timeout` follows the TTL, and a
 /// shorter one would end sessions between two statements of a busy client.
@@ -264,7 +273,10 @@ struct Inner {
     book: Mutex<Book>,
     sessions: Mutex<Vec<Arc<Session>>>,
     hub: ReleaseHub,
-    listener: OnceCell<JoinHandle<()>>,
+    listener: OnceCell<Listening>,
+    /// Commands for the waiter connection (set once the listener runs), read by the hub's
+    /// idle hook.
+    waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>>,
     reaper_wake: Notify,
 }
 
@@ -282,8 +294,9 @@ pub struct PostgresBackend {
 impl Drop for PostgresBackend {
     fn drop(&mut self) {
         self.reaper.abort();
-        if let Some(listener) = self.inner.listener.get() {
-            listener.abort();
+        if let Some(listening) = self.inner.listener.get() {
+            listening.listen.abort();
+            listening.waiters.abort();
         }
     }
 }
@@ -309,14 +322,24 @@ impl PostgresBackend {
     ) -> Result<Self, LockError> {
         check_config(&config)?;
         let channel = format!("distlock_{:016x}", advisory_key("", &config.namespace).cast_unsigned());
+        let waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>> =
+            Arc::default();
         let inner = Arc::new(Inner {
             options,
             config,
             channel,
             book: Mutex::default(),
             sessions: Mutex::default(),
-            hub: ReleaseHub::new(),
+            hub: ReleaseHub::with_idle_hook({
+                let waiter_tx = waiter_tx.clone();
+                move |key: &str| {
+                    if let Some(tx) = waiter_tx.get() {
+                        let _ = tx.send(WaiterCommand::Forget(key.to_owned()));
+                    }
+                }
+            }),
             listener: OnceCell::new(),
+            waiter_tx,
             reaper_wake: Notify::new(),
         });
         inner.setup().await?;
@@ -364,30 +387,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 const ACQUIRE_SQL: &str = "\
-WITH l AS (SELECT pg_try_advisory_lock($1) AS ok),
-f AS (
-  INSERT INTO distlock_fences AS t (namespace, name, fence, owner, expires_at)
-  SELECT $2, $3, 1, $4, clock_timestamp() + $5::float8 * interval '1 millisecond' FROM l WHERE l.ok
-  ON CONFLICT (namespace, name) DO UPDATE
-    SET fence = t.fence + 1, owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-  RETURNING t.fence
-)
-SELECT l.ok,
-  (SELECT fence FROM f),
-  CASE WHEN l.ok THEN NULL ELSE
-    (SELECT (extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::int8
-       FROM distlock_fences WHERE namespace = $2 AND name = $3) END,
-  set_config('idle_session_timeout', CASE WHEN l.ok THEN $6 ELSE $7 END, false)
+WITH l AS (SELECT pg_try_advisory_lock($1) AS ok)
+SELECT ok, CASE WHEN ok THEN nextval('distlock_fence_seq') END,
+  set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false)
 FROM l";
 
-const RENEW_SQL: &str = "\
-WITH u AS (
-  UPDATE distlock_fences SET expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond'
-  WHERE namespace = $1 AND name = $2 AND owner = $4 RETURNING 1)
-SELECT (SELECT count(*) FROM u), set_config('idle_session_timeout', $5, false)";
+const RENEW_SQL: &str = "SELECT set_config('idle_session_timeout', $1, false)";
 
+// The exclusive xact lock on the waiter key fails only when some backend holds it shared,
+// i.e. waits for this key: only then is the NOTIFY (and its commit cost) paid.
 const UNLOCK_SQL: &str = "\
-SELECT pg_advisory_unlock($1), pg_notify($2, $3)::text, set_config('idle_session_timeout', $4, false)";
+SELECT pg_advisory_unlock($1),
+  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
+  set_config('idle_session_timeout', $6, false)";
 
 impl Inner {
     /// Checks the server with a throw-away connection and creates the fence table.
@@ -401,23 +413,15 @@ impl Inner {
                 .bind(advisory_key("distlock", "schema"))
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS distlock_fences (
-                   namespace text NOT NULL,
-                   name text NOT NULL,
-                   fence bigint NOT NULL,
-                   owner text,
-                   expires_at timestamptz,
-                   PRIMARY KEY (namespace, name))",
-            )
+            sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")
             .execute(&mut *tx)
             .await?;
             tx.commit().await
         };
         match timeout_at(deadline, work).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(map_error("creating the fence table", error)),
-            Err(_) => Err(timed_out("creating the fence table", self.config.connect_timeout)),
+            Ok(Err(error)) => Err(map_error("creating the fence sequence", error)),
+            Err(_) => Err(timed_out("creating the fence sequence", self.config.connect_timeout)),
         }
     }
 
@@ -561,10 +565,6 @@ impl Inner {
         let owner = OwnerToken::random();
         let query = sqlx::query(ACQUIRE_SQL)
             .bind(hash)
-            .bind(&self.config.namespace)
-            .bind(key.as_str())
-            .bind(owner.to_string())
-            .bind(ttl_ms as f64)
             .bind(state.timeout_with(Some(ttl_ms)))
             .bind(state.timeout_with(None));
         let result = match state.conn.as_mut() {
@@ -597,10 +597,9 @@ impl Inner {
         let decoded = (|| {
             let ok: bool = row.try_get(0)?;
             let fence: Option<i64> = row.try_get(1)?;
-            let remaining: Option<i64> = row.try_get(2)?;
-            Ok::<_, sqlx::Error>((ok, fence, remaining))
+            Ok::<_, sqlx::Error>((ok, fence))
         })();
-        let (ok, fence, remaining) = match decoded {
+        let (ok, fence) = match decoded {
             Ok(values) => values,
             Err(error) => {
                 self.break_session(&session, &mut state, "unexpected acquire answer");
@@ -610,11 +609,8 @@ impl Inner {
         };
         if !ok {
             self.forget_pending(hash);
-            let expires_in = remaining
-                .and_then(|ms| u64::try_from(ms).ok())
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis);
-            return Ok(Attempt::Held { expires_in });
+            // Another backend's deadline is known only to it; waiters hear the release.
+            return Ok(Attempt::Held { expires_in: None });
         }
         let Some(fence) = fence.and_then(|fence| u64::try_from(fence).ok()) else {
             self.break_session(&session, &mut state, "acquire returned no fence");
@@ -663,8 +659,11 @@ impl Inner {
             return Ok(false);
         }
         state.remove_ttl(held.ttl_ms);
+        let (high, low) = waiter_key(hash);
         let query = sqlx::query(UNLOCK_SQL)
             .bind(hash)
+            .bind(high)
+            .bind(low)
             .bind(&self.channel)
             .bind(held.key.as_str())
             .bind(state.timeout_with(None));
@@ -715,18 +714,13 @@ impl Inner {
         if state.epoch != held.epoch || state.conn.is_none() {
             return Err(lost("its holder session was lost"));
         }
-        let query = sqlx::query(RENEW_SQL)
-            .bind(&self.config.namespace)
-            .bind(key.as_str())
-            .bind(new_ttl as f64)
-            .bind(lease.owner().to_string())
-            .bind(state.timeout_with(Some(new_ttl)));
+        let query = sqlx::query(RENEW_SQL).bind(state.timeout_with(Some(new_ttl)));
         let result = match state.conn.as_mut() {
             Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
             None => Ok(Err(sqlx::Error::PoolClosed)),
         };
-        let row = match result {
-            Ok(Ok(row)) => row,
+        match result {
+            Ok(Ok(_)) => {}
             Ok(Err(error)) if is_connection_error(&error) => {
                 self.break_session(&held.session, &mut state, "renew failed");
                 return Err(LockError::lost(
@@ -739,10 +733,6 @@ impl Inner {
                 self.break_session(&held.session, &mut state, "renew timed out");
                 return Err(lost("its holder session stopped answering"));
             }
-        };
-        let matched: i64 = row.try_get(0).unwrap_or(0);
-        if matched != 1 {
-            return Err(lost("the fence row names another owner"));
         }
         // Only now move the deadline, and only if the reaper did not take the lock meanwhile.
         let mut book = lock(&self.book);
@@ -764,10 +754,9 @@ impl Inner {
         let this = self.clone();
         self.listener
             .get_or_try_init(|| async move {
-                let options = this
-                    .options
-                    .clone()
-                    .application_name(&format!("{}-listener", this.config.application_name));
+                let app = &this.config.application_name;
+                let listen_options = this.options.clone().application_name(&format!("{app}-listener"));
+                let waiter_options = this.options.clone().application_name(&format!("{app}-waiter"));
                 let timeout = this.config.connect_timeout;
                 let work = async {
                     let pool = PgPoolOptions::new()
@@ -776,7 +765,7 @@ impl Inner {
                         .acquire_timeout(timeout)
                         .idle_timeout(None)
                         .max_lifetime(None)
-                        .connect_with(options)
+                        .connect_with(listen_options)
                         .await?;
                     let mut listener = PgListener::connect_with(&pool).await?;
                     listener.listen(&this.channel).await?;
@@ -787,10 +776,121 @@ impl Inner {
                     Ok(Err(error)) => return Err(map_error("starting the release listener", error)),
                     Err(_) => return Err(timed_out("starting the release listener", timeout)),
                 };
-                Ok(tokio::spawn(listen_loop(listener, this.hub.clone())))
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let _ = this.waiter_tx.set(tx);
+                let namespace = this.config.namespace.clone();
+                Ok(Listening {
+                    listen: tokio::spawn(listen_loop(listener, this.hub.clone())),
+                    waiters: tokio::spawn(waiter_loop(rx, waiter_options, namespace, timeout)),
+                })
             })
             .await
             .map(|_| ())
+    }
+
+    /// Marks this backend's interest in releases of `key` on the server (a shared lock on the
+    /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place.
+    async fn register_waiter(&self, key: &str) -> Result<(), LockError> {
+        let Some(tx) = self.waiter_tx.get() else {
+            return Err(LockError::backend_msg(BACKEND, "no waiter connection", true));
+        };
+        let (ack, done) = tokio::sync::oneshot::channel();
+        tx.send(WaiterCommand::Mark(key.to_owned(), ack))
+            .map_err(|_| LockError::backend_msg(BACKEND, "the waiter connection task ended", true))?;
+        match timeout_at(Instant::now() + self.config.op_timeout, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(LockError::backend_msg(BACKEND, "the waiter connection task ended", true)),
+            Err(_) => Err(timed_out("marking a waiter", self.config.op_timeout)),
+        }
+    }
+}
+
+/// The background tasks that deliver release notifications.
+#[derive(Debug)]
+struct Listening {
+    listen: JoinHandle<()>,
+    waiters: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+enum WaiterCommand {
+    /// Take the shared waiter lock of a key (its first local subscription).
+    Mark(String, tokio::sync::oneshot::Sender<Result<(), LockError>>),
+    /// Drop it (its last local subscription ended).
+    Forget(String),
+}
+
+/// Owns the waiter connection: shared locks on waiter keys, in command order. After the
+/// connection fails, the next command reconnects and marks every key again.
+async fn waiter_loop(
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<WaiterCommand>,
+    options: PgConnectOptions,
+    namespace: String,
+    timeout: Duration,
+) {
+    let mut conn: Option<PgConnection> = None;
+    let mut marked: HashMap<String, usize> = HashMap::new();
+    let pair = |key: &str| waiter_key(advisory_key(&namespace, key));
+    while let Some(command) = commands.recv().await {
+        let (key, mark, ack) = match command {
+            WaiterCommand::Mark(key, ack) => (key, true, Some(ack)),
+            WaiterCommand::Forget(key) => (key, false, None),
+        };
+        if mark {
+            *marked.entry(key.clone()).or_insert(0) += 1;
+        } else {
+            match marked.get_mut(&key) {
+                Some(count) if *count > 1 => *count -= 1,
+                Some(_) => {
+                    marked.remove(&key);
+                }
+                None => continue,
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let result = async {
+            if conn.is_none() {
+                let mut fresh = timeout_at(deadline, options.connect())
+                    .await
+                    .map_err(|_| timed_out("connecting the waiter session", timeout))?
+                    .map_err(|error| map_error("connecting the waiter session", error))?;
+                // Re-mark every key that still has waiters (this one included).
+                for key in marked.keys() {
+                    let (high, low) = pair(key);
+                    let query = sqlx::query("SELECT pg_advisory_lock_shared($1, $2)::text")
+                        .bind(high)
+                        .bind(low)
+                        .execute(&mut fresh);
+                    timeout_at(deadline, query)
+                        .await
+                        .map_err(|_| timed_out("marking a waiter", timeout))?
+                        .map_err(|error| map_error("marking a waiter", error))?;
+                }
+                conn = Some(fresh);
+                return Ok(());
+            }
+            let Some(live) = conn.as_mut() else { return Ok(()) };
+            let (high, low) = pair(&key);
+            let sql = if mark {
+                "SELECT pg_advisory_lock_shared($1, $2)::text"
+            } else {
+                "SELECT pg_advisory_unlock_shared($1, $2)::text"
+            };
+            let query = sqlx::query(sql).bind(high).bind(low).execute(live);
+            timeout_at(deadline, query)
+                .await
+                .map_err(|_| timed_out("marking a waiter", timeout))?
+                .map_err(|error| map_error("marking a waiter", error))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // Unknown state: start over on a fresh session next time.
+            conn = None;
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(result);
+        }
     }
 }
 
@@ -922,8 +1022,16 @@ impl LockBackend for PostgresBackend {
         if let Err(error) = self.inner.ensure_listener().await {
             // Waiters still hear local releases and poll with backoff; retried next time.
             tracing::warn!(%error, "no release listener; waiters fall back to polling");
+            return Ok(self.inner.hub.subscribe(key.as_str()));
         }
-        Ok(self.inner.hub.subscribe(key.as_str()))
+        // Every subscription marks (counted on the waiter connection), and dropping it
+        // unmarks through the hub's idle hook only for the last one: so mark per first
+        // subscription only, matching the hook.
+        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
+        if first && let Err(error) = self.inner.register_waiter(key.as_str()).await {
+            tracing::warn!(%error, "could not mark a waiter; it falls back to polling");
+        }
+        Ok(releases)
     }
 
     fn capabilities(&self) -> Capabilities {
