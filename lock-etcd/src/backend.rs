@@ -187,16 +187,53 @@ impl Drop for RevokeOnDrop {
     }
 }
 
+/// Whether an error says the request may not have reached a healthy member (a connection
+/// to a dead member, a member without a leader): worth one more try on another connection.
+fn worth_retrying(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
 impl Inner {
-    async fn call<T>(
-        &self,
-        what: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, LockError> {
-        match timeout(self.config.request_timeout, request).await {
+    /// Runs a request, retrying transport failures (a balanced connection to a dead member)
+    /// a few times within one request timeout. Every request retried here is safe to repeat:
+    /// grants of an unused lease expire, txns re-check their compares, revokes and
+    /// keep-alives are idempotent.
+    async fn attempt<T, F, Fut>(&self, mut request: F) -> Result<Result<T, etcd_client::Error>, ()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match tokio::time::timeout_at(deadline, request()).await {
+                Err(_) => return Err(()),
+                Ok(Err(error)) if worth_retrying(&error) && Instant::now() + pause < deadline => {
+                    tracing::debug!(%error, "etcd request failed; retrying");
+                    sleep(pause).await;
+                    pause = (pause * 4).min(Duration::from_millis(200));
+                }
+                Ok(answer) => return Ok(answer),
+            }
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, what: &str, request: F) -> Result<T, LockError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.attempt(request).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(error)) => Err(backend_error(what, error)),
-            Err(_) => Err(LockError::backend_msg(
+            Err(()) => Err(LockError::backend_msg(
                 BACKEND,
                 format!("{what}: no answer within {:?}", self.config.request_timeout),
                 true,
@@ -207,20 +244,29 @@ impl Inner {
     /// Grants a lease; returns its id and the granted TTL.
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let seconds = lease_seconds(ttl);
-        let mut lease = self.client.lease_client();
-        let granted = self.call("lease grant", lease.grant(seconds, None)).await?;
+        let granted = self
+            .call("lease grant", || {
+                let mut lease = self.client.lease_client();
+                async move { lease.grant(seconds, None).await }
+            })
+            .await?;
         let granted_seconds = u64::try_from(granted.ttl().max(seconds)).unwrap_or(u64::MAX);
         Ok((granted.id(), Duration::from_secs(granted_seconds)))
     }
 
     /// Revokes a lease. `Ok(false)`: it no longer existed.
     async fn revoke(&self, lease_id: i64) -> Result<bool, LockError> {
-        let mut lease = self.client.lease_client();
-        match timeout(self.config.request_timeout, lease.revoke(lease_id)).await {
+        let answer = self
+            .attempt(|| {
+                let mut lease = self.client.lease_client();
+                async move { lease.revoke(lease_id).await }
+            })
+            .await;
+        match answer {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
             Ok(Err(error)) => Err(backend_error("lease revoke", error)),
-            Err(_) => Err(LockError::backend_msg(
+            Err(()) => Err(LockError::backend_msg(
                 BACKEND,
                 "lease revoke: no answer",
                 true,
@@ -230,12 +276,17 @@ impl Inner {
 
     /// One keep-alive round trip. `Ok(false)`: the lease is gone.
     async fn keep_alive(&self, lease_id: i64) -> Result<bool, LockError> {
-        let mut lease = self.client.lease_client();
-        match timeout(self.config.request_timeout, lease.keep_alive(lease_id)).await {
+        let answer = self
+            .attempt(|| {
+                let mut lease = self.client.lease_client();
+                async move { lease.keep_alive(lease_id).await }
+            })
+            .await;
+        match answer {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
             Ok(Err(error)) => Err(backend_error("lease keep-alive", error)),
-            Err(_) => Err(LockError::backend_msg(
+            Err(()) => Err(LockError::backend_msg(
                 BACKEND,
                 "lease keep-alive: no answer",
                 true,
@@ -244,8 +295,12 @@ impl Inner {
     }
 
     async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, LockError> {
-        let mut kv = self.client.kv_client();
-        self.call(what, kv.txn(txn)).await
+        self.call(what, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 
     /// Whether `held.entry` still exists, carries `owner` and is attached to our lease: the
@@ -260,9 +315,11 @@ impl Inner {
 
     /// Remaining TTL of a holder's lease, for `Attempt::Held`.
     async fn remaining(&self, lease_id: i64) -> Option<Duration> {
-        let mut lease = self.client.lease_client();
         let answer = self
-            .call("lease time-to-live", lease.time_to_live(lease_id, None))
+            .call("lease time-to-live", || {
+                let mut lease = self.client.lease_client();
+                async move { lease.time_to_live(lease_id, None).await }
+            })
             .await
             .ok()?;
         // etcd truncates to whole seconds: the real remainder is up to 1 s longer.
@@ -528,8 +585,23 @@ impl LockBackend for EtcdBackend {
             revoke.disarm();
             return Ok(Attempt::Acquired(lease));
         }
+        let holder = range_answer(&answer, 0).into_iter().next();
+        if let Some(holder) = holder.as_ref().filter(|holder| holder.lease() == lease_id) {
+            // A retried txn whose first try had in fact succeeded: the entry is ours.
+            let lease = lease_for(
+                key,
+                owner,
+                holder.create_revision(),
+                entry,
+                lease_id,
+                granted,
+                sent_at,
+            )?;
+            revoke.disarm();
+            return Ok(Attempt::Acquired(lease));
+        }
         // Held: our unused lease is revoked in the background as `revoke` drops.
-        let expires_in = match range_answer(&answer, 0).first() {
+        let expires_in = match holder.as_ref() {
             Some(holder) => inner.remaining(holder.lease()).await,
             // The holder vanished between compare and read: worth trying again at once.
             None => Some(Duration::ZERO),
@@ -614,9 +686,17 @@ impl LockBackend for EtcdBackend {
                         .with_keys_only(),
                 ),
             ),
+            TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
         ]);
         let answer = inner.txn("queue join txn", join).await?;
-        let my_revision = revision(&answer)?;
+        // Our own entry's create revision, not the header's: a retried put keeps the
+        // revision of the first one.
+        let my_revision = range_answer(&answer, 2)
+            .first()
+            .map(KeyValue::create_revision)
+            .ok_or_else(|| {
+                LockError::backend_msg(BACKEND, "queue entry missing right after its put", true)
+            })?;
         let first = range_answer(&answer, 1)
             .first()
             .map(KeyValue::create_revision);

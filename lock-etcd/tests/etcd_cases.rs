@@ -1,0 +1,256 @@
+//! etcd-specific cases on harness-started servers: FIFO order, leader loss, a waiter whose
+//! lease is revoked from outside (#11456), a paused server, a cut connection, bad URLs.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::EtcdFactory;
+use conformance_tests::BackendFactory;
+use lock_core::{LockError, LockKey, Locker};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+async fn locker(factory: &EtcdFactory) -> Result<Locker> {
+    Ok(Locker::from_arc(factory.backend().await?))
+}
+
+/// Waits until the queue of `key` has `len` entries; returns them (oldest first).
+async fn queue_of(
+    factory: &EtcdFactory,
+    key: &str,
+    len: usize,
+) -> Result<Vec<(Vec<u8>, i64, i64)>> {
+    let range = lock_etcd::key_range(&factory.prefix, &LockKey::new(key)?);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let entries = factory.cluster.keys_with_prefix(&range).await?;
+        if entries.len() == len {
+            return Ok(entries);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "queue of {key} has {} entries, expected {len}",
+            entries.len()
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifo_order_of_eight_waiters() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = locker(&factory).await?;
+    let waiters = [locker(&factory).await?, locker(&factory).await?];
+    let guard = holder
+        .lock("fifo")
+        .ttl(Duration::from_secs(10))
+        .acquire()
+        .await?;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for index in 0..8 {
+        let locker = waiters[index % 2].clone();
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let guard = locker
+                .lock("fifo")
+                .ttl(Duration::from_secs(10))
+                .wait(Duration::from_secs(30))
+                .acquire()
+                .await?;
+            order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((index, guard.fence()));
+            sleep(Duration::from_millis(5)).await;
+            guard.release().await?;
+            anyhow::Ok(())
+        }));
+        // The next waiter joins only once this one is in the queue.
+        queue_of(&factory, "fifo", index + 2).await?;
+    }
+    ensure!(guard.release().await?, "holder's release returned false");
+    for task in tasks {
+        task.await??;
+    }
+    let order = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let indices: Vec<usize> = order.iter().map(|(index, _)| *index).collect();
+    ensure!(
+        indices == (0..8).collect::<Vec<_>>(),
+        "waiters acquired in order {indices:?}"
+    );
+    let fences: Vec<_> = order.iter().map(|(_, fence)| *fence).collect();
+    ensure!(
+        fences.windows(2).all(|pair| pair[0] < pair[1]),
+        "fences not increasing: {fences:?}"
+    );
+    queue_of(&factory, "fifo", 0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_while_held_keeps_lock_and_renewals() -> Result<()> {
+    let mut factory = EtcdFactory::start(3).await?;
+    let holder = locker(&factory).await?;
+    let other = locker(&factory).await?;
+    let ttl = Duration::from_secs(2);
+    let guard = holder.lock("leader").ttl(ttl).acquire().await?;
+    let fence = guard.fence();
+    let killed = factory.cluster.kill_leader().await?;
+    let killed_at = Instant::now();
+    // Three TTLs: without renewals through the new leader the lease would be long gone.
+    sleep(ttl * 3).await;
+    ensure!(
+        !guard.is_lost(),
+        "lock lost after leader {killed} was killed: {:?}",
+        guard.lost_reason()
+    );
+    ensure!(
+        guard.lease().sent_at() > killed_at + ttl,
+        "no renewal went through after the leader was killed"
+    );
+    ensure!(guard.fence() == fence, "fence changed");
+    ensure!(
+        other.try_acquire("leader").await?.is_none(),
+        "another locker got the held key"
+    );
+    ensure!(guard.release().await?, "release returned false");
+    let again = other
+        .try_acquire("leader")
+        .await?
+        .context("key not free after release")?;
+    again.release().await?;
+    // The killed member comes back and the cluster is whole again.
+    factory.cluster.restart(killed).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiter_with_revoked_lease_never_acquires() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = locker(&factory).await?;
+    let waiter = locker(&factory).await?;
+    let guard = holder
+        .lock("revoked")
+        .ttl(Duration::from_secs(10))
+        .acquire()
+        .await?;
+    let task = tokio::spawn(async move {
+        waiter
+            .lock("revoked")
+            .ttl(Duration::from_secs(10))
+            .wait(Duration::from_secs(20))
+            .acquire()
+            .await
+    });
+    let queue = queue_of(&factory, "revoked", 2).await?;
+    let (_, _, waiter_lease) = queue[1];
+    factory.cluster.revoke_lease(waiter_lease).await?;
+    queue_of(&factory, "revoked", 1).await?;
+    ensure!(guard.release().await?, "holder's release returned false");
+    match timeout(Duration::from_secs(5), task)
+        .await
+        .context("waiter hung")??
+    {
+        Ok(guard) => bail!(
+            "a waiter whose lease was revoked acquired the lock (fence {:?})",
+            guard.fence()
+        ),
+        Err(error) => ensure!(
+            error.is_retryable(),
+            "expected a retryable error, got {error}"
+        ),
+    }
+    queue_of(&factory, "revoked", 0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_server_fires_lost_before_deadline() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = locker(&factory).await?;
+    let ttl = Duration::from_secs(2);
+    let guard = holder.lock("paused").ttl(ttl).acquire().await?;
+    sleep(Duration::from_millis(100)).await;
+    factory.cluster.pause(0)?;
+    let outcome = timeout(ttl * 2, guard.lost()).await;
+    let fired = Instant::now();
+    factory.cluster.resume(0)?;
+    outcome.context("lost() never fired while the server was paused")?;
+    let valid_until = guard.valid_until();
+    ensure!(
+        fired < valid_until,
+        "lost() fired {:?} after the validity deadline",
+        fired - valid_until
+    );
+    drop(guard);
+    // The server recovers and the key becomes free (released in the background or expired).
+    let other = locker(&factory).await?;
+    let next = other
+        .lock("paused")
+        .ttl(ttl)
+        .wait(ttl + lock_etcd::EXPIRY_SLACK + Duration::from_secs(3))
+        .acquire()
+        .await?;
+    next.release().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_connection_fires_lost_and_heals() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = locker(&factory).await?;
+    let ttl = Duration::from_secs(2);
+    let guard = holder.lock("cut").ttl(ttl).acquire().await?;
+    factory.cluster.cut(0)?;
+    timeout(ttl * 2, guard.lost())
+        .await
+        .context("lost() never fired with the connection cut")?;
+    ensure!(
+        Instant::now() < guard.valid_until(),
+        "lost() fired after the validity deadline"
+    );
+    factory.cluster.heal(0)?;
+    drop(guard);
+    let next = holder
+        .lock("cut")
+        .ttl(ttl)
+        .wait(ttl + lock_etcd::EXPIRY_SLACK + Duration::from_secs(3))
+        .acquire()
+        .await?;
+    ensure!(next.release().await?, "release after heal returned false");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
+    for bad in [
+        "",
+        "etcd://",
+        "etcd://host",
+        "etcd://host:port",
+        "http://127.0.0.1:2379",
+        "etcd://a:1,,b:2",
+    ] {
+        match lock_etcd::connect(bad).await {
+            Err(LockError::InvalidConfig(_)) => {}
+            other => bail!("{bad:?}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    // Nothing listens on a fresh free port.
+    let port = lock_harness::free_port()?;
+    let started = Instant::now();
+    match lock_etcd::connect(&format!("etcd://127.0.0.1:{port}")).await {
+        Err(error @ LockError::Backend { .. }) => {
+            ensure!(error.is_retryable(), "not retryable: {error}")
+        }
+        other => bail!("unreachable server: expected Backend, got {other:?}"),
+    }
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "connect took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
