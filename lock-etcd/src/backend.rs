@@ -352,6 +352,16 @@ fn lease_for(
     })))
 }
 
+/// A contender's place in a key's queue.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    range: &'a [u8],
+    entry: &'a [u8],
+    my_revision: i64,
+    lease_id: i64,
+    granted: Duration,
+}
+
 impl EtcdBackend {
     /// Connects to the endpoints of `config` and checks, within the connect timeout, that
     /// the cluster answers a linearizable read.
@@ -447,14 +457,17 @@ impl EtcdBackend {
     /// by a request sent at `refreshed`. `Ok(None)`: deadline.
     async fn wait_turn(
         &self,
-        range: &[u8],
-        entry: &[u8],
-        my_revision: i64,
-        lease_id: i64,
-        granted: Duration,
+        place: &Place<'_>,
         mut refreshed: Instant,
         deadline: Instant,
     ) -> Result<Option<Instant>, LockError> {
+        let Place {
+            range,
+            entry,
+            my_revision,
+            lease_id,
+            granted,
+        } = *place;
         let inner = &self.inner;
         let mut retry_delay = Duration::from_millis(10);
         loop {
@@ -703,16 +716,14 @@ impl LockBackend for EtcdBackend {
         let refreshed = if first == Some(my_revision) {
             Some(sent_at)
         } else {
-            self.wait_turn(
-                &range,
-                &entry,
+            let place = Place {
+                range: &range,
+                entry: &entry,
                 my_revision,
                 lease_id,
                 granted,
-                sent_at,
-                deadline,
-            )
-            .await?
+            };
+            self.wait_turn(&place, sent_at, deadline).await?
         };
         match refreshed {
             Some(refreshed) => {
