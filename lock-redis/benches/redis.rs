@@ -1,1 +1,438 @@
-fn main() {}
+//! `cargo bench -p lock-redis`: distlock on one local redis-server (started here through
+//! `lock_harness`) beside the raw-protocol floor measured in the same run, and the `rslock`
+//! crate as a peer.
+//!
+//! - uncontended acquire+release, one task, fresh key each time;
+//! - 64 tasks on distinct keys over one backend / one multiplexed connection;
+//! - hand-off: a holder keeps the lock 5 ms while a waiter is blocked in `acquire`; time from
+//!   the holder's release call to the waiter's acquisition.
+
+use anyhow::{Context, Result};
+use lock_core::{LockBackend, LockKey, Locker};
+use lock_harness::redis::RedisServer;
+use lock_redis::RedisBackend;
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const TTL: Duration = Duration::from_secs(10);
+const UNCONTENDED_ROUNDS: usize = 5;
+const UNCONTENDED_OPS: usize = 2000;
+const PARALLEL_TASKS: usize = 64;
+const PARALLEL_FOR: Duration = Duration::from_secs(3);
+const HANDOFFS: usize = 600;
+const RSLOCK_HANDOFFS: usize = 500;
+
+/// The raw floor: `SET NX PX`, then compare-and-delete, on a redis-rs connection.
+struct Raw {
+    conn: ConnectionManager,
+    cad: redis::Script,
+}
+
+impl Raw {
+    async fn new(url: &str) -> Result<Self> {
+        let conn = ConnectionManager::new(redis::Client::open(url)?).await?;
+        let cad = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        Ok(Raw { conn, cad })
+    }
+
+    async fn acquire_release(&self, key: &str, token: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        anyhow::ensure!(set.is_some(), "raw: key {key} was held");
+        let deleted: i64 = self.cad.key(key).arg(token).invoke_async(&mut conn).await?;
+        anyhow::ensure!(deleted == 1, "raw: release refused");
+        Ok(())
+    }
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    ops_per_sec: f64,
+}
+
+fn stats(mut samples: Vec<Duration>, wall: Duration) -> Stats {
+    samples.sort_unstable();
+    let pick = |q: f64| {
+        let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(index).copied().unwrap_or_default()
+    };
+    Stats {
+        p50: pick(0.5),
+        p99: pick(0.99),
+        ops_per_sec: samples.len() as f64 / wall.as_secs_f64(),
+    }
+}
+
+fn us(duration: Duration) -> String {
+    format!("{:.1} µs", duration.as_secs_f64() * 1e6)
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1e3)
+}
+
+#[derive(Default)]
+struct Series {
+    samples: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Series {
+    async fn run<F, Fut>(&mut self, ops: usize, mut op: F) -> Result<()>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let start = Instant::now();
+        for i in 0..ops {
+            let before = Instant::now();
+            op(i).await?;
+            self.samples.push(before.elapsed());
+        }
+        self.wall += start.elapsed();
+        Ok(())
+    }
+
+    fn stats(self) -> Stats {
+        stats(self.samples, self.wall)
+    }
+}
+
+fn key(prefix: &str, round: usize, i: usize) -> String {
+    format!("bench:{prefix}:{round}:{i}")
+}
+
+async fn uncontended(url: &str) -> Result<Vec<(&'static str, Stats)>> {
+    let backend: Arc<dyn LockBackend> = Arc::new(RedisBackend::connect(url).await?);
+    let locker = Locker::from_arc(backend.clone());
+    let raw = Raw::new(url).await?;
+    let rslock = rslock::LockManager::new(vec![url.to_owned()]);
+    let (mut s_locker, mut s_trait, mut s_raw, mut s_rslock) = (
+        Series::default(),
+        Series::default(),
+        Series::default(),
+        Series::default(),
+    );
+    // Warm up every client (connections, script cache), then interleave rounds so drift in
+    // machine load hits all of them alike.
+    for round in 0..=UNCONTENDED_ROUNDS {
+        let ops = if round == 0 { 300 } else { UNCONTENDED_OPS };
+        let mut warm = Series::default();
+        let (a, b, c, d): (&mut Series, &mut Series, &mut Series, &mut Series) = if round == 0 {
+            (
+                &mut warm,
+                &mut Series::default(),
+                &mut Series::default(),
+                &mut Series::default(),
+            )
+        } else {
+            (&mut s_locker, &mut s_trait, &mut s_raw, &mut s_rslock)
+        };
+        a.run(ops, |i| {
+            let locker = locker.clone();
+            async move {
+                let guard = locker
+                    .lock(key("locker", round, i))
+                    .ttl(TTL)
+                    .try_acquire()
+                    .await?
+                    .context("held")?;
+                guard.release().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        b.run(ops, |i| {
+            let backend = backend.clone();
+            async move {
+                let key = LockKey::new(key("trait", round, i))?;
+                let lease = backend
+                    .try_acquire(&key, TTL)
+                    .await?
+                    .into_lease()
+                    .context("held")?;
+                backend.release(&lease).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        c.run(ops, |i| {
+            let raw = &raw;
+            async move {
+                let token = lock_core::OwnerToken::random().to_string();
+                raw.acquire_release(&key("raw", round, i), &token).await
+            }
+        })
+        .await?;
+        d.run(ops, |i| {
+            let rslock = &rslock;
+            async move {
+                let lock = rslock
+                    .lock(key("rslock", round, i).as_str(), TTL)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("rslock: {error:?}"))?;
+                rslock.unlock(&lock).await;
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    Ok(vec![
+        ("distlock Locker (guard + watchdog task)", s_locker.stats()),
+        ("distlock RedisBackend (trait calls)", s_trait.stats()),
+        ("raw floor: SET NX PX + CAD script", s_raw.stats()),
+        ("rslock 0.10 (1 node)", s_rslock.stats()),
+    ])
+}
+
+async fn parallel<F, Fut>(op: F) -> Result<f64>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..PARALLEL_TASKS {
+        let (op, stop, done) = (op.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                op(task, i).await?;
+                i += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(PARALLEL_FOR).await;
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+async fn parallel_all(url: &str) -> Result<Vec<(&'static str, f64)>> {
+    let mut results = Vec::new();
+    for round in 0..2 {
+        let locker = Locker::new(RedisBackend::connect(url).await?);
+        let locker_ops = parallel(move |task, i| {
+            let locker = locker.clone();
+            async move {
+                let guard = locker
+                    .lock(format!("bench:par:{round}:{task}:{i}"))
+                    .ttl(TTL)
+                    .try_acquire()
+                    .await?
+                    .context("held")?;
+                guard.release().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let backend: Arc<dyn LockBackend> = Arc::new(RedisBackend::connect(url).await?);
+        let trait_ops = parallel(move |task, i| {
+            let backend = backend.clone();
+            async move {
+                let key = LockKey::new(format!("bench:part:{round}:{task}:{i}"))?;
+                let lease = backend
+                    .try_acquire(&key, TTL)
+                    .await?
+                    .into_lease()
+                    .context("held")?;
+                backend.release(&lease).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let raw = Arc::new(Raw::new(url).await?);
+        let raw_ops = parallel(move |task, i| {
+            let raw = raw.clone();
+            async move {
+                let token = lock_core::OwnerToken::random().to_string();
+                raw.acquire_release(&format!("bench:parr:{round}:{task}:{i}"), &token)
+                    .await
+            }
+        })
+        .await?;
+        if round == 1 {
+            results = vec![
+                ("distlock Locker, 64 tasks, one backend", locker_ops),
+                ("distlock RedisBackend, 64 tasks", trait_ops),
+                ("raw floor, 64 tasks, one multiplexed connection", raw_ops),
+            ];
+        }
+    }
+    Ok(results)
+}
+
+async fn handoff_distlock(url: &str) -> Result<Stats> {
+    let holder = Locker::new(RedisBackend::connect(url).await?);
+    let waiter = Locker::new(RedisBackend::connect(url).await?);
+    let name = "bench:handoff";
+    let mut samples = Vec::with_capacity(HANDOFFS);
+    let start = Instant::now();
+    for _ in 0..HANDOFFS {
+        let guard = holder.lock(name).ttl(TTL).acquire().await?;
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let guard = waiter
+                    .lock(name)
+                    .ttl(TTL)
+                    .wait(Duration::from_secs(10))
+                    .acquire()
+                    .await?;
+                let at = Instant::now();
+                guard.release().await?;
+                anyhow::Ok(at)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released_at = Instant::now();
+        guard.release().await?;
+        let acquired_at = waiting.await??;
+        samples.push(acquired_at.saturating_duration_since(released_at));
+    }
+    Ok(stats(samples, start.elapsed()))
+}
+
+async fn handoff_rslock(url: &str) -> Result<Stats> {
+    let holder = rslock::LockManager::new(vec![url.to_owned()]);
+    let waiter = rslock::LockManager::new(vec![url.to_owned()]);
+    let name = "bench:handoff-rslock";
+    let mut samples = Vec::with_capacity(RSLOCK_HANDOFFS);
+    let start = Instant::now();
+    for _ in 0..RSLOCK_HANDOFFS {
+        let lock = holder
+            .lock(name, TTL)
+            .await
+            .map_err(|error| anyhow::anyhow!("rslock: {error:?}"))?;
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let guard = waiter
+                    .acquire(name, TTL)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("rslock: {error:?}"))?;
+                let at = Instant::now();
+                guard.release().await;
+                anyhow::Ok(at)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released_at = Instant::now();
+        holder.unlock(&lock).await;
+        let acquired_at = waiting.await??;
+        samples.push(acquired_at.saturating_duration_since(released_at));
+    }
+    Ok(stats(samples, start.elapsed()))
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = RedisServer::start()?;
+    let url = server.url();
+    runtime.block_on(async {
+        println!("lock-redis benchmark: one local redis-server ({url}), tokio 2 workers");
+        println!();
+        let uncontended = uncontended(&url).await?;
+        println!(
+            "uncontended acquire+release, one task, fresh key each time ({} ops each)",
+            UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+        );
+        println!("| client | p50 | p99 | ops/s |");
+        println!("|---|---:|---:|---:|");
+        for (name, s) in &uncontended {
+            println!(
+                "| {name} | {} | {} | {:.0} |",
+                us(s.p50),
+                us(s.p99),
+                s.ops_per_sec
+            );
+        }
+        let floor = uncontended
+            .iter()
+            .find(|(name, _)| name.starts_with("raw"))
+            .map(|(_, s)| s.p50)
+            .unwrap_or_default();
+        for (name, s) in uncontended
+            .iter()
+            .filter(|(name, _)| name.starts_with("distlock"))
+        {
+            println!(
+                "p50 ratio {name} / raw floor: {:.2} (bar ≤ 1.15)",
+                s.p50.as_secs_f64() / floor.as_secs_f64()
+            );
+        }
+        println!();
+        let parallel = parallel_all(&url).await?;
+        println!(
+            "{PARALLEL_TASKS} tasks on distinct keys, acquire+release, {:?} per client",
+            PARALLEL_FOR
+        );
+        println!("| client | ops/s |");
+        println!("|---|---:|");
+        for (name, ops) in &parallel {
+            println!("| {name} | {ops:.0} |");
+        }
+        let raw_ops = parallel
+            .iter()
+            .find(|(name, _)| name.starts_with("raw"))
+            .map(|(_, ops)| *ops)
+            .unwrap_or(f64::NAN);
+        for (name, ops) in parallel
+            .iter()
+            .filter(|(name, _)| name.starts_with("distlock"))
+        {
+            println!(
+                "throughput ratio {name} / raw floor: {:.2} (bar ≥ 0.70)",
+                ops / raw_ops
+            );
+        }
+        println!();
+        let ours = handoff_distlock(&url).await?;
+        let theirs = handoff_rslock(&url).await?;
+        println!(
+            "hand-off: holder keeps the lock 5 ms, waiter blocked in acquire; release → acquisition"
+        );
+        println!("| client | hand-offs | median | p99 |");
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| distlock (pub/sub wake-up) | {HANDOFFS} | {} | {} |",
+            ms(ours.p50),
+            ms(ours.p99)
+        );
+        println!(
+            "| rslock 0.10 (default retry: 3 × random 0–200 ms) | {RSLOCK_HANDOFFS} | {} | {} |",
+            ms(theirs.p50),
+            ms(theirs.p99)
+        );
+        println!("hand-off median bar: ≤ 1 ms");
+        anyhow::Ok(())
+    })?;
+    drop(server);
+    Ok(())
+}

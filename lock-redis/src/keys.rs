@@ -83,7 +83,8 @@ mod tests {
     fn names_are_injective_and_share_a_hash_tag() -> Result<(), LockError> {
         let scheme = KeyScheme::new("dl:", 0)?;
         let keys = [
-            "a", "a}", "a}:lock", "a}:fence", "{a}", "a%7D", "a%", "%7D", "}", "{", "a:lock", "a:fence",
+            "a", "a}", "a}:lock", "a}:fence", "{a}", "a%7D", "a%", "%7D", "}", "{", "a:lock",
+            "a:fence",
         ];
         let mut seen = HashSet::new();
         for key in keys {

@@ -111,7 +111,10 @@ impl Node {
         url: &str,
         scheme: KeyScheme,
         hub: ReleaseHub,
-        commands: (mpsc::UnboundedSender<Command>, mpsc::UnboundedReceiver<Command>),
+        commands: (
+            mpsc::UnboundedSender<Command>,
+            mpsc::UnboundedReceiver<Command>,
+        ),
         options: &crate::RedisOptions,
         shutdown: CancellationToken,
         must_answer: bool,
@@ -178,7 +181,10 @@ impl Node {
     }
 
     /// A command channel for [`Node::connect`]; the sender side also goes to the hub's idle hook.
-    fn channel() -> (mpsc::UnboundedSender<Command>, mpsc::UnboundedReceiver<Command>) {
+    fn channel() -> (
+        mpsc::UnboundedSender<Command>,
+        mpsc::UnboundedReceiver<Command>,
+    ) {
         mpsc::unbounded_channel()
     }
 
@@ -329,7 +335,10 @@ async fn listen(
         let mut ok = true;
         if !keys.is_empty() {
             let names: Vec<String> = keys.iter().map(|key| scheme.channel(key)).collect();
-            ok = matches!(timeout(op_timeout, sink.subscribe(&names)).await, Ok(Ok(())));
+            ok = matches!(
+                timeout(op_timeout, sink.subscribe(&names)).await,
+                Ok(Ok(()))
+            );
             channels.extend(names.into_iter().zip(keys));
         }
         if !ok {

@@ -95,7 +95,11 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
     let redlock = match scheme {
         "redis" => false,
         "redlock" => true,
-        other => return Err(bad(&format!("unknown scheme {other:?} (use redis or redlock)"))),
+        other => {
+            return Err(bad(&format!(
+                "unknown scheme {other:?} (use redis or redlock)"
+            )));
+        }
     };
     let (before_query, query) = match rest.split_once('?') {
         Some((before, query)) => (before, Some(query)),
@@ -127,7 +131,9 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
                     .ok()
                     .filter(|ms| *ms > 0)
                     .map(Duration::from_millis)
-                    .ok_or_else(|| bad(&format!("{name} must be a positive number of milliseconds")))
+                    .ok_or_else(|| {
+                        bad(&format!("{name} must be a positive number of milliseconds"))
+                    })
             };
             match name.as_ref() {
                 "prefix" => options.prefix = value.into_owned(),
@@ -184,7 +190,10 @@ mod tests {
 
     #[test]
     fn parses_both_forms() -> Result<(), LockError> {
-        let single = parse_url("redis://127.0.0.1:6379/3?prefix=x:", RedisOptions::default())?;
+        let single = parse_url(
+            "redis://127.0.0.1:6379/3?prefix=x:",
+            RedisOptions::default(),
+        )?;
         assert!(!single.redlock);
         assert_eq!(single.nodes, ["redis://127.0.0.1:6379/3"]);
         assert_eq!(single.options.prefix, "x:");

@@ -76,7 +76,9 @@ impl RedlockBackend {
     pub async fn connect_nodes(urls: &[String], options: RedisOptions) -> Result<Self, LockError> {
         options.validate()?;
         if urls.is_empty() {
-            return Err(LockError::InvalidConfig("Redlock needs at least one node".into()));
+            return Err(LockError::InvalidConfig(
+                "Redlock needs at least one node".into(),
+            ));
         }
         let quorum = urls.len() / 2 + 1;
         let inner = Nodes::connect(urls, &options, quorum).await?;
@@ -172,7 +174,11 @@ impl RedlockBackend {
             limit,
             |nodes, index| {
                 let (lock_key, channel, token) = (lock_key.clone(), channel.clone(), token.clone());
-                async move { node(&nodes, index)?.release(&lock_key, &token, &channel).await }
+                async move {
+                    node(&nodes, index)?
+                        .release(&lock_key, &token, &channel)
+                        .await
+                }
             },
             |_| false,
         )
@@ -242,7 +248,10 @@ impl RedlockBackend {
                         .iter()
                         .filter_map(|index| self.inner.nodes.get(*index))
                         .map(|node| {
-                            timeout(limit, node.raise_fence(&lock_key, &fence_key, &token, fence))
+                            timeout(
+                                limit,
+                                node.raise_fence(&lock_key, &fence_key, &token, fence),
+                            )
                         }),
                 )
                 .await;
@@ -252,9 +261,14 @@ impl RedlockBackend {
                     .count();
             }
             if confirmed >= self.quorum && Instant::now() < valid_until {
-                let lease =
-                    Lease::new(key.clone(), owner, Some(FencingToken(fence)), granted, sent_at)
-                        .with_valid_until(valid_until);
+                let lease = Lease::new(
+                    key.clone(),
+                    owner,
+                    Some(FencingToken(fence)),
+                    granted,
+                    sent_at,
+                )
+                .with_valid_until(valid_until);
                 return Ok(Round::Done(Attempt::Acquired(lease)));
             }
             errors.push(format!(
@@ -356,7 +370,9 @@ impl LockBackend for RedlockBackend {
             }
         }
         if renewed >= self.quorum && Instant::now() < valid_until {
-            return Ok(lease.renewed(granted, sent_at).with_valid_until(valid_until));
+            return Ok(lease
+                .renewed(granted, sent_at)
+                .with_valid_until(valid_until));
         }
         if refused > self.inner.nodes.len() - self.quorum {
             return Err(LockError::lost(
@@ -388,7 +404,11 @@ impl LockBackend for RedlockBackend {
                 |nodes, index| {
                     let (lock_key, channel, token) =
                         (lock_key.clone(), channel.clone(), token.clone());
-                    async move { node(&nodes, index)?.release(&lock_key, &token, &channel).await }
+                    async move {
+                        node(&nodes, index)?
+                            .release(&lock_key, &token, &channel)
+                            .await
+                    }
                 },
                 |released| *released,
             )
@@ -416,7 +436,9 @@ impl LockBackend for RedlockBackend {
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
         let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
         if first {
-            self.inner.subscribe(key.as_str(), self.node_timeout * 5).await;
+            self.inner
+                .subscribe(key.as_str(), self.node_timeout * 5)
+                .await;
         }
         Ok(releases)
     }

@@ -76,7 +76,12 @@ impl LockBackend for RedisBackend {
         let sent_at = Instant::now();
         let answer = self
             .node()?
-            .acquire(&scheme.lock_key(key), &scheme.fence_key(key), &token, ttl_ms)
+            .acquire(
+                &scheme.lock_key(key),
+                &scheme.fence_key(key),
+                &token,
+                ttl_ms,
+            )
             .await?;
         Ok(match answer {
             NodeAcquire::Acquired(fence) => Attempt::Acquired(Lease::new(

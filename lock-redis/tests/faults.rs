@@ -67,7 +67,10 @@ async fn holder_told_first(
         .acquire()
         .await?;
     let acquired_at = Instant::now();
-    ensure!(acquired_at > lost_at, "contender acquired before the holder was told");
+    ensure!(
+        acquired_at > lost_at,
+        "contender acquired before the holder was told"
+    );
     ensure!(
         next.fence().context("no fence")? > fence,
         "fence did not increase"
@@ -174,7 +177,10 @@ async fn restart_without_persistence_loses_locks_cleanly() -> Result<()> {
         Err(error) if error.is_lost() => {}
         other => bail!("renew after a restart without persistence: expected Lost, got {other:?}"),
     }
-    ensure!(!backend.release(&lease).await?, "release after restart returned true");
+    ensure!(
+        !backend.release(&lease).await?,
+        "release after restart returned true"
+    );
     let again = settle(|| backend.try_acquire(&key, ttl))
         .await??
         .into_lease()
@@ -211,7 +217,10 @@ async fn restart_with_aof_keeps_fences_increasing() -> Result<()> {
     server.restart()?;
     // The held lock survived (AOF always) and is still ours.
     let renewed = settle(|| backend.renew(&held, ttl)).await??;
-    ensure!(backend.release(&renewed).await?, "release after restart returned false");
+    ensure!(
+        backend.release(&renewed).await?,
+        "release after restart returned false"
+    );
     let after = settle(|| backend.try_acquire(&key, ttl))
         .await??
         .into_lease()
@@ -266,7 +275,9 @@ async fn redlock_paused_minority_still_acquires_fast() -> Result<()> {
     let attempt = backend.try_acquire(&key, Duration::from_secs(5)).await;
     let took = started.elapsed();
     servers[2].resume()?;
-    let lease = attempt?.into_lease().context("not acquired with one node paused")?;
+    let lease = attempt?
+        .into_lease()
+        .context("not acquired with one node paused")?;
     ensure!(
         took < Duration::from_millis(100 + 150),
         "acquire with a paused node took {took:?} (node timeout 100 ms)"
@@ -277,7 +288,7 @@ async fn redlock_paused_minority_still_acquires_fast() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_majority_down_refuses_and_leaves_nothing() -> Result<()> {
-    let mut servers = vec![
+    let mut servers = [
         RedisServer::start()?,
         RedisServer::start()?,
         RedisServer::start()?,
