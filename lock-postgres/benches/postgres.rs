@@ -99,6 +99,70 @@ async fn distlock_uncontended(locker: &Locker) -> Result<Stats> {
     Ok(stats(samples, started.elapsed()))
 }
 
+async fn backend_uncontended(backend: &Arc<dyn lock_core::LockBackend>) -> Result<Stats> {
+    let key = lock_core::LockKey::new("bench-direct")?;
+    let ttl = Duration::from_secs(30);
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let mut started = Instant::now();
+    for round in 0..UNCONTENDED_ROUNDS + 300 {
+        if round == 300 {
+            samples.clear();
+            started = Instant::now();
+        }
+        let t = Instant::now();
+        let lease = backend
+            .try_acquire(&key, ttl)
+            .await?
+            .into_lease()
+            .context("held")?;
+        ensure!(backend.release(&lease).await?, "release answered false");
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+/// distlock's own statements on a raw connection: the server-side part of its cost.
+async fn raw_distlock_sql(url: &str) -> Result<Stats> {
+    let mut conn = raw_conn(url).await?;
+    sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")
+        .execute(&mut conn)
+        .await?;
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let mut started = Instant::now();
+    for round in 0..UNCONTENDED_ROUNDS + 300 {
+        if round == 300 {
+            samples.clear();
+            started = Instant::now();
+        }
+        let t = Instant::now();
+        let row = sqlx::query(
+            "WITH l AS (SELECT pg_try_advisory_lock($1) AS ok) \
+             SELECT ok, CASE WHEN ok THEN nextval('distlock_fence_seq') END, \
+             set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false) FROM l",
+        )
+        .bind(77_i64)
+        .bind("30000")
+        .bind("0")
+        .fetch_one(&mut conn)
+        .await?;
+        ensure!(sqlx::Row::try_get::<bool, _>(&row, 0)?);
+        sqlx::query(
+            "SELECT pg_advisory_unlock($1), CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL \
+             ELSE pg_notify($4, $5)::text END, set_config('idle_session_timeout', $6, false)",
+        )
+        .bind(77_i64)
+        .bind(0_i32)
+        .bind(77_i32)
+        .bind("bench_chan")
+        .bind("k")
+        .bind("0")
+        .fetch_one(&mut conn)
+        .await?;
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
 async fn raw_parallel(url: &str) -> Result<Stats> {
     let mut conns = Vec::new();
     for _ in 0..PARALLEL_TASKS {
@@ -157,7 +221,11 @@ async fn distlock_handoff(holder: &Locker, waiter: &Locker) -> Result<Stats> {
         let waiting = tokio::spawn({
             let waiter = waiter.clone();
             async move {
-                let guard = waiter.lock(key).wait(Duration::from_secs(5)).acquire().await?;
+                let guard = waiter
+                    .lock(key)
+                    .wait(Duration::from_secs(5))
+                    .acquire()
+                    .await?;
                 let at = Instant::now();
                 guard.release().await?;
                 Ok::<_, anyhow::Error>(at)
@@ -212,7 +280,10 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
             .await?;
         ensure!(got, "raw waiter did not get the lock");
         let acquired_at = Instant::now();
-        sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut waiter).await?;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut waiter)
+            .await?;
         if round >= 10 {
             samples.push(acquired_at - released_at);
         }
@@ -227,10 +298,14 @@ async fn run(server: &PostgresServer) -> Result<()> {
         ttl: Duration::from_secs(30),
         ..LockOptions::default()
     };
-    let locker = Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
-    let waiter = Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let locker =
+        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let waiter =
+        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
 
     let raw_one = raw_uncontended(&url).await?;
+    let raw_sql = raw_distlock_sql(&url).await?;
+    let direct = backend_uncontended(locker.backend()).await?;
     let dl_one = distlock_uncontended(&locker).await?;
     let raw_par = raw_parallel(&url).await?;
     let dl_par = distlock_parallel(&locker).await?;
@@ -251,6 +326,18 @@ async fn run(server: &PostgresServer) -> Result<()> {
         us(raw_one.p99),
         us(dl_one.p99),
         ratio(raw_one.p99, dl_one.p99)
+    );
+    println!(
+        "| (breakdown) distlock's SQL on a raw connection p50 / p99 | {} / {} | | {:.2}× |",
+        us(raw_sql.p50),
+        us(raw_sql.p99),
+        ratio(raw_one.p50, raw_sql.p50)
+    );
+    println!(
+        "| (breakdown) PostgresBackend trait calls, no Locker p50 / p99 | | {} / {} | {:.2}× |",
+        us(direct.p50),
+        us(direct.p99),
+        ratio(raw_one.p50, direct.p50)
     );
     println!(
         "| uncontended ops/s (pairs) | {:.0} | {:.0} | {:.2}× |",
@@ -293,9 +380,15 @@ async fn run(server: &PostgresServer) -> Result<()> {
 
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let server = PostgresServer::start().context("starting postgres")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let result = runtime.block_on(run(&server));
+    let server = Arc::new(PostgresServer::start().context("starting postgres")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Run on a worker thread, as an application's tasks do (raw and distlock alike).
+    let result = runtime.block_on({
+        let server = server.clone();
+        async move { tokio::spawn(async move { run(&server).await }).await? }
+    });
     drop(runtime);
     drop(server);
     result

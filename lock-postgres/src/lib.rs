@@ -25,7 +25,9 @@ use lock_core::{
     Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
     ReleaseHub, Releases, validate_ttl,
 };
-use sqlx::postgres::{PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{
+    PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions,
+};
 use sqlx::{ConnectOptions, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -124,9 +126,12 @@ fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig), LockError>
         let number = || value.parse::<u64>().map_err(|_| bad(&name, &value));
         match name.as_ref() {
             "namespace" => config.namespace = value.to_string(),
-            "max_sessions" => config.max_sessions = usize::try_from(number()?).map_err(|_| bad(&name, &value))?,
+            "max_sessions" => {
+                config.max_sessions = usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+            }
             "sessions_per_ttl" => {
-                config.sessions_per_ttl = usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+                config.sessions_per_ttl =
+                    usize::try_from(number()?).map_err(|_| bad(&name, &value))?
             }
             "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
             "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
@@ -146,7 +151,9 @@ fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig), LockError>
 
 fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
     if config.namespace.contains('\0') {
-        return Err(LockError::InvalidConfig("the namespace must not contain NUL".into()));
+        return Err(LockError::InvalidConfig(
+            "the namespace must not contain NUL".into(),
+        ));
     }
     if config.max_sessions == 0 || config.sessions_per_ttl == 0 {
         return Err(LockError::InvalidConfig(
@@ -192,7 +199,11 @@ fn map_error(context: &str, error: sqlx::Error) -> LockError {
 }
 
 fn timed_out(context: &str, after: Duration) -> LockError {
-    LockError::backend_msg(BACKEND, format!("{context}: no answer within {after:?}"), true)
+    LockError::backend_msg(
+        BACKEND,
+        format!("{context}: no answer within {after:?}"),
+        true,
+    )
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -321,7 +332,10 @@ impl PostgresBackend {
         config: PostgresConfig,
     ) -> Result<Self, LockError> {
         check_config(&config)?;
-        let channel = format!("distlock_{:016x}", advisory_key("", &config.namespace).cast_unsigned());
+        let channel = format!(
+            "distlock_{:016x}",
+            advisory_key("", &config.namespace).cast_unsigned()
+        );
         let waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>> =
             Arc::default();
         let inner = Arc::new(Inner {
@@ -383,7 +397,9 @@ impl PostgresBackend {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section leaves the maps consistent, so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 const ACQUIRE_SQL: &str = "\
@@ -414,14 +430,17 @@ impl Inner {
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")
-            .execute(&mut *tx)
-            .await?;
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await
         };
         match timeout_at(deadline, work).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(map_error("creating the fence sequence", error)),
-            Err(_) => Err(timed_out("creating the fence sequence", self.config.connect_timeout)),
+            Err(_) => Err(timed_out(
+                "creating the fence sequence",
+                self.config.connect_timeout,
+            )),
         }
     }
 
@@ -526,7 +545,12 @@ impl Inner {
     /// Drops the session's connection: the server ends the session and frees its locks. Every
     /// lease granted on it is gone from our books, so renew answers `Lost`.
     fn break_session(&self, session: &Session, state: &mut SessionState, why: &str) {
-        tracing::warn!(session = session.id, pid = state.pid, why, "holder session lost; its locks are lost");
+        tracing::warn!(
+            session = session.id,
+            pid = state.pid,
+            why,
+            "holder session lost; its locks are lost"
+        );
         state.conn = None;
         state.ttls.clear();
         let old = state.epoch;
@@ -580,7 +604,9 @@ impl Inner {
                     // A session lock taken by a statement that then failed survives the
                     // rollback: undo it. We did not hold this key on this session (our books
                     // said so), so this unlock cannot drop a lock we mean to keep.
-                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)").bind(hash).execute(conn);
+                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(hash)
+                        .execute(conn);
                     if !matches!(timeout_at(deadline, undo).await, Ok(Ok(_))) {
                         self.break_session(&session, &mut state, "undoing a failed acquire failed");
                     }
@@ -615,7 +641,11 @@ impl Inner {
         let Some(fence) = fence.and_then(|fence| u64::try_from(fence).ok()) else {
             self.break_session(&session, &mut state, "acquire returned no fence");
             self.forget_pending(hash);
-            return Err(LockError::backend_msg(BACKEND, "acquire returned no fencing token", false));
+            return Err(LockError::backend_msg(
+                BACKEND,
+                "acquire returned no fencing token",
+                false,
+            ));
         };
         state.add_ttl(ttl_ms);
         let deadline = sent_at + ttl;
@@ -737,7 +767,9 @@ impl Inner {
         // Only now move the deadline, and only if the reaper did not take the lock meanwhile.
         let mut book = lock(&self.book);
         match book.entries.get_mut(&hash) {
-            Some(Entry::Held(entry)) if entry.owner == lease.owner() && entry.epoch == held.epoch => {
+            Some(Entry::Held(entry))
+                if entry.owner == lease.owner() && entry.epoch == held.epoch =>
+            {
                 if entry.ttl_ms != new_ttl {
                     state.remove_ttl(entry.ttl_ms);
                     state.add_ttl(new_ttl);
@@ -755,8 +787,14 @@ impl Inner {
         self.listener
             .get_or_try_init(|| async move {
                 let app = &this.config.application_name;
-                let listen_options = this.options.clone().application_name(&format!("{app}-listener"));
-                let waiter_options = this.options.clone().application_name(&format!("{app}-waiter"));
+                let listen_options = this
+                    .options
+                    .clone()
+                    .application_name(&format!("{app}-listener"));
+                let waiter_options = this
+                    .options
+                    .clone()
+                    .application_name(&format!("{app}-waiter"));
                 let timeout = this.config.connect_timeout;
                 let work = async {
                     let pool = PgPoolOptions::new()
@@ -773,7 +811,9 @@ impl Inner {
                 };
                 let listener = match tokio::time::timeout(timeout, work).await {
                     Ok(Ok(listener)) => listener,
-                    Ok(Err(error)) => return Err(map_error("starting the release listener", error)),
+                    Ok(Err(error)) => {
+                        return Err(map_error("starting the release listener", error));
+                    }
                     Err(_) => return Err(timed_out("starting the release listener", timeout)),
                 };
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -792,14 +832,24 @@ impl Inner {
     /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place.
     async fn register_waiter(&self, key: &str) -> Result<(), LockError> {
         let Some(tx) = self.waiter_tx.get() else {
-            return Err(LockError::backend_msg(BACKEND, "no waiter connection", true));
+            return Err(LockError::backend_msg(
+                BACKEND,
+                "no waiter connection",
+                true,
+            ));
         };
         let (ack, done) = tokio::sync::oneshot::channel();
         tx.send(WaiterCommand::Mark(key.to_owned(), ack))
-            .map_err(|_| LockError::backend_msg(BACKEND, "the waiter connection task ended", true))?;
+            .map_err(|_| {
+                LockError::backend_msg(BACKEND, "the waiter connection task ended", true)
+            })?;
         match timeout_at(Instant::now() + self.config.op_timeout, done).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(LockError::backend_msg(BACKEND, "the waiter connection task ended", true)),
+            Ok(Err(_)) => Err(LockError::backend_msg(
+                BACKEND,
+                "the waiter connection task ended",
+                true,
+            )),
             Err(_) => Err(timed_out("marking a waiter", self.config.op_timeout)),
         }
     }
@@ -869,7 +919,9 @@ async fn waiter_loop(
                 conn = Some(fresh);
                 return Ok(());
             }
-            let Some(live) = conn.as_mut() else { return Ok(()) };
+            let Some(live) = conn.as_mut() else {
+                return Ok(());
+            };
             let (high, low) = pair(&key);
             let sql = if mark {
                 "SELECT pg_advisory_lock_shared($1, $2)::text"
@@ -952,23 +1004,62 @@ async fn reaper(inner: Arc<Inner>) {
     }
 }
 
-/// Runs `work` on its own task so that a caller dropping the future mid-statement neither
-/// cancels the statement (which would leave the shared session mid-protocol) nor loses a
-/// lock granted meanwhile (`on_orphan` gets it).
-async fn detached<T: Send + 'static>(
+type OpFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LockError>> + Send>>;
+
+/// Runs `work` in place, but if the caller drops it before it finishes, the rest runs on a
+/// task: a statement is never cut off mid-protocol on a shared session, and a lock granted
+/// meanwhile is handed to `on_orphan` (which gives it back). No task or thread hop in the
+/// common case.
+struct Detached<T: Send + 'static> {
+    work: Option<OpFuture<T>>,
+    on_orphan: Option<Box<dyn FnOnce(T) + Send>>,
+}
+
+fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, LockError>> + Send + 'static,
     on_orphan: impl FnOnce(T) + Send + 'static,
-) -> Result<T, LockError> {
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let result = work.await;
-        if let Err(Ok(orphan)) = sender.send(result) {
-            on_orphan(orphan);
-        }
-    });
-    receiver
-        .await
-        .unwrap_or_else(|_| Err(LockError::backend_msg(BACKEND, "the statement task ended", true)))
+) -> Detached<T> {
+    Detached {
+        work: Some(Box::pin(work)),
+        on_orphan: Some(Box::new(on_orphan)),
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for Detached<T> {
+    type Output = Result<T, LockError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(work) = self.work.as_mut() else {
+            return std::task::Poll::Ready(Err(LockError::backend_msg(
+                BACKEND,
+                "operation polled after completion",
+                false,
+            )));
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        std::task::Poll::Ready(output)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let (Some(work), Some(on_orphan)) = (self.work.take(), self.on_orphan.take()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime: the session's connection is dropped with it, which frees its locks.
+            return;
+        };
+        runtime.spawn(async move {
+            if let Ok(orphan) = work.await {
+                on_orphan(orphan);
+            }
+        });
+    }
 }
 
 #[async_trait]
@@ -996,14 +1087,17 @@ impl LockBackend for PostgresBackend {
         }
         let inner = self.inner.clone();
         let orphan_inner = self.inner.clone();
-        detached(inner.acquire_op(key.clone(), hash, ttl, sent_at), move |attempt| {
-            // The caller went away after the lock was granted: give it back at once.
-            if let Attempt::Acquired(lease) = attempt {
-                tokio::spawn(async move {
-                    let _ = release_lease(orphan_inner, lease).await;
-                });
-            }
-        })
+        detached(
+            inner.acquire_op(key.clone(), hash, ttl, sent_at),
+            move |attempt| {
+                // The caller went away after the lock was granted: give it back at once.
+                if let Attempt::Acquired(lease) = attempt {
+                    tokio::spawn(async move {
+                        let _ = release_lease(orphan_inner, lease).await;
+                    });
+                }
+            },
+        )
         .await
     }
 
@@ -1011,7 +1105,11 @@ impl LockBackend for PostgresBackend {
         validate_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
         let sent_at = Instant::now();
-        detached(self.inner.clone().renew_op(lease.clone(), ttl, sent_at), |_| {}).await
+        detached(
+            self.inner.clone().renew_op(lease.clone(), ttl, sent_at),
+            |_| {},
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {

@@ -28,7 +28,9 @@ fn config_named(app: &str) -> PostgresConfig {
 
 async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<dyn LockBackend>> {
     let options = PgConnectOptions::from_str(url)?;
-    Ok(Arc::new(PostgresBackend::with_options(options, config).await?))
+    Ok(Arc::new(
+        PostgresBackend::with_options(options, config).await?,
+    ))
 }
 
 /// `pg_terminate_backend` of the holder session: the guard's lost signal fires (well before
@@ -46,7 +48,14 @@ async fn terminated_holder_session_fires_lost_and_waiter_acquires() -> Result<()
     let waiting = tokio::spawn({
         let waiter = waiter.clone();
         let key = key.clone();
-        async move { waiter.lock(&key).ttl(ttl).wait(Duration::from_secs(10)).acquire().await }
+        async move {
+            waiter
+                .lock(&key)
+                .ttl(ttl)
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let terminated = tokio::task::spawn_blocking({
@@ -80,7 +89,13 @@ async fn server_restart_loses_locks_then_recovers() -> Result<()> {
     let ttl = Duration::from_secs(3);
     let mut guards = Vec::new();
     for i in 0..5 {
-        guards.push(locker.lock(format!("restart-{i}")).ttl(ttl).acquire().await?);
+        guards.push(
+            locker
+                .lock(format!("restart-{i}"))
+                .ttl(ttl)
+                .acquire()
+                .await?,
+        );
     }
     let fence_before = guards[0].fence();
     tokio::task::spawn_blocking({
@@ -96,7 +111,13 @@ async fn server_restart_loses_locks_then_recovers() -> Result<()> {
     // The same backend acquires again after the restart (it reconnects its sessions).
     let deadline = Instant::now() + Duration::from_secs(10);
     let again = loop {
-        match locker.lock("restart-0").ttl(ttl).wait(Duration::from_secs(2)).acquire().await {
+        match locker
+            .lock("restart-0")
+            .ttl(ttl)
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+        {
             Ok(guard) => break guard,
             Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "not yet");
@@ -105,7 +126,10 @@ async fn server_restart_loses_locks_then_recovers() -> Result<()> {
             Err(error) => bail!("no acquisition after the restart: {error}"),
         }
     };
-    ensure!(again.fence() > fence_before, "fence went back after the restart");
+    ensure!(
+        again.fence() > fence_before,
+        "fence went back after the restart"
+    );
     drop(guards);
     again.release().await?;
     Ok(())
@@ -141,24 +165,37 @@ async fn five_hundred_keys_leave_a_pool_of_ten_alone() -> Result<()> {
     }
     // Held across at least one renewal round.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    ensure!(guards.iter().all(|guard| !guard.is_lost()), "a lock was lost while held");
-    ensure!(pool.size() == size_before, "the user's pool changed size: {} → {}", size_before, pool.size());
-    let holders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(format!("{app}-holder"))
-    .fetch_one(&pool)
-    .await?;
+    ensure!(
+        guards.iter().all(|guard| !guard.is_lost()),
+        "a lock was lost while held"
+    );
+    ensure!(
+        pool.size() == size_before,
+        "the user's pool changed size: {} → {}",
+        size_before,
+        pool.size()
+    );
+    let holders: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(format!("{app}-holder"))
+            .fetch_one(&pool)
+            .await?;
     ensure!(
         holders >= 1 && holders as usize <= max_sessions,
         "{holders} holder sessions for 500 locks (limit {max_sessions})"
     );
     let sample = advisory_key("distlock", &format!("{prefix}-7"));
-    ensure!(advisory_held(&pool, sample).await?, "the server does not show key 7 held");
+    ensure!(
+        advisory_held(&pool, sample).await?,
+        "the server does not show key 7 held"
+    );
     for guard in guards {
         ensure!(guard.release().await?, "a release answered false");
     }
-    ensure!(!advisory_held(&pool, sample).await?, "key 7 still held after release");
+    ensure!(
+        !advisory_held(&pool, sample).await?,
+        "key 7 still held after release"
+    );
     Ok(())
 }
 
@@ -174,20 +211,36 @@ async fn pool_user_is_unaffected() -> Result<()> {
         .await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let size_before = pool.size();
-    let a = Locker::from_arc(Arc::new(PostgresBackend::from_pool(&pool, PostgresConfig::default()).await?));
+    let a = Locker::from_arc(Arc::new(
+        PostgresBackend::from_pool(&pool, PostgresConfig::default()).await?,
+    ));
     let b = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
     let key = unique("shared");
     let guard = a.lock(&key).ttl(Duration::from_secs(2)).acquire().await?;
-    let contender = b.lock(&key).wait(Duration::from_millis(300)).acquire().await;
-    ensure!(matches!(contender, Err(LockError::Timeout { .. })), "contender was not refused");
+    let contender = b
+        .lock(&key)
+        .wait(Duration::from_millis(300))
+        .acquire()
+        .await;
+    ensure!(
+        matches!(contender, Err(LockError::Timeout { .. })),
+        "contender was not refused"
+    );
     for _ in 0..20 {
         let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await?;
         ensure!(one == 1);
     }
-    ensure!(pool.size() == size_before, "pool size changed: {size_before} → {}", pool.size());
+    ensure!(
+        pool.size() == size_before,
+        "pool size changed: {size_before} → {}",
+        pool.size()
+    );
     // sqlx hands a connection back to the pool in the background after a query.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    ensure!(pool.num_idle() == size_before as usize, "a pool connection is still checked out");
+    ensure!(
+        pool.num_idle() == size_before as usize,
+        "a pool connection is still checked out"
+    );
     guard.release().await?;
     Ok(())
 }
@@ -205,13 +258,28 @@ async fn cut_connection_fires_lost_then_heals() -> Result<()> {
     let ttl = Duration::from_secs(3);
     let guard = locker.lock(&key).ttl(ttl).acquire().await?;
     proxy.cut();
-    timeout(ttl, guard.lost()).await.context("lost() did not fire after a cut")?;
-    ensure!(Instant::now() < guard.valid_until(), "lost fired after the validity deadline");
+    timeout(ttl, guard.lost())
+        .await
+        .context("lost() did not fire after a cut")?;
+    ensure!(
+        Instant::now() < guard.valid_until(),
+        "lost fired after the validity deadline"
+    );
     // The server saw the connection close: the lock is free at once.
-    let taken = other.lock(&key).ttl(ttl).wait(Duration::from_secs(2)).acquire().await?;
+    let taken = other
+        .lock(&key)
+        .ttl(ttl)
+        .wait(Duration::from_secs(2))
+        .acquire()
+        .await?;
     taken.release().await?;
     proxy.heal();
-    let again = locker.lock(&key).ttl(ttl).wait(Duration::from_secs(5)).acquire().await?;
+    let again = locker
+        .lock(&key)
+        .ttl(ttl)
+        .wait(Duration::from_secs(5))
+        .acquire()
+        .await?;
     again.release().await?;
     Ok(())
 }
@@ -246,7 +314,10 @@ async fn silent_partition_frees_lock_within_ttl() -> Result<()> {
         freed_after <= ttl + slack + Duration::from_millis(1100),
         "freed {freed_after:?} after the partition (TTL {ttl:?}; backoff cap 1 s adds up to 1 s)"
     );
-    ensure!(guard.is_lost(), "the partitioned holder did not report lost");
+    ensure!(
+        guard.is_lost(),
+        "the partitioned holder did not report lost"
+    );
     taken.release().await?;
     proxy.heal();
     Ok(())
@@ -255,7 +326,11 @@ async fn silent_partition_frees_lock_within_ttl() -> Result<()> {
 /// Bad URLs and unreachable servers give typed errors quickly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
-    for url in ["not a url", "redis://127.0.0.1/", "postgres://127.0.0.1:5432/db?max_sessions=x"] {
+    for url in [
+        "not a url",
+        "redis://127.0.0.1/",
+        "postgres://127.0.0.1:5432/db?max_sessions=x",
+    ] {
         match lock_postgres::connect(url).await {
             Err(LockError::InvalidConfig(_)) => {}
             other => bail!("{url}: expected InvalidConfig, got {other:?}"),
@@ -268,18 +343,29 @@ async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
         Err(error @ LockError::Backend { .. }) => ensure!(error.is_retryable(), "{error}"),
         other => bail!("expected a Backend error, got {other:?}"),
     }
-    ensure!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     // A black-holed server: bounded by the connect timeout.
     let server = server().await?;
     let proxy = TcpProxy::start(server.addr())?;
     proxy.blackhole();
     let started = Instant::now();
-    let url = format!("{}&connect_timeout_ms=500", PostgresServer::url_for(proxy.addr()));
+    let url = format!(
+        "{}&connect_timeout_ms=500",
+        PostgresServer::url_for(proxy.addr())
+    );
     match lock_postgres::connect(&url).await {
         Err(error @ LockError::Backend { .. }) => ensure!(error.is_retryable(), "{error}"),
         other => bail!("expected a Backend error, got {other:?}"),
     }
-    ensure!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -290,18 +376,32 @@ async fn namespaces_are_independent() -> Result<()> {
     let server = server().await?;
     let one = backend_at(
         &server.url(),
-        PostgresConfig { namespace: "app-one".into(), ..PostgresConfig::default() },
+        PostgresConfig {
+            namespace: "app-one".into(),
+            ..PostgresConfig::default()
+        },
     )
     .await?;
     let two = backend_at(
         &server.url(),
-        PostgresConfig { namespace: "app-two".into(), ..PostgresConfig::default() },
+        PostgresConfig {
+            namespace: "app-two".into(),
+            ..PostgresConfig::default()
+        },
     )
     .await?;
     let key = LockKey::new(unique("ns"))?;
     let ttl = Duration::from_secs(2);
-    let a = one.try_acquire(&key, ttl).await?.into_lease().context("one")?;
-    let b = two.try_acquire(&key, ttl).await?.into_lease().context("two")?;
+    let a = one
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("one")?;
+    let b = two
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("two")?;
     ensure!(one.release(&a).await? && two.release(&b).await?);
     ensure!(advisory_key("app-one", key.as_str()) != advisory_key("app-two", key.as_str()));
     Ok(())
@@ -314,7 +414,11 @@ async fn factory_reports_held_keys() -> Result<()> {
     let factory = PgFactory::start().await?;
     let backend = factory.backend().await?;
     let key = LockKey::new(unique("factory"))?;
-    let lease = backend.try_acquire(&key, Duration::from_secs(2)).await?.into_lease().context("acquire")?;
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(2))
+        .await?
+        .into_lease()
+        .context("acquire")?;
     ensure!(factory.is_held(&key).await? == Some(true));
     backend.release(&lease).await?;
     ensure!(factory.is_held(&key).await? == Some(false));
