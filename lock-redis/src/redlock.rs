@@ -434,12 +434,11 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
-        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
-        if first {
-            self.inner
-                .subscribe(key.as_str(), self.node_timeout * 5)
-                .await;
-        }
+        let releases = self.inner.hub.subscribe(key.as_str());
+        // See RedisBackend::subscribe: every waiter waits for its confirmation.
+        self.inner
+            .subscribe(key.as_str(), self.node_timeout * 5)
+            .await;
         Ok(releases)
     }
 

@@ -133,12 +133,13 @@ impl LockBackend for RedisBackend {
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
-        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
-        if first {
-            self.inner
-                .subscribe(key.as_str(), Duration::from_secs(1))
-                .await;
-        }
+        let releases = self.inner.hub.subscribe(key.as_str());
+        // Every waiter (not only a key's first) waits for a SUBSCRIBE confirmation: the
+        // listener handles commands in order, so this also covers a first waiter's SUBSCRIBE
+        // still in flight. SUBSCRIBE to a subscribed channel is a no-op on the server.
+        self.inner
+            .subscribe(key.as_str(), Duration::from_secs(1))
+            .await;
         Ok(releases)
     }
 
