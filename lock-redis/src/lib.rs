@@ -11,7 +11,8 @@
 //! ```
 //!
 //! URL forms:
-//! - `redis://[user:pass@]host:port[/db][?prefix=…]` — one server;
+//! - `redis://[user:pass@]host:port[/db][?prefix=…]` — one server (also `rediss://` when the
+//!   `redis` crate's TLS feature is enabled, and `redis+unix:///path?db=N`);
 //! - `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` — Redlock over independent
 //!   masters (same credentials and database on each);
 //! - optional parameters on both: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,

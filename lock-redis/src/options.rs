@@ -92,12 +92,13 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected redis://host:port/db or redlock://h1:p1,h2:p2,h3:p3/db"))?;
-    let redlock = match scheme {
-        "redis" => false,
-        "redlock" => true,
+    let (redlock, node_scheme) = match scheme {
+        "redis" | "rediss" => (false, scheme),
+        "redis+unix" | "unix" => (false, scheme),
+        "redlock" => (true, "redis"),
         other => {
             return Err(bad(&format!(
-                "unknown scheme {other:?} (use redis or redlock)"
+                "unknown scheme {other:?} (use redis, rediss, redis+unix or redlock)"
             )));
         }
     };
@@ -105,9 +106,10 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         Some((before, query)) => (before, Some(query)),
         None => (rest, None),
     };
+    let unix = matches!(scheme, "redis+unix" | "unix");
     let (authority, path) = match before_query.split_once('/') {
-        Some((authority, path)) => (authority, path),
-        None => (before_query, ""),
+        Some((authority, path)) if !unix => (authority, path),
+        _ => (before_query, ""),
     };
     let db: i64 = if path.is_empty() {
         0
@@ -149,6 +151,20 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         }
     }
     options.validate()?;
+    if unix {
+        // A socket path, with the database as `?db=N`: hand it to the redis crate as is.
+        let mut node = format!("{scheme}://{before_query}");
+        if !passthrough.is_empty() {
+            node.push('?');
+            node.push_str(&passthrough.join("&"));
+        }
+        redis::Client::open(node.as_str()).map_err(|error| bad(&error.to_string()))?;
+        return Ok(ParsedUrl {
+            redlock,
+            nodes: vec![node],
+            options,
+        });
+    }
     let host_list: Vec<&str> = hosts.split(',').map(str::trim).collect();
     if host_list.iter().any(|host| host.is_empty()) {
         return Err(bad("empty host"));
@@ -160,7 +176,7 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
     }
     let mut nodes = Vec::with_capacity(host_list.len());
     for host in host_list {
-        let mut node = String::from("redis://");
+        let mut node = format!("{node_scheme}://");
         if let Some(userinfo) = userinfo {
             node.push_str(userinfo);
             node.push('@');
@@ -205,6 +221,12 @@ mod tests {
         assert_eq!(many.nodes.len(), 3);
         assert_eq!(many.nodes[1], "redis://u:p@h2:2/1");
         assert_eq!(many.options.node_timeout, Duration::from_millis(50));
+        let unix = parse_url(
+            "redis+unix:///tmp/r.sock?db=2&prefix=u:",
+            RedisOptions::default(),
+        )?;
+        assert_eq!(unix.nodes, ["redis+unix:///tmp/r.sock?db=2"]);
+        assert_eq!(unix.options.prefix, "u:");
         for bad in [
             "redis//x",
             "http://h:1",

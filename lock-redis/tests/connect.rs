@@ -1,0 +1,65 @@
+//! `lock_redis::connect`: typed errors, quickly, for bad URLs and unreachable servers.
+
+use anyhow::{Result, bail, ensure};
+use lock_core::LockError;
+use lock_harness::redis::RedisServer;
+use lock_harness::{TcpProxy, free_port};
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[tokio::test]
+async fn malformed_urls_are_invalid_config() -> Result<()> {
+    for url in [
+        "",
+        "redis//h",
+        "http://127.0.0.1:1/0",
+        "redis://127.0.0.1:1/notadb",
+        "redis://h1:1,h2:2/0",
+        "redis://127.0.0.1:1/0?prefix=%7Bx",
+        "redlock:///0",
+    ] {
+        match lock_redis::connect(url).await {
+            Err(LockError::InvalidConfig(_)) => {}
+            other => bail!("{url:?}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_and_silent_servers_fail_fast_and_retryable() -> Result<()> {
+    // Nothing listens on a fresh free port: connection refused.
+    let refused = format!("redis://127.0.0.1:{}/0", free_port()?);
+    // A proxy that accepts and never forwards: a silent server.
+    let server = RedisServer::start()?;
+    let silent = TcpProxy::start(server.server_addr())?;
+    silent.blackhole();
+    let silent = format!("redis://{}/0?connect_timeout_ms=300", silent.addr());
+    let redlock = format!(
+        "redlock://127.0.0.1:{},127.0.0.1:{},{}/0?connect_timeout_ms=300",
+        free_port()?,
+        free_port()?,
+        server.server_addr()
+    );
+    for url in [refused, silent, redlock] {
+        let started = Instant::now();
+        match lock_redis::connect(&url).await {
+            Err(error @ LockError::Backend { .. }) => {
+                ensure!(error.is_retryable(), "{url}: not retryable: {error}")
+            }
+            other => bail!("{url}: expected Backend error, got {other:?}"),
+        }
+        let took = started.elapsed();
+        ensure!(took < Duration::from_millis(2500), "{url}: took {took:?}");
+    }
+    // One of three Redlock nodes down at connect: a quorum answers, so it connects.
+    let second = RedisServer::start()?;
+    let url = format!(
+        "redlock://127.0.0.1:{},{},{}/0?connect_timeout_ms=300",
+        free_port()?,
+        server.server_addr(),
+        second.server_addr()
+    );
+    lock_redis::connect(&url).await?;
+    Ok(())
+}
