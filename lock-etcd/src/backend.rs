@@ -61,8 +61,10 @@ struct Inner {
 ///   lease alive while it waits. A cancelled or timed-out wait revokes its lease, which
 ///   deletes its entry.
 /// - renew = check (entry's value is our owner token and it is on our lease, read in one
-///   txn) + lease keep-alive, batched across concurrent renewals; release = the same check + revoke of our lease, which deletes the entry.
-///   A forged or stale lease fails the check and touches nothing.
+///   txn) + lease keep-alive, batched across concurrent renewals; release = one txn that
+///   deletes the entry only if it carries our owner token on our lease, then a background
+///   revoke of the emptied lease. A forged or stale lease fails the compare and touches
+///   nothing.
 ///
 /// Cheap to clone? No: wrap it in an `Arc` (as [`crate::connect`] does). Each instance has its
 /// own connection and its own watch stream.
@@ -301,16 +303,6 @@ impl Inner {
             async move { kv.txn(txn).await }
         })
         .await
-    }
-
-    /// Whether `held.entry` still exists, carries `owner` and is attached to our lease: the
-    /// compare half of compare-and-act, evaluated by the server.
-    async fn still_ours(&self, held: &Held, owner: OwnerToken) -> Result<bool, LockError> {
-        let check = Txn::new().when([
-            Compare::value(held.entry.clone(), CompareOp::Equal, owner.to_string()),
-            Compare::lease(held.entry.clone(), CompareOp::Equal, held.lease_id),
-        ]);
-        Ok(self.txn("ownership check", check).await?.succeeded())
     }
 
     /// Remaining TTL of a holder's lease, for `Attempt::Held`.
@@ -659,13 +651,26 @@ impl LockBackend for EtcdBackend {
         let Some(held) = lease.backend_data::<Held>() else {
             return Ok(false);
         };
-        // Never revoke a lease whose entry is not ours: a forged lease carries the real
-        // holder's lease id.
-        if !self.inner.still_ours(held, lease.owner()).await? {
+        // Compare-and-delete in one txn: the entry goes only if it still carries our owner
+        // token on our lease. A forged lease (the real holder's lease id, another token)
+        // fails the compare and touches nothing.
+        let release = Txn::new()
+            .when([
+                Compare::value(
+                    held.entry.clone(),
+                    CompareOp::Equal,
+                    lease.owner().to_string(),
+                ),
+                Compare::lease(held.entry.clone(), CompareOp::Equal, held.lease_id),
+            ])
+            .and_then([TxnOp::delete(held.entry.clone(), None)]);
+        if !self.inner.txn("release txn", release).await?.succeeded() {
             return Ok(false);
         }
-        // The lease is this holder's alone, so revoking it deletes exactly its entry.
-        self.inner.revoke(held.lease_id).await
+        // The entry is gone (the next contender is already woken); the now empty lease is
+        // revoked off the caller's path. If that fails it simply expires.
+        drop(RevokeOnDrop::new(&self.inner, held.lease_id));
+        Ok(true)
     }
 
     async fn acquire_queued(
