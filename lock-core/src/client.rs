@@ -1,7 +1,8 @@
 //! `Locker`: waiting, retry, renewal and the lost signal over any backend.
 
 use crate::guard::{GuardState, LockGuard};
-use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl, watchdog};
+use crate::watchdog::Watchdog;
+use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ impl Default for LockOptions {
 pub struct Locker {
     backend: Arc<dyn LockBackend>,
     defaults: LockOptions,
+    watchdog: Watchdog,
 }
 
 impl Locker {
@@ -55,6 +57,7 @@ impl Locker {
         Locker {
             backend,
             defaults: LockOptions::default(),
+            watchdog: Watchdog::default(),
         }
     }
 
@@ -189,6 +192,7 @@ impl LockRequest<'_> {
         let options = self.options;
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
+        let watchdog = self.locker.watchdog.clone();
         let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
         async move {
             let start = Instant::now();
@@ -203,26 +207,17 @@ impl LockRequest<'_> {
                 return Ok(None);
             };
             tracing::debug!(fence = ?lease.fence(), waited = ?start.elapsed(), "acquired");
-            Ok(Some(guard_for(backend, lease, &options)))
+            let watched = watchdog.watch(
+                backend,
+                GuardState::new(lease),
+                options.ttl,
+                options.auto_renew,
+            );
+            Ok(Some(LockGuard::new(watchdog, watched)))
         }
         .instrument(span)
         .await
     }
-}
-
-fn guard_for(
-    backend: Arc<dyn LockBackend>,
-    lease: crate::Lease,
-    options: &LockOptions,
-) -> LockGuard {
-    let state = GuardState::new(lease);
-    let watchdog = tokio::spawn(watchdog::run(
-        backend.clone(),
-        state.clone(),
-        options.ttl,
-        options.auto_renew,
-    ));
-    LockGuard::new(state, backend, Some(watchdog))
 }
 
 /// subscribe → try → wait for a release or the next backoff step → try again.

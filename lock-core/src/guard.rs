@@ -1,10 +1,12 @@
 //! The held lock: fence, deadline, lost signal, release.
 
-use crate::{FencingToken, Lease, LockBackend, LockError, LockKey};
+use crate::watchdog::{Watchdog, Watched};
+use crate::{FencingToken, Lease, LockError, LockKey};
 use std::sync::{Arc, Mutex};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 
 /// State shared by a guard and its watchdog.
 #[derive(Debug)]
@@ -12,6 +14,8 @@ pub(crate) struct GuardState {
     lease: Mutex<Lease>,
     lost: CancellationToken,
     lost_reason: Mutex<Option<String>>,
+    /// Cancelled on release or drop: the watchdog leaves the guard alone from then on.
+    stop: CancellationToken,
 }
 
 impl GuardState {
@@ -20,6 +24,7 @@ impl GuardState {
             lease: Mutex::new(lease),
             lost: CancellationToken::new(),
             lost_reason: Mutex::new(None),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -44,6 +49,18 @@ impl GuardState {
     pub(crate) fn lost_token(&self) -> &CancellationToken {
         &self.lost
     }
+
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    pub(crate) fn stopped(&self) -> WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -64,22 +81,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct LockGuard {
     key: LockKey,
     state: Arc<GuardState>,
-    backend: Arc<dyn LockBackend>,
-    watchdog: Option<JoinHandle<()>>,
+    watched: Arc<Watched>,
+    watchdog: Watchdog,
     released: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(
-        state: Arc<GuardState>,
-        backend: Arc<dyn LockBackend>,
-        watchdog: Option<JoinHandle<()>>,
-    ) -> Self {
+    pub(crate) fn new(watchdog: Watchdog, watched: Arc<Watched>) -> Self {
+        let state = watched.guard.clone();
         let key = state.lease().key().clone();
         LockGuard {
             key,
             state,
-            backend,
+            watched,
             watchdog,
             released: false,
         }
@@ -129,11 +143,9 @@ impl LockGuard {
 
     /// Releases the lock. `Ok(false)`: it was no longer ours (expired or taken over).
     pub async fn release(mut self) -> Result<bool, LockError> {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
-        }
+        self.watchdog.unwatch(&self.watched);
         let lease = self.state.lease();
-        let result = self.backend.release(&lease).await;
+        let result = self.watched.backend.release(&lease).await;
         // Only now: if this future is dropped mid-release, Drop releases in the background.
         self.released = true;
         tracing::debug!(key = %self.key, ?result, "released");
@@ -143,9 +155,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
-        }
+        self.watchdog.unwatch(&self.watched);
         if self.released {
             return;
         }
@@ -153,7 +163,7 @@ impl Drop for LockGuard {
             tracing::debug!(key = %self.key, "guard dropped outside a runtime; TTL will free it");
             return;
         };
-        let backend = self.backend.clone();
+        let backend = self.watched.backend.clone();
         let lease = self.state.lease();
         runtime.spawn(async move {
             match backend.release(&lease).await {

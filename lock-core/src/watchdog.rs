@@ -1,9 +1,19 @@
-//! Keeps a held lease alive and fires the lost signal when it cannot.
+//! Keeps held leases alive and fires their lost signal when it cannot.
+//!
+//! One watchdog per [`crate::Locker`] (shared by its clones): a queue of guards ordered by when
+//! each next needs attention, and one lazily spawned task that sleeps until the earliest of
+//! them. Acquiring only inserts into the queue — it wakes the task only when the new entry is
+//! due before the task's planned wake-up — and releasing only removes, so the lock path pays
+//! no task spawn and, in steady state, no cross-thread wake-up. Each due renewal runs in its
+//! own short task, so one hung renewal never delays another lease.
 
 use crate::guard::GuardState;
 use crate::{Lease, LockBackend};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 /// How long before the validity deadline the lost signal fires when renewal has not been
@@ -21,54 +31,194 @@ fn lost_deadline(lease: &Lease) -> Instant {
         .unwrap_or_else(|| lease.valid_until())
 }
 
-/// Runs until the lease is lost (or the task is aborted by release/drop).
-///
-/// With `auto_renew`, renews at TTL/3 after each grant; a `Lost` answer fires the signal at
-/// once; other errors are retried until the lost deadline; a renew call that hangs is cut off
-/// at that deadline. Without `auto_renew` it only fires the signal at the lost deadline.
-pub(crate) async fn run(
-    backend: Arc<dyn LockBackend>,
-    state: Arc<GuardState>,
-    ttl: Duration,
-    auto_renew: bool,
-) {
-    loop {
-        let lease = state.lease();
-        let lost_at = lost_deadline(&lease);
-        if !auto_renew {
-            sleep_until(lost_at).await;
-            state.fire_lost("the lease reached its validity deadline (auto-renew is off)".into());
+/// One guard under watch.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    pub(crate) backend: Arc<dyn LockBackend>,
+    pub(crate) guard: Arc<GuardState>,
+    /// The TTL asked for on each renewal.
+    pub(crate) ttl: Duration,
+    pub(crate) auto_renew: bool,
+    /// Where this guard sits in the queue, while it is queued.
+    slot: Mutex<Option<QueueKey>>,
+}
+
+type QueueKey = (Instant, u64);
+
+#[derive(Debug, Default)]
+struct State {
+    queue: BTreeMap<QueueKey, Arc<Watched>>,
+    next_seq: u64,
+    /// When the task plans to wake next (`None`: only on notification).
+    planned_wake: Option<Instant>,
+    task: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// The per-`Locker` watchdog. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Watchdog {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Watchdog {
+    /// Starts watching a freshly acquired guard.
+    pub(crate) fn watch(
+        &self,
+        backend: Arc<dyn LockBackend>,
+        guard: Arc<GuardState>,
+        ttl: Duration,
+        auto_renew: bool,
+    ) -> Arc<Watched> {
+        let watched = Arc::new(Watched {
+            backend,
+            guard,
+            ttl,
+            auto_renew,
+            slot: Mutex::new(None),
+        });
+        let due = next_due(&watched, &watched.guard.lease());
+        self.schedule(&watched, due);
+        watched
+    }
+
+    /// Stops watching (release or drop). Cheap: no wake-up.
+    pub(crate) fn unwatch(&self, watched: &Watched) {
+        watched.guard.stop();
+        let mut state = lock(&self.shared.state);
+        if let Some(key) = lock(&watched.slot).take() {
+            state.queue.remove(&key);
+        }
+    }
+
+    fn schedule(&self, watched: &Arc<Watched>, due: Instant) {
+        let mut state = lock(&self.shared.state);
+        if watched.guard.is_stopped() {
             return;
         }
-        let renew_at = lease.sent_at() + lease.ttl() / 3;
-        sleep_until(renew_at.min(lost_at)).await;
-        let mut retry_delay = (ttl / 50).max(Duration::from_millis(5));
-        loop {
-            if Instant::now() >= lost_at {
-                state.fire_lost(
-                    "renewal could not be confirmed before the validity deadline".into(),
-                );
+        let key = (due, state.next_seq);
+        state.next_seq += 1;
+        state.queue.insert(key, watched.clone());
+        *lock(&watched.slot) = Some(key);
+        if state.planned_wake.is_none_or(|planned| due < planned) {
+            state.planned_wake = Some(due);
+            self.shared.wake.notify_one();
+        }
+        // (Re)start the task if there is none, or if the runtime it ran on has gone.
+        if state.task.as_ref().is_none_or(JoinHandle::is_finished)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            state.task = Some(runtime.spawn(run(self.clone())));
+        }
+    }
+
+    fn take_due(&self) -> (Vec<Arc<Watched>>, Option<Instant>) {
+        let mut state = lock(&self.shared.state);
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(entry) = state.queue.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let watched = entry.remove();
+            *lock(&watched.slot) = None;
+            due.push(watched);
+        }
+        let next = state.queue.keys().next().map(|key| key.0);
+        state.planned_wake = next;
+        (due, next)
+    }
+}
+
+/// When a guard next needs attention: its renewal time (TTL/3 after the lease was sent), or
+/// its lost deadline if that comes first or auto-renew is off.
+fn next_due(watched: &Watched, lease: &Lease) -> Instant {
+    let lost_at = lost_deadline(lease);
+    if watched.auto_renew {
+        (lease.sent_at() + lease.ttl() / 3).min(lost_at)
+    } else {
+        lost_at
+    }
+}
+
+async fn run(watchdog: Watchdog) {
+    loop {
+        let (due, next) = watchdog.take_due();
+        for watched in due {
+            tokio::spawn(attend(watchdog.clone(), watched));
+        }
+        // A notification that arrived after take_due is kept as a permit, so none is missed.
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = sleep_until(at) => {}
+                    _ = watchdog.shared.wake.notified() => {}
+                }
+            }
+            None => watchdog.shared.wake.notified().await,
+        }
+    }
+}
+
+/// One due guard: renew it (retrying errors until the lost deadline, cutting off a hung call
+/// there) and queue it again, or fire its lost signal.
+async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
+    let state = &watched.guard;
+    let lease = state.lease();
+    let lost_at = lost_deadline(&lease);
+    if !watched.auto_renew {
+        if Instant::now() >= lost_at {
+            state.fire_lost("the lease reached its validity deadline (auto-renew is off)".into());
+        } else {
+            watchdog.schedule(&watched, lost_at);
+        }
+        return;
+    }
+    let ttl = watched.ttl;
+    let mut retry_delay = (ttl / 50).max(Duration::from_millis(5));
+    loop {
+        if state.is_stopped() {
+            return;
+        }
+        if Instant::now() >= lost_at {
+            state.fire_lost("renewal could not be confirmed before the validity deadline".into());
+            return;
+        }
+        let renewal = tokio::select! {
+            _ = state.stopped() => return,
+            renewal = timeout_at(lost_at, watched.backend.renew(&lease, ttl)) => renewal,
+        };
+        match renewal {
+            Err(_) => {
+                state.fire_lost("renewal did not answer before the validity deadline".into());
                 return;
             }
-            match timeout_at(lost_at, backend.renew(&lease, ttl)).await {
-                Err(_) => {
-                    state.fire_lost("renewal did not answer before the validity deadline".into());
-                    return;
-                }
-                Ok(Ok(renewed)) => {
-                    tracing::trace!(key = %renewed.key(), "renewed");
-                    state.set_lease(renewed);
-                    break;
-                }
-                Ok(Err(error)) if error.is_lost() => {
-                    state.fire_lost(error.to_string());
-                    return;
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(key = %lease.key(), %error, "renew failed; retrying");
-                    sleep_until((Instant::now() + retry_delay).min(lost_at)).await;
-                    retry_delay = (retry_delay * 2).min((ttl / 10).max(Duration::from_millis(5)));
-                }
+            Ok(Ok(renewed)) => {
+                tracing::trace!(key = %renewed.key(), "renewed");
+                let due = next_due(&watched, &renewed);
+                state.set_lease(renewed);
+                watchdog.schedule(&watched, due);
+                return;
+            }
+            Ok(Err(error)) if error.is_lost() => {
+                state.fire_lost(error.to_string());
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(key = %lease.key(), %error, "renew failed; retrying");
+                sleep_until((Instant::now() + retry_delay).min(lost_at)).await;
+                retry_delay = (retry_delay * 2).min((ttl / 10).max(Duration::from_millis(5)));
             }
         }
     }
