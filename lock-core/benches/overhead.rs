@@ -2,6 +2,8 @@
 //! backend, through the trait directly (the floor) and through `Locker` (with auto-renew on,
 //! the default). Run: `cargo bench -p lock-core`.
 
+#![allow(clippy::expect_used, missing_docs)]
+
 use lock_core::{LockBackend, LockKey, Locker, MemoryBackend};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
