@@ -305,6 +305,17 @@ impl Inner {
         .await
     }
 
+    /// Whether a lease still exists (etcd answers TTL −1 for an expired or revoked one).
+    async fn lease_alive(&self, lease_id: i64) -> Result<bool, LockError> {
+        let answer = self
+            .call("lease time-to-live", || {
+                let mut lease = self.client.lease_client();
+                async move { lease.time_to_live(lease_id, None).await }
+            })
+            .await?;
+        Ok(answer.ttl() >= 0)
+    }
+
     /// Remaining TTL of a holder's lease, for `Attempt::Held`.
     async fn remaining(&self, lease_id: i64) -> Option<Duration> {
         let answer = self
@@ -663,9 +674,32 @@ impl LockBackend for EtcdBackend {
                 ),
                 Compare::lease(held.entry.clone(), CompareOp::Equal, held.lease_id),
             ])
-            .and_then([TxnOp::delete(held.entry.clone(), None)]);
-        if !self.inner.txn("release txn", release).await?.succeeded() {
-            return Ok(false);
+            .and_then([TxnOp::delete(held.entry.clone(), None)])
+            .or_else([TxnOp::get(
+                held.entry.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            )]);
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let answer = self
+            .inner
+            .call("release txn", || {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut kv = self.inner.client.kv_client();
+                let release = release.clone();
+                async move { kv.txn(release).await }
+            })
+            .await?;
+        if !answer.succeeded() {
+            let retried = tries.load(std::sync::atomic::Ordering::Relaxed) > 1;
+            let entry_gone = range_answer(&answer, 0).is_empty();
+            // A try whose answer was lost may have deleted the entry already. Only our own
+            // delete removes the entry while our lease lives (expiry and revoke end the
+            // lease), so then the release did happen.
+            let deleted_by_us =
+                retried && entry_gone && self.inner.lease_alive(held.lease_id).await?;
+            if !deleted_by_us {
+                return Ok(false);
+            }
         }
         // The entry is gone (the next contender is already woken); the now empty lease is
         // revoked off the caller's path. If that fails it simply expires.

@@ -55,6 +55,11 @@ impl EtcdConfig {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| invalid("expected etcd://host:port[,host:port…][/prefix]"))?;
+        if scheme.eq_ignore_ascii_case("etcds") {
+            return Err(invalid(
+                "TLS (etcds://) is not supported by this backend yet",
+            ));
+        }
         if !scheme.eq_ignore_ascii_case("etcd") {
             return Err(invalid("the scheme must be etcd://"));
         }
@@ -134,6 +139,7 @@ mod tests {
             "etcd://a:1?x=y",
             "127.0.0.1:2379",
             "etcd://::1:2379",
+            "etcds://a:1",
         ] {
             assert!(
                 matches!(EtcdConfig::from_url(bad), Err(LockError::InvalidConfig(_))),

@@ -254,3 +254,43 @@ async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
     );
     Ok(())
 }
+
+/// Measures how late etcd deletes an abandoned entry after its TTL (the lessor's 500 ms scan
+/// plus a raft round), the basis of `EXPIRY_SLACK`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let mut lags = Vec::new();
+    for round in 0..6 {
+        let key = LockKey::new(format!("lag{round}"))?;
+        let range = lock_etcd::key_range(&factory.prefix, &key);
+        let lease = backend
+            .try_acquire(&key, Duration::from_secs(2))
+            .await?
+            .into_lease()
+            .context("not acquired")?;
+        let expires = lease.sent_at() + lease.ttl();
+        sleep(lease.ttl() - Duration::from_millis(300)).await;
+        loop {
+            if factory.cluster.keys_with_prefix(&range).await?.is_empty() {
+                break;
+            }
+            ensure!(
+                Instant::now() < expires + Duration::from_secs(3),
+                "entry never expired"
+            );
+            sleep(Duration::from_millis(5)).await;
+        }
+        lags.push(Instant::now().saturating_duration_since(expires));
+    }
+    lags.sort();
+    println!("expiry lag after TTL (sorted): {lags:?}");
+    let worst = lags[lags.len() - 1];
+    ensure!(
+        worst <= lock_etcd::EXPIRY_SLACK,
+        "an entry outlived its TTL by {worst:?}, more than the declared slack {:?}",
+        lock_etcd::EXPIRY_SLACK
+    );
+    Ok(())
+}
