@@ -11,16 +11,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return
-/// `{1, fence, ''}`, else `{0, PTTL, holder token}` so the caller knows when the holder's
-/// lease runs out (and, for Redlock, whether one holder has a quorum or the vote split).
+/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
+/// integer), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
+/// out (and, for Redlock, whether one holder has a quorum or the vote split).
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2]), ''}
+  return redis.call('INCR', KEYS[2])
 end
-return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
+return {redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
 ",
     )
 });
@@ -199,22 +199,59 @@ impl Node {
         token: &str,
         ttl_ms: u64,
     ) -> Result<NodeAcquire, LockError> {
-        let mut conn = self.conn.clone();
-        let (won, value, holder): (i64, i64, String) = ACQUIRE
-            .key(lock_key)
-            .key(fence_key)
-            .arg(token)
-            .arg(ttl_ms)
-            .invoke_async(&mut conn)
+        let answer: redis::Value = self
+            .eval(&ACQUIRE, &[lock_key, fence_key], token, ttl_ms)
             .await
             .map_err(|error| backend_error("acquire", error))?;
-        if won == 1 {
-            let fence = u64::try_from(value).map_err(|_| {
-                LockError::backend_msg("redis", format!("fence counter is {value}"), false)
-            })?;
-            Ok(NodeAcquire::Acquired(fence))
-        } else {
-            Ok(NodeAcquire::Held(value, holder))
+        let unexpected = |answer: &redis::Value| {
+            LockError::backend_msg(
+                "redis",
+                format!("unexpected answer to the acquire script: {answer:?}"),
+                false,
+            )
+        };
+        match answer {
+            redis::Value::Int(fence) => u64::try_from(fence)
+                .map(NodeAcquire::Acquired)
+                .map_err(|_| unexpected(&answer)),
+            redis::Value::Array(ref items) => match items.as_slice() {
+                [redis::Value::Int(pttl), holder] => {
+                    let holder = redis::from_redis_value_ref::<String>(holder)
+                        .map_err(|_| unexpected(&answer))?;
+                    Ok(NodeAcquire::Held(*pttl, holder))
+                }
+                _ => Err(unexpected(&answer)),
+            },
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `EVALSHA` of `script` with `keys` and two arguments, built as one command (no
+    /// intermediate buffers); on `NOSCRIPT` (a restarted or flushed server) the script is
+    /// loaded and the call repeated.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[&str],
+        arg1: &str,
+        arg2: impl redis::ToRedisArgs + Copy,
+    ) -> redis::RedisResult<T> {
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(arg1)
+            .arg(arg2);
+        let mut conn = self.conn.clone();
+        match command.query_async(&mut conn).await {
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut conn).await?;
+                command.query_async(&mut conn).await
+            }
+            other => other,
         }
     }
 
@@ -224,12 +261,8 @@ impl Node {
         token: &str,
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
-        let mut conn = self.conn.clone();
-        let renewed: i64 = RENEW
-            .key(lock_key)
-            .arg(token)
-            .arg(ttl_ms)
-            .invoke_async(&mut conn)
+        let renewed: i64 = self
+            .eval(&RENEW, &[lock_key], token, ttl_ms)
             .await
             .map_err(|error| backend_error("renew", error))?;
         Ok(renewed == 1)
@@ -241,12 +274,8 @@ impl Node {
         token: &str,
         channel: &str,
     ) -> Result<bool, LockError> {
-        let mut conn = self.conn.clone();
-        let released: i64 = RELEASE
-            .key(lock_key)
-            .arg(token)
-            .arg(channel)
-            .invoke_async(&mut conn)
+        let released: i64 = self
+            .eval(&RELEASE, &[lock_key], token, channel)
             .await
             .map_err(|error| backend_error("release", error))?;
         Ok(released == 1)
@@ -259,13 +288,8 @@ impl Node {
         token: &str,
         fence: u64,
     ) -> Result<bool, LockError> {
-        let mut conn = self.conn.clone();
-        let held: i64 = RAISE_FENCE
-            .key(lock_key)
-            .key(fence_key)
-            .arg(token)
-            .arg(fence)
-            .invoke_async(&mut conn)
+        let held: i64 = self
+            .eval(&RAISE_FENCE, &[lock_key, fence_key], token, fence)
             .await
             .map_err(|error| backend_error("raise fence", error))?;
         Ok(held == 1)
@@ -394,6 +418,18 @@ async fn listen(
     }
 }
 
+/// The owner token as 32 lowercase hex digits (what `Display` prints), without the
+/// formatting machinery: it is built on every call.
+pub(crate) fn token_hex(owner: lock_core::OwnerToken) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let value = owner.as_u128();
+    let text: String = (0..32)
+        .rev()
+        .map(|nibble| char::from(DIGITS[((value >> (nibble * 4)) & 0xf) as usize]))
+        .collect();
+    text
+}
+
 /// A TTL in whole milliseconds, rounded up (the server then holds at least as long as the
 /// lease says), and at least 1.
 pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
@@ -490,5 +526,18 @@ impl Nodes {
     /// Subscribes `key` on every node (waiting up to `wait` for the confirmations).
     pub(crate) async fn subscribe(&self, key: &str, wait: Duration) {
         futures::future::join_all(self.nodes.iter().map(|node| node.subscribe(key, wait))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_hex_matches_display() {
+        for _ in 0..100 {
+            let owner = lock_core::OwnerToken::random();
+            assert_eq!(super::token_hex(owner), owner.to_string());
+        }
+        let zero = lock_core::OwnerToken::from_u128(0xab);
+        assert_eq!(super::token_hex(zero), zero.to_string());
     }
 }

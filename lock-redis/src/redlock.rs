@@ -194,7 +194,7 @@ impl RedlockBackend {
         let lock_key = scheme.lock_key(key);
         let fence_key = scheme.fence_key(key);
         let owner = OwnerToken::random();
-        let token = owner.to_string();
+        let token = crate::node::token_hex(owner);
         let sent_at = Instant::now();
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
@@ -344,7 +344,7 @@ impl LockBackend for RedlockBackend {
         let granted = Duration::from_millis(ttl_ms);
         let limit = self.node_timeout(granted);
         let lock_key = self.inner.scheme.lock_key(lease.key());
-        let token = lease.owner().to_string();
+        let token = crate::node::token_hex(lease.owner());
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
         let outcomes = {
@@ -390,7 +390,7 @@ impl LockBackend for RedlockBackend {
         let scheme = &self.inner.scheme;
         let lock_key = scheme.lock_key(lease.key());
         let channel = scheme.channel(lease.key().as_str());
-        let token = lease.owner().to_string();
+        let token = crate::node::token_hex(lease.owner());
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;
         let outcomes = {

@@ -72,7 +72,7 @@ impl LockBackend for RedisBackend {
         let granted = Duration::from_millis(ttl_ms);
         let scheme = &self.inner.scheme;
         let owner = OwnerToken::random();
-        let token = owner.to_string();
+        let token = crate::node::token_hex(owner);
         let sent_at = Instant::now();
         let answer = self
             .node()?
@@ -106,7 +106,7 @@ impl LockBackend for RedisBackend {
             .node()?
             .renew(
                 &self.inner.scheme.lock_key(key),
-                &lease.owner().to_string(),
+                &crate::node::token_hex(lease.owner()),
                 ttl_ms,
             )
             .await?;
@@ -126,7 +126,7 @@ impl LockBackend for RedisBackend {
         self.node()?
             .release(
                 &scheme.lock_key(key),
-                &lease.owner().to_string(),
+                &crate::node::token_hex(lease.owner()),
                 &scheme.channel(key.as_str()),
             )
             .await
