@@ -8,12 +8,19 @@
 
 use etcd_client::{Client, KeyValue, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse};
 use lock_core::LockError;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
 /// Most gets in one txn: etcd's default `--max-txn-ops` is 128.
 const BATCH: usize = 128;
+
+/// Keep-alive streams per backend. etcd serves one stream's keep-alives one after another, and
+/// a follower forwards each to the leader over HTTP before answering, so one stream renews
+/// only ~1 lease per peer round trip; 1,000 leases through a follower need several streams.
+const KEEP_ALIVE_STREAMS: usize = 16;
 
 /// What the server said about one renewal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +78,10 @@ fn failed(what: &str, error: impl std::fmt::Display) -> LockError {
     LockError::backend_msg("etcd", format!("{what}: {error}"), true)
 }
 
-struct KeepAlive {
-    keeper: LeaseKeeper,
-    stream: LeaseKeepAliveStream,
+/// A keep-alive waiting for the server's answer on the shared stream.
+struct Pending {
+    lease_id: i64,
+    reply: oneshot::Sender<Result<bool, String>>,
 }
 
 async fn run(
@@ -81,7 +89,13 @@ async fn run(
     mut requests: mpsc::UnboundedReceiver<Request>,
     request_timeout: Duration,
 ) {
-    let mut keep_alive: Option<KeepAlive> = None;
+    let mut streams = Vec::with_capacity(KEEP_ALIVE_STREAMS);
+    for _ in 0..KEEP_ALIVE_STREAMS {
+        let (queue, receiver) = mpsc::unbounded_channel::<Pending>();
+        tokio::spawn(keep_alive_loop(client.clone(), receiver, request_timeout));
+        streams.push(queue);
+    }
+    let keep_alives = Arc::new(streams);
     loop {
         let Some(first) = requests.recv().await else {
             return;
@@ -98,53 +112,61 @@ async fn run(
         if batch.is_empty() {
             continue;
         }
-        let checked = match timeout(request_timeout, check(&client, &batch)).await {
-            Ok(Ok(checked)) => checked,
-            Ok(Err(error)) => {
-                reply_all(batch, || failed("ownership check", &error));
-                continue;
-            }
-            Err(_) => {
-                reply_all(batch, || failed("ownership check", "no answer"));
-                continue;
-            }
-        };
-        let mut ours = Vec::new();
-        for (request, is_ours) in batch.into_iter().zip(checked) {
-            if is_ours {
-                ours.push(request);
-            } else {
-                let _ = request.reply.send(Ok(Renewal::NotOurs));
-            }
-        }
-        if ours.is_empty() {
+        // Each batch runs on its own, so one slow answer (a leader election) does not hold
+        // up the renewals queued behind it.
+        let client = client.clone();
+        let keep_alives = keep_alives.clone();
+        tokio::spawn(async move {
+            renew_batch(&client, &keep_alives, batch, request_timeout).await;
+        });
+    }
+}
+
+async fn renew_batch(
+    client: &Client,
+    keep_alives: &[mpsc::UnboundedSender<Pending>],
+    batch: Vec<Request>,
+    request_timeout: Duration,
+) {
+    let checked = match timeout(request_timeout, check(client, &batch)).await {
+        Ok(Ok(checked)) => checked,
+        Ok(Err(error)) => return reply_all(batch, || failed("ownership check", &error)),
+        Err(_) => return reply_all(batch, || failed("ownership check", "no answer")),
+    };
+    let mut waiting = Vec::new();
+    for (request, is_ours) in batch.into_iter().zip(checked) {
+        if !is_ours {
+            let _ = request.reply.send(Ok(Renewal::NotOurs));
             continue;
         }
-        match timeout(
-            request_timeout,
-            keep_alive_all(&client, &mut keep_alive, &ours),
-        )
-        .await
-        {
-            Ok(Ok(answers)) => {
-                for (request, alive) in ours.into_iter().zip(answers) {
-                    let outcome = if alive {
-                        Renewal::Renewed
-                    } else {
-                        Renewal::Expired
-                    };
-                    let _ = request.reply.send(Ok(outcome));
-                }
-            }
-            Ok(Err(error)) => {
-                keep_alive = None;
-                reply_all(ours, || failed("lease keep-alive", &error));
-            }
-            Err(_) => {
-                keep_alive = None;
-                reply_all(ours, || failed("lease keep-alive", "no answer"));
-            }
+        let (reply, answer) = oneshot::channel();
+        // A lease always goes to the same stream, so its answers come back in order.
+        let stream =
+            usize::try_from(request.lease_id.rem_euclid(KEEP_ALIVE_STREAMS as i64)).unwrap_or(0);
+        let Some(queue) = keep_alives.get(stream) else {
+            continue;
+        };
+        let queued = queue.send(Pending {
+            lease_id: request.lease_id,
+            reply,
+        });
+        if queued.is_err() {
+            let _ = request
+                .reply
+                .send(Err(failed("lease keep-alive", "task stopped")));
+            continue;
         }
+        waiting.push((request, answer));
+    }
+    for (request, answer) in waiting {
+        let outcome = match timeout(request_timeout, answer).await {
+            Ok(Ok(Ok(true))) => Ok(Renewal::Renewed),
+            Ok(Ok(Ok(false))) => Ok(Renewal::Expired),
+            Ok(Ok(Err(error))) => Err(failed("lease keep-alive", error)),
+            Ok(Err(_)) => Err(failed("lease keep-alive", "stream closed")),
+            Err(_) => Err(failed("lease keep-alive", "no answer")),
+        };
+        let _ = request.reply.send(outcome);
     }
 }
 
@@ -178,56 +200,88 @@ async fn check(client: &Client, batch: &[Request]) -> Result<Vec<bool>, etcd_cli
         .collect())
 }
 
-/// Keep-alives for every request over the shared stream (opened on first use). The server
-/// answers a stream's requests in order, one answer each.
-async fn keep_alive_all(
-    client: &Client,
-    shared: &mut Option<KeepAlive>,
-    batch: &[Request],
-) -> Result<Vec<bool>, etcd_client::Error> {
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut rest = batch;
-    if shared.is_none() {
-        // Opening the stream sends the first lease's keep-alive and reads its answer; an
-        // expired lease fails the opening, which answers that lease.
-        while let Some((first, tail)) = rest.split_first() {
-            rest = tail;
-            match client.lease_client().keep_alive(first.lease_id).await {
-                Ok((keeper, stream)) => {
-                    *shared = Some(KeepAlive { keeper, stream });
-                    answers.push(true);
-                    break;
+/// Owns the shared keep-alive stream: sends each keep-alive, and answers it when the server's
+/// answer for that lease arrives (TTL > 0: alive). Opening the stream sends the first lease's
+/// keep-alive and reads its answer; a stream error fails every keep-alive in flight and the
+/// next one reopens the stream.
+async fn keep_alive_loop(
+    client: Client,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    request_timeout: Duration,
+) {
+    let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    let mut in_flight: HashMap<i64, VecDeque<oneshot::Sender<Result<bool, String>>>> =
+        HashMap::new();
+    loop {
+        tokio::select! {
+            pending = queue.recv() => {
+                let Some(pending) = pending else { return };
+                match stream.as_mut() {
+                    Some((keeper, _)) => {
+                        keeper.id = pending.lease_id;
+                        // The send only queues on the stream; it blocks only if the
+                        // connection is stalled, and then the stream is abandoned.
+                        match timeout(request_timeout, keeper.keep_alive()).await.map_err(|_| "stalled".to_owned()).and_then(|sent| sent.map_err(|error| error.to_string())) {
+                            Ok(()) => in_flight.entry(pending.lease_id).or_default().push_back(pending.reply),
+                            Err(error) => {
+                                let _ = pending.reply.send(Err(error));
+                                fail_all(&mut in_flight, "keep-alive stream closed");
+                                stream = None;
+                            }
+                        }
+                    }
+                    None => match timeout(request_timeout, client.lease_client().keep_alive(pending.lease_id)).await.unwrap_or_else(|_| Err(etcd_client::Error::LeaseKeepAliveError("opening the stream: no answer".into()))) {
+                        Ok(opened) => {
+                            stream = Some(opened);
+                            let _ = pending.reply.send(Ok(true));
+                        }
+                        Err(etcd_client::Error::LeaseKeepAliveError(message)) if message.contains("not found") => {
+                            let _ = pending.reply.send(Ok(false));
+                        }
+                        Err(error) => {
+                            let _ = pending.reply.send(Err(error.to_string()));
+                        }
+                    },
                 }
-                Err(etcd_client::Error::LeaseKeepAliveError(message))
-                    if message.contains("not found") =>
-                {
-                    answers.push(false);
+            }
+            answer = next_answer(&mut stream) => {
+                match answer {
+                    Ok(Some(answer)) => {
+                        if let Some(waiters) = in_flight.get_mut(&answer.id()) {
+                            if let Some(reply) = waiters.pop_front() {
+                                let _ = reply.send(Ok(answer.ttl() > 0));
+                            }
+                            if waiters.is_empty() {
+                                in_flight.remove(&answer.id());
+                            }
+                        }
+                    }
+                    _ => {
+                        fail_all(&mut in_flight, "keep-alive stream closed");
+                        stream = None;
+                    }
                 }
-                Err(error) => return Err(error),
             }
         }
     }
-    let Some(open) = shared.as_mut() else {
-        return Ok(answers);
-    };
-    for request in rest {
-        open.keeper.id = request.lease_id;
-        open.keeper.keep_alive().await?;
+}
+
+async fn next_answer(
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error> {
+    match stream {
+        Some((_, answers)) => answers.message().await,
+        None => std::future::pending().await,
     }
-    for request in rest {
-        let Some(answer) = open.stream.message().await? else {
-            return Err(etcd_client::Error::LeaseKeepAliveError(
-                "keep-alive stream closed".into(),
-            ));
-        };
-        if answer.id() != request.lease_id {
-            return Err(etcd_client::Error::LeaseKeepAliveError(format!(
-                "keep-alive answer for lease {:x}, expected {:x}",
-                answer.id(),
-                request.lease_id
-            )));
+}
+
+fn fail_all(
+    in_flight: &mut HashMap<i64, VecDeque<oneshot::Sender<Result<bool, String>>>>,
+    why: &str,
+) {
+    for (_, waiters) in in_flight.drain() {
+        for reply in waiters {
+            let _ = reply.send(Err(why.to_owned()));
         }
-        answers.push(answer.ttl() > 0);
     }
-    Ok(answers)
 }
