@@ -143,7 +143,10 @@ impl EtcdCluster {
         let initial_cluster = self.initial_cluster.clone();
         // One token for the whole cluster (members with different tokens form different
         // clusters), unique per cluster so that two test clusters never merge.
-        let token = format!("distlock-{}", self.members.first().map_or(0, |m| m.peer_port));
+        let token = format!(
+            "distlock-{}",
+            self.members.first().map_or(0, |m| m.peer_port)
+        );
         let member = self
             .members
             .get_mut(index)
