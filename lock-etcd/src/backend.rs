@@ -473,6 +473,9 @@ impl EtcdBackend {
         } = *place;
         let inner = &self.inner;
         let mut retry_delay = Duration::from_millis(10);
+        // When to send the next keep-alive; `refreshed` only moves on a confirmed one, since
+        // it becomes the lease's `sent_at` (its validity deadline).
+        let mut refresh_at = refreshed + granted / 3;
         loop {
             // Own entry first (#11456), then the newest entry older than ours.
             let check = Txn::new()
@@ -499,10 +502,13 @@ impl EtcdBackend {
                     sleep(retry_delay.min(deadline.saturating_duration_since(Instant::now())))
                         .await;
                     retry_delay = (retry_delay * 2).min(Duration::from_millis(500));
-                    if refreshed + granted / 3 <= Instant::now() {
+                    if refresh_at <= Instant::now() {
                         let sent = Instant::now();
                         if let Ok(true) = inner.keep_alive(lease_id).await {
                             refreshed = sent;
+                            refresh_at = refreshed + granted / 3;
+                        } else {
+                            refresh_at = Instant::now() + Duration::from_millis(100);
                         }
                     }
                     continue;
@@ -526,7 +532,6 @@ impl EtcdBackend {
                 .watcher
                 .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1);
             loop {
-                let refresh_at = refreshed + granted / 3;
                 tokio::select! {
                     woken = wakeup.wait() => {
                         if woken == Woken::Interrupted {
@@ -537,7 +542,10 @@ impl EtcdBackend {
                     _ = sleep_until(refresh_at) => {
                         let sent = Instant::now();
                         match inner.keep_alive(lease_id).await {
-                            Ok(true) => refreshed = sent,
+                            Ok(true) => {
+                                refreshed = sent;
+                                refresh_at = refreshed + granted / 3;
+                            }
                             Ok(false) => {
                                 return Err(LockError::backend_msg(
                                     BACKEND,
@@ -548,7 +556,7 @@ impl EtcdBackend {
                             // Retried at the next loop turn; the lease has TTL − TTL/3 left.
                             Err(error) => {
                                 tracing::debug!(%error, "keep-alive while waiting failed");
-                                refreshed = refreshed.max(Instant::now() - granted / 3 + Duration::from_millis(100));
+                                refresh_at = Instant::now() + Duration::from_millis(100);
                             }
                         }
                     }
