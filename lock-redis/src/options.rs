@@ -26,7 +26,7 @@ impl Default for RedisOptions {
             prefix: Self::default_prefix().into(),
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
-            node_timeout: Duration::from_millis(200),
+            node_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -56,7 +56,7 @@ impl RedisOptions {
         self
     }
 
-    /// Redlock: bound on one node's answer (default 200 ms, and never more than TTL/10 of
+    /// Redlock: bound on one node's answer to acquire (default 250 ms, and never more than TTL/5 of
     /// the call), so a slow or dead node cannot stall an acquisition.
     pub fn node_timeout(mut self, timeout: Duration) -> Self {
         self.node_timeout = timeout;

@@ -19,7 +19,7 @@ use tokio::time::{Instant, timeout};
 /// Locks held on a majority of N independent Redis masters (Redlock).
 ///
 /// - acquire: the acquire script on every node at once, each bounded by the node timeout
-///   (at most TTL/10); granted when a quorum (N/2+1) answered yes and the validity
+///   (at most TTL/5); granted when a quorum (N/2+1) answered yes and the validity
 ///   TTL − elapsed − drift is still positive; otherwise every node is rolled back.
 /// - fence: the largest counter value among the quorum, written back (while we still hold
 ///   the lock there) to every quorum node whose counter was lower; granted only if a quorum
@@ -33,6 +33,7 @@ pub struct RedlockBackend {
     inner: Arc<Nodes>,
     quorum: usize,
     node_timeout: Duration,
+    /// Bound on renew and release calls per node: the command timeout.
     release_timeout: Duration,
 }
 
@@ -106,9 +107,7 @@ impl RedlockBackend {
     }
 
     fn node_timeout(&self, ttl: Duration) -> Duration {
-        self.node_timeout
-            .min(ttl / 10)
-            .max(Duration::from_millis(1))
+        self.node_timeout.min(ttl / 5).max(Duration::from_millis(1))
     }
 
     /// Runs `call` on every node at once, each bounded by `limit`, in spawned tasks. Returns
@@ -342,7 +341,15 @@ impl LockBackend for RedlockBackend {
         validate_ttl(ttl)?;
         let ttl_ms = ttl_millis(ttl);
         let granted = Duration::from_millis(ttl_ms);
-        let limit = self.node_timeout(granted);
+        // Unlike acquire, renew needs no tight per-node bound: it returns as soon as a
+        // quorum confirmed, and the new validity counts from `sent_at` whatever the wait. A
+        // node may take as long as the current lease stays valid (within the command
+        // timeout), so a burst of renewals on a busy machine does not lose locks.
+        let limit = lease
+            .valid_until()
+            .saturating_duration_since(Instant::now())
+            .min(self.release_timeout)
+            .max(self.node_timeout(granted));
         let lock_key = self.inner.scheme.lock_key(lease.key());
         let token = crate::node::token_hex(lease.owner());
         let sent_at = Instant::now();
