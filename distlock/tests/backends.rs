@@ -1,0 +1,161 @@
+//! The facade on real servers: `distlock::connect(url)` for every backend feature, the
+//! quickstart against each, and the CLI excluding a second runner.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+/// Two lockers from two `connect` calls exclude each other and fences increase.
+#[allow(dead_code)]
+async fn two_clients_exclude(url: &str) {
+    let a = distlock::connect(url).await.unwrap();
+    let b = distlock::connect(url).await.unwrap();
+    let key = format!("facade-{}", std::process::id());
+    let first = a
+        .lock(&key)
+        .ttl(Duration::from_secs(5))
+        .acquire()
+        .await
+        .unwrap();
+    assert!(
+        b.try_acquire(&key).await.unwrap().is_none(),
+        "{url}: second client got a held lock"
+    );
+    let fence = first.fence();
+    assert!(first.release().await.unwrap());
+    let second = b
+        .lock(&key)
+        .ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(5))
+        .acquire()
+        .await
+        .unwrap();
+    if let (Some(before), Some(after)) = (fence, second.fence()) {
+        assert!(after > before, "{url}: fence did not increase");
+    }
+    second.release().await.unwrap();
+}
+
+/// Runs the quickstart example against `url` through cargo (it checks its own count). With
+/// `--all-features`, as the test command builds, cargo reuses what it built for the tests.
+#[allow(dead_code)]
+fn quickstart_passes(url: &str) {
+    let output = std::process::Command::new(env!("CARGO"))
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "distlock",
+            "--all-features",
+            "--example",
+            "quickstart",
+        ])
+        .env("DISTLOCK_URL", url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("OK: no update lost"),
+        "quickstart on {url} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_url_connects_and_excludes() {
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    two_clients_exclude(&server.url()).await;
+    let unreachable = distlock::connect("redis://127.0.0.1:1/0").await;
+    assert!(
+        unreachable.is_err(),
+        "connecting to a closed port must fail"
+    );
+    let url = server.url();
+    tokio::task::spawn_blocking(move || quickstart_passes(&url))
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_url_connects_and_excludes() {
+    let server = lock_harness::postgres::shared().unwrap();
+    two_clients_exclude(&server.url()).await;
+    let url = server.url();
+    tokio::task::spawn_blocking(move || quickstart_passes(&url))
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_url_connects_and_excludes() {
+    let cluster = lock_harness::etcd::EtcdCluster::single().await.unwrap();
+    let url = cluster.url(None);
+    two_clients_exclude(&url).await;
+    tokio::task::spawn_blocking(move || quickstart_passes(&url))
+        .await
+        .unwrap();
+}
+
+/// `distlock run` on a shared server: a second runner of the same key gets exit status 75
+/// while the first runs, and the command sees its fencing token.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_runs_one_command_at_a_time() {
+    use std::process::Command;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let first = Command::new(exe)
+        .args([
+            "run",
+            "--url",
+            &server.url(),
+            "--ttl",
+            "5",
+            "cron-job",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("echo fence=$DISTLOCK_FENCE; sleep 1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let second = Command::new(exe)
+        .args(["run", "--url", &server.url(), "cron-job", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        second.status.code(),
+        Some(75),
+        "a second runner must not run while the first holds the lock"
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success());
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        stdout.starts_with("fence=") && stdout.trim().len() > "fence=".len(),
+        "no fence passed to the command: {stdout:?}"
+    );
+    let third = Command::new(exe)
+        .args([
+            "run",
+            "--url",
+            &server.url(),
+            "cron-job",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        third.status.code(),
+        Some(7),
+        "the command's own exit status is passed through"
+    );
+}
