@@ -198,7 +198,7 @@ impl LockRequest<'_> {
             let start = Instant::now();
             let deadline = start.checked_add(wait).unwrap_or(start + crate::MAX_TTL);
             let lease = if !wait.is_zero() && backend.capabilities().fair_queue {
-                backend.acquire_queued(&key, options.ttl, deadline).await?
+                queue_loop(&backend, &key, &options, deadline).await?
             } else {
                 wait_loop(&backend, &key, &options, deadline).await?
             };
@@ -217,6 +217,28 @@ impl LockRequest<'_> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Waits in the backend's fair queue; a retryable failure (a partition that cost the waiter
+/// its place, a timed-out request) rejoins the queue after a backoff step, until the deadline,
+/// as the non-queued loop retries its attempts.
+async fn queue_loop(
+    backend: &Arc<dyn LockBackend>,
+    key: &LockKey,
+    options: &LockOptions,
+    deadline: Instant,
+) -> Result<Option<crate::Lease>, LockError> {
+    let mut delays = options.backoff.delays();
+    loop {
+        match backend.acquire_queued(key, options.ttl, deadline).await {
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                tracing::debug!(%error, "queued wait failed; rejoining");
+                let step = delays.next().unwrap_or(options.backoff.max);
+                tokio::time::sleep_until((Instant::now() + step).min(deadline)).await;
+            }
+            outcome => return outcome,
+        }
     }
 }
 
