@@ -339,3 +339,61 @@ impl Drop for InFlightAttempt {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Capabilities, Lease, MemoryBackend};
+    use async_trait::async_trait;
+    use tokio_util::sync::CancellationToken;
+
+    /// A memory backend that attaches one shared lost signal to every lease, as a backend
+    /// does for all leases on one server session.
+    #[derive(Debug, Default)]
+    struct SessionBackend {
+        inner: MemoryBackend,
+        session_gone: CancellationToken,
+    }
+
+    #[async_trait]
+    impl LockBackend for SessionBackend {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            Ok(match self.inner.try_acquire(key, ttl).await? {
+                Attempt::Acquired(lease) => {
+                    Attempt::Acquired(lease.with_lost_signal(self.session_gone.clone()))
+                }
+                held => held,
+            })
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            self.inner.release(lease).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    #[tokio::test]
+    async fn backend_lost_signal_fires_every_guard_at_once() {
+        let backend = Arc::new(SessionBackend::default());
+        let locker = Locker::from_arc(backend.clone());
+        let first = locker.acquire("a").await.unwrap();
+        let second = locker.acquire("b").await.unwrap();
+        assert!(!first.is_lost() && !second.is_lost());
+        backend.session_gone.cancel();
+        tokio::time::timeout(Duration::from_millis(100), first.lost())
+            .await
+            .expect("lost() did not fire on the backend's signal");
+        assert!(second.is_lost());
+        assert!(first.lost_reason().is_some());
+        // Cancelling the guard's own token (a child) never reaches the backend's.
+        let other = SessionBackend::default();
+        let locker = Locker::from_arc(Arc::new(other));
+        let guard = locker.acquire("c").await.unwrap();
+        guard.lost_token().cancel();
+        assert!(!guard.is_lost());
+    }
+}

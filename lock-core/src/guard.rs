@@ -20,9 +20,14 @@ pub(crate) struct GuardState {
 
 impl GuardState {
     pub(crate) fn new(lease: Lease) -> Arc<Self> {
+        // A backend that can tell on its own that a lease is gone cancels its token; as a
+        // child, the guard's signal fires with it, without a task per guard.
+        let lost = lease
+            .lost_signal()
+            .map_or_else(CancellationToken::new, CancellationToken::child_token);
         Arc::new(GuardState {
             lease: Mutex::new(lease),
-            lost: CancellationToken::new(),
+            lost,
             lost_reason: Mutex::new(None),
             stop: CancellationToken::new(),
         })
@@ -126,7 +131,12 @@ impl LockGuard {
 
     /// Why the lock was lost, once it was.
     pub fn lost_reason(&self) -> Option<String> {
-        lock(&self.state.lost_reason).clone()
+        let reason = lock(&self.state.lost_reason).clone();
+        reason.or_else(|| {
+            self.state.lost_token().is_cancelled().then(|| {
+                "the backend reported the lease gone (e.g. its server session ended)".into()
+            })
+        })
     }
 
     /// A future that resolves when the lock is lost. It is `'static`: move it into a task or a

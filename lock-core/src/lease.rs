@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Largest TTL accepted anywhere: one year. Larger values overflow some servers' millisecond
 /// arithmetic and are never what a caller meant.
@@ -101,6 +102,7 @@ pub struct Lease {
     sent_at: Instant,
     valid_until: Instant,
     backend_data: Option<Arc<dyn Any + Send + Sync>>,
+    lost_signal: Option<CancellationToken>,
 }
 
 impl Lease {
@@ -121,6 +123,7 @@ impl Lease {
             sent_at,
             valid_until,
             backend_data: None,
+            lost_signal: None,
         }
     }
 
@@ -129,6 +132,19 @@ impl Lease {
     pub fn with_backend_data(mut self, data: Arc<dyn Any + Send + Sync>) -> Self {
         self.backend_data = Some(data);
         self
+    }
+
+    /// Attaches a token the backend cancels the moment it learns, on its own, that the lease
+    /// is gone (a Postgres holder session ended, a connection carrying the lock dropped). The
+    /// guard's lost signal is a child of it, so it fires at once instead of at the next renew.
+    pub fn with_lost_signal(mut self, signal: CancellationToken) -> Self {
+        self.lost_signal = Some(signal);
+        self
+    }
+
+    /// The backend's lost signal, if it attached one.
+    pub fn lost_signal(&self) -> Option<&CancellationToken> {
+        self.lost_signal.as_ref()
     }
 
     /// Replaces the validity deadline, e.g. with Redlock's TTL − elapsed − drift.
@@ -148,6 +164,7 @@ impl Lease {
     pub fn renewed(&self, ttl: Duration, sent_at: Instant) -> Self {
         let mut next = Lease::new(self.key.clone(), self.owner, self.fence, ttl, sent_at);
         next.backend_data = self.backend_data.clone();
+        next.lost_signal = self.lost_signal.clone();
         next
     }
 
