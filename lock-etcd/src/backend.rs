@@ -87,6 +87,9 @@ fn backend_error(what: &str, error: etcd_client::Error) -> LockError {
     use etcd_client::Error as E;
     use tonic::Code;
     let retryable = match &error {
+        // A lease that expired before a put or txn naming it (a slow grant outlived a short
+        // TTL): a new attempt grants a new lease.
+        E::GRpcStatus(status) if status.message().contains("lease not found") => true,
         E::GRpcStatus(status) => matches!(
             status.code(),
             Code::Unavailable
@@ -161,15 +164,6 @@ impl RevokeOnDrop {
 
     fn disarm(&mut self) {
         self.armed = None;
-    }
-
-    /// Revokes now and waits for it (bounded by the request timeout).
-    async fn revoke_now(&mut self) {
-        if let Some((inner, lease_id)) = self.armed.take()
-            && let Err(error) = inner.revoke(lease_id).await
-        {
-            tracing::debug!(%error, lease_id, "revoke failed; the lease will expire on its own");
-        }
     }
 }
 
@@ -276,26 +270,6 @@ impl Inner {
         }
     }
 
-    /// One keep-alive round trip. `Ok(false)`: the lease is gone.
-    async fn keep_alive(&self, lease_id: i64) -> Result<bool, LockError> {
-        let answer = self
-            .attempt(|| {
-                let mut lease = self.client.lease_client();
-                async move { lease.keep_alive(lease_id).await }
-            })
-            .await;
-        match answer {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
-            Ok(Err(error)) => Err(backend_error("lease keep-alive", error)),
-            Err(()) => Err(LockError::backend_msg(
-                BACKEND,
-                "lease keep-alive: no answer",
-                true,
-            )),
-        }
-    }
-
     async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, LockError> {
         self.call(what, || {
             let mut kv = self.client.kv_client();
@@ -314,21 +288,6 @@ impl Inner {
             })
             .await?;
         Ok(answer.ttl() >= 0)
-    }
-
-    /// Remaining TTL of a holder's lease, for `Attempt::Held`.
-    async fn remaining(&self, lease_id: i64) -> Option<Duration> {
-        let answer = self
-            .call("lease time-to-live", || {
-                let mut lease = self.client.lease_client();
-                async move { lease.time_to_live(lease_id, None).await }
-            })
-            .await
-            .ok()?;
-        // etcd truncates to whole seconds: the real remainder is up to 1 s longer.
-        Some(Duration::from_secs(
-            u64::try_from(answer.ttl()).unwrap_or(0),
-        ))
     }
 }
 
@@ -427,8 +386,8 @@ impl EtcdBackend {
                 )));
             }
         }
-        let watcher = Watcher::start(client.clone(), config.request_timeout);
-        let renewer = Renewer::start(client.clone(), config.request_timeout);
+        let watcher = Watcher::new(client.clone(), config.request_timeout);
+        let renewer = Renewer::new(client.clone(), config.request_timeout);
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
                 client,
@@ -458,24 +417,115 @@ impl EtcdBackend {
     /// Waits until `entry` (created at `my_revision`) is the oldest in `range`, keeping its
     /// lease alive, until `deadline`. `Ok(Some(refreshed))`: acquired, lease last refreshed
     /// by a request sent at `refreshed`. `Ok(None)`: deadline.
+    ///
+    /// The keep-alives run alongside the wait, never inside it: a keep-alive that hangs for a
+    /// request timeout delays neither the wake-up nor the deadline.
     async fn wait_turn(
         &self,
         place: &Place<'_>,
-        mut refreshed: Instant,
+        refreshed: Instant,
         deadline: Instant,
     ) -> Result<Option<Instant>, LockError> {
+        // Only confirmed keep-alives move it, since it becomes the lease's `sent_at` (its
+        // validity deadline).
+        let refreshed = std::sync::Mutex::new(refreshed);
+        let last_refresh = || {
+            *refreshed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        let keep_alive = keep_queued_lease_alive(&self.inner, place, &refreshed);
+        tokio::select! {
+            // Acquired beats the deadline when both are ready.
+            biased;
+            turn = self.await_turn(place) => turn.map(|()| Some(last_refresh())),
+            error = keep_alive => Err(error),
+            () = sleep_until(deadline) => Ok(None),
+        }
+    }
+
+    /// Joins the queue of `key` and waits for its turn until `deadline` (see
+    /// [`LockBackend::acquire_queued`]).
+    async fn queue(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        let inner = &self.inner;
+        let range = key_range(&inner.config.prefix, key);
+        let owner = OwnerToken::random();
+        let sent_at = Instant::now();
+        let (lease_id, granted) = inner.grant(ttl).await?;
+        // From here on, dropping this future revokes the lease and so deletes the entry.
+        let mut revoke = RevokeOnDrop::new(inner, lease_id);
+        let entry = entry_key(&range, lease_id);
+        let join = Txn::new().and_then([
+            TxnOp::put(
+                entry.clone(),
+                owner.to_string(),
+                Some(PutOptions::new().with_lease(lease_id)),
+            ),
+            TxnOp::get(
+                range.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            ),
+            TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
+        ]);
+        let answer = inner.txn("queue join txn", join).await?;
+        // Our own entry's create revision, not the header's: a retried put keeps the
+        // revision of the first one.
+        let my_revision = range_answer(&answer, 2)
+            .first()
+            .map(KeyValue::create_revision)
+            .ok_or_else(|| {
+                LockError::backend_msg(BACKEND, "queue entry missing right after its put", true)
+            })?;
+        let first = range_answer(&answer, 1)
+            .first()
+            .map(KeyValue::create_revision);
+        let refreshed = if first == Some(my_revision) {
+            Some(sent_at)
+        } else {
+            let place = Place {
+                range: &range,
+                entry: &entry,
+                my_revision,
+                lease_id,
+                granted,
+            };
+            self.wait_turn(&place, sent_at, deadline).await?
+        };
+        match refreshed {
+            Some(refreshed) => {
+                let lease =
+                    lease_for(key, owner, my_revision, entry, lease_id, granted, refreshed)?;
+                revoke.disarm();
+                Ok(Some(lease))
+            }
+            // `revoke` drops here: the lease (and so our entry) is revoked in the background,
+            // so the deadline is not pushed back by a slow revoke.
+            None => Ok(None),
+        }
+    }
+
+    /// Re-checks the queue after every wake-up until `entry` is the oldest (`Ok(())`).
+    /// Retryable check failures are retried (the caller bounds the wait by its deadline).
+    async fn await_turn(&self, place: &Place<'_>) -> Result<(), LockError> {
         let Place {
             range,
             entry,
             my_revision,
-            lease_id,
-            granted,
+            ..
         } = *place;
         let inner = &self.inner;
         let mut retry_delay = Duration::from_millis(10);
-        // When to send the next keep-alive; `refreshed` only moves on a confirmed one, since
-        // it becomes the lease's `sent_at` (its validity deadline).
-        let mut refresh_at = refreshed + granted / 3;
         loop {
             // Own entry first (#11456), then the newest entry older than ours.
             let check = Txn::new()
@@ -497,20 +547,10 @@ impl EtcdBackend {
                 )]);
             let answer = match inner.txn("queue check", check).await {
                 Ok(answer) => answer,
-                Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                Err(error) if error.is_retryable() => {
                     tracing::debug!(%error, "queue check failed; retrying");
-                    sleep(retry_delay.min(deadline.saturating_duration_since(Instant::now())))
-                        .await;
+                    sleep(retry_delay).await;
                     retry_delay = (retry_delay * 2).min(Duration::from_millis(500));
-                    if refresh_at <= Instant::now() {
-                        let sent = Instant::now();
-                        if let Ok(true) = inner.keep_alive(lease_id).await {
-                            refreshed = sent;
-                            refresh_at = refreshed + granted / 3;
-                        } else {
-                            refresh_at = Instant::now() + Duration::from_millis(100);
-                        }
-                    }
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -523,45 +563,52 @@ impl EtcdBackend {
                 ));
             }
             let Some(predecessor) = range_answer(&answer, 0).into_iter().next() else {
-                return Ok(Some(refreshed));
+                return Ok(());
             };
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
             let mut wakeup = inner
                 .watcher
                 .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1);
-            loop {
-                tokio::select! {
-                    woken = wakeup.wait() => {
-                        if woken == Woken::Interrupted {
-                            sleep(Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now()))).await;
-                        }
-                        break;
-                    }
-                    _ = sleep_until(refresh_at) => {
-                        let sent = Instant::now();
-                        match inner.keep_alive(lease_id).await {
-                            Ok(true) => {
-                                refreshed = sent;
-                                refresh_at = refreshed + granted / 3;
-                            }
-                            Ok(false) => {
-                                return Err(LockError::backend_msg(
-                                    BACKEND,
-                                    "the queue entry's lease expired or was revoked while waiting",
-                                    true,
-                                ));
-                            }
-                            // Retried at the next loop turn; the lease has TTL − TTL/3 left.
-                            Err(error) => {
-                                tracing::debug!(%error, "keep-alive while waiting failed");
-                                refresh_at = Instant::now() + Duration::from_millis(100);
-                            }
-                        }
-                    }
-                    _ = sleep_until(deadline) => return Ok(None),
-                }
+            if wakeup.wait().await == Woken::Interrupted {
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Keeps a queued entry's lease alive at TTL/3 over the renewer's shared streams, recording
+/// each confirmed refresh in `refreshed`. Returns only when etcd says the lease is gone.
+async fn keep_queued_lease_alive(
+    inner: &Inner,
+    place: &Place<'_>,
+    refreshed: &std::sync::Mutex<Instant>,
+) -> LockError {
+    let last = || {
+        *refreshed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    let mut refresh_at = last() + place.granted / 3;
+    loop {
+        sleep_until(refresh_at).await;
+        let sent = Instant::now();
+        match inner.renewer.keep_alive(place.lease_id).await {
+            Ok(true) => {
+                *refreshed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = sent;
+                refresh_at = sent + place.granted / 3;
+            }
+            Ok(false) => {
+                return LockError::backend_msg(
+                    BACKEND,
+                    "the queue entry's lease expired or was revoked while waiting",
+                    true,
+                );
+            }
+            // Tried again soon; the lease has TTL − TTL/3 left after the last refresh.
+            Err(error) => {
+                tracing::debug!(%error, "keep-alive while waiting failed");
+                refresh_at = Instant::now() + Duration::from_millis(100);
             }
         }
     }
@@ -624,9 +671,11 @@ impl LockBackend for EtcdBackend {
             revoke.disarm();
             return Ok(Attempt::Acquired(lease));
         }
-        // Held: our unused lease is revoked in the background as `revoke` drops.
-        let expires_in = match holder.as_ref() {
-            Some(holder) => inner.remaining(holder.lease()).await,
+        // Held: our unused lease is revoked in the background as `revoke` drops. The holder's
+        // remaining TTL would cost one more round trip (a txn cannot read it), and no caller
+        // needs it: waiting callers queue (`fair_queue`) and never poll on it.
+        let expires_in = match holder {
+            Some(_) => None,
             // The holder vanished between compare and read: worth trying again at once.
             None => Some(Duration::ZERO),
         };
@@ -722,67 +771,13 @@ impl LockBackend for EtcdBackend {
         deadline: Instant,
     ) -> Result<Option<Lease>, LockError> {
         validate_ttl(ttl)?;
-        let inner = &self.inner;
-        let range = key_range(&inner.config.prefix, key);
-        let owner = OwnerToken::random();
-        let sent_at = Instant::now();
-        let (lease_id, granted) = inner.grant(ttl).await?;
-        // From here on, dropping this future revokes the lease and so deletes the entry.
-        let mut revoke = RevokeOnDrop::new(inner, lease_id);
-        let entry = entry_key(&range, lease_id);
-        let join = Txn::new().and_then([
-            TxnOp::put(
-                entry.clone(),
-                owner.to_string(),
-                Some(PutOptions::new().with_lease(lease_id)),
-            ),
-            TxnOp::get(
-                range.clone(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(1)
-                        .with_keys_only(),
-                ),
-            ),
-            TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
-        ]);
-        let answer = inner.txn("queue join txn", join).await?;
-        // Our own entry's create revision, not the header's: a retried put keeps the
-        // revision of the first one.
-        let my_revision = range_answer(&answer, 2)
-            .first()
-            .map(KeyValue::create_revision)
-            .ok_or_else(|| {
-                LockError::backend_msg(BACKEND, "queue entry missing right after its put", true)
-            })?;
-        let first = range_answer(&answer, 1)
-            .first()
-            .map(KeyValue::create_revision);
-        let refreshed = if first == Some(my_revision) {
-            Some(sent_at)
-        } else {
-            let place = Place {
-                range: &range,
-                entry: &entry,
-                my_revision,
-                lease_id,
-                granted,
-            };
-            self.wait_turn(&place, sent_at, deadline).await?
-        };
-        match refreshed {
-            Some(refreshed) => {
-                let lease =
-                    lease_for(key, owner, my_revision, entry, lease_id, granted, refreshed)?;
-                revoke.disarm();
-                Ok(Some(lease))
-            }
-            None => {
-                revoke.revoke_now().await;
+        match self.queue(key, ttl, deadline).await {
+            // Past the deadline the caller would not try again anyway: it is a timeout.
+            Err(error) if error.is_retryable() && Instant::now() >= deadline => {
+                tracing::debug!(%error, "queued wait failed after its deadline");
                 Ok(None)
             }
+            outcome => outcome,
         }
     }
 

@@ -5,13 +5,18 @@
 //! with watch ids it assigns itself (etcd ≥ 3.4), and wakes the waiter on the delete event. If
 //! the stream breaks or the server cancels a watch, the waiters concerned are woken too: they
 //! re-read the queue and watch again, so a lost event costs a re-check, never a missed wake-up.
+//! A watch etcd refuses to create (answered created + canceled, with watch id −1) wakes its
+//! waiter as well. The task is restarted on the caller's runtime when it has ended (the
+//! runtime that started it shut down).
 
 use etcd_client::{
     Client, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 /// Why a waiter was woken.
@@ -29,10 +34,21 @@ struct Request {
     wake: oneshot::Sender<()>,
 }
 
+/// The watch task's request queue and handle.
+type RunningTask = (mpsc::UnboundedSender<Request>, JoinHandle<()>);
+
 /// Handle to the watch task; the task ends when every handle is dropped.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Watcher {
-    requests: mpsc::UnboundedSender<Request>,
+    client: Client,
+    create_timeout: Duration,
+    task: Arc<Mutex<Option<RunningTask>>>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").finish_non_exhaustive()
+    }
 }
 
 /// A pending one-shot watch.
@@ -51,23 +67,51 @@ impl Wakeup {
 }
 
 impl Watcher {
-    /// Starts the watch task on the current runtime.
-    pub(crate) fn start(client: Client, create_timeout: Duration) -> Self {
+    /// A watcher over `client`; its task starts on the first use.
+    pub(crate) fn new(client: Client, create_timeout: Duration) -> Self {
+        Watcher {
+            client,
+            create_timeout,
+            task: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The request queue of the running task, (re)started on the current runtime if it is
+    /// not running.
+    fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
+        let mut task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((requests, handle)) = task.as_ref()
+            && !handle.is_finished()
+        {
+            return Some(requests.clone());
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (requests, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(client, receiver, create_timeout));
-        Watcher { requests }
+        let mut next_id: i64 = 0;
+        let ids = move || {
+            next_id += 1;
+            next_id
+        };
+        let handle = runtime.spawn(run(self.client.clone(), receiver, self.create_timeout, ids));
+        *task = Some((requests.clone(), handle));
+        Some(requests)
     }
 
     /// Wakes the caller when `key` is deleted at `start_revision` or later.
     pub(crate) fn on_delete(&self, key: Vec<u8>, start_revision: i64) -> Wakeup {
         let (wake, receiver) = oneshot::channel();
-        // If the task is gone the sender is dropped with the request: the waiter is woken
-        // as interrupted and falls back to re-checking.
-        let _ = self.requests.send(Request {
-            key,
-            start_revision,
-            wake,
-        });
+        // If the task cannot run the sender is dropped with the request: the waiter is
+        // woken as interrupted and falls back to re-checking.
+        if let Some(requests) = self.requests() {
+            let _ = requests.send(Request {
+                key,
+                start_revision,
+                wake,
+            });
+        }
         Wakeup { receiver }
     }
 }
@@ -87,14 +131,19 @@ async fn next_response(stream: &mut Option<Stream>) -> Option<Result<WatchRespon
     }
 }
 
+/// The watch task. `ids` hands out the watch ids (tests make it repeat one, which etcd
+/// refuses).
 async fn run(
     client: Client,
     mut requests: mpsc::UnboundedReceiver<Request>,
     create_timeout: Duration,
+    mut ids: impl FnMut() -> i64 + Send,
 ) {
     let mut stream: Option<Stream> = None;
     let mut active: HashMap<i64, oneshot::Sender<()>> = HashMap::new();
-    let mut next_id: i64 = 1;
+    // Watch ids sent but not yet confirmed, oldest first: etcd answers a stream's create
+    // requests in order, and a refused create names watch id −1, not ours.
+    let mut creating: VecDeque<i64> = VecDeque::new();
     loop {
         tokio::select! {
             request = requests.recv() => {
@@ -114,8 +163,7 @@ async fn run(
                         let _ = open.sender.cancel(id).await;
                     }
                 }
-                let id = next_id;
-                next_id += 1;
+                let id = ids();
                 let options = WatchOptions::new()
                     .with_start_revision(request.start_revision)
                     .with_filters([WatchFilterType::NoPut])
@@ -136,20 +184,23 @@ async fn run(
                 };
                 if sent {
                     active.insert(id, request.wake);
+                    creating.push_back(id);
                 } else {
                     // Dropping the sender wakes this waiter; the others re-check as well.
                     tracing::debug!("etcd watch stream could not be opened or written");
                     stream = None;
                     active.clear();
+                    creating.clear();
                 }
             }
             response = next_response(&mut stream) => {
                 match response {
-                    Some(Ok(response)) => handle(&mut stream, &mut active, response).await,
+                    Some(Ok(response)) => handle(&mut stream, &mut active, &mut creating, response).await,
                     _ => {
                         tracing::debug!("etcd watch stream ended; waking every waiter to re-check");
                         stream = None;
                         active.clear();
+                        creating.clear();
                     }
                 }
             }
@@ -160,9 +211,23 @@ async fn run(
 async fn handle(
     stream: &mut Option<Stream>,
     active: &mut HashMap<i64, oneshot::Sender<()>>,
+    creating: &mut VecDeque<i64>,
     response: WatchResponse,
 ) {
     let id = response.watch_id();
+    if response.created() {
+        let requested = creating.pop_front();
+        if response.canceled() {
+            // Refused (a duplicate id, a bad range: etcd answers watch id −1): wake the
+            // waiter whose create this answers.
+            tracing::debug!(reason = response.cancel_reason(), "etcd refused a watch");
+            if let Some(requested) = requested {
+                active.remove(&requested);
+            }
+            active.remove(&id);
+            return;
+        }
+    }
     if response.canceled() {
         // Compacted start revision, lost leader (require-leader), or our own cancel:
         // dropping the sender wakes the waiter to re-check.
