@@ -41,6 +41,33 @@ pub trait BackendFactory: Send + Sync + 'static {
         let _ = key;
         Ok(None)
     }
+
+    /// Hooks that break the server or the connection on purpose, when the factory has them.
+    /// Cases that need them fail unless the backend lists them under `skip`.
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        None
+    }
+}
+
+/// Breaks the lock service on purpose. "The server" is the whole lock service behind the
+/// factory: every node of a Redlock or etcd cluster.
+#[async_trait]
+pub trait ServerFaults: Send + Sync {
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    async fn pause(&self) -> anyhow::Result<()>;
+    /// Resumes a paused server (SIGCONT).
+    async fn resume(&self) -> anyhow::Result<()>;
+    /// Closes the connections of backends made by the factory and refuses new ones (the
+    /// factory's backends connect through a proxy; `is_held` does not).
+    async fn cut(&self) -> anyhow::Result<()>;
+    /// Stops forwarding on the factory's connections without closing them (a silent
+    /// partition).
+    async fn blackhole(&self) -> anyhow::Result<()>;
+    /// Undoes `cut` or `blackhole`.
+    async fn heal(&self) -> anyhow::Result<()>;
+    /// Makes every connection open now silent for good (nothing forwarded, nothing closed),
+    /// while new connections work once healed: a NAT or firewall that lost its flow state.
+    async fn forget_connections(&self) -> anyhow::Result<()>;
 }
 
 /// A fresh key name for one case, so cases on a shared server never meet.

@@ -26,6 +26,9 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(bad_input_is_rejected [$factory] $skips);
         $crate::__conformance_case!(many_keys_held_and_renewed [$factory] $skips);
         $crate::__conformance_case!(keys_are_independent [$factory] $skips);
+        $crate::__conformance_case!(server_pause_fires_lost [$factory] $skips);
+        $crate::__conformance_case!(connection_cut_fires_lost_and_recovers [$factory] $skips);
+        $crate::__conformance_case!(connection_blackhole_fires_lost_and_recovers [$factory] $skips);
     };
 }
 
@@ -141,6 +144,21 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn keys_are_independent() {}
+    };
+    (server_pause_fires_lost [$factory:expr] [server_pause_fires_lost : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn server_pause_fires_lost() {}
+    };
+    (connection_cut_fires_lost_and_recovers [$factory:expr] [connection_cut_fires_lost_and_recovers : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn connection_cut_fires_lost_and_recovers() {}
+    };
+    (connection_blackhole_fires_lost_and_recovers [$factory:expr] [connection_blackhole_fires_lost_and_recovers : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn connection_blackhole_fires_lost_and_recovers() {}
     };
     ($case:ident [$factory:expr] [$other:ident : $reason:literal $(, $($rest:tt)*)?]) => {
         $crate::__conformance_case!($case [$factory] [$($($rest)*)?]);

@@ -29,6 +29,8 @@ pub enum ProxyMode {
 struct Settings {
     mode: ProxyMode,
     delay: Duration,
+    /// Connections numbered below this forward nothing, ever (see `forget_flows`).
+    forgotten_below: u64,
 }
 
 /// A proxy listening on a free loopback port and forwarding to `upstream`.
@@ -40,6 +42,7 @@ pub struct TcpProxy {
     // Cancelled by `Refuse`, replaced on heal: closes every connection opened before.
     connections: Arc<Mutex<CancellationToken>>,
     shutdown: CancellationToken,
+    next_connection: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpProxy {
@@ -52,6 +55,7 @@ impl TcpProxy {
         let (settings, settings_rx) = watch::channel(Settings {
             mode: ProxyMode::Forward,
             delay: Duration::ZERO,
+            forgotten_below: 0,
         });
         let connections = Arc::new(Mutex::new(CancellationToken::new()));
         let shutdown = CancellationToken::new();
@@ -61,6 +65,8 @@ impl TcpProxy {
             .context("building the proxy runtime")?;
         let thread_connections = connections.clone();
         let thread_shutdown = shutdown.clone();
+        let next_connection = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread_next = next_connection.clone();
         std::thread::Builder::new()
             .name(format!("proxy-{listen}"))
             .spawn(move || {
@@ -74,6 +80,7 @@ impl TcpProxy {
                         settings_rx,
                         thread_connections,
                         thread_shutdown,
+                        thread_next,
                     )
                     .await;
                 });
@@ -85,6 +92,7 @@ impl TcpProxy {
             settings,
             connections,
             shutdown,
+            next_connection,
         })
     }
 
@@ -123,6 +131,17 @@ impl TcpProxy {
         self.set_mode(ProxyMode::Forward);
     }
 
+    /// Every connection open now goes silent for good — nothing forwarded, nothing closed —
+    /// while new connections work: what a client sees when a NAT or firewall on the path
+    /// drops its flow state. Only a client that notices a silent peer and reconnects recovers.
+    pub fn forget_flows(&self) {
+        let next = self
+            .next_connection
+            .load(std::sync::atomic::Ordering::SeqCst);
+        self.settings
+            .send_modify(|settings| settings.forgotten_below = next);
+    }
+
     /// Delays every forwarded chunk by `delay`.
     pub fn set_delay(&self, delay: Duration) {
         self.settings.send_modify(|settings| settings.delay = delay);
@@ -148,6 +167,7 @@ async fn accept_loop(
     settings: watch::Receiver<Settings>,
     connections: Arc<Mutex<CancellationToken>>,
     shutdown: CancellationToken,
+    next_connection: Arc<std::sync::atomic::AtomicU64>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -161,6 +181,7 @@ async fn accept_loop(
         }
         let closed = lock(&connections).clone();
         let settings = settings.clone();
+        let id = next_connection.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -169,8 +190,8 @@ async fn accept_loop(
             let _ = server.set_nodelay(true);
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
-            let up = pump(client_read, server_write, settings.clone());
-            let down = pump(server_read, client_write, settings);
+            let up = pump(id, client_read, server_write, settings.clone());
+            let down = pump(id, server_read, client_write, settings);
             tokio::select! {
                 _ = closed.cancelled() => {}
                 _ = async { tokio::join!(up, down) } => {}
@@ -180,6 +201,7 @@ async fn accept_loop(
 }
 
 async fn pump(
+    id: u64,
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut settings: watch::Receiver<Settings>,
@@ -188,7 +210,15 @@ async fn pump(
     loop {
         // Wait out a black hole before reading more, so bytes queue up in the kernel.
         loop {
-            let mode = settings.borrow().mode;
+            let (mode, forgotten) = {
+                let current = settings.borrow();
+                (current.mode, id < current.forgotten_below)
+            };
+            let mode = if forgotten && mode != ProxyMode::Refuse {
+                ProxyMode::Blackhole
+            } else {
+                mode
+            };
             match mode {
                 ProxyMode::Forward => break,
                 ProxyMode::Refuse => return,
@@ -212,7 +242,15 @@ async fn pump(
         }
         // A chunk read just before a black hole is held until healed.
         loop {
-            let mode = settings.borrow().mode;
+            let (mode, forgotten) = {
+                let current = settings.borrow();
+                (current.mode, id < current.forgotten_below)
+            };
+            let mode = if forgotten && mode != ProxyMode::Refuse {
+                ProxyMode::Blackhole
+            } else {
+                mode
+            };
             match mode {
                 ProxyMode::Forward => break,
                 ProxyMode::Refuse => return,

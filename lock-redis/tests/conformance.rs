@@ -5,7 +5,7 @@
 //! through `lock_harness`, and drops them when the test ends: tests never share state.
 
 use async_trait::async_trait;
-use conformance_tests::BackendFactory;
+use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{LockBackend, LockKey};
 use lock_harness::redis::RedisServer;
 use lock_redis::{KeyScheme, RedisBackend, RedisOptions, RedlockBackend};
@@ -23,7 +23,9 @@ impl RedisFactory {
         let mut servers = Vec::with_capacity(nodes);
         let mut clients = Vec::with_capacity(nodes);
         for _ in 0..nodes {
-            let server = RedisServer::start()?;
+            // Backends connect through the harness proxy (for cut/blackhole); `is_held` reads
+            // the server directly.
+            let server = RedisServer::builder().proxy(true).start()?;
             clients.push(server.client()?.get_multiplexed_async_connection().await?);
             servers.push(server);
         }
@@ -66,6 +68,52 @@ impl BackendFactory for RedisFactory {
             holding += usize::from(exists);
         }
         Ok(Some(holding > self.servers.len() / 2))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+/// Faults hit every node: "the server" of a Redlock is all its masters.
+#[async_trait]
+impl ServerFaults for RedisFactory {
+    async fn pause(&self) -> anyhow::Result<()> {
+        self.servers.iter().try_for_each(RedisServer::pause)
+    }
+
+    async fn resume(&self) -> anyhow::Result<()> {
+        self.servers.iter().try_for_each(RedisServer::resume)
+    }
+
+    async fn cut(&self) -> anyhow::Result<()> {
+        self.proxies()
+            .try_for_each(|proxy| anyhow::Ok(proxy?.cut()))
+    }
+
+    async fn blackhole(&self) -> anyhow::Result<()> {
+        self.proxies()
+            .try_for_each(|proxy| anyhow::Ok(proxy?.blackhole()))
+    }
+
+    async fn heal(&self) -> anyhow::Result<()> {
+        self.proxies()
+            .try_for_each(|proxy| anyhow::Ok(proxy?.heal()))
+    }
+
+    async fn forget_connections(&self) -> anyhow::Result<()> {
+        self.proxies()
+            .try_for_each(|proxy| anyhow::Ok(proxy?.forget_flows()))
+    }
+}
+
+impl RedisFactory {
+    fn proxies(&self) -> impl Iterator<Item = anyhow::Result<&lock_harness::TcpProxy>> {
+        self.servers.iter().map(|server| {
+            server
+                .proxy()
+                .ok_or_else(|| anyhow::anyhow!("server started without a proxy"))
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
-use conformance_tests::BackendFactory;
+use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{LockBackend, LockKey};
 use lock_harness::etcd::EtcdCluster;
 use std::sync::Arc;
@@ -49,5 +49,40 @@ impl BackendFactory for EtcdFactory {
         let range = lock_etcd::key_range(&self.prefix, key);
         let entries = self.cluster.keys_with_prefix(&range).await?;
         Ok(Some(!entries.is_empty()))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+/// Faults hit every member: "the server" is the whole cluster.
+#[async_trait]
+impl ServerFaults for EtcdFactory {
+    async fn pause(&self) -> anyhow::Result<()> {
+        (0..self.cluster.size()).try_for_each(|member| self.cluster.pause(member))
+    }
+
+    async fn resume(&self) -> anyhow::Result<()> {
+        (0..self.cluster.size()).try_for_each(|member| self.cluster.resume(member))
+    }
+
+    async fn cut(&self) -> anyhow::Result<()> {
+        (0..self.cluster.size()).try_for_each(|member| self.cluster.cut(member))
+    }
+
+    async fn blackhole(&self) -> anyhow::Result<()> {
+        (0..self.cluster.size()).try_for_each(|member| self.cluster.blackhole(member))
+    }
+
+    async fn heal(&self) -> anyhow::Result<()> {
+        (0..self.cluster.size()).try_for_each(|member| self.cluster.heal(member))
+    }
+
+    async fn forget_connections(&self) -> anyhow::Result<()> {
+        for member in self.cluster.members() {
+            member.proxy().forget_flows();
+        }
+        Ok(())
     }
 }
