@@ -48,6 +48,12 @@ pub fn waiter_key(hash: i64) -> (i32, i32) {
     ((hash >> 32) as i32, hash as i32)
 }
 
+/// The transaction-level advisory lock that serializes creating the fence sequence: a
+/// constant pair in the two-int keyspace, which no user key reaches (user keys are one
+/// bigint; waiter keys are pairs but derived from a 64-bit hash, so meeting this one is a
+/// 2^-64 accident that would only make setup wait behind a waiter).
+pub const SETUP_LOCK: (i32, i32) = (0x6469_7374, 0x6c6f_636b);
+
 /// Smallest TTL granted: the holder session's `idle_session_timeout` follows the TTL, and a
 /// shorter one would end sessions between two statements of a busy client.
 pub const MIN_TTL: Duration = Duration::from_millis(500);
@@ -425,8 +431,10 @@ impl Inner {
         let work = async {
             let mut tx = sqlx::Connection::begin(&mut conn).await?;
             // Serialize concurrent CREATE TABLE IF NOT EXISTS (it can race on the catalog).
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(advisory_key("distlock", "schema"))
+            // Not in the one-bigint keyspace: a user's lock named "schema" must not block us.
+            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                .bind(SETUP_LOCK.0)
+                .bind(SETUP_LOCK.1)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")

@@ -424,3 +424,32 @@ async fn factory_reports_held_keys() -> Result<()> {
     ensure!(factory.is_held(&key).await? == Some(false));
     Ok(())
 }
+
+/// A user's lock on key "schema" (default namespace) must not block a new backend's setup:
+/// setup serializes itself on a lock no user key can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_not_blocked_by_a_user_key_named_schema() -> Result<()> {
+    let server = server().await?;
+    let holder = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new("schema")?;
+    let lease = holder
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("key \"schema\" was not free")?;
+    let started = Instant::now();
+    let fresh = timeout(
+        Duration::from_secs(3),
+        backend_at(&server.url(), PostgresConfig::default()),
+    )
+    .await
+    .context("connect() hung behind the user's lock on \"schema\"")??;
+    let took = started.elapsed();
+    ensure!(
+        took < Duration::from_secs(1),
+        "connect() took {took:?} while a user held \"schema\""
+    );
+    drop(fresh);
+    ensure!(holder.release(&lease).await?, "release answered false");
+    Ok(())
+}
