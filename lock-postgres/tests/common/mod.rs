@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use async_trait::async_trait;
-use conformance_tests::BackendFactory;
+use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{LockBackend, LockKey};
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::{PostgresBackend, PostgresConfig, advisory_key};
@@ -33,9 +33,12 @@ pub async fn advisory_held(pool: &PgPool, hash: i64) -> Result<bool> {
 
 /// Fresh backends on the shared server; `is_held` reads `pg_locks` on its own connection.
 pub struct PgFactory {
+    /// The server itself (the inspector connects here).
     pub url: String,
     pub config: PostgresConfig,
     inspector: OnceCell<PgPool>,
+    /// This factory's backends connect through it, so cutting it touches no other test.
+    proxy: lock_harness::TcpProxy,
 }
 
 impl PgFactory {
@@ -45,6 +48,7 @@ impl PgFactory {
             url: server.url(),
             config: PostgresConfig::default(),
             inspector: OnceCell::new(),
+            proxy: lock_harness::TcpProxy::start(server.addr())?,
         })
     }
 
@@ -70,7 +74,7 @@ impl BackendFactory for PgFactory {
     }
 
     async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
-        let options = PgConnectOptions::from_str(&self.url)?;
+        let options = PgConnectOptions::from_str(&PostgresServer::url_for(self.proxy.addr()))?;
         Ok(Arc::new(
             PostgresBackend::with_options(options, self.config.clone()).await?,
         ))
@@ -79,5 +83,42 @@ impl BackendFactory for PgFactory {
     async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
         let hash = advisory_key(&self.config.namespace, key.as_str());
         Ok(Some(advisory_held(self.inspector().await?, hash).await?))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+/// Connection faults through this factory's own proxy. The server is shared by every test of
+/// the binary, so it is never paused here (`server_pause_fires_lost` is skipped).
+#[async_trait]
+impl ServerFaults for PgFactory {
+    async fn pause(&self) -> Result<()> {
+        anyhow::bail!("the shared test server is not paused: it would stall the other tests")
+    }
+
+    async fn resume(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn cut(&self) -> Result<()> {
+        self.proxy.cut();
+        Ok(())
+    }
+
+    async fn blackhole(&self) -> Result<()> {
+        self.proxy.blackhole();
+        Ok(())
+    }
+
+    async fn heal(&self) -> Result<()> {
+        self.proxy.heal();
+        Ok(())
+    }
+
+    async fn forget_connections(&self) -> Result<()> {
+        self.proxy.forget_flows();
+        Ok(())
     }
 }
