@@ -1,6 +1,7 @@
 //! `EtcdBackend`: the `LockBackend` over etcd leases, a FIFO queue per key and watches.
 
 use crate::config::EtcdConfig;
+use crate::connection::Connection;
 use crate::keys::{entry_key, key_range};
 use crate::renewer::{Renewal, Renewer};
 use crate::watch::{Watcher, Woken};
@@ -41,7 +42,7 @@ struct Held {
 }
 
 struct Inner {
-    client: Client,
+    connection: Arc<Connection>,
     config: EtcdConfig,
     watcher: Watcher,
     renewer: Renewer,
@@ -240,9 +241,10 @@ impl Inner {
     /// Grants a lease; returns its id and the granted TTL.
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let seconds = lease_seconds(ttl);
+        let client = self.connection.client().await?;
         let granted = self
             .call("lease grant", || {
-                let mut lease = self.client.lease_client();
+                let mut lease = client.lease_client();
                 async move { lease.grant(seconds, None).await }
             })
             .await?;
@@ -252,9 +254,10 @@ impl Inner {
 
     /// Revokes a lease. `Ok(false)`: it no longer existed.
     async fn revoke(&self, lease_id: i64) -> Result<bool, LockError> {
+        let client = self.connection.client().await?;
         let answer = self
             .attempt(|| {
-                let mut lease = self.client.lease_client();
+                let mut lease = client.lease_client();
                 async move { lease.revoke(lease_id).await }
             })
             .await;
@@ -271,8 +274,9 @@ impl Inner {
     }
 
     async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, LockError> {
+        let client = self.connection.client().await?;
         self.call(what, || {
-            let mut kv = self.client.kv_client();
+            let mut kv = client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
@@ -281,9 +285,10 @@ impl Inner {
 
     /// Whether a lease still exists (etcd answers TTL −1 for an expired or revoked one).
     async fn lease_alive(&self, lease_id: i64) -> Result<bool, LockError> {
+        let client = self.connection.client().await?;
         let answer = self
             .call("lease time-to-live", || {
-                let mut lease = self.client.lease_client();
+                let mut lease = client.lease_client();
                 async move { lease.time_to_live(lease_id, None).await }
             })
             .await?;
@@ -354,7 +359,7 @@ impl EtcdBackend {
         };
         let client = match timeout(
             config.connect_timeout,
-            Client::connect(&endpoints, Some(options)),
+            Client::connect(&endpoints, Some(options.clone())),
         )
         .await
         {
@@ -386,11 +391,12 @@ impl EtcdBackend {
                 )));
             }
         }
-        let watcher = Watcher::new(client.clone(), config.request_timeout);
-        let renewer = Renewer::new(client.clone(), config.request_timeout);
+        let connection = Arc::new(Connection::new(client, endpoints, options));
+        let watcher = Watcher::new(connection.clone(), config.request_timeout);
+        let renewer = Renewer::new(connection.clone(), config.request_timeout);
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
-                client,
+                connection,
                 config,
                 watcher,
                 renewer,
@@ -567,7 +573,8 @@ impl EtcdBackend {
             };
             let mut wakeup = inner
                 .watcher
-                .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1);
+                .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1)
+                .await;
             if wakeup.wait().await == Woken::Interrupted {
                 sleep(Duration::from_millis(20)).await;
             }
@@ -737,11 +744,12 @@ impl LockBackend for EtcdBackend {
                 Some(GetOptions::new().with_keys_only()),
             )]);
         let tries = std::sync::atomic::AtomicUsize::new(0);
+        let client = self.inner.connection.client().await?;
         let answer = self
             .inner
             .call("release txn", || {
                 tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut kv = self.inner.client.kv_client();
+                let mut kv = client.kv_client();
                 let release = release.clone();
                 async move { kv.txn(release).await }
             })

@@ -20,6 +20,7 @@
 
 mod backend;
 mod config;
+mod connection;
 mod keys;
 mod renewer;
 mod watch;

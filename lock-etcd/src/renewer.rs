@@ -11,6 +11,7 @@
 //! tasks are restarted on the caller's runtime when they have ended (the runtime that
 //! started them shut down), as lock-core's watchdog does.
 
+use crate::connection::Connection;
 use etcd_client::{Client, KeyValue, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse};
 use lock_core::LockError;
 use std::collections::{HashMap, VecDeque};
@@ -68,7 +69,7 @@ struct Tasks {
 }
 
 struct Shared {
-    client: Client,
+    connection: Arc<Connection>,
     request_timeout: Duration,
     /// Gets per check txn; shrinks if the cluster's `--max-txn-ops` is below [`BATCH`].
     batch_limit: Arc<AtomicUsize>,
@@ -101,10 +102,10 @@ fn failed(what: &str, error: impl fmt::Display) -> LockError {
 
 impl Renewer {
     /// A renewer over `client`; its tasks start on the first use.
-    pub(crate) fn new(client: Client, request_timeout: Duration) -> Self {
+    pub(crate) fn new(connection: Arc<Connection>, request_timeout: Duration) -> Self {
         Renewer {
             shared: Arc::new(Shared {
-                client,
+                connection,
                 request_timeout,
                 batch_limit: Arc::new(AtomicUsize::new(BATCH)),
                 tasks: Mutex::new(None),
@@ -119,7 +120,14 @@ impl Renewer {
 
     /// The task handles, (re)starting the tasks on the current runtime if they are not
     /// running: a backend built on one runtime keeps working on another.
-    fn tasks(&self) -> Result<(mpsc::UnboundedSender<Check>, KeepAliveQueues), LockError> {
+    async fn tasks(&self) -> Result<(mpsc::UnboundedSender<Check>, KeepAliveQueues), LockError> {
+        if let Some(running) = lock(&self.shared.tasks)
+            .as_ref()
+            .filter(|t| !t.batcher.is_finished())
+        {
+            return Ok((running.checks.clone(), running.keep_alives.clone()));
+        }
+        let client = self.shared.connection.client().await?;
         let mut tasks = lock(&self.shared.tasks);
         if let Some(running) = tasks.as_ref().filter(|t| !t.batcher.is_finished()) {
             return Ok((running.checks.clone(), running.keep_alives.clone()));
@@ -131,7 +139,7 @@ impl Renewer {
             .map(|_| {
                 let (queue, receiver) = mpsc::unbounded_channel::<Pending>();
                 runtime.spawn(keep_alive_loop(
-                    shared.client.clone(),
+                    client.clone(),
                     receiver,
                     shared.request_timeout,
                 ));
@@ -140,7 +148,7 @@ impl Renewer {
             .collect();
         let (checks, receiver) = mpsc::unbounded_channel();
         let batcher = runtime.spawn(check_batches(
-            shared.client.clone(),
+            client,
             receiver,
             shared.request_timeout,
             shared.batch_limit.clone(),
@@ -160,7 +168,7 @@ impl Renewer {
         owner: String,
         lease_id: i64,
     ) -> Result<Renewal, LockError> {
-        let (checks, _) = self.tasks()?;
+        let (checks, _) = self.tasks().await?;
         let (reply, answer) = oneshot::channel();
         let gone = || failed("ownership check", "the renewal task stopped");
         checks
@@ -185,7 +193,7 @@ impl Renewer {
     /// the lease is gone. Used by renewals and by queued waiters, so waiting costs no stream
     /// of its own.
     pub(crate) async fn keep_alive(&self, lease_id: i64) -> Result<bool, LockError> {
-        let (_, keep_alives) = self.tasks()?;
+        let (_, keep_alives) = self.tasks().await?;
         // A lease always goes to the same stream, so its answers come back in order.
         let index =
             usize::try_from(lease_id.rem_euclid(KEEP_ALIVE_STREAMS as i64)).unwrap_or_default();

@@ -9,6 +9,7 @@
 //! waiter as well. The task is restarted on the caller's runtime when it has ended (the
 //! runtime that started it shut down).
 
+use crate::connection::Connection;
 use etcd_client::{
     Client, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
 };
@@ -40,7 +41,7 @@ type RunningTask = (mpsc::UnboundedSender<Request>, JoinHandle<()>);
 /// Handle to the watch task; the task ends when every handle is dropped.
 #[derive(Clone)]
 pub(crate) struct Watcher {
-    client: Client,
+    connection: Arc<Connection>,
     create_timeout: Duration,
     task: Arc<Mutex<Option<RunningTask>>>,
 }
@@ -68,9 +69,9 @@ impl Wakeup {
 
 impl Watcher {
     /// A watcher over `client`; its task starts on the first use.
-    pub(crate) fn new(client: Client, create_timeout: Duration) -> Self {
+    pub(crate) fn new(connection: Arc<Connection>, create_timeout: Duration) -> Self {
         Watcher {
-            client,
+            connection,
             create_timeout,
             task: Arc::new(Mutex::new(None)),
         }
@@ -78,7 +79,20 @@ impl Watcher {
 
     /// The request queue of the running task, (re)started on the current runtime if it is
     /// not running.
-    fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
+    async fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
+        let running = || {
+            let task = self
+                .task
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            task.as_ref()
+                .filter(|(_, handle)| !handle.is_finished())
+                .map(|(requests, _)| requests.clone())
+        };
+        if let Some(requests) = running() {
+            return Some(requests);
+        }
+        let client = self.connection.client().await.ok()?;
         let mut task = self
             .task
             .lock()
@@ -95,17 +109,17 @@ impl Watcher {
             next_id += 1;
             next_id
         };
-        let handle = runtime.spawn(run(self.client.clone(), receiver, self.create_timeout, ids));
+        let handle = runtime.spawn(run(client, receiver, self.create_timeout, ids));
         *task = Some((requests.clone(), handle));
         Some(requests)
     }
 
     /// Wakes the caller when `key` is deleted at `start_revision` or later.
-    pub(crate) fn on_delete(&self, key: Vec<u8>, start_revision: i64) -> Wakeup {
+    pub(crate) async fn on_delete(&self, key: Vec<u8>, start_revision: i64) -> Wakeup {
         let (wake, receiver) = oneshot::channel();
         // If the task cannot run the sender is dropped with the request: the waiter is
         // woken as interrupted and falls back to re-checking.
-        if let Some(requests) = self.requests() {
+        if let Some(requests) = self.requests().await {
             let _ = requests.send(Request {
                 key,
                 start_revision,

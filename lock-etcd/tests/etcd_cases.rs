@@ -149,14 +149,25 @@ async fn waiter_with_revoked_lease_never_acquires() -> Result<()> {
     factory.cluster.revoke_lease(waiter_lease).await?;
     queue_of(&factory, "revoked", 1).await?;
     ensure!(guard.release().await?, "holder's release returned false");
+    // The client rejoins the queue after the retryable "entry vanished" error, so the waiter
+    // may get the lock, but only through a new entry on a new lease, never the revoked one.
     match timeout(Duration::from_secs(5), task)
         .await
         .context("waiter hung")??
     {
-        Ok(guard) => bail!(
-            "a waiter whose lease was revoked acquired the lock (fence {:?})",
-            guard.fence()
-        ),
+        Ok(guard) => {
+            let lease_id = lock_etcd::EtcdBackend::lease_id(&guard.lease());
+            ensure!(
+                lease_id != Some(waiter_lease),
+                "the waiter acquired on its revoked lease {waiter_lease:x}"
+            );
+            ensure!(
+                guard.fence().map(|fence| fence.0) > Some(u64::try_from(queue[1].1)?),
+                "the waiter acquired with its old queue entry's fence {:?}",
+                guard.fence()
+            );
+            guard.release().await?;
+        }
         Err(error) => ensure!(
             error.is_retryable(),
             "expected a retryable error, got {error}"
@@ -293,4 +304,213 @@ async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
         lock_etcd::EXPIRY_SLACK
     );
     Ok(())
+}
+
+/// A backend on `factory`'s server that bypasses the harness proxies (unaffected by
+/// `blackhole`/`cut`).
+async fn direct_backend(factory: &EtcdFactory) -> Result<Arc<dyn lock_core::LockBackend>> {
+    let config = lock_etcd::EtcdConfig::new(factory.cluster.direct_endpoints())
+        .with_prefix(factory.prefix.clone());
+    Ok(Arc::new(lock_etcd::EtcdBackend::connect(config).await?))
+}
+
+/// A queued waiter's keep-alive that hangs (a silent partition) delays neither its deadline
+/// nor the revoke of its entry: `wait(w)` ends close to `w`, not a request timeout (3 s) or
+/// two later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_waiter_keeps_its_deadline_while_a_keep_alive_hangs() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = Locker::from_arc(direct_backend(&factory).await?);
+    let waiter = locker(&factory).await?;
+    let guard = holder
+        .lock("deadline")
+        .ttl(Duration::from_secs(30))
+        .acquire()
+        .await?;
+    let wait = Duration::from_millis(2500);
+    let started = Instant::now();
+    let task = tokio::spawn(async move {
+        // TTL 2 s: the waiter's first keep-alive is due ~667 ms after it joined.
+        waiter
+            .lock("deadline")
+            .ttl(Duration::from_secs(2))
+            .wait(wait)
+            .acquire()
+            .await
+    });
+    queue_of(&factory, "deadline", 2).await?;
+    factory.cluster.blackhole(0)?;
+    let outcome = timeout(Duration::from_secs(10), task).await;
+    let elapsed = started.elapsed();
+    factory.cluster.heal(0)?;
+    match outcome.context("waiter hung for 10 s")?? {
+        Err(error) if error.is_timeout() => {}
+        other => bail!("expected a timeout, got {other:?}"),
+    }
+    ensure!(
+        elapsed < wait + Duration::from_millis(700),
+        "wait({wait:?}) returned after {elapsed:?}"
+    );
+    guard.release().await?;
+    Ok(())
+}
+
+/// Waiters keep their leases alive over the renewer's shared streams: 20 waiters over three
+/// keep-alive periods open at most the renewer's 16 streams, not one per keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_keep_alive_over_shared_streams() -> Result<()> {
+    const WAITERS: usize = 20;
+    let factory = EtcdFactory::start(1).await?;
+    let holder = Locker::from_arc(direct_backend(&factory).await?);
+    let waiter = locker(&factory).await?;
+    let guard = holder
+        .lock("streams")
+        .ttl(Duration::from_secs(30))
+        .auto_renew(false)
+        .acquire()
+        .await?;
+    let streams = || {
+        factory.cluster.metric(
+            0,
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        )
+    };
+    let before = streams().await?;
+    let mut tasks = Vec::new();
+    for _ in 0..WAITERS {
+        let waiter = waiter.clone();
+        tasks.push(tokio::spawn(async move {
+            waiter
+                .lock("streams")
+                .ttl(Duration::from_secs(2))
+                .wait(Duration::from_millis(2300))
+                .acquire()
+                .await
+        }));
+    }
+    for task in tasks {
+        match task.await? {
+            Err(error) if error.is_timeout() => {}
+            other => bail!("expected a timeout, got {other:?}"),
+        }
+    }
+    let opened = streams().await? - before;
+    println!("keep-alive streams opened by {WAITERS} waiters: {opened}");
+    ensure!(
+        opened > 0.0,
+        "no keep-alive stream counted: the metric is not read"
+    );
+    ensure!(
+        opened <= 16.0,
+        "{WAITERS} waiters opened {opened} keep-alive streams"
+    );
+    guard.release().await?;
+    Ok(())
+}
+
+/// A holder that finds the key held gets no remaining-TTL lookup (one round trip nobody
+/// uses: waiting callers queue instead of polling on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_try_acquire_makes_no_ttl_round_trip() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let key = LockKey::new("held")?;
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(10))
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    match backend.try_acquire(&key, Duration::from_secs(10)).await? {
+        lock_core::Attempt::Held { expires_in: None } => {}
+        other => bail!("expected Held without a TTL, got {other:?}"),
+    }
+    ensure!(backend.release(&lease).await?, "release returned false");
+    Ok(())
+}
+
+/// etcd started with `--max-txn-ops=8` (default 128): renewal batches shrink to fit, and
+/// 200 auto-renewed locks all survive 1.5 TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renewals_fit_a_lower_max_txn_ops() -> Result<()> {
+    use futures::StreamExt;
+    const KEYS: usize = 200;
+    let cluster = lock_harness::etcd::EtcdCluster::start_with_args(1, &["--max-txn-ops=8"]).await?;
+    let url = cluster.url(Some("ops"));
+    let locker = Locker::from_arc(lock_etcd::connect(&url).await?);
+    let ttl = Duration::from_secs(2);
+    let guards: Vec<_> = futures::stream::iter(0..KEYS)
+        .map(|index| {
+            let locker = locker.clone();
+            async move { locker.lock(format!("ops{index}")).ttl(ttl).acquire().await }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let guards = guards.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let acquired = Instant::now();
+    sleep(ttl + ttl / 2).await;
+    let lost = guards.iter().filter(|guard| guard.is_lost()).count();
+    ensure!(lost == 0, "{lost} of {KEYS} locks lost");
+    let renewed = guards
+        .iter()
+        .filter(|guard| guard.lease().sent_at() > acquired)
+        .count();
+    ensure!(renewed == KEYS, "only {renewed} of {KEYS} renewed");
+    for guard in guards {
+        guard.release().await?;
+    }
+    Ok(())
+}
+
+/// A backend connected on one runtime that has since shut down keeps working on another:
+/// renewals and watch wake-ups restart their tasks there.
+#[test]
+fn backend_outlives_the_runtime_that_connected_it() -> Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let first = runtime()?;
+    let (factory, backend) = first.block_on(async {
+        let factory = EtcdFactory::start(1).await?;
+        let backend = factory.backend().await?;
+        anyhow::Ok((factory, backend))
+    })?;
+    drop(first);
+    runtime()?.block_on(async {
+        let locker = Locker::from_arc(backend);
+        let ttl = Duration::from_secs(2);
+        let guard = locker.lock("runtime").ttl(ttl).acquire().await?;
+        let acquired = Instant::now();
+        sleep(ttl + ttl / 2).await;
+        ensure!(
+            !guard.is_lost(),
+            "lock lost on the second runtime: {:?}",
+            guard.lost_reason()
+        );
+        ensure!(guard.lease().sent_at() > acquired, "never renewed");
+        // A queued waiter still gets the lock on release.
+        let waiter = locker.clone();
+        let task = tokio::spawn(async move {
+            waiter
+                .lock("runtime")
+                .ttl(ttl)
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await
+        });
+        queue_of(&factory, "runtime", 2).await?;
+        let released = Instant::now();
+        guard.release().await?;
+        let next = timeout(Duration::from_secs(5), task)
+            .await
+            .context("waiter not woken")???;
+        println!("hand-off on the second runtime: {:?}", released.elapsed());
+        next.release().await?;
+        drop(factory);
+        anyhow::Ok(())
+    })
 }

@@ -74,6 +74,8 @@ impl EtcdMember {
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
     initial_cluster: String,
+    /// Extra flags given to every member (e.g. `--max-txn-ops=16`).
+    extra_args: Vec<String>,
     // Dropped last: the members' processes die before their directories go.
     _dir: tempfile::TempDir,
 }
@@ -101,6 +103,12 @@ impl EtcdCluster {
     /// Starts a static cluster of `size` members and waits until it has a leader and serves
     /// linearizable requests through every member.
     pub async fn start(size: usize) -> Result<Self> {
+        Self::start_with_args(size, &[]).await
+    }
+
+    /// Like [`EtcdCluster::start`], with extra flags for every member (kept for restarts),
+    /// e.g. `["--max-txn-ops=16"]` to test a cluster configured below etcd's defaults.
+    pub async fn start_with_args(size: usize, extra_args: &[&str]) -> Result<Self> {
         if size == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -130,6 +138,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             _dir: dir,
         };
         for index in 0..size {
@@ -141,6 +150,7 @@ impl EtcdCluster {
 
     fn spawn_member(&mut self, binary: &Path, index: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        let extra_args = self.extra_args.clone();
         // One token for the whole cluster (members with different tokens form different
         // clusters), unique per cluster so that two test clusters never merge.
         let token = format!(
@@ -180,7 +190,8 @@ impl EtcdCluster {
             .arg("--logger")
             .arg("zap")
             .arg("--log-level")
-            .arg("warn");
+            .arg("warn")
+            .args(&extra_args);
         // A restarted member finds its data directory and ignores the initial-cluster flags.
         let process = ServerProcess::spawn(&format!("etcd {}", member.name), command, &member.log)?;
         member.process = Some(process);
@@ -395,6 +406,40 @@ impl EtcdCluster {
         for member in &self.members {
             member.proxy.heal();
         }
+    }
+
+    /// The sum of every sample of the Prometheus metric `name` (e.g.
+    /// `grpc_server_started_total`) whose labels contain all of `labels` (e.g.
+    /// `grpc_method="LeaseKeepAlive"`), read from member `index`'s `/metrics` endpoint on its
+    /// client port (not through the proxy). 0 when no sample matches.
+    pub async fn metric(&self, index: usize, name: &str, labels: &[&str]) -> Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.member(index)?.client_addr();
+        let fetch = async {
+            let mut socket = tokio::net::TcpStream::connect(addr).await?;
+            socket
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await?;
+            let mut body = String::new();
+            socket.read_to_string(&mut body).await?;
+            anyhow::Ok(body)
+        };
+        let body = timeout(Duration::from_secs(5), fetch)
+            .await
+            .context("reading etcd /metrics timed out")??;
+        let mut total = 0.0;
+        for line in body.lines().filter(|line| !line.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = series.split('{').next().unwrap_or(series);
+            if metric == name && labels.iter().all(|label| series.contains(label)) {
+                total += value
+                    .parse::<f64>()
+                    .with_context(|| format!("metric line {line:?}"))?;
+            }
+        }
+        Ok(total)
     }
 
     /// Revokes lease `id` from outside, through the harness's own client.

@@ -1,0 +1,91 @@
+//! The etcd client, rebuilt on the caller's runtime when the runtime that built it has shut
+//! down: tonic runs each channel's worker as a task of the runtime that created it, so a
+//! backend connected on one runtime and used from another would otherwise fail every request
+//! ("Service was not ready").
+
+use etcd_client::{Client, ConnectOptions};
+use lock_core::LockError;
+use std::sync::{Mutex, MutexGuard};
+use tokio::task::JoinHandle;
+
+/// A client and a never-ending task on the runtime it was built on: once that task has
+/// finished, the runtime (and the client's channel with it) is gone.
+struct Built {
+    client: Client,
+    sentinel: JoinHandle<()>,
+}
+
+/// Hands out a working client, rebuilding it when needed.
+pub(crate) struct Connection {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    built: Mutex<Built>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sentinel() -> JoinHandle<()> {
+    tokio::spawn(std::future::pending())
+}
+
+impl Connection {
+    /// Wraps a client just built on the current runtime from `endpoints` and `options`.
+    pub(crate) fn new(client: Client, endpoints: Vec<String>, options: ConnectOptions) -> Self {
+        Connection {
+            endpoints,
+            options,
+            built: Mutex::new(Built {
+                client,
+                sentinel: sentinel(),
+            }),
+        }
+    }
+
+    fn built(&self) -> MutexGuard<'_, Built> {
+        self.built
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The client, rebuilt on the current runtime if the one it was built on has shut down.
+    pub(crate) async fn client(&self) -> Result<Client, LockError> {
+        {
+            let built = self.built();
+            if !built.sentinel.is_finished() {
+                return Ok(built.client.clone());
+            }
+        }
+        tracing::debug!("the runtime that built the etcd client has shut down; rebuilding it");
+        // Connecting only sets up the (lazy) channel: no round trip.
+        let client = Client::connect(&self.endpoints, Some(self.options.clone()))
+            .await
+            .map_err(|error| {
+                LockError::backend(
+                    "etcd",
+                    format!("reconnecting on a new runtime: {error}"),
+                    true,
+                    error,
+                )
+            })?;
+        let mut built = self.built();
+        if built.sentinel.is_finished() {
+            *built = Built {
+                client: client.clone(),
+                sentinel: sentinel(),
+            };
+        }
+        Ok(built.client.clone())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.built().sentinel.abort();
+    }
+}
