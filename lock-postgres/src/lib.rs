@@ -36,6 +36,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, OnceCell};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_util::sync::CancellationToken;
 
 const BACKEND: &str = "postgres";
 
@@ -217,6 +218,16 @@ fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
+/// Longest pause between two heartbeats on a holder session that holds locks.
+pub const HEARTBEAT_MAX: Duration = Duration::from_millis(250);
+
+/// The heartbeat interval of a session whose smallest TTL is `min_ttl_ms`: a tenth of it,
+/// at most [`HEARTBEAT_MAX`]. A session the server dropped (terminated, restarted) is found
+/// within this interval, and its guards' lost signal fires.
+pub fn heartbeat_interval(min_ttl_ms: u64) -> Duration {
+    Duration::from_millis(min_ttl_ms / 10).min(HEARTBEAT_MAX)
+}
+
 /// One connection's state, behind the session's async mutex (statements on a session are
 /// serialized).
 #[derive(Debug, Default)]
@@ -228,6 +239,9 @@ struct SessionState {
     /// `idle_session_timeout` is the largest key (0 = off when no lock is held).
     ttls: BTreeMap<u64, usize>,
     pid: i32,
+    /// Cancelled when this connection is dropped or found dead; every lease granted on it
+    /// carries it ([`Lease::with_lost_signal`]), so its guards hear of the loss at once.
+    lost: CancellationToken,
 }
 
 impl SessionState {
@@ -290,6 +304,8 @@ struct Inner {
     book: Mutex<Book>,
     sessions: Mutex<Vec<Arc<Session>>>,
     hub: ReleaseHub,
+    /// Wakes the heartbeat task when a lock is taken while it sleeps for want of any.
+    heartbeat_wake: Notify,
     listener: OnceCell<Listening>,
     /// Commands for the waiter connection (set once the listener runs), read by the hub's
     /// idle hook.
@@ -306,11 +322,13 @@ struct Inner {
 pub struct PostgresBackend {
     inner: Arc<Inner>,
     reaper: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
 }
 
 impl Drop for PostgresBackend {
     fn drop(&mut self) {
         self.reaper.abort();
+        self.heartbeat.abort();
         if let Some(listening) = self.inner.listener.get() {
             listening.listen.abort();
             listening.waiters.abort();
@@ -361,10 +379,16 @@ impl PostgresBackend {
             listener: OnceCell::new(),
             waiter_tx,
             reaper_wake: Notify::new(),
+            heartbeat_wake: Notify::new(),
         });
         inner.setup().await?;
         let reaper = tokio::spawn(reaper(inner.clone()));
-        Ok(PostgresBackend { inner, reaper })
+        let heartbeat = tokio::spawn(heartbeat(inner.clone()));
+        Ok(PostgresBackend {
+            inner,
+            reaper,
+            heartbeat,
+        })
     }
 
     /// The advisory key this backend uses for `key` (see [`advisory_key`]).
@@ -546,6 +570,7 @@ impl Inner {
             state.conn = Some(conn);
             state.pid = pid;
             state.ttls.clear();
+            state.lost = CancellationToken::new();
         }
         Ok(state)
     }
@@ -561,6 +586,9 @@ impl Inner {
         );
         state.conn = None;
         state.ttls.clear();
+        // The server frees every lock of the session once the connection goes: tell the
+        // guards now, not at their next renewal.
+        state.lost.cancel();
         let old = state.epoch;
         state.epoch += 1;
         let mut book = lock(&self.book);
@@ -568,6 +596,22 @@ impl Inner {
             Entry::Held(held) => !(held.session.id == session.id && held.epoch == old),
             Entry::Pending => true,
         });
+    }
+
+    /// One heartbeat: a Sync round trip (no statement to parse). Any failure leaves the
+    /// connection in an unknown state, so the session is dropped and its guards told.
+    async fn probe(&self, session: &Session, mut state: tokio::sync::MutexGuard<'_, SessionState>) {
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout(self.config.op_timeout, sqlx::Connection::ping(conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                let why = format!("heartbeat failed: {error}");
+                self.break_session(session, &mut state, &why);
+            }
+            Err(_) => self.break_session(session, &mut state, "heartbeat timed out"),
+        }
     }
 
     fn forget_pending(&self, hash: i64) {
@@ -655,7 +699,9 @@ impl Inner {
                 false,
             ));
         };
+        let first_on_session = state.ttls.is_empty();
         state.add_ttl(ttl_ms);
+        let lost_signal = state.lost.clone();
         let deadline = sent_at + ttl;
         let epoch = state.epoch;
         {
@@ -677,13 +723,13 @@ impl Inner {
             }
         }
         drop(state);
-        Ok(Attempt::Acquired(Lease::new(
-            key,
-            owner,
-            Some(FencingToken(fence)),
-            ttl,
-            sent_at,
-        )))
+        if first_on_session {
+            self.heartbeat_wake.notify_one();
+        }
+        Ok(Attempt::Acquired(
+            Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
+                .with_lost_signal(lost_signal),
+        ))
     }
 
     /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
@@ -1008,6 +1054,39 @@ async fn reaper(inner: Arc<Inner>) {
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = inner.reaper_wake.notified() => {}
+        }
+    }
+}
+
+/// Probes every holder session that holds locks, every [`heartbeat_interval`] of its
+/// smallest TTL: a session the server ended (terminate, restart, failover) frees all its
+/// locks at once, and the probe lets its guards know within the interval instead of at their
+/// next renewal (T/3). A session busy with a statement is skipped: that statement is the probe.
+async fn heartbeat(inner: Arc<Inner>) {
+    loop {
+        let sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
+        let mut interval: Option<Duration> = None;
+        let mut probes = Vec::new();
+        for session in &sessions {
+            let Ok(state) = session.state.try_lock() else {
+                interval = Some(interval.map_or(HEARTBEAT_MAX, |at| at.min(HEARTBEAT_MAX)));
+                continue;
+            };
+            let Some(&min_ttl) = state.ttls.keys().next() else {
+                continue;
+            };
+            if state.conn.is_none() {
+                continue;
+            }
+            let every = heartbeat_interval(min_ttl);
+            interval = Some(interval.map_or(every, |at| at.min(every)));
+            probes.push(inner.probe(session, state));
+        }
+        futures::future::join_all(probes).await;
+        match interval {
+            Some(every) => tokio::time::sleep(every).await,
+            // Nothing held: sleep until an acquire wakes us.
+            None => inner.heartbeat_wake.notified().await,
         }
     }
 }

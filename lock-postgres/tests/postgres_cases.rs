@@ -33,18 +33,74 @@ async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<dyn LockBac
     ))
 }
 
-/// `pg_terminate_backend` of the holder session: the guard's lost signal fires (well before
-/// its validity deadline) and a waiter on another backend gets the lock.
+/// `pg_terminate_backend` of the holder session: the server frees its locks at once. The
+/// guard's lost signal must fire before another process can act on the lock, or at worst
+/// within the heartbeat interval of it (the holder finds out by its session heartbeat, not
+/// at its next renewal T/3 later). A waiter polling every 2 ms measures when the lock became
+/// available elsewhere; a `Locker` waiter then gets it with a higher fence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_holder_session_fires_lost_and_waiter_acquires() -> Result<()> {
     let server = server().await?;
     let app = unique("term");
     let holder = Locker::from_arc(backend_at(&server.url(), config_named(&app)).await?);
+    let poller = backend_at(&server.url(), PostgresConfig::default()).await?;
     let waiter = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
     let key = unique("terminated");
     let ttl = Duration::from_secs(3);
+    let interval = lock_postgres::heartbeat_interval(ttl.as_millis() as u64);
     let guard = holder.lock(&key).ttl(ttl).acquire().await?;
-    let started = Instant::now();
+    let lost_at = tokio::spawn({
+        let lost = guard.lost();
+        async move {
+            lost.await;
+            Instant::now()
+        }
+    });
+    let polled = tokio::spawn({
+        let key = LockKey::new(&key)?;
+        async move {
+            loop {
+                if let Some(lease) = poller.try_acquire(&key, ttl).await?.into_lease() {
+                    return Ok::<_, anyhow::Error>((Instant::now(), poller, lease));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let terminated_at = Instant::now();
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated >= 1, "no holder session was terminated");
+    let lost_at = timeout(ttl, lost_at)
+        .await
+        .context("lost() did not fire within the TTL after the holder session was terminated")??;
+    ensure!(
+        lost_at < guard.valid_until(),
+        "lost fired only after the validity deadline"
+    );
+    let (acquired_at, poller, lease) = timeout(Duration::from_secs(5), polled)
+        .await
+        .context("the polling waiter did not get the lock")???;
+    // Positive: the holder heard of the loss after the other process got the lock.
+    let gap_ms = lost_at.duration_since(terminated_at).as_secs_f64() * 1e3
+        - acquired_at.duration_since(terminated_at).as_secs_f64() * 1e3;
+    tracing::info!(gap_ms, "lost() relative to the waiter's acquisition");
+    println!(
+        "terminated holder: lost() {:?} after the terminate call, waiter acquired {:?} after; \
+         gap lost - acquired = {gap_ms:+.1} ms (heartbeat interval {interval:?})",
+        lost_at.saturating_duration_since(terminated_at),
+        acquired_at.saturating_duration_since(terminated_at),
+    );
+    ensure!(
+        lost_at <= acquired_at + interval,
+        "lost() fired {gap_ms:.1} ms after another process acquired the lock (heartbeat \
+         interval {interval:?})"
+    );
+    ensure!(lease.fence() > guard.fence(), "fence did not increase");
     let waiting = tokio::spawn({
         let waiter = waiter.clone();
         let key = key.clone();
@@ -57,25 +113,14 @@ async fn terminated_holder_session_fires_lost_and_waiter_acquires() -> Result<()
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let terminated = tokio::task::spawn_blocking({
-        let app = format!("{app}-holder");
-        move || server.terminate_sessions(&app)
-    })
-    .await??;
-    ensure!(terminated >= 1, "no holder session was terminated");
-    timeout(ttl, guard.lost())
-        .await
-        .context("lost() did not fire within the TTL after the holder session was terminated")?;
-    let lost_after = started.elapsed();
     ensure!(
-        Instant::now() < guard.valid_until(),
-        "lost fired only after the validity deadline ({lost_after:?})"
+        poller.release(&lease).await?,
+        "the poller's release answered false"
     );
     let next = timeout(Duration::from_secs(5), waiting)
         .await
         .context("the waiter did not get the lock")???;
-    ensure!(next.fence() > guard.fence(), "fence did not increase");
+    ensure!(next.fence() > lease.fence(), "fence did not increase");
     next.release().await?;
     Ok(())
 }
