@@ -312,20 +312,19 @@ impl PostgresServer {
         self.start_again()
     }
 
-    /// Freezes the postmaster (SIGSTOP). Sessions already open keep working: their backend
-    /// processes are separate; use [`PostgresServer::terminate_sessions`] or a proxy to cut
-    /// a client instead.
+    /// Freezes the whole server (SIGSTOP to the postmaster and every backend process): open
+    /// sessions stop answering too, as when the host freezes.
     pub fn pause(&self) -> Result<()> {
         match self.process().as_ref() {
-            Some(child) => child.pause(),
+            Some(child) => child.pause_tree(),
             None => bail!("postgres is not running"),
         }
     }
 
-    /// Resumes a paused postmaster.
+    /// Resumes a paused server.
     pub fn resume(&self) -> Result<()> {
         match self.process().as_ref() {
-            Some(child) => child.resume(),
+            Some(child) => child.resume_tree(),
             None => bail!("postgres is not running"),
         }
     }

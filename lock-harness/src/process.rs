@@ -141,6 +141,56 @@ impl ServerProcess {
         self.signal(Signal::SIGCONT)
     }
 
+    /// Freezes the process and its child processes (a server that forks a process per
+    /// connection, as PostgreSQL does, keeps answering on open connections otherwise).
+    pub fn pause_tree(&self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)?;
+        for child in self.children()? {
+            let _ = kill(child, Signal::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Resumes what [`ServerProcess::pause_tree`] froze.
+    pub fn resume_tree(&self) -> Result<()> {
+        for child in self.children()? {
+            let _ = kill(child, Signal::SIGCONT);
+        }
+        self.signal(Signal::SIGCONT)
+    }
+
+    /// Direct children, read from /proc (their parent pid is ours).
+    fn children(&self) -> Result<Vec<Pid>> {
+        let parent = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let mut children = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the command name (which may contain spaces) start after ") ".
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let ppid = rest
+                .split(' ')
+                .nth(1)
+                .and_then(|field| field.parse::<u32>().ok());
+            if ppid == Some(parent) {
+                children.push(Pid::from_raw(pid));
+            }
+        }
+        Ok(children)
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
