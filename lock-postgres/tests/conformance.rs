@@ -8,8 +8,8 @@ mod common;
 conformance_tests::conformance_suite! {
     factory = common::PgFactory::start(),
     skip = {
-        server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary; \
-            pausing it would stall the cases running beside it (a frozen path is covered by \
-            connection_blackhole_fires_lost_and_recovers and postgres_cases::silent_partition_frees_lock_within_ttl)",
+        server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary and \
+            pausing it would stall the cases beside it: this case runs on a dedicated server in \
+            tests/server_pause.rs",
     },
 }
