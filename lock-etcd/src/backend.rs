@@ -814,3 +814,28 @@ mod tests {
         assert_eq!(lease_seconds(Duration::from_secs(30)), 30);
     }
 }
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+
+    /// A put naming a lease that has already expired (a slow grant outlived a short TTL) is
+    /// answered "requested lease not found": a new attempt with a new lease can succeed, so
+    /// the error is retryable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn put_on_a_vanished_lease_is_retryable() -> anyhow::Result<()> {
+        let cluster = lock_harness::etcd::EtcdCluster::single().await?;
+        let mut client = Client::connect(cluster.direct_endpoints(), None).await?;
+        let lease = client.lease_grant(2, None).await?.id();
+        client.lease_revoke(lease).await?;
+        let error = match client
+            .put("k", "v", Some(PutOptions::new().with_lease(lease)))
+            .await
+        {
+            Ok(_) => anyhow::bail!("put on a revoked lease succeeded"),
+            Err(error) => backend_error("put", error),
+        };
+        anyhow::ensure!(error.is_retryable(), "not retryable: {error}");
+        Ok(())
+    }
+}

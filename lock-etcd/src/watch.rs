@@ -265,3 +265,43 @@ async fn handle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// etcd refuses a watch whose id is already in use on the stream, answering created +
+    /// canceled with watch id −1: the waiter must still be woken (to re-check), not left
+    /// asleep until its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_watch_wakes_its_waiter() -> anyhow::Result<()> {
+        let cluster = lock_harness::etcd::EtcdCluster::single().await?;
+        let client = Client::connect(cluster.direct_endpoints(), None).await?;
+        let revision = client
+            .kv_client()
+            .get("w", None)
+            .await?
+            .header()
+            .map_or(1, |header| header.revision());
+        let (requests, receiver) = mpsc::unbounded_channel();
+        // Every watch gets id 1: the second is a duplicate.
+        tokio::spawn(run(client, receiver, Duration::from_secs(3), || 1));
+        let mut wakeups = Vec::new();
+        for key in ["a", "b"] {
+            let (wake, receiver) = oneshot::channel();
+            requests.send(Request {
+                key: key.into(),
+                start_revision: revision + 1,
+                wake,
+            })?;
+            wakeups.push(Wakeup { receiver });
+        }
+        let mut refused = wakeups.pop().ok_or_else(|| anyhow::anyhow!("no wakeup"))?;
+        let woken = timeout(Duration::from_secs(2), refused.wait()).await;
+        anyhow::ensure!(
+            woken == Ok(Woken::Interrupted),
+            "the waiter of a refused watch was not woken: {woken:?}"
+        );
+        Ok(())
+    }
+}
