@@ -3,9 +3,11 @@
 use crate::KeyScheme;
 use futures::StreamExt;
 use lock_core::{LockError, ReleaseHub};
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
@@ -38,13 +40,16 @@ return 0
     )
 });
 
-/// Compare the owner token, then `DEL` and announce the release on the key's channel.
+/// Compare the owner token, then `DEL` and announce the release on the key's channel. The
+/// `PUBLISH` is a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL
+/// user without channel rights: `NOPERM`) must not turn a done release into an error; waiters
+/// then find the lock free at their next backoff step.
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], '1')
+  redis.pcall('PUBLISH', ARGV[2], '1')
   return 1
 end
 return 0
@@ -72,12 +77,147 @@ return 1
 
 /// Maps a redis error to a [`LockError::Backend`], keeping it as the source.
 pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockError {
+    // redis marks a failed AUTH "reconnect", but a wrong password or a missing ACL right
+    // stays wrong however often we retry: say so, so that callers stop.
+    let refused = error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if refused {
+        return LockError::backend(
+            "redis",
+            format!("{context}: {error} (check the URL's user, password and ACL rights)"),
+            false,
+            error,
+        );
+    }
     let retryable = !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
         || error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal();
     LockError::backend("redis", format!("{context}: {error}"), retryable, error)
+}
+
+/// Idle time before the first TCP keepalive probe, the pause between probes, and how long
+/// sent data may stay unacknowledged before the kernel aborts the connection: a peer that
+/// vanished (host gone, a NAT or firewall that dropped the flow) is noticed in seconds, not
+/// after the kernel's ~15 minutes of retransmissions.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client for `url` whose TCP connections use keepalive and a user timeout.
+fn open_client(url: &str) -> Result<redis::Client, LockError> {
+    let bad =
+        |error: redis::RedisError| LockError::InvalidConfig(format!("redis URL {url:?}: {error}"));
+    let info = url.into_connection_info().map_err(bad)?;
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let tcp = tcp.set_user_timeout(TCP_USER_TIMEOUT);
+    redis::Client::open(info.set_tcp_settings(tcp)).map_err(bad)
+}
+
+/// The command connection of a node, replaced when it goes silent.
+///
+/// `ConnectionManager` reconnects only on errors that close the connection; a response
+/// timeout leaves it on the same socket. A flow that a NAT or firewall dropped (or a vanished
+/// host) then times out every command until the kernel gives up on the socket. So a command
+/// that timed out (or was abandoned by its caller) makes one probe `PING` the connection, and
+/// if that goes unanswered too, a fresh `ConnectionManager` takes its place.
+struct Conn {
+    /// The connection and its generation (bumped at each replacement).
+    current: Mutex<(u64, ConnectionManager)>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    command_timeout: Duration,
+    /// One probe at a time.
+    probing: AtomicBool,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("client", &self.client)
+            .field("command_timeout", &self.command_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    fn current(&self) -> (u64, ConnectionManager) {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// A command on the current connection went unanswered: probe it in the background.
+    fn suspect(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.probing.store(false, Ordering::Release);
+            return;
+        };
+        let conn = self.clone();
+        runtime.spawn(async move {
+            conn.probe().await;
+            conn.probing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn probe(&self) {
+        let (generation, mut manager) = self.current();
+        let answer = timeout(
+            self.command_timeout,
+            redis::cmd("PING").query_async::<redis::Value>(&mut manager),
+        )
+        .await;
+        let silent = match answer {
+            Err(_) => true,
+            Ok(Err(error)) => error.is_timeout(),
+            Ok(Ok(_)) => false,
+        };
+        if !silent {
+            return;
+        }
+        // Lazy: it connects on first use, so a still unreachable server costs nothing here.
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                let mut current = self
+                    .current
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if current.0 == generation {
+                    *current = (generation + 1, fresh);
+                    tracing::warn!(
+                        addr = %self.client.get_connection_info().addr(),
+                        "redis connection silent (PING unanswered within {:?}); replaced it",
+                        self.command_timeout
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "replacing a silent redis connection failed"),
+        }
+    }
+}
+
+/// Armed while a command is in flight; dropped armed (the command timed out or its caller
+/// gave up on it), it has the connection probed.
+struct InFlight<'a> {
+    conn: &'a Arc<Conn>,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.suspect();
+        }
+    }
 }
 
 /// A node's answer to the acquire script.
@@ -97,7 +237,7 @@ enum Command {
 /// One Redis server.
 #[derive(Debug)]
 pub(crate) struct Node {
-    conn: ConnectionManager,
+    conn: Arc<Conn>,
     commands: mpsc::UnboundedSender<Command>,
     addr: String,
 }
@@ -119,8 +259,7 @@ impl Node {
         shutdown: CancellationToken,
         must_answer: bool,
     ) -> Result<(Node, Option<LockError>), LockError> {
-        let client = redis::Client::open(url)
-            .map_err(|error| LockError::InvalidConfig(format!("redis URL {url:?}: {error}")))?;
+        let client = open_client(url)?;
         let addr = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
@@ -140,7 +279,7 @@ impl Node {
                 if must_answer {
                     return Err(error);
                 }
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                     .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
                 (conn, Some(error))
             }
@@ -156,11 +295,18 @@ impl Node {
                 if must_answer {
                     return Err(error);
                 }
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                     .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
                 (conn, Some(error))
             }
         };
+        let conn = Arc::new(Conn {
+            current: Mutex::new((0, conn)),
+            client: client.clone(),
+            config,
+            command_timeout: options.command_timeout,
+            probing: AtomicBool::new(false),
+        });
         let (sender, receiver) = commands;
         tokio::spawn(listen(
             client,
@@ -228,7 +374,9 @@ impl Node {
 
     /// `EVALSHA` of `script` with `keys` and two arguments, built as one command (no
     /// intermediate buffers); on `NOSCRIPT` (a restarted or flushed server) the script is
-    /// loaded and the call repeated.
+    /// loaded and the call repeated. The whole call, a reconnect it waits for included, is
+    /// bounded by the command timeout; a call that times out or is abandoned has the
+    /// connection probed (see [`Conn`]).
     async fn eval<T: redis::FromRedisValue>(
         &self,
         script: &redis::Script,
@@ -243,13 +391,36 @@ impl Node {
             .arg(keys)
             .arg(arg1)
             .arg(arg2);
-        let mut conn = self.conn.clone();
-        match command.query_async(&mut conn).await {
+        let (_, mut conn) = self.conn.current();
+        let mut in_flight = InFlight {
+            conn: &self.conn,
+            armed: true,
+        };
+        let limit = self.conn.command_timeout;
+        let result = match timeout(limit, Self::run(&mut conn, script, &command)).await {
+            Ok(result) => result,
+            // ConnectionManager bounds each answer, not the reconnect a call may wait for.
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            )
+            .into()),
+        };
+        in_flight.armed = matches!(&result, Err(error) if error.is_timeout());
+        result
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        conn: &mut ConnectionManager,
+        script: &redis::Script,
+        command: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match command.query_async(conn).await {
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                script.load_async(&mut conn).await?;
-                command.query_async(&mut conn).await
+                script.load_async(conn).await?;
+                command.query_async(conn).await
             }
             other => other,
         }
@@ -297,15 +468,15 @@ impl Node {
 
     /// Asks the listener to subscribe to `key`'s channel; resolves when the server confirmed
     /// it, or when the listener is not connected (it then subscribes on reconnect and wakes
-    /// every waiter), or after `wait`.
-    pub(crate) async fn subscribe(&self, key: &str, wait: Duration) {
+    /// every waiter). The listener keeps the request when the caller stops waiting.
+    pub(crate) async fn subscribe(&self, key: &str) {
         let (ack, confirmed) = oneshot::channel();
         if self
             .commands
             .send(Command::Subscribe(key.to_owned(), ack))
             .is_ok()
         {
-            let _ = timeout(wait, confirmed).await;
+            let _ = confirmed.await;
         }
     }
 }
@@ -330,28 +501,31 @@ async fn listen(
     shutdown: CancellationToken,
     op_timeout: Duration,
 ) {
-    let mut delay = Duration::from_millis(10);
+    let mut delay = LISTEN_MIN_DELAY;
+    let mut first = true;
     loop {
+        if !first {
+            // Every reconnect waits its backoff step, whatever failed (connect, SUBSCRIBE
+            // refused by an ACL, a dropped link), so a failure that repeats at once cannot
+            // turn into a tight reconnect loop. Subscribes that come meanwhile are answered
+            // at once (they are redone on connect).
+            let until = Instant::now() + delay;
+            delay = (delay * 2).min(LISTEN_MAX_DELAY);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => break,
+                    command = commands.recv() => if command.is_none() { return },
+                }
+            }
+        }
+        first = false;
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             connected = timeout(op_timeout.max(Duration::from_millis(500)), client.get_async_pubsub()) => connected,
         };
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
-            _ => {
-                // Not connected: answer pending subscribes at once (they are redone on
-                // connect) and try again later.
-                let until = Instant::now() + delay;
-                delay = (delay * 2).min(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep_until(until) => break,
-                        command = commands.recv() => if command.is_none() { return },
-                    }
-                }
-                continue;
-            }
+        let Ok(Ok(pubsub)) = connected else {
+            continue;
         };
         let (mut sink, mut stream) = pubsub.split();
         let mut channels: HashMap<String, String> = HashMap::new();
@@ -368,7 +542,7 @@ async fn listen(
         if !ok {
             continue;
         }
-        delay = Duration::from_millis(10);
+        let connected_at = Instant::now();
         hub.notify_all();
         let mut ping = tokio::time::interval(Duration::from_secs(1));
         ping.tick().await;
@@ -414,9 +588,19 @@ async fn listen(
                 }
             }
         }
+        if connected_at.elapsed() >= LISTEN_HEALTHY {
+            // Only a connection that stayed up a while resets the backoff.
+            delay = LISTEN_MIN_DELAY;
+        }
         tracing::debug!("redis pub/sub connection lost; reconnecting");
     }
 }
+
+/// Backoff of the pub/sub listener's reconnects, and how long a connection must have stayed
+/// up for the next reconnect to start from the smallest step again.
+const LISTEN_MIN_DELAY: Duration = Duration::from_millis(10);
+const LISTEN_MAX_DELAY: Duration = Duration::from_secs(1);
+const LISTEN_HEALTHY: Duration = Duration::from_secs(5);
 
 /// The owner token as 32 lowercase hex digits (what `Display` prints), without the
 /// formatting machinery: it is built on every call.
@@ -523,9 +707,22 @@ impl Nodes {
         }))
     }
 
-    /// Subscribes `key` on every node (waiting up to `wait` for the confirmations).
-    pub(crate) async fn subscribe(&self, key: &str, wait: Duration) {
-        futures::future::join_all(self.nodes.iter().map(|node| node.subscribe(key, wait))).await;
+    /// Subscribes `key` on every node; returns once `needed` nodes confirmed (or are not
+    /// connected, see [`Node::subscribe`]), or after `wait`. The other subscriptions go on in
+    /// the listeners.
+    pub(crate) async fn subscribe(&self, key: &str, needed: usize, wait: Duration) {
+        let mut pending: futures::stream::FuturesUnordered<_> =
+            self.nodes.iter().map(|node| node.subscribe(key)).collect();
+        let _ = timeout(wait, async {
+            let mut done = 0;
+            while pending.next().await.is_some() {
+                done += 1;
+                if done >= needed {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 

@@ -37,6 +37,11 @@ pub struct RedlockBackend {
     release_timeout: Duration,
 }
 
+/// The smallest TTL granted: smaller requests are raised to it (the lease reports it), as
+/// the contract asks. Below it the per-node bound (TTL/5) and the drift leave too little time
+/// to collect a quorum.
+const MIN_TTL: Duration = Duration::from_millis(10);
+
 /// Rounds of one `try_acquire` when the vote splits, and the pause between them.
 const SPLIT_ROUNDS: u64 = 4;
 const SPLIT_JITTER_MS: u64 = 4;
@@ -106,13 +111,19 @@ impl RedlockBackend {
         self.inner.nodes.len()
     }
 
+    /// Subscriptions a waiter waits for: N − quorum + 1 nodes meet every quorum.
+    fn subscribe_needed(&self) -> usize {
+        self.inner.nodes.len() - self.quorum + 1
+    }
+
     fn node_timeout(&self, ttl: Duration) -> Duration {
         self.node_timeout.min(ttl / 5).max(Duration::from_millis(1))
     }
 
     /// Runs `call` on every node at once, each bounded by `limit`, in spawned tasks. Returns
-    /// as soon as `quorum` answers satisfy `enough` (the other calls finish in the background,
-    /// so a slow node delays nothing), else when every node answered or timed out.
+    /// as soon as `quorum` answers satisfy `enough`, or as soon as so many did not that a
+    /// quorum is out of reach (the other calls finish in the background, so a slow node
+    /// delays nothing), else when every node answered or timed out.
     async fn on_all<T, F, Fut>(
         &self,
         limit: Duration,
@@ -133,6 +144,8 @@ impl RedlockBackend {
             .collect();
         let mut outcomes = Vec::with_capacity(self.inner.nodes.len());
         let mut good = 0;
+        let mut bad = 0;
+        let spare = self.inner.nodes.len() - self.quorum;
         while let Some((index, joined)) = pending.next().await {
             let addr = self.inner.nodes.get(index).map_or("?", Node::addr);
             let outcome = match joined {
@@ -150,38 +163,57 @@ impl RedlockBackend {
                     join,
                 )),
             };
-            if let Outcome::Answer(answer) = &outcome
-                && enough(answer)
-            {
-                good += 1;
+            match &outcome {
+                Outcome::Answer(answer) if enough(answer) => good += 1,
+                _ => bad += 1,
             }
             outcomes.push((index, outcome));
-            if good >= self.quorum {
+            if good >= self.quorum || bad > spare {
                 break;
             }
         }
         outcomes
     }
 
-    /// Releases our token on every node (partial acquisitions, failed fence rounds).
-    async fn roll_back(&self, key: &LockKey, token: &str, limit: Duration) {
+    /// Releases our token after a round that was not granted: on every node except those
+    /// that answered `Held` (the script is atomic, so our token is not there). Waits (within
+    /// `limit`) only for the nodes in `wait_for`, those that answered "acquired": the
+    /// next round must find them free. Nodes that failed or have not answered yet (they may
+    /// still set our key) are released in the background, so a slow node does not cost a
+    /// second node timeout per attempt.
+    async fn roll_back(
+        &self,
+        key: &LockKey,
+        token: &str,
+        limit: Duration,
+        held: &[usize],
+        wait_for: &[usize],
+    ) {
         let scheme = &self.inner.scheme;
         let lock_key = Arc::<str>::from(scheme.lock_key(key));
         let channel = Arc::<str>::from(scheme.channel(key.as_str()));
         let token = Arc::<str>::from(token);
-        self.on_all(
-            limit,
-            |nodes, index| {
-                let (lock_key, channel, token) = (lock_key.clone(), channel.clone(), token.clone());
-                async move {
+        let mut waits = Vec::with_capacity(wait_for.len());
+        for index in (0..self.inner.nodes.len()).filter(|index| !held.contains(index)) {
+            let (nodes, lock_key, channel, token) = (
+                self.inner.clone(),
+                lock_key.clone(),
+                channel.clone(),
+                token.clone(),
+            );
+            let task = tokio::spawn(async move {
+                let release = async {
                     node(&nodes, index)?
                         .release(&lock_key, &token, &channel)
                         .await
-                }
-            },
-            |_| false,
-        )
-        .await;
+                };
+                timeout(limit, release).await
+            });
+            if wait_for.contains(&index) {
+                waits.push(task);
+            }
+        }
+        join_all(waits).await;
     }
 
     /// One Redlock round: the acquire script on every node, the fence round, roll-back.
@@ -221,18 +253,26 @@ impl RedlockBackend {
         };
         let mut acquired: Vec<(usize, u64)> = Vec::new();
         let mut held: Vec<(Option<u64>, String)> = Vec::new();
+        let mut held_nodes: Vec<usize> = Vec::new();
         let mut errors = Vec::new();
         for (index, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
                 Outcome::Answer(NodeAcquire::Held(pttl, holder)) => {
                     held.push((u64::try_from(pttl).ok(), holder));
+                    held_nodes.push(index);
                 }
                 Outcome::Failed(error) => errors.push(error.to_string()),
             }
         }
 
-        if acquired.len() >= self.quorum && Instant::now() < valid_until {
+        if acquired.len() >= self.quorum && Instant::now() >= valid_until {
+            errors.push(format!(
+                "{} nodes said yes, but only after the validity ({:?}) had run out",
+                acquired.len(),
+                granted.saturating_sub(drift(granted))
+            ));
+        } else if acquired.len() >= self.quorum {
             // Fence round: bring every quorum node's counter up to the largest one.
             let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
             let behind: Vec<usize> = acquired
@@ -275,8 +315,10 @@ impl RedlockBackend {
             ));
         }
 
-        // Not granted: roll back every node (a timed-out node may have set the key).
-        self.roll_back(key, &token, limit).await;
+        // Not granted: roll back (a node that timed out may have set the key).
+        let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
+        self.roll_back(key, &token, limit, &held_nodes, &acquired_nodes)
+            .await;
         // The nodes we rolled back are free; a quorum is free once enough of the holders'
         // keys expire too.
         let needed = self.quorum.saturating_sub(acquired.len());
@@ -320,6 +362,7 @@ impl RedlockBackend {
 impl LockBackend for RedlockBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
         let mut round = 0;
         loop {
             round += 1;
@@ -339,6 +382,7 @@ impl LockBackend for RedlockBackend {
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
         validate_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
         let ttl_ms = ttl_millis(ttl);
         let granted = Duration::from_millis(ttl_ms);
         // Unlike acquire, renew needs no tight per-node bound: it returns as soon as a
@@ -442,9 +486,12 @@ impl LockBackend for RedlockBackend {
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
         let releases = self.inner.hub.subscribe(key.as_str());
-        // See RedisBackend::subscribe: every waiter waits for its confirmation.
+        // See RedisBackend::subscribe: every waiter waits for its confirmation, here from
+        // N − quorum + 1 nodes: any release that frees a quorum (the next holder's) is
+        // published on a node of that set, so a paused or black-holed minority node does
+        // not hold every waiter up. Bounded by the node timeout.
         self.inner
-            .subscribe(key.as_str(), self.node_timeout * 5)
+            .subscribe(key.as_str(), self.subscribe_needed(), self.node_timeout)
             .await;
         Ok(releases)
     }
@@ -453,7 +500,7 @@ impl LockBackend for RedlockBackend {
         let mut caps = Capabilities::default();
         caps.fencing = true;
         caps.release_notifications = true;
-        caps.min_ttl = Duration::from_millis(10);
+        caps.min_ttl = MIN_TTL;
         caps.ttl_granularity = Duration::from_millis(1);
         caps.expiry_slack = Duration::from_millis(10);
         caps

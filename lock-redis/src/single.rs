@@ -56,6 +56,47 @@ impl RedisBackend {
         &self.inner.scheme
     }
 
+    /// Compare-and-deletes `token` after a failed acquire, retrying retryable failures until
+    /// `expires` (when the server frees the key anyway). Sent at once on the same connection,
+    /// it runs after the acquire if that ever arrives. Stops when the backend is dropped.
+    fn release_in_background(
+        &self,
+        lock_key: String,
+        token: String,
+        channel: String,
+        expires: Instant,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let nodes = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let Some(node) = nodes.upgrade() else { return };
+                let Some(first) = node.nodes.first() else {
+                    return;
+                };
+                match first.release(&lock_key, &token, &channel).await {
+                    Ok(released) => {
+                        tracing::debug!(released, "cleaned up after a failed redis acquire");
+                        return;
+                    }
+                    Err(error) if error.is_retryable() && Instant::now() + pause < expires => {
+                        tracing::debug!(%error, "clean-up after a failed acquire; retrying");
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "clean-up after a failed acquire gave up");
+                        return;
+                    }
+                }
+                drop(node);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        });
+    }
+
     fn node(&self) -> Result<&crate::node::Node, LockError> {
         self.inner
             .nodes
@@ -74,15 +115,26 @@ impl LockBackend for RedisBackend {
         let owner = OwnerToken::random();
         let token = crate::node::token_hex(owner);
         let sent_at = Instant::now();
-        let answer = self
+        let lock_key = scheme.lock_key(key);
+        let answer = match self
             .node()?
-            .acquire(
-                &scheme.lock_key(key),
-                &scheme.fence_key(key),
-                &token,
-                ttl_ms,
-            )
-            .await?;
+            .acquire(&lock_key, &scheme.fence_key(key), &token, ttl_ms)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                // The script may have run although we got no answer (a stall past the
+                // command timeout, a connection lost after sending): nobody would know the
+                // token, and the key would stay locked for the whole TTL.
+                self.release_in_background(
+                    lock_key,
+                    token,
+                    scheme.channel(key.as_str()),
+                    sent_at + granted,
+                );
+                return Err(error);
+            }
+        };
         Ok(match answer {
             NodeAcquire::Acquired(fence) => Attempt::Acquired(Lease::new(
                 key.clone(),
@@ -138,7 +190,7 @@ impl LockBackend for RedisBackend {
         // listener handles commands in order, so this also covers a first waiter's SUBSCRIBE
         // still in flight. SUBSCRIBE to a subscribed channel is a no-op on the server.
         self.inner
-            .subscribe(key.as_str(), Duration::from_secs(1))
+            .subscribe(key.as_str(), 1, Duration::from_secs(1))
             .await;
         Ok(releases)
     }

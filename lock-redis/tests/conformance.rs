@@ -87,33 +87,31 @@ impl ServerFaults for RedisFactory {
     }
 
     async fn cut(&self) -> anyhow::Result<()> {
-        self.proxies()
-            .try_for_each(|proxy| anyhow::Ok(proxy?.cut()))
+        self.each_proxy(lock_harness::TcpProxy::cut)
     }
 
     async fn blackhole(&self) -> anyhow::Result<()> {
-        self.proxies()
-            .try_for_each(|proxy| anyhow::Ok(proxy?.blackhole()))
+        self.each_proxy(lock_harness::TcpProxy::blackhole)
     }
 
     async fn heal(&self) -> anyhow::Result<()> {
-        self.proxies()
-            .try_for_each(|proxy| anyhow::Ok(proxy?.heal()))
+        self.each_proxy(lock_harness::TcpProxy::heal)
     }
 
     async fn forget_connections(&self) -> anyhow::Result<()> {
-        self.proxies()
-            .try_for_each(|proxy| anyhow::Ok(proxy?.forget_flows()))
+        self.each_proxy(lock_harness::TcpProxy::forget_flows)
     }
 }
 
 impl RedisFactory {
-    fn proxies(&self) -> impl Iterator<Item = anyhow::Result<&lock_harness::TcpProxy>> {
-        self.servers.iter().map(|server| {
-            server
+    fn each_proxy(&self, action: fn(&lock_harness::TcpProxy)) -> anyhow::Result<()> {
+        for server in &self.servers {
+            let proxy = server
                 .proxy()
-                .ok_or_else(|| anyhow::anyhow!("server started without a proxy"))
-        })
+                .ok_or_else(|| anyhow::anyhow!("server started without a proxy"))?;
+            action(proxy);
+        }
+        Ok(())
     }
 }
 

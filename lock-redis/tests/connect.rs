@@ -63,3 +63,35 @@ async fn refused_and_silent_servers_fail_fast_and_retryable() -> Result<()> {
     lock_redis::connect(&url).await?;
     Ok(())
 }
+
+/// A wrong password is not worth retrying: it must not come back as retryable.
+#[tokio::test]
+async fn wrong_password_is_not_retryable() -> Result<()> {
+    let server = RedisServer::start()?;
+    let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("locker")
+        .arg("on")
+        .arg(">right")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await?;
+    let url = format!("redis://locker:wrong@{}/0", server.server_addr());
+    let started = Instant::now();
+    match lock_redis::connect(&url).await {
+        Err(error) => ensure!(
+            !error.is_retryable(),
+            "wrong password reported as retryable: {error}"
+        ),
+        Ok(_) => bail!("connected with a wrong password"),
+    }
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -141,7 +141,22 @@ async fn blackholed_connection_fires_lost() -> Result<()> {
             Ok(())
         },
     )
-    .await
+    .await?;
+    // The holder's own backend works again through the healed link.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match holder.try_acquire(unique("healed")).await {
+            Ok(Some(guard)) => {
+                ensure!(guard.release().await?, "release after heal returned false");
+                return Ok(());
+            }
+            Ok(None) => bail!("fresh key held after heal"),
+            Err(error) if Instant::now() < deadline && error.is_retryable() => {
+                sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 /// Retries a call that may fail while the connection manager reconnects.
@@ -354,5 +369,350 @@ async fn redlock_slow_node_does_not_stall() -> Result<()> {
         slowest < Duration::from_millis(100 + 150),
         "acquire with a node 1 s slow took up to {slowest:?} (node timeout 100 ms)"
     );
+    Ok(())
+}
+
+/// Tries a fresh key on `backend` until it is acquired and released, or `within` passes;
+/// returns how long that took.
+async fn works_again(backend: &RedisBackend, within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last_error = None;
+    while started.elapsed() < within {
+        let key = LockKey::new(unique("recover"))?;
+        match timeout(
+            Duration::from_secs(3),
+            backend.try_acquire(&key, Duration::from_secs(5)),
+        )
+        .await
+        {
+            Ok(Ok(Attempt::Acquired(lease))) => {
+                ensure!(
+                    backend.release(&lease).await?,
+                    "release after recovery returned false"
+                );
+                return Ok(started.elapsed());
+            }
+            Ok(Ok(Attempt::Held { .. })) => bail!("fresh key held"),
+            Ok(Err(error)) => last_error = Some(error.to_string()),
+            Err(_) => last_error = Some("try_acquire hung for 3 s".into()),
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    bail!("backend did not work again within {within:?}; last error: {last_error:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_flow_same_backend_recovers() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let options = RedisOptions::default().command_timeout(Duration::from_millis(1000));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    works_again(&backend, Duration::from_secs(2)).await?;
+    // A NAT or firewall that forgot the flow: the open connection goes silent for good
+    // (nothing forwarded, nothing closed), while new connections work.
+    proxy.forget_flows();
+    let key = LockKey::new(unique("stranded"))?;
+    let attempt = timeout(
+        Duration::from_secs(5),
+        backend.try_acquire(&key, Duration::from_secs(5)),
+    )
+    .await;
+    ensure!(
+        matches!(attempt, Ok(Err(_))),
+        "try_acquire on a dead flow: {attempt:?}"
+    );
+    // A command timeout (1 s), then the probe's unanswered PING (1 s), then a new
+    // connection: well within 4 s. Before, every call timed out until the kernel gave up on
+    // the socket (about 15 minutes).
+    works_again(&backend, Duration::from_secs(4)).await?;
+    Ok(())
+}
+
+/// Finding: a single-server acquire whose answer never came (a stall past the command
+/// timeout) left the key locked for the whole TTL, with a token nobody knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_acquire_leaves_no_lock_behind() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let options = RedisOptions::default().command_timeout(Duration::from_millis(300));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    // Load the scripts first (a NOSCRIPT round trip would keep the script from running).
+    works_again(&backend, Duration::from_secs(2)).await?;
+    let key = LockKey::new(unique("failed-acquire"))?;
+    // Each chunk takes 500 ms each way: the script runs on the server, the answer comes
+    // after the client gave up.
+    proxy.set_delay(Duration::from_millis(500));
+    let attempt = backend.try_acquire(&key, Duration::from_secs(30)).await;
+    ensure!(
+        attempt.is_err(),
+        "acquire through a 1 s round trip: {attempt:?}"
+    );
+    let failed_at = Instant::now();
+    // The script did run.
+    let mut seen = false;
+    let mut freed = false;
+    while failed_at.elapsed() < Duration::from_secs(4) {
+        if exists(&server, &key).await? {
+            seen = true;
+        } else if seen {
+            freed = true;
+            break;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_delay(Duration::ZERO);
+    ensure!(seen, "the delayed acquire never reached the server");
+    ensure!(
+        freed,
+        "the key of a failed acquire was still held {:?} later (TTL 30 s)",
+        failed_at.elapsed()
+    );
+    Ok(())
+}
+
+/// Finding: a call waiting for a reconnect was not bounded by the command timeout (up to
+/// 3 × connect timeout + backoff when the host drops SYNs or never answers the handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_during_a_reconnect_keep_the_command_timeout() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let command_timeout = Duration::from_millis(500);
+    let options = RedisOptions::default()
+        .command_timeout(command_timeout)
+        .connect_timeout(Duration::from_secs(2));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    works_again(&backend, Duration::from_secs(2)).await?;
+    // The connection drops; every new one is accepted but never answered.
+    proxy.cut();
+    proxy.blackhole();
+    let key = LockKey::new(unique("reconnect"))?;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let attempt = timeout(
+            Duration::from_secs(10),
+            backend.try_acquire(&key, Duration::from_secs(5)),
+        )
+        .await
+        .context("try_acquire hung for 10 s")?;
+        ensure!(attempt.is_err(), "acquired with no server: {attempt:?}");
+        slowest = slowest.max(started.elapsed());
+    }
+    proxy.heal();
+    ensure!(
+        slowest < command_timeout + Duration::from_millis(400),
+        "a call during a reconnect took {slowest:?} (command timeout {command_timeout:?})"
+    );
+    works_again(&backend, Duration::from_secs(8)).await?;
+    Ok(())
+}
+
+/// An ACL user with every command and key but no pub/sub channel (Redis 7
+/// `resetchannels`).
+async fn user_without_channels(server: &RedisServer) -> Result<String> {
+    let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nochannels")
+        .arg("on")
+        .arg(">secret")
+        .arg("~*")
+        .arg("resetchannels")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await?;
+    Ok(format!(
+        "redis://nochannels:secret@{}/0",
+        server.server_addr()
+    ))
+}
+
+async fn connections_received(server: &RedisServer) -> Result<u64> {
+    let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut admin)
+        .await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .context("no total_connections_received in INFO")?
+        .trim()
+        .parse()
+        .context("total_connections_received")
+}
+
+/// Finding: with no channel rights, RELEASE's PUBLISH failed after the DEL had run, so a
+/// done release came back as a non-retryable error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_without_channel_rights_reports_the_release() -> Result<()> {
+    let server = RedisServer::start()?;
+    let url = user_without_channels(&server).await?;
+    let backend = RedisBackend::connect(&url).await?;
+    let key = LockKey::new(unique("nochannels"))?;
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    ensure!(
+        backend.release(&lease).await?,
+        "release of a held lock returned false"
+    );
+    ensure!(
+        !exists(&server, &key).await?,
+        "key still there after release"
+    );
+    Ok(())
+}
+
+/// Finding: a SUBSCRIBE refused (NOPERM) made the pub/sub listener reconnect in a tight
+/// loop, without backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_subscribe_backs_off() -> Result<()> {
+    let server = RedisServer::start()?;
+    let url = user_without_channels(&server).await?;
+    let backend = RedisBackend::connect(&url).await?;
+    let key = LockKey::new(unique("nochannels-wait"))?;
+    let before = connections_received(&server).await?;
+    let started = Instant::now();
+    // A waiter keeps the key subscribed; the listener's SUBSCRIBE is refused every time.
+    let releases = backend.subscribe(&key).await?;
+    sleep(Duration::from_secs(3)).await;
+    let reconnects = connections_received(&server).await? - before;
+    drop(releases);
+    // With backoff 10 ms doubling to 1 s: about 9 connections in 3 s (plus our two INFO
+    // connections). Without it: thousands.
+    ensure!(
+        reconnects <= 20,
+        "the listener reconnected {reconnects} times in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Finding: Redlock's `min_ttl` (10 ms) was advertised, but smaller requests were not
+/// raised to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_raises_ttl_below_min_ttl() -> Result<()> {
+    let servers = [
+        RedisServer::start()?,
+        RedisServer::start()?,
+        RedisServer::start()?,
+    ];
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let backend = RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
+    let min_ttl = backend.capabilities().min_ttl;
+    // The 2 ms node bound (TTL/5) can miss on a busy machine: a few tries.
+    let mut granted = None;
+    for _ in 0..20 {
+        let key = LockKey::new(unique("min-ttl"))?;
+        if let Ok(Attempt::Acquired(lease)) =
+            backend.try_acquire(&key, Duration::from_millis(1)).await
+        {
+            granted = Some(lease.ttl());
+            break;
+        }
+    }
+    let granted = granted.context("a 1 ms request was never granted in 20 tries")?;
+    ensure!(
+        granted >= min_ttl,
+        "granted TTL {granted:?} below min_ttl {min_ttl:?}"
+    );
+    Ok(())
+}
+
+/// Finding: with one slow node and the lock held on the other two, every contended attempt
+/// waited the node timeout for the slow node, then again in the roll-back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_contended_attempt_with_a_slow_node_is_fast() -> Result<()> {
+    let servers = [
+        RedisServer::start()?,
+        RedisServer::start()?,
+        RedisServer::builder().proxy(true).start()?,
+    ];
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let options = RedisOptions::default().node_timeout(Duration::from_millis(250));
+    let holder = RedlockBackend::connect_nodes(&urls, options.clone()).await?;
+    let contender = RedlockBackend::connect_nodes(&urls, options).await?;
+    servers[2]
+        .proxy()
+        .context("no proxy")?
+        .set_delay(Duration::from_secs(1));
+    let key = LockKey::new(unique("contended-slow"))?;
+    let lease = holder
+        .try_acquire(&key, Duration::from_secs(10))
+        .await?
+        .into_lease()
+        .context("holder not granted")?;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let started = Instant::now();
+        match contender.try_acquire(&key, Duration::from_secs(10)).await? {
+            Attempt::Held { .. } => {}
+            Attempt::Acquired(_) => bail!("contender acquired a held lock"),
+        }
+        slowest = slowest.max(started.elapsed());
+    }
+    ensure!(
+        slowest < Duration::from_millis(150),
+        "a contended attempt with one slow node took {slowest:?} (node timeout 250 ms)"
+    );
+    ensure!(holder.release(&lease).await?, "release returned false");
+    Ok(())
+}
+
+/// Finding: a Redlock waiter waited for every node's SUBSCRIBE confirmation, up to 5 node
+/// timeouts with one node silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_waiter_with_a_paused_node_times_out_on_time() -> Result<()> {
+    let servers = [
+        RedisServer::start()?,
+        RedisServer::start()?,
+        RedisServer::start()?,
+    ];
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    // The default node timeout (250 ms): a waiter used to wait up to 5 of them.
+    let options = RedisOptions::default();
+    let holder = Locker::new(RedlockBackend::connect_nodes(&urls, options.clone()).await?);
+    let backend = std::sync::Arc::new(RedlockBackend::connect_nodes(&urls, options).await?);
+    let waiter = Locker::from_arc(backend.clone());
+    let name = unique("paused-waiter");
+    let guard = holder
+        .lock(&name)
+        .ttl(Duration::from_secs(10))
+        .acquire()
+        .await?;
+    servers[2].pause()?;
+    let result = async {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..3 {
+            let key = LockKey::new(unique("paused-subscribe"))?;
+            let started = Instant::now();
+            let releases = backend.subscribe(&key).await?;
+            slowest = slowest.max(started.elapsed());
+            drop(releases);
+        }
+        ensure!(
+            slowest < Duration::from_millis(200),
+            "subscribe with one paused node took {slowest:?} (node timeout 250 ms)"
+        );
+        // Long enough for the waiter to subscribe after its first attempt.
+        let wait = Duration::from_secs(1);
+        let started = Instant::now();
+        match waiter.lock(&name).wait(wait).acquire().await {
+            Err(error) if error.is_timeout() => {}
+            other => bail!("expected a wait timeout, got {other:?}"),
+        }
+        let took = started.elapsed();
+        ensure!(
+            took < wait + Duration::from_millis(300),
+            "wait({wait:?}) with one paused node took {took:?}"
+        );
+        Ok(())
+    }
+    .await;
+    servers[2].resume()?;
+    result?;
+    guard.release().await?;
     Ok(())
 }
