@@ -31,6 +31,7 @@ use sqlx::postgres::{
 use sqlx::{ConnectOptions, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OnceCell};
@@ -269,6 +270,36 @@ struct Session {
     id: usize,
     class_ms: u64,
     state: tokio::sync::Mutex<SessionState>,
+    /// Set when an operation was abandoned mid-statement and the session was busy: its next
+    /// user drops the connection first.
+    tainted: AtomicBool,
+}
+
+/// Marks a statement in flight on a session until dropped: an operation abandoned while it
+/// is set leaves the session in an unknown state (see [`Inner::abandon`]).
+struct InFlight<'a>(&'a AtomicBool);
+
+impl<'a> InFlight<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::SeqCst);
+        InFlight(flag)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Why an unlock failed, for what the book must say afterwards.
+#[derive(Debug)]
+enum UnlockFailure {
+    /// Nothing reached the server (the session stayed busy): the lock is still held.
+    NotSent(LockError),
+    /// The lock is no longer held (the statement failed and was undone, or the session was
+    /// dropped).
+    Failed(LockError),
 }
 
 #[derive(Debug)]
@@ -435,17 +466,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const ACQUIRE_SQL: &str = "\
 WITH l AS (SELECT pg_try_advisory_lock($1) AS ok)
 SELECT ok, CASE WHEN ok THEN nextval('distlock_fence_seq') END,
-  set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false)
+  set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false),
+  pg_backend_pid()
 FROM l";
 
-const RENEW_SQL: &str = "SELECT set_config('idle_session_timeout', $1, false)";
+// Every statement returns pg_backend_pid(): a different answer than at connect means a
+// pooler switched server sessions under us (see `Inner::session_switched`).
+const RENEW_SQL: &str = "SELECT set_config('idle_session_timeout', $1, false), pg_backend_pid()";
 
 // The exclusive xact lock on the waiter key fails only when some backend holds it shared,
 // i.e. waits for this key: only then is the NOTIFY (and its commit cost) paid.
 const UNLOCK_SQL: &str = "\
 SELECT pg_advisory_unlock($1),
   CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
-  set_config('idle_session_timeout', $6, false)";
+  set_config('idle_session_timeout', $6, false), pg_backend_pid()";
 
 impl Inner {
     /// Checks the server with a throw-away connection and creates the fence table.
@@ -533,6 +567,7 @@ impl Inner {
                 id: sessions.len(),
                 class_ms: ttl_ms,
                 state: tokio::sync::Mutex::default(),
+                tainted: AtomicBool::new(false),
             });
             sessions.push(session.clone());
             return session;
@@ -552,20 +587,50 @@ impl Inner {
                     id: usize::MAX,
                     class_ms: ttl_ms,
                     state: tokio::sync::Mutex::default(),
+                    tainted: AtomicBool::new(false),
                 })
             })
     }
 
-    /// Locks the session and makes sure it is connected, within `deadline`.
+    /// Waits for the session's mutex, at most `op_timeout`. Running out is a retryable error
+    /// that leaves the session alone: nothing was sent on it. A session marked tainted (an
+    /// operation was abandoned mid-statement where it could not finish) is dropped first.
+    async fn lock_session<'s>(
+        &self,
+        session: &'s Session,
+    ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
+        let mut state = tokio::time::timeout(self.config.op_timeout, session.state.lock())
+            .await
+            .map_err(|_| {
+                LockError::backend_msg(
+                    BACKEND,
+                    format!(
+                        "the holder session stayed busy for {:?}; nothing was sent, the \
+                         session and its locks are kept",
+                        self.config.op_timeout
+                    ),
+                    true,
+                )
+            })?;
+        if session.tainted.swap(false, Ordering::SeqCst) && state.conn.is_some() {
+            self.break_session(
+                session,
+                &mut state,
+                "an operation was abandoned mid-statement outside a runtime",
+            );
+        }
+        Ok(state)
+    }
+
+    /// Locks the session and makes sure it is connected (connecting within
+    /// `connect_timeout`).
     async fn session_conn<'s>(
         &self,
         session: &'s Session,
-        deadline: Instant,
     ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
-        let mut state = timeout_at(deadline, session.state.lock())
-            .await
-            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+        let mut state = self.lock_session(session).await?;
         if state.conn.is_none() {
+            let deadline = Instant::now() + self.config.connect_timeout;
             let (conn, pid) = self.open_session(deadline).await?;
             state.conn = Some(conn);
             state.pid = pid;
@@ -598,6 +663,81 @@ impl Inner {
         });
     }
 
+    /// A statement answered from another server session than the one we opened: a pooler
+    /// (PgBouncer in transaction or statement mode) switches sessions under us, so no lock
+    /// on this connection can be trusted. Drops the session.
+    fn session_switched(&self, session: &Session, state: &mut SessionState, pid: i32) -> LockError {
+        let why = format!(
+            "a statement ran in server session {pid}, not {}: a pooler is switching sessions",
+            state.pid
+        );
+        self.break_session(session, state, &why);
+        LockError::InvalidConfig(format!(
+            "{why}. This looks like PgBouncer in transaction or statement pooling mode, which \
+             breaks session advisory locks. Connect to PostgreSQL directly or through session \
+             pooling."
+        ))
+    }
+
+    /// An operation on `session` was dropped outside any runtime, so it cannot be finished:
+    /// if its statement was in flight, the next user of the session drops the connection
+    /// (the server then frees whatever that statement took).
+    fn abandon(&self, session: &Session, in_flight: &AtomicBool) {
+        if !in_flight.load(Ordering::SeqCst) {
+            return;
+        }
+        match session.state.try_lock() {
+            Ok(mut state) if state.conn.is_some() => {
+                self.break_session(
+                    session,
+                    &mut state,
+                    "an operation was abandoned mid-statement outside a runtime",
+                );
+            }
+            Ok(_) => {}
+            Err(_) => session.tainted.store(true, Ordering::SeqCst),
+        }
+    }
+
+    /// Puts a lease whose unlock never reached the server back in the book: it is still held
+    /// there, and the reaper unlocks it at its deadline (or now, if that passed).
+    fn restore_held(&self, hash: i64, held: HeldLock) {
+        let mut book = lock(&self.book);
+        if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+            return;
+        }
+        let deadline = held.deadline;
+        book.entries.insert(hash, Entry::Held(held));
+        if book.reaper_at.is_none_or(|at| deadline < at) {
+            book.reaper_at = Some(deadline);
+            self.reaper_wake.notify_one();
+        }
+    }
+
+    /// Unlocks `held` (its book entry is `Pending` meanwhile, so no local acquire can take the
+    /// key on the same session before the unlock ran) and settles the book entry.
+    async fn release_held(
+        self: Arc<Self>,
+        hash: i64,
+        held: HeldLock,
+        in_flight: Arc<AtomicBool>,
+    ) -> Result<bool, LockError> {
+        match self.unlock_op(&held, &in_flight).await {
+            Ok(unlocked) => {
+                self.forget_pending(hash);
+                Ok(unlocked)
+            }
+            Err(UnlockFailure::NotSent(error)) => {
+                self.restore_held(hash, held);
+                Err(error)
+            }
+            Err(UnlockFailure::Failed(error)) => {
+                self.forget_pending(hash);
+                Err(error)
+            }
+        }
+    }
+
     /// One heartbeat: a Sync round trip (no statement to parse). Any failure leaves the
     /// connection in an unknown state, so the session is dropped and its guards told.
     async fn probe(&self, session: &Session, mut state: tokio::sync::MutexGuard<'_, SessionState>) {
@@ -627,11 +767,11 @@ impl Inner {
         hash: i64,
         ttl: Duration,
         sent_at: Instant,
+        session: Arc<Session>,
+        in_flight: Arc<AtomicBool>,
     ) -> Result<Attempt, LockError> {
         let ttl_ms = ttl_ms(ttl);
-        let session = self.pick_session(hash, ttl_ms);
-        let deadline = Instant::now() + self.config.op_timeout;
-        let mut state = match self.session_conn(&session, deadline).await {
+        let mut state = match self.session_conn(&session).await {
             Ok(state) => state,
             Err(error) => {
                 self.forget_pending(hash);
@@ -643,8 +783,10 @@ impl Inner {
             .bind(hash)
             .bind(state.timeout_with(Some(ttl_ms)))
             .bind(state.timeout_with(None));
+        let _flight = InFlight::start(&in_flight);
+        // The statement's own budget starts when it is sent, not when we began waiting.
         let result = match state.conn.as_mut() {
-            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
             None => Ok(Err(sqlx::Error::PoolClosed)),
         };
         let row = match result {
@@ -659,7 +801,10 @@ impl Inner {
                     let undo = sqlx::query("SELECT pg_advisory_unlock($1)")
                         .bind(hash)
                         .execute(conn);
-                    if !matches!(timeout_at(deadline, undo).await, Ok(Ok(_))) {
+                    if !matches!(
+                        tokio::time::timeout(self.config.op_timeout, undo).await,
+                        Ok(Ok(_))
+                    ) {
                         self.break_session(&session, &mut state, "undoing a failed acquire failed");
                     }
                 }
@@ -675,9 +820,10 @@ impl Inner {
         let decoded = (|| {
             let ok: bool = row.try_get(0)?;
             let fence: Option<i64> = row.try_get(1)?;
-            Ok::<_, sqlx::Error>((ok, fence))
+            let pid: i32 = row.try_get(3)?;
+            Ok::<_, sqlx::Error>((ok, fence, pid))
         })();
-        let (ok, fence) = match decoded {
+        let (ok, fence, pid) = match decoded {
             Ok(values) => values,
             Err(error) => {
                 self.break_session(&session, &mut state, "unexpected acquire answer");
@@ -685,6 +831,13 @@ impl Inner {
                 return Err(map_error("decoding the acquire answer", error));
             }
         };
+        if pid != state.pid {
+            // The lock (if granted) sits on a server session we do not own: dropping our
+            // connection is all we can do (a pooler may keep that session, and the lock).
+            let error = self.session_switched(&session, &mut state, pid);
+            self.forget_pending(hash);
+            return Err(error);
+        }
         if !ok {
             self.forget_pending(hash);
             // Another backend's deadline is known only to it; waiters hear the release.
@@ -733,12 +886,18 @@ impl Inner {
     }
 
     /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
-    async fn unlock_op(self: Arc<Self>, held: HeldLock) -> Result<bool, LockError> {
+    /// After a failed statement the lock may still be held on the server with nothing in our
+    /// books: a plain unlock follows, and if that fails too the session is dropped.
+    async fn unlock_op(
+        &self,
+        held: &HeldLock,
+        in_flight: &AtomicBool,
+    ) -> Result<bool, UnlockFailure> {
         let hash = advisory_key(&self.config.namespace, held.key.as_str());
-        let deadline = Instant::now() + self.config.op_timeout;
-        let mut state = timeout_at(deadline, held.session.state.lock())
+        let mut state = self
+            .lock_session(&held.session)
             .await
-            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+            .map_err(UnlockFailure::NotSent)?;
         if state.epoch != held.epoch || state.conn.is_none() {
             return Ok(false);
         }
@@ -751,23 +910,67 @@ impl Inner {
             .bind(&self.channel)
             .bind(held.key.as_str())
             .bind(state.timeout_with(None));
+        let _flight = InFlight::start(in_flight);
         let result = match state.conn.as_mut() {
-            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
             None => Ok(Err(sqlx::Error::PoolClosed)),
         };
         // Local waiters need not wait for the NOTIFY round trip.
         self.hub.notify(held.key.as_str());
-        match result {
-            Ok(Ok(row)) => Ok(row.try_get::<bool, _>(0).unwrap_or(false)),
-            Ok(Err(error)) => {
-                if is_connection_error(&error) {
-                    self.break_session(&held.session, &mut state, "release failed");
-                }
-                Err(map_error("release", error))
+        let error = match result {
+            Ok(Ok(row)) => {
+                let decoded = (|| {
+                    let unlocked: bool = row.try_get(0)?;
+                    let pid: i32 = row.try_get(3)?;
+                    Ok::<_, sqlx::Error>((unlocked, pid))
+                })();
+                return match decoded {
+                    Ok((_, pid)) if pid != state.pid => Err(UnlockFailure::Failed(
+                        self.session_switched(&held.session, &mut state, pid),
+                    )),
+                    Ok((unlocked, _)) => Ok(unlocked),
+                    Err(error) => {
+                        self.break_session(&held.session, &mut state, "unexpected release answer");
+                        Err(UnlockFailure::Failed(map_error(
+                            "decoding the release answer",
+                            error,
+                        )))
+                    }
+                };
             }
+            Ok(Err(error)) if is_connection_error(&error) => {
+                self.break_session(&held.session, &mut state, "release failed");
+                return Err(UnlockFailure::Failed(map_error("release", error)));
+            }
+            Ok(Err(error)) => error,
             Err(_) => {
                 self.break_session(&held.session, &mut state, "release timed out");
-                Err(timed_out("release", self.config.op_timeout))
+                return Err(UnlockFailure::Failed(timed_out(
+                    "release",
+                    self.config.op_timeout,
+                )));
+            }
+        };
+        // The statement failed, maybe before its unlock ran (a privilege or planning error):
+        // unlock plainly, as the acquire undo does. `false` then means the failed statement
+        // had unlocked already; either way the lock is free.
+        let plain = sqlx::query("SELECT pg_advisory_unlock($1), pg_backend_pid()").bind(hash);
+        let answer = match state.conn.as_mut() {
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, plain.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        match answer.map(|row| row.and_then(|row| row.try_get::<i32, _>(1))) {
+            Ok(Ok(pid)) if pid == state.pid => {
+                tracing::warn!(key = %held.key, %error, "release statement failed; unlocked plainly (no NOTIFY: remote waiters poll)");
+                Ok(true)
+            }
+            _ => {
+                self.break_session(
+                    &held.session,
+                    &mut state,
+                    "release failed and the plain unlock too",
+                );
+                Err(UnlockFailure::Failed(map_error("release", error)))
             }
         }
     }
@@ -791,20 +994,31 @@ impl Inner {
             _ => return Err(lost("this backend does not hold the key for this owner")),
         };
         let new_ttl = ttl_ms(ttl);
-        let deadline = Instant::now() + self.config.op_timeout;
-        let mut state = timeout_at(deadline, held.session.state.lock())
-            .await
-            .map_err(|_| timed_out("waiting for a holder session", self.config.op_timeout))?;
+        // A busy session is retryable: the watchdog tries again before the deadline.
+        let mut state = self.lock_session(&held.session).await?;
         if state.epoch != held.epoch || state.conn.is_none() {
             return Err(lost("its holder session was lost"));
         }
         let query = sqlx::query(RENEW_SQL).bind(state.timeout_with(Some(new_ttl)));
         let result = match state.conn.as_mut() {
-            Some(conn) => timeout_at(deadline, query.fetch_one(conn)).await,
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
             None => Ok(Err(sqlx::Error::PoolClosed)),
         };
         match result {
-            Ok(Ok(_)) => {}
+            Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
+                Ok(pid) if pid == state.pid => {}
+                Ok(pid) => {
+                    let error = self.session_switched(&held.session, &mut state, pid);
+                    return Err(LockError::lost(key.as_str(), error.to_string()));
+                }
+                Err(error) => {
+                    self.break_session(&held.session, &mut state, "unexpected renew answer");
+                    return Err(LockError::lost(
+                        key.as_str(),
+                        format!("its holder session gave an unexpected answer: {error}"),
+                    ));
+                }
+            },
             Ok(Err(error)) if is_connection_error(&error) => {
                 self.break_session(&held.session, &mut state, "renew failed");
                 return Err(LockError::lost(
@@ -1027,25 +1241,30 @@ async fn reaper(inner: Arc<Inner>) {
             let mut book = lock(&inner.book);
             let mut expired = Vec::new();
             let mut next: Option<Instant> = None;
-            book.entries.retain(|_, entry| match entry {
-                Entry::Held(held) if held.deadline <= now => {
-                    expired.push(held.clone());
-                    false
+            for (hash, entry) in book.entries.iter_mut() {
+                match entry {
+                    Entry::Held(held) if held.deadline <= now => {
+                        // Pending while the unlock runs: no local acquire may take the key
+                        // on the same (reentrant) session before it.
+                        if let Entry::Held(held) = std::mem::replace(entry, Entry::Pending) {
+                            expired.push((*hash, held));
+                        }
+                    }
+                    Entry::Held(held) => {
+                        next = Some(next.map_or(held.deadline, |at| at.min(held.deadline)));
+                    }
+                    Entry::Pending => {}
                 }
-                Entry::Held(held) => {
-                    next = Some(next.map_or(held.deadline, |at| at.min(held.deadline)));
-                    true
-                }
-                Entry::Pending => true,
-            });
+            }
             book.reaper_at = next;
             (expired, next)
         };
-        for held in expired {
+        for (hash, held) in expired {
             tracing::debug!(key = %held.key, "lease expired without renewal; unlocking");
             let inner = inner.clone();
             tokio::spawn(async move {
-                if let Err(error) = inner.unlock_op(held).await {
+                let in_flight = Arc::new(AtomicBool::new(false));
+                if let Err(error) = inner.release_held(hash, held, in_flight).await {
                     tracing::warn!(%error, "unlocking an expired lease failed");
                 }
             });
@@ -1098,18 +1317,24 @@ type OpFuture<T> =
 /// task: a statement is never cut off mid-protocol on a shared session, and a lock granted
 /// meanwhile is handed to `on_orphan` (which gives it back). No task or thread hop in the
 /// common case.
+///
+/// Dropped where no runtime can finish it, the work is dropped and `on_abandon` settles what
+/// it leaves behind (a `Pending` book entry, a statement in flight on a session).
 struct Detached<T: Send + 'static> {
     work: Option<OpFuture<T>>,
     on_orphan: Option<Box<dyn FnOnce(T) + Send>>,
+    on_abandon: Option<Box<dyn FnOnce() + Send>>,
 }
 
 fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, LockError>> + Send + 'static,
     on_orphan: impl FnOnce(T) + Send + 'static,
+    on_abandon: impl FnOnce() + Send + 'static,
 ) -> Detached<T> {
     Detached {
         work: Some(Box::pin(work)),
         on_orphan: Some(Box::new(on_orphan)),
+        on_abandon: Some(Box::new(on_abandon)),
     }
 }
 
@@ -1138,7 +1363,12 @@ impl<T: Send + 'static> Drop for Detached<T> {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime: the session's connection is dropped with it, which frees its locks.
+            // No runtime to finish it on: settle its traces while the work (and its
+            // in-flight mark) still exists, then drop it.
+            if let Some(on_abandon) = self.on_abandon.take() {
+                on_abandon();
+            }
+            drop(work);
             return;
         };
         runtime.spawn(async move {
@@ -1174,8 +1404,19 @@ impl LockBackend for PostgresBackend {
         }
         let inner = self.inner.clone();
         let orphan_inner = self.inner.clone();
+        let abandon_inner = self.inner.clone();
+        let session = self.inner.pick_session(hash, ttl_ms(ttl));
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let abandon = {
+            let session = session.clone();
+            let in_flight = in_flight.clone();
+            move || {
+                abandon_inner.abandon(&session, &in_flight);
+                abandon_inner.forget_pending(hash);
+            }
+        };
         detached(
-            inner.acquire_op(key.clone(), hash, ttl, sent_at),
+            inner.acquire_op(key.clone(), hash, ttl, sent_at, session, in_flight),
             move |attempt| {
                 // The caller went away after the lock was granted: give it back at once.
                 if let Attempt::Acquired(lease) = attempt {
@@ -1184,6 +1425,7 @@ impl LockBackend for PostgresBackend {
                     });
                 }
             },
+            abandon,
         )
         .await
     }
@@ -1192,15 +1434,41 @@ impl LockBackend for PostgresBackend {
         validate_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
         let sent_at = Instant::now();
+        // Abandoned, a renewal leaves nothing to settle: the book moves only on its answer.
         detached(
             self.inner.clone().renew_op(lease.clone(), ttl, sent_at),
             |_| {},
+            || {},
         )
         .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
-        detached(release_lease(self.inner.clone(), lease.clone()), |_| {}).await
+        let Some((hash, held, still_valid)) = begin_release(&self.inner, lease) else {
+            return Ok(false);
+        };
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let abandon = {
+            let inner = self.inner.clone();
+            let held = held.clone();
+            let in_flight = in_flight.clone();
+            move || {
+                if in_flight.load(Ordering::SeqCst) {
+                    // The unlock may or may not have run: dropping the session frees it.
+                    inner.abandon(&held.session, &in_flight);
+                    inner.forget_pending(hash);
+                } else {
+                    inner.restore_held(hash, held);
+                }
+            }
+        };
+        let unlocked = detached(
+            self.inner.clone().release_held(hash, held, in_flight),
+            |_| {},
+            abandon,
+        )
+        .await?;
+        Ok(unlocked && still_valid)
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
@@ -1231,21 +1499,31 @@ impl LockBackend for PostgresBackend {
     }
 }
 
-async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<bool, LockError> {
+/// Takes the lease's book entry for a release: `Pending` until the unlock settles. `None`
+/// when the lease is not ours (any more). The flag says whether it was still valid.
+fn begin_release(inner: &Inner, lease: &Lease) -> Option<(i64, HeldLock, bool)> {
     let hash = advisory_key(&inner.config.namespace, lease.key().as_str());
     let now = Instant::now();
-    let held = {
-        let mut book = lock(&inner.book);
-        match book.entries.get(&hash) {
-            Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == *lease.key() => {
-                let held = held.clone();
-                book.entries.remove(&hash);
-                held
+    let mut book = lock(&inner.book);
+    let entry = book.entries.get_mut(&hash)?;
+    match entry {
+        Entry::Held(held) if held.owner == lease.owner() && held.key == *lease.key() => {
+            let still_valid = held.deadline > now;
+            match std::mem::replace(entry, Entry::Pending) {
+                Entry::Held(held) => Some((hash, held, still_valid)),
+                Entry::Pending => None,
             }
-            _ => return Ok(false),
         }
+        _ => None,
+    }
+}
+
+/// Releases a lease from a task (the orphan path: nobody waits for the answer).
+async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<bool, LockError> {
+    let Some((hash, held, still_valid)) = begin_release(&inner, &lease) else {
+        return Ok(false);
     };
-    let still_valid = held.deadline > now;
-    let unlocked = inner.unlock_op(held).await?;
+    let in_flight = Arc::new(AtomicBool::new(false));
+    let unlocked = inner.release_held(hash, held, in_flight).await?;
     Ok(unlocked && still_valid)
 }

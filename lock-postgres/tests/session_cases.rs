@@ -1,0 +1,235 @@
+//! Holder-session edge cases: a busy session, a release statement that fails, an operation
+//! abandoned outside a runtime, TTL bounds.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::{advisory_held, server};
+use lock_core::{LockBackend, LockError, LockKey};
+use lock_harness::TcpProxy;
+use lock_harness::postgres::PostgresServer;
+use lock_postgres::{PostgresBackend, PostgresConfig, advisory_key};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+/// One holder session for everything, so every operation queues on the same mutex.
+fn one_session() -> PostgresConfig {
+    PostgresConfig {
+        max_sessions: 1,
+        sessions_per_ttl: 1,
+        ..PostgresConfig::default()
+    }
+}
+
+async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(Arc::new(
+        PostgresBackend::with_options(options, config).await?,
+    ))
+}
+
+/// Operations queued behind slow statements on one session: waiting for the session is not
+/// charged to the statement, and a wait that runs out is a retryable error that leaves the
+/// session (and every lock on it) alone. Before, one deadline covered wait + statement, so
+/// the third queued op timed out mid-statement and dropped the session with all its locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_ops_on_a_slow_session_do_not_drop_its_locks() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let config = PostgresConfig {
+        op_timeout: Duration::from_millis(1500),
+        ..one_session()
+    };
+    let backend = backend_at(&PostgresServer::url_for(proxy.addr()), config).await?;
+    let ttl = Duration::from_secs(30);
+    let kept = LockKey::new(unique("kept"))?;
+    let lease = backend
+        .try_acquire(&kept, ttl)
+        .await?
+        .into_lease()
+        .context("kept key not free")?;
+    let pids = backend.holder_pids().await;
+    // Each statement now takes ~600 ms: three queued ops wait up to 1.2 s (plus a heartbeat).
+    proxy.set_delay(Duration::from_millis(300));
+    let started = Instant::now();
+    let ops: Vec<_> = (0..3)
+        .map(|i| {
+            let backend = backend.clone();
+            let key = LockKey::new(unique(&format!("queued-{i}")));
+            tokio::spawn(async move {
+                backend
+                    .try_acquire(&key?, ttl)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        })
+        .collect();
+    let mut acquired = Vec::new();
+    for op in ops {
+        match op.await? {
+            Ok(attempt) => acquired.push(attempt.into_lease().context("a fresh key was held")?),
+            Err(error) => {
+                let retryable = error
+                    .downcast_ref::<LockError>()
+                    .is_some_and(LockError::is_retryable);
+                ensure!(retryable, "a queued op failed for good: {error:#}");
+            }
+        }
+    }
+    let took = started.elapsed();
+    proxy.set_delay(Duration::ZERO);
+    let signal = lease.lost_signal().context("no lost signal on the lease")?;
+    ensure!(
+        !signal.is_cancelled(),
+        "the session was dropped (its locks lost) after {took:?} of queueing"
+    );
+    ensure!(
+        acquired.len() >= 2,
+        "only {} of 3 queued ops got through",
+        acquired.len()
+    );
+    ensure!(
+        backend.holder_pids().await == pids,
+        "the holder session was replaced"
+    );
+    let renewed = backend.renew(&lease, ttl).await?;
+    for held in acquired {
+        ensure!(backend.release(&held).await?, "release answered false");
+    }
+    ensure!(backend.release(&renewed).await?, "release answered false");
+    Ok(())
+}
+
+/// A release statement that fails before its unlock ran (here: the role may not call
+/// `pg_notify`, checked when the statement starts) must not leave the lock held on the
+/// server with nothing in the backend's books: a plain unlock follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_release_statement_leaves_no_orphan_lock() -> Result<()> {
+    // Own server: the REVOKE below would change what other tests' roles may do.
+    let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    server.sql(
+        "CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app; \
+         REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC",
+    )?;
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/postgres?sslmode=disable",
+        server.port()
+    );
+    let backend = backend_at(&url, PostgresConfig::default()).await?;
+    let inspector = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(PgConnectOptions::from_str(&server.url())?)
+        .await?;
+    let key = LockKey::new(unique("orphan"))?;
+    let hash = advisory_key("distlock", key.as_str());
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("key not free")?;
+    ensure!(
+        advisory_held(&inspector, hash).await?,
+        "not held after acquire"
+    );
+    let released = backend.release(&lease).await;
+    ensure!(
+        !advisory_held(&inspector, hash).await?,
+        "the lock stayed held on the server after the release ({released:?})"
+    );
+    ensure!(
+        matches!(released, Ok(true)),
+        "release answered {released:?}"
+    );
+    // And the key is usable again.
+    let again = backend
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("key not free after the release")?;
+    drop(again);
+    Ok(())
+}
+
+/// An acquire polled once and then dropped where no runtime runs (its statement in flight)
+/// must not leave the key answered `Held` forever, nor an orphan lock on the session.
+#[test]
+fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let backend = main.block_on(async {
+        let server = server().await?;
+        let backend = backend_at(&server.url(), one_session()).await?;
+        // Connect the holder session here, in the main runtime.
+        let warm = LockKey::new(unique("warm"))?;
+        let lease = backend
+            .try_acquire(&warm, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("warm-up key not free")?;
+        backend.release(&lease).await?;
+        Ok::<_, anyhow::Error>(backend)
+    })?;
+    let key = LockKey::new(unique("abandoned"))?;
+    let side = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (pending, early) = side.block_on(async {
+        let mut acquire = backend.try_acquire(&key, Duration::from_secs(5));
+        let early = futures_poll_once(acquire.as_mut()).await;
+        (acquire, early)
+    });
+    if let Some(result) = early {
+        bail!("the acquire finished on its first poll ({result:?}); cannot test abandonment");
+    }
+    // No runtime on this thread now: the backend cannot finish the operation.
+    drop(pending);
+    drop(side);
+    main.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match backend.try_acquire(&key, Duration::from_secs(5)).await {
+                Ok(attempt) => {
+                    if let Some(lease) = attempt.into_lease() {
+                        ensure!(backend.release(&lease).await?, "release answered false");
+                        let inspector = PgPoolOptions::new()
+                            .max_connections(1)
+                            .connect_with(PgConnectOptions::from_str(&server().await?.url())?)
+                            .await?;
+                        let hash = advisory_key("distlock", key.as_str());
+                        ensure!(
+                            !advisory_held(&inspector, hash).await?,
+                            "an orphan lock stayed on the server"
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "retrying"),
+            }
+            if Instant::now() >= deadline {
+                bail!("the key stayed held after the abandoned acquire");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// Polls a future once; `Some` if it finished.
+async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {
+    let mut future = future;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
