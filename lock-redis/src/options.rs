@@ -50,7 +50,9 @@ impl RedisOptions {
         self
     }
 
-    /// Bound on one command's answer on a single server (default 2 s).
+    /// Bound on one call (default 2 s): a script's answer, including a reconnect it waits
+    /// for; on Redlock, renew and release per node. A connection that lets a call run into it
+    /// is probed and, if silent, replaced.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
