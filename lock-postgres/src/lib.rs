@@ -214,6 +214,25 @@ fn timed_out(context: &str, after: Duration) -> LockError {
     )
 }
 
+/// Largest TTL granted: `idle_session_timeout`, which enforces the TTL when the process stops,
+/// is an `int` of milliseconds (2^31 − 1 ms, about 24.8 days).
+pub const MAX_TTL: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// [`validate_ttl`] plus this backend's own ceiling, [`MAX_TTL`].
+fn check_ttl(ttl: Duration) -> Result<(), LockError> {
+    validate_ttl(ttl)?;
+    if ttl_ms(ttl) > MAX_TTL.as_millis() as u64 {
+        return Err(LockError::InvalidTtl {
+            ttl,
+            reason: format!(
+                "the postgres backend enforces TTLs with idle_session_timeout, at most \
+                 {MAX_TTL:?} (2^31 - 1 ms)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn ttl_ms(ttl: Duration) -> u64 {
     // Round up: the session must never time out before the lease's deadline.
     u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
@@ -1382,7 +1401,7 @@ impl<T: Send + 'static> Drop for Detached<T> {
 #[async_trait]
 impl LockBackend for PostgresBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
-        validate_ttl(ttl)?;
+        check_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
         let sent_at = Instant::now();
         let hash = self.advisory_key(key);
@@ -1431,7 +1450,7 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
-        validate_ttl(ttl)?;
+        check_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
         let sent_at = Instant::now();
         // Abandoned, a renewal leaves nothing to settle: the book moves only on its answer.

@@ -233,3 +233,30 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<
     })
     .await
 }
+
+/// TTLs beyond what `idle_session_timeout` can hold (2^31 − 1 ms ≈ 24.8 days) are refused as
+/// `InvalidTtl` on acquire and renew, instead of failing on the server as a retryable error;
+/// 24 days still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_above_idle_session_timeout_range_is_invalid() -> Result<()> {
+    let server = server().await?;
+    let backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new(unique("long-ttl"))?;
+    let day = Duration::from_secs(24 * 3600);
+    match backend.try_acquire(&key, 30 * day).await {
+        Err(LockError::InvalidTtl { .. }) => {}
+        other => bail!("30-day TTL: expected InvalidTtl, got {other:?}"),
+    }
+    let lease = backend
+        .try_acquire(&key, 24 * day)
+        .await?
+        .into_lease()
+        .context("24-day TTL not granted")?;
+    match backend.renew(&lease, 30 * day).await {
+        Err(LockError::InvalidTtl { .. }) => {}
+        other => bail!("renew to 30 days: expected InvalidTtl, got {other:?}"),
+    }
+    let lease = backend.renew(&lease, 24 * day).await?;
+    ensure!(backend.release(&lease).await?, "release answered false");
+    Ok(())
+}
