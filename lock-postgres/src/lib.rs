@@ -25,13 +25,14 @@ use lock_core::{
     Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
     ReleaseHub, Releases, validate_ttl,
 };
+use sqlx::postgres::types::Oid;
 use sqlx::postgres::{
     PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions,
 };
 use sqlx::{ConnectOptions, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OnceCell};
@@ -41,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 const BACKEND: &str = "postgres";
 
-/// The sequence that fencing tokens are drawn from.
-pub const FENCE_SEQUENCE: &str = "distlock_fence_seq";
+/// The default sequence that fencing tokens are drawn from ([`PostgresConfig::fence_sequence`]).
+pub const FENCE_SEQUENCE: &str = "public.distlock_fence_seq";
 
 /// The waiter-interest key of advisory key `hash`: the same 64 bits in the two-int keyspace
 /// (`pg_locks.objsubid` 2), which never meets the one-bigint keyspace of the locks.
@@ -94,6 +95,11 @@ pub struct PostgresConfig {
     /// `application_name` prefix: holder sessions are `<prefix>-holder`, the listener
     /// `<prefix>-listener`. Default `distlock`.
     pub application_name: String,
+    /// Schema-qualified name of the sequence fencing tokens come from; every backend of every
+    /// role sharing locks must use the same one. Created (with CACHE 1) if missing, which
+    /// needs CREATE on its schema; otherwise USAGE on the sequence is enough. Default
+    /// [`FENCE_SEQUENCE`].
+    pub fence_sequence: String,
 }
 
 impl Default for PostgresConfig {
@@ -105,13 +111,14 @@ impl Default for PostgresConfig {
             connect_timeout: Duration::from_secs(5),
             op_timeout: Duration::from_secs(5),
             application_name: "distlock".into(),
+            fence_sequence: FENCE_SEQUENCE.into(),
         }
     }
 }
 
 /// `postgres://…` (or `postgresql://…`) → a backend. Extra query parameters read here (and not
 /// passed to sqlx): `namespace`, `max_sessions`, `sessions_per_ttl`, `op_timeout_ms`,
-/// `connect_timeout_ms`, `application_name`.
+/// `connect_timeout_ms`, `application_name`, `fence_sequence`.
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     Ok(Arc::new(PostgresBackend::connect(url).await?))
 }
@@ -144,6 +151,7 @@ fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig), LockError>
             "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
             "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
             "application_name" => config.application_name = value.to_string(),
+            "fence_sequence" => config.fence_sequence = value.to_string(),
             _ => kept.push((name.to_string(), value.to_string())),
         }
     }
@@ -361,6 +369,8 @@ struct Inner {
     /// idle hook.
     waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>>,
     reaper_wake: Notify,
+    /// The fence sequence, by OID: found once at setup, never through `search_path`.
+    fence_oid: AtomicU32,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -430,8 +440,10 @@ impl PostgresBackend {
             waiter_tx,
             reaper_wake: Notify::new(),
             heartbeat_wake: Notify::new(),
+            fence_oid: AtomicU32::new(0),
         });
-        inner.setup().await?;
+        let fence = inner.setup().await?;
+        inner.fence_oid.store(fence.0, Ordering::Relaxed);
         let reaper = tokio::spawn(reaper(inner.clone()));
         let heartbeat = tokio::spawn(heartbeat(inner.clone()));
         Ok(PostgresBackend {
@@ -484,7 +496,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 const ACQUIRE_SQL: &str = "\
 WITH l AS (SELECT pg_try_advisory_lock($1) AS ok)
-SELECT ok, CASE WHEN ok THEN nextval('distlock_fence_seq') END,
+SELECT ok, CASE WHEN ok THEN nextval($4::regclass) END,
   set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false),
   pg_backend_pid()
 FROM l";
@@ -501,32 +513,213 @@ SELECT pg_advisory_unlock($1),
   set_config('idle_session_timeout', $6, false), pg_backend_pid()";
 
 impl Inner {
-    /// Checks the server with a throw-away connection and creates the fence table.
-    async fn setup(&self) -> Result<(), LockError> {
+    /// Checks the server with a throw-away connection (version, no transaction pooler) and
+    /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
+    async fn setup(&self) -> Result<Oid, LockError> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let (mut conn, _) = self.open_session(deadline).await?;
+        let (mut conn, pid) = self.open_session(deadline).await?;
+        let checks = async {
+            let version: i32 =
+                sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(|error| map_error("reading the server version", error))?;
+            if version < 140_000 {
+                return Err(LockError::InvalidConfig(format!(
+                    "PostgreSQL 14 or later is required (idle_session_timeout enforces lock \
+                     TTLs); this server is version {version}"
+                )));
+            }
+            self.check_no_pooler(&mut conn, pid).await?;
+            self.fence_sequence(&mut conn).await
+        };
+        match timeout_at(deadline, checks).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(
+                "checking the server and the fence sequence",
+                self.config.connect_timeout,
+            )),
+        }
+    }
+
+    /// A transaction-pooling PgBouncer hands the most recently used idle server connection
+    /// to the next transaction (LIFO), so two probes on one client connection usually land on
+    /// the same server session. A second client connection holds a transaction open meanwhile:
+    /// behind such a pooler it gets our first probe's server session (same pid), and our next
+    /// probe has to run on another one.
+    async fn check_no_pooler(&self, conn: &mut PgConnection, pid: i32) -> Result<(), LockError> {
+        let pooled = || {
+            LockError::InvalidConfig(
+                "two client connections ran in one server session, or one connection in two: \
+                 this looks like PgBouncer in transaction or statement pooling mode, which \
+                 breaks session advisory locks. Connect to PostgreSQL directly or through \
+                 session pooling."
+                    .into(),
+            )
+        };
+        let mut other = self
+            .options
+            .clone()
+            .application_name(&format!("{}-probe", self.config.application_name))
+            .connect()
+            .await
+            .map_err(|error| map_error("connecting to postgres", error))?;
+        let probe = async {
+            let mut tx = sqlx::Connection::begin(&mut other).await?;
+            let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await?;
+            tx.rollback().await?;
+            Ok::<_, sqlx::Error>((other_pid, again))
+        };
+        let (other_pid, again) = probe
+            .await
+            .map_err(|error| map_error("probing for a connection pooler", error))?;
+        let _ = sqlx::Connection::close(other).await;
+        if other_pid == pid || again != pid {
+            return Err(pooled());
+        }
+        Ok(())
+    }
+
+    /// Finds the fence sequence by its schema-qualified name (never through `search_path`,
+    /// which differs between roles), creating it only if it is missing (`CREATE SEQUENCE IF
+    /// NOT EXISTS` would demand CREATE privilege even when it exists), and checks it can
+    /// serve fences: a sequence, increasing, usable by this role.
+    async fn fence_sequence(&self, conn: &mut PgConnection) -> Result<Oid, LockError> {
+        let name = self.config.fence_sequence.as_str();
+        let invalid =
+            |why: String| LockError::InvalidConfig(format!("fence_sequence {name:?}: {why}"));
+        let parts: Option<i32> = sqlx::query_scalar("SELECT array_length(parse_ident($1), 1)")
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|error| invalid(format!("not a valid name: {error}")))?;
+        if parts != Some(2) {
+            return Err(invalid(
+                "give it as schema.name, so every role finds the same sequence".into(),
+            ));
+        }
+        let lookup = "SELECT to_regclass($1)::oid";
+        let mut oid: Option<Oid> = sqlx::query_scalar(lookup)
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|error| map_error("looking up the fence sequence", error))?;
+        if oid.is_none() {
+            oid = self.create_fence_sequence(conn).await?;
+        }
+        let oid = oid.ok_or_else(|| invalid("it could not be found after creating it".into()))?;
+        let row = sqlx::query(
+            "SELECT c.relkind::text, s.seqincrement, s.seqcache, s.seqcycle, \
+               has_sequence_privilege(c.oid, 'USAGE') OR has_sequence_privilege(c.oid, 'UPDATE') \
+             FROM pg_class c LEFT JOIN pg_sequence s ON s.seqrelid = c.oid WHERE c.oid = $1",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|error| map_error("inspecting the fence sequence", error))?;
+        let decoded = (|| {
+            Ok::<_, sqlx::Error>((
+                row.try_get::<String, _>(0)?,
+                row.try_get::<Option<i64>, _>(1)?,
+                row.try_get::<Option<i64>, _>(2)?,
+                row.try_get::<Option<bool>, _>(3)?,
+                row.try_get::<bool, _>(4)?,
+            ))
+        })();
+        let (kind, increment, cache, cycle, usable) =
+            decoded.map_err(|error| map_error("inspecting the fence sequence", error))?;
+        if kind != "S" {
+            return Err(invalid("it exists but is not a sequence".into()));
+        }
+        if increment.unwrap_or(0) <= 0 {
+            return Err(invalid(
+                "its increment is not positive: fencing tokens must increase".into(),
+            ));
+        }
+        if !usable {
+            return Err(invalid(
+                "this role may not draw from it: GRANT USAGE ON SEQUENCE to it".into(),
+            ));
+        }
+        if cache.unwrap_or(1) > 1 {
+            // Each session pre-allocates a block: two sessions' values interleave, so a later
+            // holder can get a lower token than an earlier one.
+            tracing::warn!(
+                sequence = name,
+                cache,
+                "the fence sequence has CACHE > 1: fencing tokens from different sessions \
+                 are not monotonic; ALTER SEQUENCE ... CACHE 1"
+            );
+        }
+        if cycle == Some(true) {
+            tracing::warn!(
+                sequence = name,
+                "the fence sequence CYCLEs: after its maximum, tokens start over"
+            );
+        }
+        Ok(oid)
+    }
+
+    /// Creates the fence sequence, serialized between backends by a transaction lock that no
+    /// user key can reach (a user's lock named "schema" must not block connecting).
+    async fn create_fence_sequence(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<Oid>, LockError> {
+        let name = self.config.fence_sequence.as_str();
         let work = async {
-            let mut tx = sqlx::Connection::begin(&mut conn).await?;
-            // Serialize concurrent CREATE TABLE IF NOT EXISTS (it can race on the catalog).
-            // Not in the one-bigint keyspace: a user's lock named "schema" must not block us.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
                 .bind(SETUP_LOCK.0)
                 .bind(SETUP_LOCK.1)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")
+            // Someone may have created it while we waited.
+            let existing: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            if existing.is_some() {
+                tx.commit().await?;
+                return Ok(existing);
+            }
+            // The server quotes each part: the name cannot inject SQL.
+            let quoted: String = sqlx::query_scalar(
+                "SELECT string_agg(quote_ident(part), '.' ORDER BY n) \
+                 FROM unnest(parse_ident($1)) WITH ORDINALITY AS t(part, n)",
+            )
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {quoted}")))
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await
+            let created: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(created)
         };
-        match timeout_at(deadline, work).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(map_error("creating the fence sequence", error)),
-            Err(_) => Err(timed_out(
-                "creating the fence sequence",
-                self.config.connect_timeout,
-            )),
-        }
+        work.await.map_err(|error| {
+            let code = match &error {
+                sqlx::Error::Database(db) => db.code().unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            match code.as_str() {
+                "42501" | "3F000" => LockError::InvalidConfig(format!(
+                    "the fence sequence {name} does not exist and this role cannot create it \
+                     ({error}); have an administrator run CREATE SEQUENCE {name}; GRANT USAGE \
+                     ON SEQUENCE {name} TO <role>"
+                )),
+                _ => map_error("creating the fence sequence", error),
+            }
+        })
     }
 
     /// Opens a holder-style connection: checks that session state survives between
@@ -558,6 +751,13 @@ impl Inner {
                 ),
                 self.config.connect_timeout,
             )),
+            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42704") => {
+                // "unrecognized configuration parameter": idle_session_timeout is new in 14.
+                Err(LockError::InvalidConfig(format!(
+                    "PostgreSQL 14 or later is required (idle_session_timeout enforces lock \
+                     TTLs): {db}"
+                )))
+            }
             Ok(Err(error)) => Err(map_error("connecting to postgres", error)),
             Ok(Ok((_, first, second))) if first != second => Err(LockError::InvalidConfig(
                 "two statements on one connection ran in different server sessions: this looks \
@@ -801,7 +1001,8 @@ impl Inner {
         let query = sqlx::query(ACQUIRE_SQL)
             .bind(hash)
             .bind(state.timeout_with(Some(ttl_ms)))
-            .bind(state.timeout_with(None));
+            .bind(state.timeout_with(None))
+            .bind(Oid(self.fence_oid.load(Ordering::Relaxed)));
         let _flight = InFlight::start(&in_flight);
         // The statement's own budget starts when it is sent, not when we began waiting.
         let result = match state.conn.as_mut() {

@@ -165,9 +165,11 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let backend = main.block_on(async {
+    let (backend, proxy) = main.block_on(async {
         let server = server().await?;
-        let backend = backend_at(&server.url(), one_session()).await?;
+        // Through a proxy, so the statement is surely still in flight after one poll.
+        let proxy = TcpProxy::start(server.addr())?;
+        let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
         // Connect the holder session here, in the main runtime.
         let warm = LockKey::new(unique("warm"))?;
         let lease = backend
@@ -176,8 +178,9 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
             .into_lease()
             .context("warm-up key not free")?;
         backend.release(&lease).await?;
-        Ok::<_, anyhow::Error>(backend)
+        Ok::<_, anyhow::Error>((backend, proxy))
     })?;
+    proxy.set_delay(Duration::from_millis(50));
     let key = LockKey::new(unique("abandoned"))?;
     let side = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -193,6 +196,7 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
     // No runtime on this thread now: the backend cannot finish the operation.
     drop(pending);
     drop(side);
+    proxy.set_delay(Duration::ZERO);
     main.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
@@ -258,5 +262,79 @@ async fn ttl_above_idle_session_timeout_range_is_invalid() -> Result<()> {
     }
     let lease = backend.renew(&lease, 24 * day).await?;
     ensure!(backend.release(&lease).await?, "release answered false");
+    Ok(())
+}
+
+/// The fence sequence is found by its schema-qualified name, whatever a role's
+/// `search_path`, and a role without CREATE on its schema can use one a DBA created. Before,
+/// an unqualified name made a role with its own `search_path` create (and draw from) its own
+/// sequence, so fences of one key went back; and `CREATE SEQUENCE IF NOT EXISTS` refused a
+/// role without CREATE privilege even though the sequence existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_sequence_is_shared_by_roles_and_needs_no_create() -> Result<()> {
+    let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let url_as = |role: &str| {
+        format!(
+            "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+            server.port()
+        )
+    };
+    // The DBA's backend creates public.distlock_fence_seq; draw a few fences on key k.
+    let dba = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new("k")?;
+    let mut last = None;
+    for _ in 0..5 {
+        let lease = dba
+            .try_acquire(&key, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("k not free")?;
+        last = lease.fence();
+        dba.release(&lease).await?;
+    }
+    server.sql(
+        "CREATE ROLE plain LOGIN; \
+         CREATE ROLE own LOGIN; CREATE SCHEMA own AUTHORIZATION own; \
+         ALTER ROLE own SET search_path = own; \
+         GRANT USAGE ON SEQUENCE public.distlock_fence_seq TO plain, own",
+    )?;
+    // No CREATE on public (PostgreSQL 15+ default): connecting works all the same.
+    let plain = backend_at(&url_as("plain"), PostgresConfig::default())
+        .await
+        .context("a role without CREATE could not connect")?;
+    // Its own search_path, where it could create a sequence of its own.
+    let own = backend_at(&url_as("own"), PostgresConfig::default()).await?;
+    for backend in [&plain, &own] {
+        let lease = backend
+            .try_acquire(&key, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("k not free")?;
+        ensure!(
+            lease.fence() > last,
+            "fence went back: {:?} after {last:?}",
+            lease.fence()
+        );
+        last = lease.fence();
+        backend.release(&lease).await?;
+    }
+    let own_seq =
+        server.sql("SELECT count(*) FROM pg_class WHERE relname = 'distlock_fence_seq'")?;
+    ensure!(own_seq == "1", "{own_seq} fence sequences exist");
+    // An unqualified name is refused: it would depend on each role's search_path.
+    let unqualified = PostgresConfig {
+        fence_sequence: "distlock_fence_seq".into(),
+        ..PostgresConfig::default()
+    };
+    match backend_at(&server.url(), unqualified).await {
+        Err(error) => ensure!(
+            matches!(
+                error.downcast_ref::<LockError>(),
+                Some(LockError::InvalidConfig(_))
+            ),
+            "unqualified name: {error:#}"
+        ),
+        Ok(_) => bail!("an unqualified fence_sequence was accepted"),
+    }
     Ok(())
 }
