@@ -35,7 +35,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,10 @@ pub fn waiter_key(hash: i64) -> (i32, i32) {
 /// bigint; waiter keys are pairs but derived from a 64-bit hash, so meeting this one is a
 /// 2^-64 accident that would only make setup wait behind a waiter).
 pub const SETUP_LOCK: (i32, i32) = (0x6469_7374, 0x6c6f_636b);
+
+/// Longest a `subscribe` call waits for the release listener and the waiter mark (bounded
+/// by `op_timeout` too). Past it the waiter polls with the client's backoff.
+pub const SUBSCRIBE_BUDGET: Duration = Duration::from_millis(250);
 
 /// Smallest TTL granted: the holder session's `idle_session_timeout` follows the TTL, and a
 /// shorter one would end sessions between two statements of a busy client.
@@ -364,7 +368,9 @@ struct Inner {
     hub: ReleaseHub,
     /// Wakes the heartbeat task when a lock is taken while it sleeps for want of any.
     heartbeat_wake: Notify,
-    listener: OnceCell<Listening>,
+    listener: Mutex<ListenerPhase>,
+    /// Set when the backend is dropped: a listener that connects afterwards is not started.
+    closed: AtomicBool,
     /// Commands for the waiter connection (set once the listener runs), read by the hub's
     /// idle hook.
     waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>>,
@@ -389,7 +395,8 @@ impl Drop for PostgresBackend {
     fn drop(&mut self) {
         self.reaper.abort();
         self.heartbeat.abort();
-        if let Some(listening) = self.inner.listener.get() {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
             listening.listen.abort();
             listening.waiters.abort();
         }
@@ -436,7 +443,8 @@ impl PostgresBackend {
                     }
                 }
             }),
-            listener: OnceCell::new(),
+            listener: Mutex::new(ListenerPhase::Down),
+            closed: AtomicBool::new(false),
             waiter_tx,
             reaper_wake: Notify::new(),
             heartbeat_wake: Notify::new(),
@@ -1270,55 +1278,35 @@ impl Inner {
         }
     }
 
-    async fn ensure_listener(self: &Arc<Self>) -> Result<(), LockError> {
-        let this = self.clone();
-        self.listener
-            .get_or_try_init(|| async move {
-                let app = &this.config.application_name;
-                let listen_options = this
-                    .options
-                    .clone()
-                    .application_name(&format!("{app}-listener"));
-                let waiter_options = this
-                    .options
-                    .clone()
-                    .application_name(&format!("{app}-waiter"));
-                let timeout = this.config.connect_timeout;
-                let work = async {
-                    let pool = PgPoolOptions::new()
-                        .max_connections(1)
-                        .min_connections(0)
-                        .acquire_timeout(timeout)
-                        .idle_timeout(None)
-                        .max_lifetime(None)
-                        .connect_with(listen_options)
-                        .await?;
-                    let mut listener = PgListener::connect_with(&pool).await?;
-                    listener.listen(&this.channel).await?;
-                    Ok::<_, sqlx::Error>(listener)
-                };
-                let listener = match tokio::time::timeout(timeout, work).await {
-                    Ok(Ok(listener)) => listener,
-                    Ok(Err(error)) => {
-                        return Err(map_error("starting the release listener", error));
-                    }
-                    Err(_) => return Err(timed_out("starting the release listener", timeout)),
-                };
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let _ = this.waiter_tx.set(tx);
-                let namespace = this.config.namespace.clone();
-                Ok(Listening {
-                    listen: tokio::spawn(listen_loop(listener, this.hub.clone())),
-                    waiters: tokio::spawn(waiter_loop(rx, waiter_options, namespace, timeout)),
-                })
-            })
-            .await
-            .map(|_| ())
+    /// Makes sure the release listener runs, or is being started by a background task, and
+    /// waits for it until `deadline`. `false`: not (yet) listening; the caller polls. A slow
+    /// or unreachable server never holds a subscriber past its budget, and subscribers do not
+    /// queue behind each other's connect attempts.
+    async fn ensure_listener(self: &Arc<Self>, deadline: Instant) -> bool {
+        let mut ready = {
+            let mut phase = lock(&self.listener);
+            match &*phase {
+                ListenerPhase::Up(_) => return true,
+                ListenerPhase::Starting(ready) => ready.clone(),
+                ListenerPhase::Down => {
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    *phase = ListenerPhase::Starting(rx.clone());
+                    tokio::spawn(start_listener(self.clone(), tx));
+                    rx
+                }
+            }
+        };
+        matches!(
+            timeout_at(deadline, ready.wait_for(|up| *up)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Marks this backend's interest in releases of `key` on the server (a shared lock on the
-    /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place.
-    async fn register_waiter(&self, key: &str) -> Result<(), LockError> {
+    /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place, also when
+    /// another subscriber's mark of the key is still in flight (commands run in order), or at
+    /// `deadline`.
+    async fn register_waiter(&self, key: &str, deadline: Instant) -> Result<(), LockError> {
         let Some(tx) = self.waiter_tx.get() else {
             return Err(LockError::backend_msg(
                 BACKEND,
@@ -1331,16 +1319,82 @@ impl Inner {
             .map_err(|_| {
                 LockError::backend_msg(BACKEND, "the waiter connection task ended", true)
             })?;
-        match timeout_at(Instant::now() + self.config.op_timeout, done).await {
+        match timeout_at(deadline, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(LockError::backend_msg(
                 BACKEND,
                 "the waiter connection task ended",
                 true,
             )),
-            Err(_) => Err(timed_out("marking a waiter", self.config.op_timeout)),
+            Err(_) => Err(timed_out("marking a waiter", SUBSCRIBE_BUDGET)),
         }
     }
+}
+
+/// Connects the release listener and starts its tasks (see [`Inner::ensure_listener`]).
+async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch::Sender<bool>) {
+    let app = &inner.config.application_name;
+    let listen_options = inner
+        .options
+        .clone()
+        .application_name(&format!("{app}-listener"));
+    let waiter_options = inner
+        .options
+        .clone()
+        .application_name(&format!("{app}-waiter"));
+    let timeout = inner.config.connect_timeout;
+    let work = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(timeout)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(listen_options)
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&inner.channel).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    let result = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(listener)) => Ok(listener),
+        Ok(Err(error)) => Err(map_error("starting the release listener", error)),
+        Err(_) => Err(timed_out("starting the release listener", timeout)),
+    };
+    let mut phase = lock(&inner.listener);
+    match result {
+        Ok(listener) if !inner.closed.load(Ordering::SeqCst) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = inner.waiter_tx.set(tx);
+            *phase = ListenerPhase::Up(Listening {
+                listen: tokio::spawn(listen_loop(listener, inner.hub.clone())),
+                waiters: tokio::spawn(waiter_loop(
+                    rx,
+                    waiter_options,
+                    inner.config.namespace.clone(),
+                    timeout,
+                    inner.hub.clone(),
+                )),
+            });
+            let _ = ready.send(true);
+        }
+        // The backend was dropped meanwhile: nobody would stop these tasks.
+        Ok(_) => *phase = ListenerPhase::Down,
+        Err(error) => {
+            // Dropping `ready` tells the subscribers waiting; the next subscribe retries.
+            tracing::warn!(%error, "no release listener; waiters fall back to polling");
+            *phase = ListenerPhase::Down;
+        }
+    }
+}
+
+/// Where the release listener is.
+#[derive(Debug)]
+enum ListenerPhase {
+    Down,
+    /// A task is connecting it; the flag turns true when it runs.
+    Starting(tokio::sync::watch::Receiver<bool>),
+    Up(Listening),
 }
 
 /// The background tasks that deliver release notifications.
@@ -1352,84 +1406,105 @@ struct Listening {
 
 #[derive(Debug)]
 enum WaiterCommand {
-    /// Take the shared waiter lock of a key (its first local subscription).
+    /// Make sure the key's shared waiter lock is held (a subscription exists).
     Mark(String, tokio::sync::oneshot::Sender<Result<(), LockError>>),
-    /// Drop it (its last local subscription ended).
+    /// Drop it if no subscription of the key is left.
     Forget(String),
 }
 
-/// Owns the waiter connection: shared locks on waiter keys, in command order. After the
-/// connection fails, the next command reconnects and marks every key again.
+/// Takes the shared waiter lock of `pair` without queueing: a releaser holds the same pair
+/// exclusively only for the instant of its release statement, so a refusal is retried
+/// shortly (that release itself happened before our next attempt, which sees it).
+async fn try_mark(
+    conn: &mut PgConnection,
+    pair: (i32, i32),
+    deadline: Instant,
+) -> Result<(), LockError> {
+    loop {
+        let query = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock_shared($1, $2)")
+            .bind(pair.0)
+            .bind(pair.1)
+            .fetch_one(&mut *conn);
+        let marked = timeout_at(deadline, query)
+            .await
+            .map_err(|_| timed_out("marking a waiter", SUBSCRIBE_BUDGET))?
+            .map_err(|error| map_error("marking a waiter", error))?;
+        if marked {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out("marking a waiter", SUBSCRIBE_BUDGET));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Owns the waiter connection: holds a shared lock on the waiter key of every key this
+/// backend has subscriptions for, reconciling each command with the hub (the truth about
+/// who waits), so marks and forgets that cross each other never leave a waiting key unmarked.
+/// After the connection fails, the next command reconnects and marks every key again.
 async fn waiter_loop(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<WaiterCommand>,
     options: PgConnectOptions,
     namespace: String,
     timeout: Duration,
+    hub: ReleaseHub,
 ) {
     let mut conn: Option<PgConnection> = None;
-    let mut marked: HashMap<String, usize> = HashMap::new();
+    // Keys that should be marked; when `conn` is there, all of them are marked on it.
+    let mut marked: std::collections::HashSet<String> = std::collections::HashSet::new();
     let pair = |key: &str| waiter_key(advisory_key(&namespace, key));
     while let Some(command) = commands.recv().await {
-        let (key, mark, ack) = match command {
-            WaiterCommand::Mark(key, ack) => (key, true, Some(ack)),
-            WaiterCommand::Forget(key) => (key, false, None),
-        };
-        if mark {
-            *marked.entry(key.clone()).or_insert(0) += 1;
-        } else {
-            match marked.get_mut(&key) {
-                Some(count) if *count > 1 => *count -= 1,
-                Some(_) => {
-                    marked.remove(&key);
-                }
-                None => continue,
-            }
-        }
         let deadline = Instant::now() + timeout;
-        let result = async {
-            if conn.is_none() {
-                let mut fresh = timeout_at(deadline, options.connect())
-                    .await
-                    .map_err(|_| timed_out("connecting the waiter session", timeout))?
-                    .map_err(|error| map_error("connecting the waiter session", error))?;
-                // Re-mark every key that still has waiters (this one included).
-                for key in marked.keys() {
-                    let (high, low) = pair(key);
-                    let query = sqlx::query("SELECT pg_advisory_lock_shared($1, $2)::text")
-                        .bind(high)
-                        .bind(low)
-                        .execute(&mut fresh);
-                    timeout_at(deadline, query)
-                        .await
-                        .map_err(|_| timed_out("marking a waiter", timeout))?
-                        .map_err(|error| map_error("marking a waiter", error))?;
+        match command {
+            WaiterCommand::Mark(key, ack) => {
+                let result = async {
+                    if !hub.has_waiters(&key) {
+                        return Ok(());
+                    }
+                    if conn.is_none() {
+                        let mut fresh = timeout_at(deadline, options.connect())
+                            .await
+                            .map_err(|_| timed_out("connecting the waiter session", timeout))?
+                            .map_err(|error| map_error("connecting the waiter session", error))?;
+                        marked.retain(|key| hub.has_waiters(key));
+                        for key in marked.iter() {
+                            try_mark(&mut fresh, pair(key), deadline).await?;
+                        }
+                        conn = Some(fresh);
+                    }
+                    if !marked.contains(&key)
+                        && let Some(live) = conn.as_mut()
+                    {
+                        try_mark(live, pair(&key), deadline).await?;
+                        marked.insert(key.clone());
+                    }
+                    Ok(())
                 }
-                conn = Some(fresh);
-                return Ok(());
+                .await;
+                if result.is_err() {
+                    // Unknown state: start over on a fresh session next time.
+                    conn = None;
+                }
+                let _ = ack.send(result);
             }
-            let Some(live) = conn.as_mut() else {
-                return Ok(());
-            };
-            let (high, low) = pair(&key);
-            let sql = if mark {
-                "SELECT pg_advisory_lock_shared($1, $2)::text"
-            } else {
-                "SELECT pg_advisory_unlock_shared($1, $2)::text"
-            };
-            let query = sqlx::query(sql).bind(high).bind(low).execute(live);
-            timeout_at(deadline, query)
-                .await
-                .map_err(|_| timed_out("marking a waiter", timeout))?
-                .map_err(|error| map_error("marking a waiter", error))?;
-            Ok(())
-        }
-        .await;
-        if result.is_err() {
-            // Unknown state: start over on a fresh session next time.
-            conn = None;
-        }
-        if let Some(ack) = ack {
-            let _ = ack.send(result);
+            WaiterCommand::Forget(key) => {
+                if !marked.contains(&key) || hub.has_waiters(&key) {
+                    continue;
+                }
+                marked.remove(&key);
+                let Some(live) = conn.as_mut() else {
+                    continue;
+                };
+                let (high, low) = pair(&key);
+                let query = sqlx::query("SELECT pg_advisory_unlock_shared($1, $2)::text")
+                    .bind(high)
+                    .bind(low)
+                    .execute(live);
+                if !matches!(timeout_at(deadline, query).await, Ok(Ok(_))) {
+                    conn = None;
+                }
+            }
         }
     }
 }
@@ -1692,17 +1767,19 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
-        if let Err(error) = self.inner.ensure_listener().await {
-            // Waiters still hear local releases and poll with backoff; retried next time.
-            tracing::warn!(%error, "no release listener; waiters fall back to polling");
-            return Ok(self.inner.hub.subscribe(key.as_str()));
+        // The client subscribes before each attempt, under its own wait deadline, which we do
+        // not see: never spend more than a short budget here. Past it, the subscription still
+        // hears local releases and the client's backoff bounds the rest.
+        let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.inner.config.op_timeout);
+        let releases = self.inner.hub.subscribe(key.as_str());
+        if !self.inner.ensure_listener(deadline).await {
+            tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
+            return Ok(releases);
         }
-        // Every subscription marks (counted on the waiter connection), and dropping it
-        // unmarks through the hub's idle hook only for the last one: so mark per first
-        // subscription only, matching the hook.
-        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
-        if first && let Err(error) = self.inner.register_waiter(key.as_str()).await {
-            tracing::warn!(%error, "could not mark a waiter; it falls back to polling");
+        // Every subscriber waits for the key's mark, also one another subscriber started:
+        // a release before the mark is in place sends no NOTIFY.
+        if let Err(error) = self.inner.register_waiter(key.as_str(), deadline).await {
+            tracing::debug!(%error, key = %key, "waiter not marked; it falls back to polling");
         }
         Ok(releases)
     }

@@ -338,3 +338,89 @@ async fn fence_sequence_is_shared_by_roles_and_needs_no_create() -> Result<()> {
     }
     Ok(())
 }
+
+/// `subscribe` runs under the caller's wait, so it must stay short: against a black-holed
+/// server (the listener cannot connect; connect timeout 5 s) each call returns within its
+/// budget, the first and the ones queued behind the same connect attempt alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_is_bounded_against_a_blackholed_server() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let config = PostgresConfig {
+        op_timeout: Duration::from_millis(300),
+        ..PostgresConfig::default()
+    };
+    let backend = backend_at(&PostgresServer::url_for(proxy.addr()), config).await?;
+    let key = LockKey::new(unique("blackholed-sub"))?;
+    // Connect the holder session now: the acquire below is then bounded by op_timeout
+    // (300 ms), and what remains to test is subscribe (connect_timeout is the default 5 s).
+    let warm = backend
+        .try_acquire(&key, Duration::from_secs(5))
+        .await?
+        .into_lease()
+        .context("key not free")?;
+    backend.release(&warm).await?;
+    proxy.blackhole();
+    let started = Instant::now();
+    let releases = backend.subscribe(&key).await?;
+    let took = started.elapsed();
+    ensure!(
+        took <= lock_postgres::SUBSCRIBE_BUDGET + Duration::from_millis(150),
+        "subscribe took {took:?}"
+    );
+    drop(releases);
+    // A second subscriber, while the listener is still trying to connect, is bounded too.
+    let started = Instant::now();
+    drop(backend.subscribe(&key).await?);
+    let took = started.elapsed();
+    ensure!(
+        took <= lock_postgres::SUBSCRIBE_BUDGET + Duration::from_millis(150),
+        "the second subscribe took {took:?}"
+    );
+    proxy.heal();
+    Ok(())
+}
+
+/// A second subscriber of a key whose first mark is still in flight waits for it: a release
+/// right after its `subscribe` returned must send the NOTIFY that wakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_subscriber_waits_for_the_inflight_mark() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let waiter = backend_at(
+        &PostgresServer::url_for(proxy.addr()),
+        PostgresConfig::default(),
+    )
+    .await?;
+    let holder = backend_at(&server.url(), PostgresConfig::default()).await?;
+    // Bring the listener and waiter connection up first.
+    let warm = waiter.subscribe(&LockKey::new(unique("warm"))?).await?;
+    drop(warm);
+    let key = LockKey::new(unique("second-sub"))?;
+    let lease = holder
+        .try_acquire(&key, Duration::from_secs(10))
+        .await?
+        .into_lease()
+        .context("key not free")?;
+    // A mark now takes ~160 ms: the first subscriber is still waiting for it when the second
+    // subscribes.
+    proxy.set_delay(Duration::from_millis(80));
+    let first = tokio::spawn({
+        let waiter = waiter.clone();
+        let key = key.clone();
+        async move { waiter.subscribe(&key).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut second = waiter.subscribe(&key).await?;
+    ensure!(holder.release(&lease).await?, "release answered false");
+    let wake = second
+        .next(Instant::now() + Duration::from_millis(800))
+        .await;
+    ensure!(
+        wake == lock_core::Wake::Released,
+        "the second subscriber heard no release within 800 ms"
+    );
+    drop(first.await??);
+    proxy.set_delay(Duration::ZERO);
+    Ok(())
+}
