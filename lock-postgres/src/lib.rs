@@ -10,9 +10,16 @@
 //!   (the leaked-guard case). If the process stops (paused, partitioned, dead), the server ends
 //!   the holder session by `idle_session_timeout`, which the backend keeps equal to the largest
 //!   TTL of the locks on that session, the renewals being the heartbeat. See the README.
-//! - **Fencing.** The sequence `distlock_fence_seq` (created if missing) is drawn in the same
-//!   statement as `pg_try_advisory_lock`: acquiring a free lock is one round trip, and tokens
-//!   strictly increase per key (they increase across all keys), across restarts.
+//! - **Lost signal.** Every lease carries its session's token ([`Lease::with_lost_signal`]);
+//!   a failed statement or the session heartbeat (every [`heartbeat_interval`], ≤ 250 ms,
+//!   while it holds locks) cancels it when the server dropped the session, which frees all
+//!   its locks at once. Within that interval only fencing protects the resource.
+//! - **Fencing.** The sequence [`PostgresConfig::fence_sequence`] (schema-qualified, default
+//!   [`FENCE_SEQUENCE`], created if missing, used by OID) is drawn in the same statement as
+//!   `pg_try_advisory_lock`: acquiring a free lock is one round trip, and tokens strictly
+//!   increase per key (they increase across all keys), across restarts.
+//! - **Server.** PostgreSQL 14 or later (`idle_session_timeout`), reached directly or through
+//!   session pooling (transaction pooling is detected and refused).
 //! - **Wake-ups.** Release is one statement that unlocks and, when some backend waits for the
 //!   key, `NOTIFY`s. A waiting backend marks its interest with a shared advisory lock on the
 //!   key's hash in the two-int keyspace (held on its waiter connection) and `LISTEN`s on one
@@ -71,7 +78,8 @@ pub const MIN_TTL: Duration = Duration::from_millis(500);
 ///
 /// Keys never contain NUL, so distinct (namespace, key) pairs hash distinct inputs. Two inputs
 /// may still collide in 64 bits (about 1 in 2^32 for 2^16 live keys); a collision only makes
-/// the two keys exclude each other. Fences are kept per full name, so they stay correct.
+/// the two keys exclude each other. Fences come from one sequence, not from the hash, so they
+/// stay correct.
 pub fn advisory_key(namespace: &str, key: &str) -> i64 {
     let lock = if namespace.is_empty() {
         PgAdvisoryLock::new(key)
@@ -84,7 +92,7 @@ pub fn advisory_key(namespace: &str, key: &str) -> i64 {
 /// Settings of a [`PostgresBackend`].
 #[derive(Clone, Debug)]
 pub struct PostgresConfig {
-    /// Mixed into every key's hash and fence row, so applications sharing a database do not
+    /// Mixed into every key's hash (and the NOTIFY channel), so applications sharing a database do not
     /// share locks. Default `distlock`. Must not contain NUL.
     pub namespace: String,
     /// Most holder sessions (connections) this backend opens. Default 8.
@@ -417,7 +425,8 @@ impl PostgresBackend {
     }
 
     /// A backend from connect options. Checks the server (reachable, not behind a
-    /// transaction-pooling PgBouncer) and creates the fence table if missing.
+    /// transaction-pooling PgBouncer, version 14+) and finds the fence sequence, creating it
+    /// if missing.
     pub async fn with_options(
         options: PgConnectOptions,
         config: PostgresConfig,
@@ -1791,6 +1800,11 @@ impl LockBackend for PostgresBackend {
         capabilities.fair_queue = false;
         capabilities.min_ttl = MIN_TTL;
         capabilities.ttl_granularity = Duration::from_millis(1);
+        // Covers the reaper (process alive, lease not renewed). A stalled or partitioned
+        // process keeps its locks until its session's idle_session_timeout fires: the largest
+        // TTL on that session after its last statement, up to T/3 past a lease's deadline with
+        // the watchdog on (more when TTL classes share a session). One fixed Duration cannot
+        // say that; see the README, "TTL semantics".
         capabilities.expiry_slack = Duration::from_millis(250);
         capabilities
     }
@@ -1823,4 +1837,61 @@ async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<bool, LockErro
     let in_flight = Arc::new(AtomicBool::new(false));
     let unlocked = inner.release_held(hash, held, in_flight).await?;
     Ok(unlocked && still_valid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::{Context, Result, ensure};
+    use std::str::FromStr;
+
+    /// There is no PgBouncer on this machine. A pooler switching server sessions under a
+    /// connection is simulated by making our record of the session's pid wrong: the real
+    /// acquire statement then answers with another `pg_backend_pid()`, and the backend must
+    /// refuse (InvalidConfig naming PgBouncer), undo nothing it cannot see, drop the session
+    /// (its leases' lost signal fires) and leave the key free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statement_on_another_server_session_is_refused() -> Result<()> {
+        let server = tokio::task::spawn_blocking(lock_harness::postgres::shared).await??;
+        let options = PgConnectOptions::from_str(&server.url())?;
+        let config = PostgresConfig {
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            ..PostgresConfig::default()
+        };
+        let backend = PostgresBackend::with_options(options, config).await?;
+        let ttl = Duration::from_secs(10);
+        let first = LockKey::new(format!("pid-a-{:x}", rand::random::<u64>()))?;
+        let held = backend
+            .try_acquire(&first, ttl)
+            .await?
+            .into_lease()
+            .context("first key not free")?;
+        let session = lock(&backend.inner.sessions)
+            .first()
+            .cloned()
+            .context("no holder session")?;
+        session.state.lock().await.pid ^= 0x4000_0000;
+        let second = LockKey::new(format!("pid-b-{:x}", rand::random::<u64>()))?;
+        let refused = backend.try_acquire(&second, ttl).await;
+        ensure!(
+            matches!(&refused, Err(LockError::InvalidConfig(message)) if message.contains("PgBouncer")),
+            "expected InvalidConfig naming PgBouncer, got {refused:?}"
+        );
+        let signal = held.lost_signal().context("no lost signal")?;
+        ensure!(signal.is_cancelled(), "the session's leases were not told");
+        ensure!(
+            matches!(backend.renew(&held, ttl).await, Err(LockError::Lost { .. })),
+            "renew of a lease on the dropped session did not answer Lost"
+        );
+        ensure!(backend.held_count() == 0, "the book still holds a lease");
+        // The next acquire reconnects and works.
+        let again = backend
+            .try_acquire(&second, ttl)
+            .await?
+            .into_lease()
+            .context("second key not free after the session was dropped")?;
+        ensure!(backend.release(&again).await?, "release answered false");
+        Ok(())
+    }
 }
