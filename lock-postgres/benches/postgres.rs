@@ -124,9 +124,13 @@ async fn backend_uncontended(backend: &Arc<dyn lock_core::LockBackend>) -> Resul
 /// distlock's own statements on a raw connection: the server-side part of its cost.
 async fn raw_distlock_sql(url: &str) -> Result<Stats> {
     let mut conn = raw_conn(url).await?;
-    sqlx::query("CREATE SEQUENCE IF NOT EXISTS distlock_fence_seq")
+    sqlx::query("CREATE SEQUENCE IF NOT EXISTS public.distlock_fence_seq")
         .execute(&mut conn)
         .await?;
+    let fence: sqlx::postgres::types::Oid =
+        sqlx::query_scalar("SELECT to_regclass('public.distlock_fence_seq')::oid")
+            .fetch_one(&mut conn)
+            .await?;
     let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
     let mut started = Instant::now();
     for round in 0..UNCONTENDED_ROUNDS + 300 {
@@ -137,18 +141,21 @@ async fn raw_distlock_sql(url: &str) -> Result<Stats> {
         let t = Instant::now();
         let row = sqlx::query(
             "WITH l AS (SELECT pg_try_advisory_lock($1) AS ok) \
-             SELECT ok, CASE WHEN ok THEN nextval('distlock_fence_seq') END, \
-             set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false) FROM l",
+             SELECT ok, CASE WHEN ok THEN nextval($4::regclass) END, \
+             set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false), \
+             pg_backend_pid() FROM l",
         )
         .bind(77_i64)
         .bind("30000")
         .bind("0")
+        .bind(fence)
         .fetch_one(&mut conn)
         .await?;
         ensure!(sqlx::Row::try_get::<bool, _>(&row, 0)?);
         sqlx::query(
             "SELECT pg_advisory_unlock($1), CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL \
-             ELSE pg_notify($4, $5)::text END, set_config('idle_session_timeout', $6, false)",
+             ELSE pg_notify($4, $5)::text END, set_config('idle_session_timeout', $6, false), \
+             pg_backend_pid()",
         )
         .bind(77_i64)
         .bind(0_i32)
