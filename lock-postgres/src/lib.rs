@@ -629,6 +629,13 @@ impl Inner {
         if oid.is_none() {
             oid = self.create_fence_sequence(conn).await?;
         }
+        if oid.is_none() {
+            oid = sqlx::query_scalar(lookup)
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|error| map_error("looking up the fence sequence", error))?;
+        }
         let oid = oid.ok_or_else(|| invalid("it could not be found after creating it".into()))?;
         let row = sqlx::query(
             "SELECT c.relkind::text, s.seqincrement, s.seqcache, s.seqcycle, \
@@ -696,7 +703,8 @@ impl Inner {
                 .bind(SETUP_LOCK.1)
                 .execute(&mut *tx)
                 .await?;
-            // Someone may have created it while we waited.
+            // Someone may have created it while we waited (if this transaction's catalog
+            // caches already show it; if not, the CREATE below says so).
             let existing: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
                 .bind(name)
                 .fetch_one(&mut *tx)
@@ -713,9 +721,19 @@ impl Inner {
             .bind(name)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {quoted}")))
+            let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {quoted}")))
                 .execute(&mut *tx)
-                .await?;
+                .await;
+            if let Err(sqlx::Error::Database(db)) = &created
+                && matches!(db.code().as_deref(), Some("42P07" | "23505"))
+            {
+                // Another backend created it after our look-up: this transaction may still
+                // see a cached "no such relation" (an advisory lock does not refresh the
+                // catalog caches). Roll back; the caller looks again in a new transaction.
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            created?;
             let created: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
                 .bind(name)
                 .fetch_one(&mut *tx)

@@ -424,3 +424,25 @@ async fn second_subscriber_waits_for_the_inflight_mark() -> Result<()> {
     proxy.set_delay(Duration::ZERO);
     Ok(())
 }
+
+/// Backends connecting at once to a server without the fence sequence: one creates it, the
+/// others find it (a racing CREATE that reports "already exists" is not an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_connects_create_the_fence_sequence_once() -> Result<()> {
+    let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    for round in 0..3 {
+        let connects: Vec<_> = (0..8)
+            .map(|_| {
+                let url = server.url();
+                tokio::spawn(async move { backend_at(&url, PostgresConfig::default()).await })
+            })
+            .collect();
+        for connect in connects {
+            connect
+                .await?
+                .with_context(|| format!("round {round}: a connect failed"))?;
+        }
+        server.sql("DROP SEQUENCE public.distlock_fence_seq")?;
+    }
+    Ok(())
+}
