@@ -193,7 +193,7 @@ async fn uncontended(url: &str) -> Result<Vec<(&'static str, Stats)>> {
         .await?;
     }
     Ok(vec![
-        ("distlock Locker (guard + watchdog task)", s_locker.stats()),
+        ("distlock Locker (guard + watchdog entry)", s_locker.stats()),
         ("distlock RedisBackend (trait calls)", s_trait.stats()),
         ("raw floor: SET NX PX + CAD script", s_raw.stats()),
         ("rslock 0.10 (1 node)", s_rslock.stats()),

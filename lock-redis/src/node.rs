@@ -263,7 +263,9 @@ impl Node {
         let addr = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.command_timeout))
+            // No per-request timer in the driver: `eval` bounds the whole call (reconnect
+            // included) with one timer of its own; two per call cost 64-task throughput.
+            .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
