@@ -85,7 +85,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
     key: LockKey,
-    state: Arc<GuardState>,
     watched: Arc<Watched>,
     watchdog: Watchdog,
     released: bool,
@@ -93,11 +92,9 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn new(watchdog: Watchdog, watched: Arc<Watched>) -> Self {
-        let state = watched.guard.clone();
-        let key = state.lease().key().clone();
+        let key = watched.guard.lease().key().clone();
         LockGuard {
             key,
-            state,
             watched,
             watchdog,
             released: false,
@@ -111,29 +108,29 @@ impl LockGuard {
 
     /// The fencing token of this hold, when the backend provides one.
     pub fn fence(&self) -> Option<FencingToken> {
-        self.state.lease().fence()
+        self.watched.guard.lease().fence()
     }
 
     /// The current lease (renewals replace it).
     pub fn lease(&self) -> Lease {
-        self.state.lease()
+        self.watched.guard.lease()
     }
 
     /// Until when the holder may act: the latest lease's local validity deadline.
     pub fn valid_until(&self) -> Instant {
-        self.state.lease().valid_until()
+        self.watched.guard.lease().valid_until()
     }
 
     /// Whether the lock is lost (signal fired, or validity deadline passed).
     pub fn is_lost(&self) -> bool {
-        self.state.lost_token().is_cancelled() || self.state.lease().is_expired()
+        self.watched.guard.lost_token().is_cancelled() || self.watched.guard.lease().is_expired()
     }
 
     /// Why the lock was lost, once it was.
     pub fn lost_reason(&self) -> Option<String> {
-        let reason = lock(&self.state.lost_reason).clone();
+        let reason = lock(&self.watched.guard.lost_reason).clone();
         reason.or_else(|| {
-            self.state.lost_token().is_cancelled().then(|| {
+            self.watched.guard.lost_token().is_cancelled().then(|| {
                 "the backend reported the lease gone (e.g. its server session ended)".into()
             })
         })
@@ -142,19 +139,19 @@ impl LockGuard {
     /// A future that resolves when the lock is lost. It is `'static`: move it into a task or a
     /// `select!`.
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
-        self.state.lost_token().clone().cancelled_owned()
+        self.watched.guard.lost_token().clone().cancelled_owned()
     }
 
     /// A token cancelled when the lock is lost (a child of the guard's own token, so
     /// cancelling it does not fire the guard's signal).
     pub fn lost_token(&self) -> CancellationToken {
-        self.state.lost_token().child_token()
+        self.watched.guard.lost_token().child_token()
     }
 
     /// Releases the lock. `Ok(false)`: it was no longer ours (expired or taken over).
     pub async fn release(mut self) -> Result<bool, LockError> {
         self.watchdog.unwatch(&self.watched);
-        let lease = self.state.lease();
+        let lease = self.watched.guard.lease();
         let result = self.watched.backend.release(&lease).await;
         // Only now: if this future is dropped mid-release, Drop releases in the background.
         self.released = true;
@@ -174,7 +171,7 @@ impl Drop for LockGuard {
             return;
         };
         let backend = self.watched.backend.clone();
-        let lease = self.state.lease();
+        let lease = self.watched.guard.lease();
         runtime.spawn(async move {
             match backend.release(&lease).await {
                 Ok(released) => tracing::debug!(key = %lease.key(), released, "released on drop"),

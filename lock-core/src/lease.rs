@@ -49,14 +49,6 @@ impl OwnerToken {
         OwnerToken(value)
     }
 
-    /// Parses the 32-hex-digit form produced by `Display`.
-    pub fn parse_hex(text: &str) -> Option<Self> {
-        if text.len() != 32 {
-            return None;
-        }
-        u128::from_str_radix(text, 16).ok().map(OwnerToken)
-    }
-
     /// The raw value.
     pub fn as_u128(&self) -> u128 {
         self.0
@@ -246,7 +238,6 @@ mod tests {
             now,
         );
         assert_eq!(lease.valid_until(), now + Duration::from_millis(9898));
-        let hex = lease.owner().to_string();
-        assert_eq!(OwnerToken::parse_hex(&hex), Some(lease.owner()));
+        assert_eq!(lease.owner().to_string().len(), 32);
     }
 }

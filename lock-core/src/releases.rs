@@ -179,11 +179,6 @@ impl Releases {
         }
     }
 
-    /// Whether this subscription can ever signal.
-    pub fn is_native(&self) -> bool {
-        matches!(self.inner, Inner::Hub(_))
-    }
-
     /// Resolves when a release is signalled after the subscription (or after the last
     /// `Released`), or at `until`.
     pub async fn next(&mut self, until: Instant) -> Wake {

@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +43,7 @@ pub struct TcpProxy {
     // Cancelled by `Refuse`, replaced on heal: closes every connection opened before.
     connections: Arc<Mutex<CancellationToken>>,
     shutdown: CancellationToken,
-    next_connection: Arc<std::sync::atomic::AtomicU64>,
+    next_connection: Arc<AtomicU64>,
 }
 
 impl TcpProxy {
@@ -65,7 +66,7 @@ impl TcpProxy {
             .context("building the proxy runtime")?;
         let thread_connections = connections.clone();
         let thread_shutdown = shutdown.clone();
-        let next_connection = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let next_connection = Arc::new(AtomicU64::new(0));
         let thread_next = next_connection.clone();
         std::thread::Builder::new()
             .name(format!("proxy-{listen}"))
@@ -135,9 +136,7 @@ impl TcpProxy {
     /// while new connections work: what a client sees when a NAT or firewall on the path
     /// drops its flow state. Only a client that notices a silent peer and reconnects recovers.
     pub fn forget_flows(&self) {
-        let next = self
-            .next_connection
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let next = self.next_connection.load(Ordering::SeqCst);
         self.settings
             .send_modify(|settings| settings.forgotten_below = next);
     }
@@ -167,7 +166,7 @@ async fn accept_loop(
     settings: watch::Receiver<Settings>,
     connections: Arc<Mutex<CancellationToken>>,
     shutdown: CancellationToken,
-    next_connection: Arc<std::sync::atomic::AtomicU64>,
+    next_connection: Arc<AtomicU64>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -181,7 +180,7 @@ async fn accept_loop(
         }
         let closed = lock(&connections).clone();
         let settings = settings.clone();
-        let id = next_connection.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = next_connection.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -200,6 +199,26 @@ async fn accept_loop(
     }
 }
 
+/// Waits while connection `id` may not forward (black hole, or a forgotten flow); false when
+/// it must close (refused, or the proxy is gone).
+async fn may_forward(id: u64, settings: &mut watch::Receiver<Settings>) -> bool {
+    loop {
+        let (mode, forgotten) = {
+            let current = settings.borrow();
+            (current.mode, id < current.forgotten_below)
+        };
+        match mode {
+            ProxyMode::Refuse => return false,
+            ProxyMode::Forward if !forgotten => return true,
+            ProxyMode::Forward | ProxyMode::Blackhole => {
+                if settings.changed().await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 async fn pump(
     id: u64,
     mut from: tokio::net::tcp::OwnedReadHalf,
@@ -209,25 +228,8 @@ async fn pump(
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         // Wait out a black hole before reading more, so bytes queue up in the kernel.
-        loop {
-            let (mode, forgotten) = {
-                let current = settings.borrow();
-                (current.mode, id < current.forgotten_below)
-            };
-            let mode = if forgotten && mode != ProxyMode::Refuse {
-                ProxyMode::Blackhole
-            } else {
-                mode
-            };
-            match mode {
-                ProxyMode::Forward => break,
-                ProxyMode::Refuse => return,
-                ProxyMode::Blackhole => {
-                    if settings.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !may_forward(id, &mut settings).await {
+            return;
         }
         let read = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => {
@@ -241,25 +243,8 @@ async fn pump(
             tokio::time::sleep(delay).await;
         }
         // A chunk read just before a black hole is held until healed.
-        loop {
-            let (mode, forgotten) = {
-                let current = settings.borrow();
-                (current.mode, id < current.forgotten_below)
-            };
-            let mode = if forgotten && mode != ProxyMode::Refuse {
-                ProxyMode::Blackhole
-            } else {
-                mode
-            };
-            match mode {
-                ProxyMode::Forward => break,
-                ProxyMode::Refuse => return,
-                ProxyMode::Blackhole => {
-                    if settings.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !may_forward(id, &mut settings).await {
+            return;
         }
         if to.write_all(&buffer[..read]).await.is_err() {
             return;
