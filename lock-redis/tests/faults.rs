@@ -10,12 +10,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep, timeout};
 
 fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand_u64())
-}
-
-fn rand_u64() -> u64 {
-    // The owner-token generator is random enough for test key names.
-    lock_core::OwnerToken::random().as_u128() as u64
+    format!("{name}-{:016x}", rand::random::<u64>())
 }
 
 async fn exists(server: &RedisServer, key: &LockKey) -> Result<bool> {
@@ -80,6 +75,25 @@ async fn holder_told_first(
     Ok(())
 }
 
+/// Through a healed link, `holder` acquires and releases a fresh key within 5 s (retryable
+/// errors are retried meanwhile).
+async fn works_after_heal(holder: &Locker) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match holder.try_acquire(unique("healed")).await {
+            Ok(Some(guard)) => {
+                ensure!(guard.release().await?, "release after heal returned false");
+                return Ok(());
+            }
+            Ok(None) => bail!("fresh key held after heal"),
+            Err(error) if Instant::now() < deadline && error.is_retryable() => {
+                sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paused_server_fires_lost_before_deadline() -> Result<()> {
     let server = RedisServer::start()?;
@@ -107,20 +121,7 @@ async fn cut_connection_fires_lost_and_heals() -> Result<()> {
     .await?;
     proxy.heal();
     // Through the healed proxy, the holder's backend works again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match holder.try_acquire(unique("healed")).await {
-            Ok(Some(guard)) => {
-                ensure!(guard.release().await?, "release after heal returned false");
-                return Ok(());
-            }
-            Ok(None) => bail!("fresh key held after heal"),
-            Err(error) if Instant::now() < deadline && error.is_retryable() => {
-                sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
+    works_after_heal(&holder).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -143,20 +144,7 @@ async fn blackholed_connection_fires_lost() -> Result<()> {
     )
     .await?;
     // The holder's own backend works again through the healed link.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match holder.try_acquire(unique("healed")).await {
-            Ok(Some(guard)) => {
-                ensure!(guard.release().await?, "release after heal returned false");
-                return Ok(());
-            }
-            Ok(None) => bail!("fresh key held after heal"),
-            Err(error) if Instant::now() < deadline && error.is_retryable() => {
-                sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
+    works_after_heal(&holder).await
 }
 
 /// Retries a call that may fail while the connection manager reconnects.
@@ -249,17 +237,26 @@ async fn restart_with_aof_keeps_fences_increasing() -> Result<()> {
     Ok(())
 }
 
+/// `n` Redlock nodes and their URLs; with `proxied_last`, the last one sits behind a proxy.
+fn redlock_nodes(n: usize, proxied_last: bool) -> Result<(Vec<RedisServer>, Vec<String>)> {
+    let servers = (0..n)
+        .map(|i| {
+            RedisServer::builder()
+                .proxy(proxied_last && i == n - 1)
+                .start()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let urls = servers.iter().map(RedisServer::url).collect();
+    Ok((servers, urls))
+}
+
 fn redlock_options() -> RedisOptions {
     RedisOptions::default().node_timeout(Duration::from_millis(100))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_minority_down_still_acquires() -> Result<()> {
-    let mut servers = Vec::new();
-    for _ in 0..5 {
-        servers.push(RedisServer::start()?);
-    }
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (mut servers, urls) = redlock_nodes(5, false)?;
     let locker = Locker::new(RedlockBackend::connect_nodes(&urls, redlock_options()).await?);
     // Two of five down: one killed, one paused (silent).
     servers[0].kill()?;
@@ -277,12 +274,7 @@ async fn redlock_minority_down_still_acquires() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_paused_minority_still_acquires_fast() -> Result<()> {
-    let servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (servers, urls) = redlock_nodes(3, false)?;
     let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     servers[2].pause()?;
     let key = LockKey::new(unique("paused-minority"))?;
@@ -303,12 +295,7 @@ async fn redlock_paused_minority_still_acquires_fast() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_majority_down_refuses_and_leaves_nothing() -> Result<()> {
-    let mut servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (mut servers, urls) = redlock_nodes(3, false)?;
     let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     servers[0].kill()?;
     servers[1].pause()?;
@@ -342,12 +329,7 @@ async fn redlock_majority_down_refuses_and_leaves_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_slow_node_does_not_stall() -> Result<()> {
-    let servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::builder().proxy(true).start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (servers, urls) = redlock_nodes(3, true)?;
     let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     servers[2]
         .proxy()
@@ -594,12 +576,7 @@ async fn refused_subscribe_backs_off() -> Result<()> {
 /// raised to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_raises_ttl_below_min_ttl() -> Result<()> {
-    let servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (_servers, urls) = redlock_nodes(3, false)?;
     let backend = RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
     let min_ttl = backend.capabilities().min_ttl;
     // The 2 ms node bound (TTL/5) can miss on a busy machine: a few tries.
@@ -625,12 +602,7 @@ async fn redlock_raises_ttl_below_min_ttl() -> Result<()> {
 /// waited the node timeout for the slow node, then again in the roll-back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_contended_attempt_with_a_slow_node_is_fast() -> Result<()> {
-    let servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::builder().proxy(true).start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (servers, urls) = redlock_nodes(3, true)?;
     let options = RedisOptions::default().node_timeout(Duration::from_millis(250));
     let holder = RedlockBackend::connect_nodes(&urls, options.clone()).await?;
     let contender = RedlockBackend::connect_nodes(&urls, options).await?;
@@ -665,12 +637,7 @@ async fn redlock_contended_attempt_with_a_slow_node_is_fast() -> Result<()> {
 /// timeouts with one node silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_waiter_with_a_paused_node_times_out_on_time() -> Result<()> {
-    let servers = [
-        RedisServer::start()?,
-        RedisServer::start()?,
-        RedisServer::start()?,
-    ];
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let (servers, urls) = redlock_nodes(3, false)?;
     // The default node timeout (250 ms): a waiter used to wait up to 5 of them.
     let options = RedisOptions::default();
     let holder = Locker::new(RedlockBackend::connect_nodes(&urls, options.clone()).await?);
