@@ -16,7 +16,7 @@ use lock_core::{
 };
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -153,6 +153,20 @@ fn range_answer(response: &TxnResponse, index: usize) -> Vec<KeyValue> {
         Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
         _ => Vec::new(),
     }
+}
+
+/// Reads the key of the oldest entry (smallest create revision) in a queue range: its holder.
+fn oldest_entry(range: Vec<u8>) -> TxnOp {
+    TxnOp::get(
+        range,
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(1)
+                .with_keys_only(),
+        ),
+    )
 }
 
 /// Revokes a lease in the background when dropped while armed: a cancelled or failed
@@ -439,17 +453,12 @@ impl EtcdBackend {
     ) -> Result<Option<Instant>, LockError> {
         // Only confirmed keep-alives move it, since it becomes the lease's `sent_at` (its
         // validity deadline).
-        let refreshed = std::sync::Mutex::new(refreshed);
-        let last_refresh = || {
-            *refreshed
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
+        let refreshed = Mutex::new(refreshed);
         let keep_alive = keep_queued_lease_alive(&self.inner, place, &refreshed);
         tokio::select! {
             // Acquired beats the deadline when both are ready.
             biased;
-            turn = self.await_turn(place) => turn.map(|()| Some(last_refresh())),
+            turn = self.await_turn(place) => turn.map(|()| Some(*lock(&refreshed))),
             error = keep_alive => Err(error),
             () = sleep_until(deadline) => Ok(None),
         }
@@ -477,16 +486,7 @@ impl EtcdBackend {
                 owner.to_string(),
                 Some(PutOptions::new().with_lease(lease_id)),
             ),
-            TxnOp::get(
-                range.clone(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(1)
-                        .with_keys_only(),
-                ),
-            ),
+            oldest_entry(range.clone()),
             TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
         ]);
         let answer = inner.txn("queue join txn", join).await?;
@@ -587,27 +587,27 @@ impl EtcdBackend {
     }
 }
 
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Keeps a queued entry's lease alive at TTL/3 over the renewer's shared streams, recording
 /// each confirmed refresh in `refreshed`. Returns only when etcd says the lease is gone.
 async fn keep_queued_lease_alive(
     inner: &Inner,
     place: &Place<'_>,
-    refreshed: &std::sync::Mutex<Instant>,
+    refreshed: &Mutex<Instant>,
 ) -> LockError {
-    let last = || {
-        *refreshed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    };
-    let mut refresh_at = last() + place.granted / 3;
+    let mut refresh_at = *lock(refreshed) + place.granted / 3;
     loop {
         sleep_until(refresh_at).await;
         let sent = Instant::now();
         match inner.renewer.keep_alive(place.lease_id).await {
             Ok(true) => {
-                *refreshed
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = sent;
+                *lock(refreshed) = sent;
                 refresh_at = sent + place.granted / 3;
             }
             Ok(false) => {
@@ -644,42 +644,20 @@ impl LockBackend for EtcdBackend {
                 owner.to_string(),
                 Some(PutOptions::new().with_lease(lease_id)),
             )])
-            .or_else([TxnOp::get(
-                range,
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend)
-                        .with_limit(1)
-                        .with_keys_only(),
-                ),
-            )]);
+            .or_else([oldest_entry(range)]);
         let answer = inner.txn("acquire txn", txn).await?;
-        if answer.succeeded() {
-            let lease = lease_for(
-                key,
-                owner,
-                revision(&answer)?,
-                entry,
-                lease_id,
-                granted,
-                sent_at,
-            )?;
-            revoke.disarm();
-            return Ok(Attempt::Acquired(lease));
-        }
         let holder = range_answer(&answer, 0).into_iter().next();
-        if let Some(holder) = holder.as_ref().filter(|holder| holder.lease() == lease_id) {
+        let created = if answer.succeeded() {
+            Some(revision(&answer)?)
+        } else {
             // A retried txn whose first try had in fact succeeded: the entry is ours.
-            let lease = lease_for(
-                key,
-                owner,
-                holder.create_revision(),
-                entry,
-                lease_id,
-                granted,
-                sent_at,
-            )?;
+            holder
+                .as_ref()
+                .filter(|holder| holder.lease() == lease_id)
+                .map(KeyValue::create_revision)
+        };
+        if let Some(created) = created {
+            let lease = lease_for(key, owner, created, entry, lease_id, granted, sent_at)?;
             revoke.disarm();
             return Ok(Attempt::Acquired(lease));
         }
