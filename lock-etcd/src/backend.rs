@@ -3,6 +3,7 @@
 use crate::config::EtcdConfig;
 use crate::connection::Connection;
 use crate::keys::{entry_key, key_range};
+use crate::lock;
 use crate::renewer::{Renewal, Renewer};
 use crate::watch::{Watcher, Woken};
 use async_trait::async_trait;
@@ -16,7 +17,7 @@ use lock_core::{
 };
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -585,13 +586,6 @@ impl EtcdBackend {
             }
         }
     }
-}
-
-/// Locks a mutex whose data stays valid even if a holder panicked.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Keeps a queued entry's lease alive at TTL/3 over the renewer's shared streams, recording

@@ -3,6 +3,7 @@
 //! backend connected on one runtime and used from another would otherwise fail every request
 //! ("Service was not ready").
 
+use crate::lock;
 use etcd_client::{Client, ConnectOptions};
 use lock_core::LockError;
 use std::sync::{Mutex, MutexGuard};
@@ -48,9 +49,7 @@ impl Connection {
     }
 
     fn built(&self) -> MutexGuard<'_, Built> {
-        self.built
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.built)
     }
 
     /// The client, rebuilt on the current runtime if the one it was built on has shut down.

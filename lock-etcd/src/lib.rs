@@ -30,7 +30,7 @@ pub use config::{DEFAULT_PREFIX, EtcdConfig};
 pub use keys::key_range;
 
 use lock_core::{LockBackend, LockError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Connects to `etcd://host:port[,host:port…][/prefix]`.
 ///
@@ -39,4 +39,11 @@ use std::sync::Arc;
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     let config = EtcdConfig::from_url(url)?;
     Ok(Arc::new(EtcdBackend::connect(config).await?))
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -12,12 +12,13 @@
 //! started them shut down), as lock-core's watchdog does.
 
 use crate::connection::Connection;
+use crate::lock;
 use etcd_client::{Client, KeyValue, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse};
 use lock_core::LockError;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -88,12 +89,6 @@ impl fmt::Debug for Renewer {
             .field("batch_limit", &self.batch_limit())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn failed(what: &str, error: impl fmt::Display) -> LockError {

@@ -10,6 +10,7 @@
 //! runtime that started it shut down).
 
 use crate::connection::Connection;
+use crate::lock;
 use etcd_client::{
     Client, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
 };
@@ -81,11 +82,8 @@ impl Watcher {
     /// not running.
     async fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
         let running = || {
-            let task = self
-                .task
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            task.as_ref()
+            lock(&self.task)
+                .as_ref()
                 .filter(|(_, handle)| !handle.is_finished())
                 .map(|(requests, _)| requests.clone())
         };
@@ -93,10 +91,7 @@ impl Watcher {
             return Some(requests);
         }
         let client = self.connection.client().await.ok()?;
-        let mut task = self
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut task = lock(&self.task);
         if let Some((requests, handle)) = task.as_ref()
             && !handle.is_finished()
         {
