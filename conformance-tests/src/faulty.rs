@@ -27,6 +27,8 @@ pub enum Fault {
 #[derive(Clone, Debug, Default)]
 pub struct FaultPlan {
     inner: Arc<Mutex<Plan>>,
+    /// Wakes hung calls when the plan changes.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -44,14 +46,17 @@ impl FaultPlan {
     /// Sets the fault for `try_acquire`.
     pub fn acquire(&self, fault: Fault) {
         self.plan().acquire = fault;
+        self.changed.notify_waiters();
     }
     /// Sets the fault for `renew`.
     pub fn renew(&self, fault: Fault) {
         self.plan().renew = fault;
+        self.changed.notify_waiters();
     }
     /// Sets the fault for `release`.
     pub fn release(&self, fault: Fault) {
         self.plan().release = fault;
+        self.changed.notify_waiters();
     }
     /// How many renew calls reached the wrapper.
     pub fn renew_calls(&self) -> u64 {
@@ -81,6 +86,10 @@ impl FaultyBackend {
 
     async fn apply(&self, which: fn(&Plan) -> Fault) -> Result<(), LockError> {
         loop {
+            // Registered before reading the plan, so a change in between is not missed.
+            let changed = self.plan.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let fault = which(&self.plan.plan());
             match fault {
                 Fault::None => return Ok(()),
@@ -92,9 +101,7 @@ impl FaultyBackend {
                     tokio::time::sleep(delay).await;
                     return Ok(());
                 }
-                Fault::Hang => {
-                    tokio::time::sleep_until(Instant::now() + Duration::from_millis(5)).await
-                }
+                Fault::Hang => changed.await,
             }
         }
     }

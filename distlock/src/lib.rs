@@ -75,7 +75,7 @@ fn memory_table(name: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     Ok(Arc::new(tables.entry(name.to_owned()).or_default().clone()))
 }
 
-#[allow(dead_code)]
+#[cfg(not(all(feature = "redis", feature = "postgres", feature = "etcd")))]
 fn feature_off(feature: &str, url: &str) -> LockError {
     LockError::InvalidConfig(format!(
         "{url:?} needs the `{feature}` backend, which this build of distlock does not include: \

@@ -201,25 +201,6 @@ impl ServerProcess {
         Ok(())
     }
 
-    /// Asks the process to stop (SIGTERM), waits up to `timeout`, then kills it.
-    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = self.signal_child(&child, Signal::SIGCONT);
-        let _ = self.signal_child(&child, Signal::SIGTERM);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        child.wait()?;
-        Ok(())
-    }
-
     fn signal_child(&self, child: &Child, signal: Signal) -> Result<()> {
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         kill(Pid::from_raw(pid), signal)?;
