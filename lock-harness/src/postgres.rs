@@ -273,29 +273,22 @@ impl PostgresServer {
     /// Stops the server with a fast shutdown (SIGINT: sessions are terminated, data kept),
     /// waiting until the postmaster exits.
     pub fn stop(&self) -> Result<()> {
-        let Some(mut child) = self.process().take() else {
-            return Ok(());
-        };
-        signal(&child, Signal::SIGINT)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.check_running().is_ok() {
-            if Instant::now() >= deadline {
-                child.kill()?;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
+        self.shut_down(Signal::SIGINT, Duration::from_secs(30))
     }
 
     /// Crashes the server: immediate shutdown (SIGQUIT, like a power cut for the clients),
     /// then waits for the postmaster to exit. Data that reached the WAL survives.
     pub fn kill(&self) -> Result<()> {
+        self.shut_down(Signal::SIGQUIT, Duration::from_secs(10))
+    }
+
+    /// Sends `how` to the postmaster and waits up to `grace` for it to exit, then kills it.
+    fn shut_down(&self, how: Signal, grace: Duration) -> Result<()> {
         let Some(mut child) = self.process().take() else {
             return Ok(());
         };
-        signal(&child, Signal::SIGQUIT)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        signal(&child, how)?;
+        let deadline = Instant::now() + grace;
         while child.check_running().is_ok() {
             if Instant::now() >= deadline {
                 child.kill()?;

@@ -198,6 +198,18 @@ async fn raw_distlock_sql(url: &str) -> Result<Stats> {
     Ok(stats(samples, started.elapsed()))
 }
 
+/// Joins the parallel tasks and pools their samples; `started` is when the timed part began.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<Duration>>>>,
+    started: Instant,
+) -> Result<Stats> {
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(stats(all, started.elapsed()))
+}
+
 async fn raw_parallel(url: &str) -> Result<Stats> {
     let mut conns = Vec::new();
     for _ in 0..PARALLEL_TASKS {
@@ -216,11 +228,7 @@ async fn raw_parallel(url: &str) -> Result<Stats> {
             Ok::<_, anyhow::Error>(samples)
         }));
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await??);
-    }
-    Ok(stats(all, started.elapsed()))
+    gather(tasks, started).await
 }
 
 async fn distlock_parallel(locker: &Locker) -> Result<Stats> {
@@ -240,11 +248,7 @@ async fn distlock_parallel(locker: &Locker) -> Result<Stats> {
             Ok::<_, anyhow::Error>(samples)
         }));
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await??);
-    }
-    Ok(stats(all, started.elapsed()))
+    gather(tasks, started).await
 }
 
 async fn distlock_handoff(holder: &Locker, waiter: &Locker) -> Result<Stats> {
