@@ -274,29 +274,22 @@ impl Node {
             ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await;
+        let eager = match eager {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(error)) => Err(backend_error(&format!("connecting to {addr}"), error)),
+            Err(_) => Err(LockError::backend_msg(
+                "redis",
+                format!(
+                    "connecting to {addr}: no answer within {:?}",
+                    options.connect_timeout
+                ),
+                true,
+            )),
+        };
         let (conn, failure) = match eager {
-            Ok(Ok(conn)) => (conn, None),
-            Ok(Err(error)) => {
-                let error = backend_error(&format!("connecting to {addr}"), error);
-                if must_answer {
-                    return Err(error);
-                }
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                    .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
-                (conn, Some(error))
-            }
-            Err(_) => {
-                let error = LockError::backend_msg(
-                    "redis",
-                    format!(
-                        "connecting to {addr}: no answer within {:?}",
-                        options.connect_timeout
-                    ),
-                    true,
-                );
-                if must_answer {
-                    return Err(error);
-                }
+            Ok(conn) => (conn, None),
+            Err(error) if must_answer => return Err(error),
+            Err(error) => {
                 let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                     .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
                 (conn, Some(error))
@@ -326,14 +319,6 @@ impl Node {
             },
             failure,
         ))
-    }
-
-    /// A command channel for [`Node::connect`]; the sender side also goes to the hub's idle hook.
-    fn channel() -> (
-        mpsc::UnboundedSender<Command>,
-        mpsc::UnboundedReceiver<Command>,
-    ) {
-        mpsc::unbounded_channel()
     }
 
     pub(crate) fn addr(&self) -> &str {
@@ -656,7 +641,8 @@ impl Nodes {
             None => return Err(LockError::InvalidConfig("no redis node given".into())),
         };
         let scheme = KeyScheme::new(options.prefix.clone(), db)?;
-        let channels: Vec<_> = urls.iter().map(|_| Node::channel()).collect();
+        // One command channel per node; the senders also go to the hub's idle hook.
+        let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
         let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
         let shutdown = CancellationToken::new();
         let must_answer = min_connected >= urls.len();
