@@ -720,19 +720,19 @@ impl LockBackend for EtcdBackend {
                 held.entry.clone(),
                 Some(GetOptions::new().with_keys_only()),
             )]);
-        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let mut tries = 0_usize;
         let client = self.inner.connection.client().await?;
         let answer = self
             .inner
             .call("release txn", || {
-                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tries += 1;
                 let mut kv = client.kv_client();
                 let release = release.clone();
                 async move { kv.txn(release).await }
             })
             .await?;
         if !answer.succeeded() {
-            let retried = tries.load(std::sync::atomic::Ordering::Relaxed) > 1;
+            let retried = tries > 1;
             let entry_gone = range_answer(&answer, 0).is_empty();
             // A try whose answer was lost may have deleted the entry already. Only our own
             // delete removes the entry while our lease lives (expiry and revoke end the
