@@ -806,14 +806,10 @@ impl Inner {
 
     fn pick_session(&self, hash: i64, ttl_ms: u64) -> Arc<Session> {
         let mut sessions = lock(&self.sessions);
-        let class: Vec<Arc<Session>> = sessions
-            .iter()
-            .filter(|session| session.class_ms == ttl_ms)
-            .cloned()
-            .collect();
+        let in_class = |session: &&Arc<Session>| session.class_ms == ttl_ms;
         let per_ttl = self.config.sessions_per_ttl;
         let slot = usize::try_from(hash.cast_unsigned() % per_ttl as u64).unwrap_or(0);
-        if let Some(session) = class.get(slot) {
+        if let Some(session) = sessions.iter().filter(in_class).nth(slot) {
             return session.clone();
         }
         if sessions.len() < self.config.max_sessions {
@@ -826,8 +822,11 @@ impl Inner {
             sessions.push(session.clone());
             return session;
         }
-        if !class.is_empty() {
-            return class[slot % class.len()].clone();
+        let class_len = sessions.iter().filter(in_class).count();
+        if class_len > 0
+            && let Some(session) = sessions.iter().filter(in_class).nth(slot % class_len)
+        {
+            return session.clone();
         }
         // Every session is taken by other TTLs: share the closest one. Its timeout follows the
         // largest TTL on it, so this lock can only be kept longer after a stall, never less.
@@ -976,7 +975,7 @@ impl Inner {
         held: HeldLock,
         in_flight: Arc<AtomicBool>,
     ) -> Result<bool, LockError> {
-        match self.unlock_op(&held, &in_flight).await {
+        match self.unlock_op(hash, &held, &in_flight).await {
             Ok(unlocked) => {
                 self.forget_pending(hash);
                 Ok(unlocked)
@@ -1143,12 +1142,13 @@ impl Inner {
     /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
     /// After a failed statement the lock may still be held on the server with nothing in our
     /// books: a plain unlock follows, and if that fails too the session is dropped.
+    /// `hash` is `held`'s advisory key (its book key).
     async fn unlock_op(
         &self,
+        hash: i64,
         held: &HeldLock,
         in_flight: &AtomicBool,
     ) -> Result<bool, UnlockFailure> {
-        let hash = advisory_key(&self.config.namespace, held.key.as_str());
         let mut state = self
             .lock_session(&held.session)
             .await
