@@ -161,11 +161,6 @@ impl RedisServer {
         redis::Client::open(self.direct_url()).context("building a redis client")
     }
 
-    /// Whether the server was started with AOF `appendfsync always`.
-    pub fn has_aof(&self) -> bool {
-        self.aof
-    }
-
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) -> Result<()> {
         self.running()?.pause()
