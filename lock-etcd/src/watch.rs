@@ -168,9 +168,7 @@ async fn run(
                     .collect();
                 for id in abandoned {
                     active.remove(&id);
-                    if let Some(open) = stream.as_mut() {
-                        let _ = open.sender.cancel(id).await;
-                    }
+                    cancel(&mut stream, id).await;
                 }
                 let id = ids();
                 let options = WatchOptions::new()
@@ -217,6 +215,14 @@ async fn run(
     }
 }
 
+/// Cancels watch `id` on the open stream, if any (best effort: a broken stream is reopened
+/// by the next request anyway).
+async fn cancel(stream: &mut Option<Stream>, id: i64) {
+    if let Some(open) = stream.as_mut() {
+        let _ = open.sender.cancel(id).await;
+    }
+}
+
 async fn handle(
     stream: &mut Option<Stream>,
     active: &mut HashMap<i64, oneshot::Sender<()>>,
@@ -247,17 +253,13 @@ async fn handle(
         && let Some(wake) = active.remove(&id)
     {
         let _ = wake.send(());
-        if let Some(open) = stream.as_mut() {
-            let _ = open.sender.cancel(id).await;
-        }
+        cancel(stream, id).await;
         return;
     }
     // A waiter that gave up (deadline, cancelled acquire) no longer needs its watch.
     if active.get(&id).is_some_and(oneshot::Sender::is_closed) {
         active.remove(&id);
-        if let Some(open) = stream.as_mut() {
-            let _ = open.sender.cancel(id).await;
-        }
+        cancel(stream, id).await;
     }
 }
 
