@@ -153,13 +153,15 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         }
     }
     options.validate()?;
+    // The parameters that go to the redis crate, as a query string appended to each node.
+    let query = if passthrough.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", passthrough.join("&"))
+    };
     if unix {
         // A socket path, with the database as `?db=N`: hand it to the redis crate as is.
-        let mut node = format!("{scheme}://{before_query}");
-        if !passthrough.is_empty() {
-            node.push('?');
-            node.push_str(&passthrough.join("&"));
-        }
+        let node = format!("{scheme}://{before_query}{query}");
         redis::Client::open(node.as_str()).map_err(|error| bad(&error.to_string()))?;
         return Ok(ParsedUrl {
             redlock,
@@ -186,10 +188,7 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         node.push_str(host);
         node.push('/');
         node.push_str(&db.to_string());
-        if !passthrough.is_empty() {
-            node.push('?');
-            node.push_str(&passthrough.join("&"));
-        }
+        node.push_str(&query);
         // Let the redis crate judge host, port and its own parameters now, not at connect.
         redis::Client::open(node.as_str())
             .map_err(|error| bad(&format!("node {host:?}: {error}")))?;
