@@ -10,6 +10,7 @@
 //! when it exists: fsync is then nearly free and tests stay fast. Everything is killed and
 //! deleted on drop.
 
+use crate::process::{START_ATTEMPTS, is_port_clash};
 use crate::{ServerProcess, TcpProxy, find_binary, free_port};
 use anyhow::{Context, Result, bail};
 use etcd_client::{Client, ConnectOptions, GetOptions};
@@ -109,6 +110,17 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with extra flags for every member (kept for restarts),
     /// e.g. `["--max-txn-ops=16"]` to test a cluster configured below etcd's defaults.
     pub async fn start_with_args(size: usize, extra_args: &[&str]) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(size, extra_args).await {
+                Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => attempt += 1,
+                result => return result,
+            }
+        }
+    }
+
+    /// One try of [`EtcdCluster::start_with_args`] on freshly picked ports.
+    async fn start_once(size: usize, extra_args: &[&str]) -> Result<Self> {
         if size == 0 {
             bail!("an etcd cluster needs at least one member");
         }

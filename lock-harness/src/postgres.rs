@@ -13,7 +13,9 @@
 //! `distlock-pg-<pid>-*`) is then left behind; the next start removes directories of dead
 //! processes.
 
-use crate::process::{ServerProcess, find_binary, free_port, wait_for_port};
+use crate::process::{
+    START_ATTEMPTS, ServerProcess, find_binary, free_port, is_port_clash, wait_for_port,
+};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -200,7 +202,7 @@ impl PostgresServer {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let server = PostgresServer {
+        let mut server = PostgresServer {
             dir,
             port: free_port()?,
             user,
@@ -212,8 +214,17 @@ impl PostgresServer {
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
                 .collect(),
         };
-        server.start_again()?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            match server.start_again() {
+                Ok(()) => return Ok(server),
+                Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => {
+                    attempt += 1;
+                    server.port = free_port()?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {

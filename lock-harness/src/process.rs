@@ -39,11 +39,25 @@ pub fn find_binary(binary: &str, package: &str, extra_dirs: &[&str]) -> Result<P
 
 /// A loopback TCP port that was free a moment ago and that this process has not handed out
 /// before (so two servers started by one test run never collide).
+///
+/// The port is picked at random *below* the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`). Ports in that range are what `connect()` hands
+/// out as source ports, so a port chosen there could be taken by any outgoing connection (a
+/// test's own client, say) between this check and the server's `bind`, or while a server is
+/// down for a restart. Below the range only explicit binds can take it.
 pub fn free_port() -> Result<u16> {
     static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let handed_out = HANDED_OUT.get_or_init(Mutex::default);
-    for _ in 0..100 {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let (low, high) = static_port_range();
+    for _ in 0..1000 {
+        let candidate = if high > low {
+            low + u16::try_from(random_u64() % u64::from(high - low)).unwrap_or(0)
+        } else {
+            0
+        };
+        let Ok(listener) = TcpListener::bind(("127.0.0.1", candidate)) else {
+            continue;
+        };
         let port = listener.local_addr()?.port();
         let mut seen = handed_out
             .lock()
@@ -54,6 +68,44 @@ pub fn free_port() -> Result<u16> {
     }
     bail!("could not find a free loopback port")
 }
+
+/// `[low, high)`: the ports below the kernel's ephemeral range, from 20000 up (clear of the
+/// well-known server ports). Empty when the ephemeral range starts too low to leave room.
+fn static_port_range() -> (u16, u16) {
+    const LOW: u16 = 20_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start >= LOW + 1_000 {
+        (LOW, ephemeral_start)
+    } else {
+        (0, 0)
+    }
+}
+
+/// A random number from the standard library's per-process hash keys and a counter (the
+/// harness needs spread, not cryptography, and no extra dependency).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// True when a failed server start was a port clash (another process bound the port between
+/// [`free_port`] and the server's own `bind`): the caller retries on fresh ports.
+pub fn is_port_clash(error: &anyhow::Error) -> bool {
+    format!("{error:#}")
+        .to_ascii_lowercase()
+        .contains("address already in use")
+}
+
+/// How many times a server start is tried on fresh ports after a port clash.
+pub const START_ATTEMPTS: usize = 3;
 
 /// Waits until something accepts TCP connections at `addr`.
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
@@ -211,5 +263,36 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> Result<()> {
+        let (low, high) = static_port_range();
+        let mut ports = HashSet::new();
+        for _ in 0..50 {
+            let port = free_port()?;
+            assert!(ports.insert(port), "port {port} handed out twice");
+            if high > low {
+                assert!(
+                    (low..high).contains(&port),
+                    "{port} is outside {low}..{high}"
+                );
+            }
+            TcpListener::bind(("127.0.0.1", port))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn port_clash_is_recognised_in_a_server_log() {
+        let error =
+            anyhow::anyhow!("etcd m1 exited; its log ends with: bind: address already in use");
+        assert!(is_port_clash(&error));
+        assert!(!is_port_clash(&anyhow::anyhow!("initdb failed")));
     }
 }
