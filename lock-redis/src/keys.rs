@@ -5,12 +5,20 @@ use std::fmt::Write;
 
 /// Builds the Redis names for a lock key.
 ///
-/// For key `k` and prefix `p` the names are `p{e}:lock`, `p{e}:fence` and `p{e}:rel:<db>`,
-/// where `e` is `k` with `%`, `{` and `}` percent-encoded (`%25`, `%7B`, `%7D`). The encoding
-/// is injective and `e` contains no brace, so the hash tag `{e}` is exactly the encoded key:
-/// the lock and its fence counter always share one Redis Cluster slot, and no key can end
-/// its hash tag early or forge another key's suffix. Pub/sub channels are global across
-/// databases, so the channel also names the database.
+/// For key `k` and prefix `p` the names are `p{e}:lock` and `p{e}:rel:<db>`, where `e` is `k`
+/// with `%`, `{` and `}` percent-encoded (`%25`, `%7B`, `%7D`). The encoding is injective and
+/// `e` contains no brace, so the hash tag `{e}` is exactly the encoded key: no key can end its
+/// hash tag early or forge another key's suffix. Pub/sub channels are global across databases,
+/// so the channel also names the database.
+///
+/// Fence counters are kept per Redis Cluster hash slot, not per key: `p{t}:fence`, where `t`
+/// is a short tag that hashes to the lock key's slot (see [`KeyScheme::fence_key`]). A lock and
+/// its counter therefore always share one slot (one script may touch both, on a cluster too),
+/// fences still strictly increase for every key (each key has exactly one counter, which only
+/// goes up), and the counters are bounded: at most 16384 per prefix and database, however many
+/// lock names are ever used. A counter per key would leave one key behind for every lock name
+/// forever (a lock per order id grows the keyspace without end), and creating it made each
+/// fresh-key acquire markedly more expensive on the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyScheme {
     prefix: String,
@@ -58,10 +66,15 @@ impl KeyScheme {
         out
     }
 
-    /// The Redis key of the lock's fencing counter (never expires).
+    /// The Redis key of the fencing counter of the lock's hash slot (never expires; shared by
+    /// every lock key in that slot).
     pub fn fence_key(&self, key: &LockKey) -> String {
-        let mut out = self.base(key.as_str());
-        out.push_str(":fence");
+        let slot = hash_slot(self.base(key.as_str()).as_bytes());
+        let tag = slot_tags()[usize::from(slot)];
+        let mut out = String::with_capacity(self.prefix.len() + 16);
+        out.push_str(&self.prefix);
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{{{tag}}}:fence");
         out
     }
 
@@ -74,34 +87,118 @@ impl KeyScheme {
     }
 }
 
+/// Number of Redis Cluster hash slots.
+const SLOTS: u16 = 16384;
+
+/// The Redis Cluster hash slot of `name` (CRC16/XMODEM of the hash tag, or of the whole name
+/// when it has none, modulo 16384), as the cluster computes it.
+fn hash_slot(name: &[u8]) -> u16 {
+    static CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
+    let tagged = name.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &name[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    CRC16.checksum(tagged.unwrap_or(name)) % SLOTS
+}
+
+/// For every slot, the smallest number whose decimal form hashes to it: the hash tag of that
+/// slot's fence counter. Built once (about 170 000 CRCs, a few milliseconds).
+fn slot_tags() -> &'static [u32] {
+    static TAGS: std::sync::LazyLock<Vec<u32>> = std::sync::LazyLock::new(|| {
+        let mut tags = vec![u32::MAX; usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut candidate = 0u32;
+        let mut text = String::new();
+        while missing > 0 {
+            text.clear();
+            let _ = write!(text, "{candidate}");
+            let slot = usize::from(hash_slot(text.as_bytes()));
+            if tags[slot] == u32::MAX {
+                tags[slot] = candidate;
+                missing -= 1;
+            }
+            candidate += 1;
+        }
+        tags
+    });
+    &TAGS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// The hash tag of a name: what Redis Cluster hashes.
+    fn tag(name: &str) -> &str {
+        let open = name.find('{').unwrap_or(0);
+        let close = name[open..].find('}').map_or(0, |i| open + i);
+        &name[open..=close]
+    }
+
     #[test]
-    fn names_are_injective_and_share_a_hash_tag() -> Result<(), LockError> {
+    fn names_are_injective_and_fences_share_the_lock_slot() -> Result<(), LockError> {
         let scheme = KeyScheme::new("dl:", 0)?;
         let keys = [
             "a", "a}", "a}:lock", "a}:fence", "{a}", "a%7D", "a%", "%7D", "}", "{", "a:lock",
-            "a:fence",
+            "a:fence", "123", "0",
         ];
-        let mut seen = HashSet::new();
+        let mut locks = HashSet::new();
         for key in keys {
             let key = LockKey::new(key)?;
             let lock = scheme.lock_key(&key);
             let fence = scheme.fence_key(&key);
-            assert!(seen.insert(lock.clone()), "{lock} repeated");
-            assert!(seen.insert(fence.clone()), "{fence} repeated");
-            let tag = |name: &str| {
-                let open = name.find('{').unwrap_or(0);
-                let close = name[open..].find('}').map(|i| open + i).unwrap_or(0);
-                name[open..=close].to_owned()
-            };
-            assert_eq!(tag(&lock), tag(&fence));
+            let channel = scheme.channel(key.as_str());
+            assert!(locks.insert(lock.clone()), "{lock} repeated");
+            assert_ne!(lock, fence);
             assert_eq!(tag(&lock).matches('{').count(), 1);
+            assert_eq!(tag(&channel), tag(&lock));
+            assert_eq!(
+                hash_slot(lock.as_bytes()),
+                hash_slot(fence.as_bytes()),
+                "{lock} and {fence} are in different slots"
+            );
+            // A fence counter is never a lock key (lock keys end in `:lock`).
+            assert!(fence.ends_with(":fence") && !fence.ends_with(":lock"));
         }
         assert!(KeyScheme::new("a{b", 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn hash_slots_match_redis_cluster() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(
+            crc::Crc::<u16>::new(&crc::CRC_16_XMODEM).checksum(b"123456789"),
+            0x31C3
+        );
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"somekey"), 11058);
+        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
+        // An empty tag does not count: the whole name is hashed.
+        let whole = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM).checksum(b"foo{}{bar}") % SLOTS;
+        assert_eq!(hash_slot(b"foo{}{bar}"), whole);
+        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
+        assert_eq!(hash_slot(b"foo{bar}{zap}"), hash_slot(b"bar"));
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_that_hashes_to_it() {
+        let tags = slot_tags();
+        assert_eq!(tags.len(), usize::from(SLOTS));
+        for (slot, tag) in tags.iter().enumerate() {
+            assert_eq!(usize::from(hash_slot(tag.to_string().as_bytes())), slot);
+        }
+    }
+
+    #[test]
+    fn fence_counters_are_bounded_by_the_slot_count() -> Result<(), LockError> {
+        let scheme = KeyScheme::new("dl:", 0)?;
+        let counters: HashSet<String> = (0..100_000)
+            .map(|i| LockKey::new(format!("order:{i}")).map(|key| scheme.fence_key(&key)))
+            .collect::<Result<_, _>>()?;
+        assert!(counters.len() <= usize::from(SLOTS), "{} counters", counters.len());
         Ok(())
     }
 }

@@ -13,26 +13,41 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+// The lock key holds the owner token, with a `+` appended once a waiter asked to be woken
+// (the "waiter mark"). The release announces itself on the key's channel only when the mark
+// is there: a `PUBLISH` from a script costs the server about as much as the rest of an
+// uncontended release, and nobody listens for most releases. Tokens are hex, so the mark
+// cannot be confused with a token.
+
 /// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
 /// integer), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
-/// out (and, for Redlock, whether one holder has a quorum or the vote split).
+/// out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
+/// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
+/// gets the waiter mark, so that its release publishes.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
-return {redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
+local holder = redis.call('GET', KEYS[1]) or ''
+if string.sub(holder, -1) == '+' then
+  holder = string.sub(holder, 1, -2)
+elseif ARGV[3] == '1' and holder ~= '' then
+  redis.call('APPEND', KEYS[1], '+')
+end
+return {redis.call('PTTL', KEYS[1]), holder}
 ",
     )
 });
 
-/// Compare the owner token, then `PEXPIRE`. An expired key reads as absent, so a late renew
-/// never revives it.
+/// Compare the owner token (marked or not), then `PEXPIRE`. An expired key reads as absent,
+/// so a late renew never revives it.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. '+' then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
@@ -40,14 +55,19 @@ return 0
     )
 });
 
-/// Compare the owner token, then `DEL` and announce the release on the key's channel. The
-/// `PUBLISH` is a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL
-/// user without channel rights: `NOPERM`) must not turn a done release into an error; waiters
-/// then find the lock free at their next backoff step.
+/// Compare the owner token, then `DEL`; if a waiter marked the lock, announce the release on
+/// the key's channel. The `PUBLISH` is a `pcall`: Lua does not roll the `DEL` back, so a failed
+/// announcement (an ACL user without channel rights: `NOPERM`) must not turn a done release
+/// into an error; waiters then find the lock free at their next backoff step.
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if value == ARGV[1] .. '+' then
   redis.call('DEL', KEYS[1])
   redis.pcall('PUBLISH', ARGV[2], '1')
   return 1
@@ -62,7 +82,8 @@ return 0
 static RAISE_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if value ~= ARGV[1] and value ~= ARGV[1] .. '+' then
   return 0
 end
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -331,9 +352,14 @@ impl Node {
         fence_key: &str,
         token: &str,
         ttl_ms: u64,
+        mark_for_waiters: bool,
     ) -> Result<NodeAcquire, LockError> {
         let answer: redis::Value = self
-            .eval(&ACQUIRE, &[lock_key, fence_key], token, ttl_ms)
+            .eval(
+                &ACQUIRE,
+                &[lock_key, fence_key],
+                (token, ttl_ms, u8::from(mark_for_waiters)),
+            )
             .await
             .map_err(|error| backend_error("acquire", error))?;
         let unexpected = |answer: &redis::Value| {
@@ -359,7 +385,7 @@ impl Node {
         }
     }
 
-    /// `EVALSHA` of `script` with `keys` and two arguments, built as one command (no
+    /// `EVALSHA` of `script` with `keys` and `args`, built as one command (no
     /// intermediate buffers); on `NOSCRIPT` (a restarted or flushed server) the script is
     /// loaded and the call repeated. The whole call, a reconnect it waits for included, is
     /// bounded by the command timeout; a call that times out or is abandoned has the
@@ -368,16 +394,14 @@ impl Node {
         &self,
         script: &redis::Script,
         keys: &[&str],
-        arg1: &str,
-        arg2: impl redis::ToRedisArgs + Copy,
+        args: impl redis::ToRedisArgs,
     ) -> redis::RedisResult<T> {
         let mut command = redis::cmd("EVALSHA");
         command
             .arg(script.get_hash())
             .arg(keys.len())
             .arg(keys)
-            .arg(arg1)
-            .arg(arg2);
+            .arg(args);
         let (_, mut conn) = self.conn.current();
         let mut in_flight = InFlight {
             conn: &self.conn,
@@ -420,7 +444,7 @@ impl Node {
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
         let renewed: i64 = self
-            .eval(&RENEW, &[lock_key], token, ttl_ms)
+            .eval(&RENEW, &[lock_key], (token, ttl_ms))
             .await
             .map_err(|error| backend_error("renew", error))?;
         Ok(renewed == 1)
@@ -433,7 +457,7 @@ impl Node {
         channel: &str,
     ) -> Result<bool, LockError> {
         let released: i64 = self
-            .eval(&RELEASE, &[lock_key], token, channel)
+            .eval(&RELEASE, &[lock_key], (token, channel))
             .await
             .map_err(|error| backend_error("release", error))?;
         Ok(released == 1)
@@ -447,7 +471,7 @@ impl Node {
         fence: u64,
     ) -> Result<bool, LockError> {
         let held: i64 = self
-            .eval(&RAISE_FENCE, &[lock_key, fence_key], token, fence)
+            .eval(&RAISE_FENCE, &[lock_key, fence_key], (token, fence))
             .await
             .map_err(|error| backend_error("raise fence", error))?;
         Ok(held == 1)

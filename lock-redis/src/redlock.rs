@@ -229,6 +229,9 @@ impl RedlockBackend {
         let fence_key = scheme.fence_key(key);
         let owner = OwnerToken::random();
         let token = crate::node::token_hex(owner);
+        // Waiters of ours subscribed before this attempt: mark the holder so its release
+        // publishes.
+        let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
@@ -246,7 +249,7 @@ impl RedlockBackend {
                         (lock_key.clone(), fence_key.clone(), token.clone());
                     async move {
                         node(&nodes, index)?
-                            .acquire(&lock_key, &fence_key, &token, ttl_ms)
+                            .acquire(&lock_key, &fence_key, &token, ttl_ms, mark)
                             .await
                     }
                 },

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 ///
 /// Acquire, renew and release are each one Lua script (EVALSHA) over one multiplexed
 /// [`redis::aio::ConnectionManager`]: `SET NX PX` + `INCR` of the fence counter,
-/// compare-and-`PEXPIRE`, compare-and-`DEL` + `PUBLISH`. Waiters share one pub/sub
-/// connection. Cheap to clone (shared connections).
+/// compare-and-`PEXPIRE`, compare-and-`DEL` + `PUBLISH` (only when a waiter marked the lock).
+/// Waiters share one pub/sub connection. Cheap to clone (shared connections).
 ///
 /// Fencing tokens survive a server restart only with persistence (AOF `appendfsync always`):
 /// without it the counters restart from 1 and a restarted server forgets every held lock.
@@ -114,11 +114,14 @@ impl LockBackend for RedisBackend {
         let scheme = &self.inner.scheme;
         let owner = OwnerToken::random();
         let token = crate::node::token_hex(owner);
+        // Waiters of ours subscribed before this attempt: mark the holder so its release
+        // publishes (unmarked releases skip the PUBLISH).
+        let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
         let lock_key = scheme.lock_key(key);
         let answer = match self
             .node()?
-            .acquire(&lock_key, &scheme.fence_key(key), &token, ttl_ms)
+            .acquire(&lock_key, &scheme.fence_key(key), &token, ttl_ms, mark)
             .await
         {
             Ok(answer) => answer,
