@@ -279,9 +279,15 @@ async fn parallel_all(url: &str) -> Result<(Vec<(&'static str, f64)>, Vec<(&'sta
     let (mut locker_ratios, mut trait_ratios) = (Vec::new(), Vec::new());
     // Slice 0 warms up.
     for slice in 0..=PARALLEL_SLICES {
-        let raw_rate = parallel(raw_op.clone(), slice).await?;
-        let locker_rate = parallel(locker_op.clone(), slice).await?;
-        let trait_rate = parallel(trait_op.clone(), slice).await?;
+        // The order rotates, so that no client always runs first or last in a slice.
+        let (mut raw_rate, mut locker_rate, mut trait_rate) = (0.0, 0.0, 0.0);
+        for turn in 0..3 {
+            match (slice + turn) % 3 {
+                0 => raw_rate = parallel(raw_op.clone(), slice).await?,
+                1 => locker_rate = parallel(locker_op.clone(), slice).await?,
+                _ => trait_rate = parallel(trait_op.clone(), slice).await?,
+            }
+        }
         if slice > 0 {
             raw_rates.push(raw_rate);
             locker_rates.push(locker_rate);

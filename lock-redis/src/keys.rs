@@ -43,6 +43,20 @@ impl KeyScheme {
         &self.prefix
     }
 
+    /// The database number (part of every channel name).
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    /// [`KeyScheme::lock_key`] and [`KeyScheme::fence_key`] at once, encoding the key once.
+    pub fn lock_and_fence_keys(&self, key: &LockKey) -> (String, String) {
+        let base = self.base(key.as_str());
+        let fence = self.fence_key_for_base(&base);
+        let mut lock = base;
+        lock.push_str(":lock");
+        (lock, fence)
+    }
+
     fn base(&self, key: &str) -> String {
         let mut out = String::with_capacity(self.prefix.len() + key.len() + 16);
         out.push_str(&self.prefix);
@@ -69,7 +83,11 @@ impl KeyScheme {
     /// The Redis key of the fencing counter of the lock's hash slot (never expires; shared by
     /// every lock key in that slot).
     pub fn fence_key(&self, key: &LockKey) -> String {
-        let slot = hash_slot(self.base(key.as_str()).as_bytes());
+        self.fence_key_for_base(&self.base(key.as_str()))
+    }
+
+    fn fence_key_for_base(&self, base: &str) -> String {
+        let slot = hash_slot(base.as_bytes());
         let tag = slot_tags()[usize::from(slot)];
         let mut out = String::with_capacity(self.prefix.len() + 16);
         out.push_str(&self.prefix);
@@ -149,7 +167,16 @@ mod tests {
             let key = LockKey::new(key)?;
             let lock = scheme.lock_key(&key);
             let fence = scheme.fence_key(&key);
+            assert_eq!(
+                scheme.lock_and_fence_keys(&key),
+                (lock.clone(), fence.clone())
+            );
             let channel = scheme.channel(key.as_str());
+            // The release script derives the channel from the lock key this way.
+            assert_eq!(
+                channel,
+                format!("{}rel:{}", &lock[..lock.len() - 4], scheme.db())
+            );
             assert!(locks.insert(lock.clone()), "{lock} repeated");
             assert_ne!(lock, fence);
             assert_eq!(tag(&lock).matches('{').count(), 1);
@@ -198,7 +225,11 @@ mod tests {
         let counters: HashSet<String> = (0..100_000)
             .map(|i| LockKey::new(format!("order:{i}")).map(|key| scheme.fence_key(&key)))
             .collect::<Result<_, _>>()?;
-        assert!(counters.len() <= usize::from(SLOTS), "{} counters", counters.len());
+        assert!(
+            counters.len() <= usize::from(SLOTS),
+            "{} counters",
+            counters.len()
+        );
         Ok(())
     }
 }

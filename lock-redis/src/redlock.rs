@@ -194,22 +194,12 @@ impl RedlockBackend {
     ) {
         let scheme = &self.inner.scheme;
         let lock_key = Arc::<str>::from(scheme.lock_key(key));
-        let channel = Arc::<str>::from(scheme.channel(key.as_str()));
         let token = Arc::<str>::from(token);
         let mut waits = Vec::with_capacity(wait_for.len());
         for index in (0..self.inner.nodes.len()).filter(|index| !held.contains(index)) {
-            let (nodes, lock_key, channel, token) = (
-                self.inner.clone(),
-                lock_key.clone(),
-                channel.clone(),
-                token.clone(),
-            );
+            let (nodes, lock_key, token) = (self.inner.clone(), lock_key.clone(), token.clone());
             let task = tokio::spawn(async move {
-                let release = async {
-                    node(&nodes, index)?
-                        .release(&lock_key, &token, &channel)
-                        .await
-                };
+                let release = async { node(&nodes, index)?.release(&lock_key, &token).await };
                 timeout(limit, release).await
             });
             if wait_for.contains(&index) {
@@ -225,8 +215,7 @@ impl RedlockBackend {
         let granted = Duration::from_millis(ttl_ms);
         let limit = self.node_timeout(granted);
         let scheme = &self.inner.scheme;
-        let lock_key = scheme.lock_key(key);
-        let fence_key = scheme.fence_key(key);
+        let (lock_key, fence_key) = scheme.lock_and_fence_keys(key);
         let owner = OwnerToken::random();
         let token = crate::node::token_hex(owner);
         // Waiters of ours subscribed before this attempt: mark the holder so its release
@@ -446,26 +435,16 @@ impl LockBackend for RedlockBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
         let scheme = &self.inner.scheme;
         let lock_key = scheme.lock_key(lease.key());
-        let channel = scheme.channel(lease.key().as_str());
         let token = crate::node::token_hex(lease.owner());
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;
         let outcomes = {
-            let (lock_key, channel, token) = (
-                Arc::<str>::from(lock_key),
-                Arc::<str>::from(channel),
-                Arc::<str>::from(token),
-            );
+            let (lock_key, token) = (Arc::<str>::from(lock_key), Arc::<str>::from(token));
             self.on_all(
                 limit,
                 |nodes, index| {
-                    let (lock_key, channel, token) =
-                        (lock_key.clone(), channel.clone(), token.clone());
-                    async move {
-                        node(&nodes, index)?
-                            .release(&lock_key, &token, &channel)
-                            .await
-                    }
+                    let (lock_key, token) = (lock_key.clone(), token.clone());
+                    async move { node(&nodes, index)?.release(&lock_key, &token).await }
                 },
                 |released| *released,
             )

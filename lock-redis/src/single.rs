@@ -59,13 +59,7 @@ impl RedisBackend {
     /// Compare-and-deletes `token` after a failed acquire, retrying retryable failures until
     /// `expires` (when the server frees the key anyway). Sent at once on the same connection,
     /// it runs after the acquire if that ever arrives. Stops when the backend is dropped.
-    fn release_in_background(
-        &self,
-        lock_key: String,
-        token: String,
-        channel: String,
-        expires: Instant,
-    ) {
+    fn release_in_background(&self, lock_key: String, token: String, expires: Instant) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -77,7 +71,7 @@ impl RedisBackend {
                 let Some(first) = node.nodes.first() else {
                     return;
                 };
-                match first.release(&lock_key, &token, &channel).await {
+                match first.release(&lock_key, &token).await {
                     Ok(released) => {
                         tracing::debug!(released, "cleaned up after a failed redis acquire");
                         return;
@@ -118,10 +112,10 @@ impl LockBackend for RedisBackend {
         // publishes (unmarked releases skip the PUBLISH).
         let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
-        let lock_key = scheme.lock_key(key);
+        let (lock_key, fence_key) = scheme.lock_and_fence_keys(key);
         let answer = match self
             .node()?
-            .acquire(&lock_key, &scheme.fence_key(key), &token, ttl_ms, mark)
+            .acquire(&lock_key, &fence_key, &token, ttl_ms, mark)
             .await
         {
             Ok(answer) => answer,
@@ -129,12 +123,7 @@ impl LockBackend for RedisBackend {
                 // The script may have run although we got no answer (a stall past the
                 // command timeout, a connection lost after sending): nobody would know the
                 // token, and the key would stay locked for the whole TTL.
-                self.release_in_background(
-                    lock_key,
-                    token,
-                    scheme.channel(key.as_str()),
-                    sent_at + granted,
-                );
+                self.release_in_background(lock_key, token, sent_at + granted);
                 return Err(error);
             }
         };
@@ -182,7 +171,6 @@ impl LockBackend for RedisBackend {
             .release(
                 &scheme.lock_key(key),
                 &crate::node::token_hex(lease.owner()),
-                &scheme.channel(key.as_str()),
             )
             .await
     }
