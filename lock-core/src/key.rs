@@ -2,6 +2,7 @@
 
 use crate::LockError;
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest accepted key, in bytes of UTF-8.
 pub const MAX_KEY_LEN: usize = 512;
@@ -11,8 +12,10 @@ pub const MAX_KEY_LEN: usize = 512;
 /// Backends map a key to their own namespace (a Redis key, an etcd range, a Postgres hash) and
 /// must keep every key independent: a key that is a prefix of another, or contains `/`, `{`,
 /// `}`, `:` or any backend suffix, is just another key.
+///
+/// Cheap to clone (shared): leases, guards and backend books all keep a copy.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockKey(String);
+pub struct LockKey(Arc<str>);
 
 impl LockKey {
     /// Validates `name` as a lock key.
@@ -30,7 +33,7 @@ impl LockKey {
         if name.contains('\0') {
             return Err(LockError::InvalidKey("key contains a NUL byte".into()));
         }
-        Ok(LockKey(name))
+        Ok(LockKey(Arc::from(name)))
     }
 
     /// The key as given.

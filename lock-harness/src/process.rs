@@ -107,6 +107,28 @@ pub fn is_port_clash(error: &anyhow::Error) -> bool {
 /// How many times a server start is tried on fresh ports after a port clash.
 pub const START_ATTEMPTS: usize = 3;
 
+/// Pins the calling thread to one CPU (the lowest it may use) and returns it; the threads
+/// and child processes (servers) it starts afterwards inherit the pin. Call it first thing
+/// in `main`.
+///
+/// For latency benchmarks on a small VM: a client and a server on different CPUs pay a
+/// cross-CPU wake-up per message whose cost depends on where the scheduler happens to put
+/// each server process, so two connections of one run (a raw floor and the library under
+/// test) can differ by 3× for no reason of their own. On one CPU every message costs the
+/// same context switch.
+pub fn pin_to_one_cpu() -> Result<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
+    let cpu = (0..CpuSet::count())
+        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .context("no CPU allowed")?;
+    let mut one = CpuSet::new();
+    one.set(cpu).context("building the CPU set")?;
+    sched_setaffinity(Pid::from_raw(0), &one).context("pinning to one CPU")?;
+    Ok(cpu)
+}
+
 /// Waits until something accepts TCP connections at `addr`.
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;

@@ -167,30 +167,27 @@ async fn raw_distlock_sql(url: &str) -> Result<Stats> {
             started = Instant::now();
         }
         let t = Instant::now();
+        // The statements the backend sends in steady state: the session's
+        // idle_session_timeout already fits, so neither statement sets it.
         let row = sqlx::query(
             "WITH l AS (SELECT pg_try_advisory_lock($1) AS ok) \
-             SELECT ok, CASE WHEN ok THEN nextval($4::regclass) END, \
-             set_config('idle_session_timeout', CASE WHEN ok THEN $2 ELSE $3 END, false), \
+             SELECT ok, CASE WHEN ok THEN nextval($2::regclass) END, NULL::text, \
              pg_backend_pid() FROM l",
         )
         .bind(77_i64)
-        .bind("30000")
-        .bind("0")
         .bind(fence)
         .fetch_one(&mut conn)
         .await?;
         ensure!(sqlx::Row::try_get::<bool, _>(&row, 0)?);
         sqlx::query(
             "SELECT pg_advisory_unlock($1), CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL \
-             ELSE pg_notify($4, $5)::text END, set_config('idle_session_timeout', $6, false), \
-             pg_backend_pid()",
+             ELSE pg_notify($4, $5)::text END, NULL::text, pg_backend_pid()",
         )
         .bind(77_i64)
         .bind(0_i32)
         .bind(77_i32)
         .bind("bench_chan")
         .bind("k")
-        .bind("0")
         .fetch_one(&mut conn)
         .await?;
         samples.push(t.elapsed());
@@ -426,6 +423,10 @@ async fn run(server: &PostgresServer) -> Result<()> {
 
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing to parse.
+    // Client and server on one CPU: see `pin_to_one_cpu` (before, the raw floor and distlock
+    // landed at 60 µs or 200 µs per pair depending on where their server processes ran).
+    let cpu = lock_harness::pin_to_one_cpu()?;
+    println!("client and PostgreSQL pinned to CPU {cpu}");
     let server = Arc::new(PostgresServer::start().context("starting postgres")?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -72,6 +72,9 @@ pub const SUBSCRIBE_BUDGET: Duration = Duration::from_millis(250);
 /// shorter one would end sessions between two statements of a busy client.
 pub const MIN_TTL: Duration = Duration::from_millis(500);
 
+/// How often the reaper looks at an empty book (see [`reaper`]).
+const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
+
 /// The 64-bit advisory lock key for `key` in `namespace`: sqlx's [`PgAdvisoryLock::new`]
 /// (HKDF-SHA256) over `namespace + "\0" + key`, or over `key` alone when the namespace is
 /// empty (then it equals `PgAdvisoryLock::new(key)`, for interop with plain sqlx users).
@@ -282,12 +285,21 @@ struct SessionState {
     /// Cancelled when this connection is dropped or found dead; every lease granted on it
     /// carries it ([`Lease::with_lost_signal`]), so its guards hear of the loss at once.
     lost: CancellationToken,
+    /// When a statement on this connection last got its answer: a session that answered
+    /// within the heartbeat interval needs no probe.
+    answered_at: Option<Instant>,
+    /// The session's `idle_session_timeout` on the server (ms, 0 = off), as we last set it.
+    /// It is at least the largest TTL held; statements set it only when that changes. After
+    /// the last lock goes it stays (one `set_config` less per release and per next acquire)
+    /// and the heartbeat turns it off later; a lock-free session the server ended meanwhile
+    /// is reconnected by the next acquire.
+    timeout_set_ms: u64,
 }
 
 impl SessionState {
-    fn timeout_with(&self, extra: Option<u64>) -> String {
-        let max = self.ttls.keys().next_back().copied().unwrap_or(0);
-        max.max(extra.unwrap_or(0)).to_string()
+    /// The largest TTL (ms) held on this session, 0 when none.
+    fn max_ttl(&self) -> u64 {
+        self.ttls.keys().next_back().copied().unwrap_or(0)
     }
 
     fn add_ttl(&mut self, ttl: u64) {
@@ -518,6 +530,13 @@ SELECT ok, CASE WHEN ok THEN nextval($4::regclass) END,
   pg_backend_pid()
 FROM l";
 
+// The same answer without touching idle_session_timeout, for when it already has the value
+// the lock needs (the NULL keeps the column layout).
+const ACQUIRE_KEEP_TIMEOUT_SQL: &str = "\
+WITH l AS (SELECT pg_try_advisory_lock($1) AS ok)
+SELECT ok, CASE WHEN ok THEN nextval($2::regclass) END, NULL::text, pg_backend_pid()
+FROM l";
+
 // Every statement returns pg_backend_pid(): a different answer than at connect means a
 // pooler switched server sessions under us (see `Inner::session_switched`).
 const RENEW_SQL: &str = "SELECT set_config('idle_session_timeout', $1, false), pg_backend_pid()";
@@ -528,6 +547,11 @@ const UNLOCK_SQL: &str = "\
 SELECT pg_advisory_unlock($1),
   CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
   set_config('idle_session_timeout', $6, false), pg_backend_pid()";
+
+const UNLOCK_KEEP_TIMEOUT_SQL: &str = "\
+SELECT pg_advisory_unlock($1),
+  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
+  NULL::text, pg_backend_pid()";
 
 impl Inner {
     /// Checks the server with a throw-away connection (version, no transaction pooler) and
@@ -883,14 +907,23 @@ impl Inner {
     ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
         let mut state = self.lock_session(session).await?;
         if state.conn.is_none() {
-            let deadline = Instant::now() + self.config.connect_timeout;
-            let (conn, pid) = self.open_session(deadline).await?;
-            state.conn = Some(conn);
-            state.pid = pid;
-            state.ttls.clear();
-            state.lost = CancellationToken::new();
+            self.reconnect(&mut state).await?;
         }
         Ok(state)
+    }
+
+    /// Opens a fresh connection for a session that has none (`open_session` sets its
+    /// `idle_session_timeout` to 0).
+    async fn reconnect(&self, state: &mut SessionState) -> Result<(), LockError> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let (conn, pid) = self.open_session(deadline).await?;
+        state.conn = Some(conn);
+        state.pid = pid;
+        state.ttls.clear();
+        state.lost = CancellationToken::new();
+        state.timeout_set_ms = 0;
+        state.answered_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Drops the session's connection: the server ends the session and frees its locks. Every
@@ -998,12 +1031,40 @@ impl Inner {
             return;
         };
         match tokio::time::timeout(self.config.op_timeout, sqlx::Connection::ping(conn)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => state.answered_at = Some(Instant::now()),
             Ok(Err(error)) => {
                 let why = format!("heartbeat failed: {error}");
                 self.break_session(session, &mut state, &why);
             }
             Err(_) => self.break_session(session, &mut state, "heartbeat timed out"),
+        }
+    }
+
+    /// Turns off the `idle_session_timeout` a lock-free session kept from its last lock. A
+    /// failure drops the connection (it held nothing); the next acquire connects again.
+    async fn turn_off_timeout(
+        &self,
+        session: &Session,
+        mut state: tokio::sync::MutexGuard<'_, SessionState>,
+    ) {
+        if !state.ttls.is_empty() {
+            return;
+        }
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
+        let query = sqlx::query(RENEW_SQL).bind("0").fetch_one(conn);
+        match tokio::time::timeout(self.config.op_timeout, query).await {
+            Ok(Ok(row)) if row.try_get::<i32, _>(1).is_ok_and(|pid| pid == state.pid) => {
+                state.timeout_set_ms = 0;
+                state.answered_at = Some(Instant::now());
+            }
+            _ => {
+                tracing::debug!(session = session.id, "lock-free holder session dropped");
+                state.conn = None;
+                state.epoch += 1;
+                state.lost.cancel();
+            }
         }
     }
 
@@ -1032,19 +1093,56 @@ impl Inner {
             }
         };
         let owner = OwnerToken::random();
-        let query = sqlx::query(ACQUIRE_SQL)
-            .bind(hash)
-            .bind(state.timeout_with(Some(ttl_ms)))
-            .bind(state.timeout_with(None))
-            .bind(Oid(self.fence_oid.load(Ordering::Relaxed)));
+        let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
         let _flight = InFlight::start(&in_flight);
-        // The statement's own budget starts when it is sent, not when we began waiting.
-        let result = match state.conn.as_mut() {
-            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
-            None => Ok(Err(sqlx::Error::PoolClosed)),
+        let mut reconnected = false;
+        let (result, wanted) = loop {
+            // The session's timeout must cover this lock's TTL, and no more than the largest
+            // TTL it will hold: set it only when that changes.
+            let wanted = state.max_ttl().max(ttl_ms);
+            let query = if wanted == state.timeout_set_ms {
+                sqlx::query(ACQUIRE_KEEP_TIMEOUT_SQL)
+                    .bind(hash)
+                    .bind(fence_oid)
+            } else {
+                sqlx::query(ACQUIRE_SQL)
+                    .bind(hash)
+                    .bind(wanted.to_string())
+                    .bind(state.timeout_set_ms.to_string())
+                    .bind(fence_oid)
+            };
+            // The statement's own budget starts when it is sent, not when we began waiting.
+            let result = match state.conn.as_mut() {
+                Some(conn) => {
+                    tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await
+                }
+                None => Ok(Err(sqlx::Error::PoolClosed)),
+            };
+            match &result {
+                // A session holding no lock may have been ended by the server: its timeout
+                // outlives its last lock until the heartbeat turns it off. Nothing was held
+                // on it, so nothing is lost: connect again and send the statement once more.
+                Ok(Err(error))
+                    if !reconnected && state.ttls.is_empty() && is_connection_error(error) =>
+                {
+                    tracing::debug!(%error, session = session.id, "lock-free holder session ended; reconnecting");
+                    reconnected = true;
+                    state.conn = None;
+                    state.epoch += 1;
+                    state.lost.cancel();
+                    if let Err(error) = self.reconnect(&mut state).await {
+                        self.forget_pending(hash);
+                        return Err(error);
+                    }
+                }
+                _ => break (result, wanted),
+            }
         };
         let row = match result {
-            Ok(Ok(row)) => row,
+            Ok(Ok(row)) => {
+                state.answered_at = Some(Instant::now());
+                row
+            }
             Ok(Err(error)) => {
                 if is_connection_error(&error) {
                     self.break_session(&session, &mut state, "acquire failed");
@@ -1108,6 +1206,7 @@ impl Inner {
         };
         let first_on_session = state.ttls.is_empty();
         state.add_ttl(ttl_ms);
+        state.timeout_set_ms = wanted;
         let lost_signal = state.lost.clone();
         let deadline = sent_at + ttl;
         let epoch = state.epoch;
@@ -1135,7 +1234,8 @@ impl Inner {
         }
         Ok(Attempt::Acquired(
             Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
-                .with_lost_signal(lost_signal),
+                .with_lost_signal(lost_signal)
+                .with_backend_data(Arc::new(LeaseKey(hash))),
         ))
     }
 
@@ -1158,13 +1258,25 @@ impl Inner {
         }
         state.remove_ttl(held.ttl_ms);
         let (high, low) = waiter_key(hash);
-        let query = sqlx::query(UNLOCK_SQL)
-            .bind(hash)
-            .bind(high)
-            .bind(low)
-            .bind(&self.channel)
-            .bind(held.key.as_str())
-            .bind(state.timeout_with(None));
+        // Locks left on the session: its timeout follows down to the largest of their TTLs.
+        // None left: it stays as it is (see `SessionState::timeout_set_ms`).
+        let remaining = state.max_ttl();
+        let lower_to = (remaining != 0 && remaining != state.timeout_set_ms).then_some(remaining);
+        let query = match lower_to {
+            Some(timeout) => sqlx::query(UNLOCK_SQL)
+                .bind(hash)
+                .bind(high)
+                .bind(low)
+                .bind(&self.channel)
+                .bind(held.key.as_str())
+                .bind(timeout.to_string()),
+            None => sqlx::query(UNLOCK_KEEP_TIMEOUT_SQL)
+                .bind(hash)
+                .bind(high)
+                .bind(low)
+                .bind(&self.channel)
+                .bind(held.key.as_str()),
+        };
         let _flight = InFlight::start(in_flight);
         let result = match state.conn.as_mut() {
             Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
@@ -1174,6 +1286,10 @@ impl Inner {
         self.hub.notify(held.key.as_str());
         let error = match result {
             Ok(Ok(row)) => {
+                state.answered_at = Some(Instant::now());
+                if let Some(timeout) = lower_to {
+                    state.timeout_set_ms = timeout;
+                }
                 let decoded = (|| {
                     let unlocked: bool = row.try_get(0)?;
                     let pid: i32 = row.try_get(3)?;
@@ -1237,7 +1353,7 @@ impl Inner {
         sent_at: Instant,
     ) -> Result<Lease, LockError> {
         let key = lease.key().clone();
-        let hash = advisory_key(&self.config.namespace, key.as_str());
+        let hash = lease_advisory_key(&self.config.namespace, &lease);
         let lost = |reason: &str| LockError::lost(key.as_str(), reason);
         let held = match lock(&self.book).entries.get(&hash) {
             Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == key => {
@@ -1254,11 +1370,16 @@ impl Inner {
         if state.epoch != held.epoch || state.conn.is_none() {
             return Err(lost("its holder session was lost"));
         }
-        let query = sqlx::query(RENEW_SQL).bind(state.timeout_with(Some(new_ttl)));
+        let wanted = state.max_ttl().max(new_ttl);
+        let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
         let result = match state.conn.as_mut() {
             Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
             None => Ok(Err(sqlx::Error::PoolClosed)),
         };
+        if matches!(result, Ok(Ok(_))) {
+            state.answered_at = Some(Instant::now());
+            state.timeout_set_ms = wanted;
+        }
         match result {
             Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
                 Ok(pid) if pid == state.pid => {}
@@ -1578,7 +1699,10 @@ async fn reaper(inner: Arc<Inner>) {
                     Entry::Pending => {}
                 }
             }
-            book.reaper_at = next;
+            // Nothing held: wake at the idle tick anyway, so that an acquire (its deadline
+            // is later than the tick for any TTL above it) need not wake this task: in a
+            // tight acquire/release loop that would cost a cross-thread wake-up per lock.
+            book.reaper_at = Some(next.unwrap_or(now + REAPER_IDLE_TICK));
             (expired, next)
         };
         for (hash, held) in expired {
@@ -1591,7 +1715,7 @@ async fn reaper(inner: Arc<Inner>) {
                 }
             });
         }
-        let wake = next.unwrap_or_else(|| now + Duration::from_secs(3600));
+        let wake = next.unwrap_or(now + REAPER_IDLE_TICK);
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = inner.reaper_wake.notified() => {}
@@ -1605,27 +1729,58 @@ async fn reaper(inner: Arc<Inner>) {
 /// next renewal (T/3). A session busy with a statement is skipped: that statement is the probe.
 async fn heartbeat(inner: Arc<Inner>) {
     loop {
+        let now = Instant::now();
         let sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
-        let mut interval: Option<Duration> = None;
+        let mut next: Option<Instant> = None;
         let mut probes = Vec::new();
+        let mut resets = Vec::new();
         for session in &sessions {
             let Ok(state) = session.state.try_lock() else {
-                interval = Some(interval.map_or(HEARTBEAT_MAX, |at| at.min(HEARTBEAT_MAX)));
-                continue;
-            };
-            let Some(&min_ttl) = state.ttls.keys().next() else {
+                // Busy: its statement is the probe. Look again within the longest interval.
+                let at = now + HEARTBEAT_MAX;
+                next = Some(next.map_or(at, |next| next.min(at)));
                 continue;
             };
             if state.conn.is_none() {
                 continue;
             }
+            let Some(&min_ttl) = state.ttls.keys().next() else {
+                // No lock left, but the timeout of the last one still runs: turn it off
+                // before the server ends the idle session (at half of it).
+                if state.timeout_set_ms > 0 {
+                    let due = state.answered_at.map_or(now, |at| {
+                        at + Duration::from_millis(state.timeout_set_ms / 2)
+                    });
+                    let at = if due <= now {
+                        resets.push(inner.turn_off_timeout(session, state));
+                        now + HEARTBEAT_MAX
+                    } else {
+                        due
+                    };
+                    next = Some(next.map_or(at, |next| next.min(at)));
+                }
+                continue;
+            };
             let every = heartbeat_interval(min_ttl);
-            interval = Some(interval.map_or(every, |at| at.min(every)));
-            probes.push(inner.probe(session, state));
+            // Any statement answered within the interval proved the session alive: a
+            // session in steady use is never probed, and a lock just taken is not probed
+            // at once (that probe would hold the session while its release waits).
+            let due = state.answered_at.map_or(now, |at| at + every);
+            let at = if due <= now {
+                probes.push(inner.probe(session, state));
+                now + every
+            } else {
+                due
+            };
+            next = Some(next.map_or(at, |next| next.min(at)));
         }
-        futures::future::join_all(probes).await;
-        match interval {
-            Some(every) => tokio::time::sleep(every).await,
+        futures::future::join(
+            futures::future::join_all(probes),
+            futures::future::join_all(resets),
+        )
+        .await;
+        match next {
+            Some(at) => sleep_until(at).await,
             // Nothing held: sleep until an acquire wakes us.
             None => inner.heartbeat_wake.notified().await,
         }
@@ -1828,10 +1983,25 @@ impl LockBackend for PostgresBackend {
     }
 }
 
+/// The advisory key of a lease this backend granted, kept in the lease so that renew and
+/// release need not hash the key again (the HKDF costs about as much as the rest of the
+/// client's bookkeeping for a call).
+#[derive(Debug)]
+struct LeaseKey(i64);
+
+/// The lease's advisory key: the one kept in it, or (a lease built elsewhere) hashed anew. A
+/// wrong one finds no book entry with this owner and key, so it can do no harm.
+fn lease_advisory_key(namespace: &str, lease: &Lease) -> i64 {
+    lease.backend_data::<LeaseKey>().map_or_else(
+        || advisory_key(namespace, lease.key().as_str()),
+        |key| key.0,
+    )
+}
+
 /// Takes the lease's book entry for a release: `Pending` until the unlock settles. `None`
 /// when the lease is not ours (any more). The flag says whether it was still valid.
 fn begin_release(inner: &Inner, lease: &Lease) -> Option<(i64, HeldLock, bool)> {
-    let hash = advisory_key(&inner.config.namespace, lease.key().as_str());
+    let hash = lease_advisory_key(&inner.config.namespace, lease);
     let now = Instant::now();
     let mut book = lock(&inner.book);
     let entry = book.entries.get_mut(&hash)?;

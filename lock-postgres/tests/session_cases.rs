@@ -446,3 +446,90 @@ async fn concurrent_connects_create_the_fence_sequence_once() -> Result<()> {
     }
     Ok(())
 }
+
+/// The idle_session_timeout a session kept from its last lock: the heartbeat turns it off
+/// before the server would end the idle session, so the session (same server pid) outlives
+/// twice the TTL without a lock and serves the next acquire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_free_session_survives_its_last_locks_timeout() -> Result<()> {
+    let server = server().await?;
+    let backend = backend_at(&server.url(), one_session()).await?;
+    let ttl = Duration::from_millis(800);
+    let key = LockKey::new(unique("lazy"))?;
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    ensure!(backend.release(&lease).await?, "release refused");
+    let pids = backend.holder_pids().await;
+    ensure!(pids.len() == 1, "expected one holder session, got {pids:?}");
+    tokio::time::sleep(ttl * 3).await;
+    let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+        .bind(pids[0])
+        .fetch_one(&inspector(server).await?)
+        .await?;
+    ensure!(
+        alive == 1,
+        "the lock-free session {} was ended by its idle_session_timeout",
+        pids[0]
+    );
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    ensure!(
+        backend.holder_pids().await == pids,
+        "the session was replaced"
+    );
+    ensure!(backend.release(&lease).await?, "release refused");
+    Ok(())
+}
+
+/// A lock-free session the server ended (here: terminated from outside) costs the next
+/// acquire a reconnect, not an error: nothing was held on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_on_a_lock_free_session_the_server_ended_reconnects() -> Result<()> {
+    let server = server().await?;
+    let backend = backend_at(&server.url(), one_session()).await?;
+    let ttl = Duration::from_secs(30);
+    let key = LockKey::new(unique("ended"))?;
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    ensure!(backend.release(&lease).await?, "release refused");
+    let pids = backend.holder_pids().await;
+    let inspector = inspector(server).await?;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pids[0])
+        .fetch_one(&inspector)
+        .await?;
+    ensure!(terminated, "could not terminate {}", pids[0]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await
+        .context("acquire after the session ended")?
+        .into_lease()
+        .context("free key not acquired")?;
+    let now = backend.holder_pids().await;
+    ensure!(now != pids, "still on the terminated session {pids:?}");
+    let hash = advisory_key(&backend.config().namespace, key.as_str());
+    ensure!(
+        advisory_held(&inspector, hash).await?,
+        "the lock is not held on the server"
+    );
+    ensure!(backend.release(&lease).await?, "release refused");
+    Ok(())
+}
+
+/// A connection of the test's own, to look at the server independently of the backend.
+async fn inspector(server: &PostgresServer) -> Result<sqlx::PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?)
+}
