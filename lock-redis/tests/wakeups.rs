@@ -73,7 +73,9 @@ async fn waiter_marks_the_holder_and_its_release_wakes_it() -> Result<()> {
         .try_acquire()
         .await?
         .context("free key not acquired")?;
-    let token_only = raw_value(&server, &key).await?.context("lock key missing")?;
+    let token_only = raw_value(&server, &key)
+        .await?
+        .context("lock key missing")?;
     ensure!(!token_only.ends_with('+'), "marked before anyone waited");
 
     let waiting = tokio::spawn({
@@ -96,18 +98,27 @@ async fn waiter_marks_the_holder_and_its_release_wakes_it() -> Result<()> {
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let value = raw_value(&server, &key).await?.context("lock key missing")?;
+        let value = raw_value(&server, &key)
+            .await?
+            .context("lock key missing")?;
         if value == format!("{token_only}+") {
             break;
         }
-        ensure!(Instant::now() < deadline, "the waiter never marked the lock");
+        ensure!(
+            Instant::now() < deadline,
+            "the waiter never marked the lock"
+        );
         sleep(Duration::from_millis(10)).await;
     }
     // A renew keeps a marked lock (the mark is not a different owner).
     let renewed = holder
         .backend()
-        .renew(&guard.lease(), Duration::from_secs(30)).await;
-    ensure!(renewed.is_ok(), "renew of a marked lock failed: {renewed:?}");
+        .renew(&guard.lease(), Duration::from_secs(30))
+        .await;
+    ensure!(
+        renewed.is_ok(),
+        "renew of a marked lock failed: {renewed:?}"
+    );
     let released = Instant::now();
     guard.release().await?;
     ensure!(
