@@ -88,7 +88,7 @@ impl Watchdog {
             auto_renew,
             slot: Mutex::new(None),
         });
-        let due = next_due(&watched, &watched.guard.lease());
+        let due = watched.guard.with_lease(|lease| next_due(&watched, lease));
         self.schedule(&watched, due);
         watched
     }
