@@ -37,11 +37,6 @@ impl GuardState {
         lock(&self.lease).clone()
     }
 
-    /// Reads the lease without cloning it.
-    pub(crate) fn with_lease<T>(&self, read: impl FnOnce(&Lease) -> T) -> T {
-        read(&lock(&self.lease))
-    }
-
     pub(crate) fn set_lease(&self, lease: Lease) {
         *lock(&self.lease) = lease;
     }
@@ -97,7 +92,7 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn new(watchdog: Watchdog, watched: Arc<Watched>) -> Self {
-        let key = watched.guard.with_lease(|lease| lease.key().clone());
+        let key = watched.guard.lease().key().clone();
         LockGuard {
             key,
             watched,
@@ -113,7 +108,7 @@ impl LockGuard {
 
     /// The fencing token of this hold, when the backend provides one.
     pub fn fence(&self) -> Option<FencingToken> {
-        self.watched.guard.with_lease(Lease::fence)
+        self.watched.guard.lease().fence()
     }
 
     /// The current lease (renewals replace it).
@@ -123,13 +118,12 @@ impl LockGuard {
 
     /// Until when the holder may act: the latest lease's local validity deadline.
     pub fn valid_until(&self) -> Instant {
-        self.watched.guard.with_lease(Lease::valid_until)
+        self.watched.guard.lease().valid_until()
     }
 
     /// Whether the lock is lost (signal fired, or validity deadline passed).
     pub fn is_lost(&self) -> bool {
-        self.watched.guard.lost_token().is_cancelled()
-            || self.watched.guard.with_lease(Lease::is_expired)
+        self.watched.guard.lost_token().is_cancelled() || self.watched.guard.lease().is_expired()
     }
 
     /// Why the lock was lost, once it was.

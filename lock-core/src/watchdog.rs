@@ -88,7 +88,7 @@ impl Watchdog {
             auto_renew,
             slot: Mutex::new(None),
         });
-        let due = watched.guard.with_lease(|lease| next_due(&watched, lease));
+        let due = next_due(&watched, &watched.guard.lease());
         self.schedule(&watched, due);
         watched
     }
