@@ -8,7 +8,9 @@
 pub mod process;
 pub mod proxy;
 
-pub use process::{ServerProcess, find_binary, free_port, pin_to_one_cpu, wait_for_port};
+pub use process::{
+    ServerProcess, allowed_cpus, find_binary, free_port, pin_to_one_cpu, wait_for_port,
+};
 pub use proxy::{ProxyMode, TcpProxy};
 
 pub mod etcd;

@@ -325,6 +325,15 @@ impl PostgresServer {
         }
     }
 
+    /// Pins the server (postmaster and its processes, and the backends it forks later) to
+    /// `cpu`, for benchmarks that want the client and the server on known CPUs.
+    pub fn pin_to_cpu(&self, cpu: usize) -> Result<()> {
+        match self.process().as_ref() {
+            Some(child) => child.pin_tree_to_cpu(cpu),
+            None => bail!("postgres is not running"),
+        }
+    }
+
     /// Resumes a paused server.
     pub fn resume(&self) -> Result<()> {
         match self.process().as_ref() {

@@ -117,16 +117,26 @@ pub const START_ATTEMPTS: usize = 3;
 /// test) can differ by 3× for no reason of their own. On one CPU every message costs the
 /// same context switch.
 pub fn pin_to_one_cpu() -> Result<usize> {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-    let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
-    let cpu = (0..CpuSet::count())
-        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
-        .context("no CPU allowed")?;
-    let mut one = CpuSet::new();
-    one.set(cpu).context("building the CPU set")?;
-    sched_setaffinity(Pid::from_raw(0), &one).context("pinning to one CPU")?;
+    let cpu = *allowed_cpus()?.first().context("no CPU allowed")?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu_set(cpu)?)
+        .context("pinning to one CPU")?;
     Ok(cpu)
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let allowed =
+        sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("reading the CPU affinity")?;
+    Ok((0..CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
+fn cpu_set(cpu: usize) -> Result<nix::sched::CpuSet> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).context("building the CPU set")?;
+    Ok(set)
 }
 
 /// Waits until something accepts TCP connections at `addr`.
@@ -231,6 +241,22 @@ impl ServerProcess {
             let _ = kill(child, Signal::SIGCONT);
         }
         self.signal(Signal::SIGCONT)
+    }
+
+    /// Pins the process and its current children to `cpu`; children it forks later (a
+    /// PostgreSQL backend per connection) inherit the pin.
+    pub fn pin_tree_to_cpu(&self, cpu: usize) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let pid = Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
+        let set = cpu_set(cpu)?;
+        nix::sched::sched_setaffinity(pid, &set)
+            .with_context(|| format!("pinning {} to CPU {cpu}", self.name))?;
+        for child in self.children()? {
+            let _ = nix::sched::sched_setaffinity(child, &set);
+        }
+        Ok(())
     }
 
     /// Direct children, read from /proc (their parent pid is ours).

@@ -425,18 +425,66 @@ fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing to parse.
     // Client and server on one CPU: see `pin_to_one_cpu` (before, the raw floor and distlock
     // landed at 60 µs or 200 µs per pair depending on where their server processes ran).
+    let cpus = lock_harness::allowed_cpus()?;
     let cpu = lock_harness::pin_to_one_cpu()?;
     println!("client and PostgreSQL pinned to CPU {cpu}");
     let server = Arc::new(PostgresServer::start().context("starting postgres")?);
+    // A second server on another CPU, for one more row: every message then pays a
+    // cross-CPU wake-up (as a real client pays a network hop), for raw and distlock alike.
+    let other_cpu = cpus.into_iter().find(|&other| other != cpu);
+    let apart = match other_cpu {
+        Some(other) => {
+            let apart = PostgresServer::start().context("starting the second postgres")?;
+            apart.pin_to_cpu(other)?;
+            Some((Arc::new(apart), other))
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     // Run on a worker thread, as an application's tasks do (raw and distlock alike).
     let result = runtime.block_on({
         let server = server.clone();
-        async move { tokio::spawn(async move { run(&server).await }).await? }
+        let apart = apart.clone();
+        async move {
+            tokio::spawn(async move {
+                run(&server).await?;
+                if let Some((apart, other)) = apart {
+                    run_apart(&apart, cpu, other).await?;
+                }
+                anyhow::Ok(())
+            })
+            .await?
+        }
     });
     drop(runtime);
     drop(server);
+    drop(apart);
     result
+}
+
+/// The interleaved uncontended measurement against a server pinned to another CPU.
+async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize) -> Result<()> {
+    let url = server.url();
+    let options = LockOptions {
+        ttl: Duration::from_secs(30),
+        ..LockOptions::default()
+    };
+    let locker =
+        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let (raw, ours) = interleaved_uncontended(&url, &locker).await?;
+    println!();
+    println!(
+        "server on CPU {server_cpu}, client on CPU {client_cpu} (cross-CPU wake-up per message):"
+    );
+    println!("| measure | raw floor | distlock | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| uncontended p50, interleaved (20 alternating slices × 150) | {} | {} | {:.2}× |",
+        us(raw.p50),
+        us(ours.p50),
+        ours.p50.as_secs_f64() / raw.p50.as_secs_f64()
+    );
+    Ok(())
 }
