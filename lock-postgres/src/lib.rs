@@ -386,8 +386,11 @@ struct Inner {
     book: Mutex<Book>,
     sessions: Mutex<Vec<Arc<Session>>>,
     hub: ReleaseHub,
-    /// Wakes the heartbeat task when a lock is taken while it sleeps for want of any.
+    /// Wakes the heartbeat task when a session's first lock needs a probe before the task's
+    /// planned wake-up ([`Inner::heartbeat_at`]).
     heartbeat_wake: Notify,
+    /// When the heartbeat task plans to wake next (`None`: not until woken).
+    heartbeat_at: Mutex<Option<Instant>>,
     listener: Mutex<ListenerPhase>,
     /// Set when the backend is dropped: a listener that connects afterwards is not started.
     closed: AtomicBool,
@@ -469,6 +472,7 @@ impl PostgresBackend {
             waiter_tx,
             reaper_wake: Notify::new(),
             heartbeat_wake: Notify::new(),
+            heartbeat_at: Mutex::new(None),
             fence_oid: AtomicU32::new(0),
         });
         let fence = inner.setup().await?;
@@ -1230,7 +1234,15 @@ impl Inner {
         }
         drop(state);
         if first_on_session {
-            self.heartbeat_wake.notify_one();
+            // The heartbeat must probe this session within an interval from now; wake it only
+            // if it plans to sleep longer (an idle one, or one waiting to turn off a lock-free
+            // session's timeout), not for every lock in a busy loop.
+            let due = Instant::now() + heartbeat_interval(ttl_ms);
+            let mut planned = lock(&self.heartbeat_at);
+            if planned.is_none_or(|at| at > due) {
+                *planned = Some(due);
+                self.heartbeat_wake.notify_one();
+            }
         }
         Ok(Attempt::Acquired(
             Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
@@ -1731,56 +1743,68 @@ async fn heartbeat(inner: Arc<Inner>) {
     loop {
         let now = Instant::now();
         let sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
-        let mut next: Option<Instant> = None;
-        let mut probes = Vec::new();
-        let mut resets = Vec::new();
-        for session in &sessions {
-            let Ok(state) = session.state.try_lock() else {
-                // Busy: its statement is the probe. Look again within the longest interval.
-                let at = now + HEARTBEAT_MAX;
-                next = Some(next.map_or(at, |next| next.min(at)));
-                continue;
-            };
-            if state.conn.is_none() {
-                continue;
-            }
-            let Some(&min_ttl) = state.ttls.keys().next() else {
-                // No lock left, but the timeout of the last one still runs: turn it off
-                // before the server ends the idle session (at half of it).
-                if state.timeout_set_ms > 0 {
-                    let due = state.answered_at.map_or(now, |at| {
-                        at + Duration::from_millis(state.timeout_set_ms / 2)
-                    });
-                    let at = if due <= now {
-                        resets.push(inner.turn_off_timeout(session, state));
-                        now + HEARTBEAT_MAX
-                    } else {
-                        due
-                    };
+        // The plan is locked through the scan, so that a first lock either is seen by the
+        // scan or sees the plan it makes.
+        let (next, probes, resets) = {
+            let mut planned = lock(&inner.heartbeat_at);
+            let mut next: Option<Instant> = None;
+            let mut probes = Vec::new();
+            let mut resets = Vec::new();
+            for session in &sessions {
+                let Ok(state) = session.state.try_lock() else {
+                    // Busy: its statement is the probe. Look again within the longest interval.
+                    let at = now + HEARTBEAT_MAX;
                     next = Some(next.map_or(at, |next| next.min(at)));
+                    continue;
+                };
+                if state.conn.is_none() {
+                    continue;
                 }
-                continue;
-            };
-            let every = heartbeat_interval(min_ttl);
-            // Any statement answered within the interval proved the session alive: a
-            // session in steady use is never probed, and a lock just taken is not probed
-            // at once (that probe would hold the session while its release waits).
-            let due = state.answered_at.map_or(now, |at| at + every);
-            let at = if due <= now {
-                probes.push(inner.probe(session, state));
-                now + every
-            } else {
-                due
-            };
-            next = Some(next.map_or(at, |next| next.min(at)));
-        }
+                let Some(&min_ttl) = state.ttls.keys().next() else {
+                    // No lock left, but the timeout of the last one still runs: turn it off
+                    // before the server ends the idle session (at half of it).
+                    if state.timeout_set_ms > 0 {
+                        let due = state.answered_at.map_or(now, |at| {
+                            at + Duration::from_millis(state.timeout_set_ms / 2)
+                        });
+                        let at = if due <= now {
+                            resets.push(inner.turn_off_timeout(session, state));
+                            now + HEARTBEAT_MAX
+                        } else {
+                            due
+                        };
+                        next = Some(next.map_or(at, |next| next.min(at)));
+                    }
+                    continue;
+                };
+                let every = heartbeat_interval(min_ttl);
+                // Any statement answered within the interval proved the session alive: a
+                // session in steady use is never probed, and a lock just taken is not probed
+                // at once (that probe would hold the session while its release waits).
+                let due = state.answered_at.map_or(now, |at| at + every);
+                let at = if due <= now {
+                    probes.push(inner.probe(session, state));
+                    now + every
+                } else {
+                    due
+                };
+                next = Some(next.map_or(at, |next| next.min(at)));
+            }
+            *planned = next;
+            (next, probes, resets)
+        };
         futures::future::join(
             futures::future::join_all(probes),
             futures::future::join_all(resets),
         )
         .await;
         match next {
-            Some(at) => sleep_until(at).await,
+            Some(at) => {
+                tokio::select! {
+                    _ = sleep_until(at) => {}
+                    _ = inner.heartbeat_wake.notified() => {}
+                }
+            }
             // Nothing held: sleep until an acquire wakes us.
             None => inner.heartbeat_wake.notified().await,
         }

@@ -498,3 +498,42 @@ async fn connect_is_not_blocked_by_a_user_key_named_schema() -> Result<()> {
     ensure!(holder.release(&lease).await?, "release answered false");
     Ok(())
 }
+
+/// A lock taken on a session that sat lock-free (its last lock's timeout still set, the
+/// heartbeat asleep until it turns that off) is still watched from the start: terminating
+/// its session fires `lost()` within about a heartbeat interval, not at the next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_after_an_idle_spell_is_watched_by_the_heartbeat() -> Result<()> {
+    let server = server().await?;
+    let app = unique("idle-spell");
+    let holder = Locker::from_arc(backend_at(&server.url(), config_named(&app)).await?);
+    let key = unique("idle-spell");
+    let ttl = Duration::from_secs(30);
+    // A lock and its release leave the session lock-free with a 30 s timeout: the heartbeat
+    // then plans to wake only to turn that off, 15 s later.
+    holder
+        .lock(&key)
+        .ttl(ttl)
+        .acquire()
+        .await?
+        .release()
+        .await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let guard = holder.lock(&key).ttl(ttl).acquire().await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let terminated_at = Instant::now();
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated >= 1, "no holder session was terminated");
+    timeout(Duration::from_secs(2), guard.lost())
+        .await
+        .context("lost() did not fire within 2 s of the termination (renewal is 10 s away)")?;
+    println!(
+        "lost() {:?} after the terminate call",
+        terminated_at.elapsed()
+    );
+    Ok(())
+}
