@@ -454,7 +454,9 @@ async fn concurrent_connects_create_the_fence_sequence_once() -> Result<()> {
 async fn lock_free_session_survives_its_last_locks_timeout() -> Result<()> {
     let server = server().await?;
     let backend = backend_at(&server.url(), one_session()).await?;
-    let ttl = Duration::from_millis(800);
+    // The heartbeat turns the timeout off at half of it (750 ms of margin against a
+    // loaded machine); the server would end the session at 1.5 s.
+    let ttl = Duration::from_millis(1500);
     let key = LockKey::new(unique("lazy"))?;
     let lease = backend
         .try_acquire(&key, ttl)
