@@ -181,7 +181,7 @@ async fn raw_distlock_sql(url: &str) -> Result<Stats> {
         ensure!(sqlx::Row::try_get::<bool, _>(&row, 0)?);
         sqlx::query(
             "SELECT pg_advisory_unlock($1), CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL \
-             ELSE pg_notify($4, $5)::text END, NULL::text, pg_backend_pid()",
+             ELSE pg_notify($4, $5)::text END",
         )
         .bind(77_i64)
         .bind(0_i32)

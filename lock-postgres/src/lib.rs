@@ -547,15 +547,17 @@ const RENEW_SQL: &str = "SELECT set_config('idle_session_timeout', $1, false), p
 
 // The exclusive xact lock on the waiter key fails only when some backend holds it shared,
 // i.e. waits for this key: only then is the NOTIFY (and its commit cost) paid.
+// The release needs no pid column: it unlocks a lock our books say this session holds, so it
+// answers `true` unless the statement ran in another server session (or the lock is gone),
+// and only then does a separate `pg_backend_pid()` tell which (see `Inner::unlock_op`).
 const UNLOCK_SQL: &str = "\
 SELECT pg_advisory_unlock($1),
   CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
-  set_config('idle_session_timeout', $6, false), pg_backend_pid()";
+  set_config('idle_session_timeout', $6, false)";
 
 const UNLOCK_KEEP_TIMEOUT_SQL: &str = "\
 SELECT pg_advisory_unlock($1),
-  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
-  NULL::text, pg_backend_pid()";
+  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END";
 
 impl Inner {
     /// Checks the server with a throw-away connection (version, no transaction pooler) and
@@ -969,6 +971,31 @@ impl Inner {
         ))
     }
 
+    /// After an unlock that answered `false`: a pooler that switched server sessions is
+    /// reported as such ([`Inner::session_switched`]); a failed check drops the session.
+    async fn check_pid_after_false_unlock(
+        &self,
+        session: &Session,
+        state: &mut SessionState,
+    ) -> Result<(), LockError> {
+        let Some(conn) = state.conn.as_mut() else {
+            return Ok(());
+        };
+        let query = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(conn);
+        match tokio::time::timeout(self.config.op_timeout, query).await {
+            Ok(Ok(pid)) if pid == state.pid => Ok(()),
+            Ok(Ok(pid)) => Err(self.session_switched(session, state, pid)),
+            _ => {
+                self.break_session(
+                    session,
+                    state,
+                    "checking the session after a release failed",
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// An operation on `session` was dropped outside any runtime, so it cannot be finished:
     /// if its statement was in flight, the next user of the session drops the connection
     /// (the server then frees whatever that statement took).
@@ -1302,16 +1329,15 @@ impl Inner {
                 if let Some(timeout) = lower_to {
                     state.timeout_set_ms = timeout;
                 }
-                let decoded = (|| {
-                    let unlocked: bool = row.try_get(0)?;
-                    let pid: i32 = row.try_get(3)?;
-                    Ok::<_, sqlx::Error>((unlocked, pid))
-                })();
-                return match decoded {
-                    Ok((_, pid)) if pid != state.pid => Err(UnlockFailure::Failed(
-                        self.session_switched(&held.session, &mut state, pid),
-                    )),
-                    Ok((unlocked, _)) => Ok(unlocked),
+                return match row.try_get::<bool, _>(0) {
+                    Ok(true) => Ok(true),
+                    // Our books say this session holds the lock: `false` means the statement
+                    // ran in another server session (a pooler), or the lock was gone.
+                    Ok(false) => self
+                        .check_pid_after_false_unlock(&held.session, &mut state)
+                        .await
+                        .map(|()| false)
+                        .map_err(UnlockFailure::Failed),
                     Err(error) => {
                         self.break_session(&held.session, &mut state, "unexpected release answer");
                         Err(UnlockFailure::Failed(map_error(
@@ -2104,6 +2130,69 @@ mod tests {
             .into_lease()
             .context("second key not free after the session was dropped")?;
         ensure!(backend.release(&again).await?, "release answered false");
+        Ok(())
+    }
+
+    /// The release statement carries no pid: an unlock answering `false` (the lock was not on
+    /// the session that ran it) is followed by a pid check, which reports a pooler's session
+    /// switch as such, and otherwise leaves a plain `false`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_that_finds_no_lock_checks_the_session() -> Result<()> {
+        let server = tokio::task::spawn_blocking(lock_harness::postgres::shared).await??;
+        let options = PgConnectOptions::from_str(&server.url())?;
+        let config = PostgresConfig {
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            ..PostgresConfig::default()
+        };
+        let backend = PostgresBackend::with_options(options, config).await?;
+        let ttl = Duration::from_secs(10);
+        let session = || {
+            lock(&backend.inner.sessions)
+                .first()
+                .cloned()
+                .context("no holder session")
+        };
+        // Unlocks `lease`'s key behind the backend's back, on its own holder session.
+        let unlock_behind = |lease: &Lease| {
+            let hash = backend.advisory_key(lease.key());
+            let session = session();
+            async move {
+                let session = session?;
+                let mut state = session.state.lock().await;
+                let conn = state.conn.as_mut().context("no connection")?;
+                let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                    .bind(hash)
+                    .fetch_one(conn)
+                    .await?;
+                ensure!(freed, "the holder session did not hold the lock");
+                anyhow::Ok(())
+            }
+        };
+        let key = LockKey::new(format!("gone-{:x}", rand::random::<u64>()))?;
+        let lease = backend
+            .try_acquire(&key, ttl)
+            .await?
+            .into_lease()
+            .context("key not free")?;
+        unlock_behind(&lease).await?;
+        ensure!(
+            !backend.release(&lease).await?,
+            "release of a lock the session no longer held answered true"
+        );
+        let lease = backend
+            .try_acquire(&key, ttl)
+            .await?
+            .into_lease()
+            .context("key not free")?;
+        unlock_behind(&lease).await?;
+        session()?.state.lock().await.pid ^= 0x4000_0000;
+        let refused = backend.release(&lease).await;
+        ensure!(
+            matches!(&refused, Err(LockError::InvalidConfig(message)) if message.contains("PgBouncer")),
+            "expected InvalidConfig naming PgBouncer, got {refused:?}"
+        );
+        ensure!(backend.held_count() == 0, "the book still holds a lease");
         Ok(())
     }
 }
