@@ -2083,13 +2083,8 @@ mod tests {
     use anyhow::{Context, Result, ensure};
     use std::str::FromStr;
 
-    /// There is no PgBouncer on this machine. A pooler switching server sessions under a
-    /// connection is simulated by making our record of the session's pid wrong: the real
-    /// acquire statement then answers with another `pg_backend_pid()`, and the backend must
-    /// refuse (InvalidConfig naming PgBouncer), undo nothing it cannot see, drop the session
-    /// (its leases' lost signal fires) and leave the key free.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn statement_on_another_server_session_is_refused() -> Result<()> {
+    /// A backend with one holder session on the test binary's shared server.
+    async fn one_session_backend() -> Result<PostgresBackend> {
         let server = tokio::task::spawn_blocking(lock_harness::postgres::shared).await??;
         let options = PgConnectOptions::from_str(&server.url())?;
         let config = PostgresConfig {
@@ -2097,7 +2092,17 @@ mod tests {
             sessions_per_ttl: 1,
             ..PostgresConfig::default()
         };
-        let backend = PostgresBackend::with_options(options, config).await?;
+        Ok(PostgresBackend::with_options(options, config).await?)
+    }
+
+    /// There is no PgBouncer on this machine. A pooler switching server sessions under a
+    /// connection is simulated by making our record of the session's pid wrong: the real
+    /// acquire statement then answers with another `pg_backend_pid()`, and the backend must
+    /// refuse (InvalidConfig naming PgBouncer), undo nothing it cannot see, drop the session
+    /// (its leases' lost signal fires) and leave the key free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statement_on_another_server_session_is_refused() -> Result<()> {
+        let backend = one_session_backend().await?;
         let ttl = Duration::from_secs(10);
         let first = LockKey::new(format!("pid-a-{:x}", rand::random::<u64>()))?;
         let held = backend
@@ -2138,14 +2143,7 @@ mod tests {
     /// switch as such, and otherwise leaves a plain `false`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn release_that_finds_no_lock_checks_the_session() -> Result<()> {
-        let server = tokio::task::spawn_blocking(lock_harness::postgres::shared).await??;
-        let options = PgConnectOptions::from_str(&server.url())?;
-        let config = PostgresConfig {
-            max_sessions: 1,
-            sessions_per_ttl: 1,
-            ..PostgresConfig::default()
-        };
-        let backend = PostgresBackend::with_options(options, config).await?;
+        let backend = one_session_backend().await?;
         let ttl = Duration::from_secs(10);
         let session = || {
             lock(&backend.inner.sessions)

@@ -458,11 +458,7 @@ async fn lock_free_session_survives_its_last_locks_timeout() -> Result<()> {
     // loaded machine); the server would end the session at 1.5 s.
     let ttl = Duration::from_millis(1500);
     let key = LockKey::new(unique("lazy"))?;
-    let lease = backend
-        .try_acquire(&key, ttl)
-        .await?
-        .into_lease()
-        .context("free key not acquired")?;
+    let lease = acquire_free(&backend, &key, ttl).await?;
     ensure!(backend.release(&lease).await?, "release refused");
     let pids = backend.holder_pids().await;
     ensure!(pids.len() == 1, "expected one holder session, got {pids:?}");
@@ -476,11 +472,7 @@ async fn lock_free_session_survives_its_last_locks_timeout() -> Result<()> {
         "the lock-free session {} was ended by its idle_session_timeout",
         pids[0]
     );
-    let lease = backend
-        .try_acquire(&key, ttl)
-        .await?
-        .into_lease()
-        .context("free key not acquired")?;
+    let lease = acquire_free(&backend, &key, ttl).await?;
     ensure!(
         backend.holder_pids().await == pids,
         "the session was replaced"
@@ -497,11 +489,7 @@ async fn acquire_on_a_lock_free_session_the_server_ended_reconnects() -> Result<
     let backend = backend_at(&server.url(), one_session()).await?;
     let ttl = Duration::from_secs(30);
     let key = LockKey::new(unique("ended"))?;
-    let lease = backend
-        .try_acquire(&key, ttl)
-        .await?
-        .into_lease()
-        .context("free key not acquired")?;
+    let lease = acquire_free(&backend, &key, ttl).await?;
     ensure!(backend.release(&lease).await?, "release refused");
     let pids = backend.holder_pids().await;
     let inspector = inspector(server).await?;
@@ -534,4 +522,17 @@ async fn inspector(server: &PostgresServer) -> Result<sqlx::PgPool> {
         .max_connections(1)
         .connect(&server.url())
         .await?)
+}
+
+/// `try_acquire` of a key that must be free.
+async fn acquire_free(
+    backend: &PostgresBackend,
+    key: &LockKey,
+    ttl: Duration,
+) -> Result<lock_core::Lease> {
+    backend
+        .try_acquire(key, ttl)
+        .await?
+        .into_lease()
+        .with_context(|| format!("{key} was not free"))
 }
