@@ -297,6 +297,16 @@ struct SessionState {
 }
 
 impl SessionState {
+    /// Drops the connection: the server ends the session and frees whatever it held. Leases
+    /// granted on it hear it through `lost` and are stale by `epoch`. Returns the old epoch.
+    fn disconnect(&mut self) -> u64 {
+        self.conn = None;
+        self.ttls.clear();
+        self.lost.cancel();
+        self.epoch += 1;
+        self.epoch - 1
+    }
+
     /// The largest TTL (ms) held on this session, 0 when none.
     fn max_ttl(&self) -> u64 {
         self.ttls.keys().next_back().copied().unwrap_or(0)
@@ -941,13 +951,9 @@ impl Inner {
             why,
             "holder session lost; its locks are lost"
         );
-        state.conn = None;
-        state.ttls.clear();
-        // The server frees every lock of the session once the connection goes: tell the
-        // guards now, not at their next renewal.
-        state.lost.cancel();
-        let old = state.epoch;
-        state.epoch += 1;
+        // The server frees every lock of the session once the connection goes: the guards
+        // hear it now (the lost signal), not at their next renewal.
+        let old = state.disconnect();
         let mut book = lock(&self.book);
         book.entries.retain(|_, entry| match entry {
             Entry::Held(held) => !(held.session.id == session.id && held.epoch == old),
@@ -1092,9 +1098,7 @@ impl Inner {
             }
             _ => {
                 tracing::debug!(session = session.id, "lock-free holder session dropped");
-                state.conn = None;
-                state.epoch += 1;
-                state.lost.cancel();
+                state.disconnect();
             }
         }
     }
@@ -1158,9 +1162,7 @@ impl Inner {
                 {
                     tracing::debug!(%error, session = session.id, "lock-free holder session ended; reconnecting");
                     reconnected = true;
-                    state.conn = None;
-                    state.epoch += 1;
-                    state.lost.cancel();
+                    state.disconnect();
                     if let Err(error) = self.reconnect(&mut state).await {
                         self.forget_pending(hash);
                         return Err(error);
@@ -1779,8 +1781,7 @@ async fn heartbeat(inner: Arc<Inner>) {
             for session in &sessions {
                 let Ok(state) = session.state.try_lock() else {
                     // Busy: its statement is the probe. Look again within the longest interval.
-                    let at = now + HEARTBEAT_MAX;
-                    next = Some(next.map_or(at, |next| next.min(at)));
+                    plan(&mut next, now + HEARTBEAT_MAX);
                     continue;
                 };
                 if state.conn.is_none() {
@@ -1793,13 +1794,12 @@ async fn heartbeat(inner: Arc<Inner>) {
                         let due = state.answered_at.map_or(now, |at| {
                             at + Duration::from_millis(state.timeout_set_ms / 2)
                         });
-                        let at = if due <= now {
+                        if due <= now {
                             resets.push(inner.turn_off_timeout(session, state));
-                            now + HEARTBEAT_MAX
+                            plan(&mut next, now + HEARTBEAT_MAX);
                         } else {
-                            due
-                        };
-                        next = Some(next.map_or(at, |next| next.min(at)));
+                            plan(&mut next, due);
+                        }
                     }
                     continue;
                 };
@@ -1808,13 +1808,12 @@ async fn heartbeat(inner: Arc<Inner>) {
                 // session in steady use is never probed, and a lock just taken is not probed
                 // at once (that probe would hold the session while its release waits).
                 let due = state.answered_at.map_or(now, |at| at + every);
-                let at = if due <= now {
+                if due <= now {
                     probes.push(inner.probe(session, state));
-                    now + every
+                    plan(&mut next, now + every);
                 } else {
-                    due
-                };
-                next = Some(next.map_or(at, |next| next.min(at)));
+                    plan(&mut next, due);
+                }
             }
             *planned = next;
             (next, probes, resets)
@@ -1835,6 +1834,11 @@ async fn heartbeat(inner: Arc<Inner>) {
             None => inner.heartbeat_wake.notified().await,
         }
     }
+}
+
+/// Moves the heartbeat's next wake-up to `at` if that is earlier.
+fn plan(next: &mut Option<Instant>, at: Instant) {
+    *next = Some(next.map_or(at, |next| next.min(at)));
 }
 
 type OpFuture<T> =
