@@ -13,9 +13,7 @@
 //! `distlock-pg-<pid>-*`) is then left behind; the next start removes directories of dead
 //! processes.
 
-use crate::process::{
-    START_ATTEMPTS, ServerProcess, find_binary, free_port, is_port_clash, wait_for_port,
-};
+use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port, wait_for_port};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -214,17 +212,11 @@ impl PostgresServer {
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
                 .collect(),
         };
-        let mut attempt = 1;
-        loop {
-            match server.start_again() {
-                Ok(()) => return Ok(server),
-                Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => {
-                    attempt += 1;
-                    server.port = free_port()?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        start_on_free_port(server.port, |port| {
+            server.port = port;
+            server.start_again()
+        })?;
+        Ok(server)
     }
 
     fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {

@@ -107,6 +107,22 @@ pub fn is_port_clash(error: &anyhow::Error) -> bool {
 /// How many times a server start is tried on fresh ports after a port clash.
 pub const START_ATTEMPTS: usize = 3;
 
+/// Runs `start` (its argument: the port to use), and again on a fresh port after a port clash,
+/// up to [`START_ATTEMPTS`] times in all.
+pub fn start_on_free_port<T>(first: u16, mut start: impl FnMut(u16) -> Result<T>) -> Result<T> {
+    let mut port = first;
+    let mut attempt = 1;
+    loop {
+        match start(port) {
+            Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => {
+                attempt += 1;
+                port = free_port()?;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Pins the calling thread to one CPU (the lowest it may use) and returns it; the threads
 /// and child processes (servers) it starts afterwards inherit the pin. Call it first thing
 /// in `main`.

@@ -9,7 +9,7 @@
 //! server.proxy().unwrap().cut();   // the client sees its connection reset
 //! ```
 
-use crate::process::{START_ATTEMPTS, ServerProcess, find_binary, free_port, is_port_clash};
+use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
 use crate::proxy::TcpProxy;
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
@@ -59,17 +59,10 @@ impl RedisServerBuilder {
             proxy: None,
             generation: 0,
         };
-        let mut attempt = 1;
-        loop {
-            match server.spawn() {
-                Ok(()) => break,
-                Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => {
-                    attempt += 1;
-                    server.port = free_port()?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        start_on_free_port(port, |port| {
+            server.port = port;
+            server.spawn()
+        })?;
         if self.proxy {
             server.proxy = Some(TcpProxy::start(server.server_addr())?);
         }
