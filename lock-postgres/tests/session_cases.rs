@@ -498,7 +498,23 @@ async fn acquire_on_a_lock_free_session_the_server_ended_reconnects() -> Result<
         .fetch_one(&inspector)
         .await?;
     ensure!(terminated, "could not terminate {}", pids[0]);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until the server has ended it (the signal is handled asynchronously).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pids[0])
+            .fetch_one(&inspector)
+            .await?;
+        if alive == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "session {} still alive after 5 s",
+            pids[0]
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let lease = backend
         .try_acquire(&key, ttl)
         .await
