@@ -170,15 +170,14 @@ async fn raw_distlock_sql(url: &str) -> Result<Stats> {
         // The statements the backend sends in steady state: the session's
         // idle_session_timeout already fits, so neither statement sets it.
         let row = sqlx::query(
-            "WITH l AS (SELECT pg_try_advisory_lock($1) AS ok) \
-             SELECT ok, CASE WHEN ok THEN nextval($2::regclass) END, NULL::text, \
-             pg_backend_pid() FROM l",
+            "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval($2::regclass) END, \
+             pg_backend_pid()",
         )
         .bind(77_i64)
         .bind(fence)
         .fetch_one(&mut conn)
         .await?;
-        ensure!(sqlx::Row::try_get::<bool, _>(&row, 0)?);
+        ensure!(sqlx::Row::try_get::<Option<i64>, _>(&row, 0)?.is_some());
         sqlx::query(
             "SELECT pg_advisory_unlock($1), CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL \
              ELSE pg_notify($4, $5)::text END",
