@@ -250,7 +250,8 @@ async fn wait_loop(
     deadline: Instant,
 ) -> Result<Option<crate::Lease>, LockError> {
     let mut releases: Option<Releases> = None;
-    let mut delays = options.backoff.delays();
+    // Built on the first wait only: an attempt that gets the lock at once needs no delays.
+    let mut delays = None;
     loop {
         let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
         let now = Instant::now();
@@ -272,7 +273,10 @@ async fn wait_loop(
             releases = Some(backend.subscribe(key).await?);
             continue;
         }
-        let step = delays.next().unwrap_or(options.backoff.max);
+        let step = delays
+            .get_or_insert_with(|| options.backoff.delays())
+            .next()
+            .unwrap_or(options.backoff.max);
         let mut until = now + step;
         if let Some(remaining) = expires_in {
             until = until.min(now + remaining + Duration::from_millis(1));
@@ -374,6 +378,50 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
+    }
+
+    #[tokio::test]
+    async fn busy_lock_loop_does_not_wake_the_watchdog_per_acquire() {
+        let locker = Locker::new(MemoryBackend::new());
+        for _ in 0..200 {
+            let guard = locker.acquire("busy").await.unwrap();
+            assert!(guard.release().await.unwrap());
+            // Let the watchdog task run between two locks, as a real backend's I/O does.
+            tokio::task::yield_now().await;
+        }
+        // Once to start, maybe once more on its idle tick; it used to look once per acquire.
+        let looks = locker.watchdog.looks();
+        assert!(
+            looks <= 3,
+            "the watchdog task looked {looks} times for 200 locks"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_due_after_the_idle_tick_is_still_renewed() {
+        let locker = Locker::new(MemoryBackend::new());
+        // Locks that come and go: the task finds its queue empty and plans its idle tick.
+        for _ in 0..3 {
+            locker
+                .acquire("first")
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+        // Due for renewal (2 s) after that tick (1 s): queueing it wakes nobody, so the task
+        // must find it when the tick comes.
+        let guard = locker
+            .lock("second")
+            .ttl(Duration::from_secs(6))
+            .acquire()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+        assert!(guard.valid_until() > Instant::now());
     }
 
     #[tokio::test]

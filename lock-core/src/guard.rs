@@ -37,6 +37,11 @@ impl GuardState {
         lock(&self.lease).clone()
     }
 
+    /// Reads the current lease without cloning it.
+    pub(crate) fn with_lease<T>(&self, read: impl FnOnce(&Lease) -> T) -> T {
+        read(&lock(&self.lease))
+    }
+
     pub(crate) fn set_lease(&self, lease: Lease) {
         *lock(&self.lease) = lease;
     }
@@ -92,7 +97,7 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn new(watchdog: Watchdog, watched: Arc<Watched>) -> Self {
-        let key = watched.guard.lease().key().clone();
+        let key = watched.guard.with_lease(|lease| lease.key().clone());
         LockGuard {
             key,
             watched,
@@ -162,10 +167,11 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.watchdog.unwatch(&self.watched);
         if self.released {
+            // `release` has unwatched it already.
             return;
         }
+        self.watchdog.unwatch(&self.watched);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(key = %self.key, "guard dropped outside a runtime; TTL will free it");
             return;

@@ -51,13 +51,25 @@ struct State {
     next_seq: u64,
     /// When the task plans to wake next (`None`: only on notification).
     planned_wake: Option<Instant>,
+    /// Whether a guard was queued since the task last looked (see [`IDLE_TICK`]).
+    queued_since_wake: bool,
     task: Option<JoinHandle<()>>,
 }
+
+/// How long the task keeps a planned wake-up when its queue runs empty while guards keep
+/// coming. Without it, a lock taken and released between two looks at the queue leaves no
+/// planned wake-up behind, so the next acquire had to wake the task again: one wake-up (and
+/// poll) per acquire in a busy loop. With it, a guard due later than the tick wakes nobody;
+/// a queue that stays empty for a whole tick lets the task sleep untimed again.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
     wake: Notify,
+    /// How many times the task has looked at the queue (for tests: it must not be woken per
+    /// acquire).
+    looks: std::sync::atomic::AtomicU64,
 }
 
 /// The per-`Locker` watchdog. Cheap to clone.
@@ -88,7 +100,7 @@ impl Watchdog {
             auto_renew,
             slot: Mutex::new(None),
         });
-        let due = next_due(&watched, &watched.guard.lease());
+        let due = watched.guard.with_lease(|lease| next_due(&watched, lease));
         self.schedule(&watched, due);
         watched
     }
@@ -110,6 +122,7 @@ impl Watchdog {
         let key = (due, state.next_seq);
         state.next_seq += 1;
         state.queue.insert(key, watched.clone());
+        state.queued_since_wake = true;
         *lock(&watched.slot) = Some(key);
         if state.planned_wake.is_none_or(|planned| due < planned) {
             state.planned_wake = Some(due);
@@ -123,7 +136,16 @@ impl Watchdog {
         }
     }
 
+    /// How many times the task has looked at the queue so far.
+    #[cfg(test)]
+    pub(crate) fn looks(&self) -> u64 {
+        self.shared.looks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn take_due(&self) -> (Vec<Arc<Watched>>, Option<Instant>) {
+        self.shared
+            .looks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut state = lock(&self.shared.state);
         let now = Instant::now();
         let mut due = Vec::new();
@@ -135,7 +157,11 @@ impl Watchdog {
             *lock(&watched.slot) = None;
             due.push(watched);
         }
-        let next = state.queue.keys().next().map(|key| key.0);
+        let mut next = state.queue.keys().next().map(|key| key.0);
+        if next.is_none() && state.queued_since_wake {
+            next = Some(now + IDLE_TICK);
+        }
+        state.queued_since_wake = false;
         state.planned_wake = next;
         (due, next)
     }
