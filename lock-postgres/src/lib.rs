@@ -2130,6 +2130,29 @@ mod tests {
         Ok(PostgresBackend::with_options(options, config).await?)
     }
 
+    /// The cache in front of the HKDF answers exactly what the hash does, in the backend's
+    /// namespace, and starts over instead of growing past its capacity.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_advisory_keys_match_the_hash_and_stay_bounded() -> Result<()> {
+        let backend = one_session_backend().await?;
+        let namespace = backend.config().namespace.clone();
+        ensure!(!namespace.is_empty(), "the default namespace is not empty");
+        for round in 0..2 {
+            for n in 0..KEY_CACHE_CAPACITY + 100 {
+                let key = LockKey::new(format!("order-{n}"))?;
+                let expected = advisory_key(&namespace, key.as_str());
+                ensure!(
+                    backend.advisory_key(&key) == expected,
+                    "round {round}: cached key of {key} differs from the hash"
+                );
+                ensure!(expected != advisory_key("", key.as_str()));
+            }
+            let cached = lock(&backend.inner.key_cache).len();
+            ensure!(cached <= KEY_CACHE_CAPACITY, "cache grew to {cached}");
+        }
+        Ok(())
+    }
+
     /// There is no PgBouncer on this machine. A pooler switching server sessions under a
     /// connection is simulated by making our record of the session's pid wrong: the real
     /// acquire statement then answers with another `pg_backend_pid()`, and the backend must
