@@ -115,19 +115,24 @@ fn remove_stale_dirs() {
     }
 }
 
-type SpawnRequest = (Command, PathBuf, mpsc::Sender<Result<ServerProcess>>);
+type SpawnRequest = (
+    &'static str,
+    Command,
+    PathBuf,
+    mpsc::Sender<Result<ServerProcess>>,
+);
 
 /// Spawns server processes from one thread that lives as long as the process, so that the
 /// parent-death signal fires when the test process dies, not when some test thread ends.
-fn spawn_on_keeper(command: Command, log: &Path) -> Result<ServerProcess> {
+fn spawn_on_keeper(name: &'static str, command: Command, log: &Path) -> Result<ServerProcess> {
     static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let keeper = KEEPER.get_or_init(|| {
         let (sender, receiver) = mpsc::channel::<SpawnRequest>();
         let _ = std::thread::Builder::new()
             .name("postgres-keeper".into())
             .spawn(move || {
-                for (command, log, reply) in receiver {
-                    let _ = reply.send(ServerProcess::spawn("postgres", command, &log));
+                for (name, command, log, reply) in receiver {
+                    let _ = reply.send(ServerProcess::spawn(name, command, &log));
                 }
                 // The sender lives in a static: this loop never ends while the process runs.
             });
@@ -137,7 +142,7 @@ fn spawn_on_keeper(command: Command, log: &Path) -> Result<ServerProcess> {
     keeper
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .send((command, log.to_owned(), reply))
+        .send((name, command, log.to_owned(), reply))
         .context("the postgres keeper thread is gone")?;
     answer
         .recv()
@@ -251,7 +256,7 @@ impl PostgresServer {
         }
         with_user(&mut command, self.user);
         let log = self.dir.path().join("postgres.log");
-        let mut child = spawn_on_keeper(command, &log)?;
+        let mut child = spawn_on_keeper("postgres", command, &log)?;
         // The port opens before recovery ends; wait until a real query answers.
         let deadline = Instant::now() + Duration::from_secs(30);
         wait_for_port(self.addr(), Duration::from_secs(30))
@@ -425,5 +430,140 @@ pub fn shared() -> Result<&'static PostgresServer> {
     match server {
         Ok(server) => Ok(server),
         Err(error) => bail!("starting the shared postgres server failed: {error}"),
+    }
+}
+
+/// How a [`PgBouncer`] hands server connections to clients (its `pool_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A client keeps one server connection for as long as it is connected.
+    Session,
+    /// A client gets a server connection per transaction (what breaks session locks).
+    Transaction,
+    /// A client gets a server connection per statement; transactions are refused.
+    Statement,
+}
+
+impl PoolMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
+/// A real PgBouncer (Debian package `pgbouncer`) on a free loopback port in front of a
+/// [`PostgresServer`], for tests of how clients behave behind a connection pooler. It runs as
+/// the server's user (PgBouncer refuses root), with trust authentication for user `postgres`,
+/// `server_round_robin = 0` (its default: the most recently used idle server connection goes
+/// to the next client). Dropping it kills it and removes its directory.
+#[derive(Debug)]
+pub struct PgBouncer {
+    _dir: tempfile::TempDir,
+    port: u16,
+    process: Mutex<Option<ServerProcess>>,
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer in `mode` with at most `pool_size` server connections to `upstream`.
+    pub fn start(upstream: &PostgresServer, mode: PoolMode, pool_size: u32) -> Result<Self> {
+        remove_stale_dirs();
+        let binary = find_binary("pgbouncer", "pgbouncer", &["/usr/sbin"])?;
+        let user = server_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{}-bouncer-", std::process::id()))
+            .tempdir()
+            .context("creating the pgbouncer temp dir")?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+        }
+        let users = dir.path().join("userlist.txt");
+        std::fs::write(&users, "\"postgres\" \"\"\n")?;
+        let start = |port: u16| -> Result<ServerProcess> {
+            let ini = dir.path().join("pgbouncer.ini");
+            // sqlx sends `extra_float_digits` at startup, which PgBouncer refuses unless told
+            // to ignore it.
+            std::fs::write(
+                &ini,
+                format!(
+                    "[databases]\n\
+                     postgres = host=127.0.0.1 port={upstream_port} dbname=postgres user=postgres\n\
+                     [pgbouncer]\n\
+                     listen_addr = 127.0.0.1\n\
+                     listen_port = {port}\n\
+                     unix_socket_dir =\n\
+                     auth_type = trust\n\
+                     auth_file = {users}\n\
+                     pool_mode = {mode}\n\
+                     default_pool_size = {pool_size}\n\
+                     max_client_conn = 500\n\
+                     server_round_robin = 0\n\
+                     ignore_startup_parameters = extra_float_digits,options\n",
+                    upstream_port = upstream.port(),
+                    users = users.display(),
+                    mode = mode.as_str(),
+                ),
+            )?;
+            let mut command = Command::new("setpriv");
+            command
+                .args(["--pdeathsig", "SIGKILL", "--"])
+                .arg(&binary)
+                .arg(&ini)
+                .current_dir(dir.path());
+            with_user(&mut command, user);
+            let log = dir.path().join("pgbouncer.log");
+            let mut child = spawn_on_keeper("pgbouncer", command, &log)?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            // Not `wait_for_port` alone: a PgBouncer that could not bind exits at once, and
+            // its log says why (a port clash is retried on another port).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                child.check_running()?;
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return Ok(child);
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "pgbouncer did not open {addr} within 10 s; its log:\n{}",
+                        child.log_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let mut port = free_port()?;
+        let child = start_on_free_port(port, |candidate| {
+            port = candidate;
+            start(candidate)
+        })?;
+        Ok(PgBouncer {
+            _dir: dir,
+            port,
+            process: Mutex::new(Some(child)),
+        })
+    }
+
+    /// The TCP address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A `postgres://` URL through PgBouncer (database `postgres`, user `postgres`).
+    pub fn url(&self) -> String {
+        PostgresServer::url_for(self.addr())
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let mut process = self
+            .process
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(mut child) = process.take() {
+            let _ = child.kill();
+        }
     }
 }

@@ -229,6 +229,35 @@ fn map_error(context: &str, error: sqlx::Error) -> LockError {
     }
 }
 
+/// `pg_backend_pid()` through the simple query protocol (no prepared statement).
+async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::raw_sql("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?
+        .try_get(0)
+}
+
+/// Errors that only a connection pooler between us and PostgreSQL causes: PgBouncer's
+/// statement pooling refusing a transaction, or a named prepared statement found missing
+/// (`26000`) or already there (`42P05`) because two statements ran in different server
+/// sessions, or in one shared with another client.
+fn is_pooler_error(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    matches!(db.code().as_deref(), Some("26000" | "42P05"))
+        || db.message().to_ascii_lowercase().contains("pooling mode")
+}
+
+/// The refusal for a connection pooler that switches server sessions; `what` is the evidence.
+fn pooler_refusal(what: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "{what}: this looks like PgBouncer (or another pooler) in transaction or statement \
+         pooling mode, which breaks session advisory locks. Connect to PostgreSQL directly or \
+         through session pooling."
+    ))
+}
+
 fn timed_out(context: &str, after: Duration) -> LockError {
     LockError::backend_msg(
         BACKEND,
@@ -622,19 +651,17 @@ impl Inner {
 
     /// A transaction-pooling PgBouncer hands the most recently used idle server connection
     /// to the next transaction (LIFO), so two probes on one client connection usually land on
-    /// the same server session. A second client connection holds a transaction open meanwhile:
-    /// behind such a pooler it gets our first probe's server session (same pid), and our next
-    /// probe has to run on another one.
+    /// the same server session. A second client connection opens a transaction meanwhile:
+    /// behind such a pooler it gets our session's server connection (same pid) — checked
+    /// before anything else runs, as with a pool of one server connection our next probe
+    /// would wait for that transaction — or else our next probe has to run on another one.
+    ///
+    /// The probes use the simple query protocol: sqlx's named prepared statements would
+    /// collide on a shared server connection ("prepared statement already exists") and hide
+    /// the pooler behind a confusing error. Errors that only a pooler causes (statement
+    /// pooling refusing the transaction, prepared statements missing or duplicated) are
+    /// refusals too (see [`is_pooler_error`]).
     async fn check_no_pooler(&self, conn: &mut PgConnection, pid: i32) -> Result<(), LockError> {
-        let pooled = || {
-            LockError::InvalidConfig(
-                "two client connections ran in one server session, or one connection in two: \
-                 this looks like PgBouncer in transaction or statement pooling mode, which \
-                 breaks session advisory locks. Connect to PostgreSQL directly or through \
-                 session pooling."
-                    .into(),
-            )
-        };
         let mut other = self
             .options
             .clone()
@@ -643,24 +670,29 @@ impl Inner {
             .await
             .map_err(|error| map_error("connecting to postgres", error))?;
         let probe = async {
-            let mut tx = sqlx::Connection::begin(&mut other).await?;
-            let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut *tx)
-                .await?;
-            let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut *conn)
-                .await?;
-            tx.rollback().await?;
-            Ok::<_, sqlx::Error>((other_pid, again))
+            sqlx::raw_sql("BEGIN").execute(&mut other).await?;
+            let other_pid = backend_pid(&mut other).await?;
+            if other_pid == pid {
+                return Ok(Some(format!(
+                    "a second client connection ran in this one's server session (pid {pid})"
+                )));
+            }
+            let again = backend_pid(&mut *conn).await?;
+            Ok::<_, sqlx::Error>((again != pid).then(|| {
+                format!(
+                    "one client connection ran in two server sessions (pid {pid}, then {again})"
+                )
+            }))
         };
-        let (other_pid, again) = probe
-            .await
-            .map_err(|error| map_error("probing for a connection pooler", error))?;
+        let outcome = probe.await;
+        // Closing ends the open transaction too.
         let _ = sqlx::Connection::close(other).await;
-        if other_pid == pid || again != pid {
-            return Err(pooled());
+        match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(what)) => Err(pooler_refusal(&what)),
+            Err(error) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
+            Err(error) => Err(map_error("probing for a connection pooler", error)),
         }
-        Ok(())
     }
 
     /// Finds the fence sequence by its schema-qualified name (never through `search_path`,
@@ -854,13 +886,12 @@ impl Inner {
                      TTLs): {db}"
                 )))
             }
+            Ok(Err(error)) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
             Ok(Err(error)) => Err(map_error("connecting to postgres", error)),
-            Ok(Ok((_, first, second))) if first != second => Err(LockError::InvalidConfig(
-                "two statements on one connection ran in different server sessions: this looks \
-                 like PgBouncer in transaction or statement pooling mode, which breaks session \
-                 advisory locks. Connect to PostgreSQL directly or through session pooling."
-                    .into(),
-            )),
+            Ok(Ok((_, first, second))) if first != second => Err(pooler_refusal(&format!(
+                "two statements on one connection ran in different server sessions (pid \
+                 {first}, then {second})"
+            ))),
             Ok(Ok((conn, first, _))) => Ok((conn, first)),
         }
     }
@@ -996,11 +1027,7 @@ impl Inner {
             state.pid
         );
         self.break_session(session, state, &why);
-        LockError::InvalidConfig(format!(
-            "{why}. This looks like PgBouncer in transaction or statement pooling mode, which \
-             breaks session advisory locks. Connect to PostgreSQL directly or through session \
-             pooling."
-        ))
+        pooler_refusal(&why)
     }
 
     /// After an unlock that answered `false`: a pooler that switched server sessions is

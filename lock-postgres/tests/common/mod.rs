@@ -44,11 +44,18 @@ pub struct PgFactory {
 impl PgFactory {
     pub async fn start() -> Result<Self> {
         let server = server().await?;
+        Self::start_through(server.addr()).await
+    }
+
+    /// Backends connect to `upstream` (through this factory's proxy): the server itself, or
+    /// a pooler in front of it. The inspector always reads the server directly.
+    pub async fn start_through(upstream: std::net::SocketAddr) -> Result<Self> {
+        let server = server().await?;
         Ok(PgFactory {
             url: server.url(),
             config: PostgresConfig::default(),
             inspector: OnceCell::new(),
-            proxy: lock_harness::TcpProxy::start(server.addr())?,
+            proxy: lock_harness::TcpProxy::start(upstream)?,
         })
     }
 

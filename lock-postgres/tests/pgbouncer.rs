@@ -1,0 +1,97 @@
+//! The backend behind a real PgBouncer (Debian package `pgbouncer`, installed by
+//! `scripts/setup`) that the harness starts in front of this binary's PostgreSQL server:
+//!
+//! - transaction and statement pooling break session advisory locks: connecting through
+//!   them is refused with `InvalidConfig` naming PgBouncer, well within the connect timeout,
+//!   with a pool of one server connection and with several;
+//! - session pooling keeps a server session per client connection: the whole conformance
+//!   suite runs through it (pausing is skipped for the reason the main suite gives).
+
+mod common;
+
+use anyhow::{Result, bail, ensure};
+use lock_core::LockError;
+use lock_harness::postgres::{PgBouncer, PoolMode};
+use lock_postgres::PostgresBackend;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The session-pooling PgBouncer the conformance cases share (started on first use, from a
+/// blocking thread; the harness's parent-death signal stops it with the binary).
+async fn session_bouncer() -> Result<&'static PgBouncer> {
+    static BOUNCER: OnceLock<std::result::Result<PgBouncer, String>> = OnceLock::new();
+    let server = common::server().await?;
+    let bouncer = tokio::task::spawn_blocking(move || {
+        BOUNCER
+            .get_or_init(|| {
+                // One server connection per client connection: enough for the cases that
+                // run at once, each with a few backends.
+                PgBouncer::start(server, PoolMode::Session, 200)
+                    .map_err(|error| format!("{error:#}"))
+            })
+            .as_ref()
+            .map_err(|error| anyhow::anyhow!("starting pgbouncer: {error}"))
+    })
+    .await??;
+    Ok(bouncer)
+}
+
+conformance_tests::conformance_suite! {
+    factory = async { common::PgFactory::start_through(session_bouncer().await?.addr()).await },
+    skip = {
+        server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary and \
+            pausing it would stall the cases beside it (the case runs on a dedicated server in \
+            tests/server_pause.rs)",
+    },
+}
+
+/// Connecting through `mode` pooling with `pool_size` server connections must fail fast with
+/// an error that names PgBouncer.
+async fn assert_refused(mode: PoolMode, pool_size: u32) -> Result<()> {
+    let server = common::server().await?;
+    let bouncer =
+        tokio::task::spawn_blocking(move || PgBouncer::start(server, mode, pool_size)).await??;
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        PostgresBackend::connect(&bouncer.url()),
+    )
+    .await;
+    let waited = started.elapsed();
+    match outcome {
+        Err(_) => bail!("{mode:?} pooling, pool {pool_size}: connect hung for 30 s"),
+        Ok(Ok(_)) => bail!("{mode:?} pooling, pool {pool_size}: connect succeeded"),
+        Ok(Err(LockError::InvalidConfig(message))) => {
+            ensure!(
+                message.contains("PgBouncer"),
+                "{mode:?} pooling, pool {pool_size}: the refusal does not name PgBouncer: {message}"
+            );
+            // Well within the default connect timeout (5 s): a probe must not wait for a
+            // server connection its own other probe holds.
+            ensure!(
+                waited < Duration::from_secs(3),
+                "{mode:?} pooling, pool {pool_size}: refused only after {waited:?}"
+            );
+            println!("{mode:?} pooling, pool {pool_size}: refused after {waited:?}: {message}");
+            Ok(())
+        }
+        Ok(Err(other)) => {
+            bail!("{mode:?} pooling, pool {pool_size}: failed, but not as a pooler: {other}")
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pooling_is_refused_with_one_server_connection() -> Result<()> {
+    assert_refused(PoolMode::Transaction, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pooling_is_refused_with_several_server_connections() -> Result<()> {
+    assert_refused(PoolMode::Transaction, 4).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_pooling_is_refused() -> Result<()> {
+    assert_refused(PoolMode::Statement, 4).await
+}
