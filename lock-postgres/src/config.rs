@@ -1,0 +1,101 @@
+//! Settings: [`PostgresConfig`] and the `postgres://` URL parameters that fill it.
+
+use super::*;
+
+/// Settings of a [`PostgresBackend`].
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// Mixed into every key's hash (and the NOTIFY channel), so applications sharing a database do not
+    /// share locks. Default `distlock`. Must not contain NUL.
+    pub namespace: String,
+    /// Most holder sessions (connections) this backend opens. Default 8.
+    pub max_sessions: usize,
+    /// Holder sessions per distinct TTL; keys are spread over them by hash. Default 4.
+    pub sessions_per_ttl: usize,
+    /// Bound on opening a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Bound on one statement on a holder session, waiting for the session included. A
+    /// statement that takes longer ends the session (and so every lock on it). Default 5 s.
+    pub op_timeout: Duration,
+    /// `application_name` prefix: holder sessions are `<prefix>-holder`, the listener
+    /// `<prefix>-listener`. Default `distlock`.
+    pub application_name: String,
+    /// Schema-qualified name of the sequence fencing tokens come from; every backend of every
+    /// role sharing locks must use the same one. Created (with CACHE 1) if missing, which
+    /// needs CREATE on its schema; otherwise USAGE on the sequence is enough. Default
+    /// [`FENCE_SEQUENCE`].
+    pub fence_sequence: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            namespace: "distlock".into(),
+            max_sessions: 8,
+            sessions_per_ttl: 4,
+            connect_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
+            application_name: "distlock".into(),
+            fence_sequence: FENCE_SEQUENCE.into(),
+        }
+    }
+}
+
+pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig), LockError> {
+    let mut parsed = url::Url::parse(url)
+        .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(LockError::InvalidConfig(format!(
+            "a postgres URL starts with postgres:// or postgresql://, not {}://",
+            parsed.scheme()
+        )));
+    }
+    let mut config = PostgresConfig::default();
+    let mut kept = Vec::new();
+    let bad = |name: &str, value: &str| {
+        LockError::InvalidConfig(format!("invalid value {value:?} for URL parameter {name}"))
+    };
+    for (name, value) in parsed.query_pairs() {
+        let number = || value.parse::<u64>().map_err(|_| bad(&name, &value));
+        match name.as_ref() {
+            "namespace" => config.namespace = value.to_string(),
+            "max_sessions" => {
+                config.max_sessions = usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+            }
+            "sessions_per_ttl" => {
+                config.sessions_per_ttl =
+                    usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+            }
+            "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
+            "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
+            "application_name" => config.application_name = value.to_string(),
+            "fence_sequence" => config.fence_sequence = value.to_string(),
+            _ => kept.push((name.to_string(), value.to_string())),
+        }
+    }
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    let options = PgConnectOptions::from_str(parsed.as_str())
+        .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
+    Ok((options, config))
+}
+
+pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
+    if config.namespace.contains('\0') {
+        return Err(LockError::InvalidConfig(
+            "the namespace must not contain NUL".into(),
+        ));
+    }
+    if config.max_sessions == 0 || config.sessions_per_ttl == 0 {
+        return Err(LockError::InvalidConfig(
+            "max_sessions and sessions_per_ttl must be at least 1".into(),
+        ));
+    }
+    if config.op_timeout.is_zero() || config.connect_timeout.is_zero() {
+        return Err(LockError::InvalidConfig("timeouts must not be zero".into()));
+    }
+    Ok(())
+}

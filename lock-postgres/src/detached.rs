@@ -1,0 +1,73 @@
+//! Cancel safety: an operation whose caller goes away finishes on a task instead of stopping
+//! mid-statement.
+
+use super::*;
+
+pub(crate) type OpFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LockError>> + Send>>;
+
+/// Runs `work` in place, but if the caller drops it before it finishes, the rest runs on a
+/// task: a statement is never cut off mid-protocol on a shared session, and a lock granted
+/// meanwhile is handed to `on_orphan` (which gives it back). No task or thread hop in the
+/// common case.
+///
+/// Dropped where no runtime can finish it, the work is dropped and `on_abandon` settles what
+/// it leaves behind (a `Pending` book entry, a statement in flight on a session).
+pub(crate) struct Detached<T: Send + 'static> {
+    pub(crate) work: Option<OpFuture<T>>,
+    pub(crate) on_orphan: Option<Box<dyn FnOnce(T) + Send>>,
+    pub(crate) on_abandon: Option<Box<dyn FnOnce() + Send>>,
+}
+
+pub(crate) fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, LockError>> + Send + 'static,
+    on_orphan: impl FnOnce(T) + Send + 'static,
+    on_abandon: impl FnOnce() + Send + 'static,
+) -> Detached<T> {
+    Detached {
+        work: Some(Box::pin(work)),
+        on_orphan: Some(Box::new(on_orphan)),
+        on_abandon: Some(Box::new(on_abandon)),
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for Detached<T> {
+    type Output = Result<T, LockError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(work) = self.work.as_mut() else {
+            return std::task::Poll::Ready(Err(LockError::backend_msg(
+                BACKEND,
+                "operation polled after completion",
+                false,
+            )));
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        std::task::Poll::Ready(output)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let (Some(work), Some(on_orphan)) = (self.work.take(), self.on_orphan.take()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to finish it on: settle its traces while the work (and its
+            // in-flight mark) still exists, then drop it.
+            if let Some(on_abandon) = self.on_abandon.take() {
+                on_abandon();
+            }
+            drop(work);
+            return;
+        };
+        runtime.spawn(async move {
+            if let Ok(orphan) = work.await {
+                on_orphan(orphan);
+            }
+        });
+    }
+}

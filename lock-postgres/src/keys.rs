@@ -1,0 +1,47 @@
+//! Lock keys: the advisory key a lock name hashes to, and the waiter-interest key beside it.
+
+use super::*;
+
+/// The waiter-interest key of advisory key `hash`: the same 64 bits in the two-int keyspace
+/// (`pg_locks.objsubid` 2), which never meets the one-bigint keyspace of the locks.
+pub fn waiter_key(hash: i64) -> (i32, i32) {
+    ((hash >> 32) as i32, hash as i32)
+}
+
+/// The transaction-level advisory lock that serializes creating the fence sequence: a
+/// constant pair in the two-int keyspace, which no user key reaches (user keys are one
+/// bigint; waiter keys are pairs but derived from a 64-bit hash, so meeting this one is a
+/// 2^-64 accident that would only make setup wait behind a waiter).
+pub const SETUP_LOCK: (i32, i32) = (0x6469_7374, 0x6c6f_636b);
+
+/// The 64-bit advisory lock key for `key` in `namespace`: sqlx's [`PgAdvisoryLock::new`]
+/// (HKDF-SHA256) over `namespace + "\0" + key`, or over `key` alone when the namespace is
+/// empty (then it equals `PgAdvisoryLock::new(key)`, for interop with plain sqlx users).
+///
+/// Keys never contain NUL, so distinct (namespace, key) pairs hash distinct inputs. Two inputs
+/// may still collide in 64 bits (about 1 in 2^32 for 2^16 live keys); a collision only makes
+/// the two keys exclude each other. Fences come from one sequence, not from the hash, so they
+/// stay correct.
+pub fn advisory_key(namespace: &str, key: &str) -> i64 {
+    let lock = if namespace.is_empty() {
+        PgAdvisoryLock::new(key)
+    } else {
+        PgAdvisoryLock::new(format!("{namespace}\0{key}"))
+    };
+    lock.key().as_bigint().unwrap_or_default()
+}
+
+/// The advisory key of a lease this backend granted, kept in the lease so that renew and
+/// release need not hash the key again (the HKDF costs about as much as the rest of the
+/// client's bookkeeping for a call).
+#[derive(Debug)]
+pub(crate) struct LeaseKey(pub(crate) i64);
+
+/// The lease's advisory key: the one kept in it, or (a lease built elsewhere) hashed anew. A
+/// wrong one finds no book entry with this owner and key, so it can do no harm.
+pub(crate) fn lease_advisory_key(namespace: &str, lease: &Lease) -> i64 {
+    lease.backend_data::<LeaseKey>().map_or_else(
+        || advisory_key(namespace, lease.key().as_str()),
+        |key| key.0,
+    )
+}

@@ -1,0 +1,484 @@
+//! The lock operations on a holder session: acquire, release and renew statements and their
+//! bookkeeping.
+
+use super::*;
+
+/// Why an unlock failed, for what the book must say afterwards.
+#[derive(Debug)]
+pub(crate) enum UnlockFailure {
+    /// Nothing reached the server (the session stayed busy): the lock is still held.
+    NotSent(LockError),
+    /// The lock is no longer held (the statement failed and was undone, or the session was
+    /// dropped).
+    Failed(LockError),
+}
+
+// The fence column is NULL exactly when the lock was not granted (`nextval` never answers
+// NULL), so the answer needs no separate flag. A plain CASE, not a CTE: a CTE over a volatile
+// function is materialised, which cost the server ~2.5 µs per acquire.
+pub(crate) const ACQUIRE_SQL: &str = "\
+SELECT f, pg_backend_pid(),
+  set_config('idle_session_timeout', CASE WHEN f IS NULL THEN $3 ELSE $2 END, false)
+FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval($4::regclass) END AS f OFFSET 0) l";
+
+// The same answer without touching idle_session_timeout, for when it already has the value
+// the lock needs.
+pub(crate) const ACQUIRE_KEEP_TIMEOUT_SQL: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval($2::regclass) END, pg_backend_pid()";
+
+// Every statement returns pg_backend_pid(): a different answer than at connect means a
+// pooler switched server sessions under us (see `Inner::session_switched`).
+pub(crate) const RENEW_SQL: &str =
+    "SELECT set_config('idle_session_timeout', $1, false), pg_backend_pid()";
+
+// The exclusive xact lock on the waiter key fails only when some backend holds it shared,
+// i.e. waits for this key: only then is the NOTIFY (and its commit cost) paid.
+// The release needs no pid column: it unlocks a lock our books say this session holds, so it
+// answers `true` unless the statement ran in another server session (or the lock is gone),
+// and only then does a separate `pg_backend_pid()` tell which (see `Inner::unlock_op`).
+pub(crate) const UNLOCK_SQL: &str = "\
+SELECT pg_advisory_unlock($1),
+  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END,
+  set_config('idle_session_timeout', $6, false)";
+
+pub(crate) const UNLOCK_KEEP_TIMEOUT_SQL: &str = "\
+SELECT pg_advisory_unlock($1),
+  CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN NULL ELSE pg_notify($4, $5)::text END";
+
+/// Takes the lease's book entry for a release: `Pending` until the unlock settles. `None`
+/// when the lease is not ours (any more). The flag says whether it was still valid.
+pub(crate) fn begin_release(inner: &Inner, lease: &Lease) -> Option<(i64, HeldLock, bool)> {
+    let hash = lease_advisory_key(&inner.config.namespace, lease);
+    let now = Instant::now();
+    let mut book = lock(&inner.book);
+    let entry = book.entries.get_mut(&hash)?;
+    match entry {
+        Entry::Held(held) if held.owner == lease.owner() && held.key == *lease.key() => {
+            let still_valid = held.deadline > now;
+            match std::mem::replace(entry, Entry::Pending) {
+                Entry::Held(held) => Some((hash, held, still_valid)),
+                Entry::Pending => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Releases a lease from a task (the orphan path: nobody waits for the answer).
+pub(crate) async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<bool, LockError> {
+    let Some((hash, held, still_valid)) = begin_release(&inner, &lease) else {
+        return Ok(false);
+    };
+    let in_flight = Arc::new(AtomicBool::new(false));
+    let unlocked = inner.release_held(hash, held, in_flight).await?;
+    Ok(unlocked && still_valid)
+}
+
+impl Inner {
+    /// Puts a lease whose unlock never reached the server back in the book: it is still held
+    /// there, and the reaper unlocks it at its deadline (or now, if that passed).
+    pub(crate) fn restore_held(&self, hash: i64, held: HeldLock) {
+        let mut book = lock(&self.book);
+        if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+            return;
+        }
+        let deadline = held.deadline;
+        book.entries.insert(hash, Entry::Held(held));
+        if book.reaper_at.is_none_or(|at| deadline < at) {
+            book.reaper_at = Some(deadline);
+            self.reaper_wake.notify_one();
+        }
+    }
+
+    /// Unlocks `held` (its book entry is `Pending` meanwhile, so no local acquire can take the
+    /// key on the same session before the unlock ran) and settles the book entry.
+    pub(crate) async fn release_held(
+        self: Arc<Self>,
+        hash: i64,
+        held: HeldLock,
+        in_flight: Arc<AtomicBool>,
+    ) -> Result<bool, LockError> {
+        match self.unlock_op(hash, &held, &in_flight).await {
+            Ok(unlocked) => {
+                self.forget_pending(hash);
+                Ok(unlocked)
+            }
+            Err(UnlockFailure::NotSent(error)) => {
+                self.restore_held(hash, held);
+                Err(error)
+            }
+            Err(UnlockFailure::Failed(error)) => {
+                self.forget_pending(hash);
+                Err(error)
+            }
+        }
+    }
+
+    pub(crate) fn forget_pending(&self, hash: i64) {
+        let mut book = lock(&self.book);
+        if matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+            book.entries.remove(&hash);
+        }
+    }
+
+    pub(crate) async fn acquire_op(
+        self: Arc<Self>,
+        key: LockKey,
+        hash: i64,
+        ttl: Duration,
+        sent_at: Instant,
+        session: Arc<Session>,
+        in_flight: Arc<AtomicBool>,
+    ) -> Result<Attempt, LockError> {
+        let ttl_ms = ttl_ms(ttl);
+        let mut state = match self.session_conn(&session).await {
+            Ok(state) => state,
+            Err(error) => {
+                self.forget_pending(hash);
+                return Err(error);
+            }
+        };
+        let owner = OwnerToken::random();
+        let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
+        let _flight = InFlight::start(&in_flight);
+        let mut reconnected = false;
+        let (result, wanted) = loop {
+            // The session's timeout must cover this lock's TTL, and no more than the largest
+            // TTL it will hold: set it only when that changes.
+            let wanted = state.max_ttl().max(ttl_ms);
+            let query = if wanted == state.timeout_set_ms {
+                sqlx::query(ACQUIRE_KEEP_TIMEOUT_SQL)
+                    .bind(hash)
+                    .bind(fence_oid)
+            } else {
+                sqlx::query(ACQUIRE_SQL)
+                    .bind(hash)
+                    .bind(wanted.to_string())
+                    .bind(state.timeout_set_ms.to_string())
+                    .bind(fence_oid)
+            };
+            // The statement's own budget starts when it is sent, not when we began waiting.
+            let result = match state.conn.as_mut() {
+                Some(conn) => {
+                    tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await
+                }
+                None => Ok(Err(sqlx::Error::PoolClosed)),
+            };
+            match &result {
+                // A session holding no lock may have been ended by the server: its timeout
+                // outlives its last lock until the heartbeat turns it off. Nothing was held
+                // on it, so nothing is lost: connect again and send the statement once more.
+                Ok(Err(error))
+                    if !reconnected && state.ttls.is_empty() && is_connection_error(error) =>
+                {
+                    tracing::debug!(%error, session = session.id, "lock-free holder session ended; reconnecting");
+                    reconnected = true;
+                    state.disconnect();
+                    if let Err(error) = self.reconnect(&mut state).await {
+                        self.forget_pending(hash);
+                        return Err(error);
+                    }
+                }
+                _ => break (result, wanted),
+            }
+        };
+        let row = match result {
+            Ok(Ok(row)) => {
+                state.answered_at = Some(Instant::now());
+                row
+            }
+            Ok(Err(error)) => {
+                if is_connection_error(&error) {
+                    self.break_session(&session, &mut state, "acquire failed");
+                } else if let Some(conn) = state.conn.as_mut() {
+                    // A session lock taken by a statement that then failed survives the
+                    // rollback: undo it. We did not hold this key on this session (our books
+                    // said so), so this unlock cannot drop a lock we mean to keep.
+                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(hash)
+                        .execute(conn);
+                    if !matches!(
+                        tokio::time::timeout(self.config.op_timeout, undo).await,
+                        Ok(Ok(_))
+                    ) {
+                        self.break_session(&session, &mut state, "undoing a failed acquire failed");
+                    }
+                }
+                self.forget_pending(hash);
+                return Err(map_error("acquire", error));
+            }
+            Err(_) => {
+                self.break_session(&session, &mut state, "acquire timed out");
+                self.forget_pending(hash);
+                return Err(timed_out("acquire", self.config.op_timeout));
+            }
+        };
+        let decoded = (|| {
+            let fence: Option<i64> = row.try_get(0)?;
+            let pid: i32 = row.try_get(1)?;
+            Ok::<_, sqlx::Error>((fence, pid))
+        })();
+        let (fence, pid) = match decoded {
+            Ok(values) => values,
+            Err(error) => {
+                self.break_session(&session, &mut state, "unexpected acquire answer");
+                self.forget_pending(hash);
+                return Err(map_error("decoding the acquire answer", error));
+            }
+        };
+        if pid != state.pid {
+            // The lock (if granted) sits on a server session we do not own: dropping our
+            // connection is all we can do (a pooler may keep that session, and the lock).
+            let error = self.session_switched(&session, &mut state, pid);
+            self.forget_pending(hash);
+            return Err(error);
+        }
+        let Some(fence) = fence else {
+            self.forget_pending(hash);
+            // Another backend's deadline is known only to it; waiters hear the release.
+            return Ok(Attempt::Held { expires_in: None });
+        };
+        let Ok(fence) = u64::try_from(fence) else {
+            // Granted, but the sequence answered a negative number (setup checks only that
+            // it increases; it may start below zero): dropping the session frees the lock.
+            self.break_session(
+                &session,
+                &mut state,
+                "fence sequence answered a negative value",
+            );
+            self.forget_pending(hash);
+            return Err(LockError::backend_msg(
+                BACKEND,
+                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
+                false,
+            ));
+        };
+        let first_on_session = state.ttls.is_empty();
+        state.add_ttl(ttl_ms);
+        state.timeout_set_ms = wanted;
+        let lost_signal = state.lost.clone();
+        let deadline = sent_at + ttl;
+        let epoch = state.epoch;
+        {
+            let mut book = lock(&self.book);
+            book.entries.insert(
+                hash,
+                Entry::Held(HeldLock {
+                    key: key.clone(),
+                    owner,
+                    session: session.clone(),
+                    epoch,
+                    ttl_ms,
+                    deadline,
+                }),
+            );
+            if book.reaper_at.is_none_or(|at| deadline < at) {
+                book.reaper_at = Some(deadline);
+                self.reaper_wake.notify_one();
+            }
+        }
+        drop(state);
+        if first_on_session {
+            // The heartbeat must probe this session within an interval from now; wake it only
+            // if it plans to sleep longer (an idle one, or one waiting to turn off a lock-free
+            // session's timeout), not for every lock in a busy loop.
+            let due = Instant::now() + heartbeat_interval(ttl_ms);
+            let mut planned = lock(&self.heartbeat_at);
+            if planned.is_none_or(|at| at > due) {
+                *planned = Some(due);
+                self.heartbeat_wake.notify_one();
+            }
+        }
+        Ok(Attempt::Acquired(
+            Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
+                .with_lost_signal(lost_signal)
+                .with_backend_data(Arc::new(LeaseKey(hash))),
+        ))
+    }
+
+    /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
+    /// After a failed statement the lock may still be held on the server with nothing in our
+    /// books: a plain unlock follows, and if that fails too the session is dropped.
+    /// `hash` is `held`'s advisory key (its book key).
+    pub(crate) async fn unlock_op(
+        &self,
+        hash: i64,
+        held: &HeldLock,
+        in_flight: &AtomicBool,
+    ) -> Result<bool, UnlockFailure> {
+        let mut state = self
+            .lock_session(&held.session)
+            .await
+            .map_err(UnlockFailure::NotSent)?;
+        if state.epoch != held.epoch || state.conn.is_none() {
+            return Ok(false);
+        }
+        state.remove_ttl(held.ttl_ms);
+        let (high, low) = waiter_key(hash);
+        // Locks left on the session: its timeout follows down to the largest of their TTLs.
+        // None left: it stays as it is (see `SessionState::timeout_set_ms`).
+        let remaining = state.max_ttl();
+        let lower_to = (remaining != 0 && remaining != state.timeout_set_ms).then_some(remaining);
+        let query = match lower_to {
+            Some(timeout) => sqlx::query(UNLOCK_SQL)
+                .bind(hash)
+                .bind(high)
+                .bind(low)
+                .bind(&self.channel)
+                .bind(held.key.as_str())
+                .bind(timeout.to_string()),
+            None => sqlx::query(UNLOCK_KEEP_TIMEOUT_SQL)
+                .bind(hash)
+                .bind(high)
+                .bind(low)
+                .bind(&self.channel)
+                .bind(held.key.as_str()),
+        };
+        let _flight = InFlight::start(in_flight);
+        let result = match state.conn.as_mut() {
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        // Local waiters need not wait for the NOTIFY round trip.
+        self.hub.notify(held.key.as_str());
+        let error = match result {
+            Ok(Ok(row)) => {
+                state.answered_at = Some(Instant::now());
+                if let Some(timeout) = lower_to {
+                    state.timeout_set_ms = timeout;
+                }
+                return match row.try_get::<bool, _>(0) {
+                    Ok(true) => Ok(true),
+                    // Our books say this session holds the lock: `false` means the statement
+                    // ran in another server session (a pooler), or the lock was gone.
+                    Ok(false) => self
+                        .check_pid_after_false_unlock(&held.session, &mut state)
+                        .await
+                        .map(|()| false)
+                        .map_err(UnlockFailure::Failed),
+                    Err(error) => {
+                        self.break_session(&held.session, &mut state, "unexpected release answer");
+                        Err(UnlockFailure::Failed(map_error(
+                            "decoding the release answer",
+                            error,
+                        )))
+                    }
+                };
+            }
+            Ok(Err(error)) if is_connection_error(&error) => {
+                self.break_session(&held.session, &mut state, "release failed");
+                return Err(UnlockFailure::Failed(map_error("release", error)));
+            }
+            Ok(Err(error)) => error,
+            Err(_) => {
+                self.break_session(&held.session, &mut state, "release timed out");
+                return Err(UnlockFailure::Failed(timed_out(
+                    "release",
+                    self.config.op_timeout,
+                )));
+            }
+        };
+        // The statement failed, maybe before its unlock ran (a privilege or planning error):
+        // unlock plainly, as the acquire undo does. `false` then means the failed statement
+        // had unlocked already; either way the lock is free.
+        let plain = sqlx::query("SELECT pg_advisory_unlock($1), pg_backend_pid()").bind(hash);
+        let answer = match state.conn.as_mut() {
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, plain.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        match answer.map(|row| row.and_then(|row| row.try_get::<i32, _>(1))) {
+            Ok(Ok(pid)) if pid == state.pid => {
+                tracing::warn!(key = %held.key, %error, "release statement failed; unlocked plainly (no NOTIFY: remote waiters poll)");
+                Ok(true)
+            }
+            _ => {
+                self.break_session(
+                    &held.session,
+                    &mut state,
+                    "release failed and the plain unlock too",
+                );
+                Err(UnlockFailure::Failed(map_error("release", error)))
+            }
+        }
+    }
+
+    pub(crate) async fn renew_op(
+        self: Arc<Self>,
+        lease: Lease,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<Lease, LockError> {
+        let key = lease.key().clone();
+        let hash = lease_advisory_key(&self.config.namespace, &lease);
+        let lost = |reason: &str| LockError::lost(key.as_str(), reason);
+        let held = match lock(&self.book).entries.get(&hash) {
+            Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == key => {
+                if held.deadline <= sent_at {
+                    return Err(lost("the lease expired before it was renewed"));
+                }
+                held.clone()
+            }
+            _ => return Err(lost("this backend does not hold the key for this owner")),
+        };
+        let new_ttl = ttl_ms(ttl);
+        // A busy session is retryable: the watchdog tries again before the deadline.
+        let mut state = self.lock_session(&held.session).await?;
+        if state.epoch != held.epoch || state.conn.is_none() {
+            return Err(lost("its holder session was lost"));
+        }
+        let wanted = state.max_ttl().max(new_ttl);
+        let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
+        let result = match state.conn.as_mut() {
+            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
+            None => Ok(Err(sqlx::Error::PoolClosed)),
+        };
+        if matches!(result, Ok(Ok(_))) {
+            state.answered_at = Some(Instant::now());
+            state.timeout_set_ms = wanted;
+        }
+        match result {
+            Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
+                Ok(pid) if pid == state.pid => {}
+                Ok(pid) => {
+                    let error = self.session_switched(&held.session, &mut state, pid);
+                    return Err(LockError::lost(key.as_str(), error.to_string()));
+                }
+                Err(error) => {
+                    self.break_session(&held.session, &mut state, "unexpected renew answer");
+                    return Err(LockError::lost(
+                        key.as_str(),
+                        format!("its holder session gave an unexpected answer: {error}"),
+                    ));
+                }
+            },
+            Ok(Err(error)) if is_connection_error(&error) => {
+                self.break_session(&held.session, &mut state, "renew failed");
+                return Err(LockError::lost(
+                    key.as_str(),
+                    format!("its holder session was lost: {error}"),
+                ));
+            }
+            Ok(Err(error)) => return Err(map_error("renew", error)),
+            Err(_) => {
+                self.break_session(&held.session, &mut state, "renew timed out");
+                return Err(lost("its holder session stopped answering"));
+            }
+        }
+        // Only now move the deadline, and only if the reaper did not take the lock meanwhile.
+        let mut book = lock(&self.book);
+        match book.entries.get_mut(&hash) {
+            Some(Entry::Held(entry))
+                if entry.owner == lease.owner() && entry.epoch == held.epoch =>
+            {
+                if entry.ttl_ms != new_ttl {
+                    state.remove_ttl(entry.ttl_ms);
+                    state.add_ttl(new_ttl);
+                    entry.ttl_ms = new_ttl;
+                }
+                entry.deadline = sent_at + ttl;
+                Ok(lease.renewed(ttl, sent_at))
+            }
+            _ => Err(lost("the lease expired while it was being renewed")),
+        }
+    }
+}

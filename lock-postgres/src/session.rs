@@ -1,0 +1,272 @@
+//! Holder sessions: the connections that hold the locks, how one is picked, locked, reconnected and
+//! dropped.
+
+use super::*;
+
+/// One connection's state, behind the session's async mutex (statements on a session are
+/// serialized).
+#[derive(Debug, Default)]
+pub(crate) struct SessionState {
+    pub(crate) conn: Option<PgConnection>,
+    /// Bumped when the connection is dropped: leases granted on an older epoch are gone.
+    pub(crate) epoch: u64,
+    /// TTL (ms) → number of locks held on this session with that TTL. The session's
+    /// `idle_session_timeout` is the largest key (0 = off when no lock is held).
+    pub(crate) ttls: BTreeMap<u64, usize>,
+    pub(crate) pid: i32,
+    /// Cancelled when this connection is dropped or found dead; every lease granted on it
+    /// carries it ([`Lease::with_lost_signal`]), so its guards hear of the loss at once.
+    pub(crate) lost: CancellationToken,
+    /// When a statement on this connection last got its answer: a session that answered
+    /// within the heartbeat interval needs no probe.
+    pub(crate) answered_at: Option<Instant>,
+    /// The session's `idle_session_timeout` on the server (ms, 0 = off), as we last set it.
+    /// It is at least the largest TTL held; statements set it only when that changes. After
+    /// the last lock goes it stays (one `set_config` less per release and per next acquire)
+    /// and the heartbeat turns it off later; a lock-free session the server ended meanwhile
+    /// is reconnected by the next acquire.
+    pub(crate) timeout_set_ms: u64,
+}
+
+impl SessionState {
+    /// Drops the connection: the server ends the session and frees whatever it held. Leases
+    /// granted on it hear it through `lost` and are stale by `epoch`. Returns the old epoch.
+    pub(crate) fn disconnect(&mut self) -> u64 {
+        self.conn = None;
+        self.ttls.clear();
+        self.lost.cancel();
+        self.epoch += 1;
+        self.epoch - 1
+    }
+
+    /// The largest TTL (ms) held on this session, 0 when none.
+    pub(crate) fn max_ttl(&self) -> u64 {
+        self.ttls.keys().next_back().copied().unwrap_or(0)
+    }
+
+    pub(crate) fn add_ttl(&mut self, ttl: u64) {
+        *self.ttls.entry(ttl).or_insert(0) += 1;
+    }
+
+    pub(crate) fn remove_ttl(&mut self, ttl: u64) {
+        if let Some(count) = self.ttls.get_mut(&ttl) {
+            *count -= 1;
+            if *count == 0 {
+                self.ttls.remove(&ttl);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) id: usize,
+    pub(crate) class_ms: u64,
+    pub(crate) state: tokio::sync::Mutex<SessionState>,
+    /// Set when an operation was abandoned mid-statement and the session was busy: its next
+    /// user drops the connection first.
+    pub(crate) tainted: AtomicBool,
+}
+
+/// Marks a statement in flight on a session until dropped: an operation abandoned while it
+/// is set leaves the session in an unknown state (see [`Inner::abandon`]).
+pub(crate) struct InFlight<'a>(&'a AtomicBool);
+
+impl<'a> InFlight<'a> {
+    pub(crate) fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::SeqCst);
+        InFlight(flag)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Inner {
+    pub(crate) fn pick_session(&self, hash: i64, ttl_ms: u64) -> Arc<Session> {
+        let mut sessions = lock(&self.sessions);
+        let in_class = |session: &&Arc<Session>| session.class_ms == ttl_ms;
+        let per_ttl = self.config.sessions_per_ttl;
+        let slot = usize::try_from(hash.cast_unsigned() % per_ttl as u64).unwrap_or(0);
+        if let Some(session) = sessions.iter().filter(in_class).nth(slot) {
+            return session.clone();
+        }
+        if sessions.len() < self.config.max_sessions {
+            let session = Arc::new(Session {
+                id: sessions.len(),
+                class_ms: ttl_ms,
+                state: tokio::sync::Mutex::default(),
+                tainted: AtomicBool::new(false),
+            });
+            sessions.push(session.clone());
+            return session;
+        }
+        let class_len = sessions.iter().filter(in_class).count();
+        if class_len > 0
+            && let Some(session) = sessions.iter().filter(in_class).nth(slot % class_len)
+        {
+            return session.clone();
+        }
+        // Every session is taken by other TTLs: share the closest one. Its timeout follows the
+        // largest TTL on it, so this lock can only be kept longer after a stall, never less.
+        sessions
+            .iter()
+            .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
+            .cloned()
+            .unwrap_or_else(|| {
+                // Unreachable: max_sessions ≥ 1, so the list is not empty here.
+                Arc::new(Session {
+                    id: usize::MAX,
+                    class_ms: ttl_ms,
+                    state: tokio::sync::Mutex::default(),
+                    tainted: AtomicBool::new(false),
+                })
+            })
+    }
+
+    /// Waits for the session's mutex, at most `op_timeout`. Running out is a retryable error
+    /// that leaves the session alone: nothing was sent on it. A session marked tainted (an
+    /// operation was abandoned mid-statement where it could not finish) is dropped first.
+    pub(crate) async fn lock_session<'s>(
+        &self,
+        session: &'s Session,
+    ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
+        // A free session (the common case) needs no timer.
+        let free = session.state.try_lock().ok();
+        let mut state = match free {
+            Some(state) => state,
+            None => tokio::time::timeout(self.config.op_timeout, session.state.lock())
+                .await
+                .map_err(|_| {
+                    LockError::backend_msg(
+                        BACKEND,
+                        format!(
+                            "the holder session stayed busy for {:?}; nothing was sent, the \
+                         session and its locks are kept",
+                            self.config.op_timeout
+                        ),
+                        true,
+                    )
+                })?,
+        };
+        if session.tainted.swap(false, Ordering::SeqCst) && state.conn.is_some() {
+            self.break_session(
+                session,
+                &mut state,
+                "an operation was abandoned mid-statement outside a runtime",
+            );
+        }
+        Ok(state)
+    }
+
+    /// Locks the session and makes sure it is connected (connecting within
+    /// `connect_timeout`).
+    pub(crate) async fn session_conn<'s>(
+        &self,
+        session: &'s Session,
+    ) -> Result<tokio::sync::MutexGuard<'s, SessionState>, LockError> {
+        let mut state = self.lock_session(session).await?;
+        if state.conn.is_none() {
+            self.reconnect(&mut state).await?;
+        }
+        Ok(state)
+    }
+
+    /// Opens a fresh connection for a session that has none (`open_session` sets its
+    /// `idle_session_timeout` to 0).
+    pub(crate) async fn reconnect(&self, state: &mut SessionState) -> Result<(), LockError> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let (conn, pid) = self.open_session(deadline).await?;
+        state.conn = Some(conn);
+        state.pid = pid;
+        state.ttls.clear();
+        state.lost = CancellationToken::new();
+        state.timeout_set_ms = 0;
+        state.answered_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Drops the session's connection: the server ends the session and frees its locks. Every
+    /// lease granted on it is gone from our books, so renew answers `Lost`.
+    pub(crate) fn break_session(&self, session: &Session, state: &mut SessionState, why: &str) {
+        tracing::warn!(
+            session = session.id,
+            pid = state.pid,
+            why,
+            "holder session lost; its locks are lost"
+        );
+        // The server frees every lock of the session once the connection goes: the guards
+        // hear it now (the lost signal), not at their next renewal.
+        let old = state.disconnect();
+        let mut book = lock(&self.book);
+        book.entries.retain(|_, entry| match entry {
+            Entry::Held(held) => !(held.session.id == session.id && held.epoch == old),
+            Entry::Pending => true,
+        });
+    }
+
+    /// A statement answered from another server session than the one we opened: a pooler
+    /// (PgBouncer in transaction or statement mode) switches sessions under us, so no lock
+    /// on this connection can be trusted. Drops the session.
+    pub(crate) fn session_switched(
+        &self,
+        session: &Session,
+        state: &mut SessionState,
+        pid: i32,
+    ) -> LockError {
+        let why = format!(
+            "a statement ran in server session {pid}, not {}: a pooler is switching sessions",
+            state.pid
+        );
+        self.break_session(session, state, &why);
+        pooler_refusal(&why)
+    }
+
+    /// After an unlock that answered `false`: a pooler that switched server sessions is
+    /// reported as such ([`Inner::session_switched`]); a failed check drops the session.
+    pub(crate) async fn check_pid_after_false_unlock(
+        &self,
+        session: &Session,
+        state: &mut SessionState,
+    ) -> Result<(), LockError> {
+        let Some(conn) = state.conn.as_mut() else {
+            return Ok(());
+        };
+        let query = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(conn);
+        match tokio::time::timeout(self.config.op_timeout, query).await {
+            Ok(Ok(pid)) if pid == state.pid => Ok(()),
+            Ok(Ok(pid)) => Err(self.session_switched(session, state, pid)),
+            _ => {
+                self.break_session(
+                    session,
+                    state,
+                    "checking the session after a release failed",
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// An operation on `session` was dropped outside any runtime, so it cannot be finished:
+    /// if its statement was in flight, the next user of the session drops the connection
+    /// (the server then frees whatever that statement took).
+    pub(crate) fn abandon(&self, session: &Session, in_flight: &AtomicBool) {
+        if !in_flight.load(Ordering::SeqCst) {
+            return;
+        }
+        match session.state.try_lock() {
+            Ok(mut state) if state.conn.is_some() => {
+                self.break_session(
+                    session,
+                    &mut state,
+                    "an operation was abandoned mid-statement outside a runtime",
+                );
+            }
+            Ok(_) => {}
+            Err(_) => session.tainted.store(true, Ordering::SeqCst),
+        }
+    }
+}

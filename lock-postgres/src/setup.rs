@@ -1,0 +1,296 @@
+//! Connecting: the server checks (version, no transaction pooler) and the fence sequence.
+
+use super::*;
+
+/// `pg_backend_pid()` through the simple query protocol (no prepared statement).
+pub(crate) async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::raw_sql("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?
+        .try_get(0)
+}
+
+impl Inner {
+    /// Checks the server with a throw-away connection (version, no transaction pooler) and
+    /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
+    pub(crate) async fn setup(&self) -> Result<Oid, LockError> {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let (mut conn, pid) = self.open_session(deadline).await?;
+        let checks = async {
+            let version: i32 =
+                sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(|error| map_error("reading the server version", error))?;
+            if version < 140_000 {
+                return Err(LockError::InvalidConfig(format!(
+                    "PostgreSQL 14 or later is required (idle_session_timeout enforces lock \
+                     TTLs); this server is version {version}"
+                )));
+            }
+            self.check_no_pooler(&mut conn, pid).await?;
+            self.fence_sequence(&mut conn).await
+        };
+        match timeout_at(deadline, checks).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(
+                "checking the server and the fence sequence",
+                self.config.connect_timeout,
+            )),
+        }
+    }
+
+    /// A transaction-pooling PgBouncer hands the most recently used idle server connection
+    /// to the next transaction (LIFO), so two probes on one client connection usually land on
+    /// the same server session. A second client connection opens a transaction meanwhile:
+    /// behind such a pooler it gets our session's server connection (same pid) — checked
+    /// before anything else runs, as with a pool of one server connection our next probe
+    /// would wait for that transaction — or else our next probe has to run on another one.
+    ///
+    /// The probes use the simple query protocol: sqlx's named prepared statements would
+    /// collide on a shared server connection ("prepared statement already exists") and hide
+    /// the pooler behind a confusing error. Errors that only a pooler causes (statement
+    /// pooling refusing the transaction, prepared statements missing or duplicated) are
+    /// refusals too (see [`is_pooler_error`]).
+    pub(crate) async fn check_no_pooler(
+        &self,
+        conn: &mut PgConnection,
+        pid: i32,
+    ) -> Result<(), LockError> {
+        let mut other = self
+            .options
+            .clone()
+            .application_name(&format!("{}-probe", self.config.application_name))
+            .connect()
+            .await
+            .map_err(|error| map_error("connecting to postgres", error))?;
+        let probe = async {
+            sqlx::raw_sql("BEGIN").execute(&mut other).await?;
+            let other_pid = backend_pid(&mut other).await?;
+            if other_pid == pid {
+                return Ok(Some(format!(
+                    "a second client connection ran in this one's server session (pid {pid})"
+                )));
+            }
+            let again = backend_pid(&mut *conn).await?;
+            Ok::<_, sqlx::Error>((again != pid).then(|| {
+                format!(
+                    "one client connection ran in two server sessions (pid {pid}, then {again})"
+                )
+            }))
+        };
+        let outcome = probe.await;
+        // Closing ends the open transaction too.
+        let _ = sqlx::Connection::close(other).await;
+        match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(what)) => Err(pooler_refusal(&what)),
+            Err(error) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
+            Err(error) => Err(map_error("probing for a connection pooler", error)),
+        }
+    }
+
+    /// Finds the fence sequence by its schema-qualified name (never through `search_path`,
+    /// which differs between roles), creating it only if it is missing (`CREATE SEQUENCE IF
+    /// NOT EXISTS` would demand CREATE privilege even when it exists), and checks it can
+    /// serve fences: a sequence, increasing, usable by this role.
+    pub(crate) async fn fence_sequence(&self, conn: &mut PgConnection) -> Result<Oid, LockError> {
+        let name = self.config.fence_sequence.as_str();
+        let invalid =
+            |why: String| LockError::InvalidConfig(format!("fence_sequence {name:?}: {why}"));
+        let parts: Option<i32> = sqlx::query_scalar("SELECT array_length(parse_ident($1), 1)")
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|error| invalid(format!("not a valid name: {error}")))?;
+        if parts != Some(2) {
+            return Err(invalid(
+                "give it as schema.name, so every role finds the same sequence".into(),
+            ));
+        }
+        let lookup = "SELECT to_regclass($1)::oid";
+        let mut oid: Option<Oid> = sqlx::query_scalar(lookup)
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|error| map_error("looking up the fence sequence", error))?;
+        if oid.is_none() {
+            oid = self.create_fence_sequence(conn).await?;
+        }
+        if oid.is_none() {
+            oid = sqlx::query_scalar(lookup)
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|error| map_error("looking up the fence sequence", error))?;
+        }
+        let oid = oid.ok_or_else(|| invalid("it could not be found after creating it".into()))?;
+        let row = sqlx::query(
+            "SELECT c.relkind::text, s.seqincrement, s.seqcache, s.seqcycle, \
+               has_sequence_privilege(c.oid, 'USAGE') OR has_sequence_privilege(c.oid, 'UPDATE') \
+             FROM pg_class c LEFT JOIN pg_sequence s ON s.seqrelid = c.oid WHERE c.oid = $1",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|error| map_error("inspecting the fence sequence", error))?;
+        let decoded = (|| {
+            Ok::<_, sqlx::Error>((
+                row.try_get::<String, _>(0)?,
+                row.try_get::<Option<i64>, _>(1)?,
+                row.try_get::<Option<i64>, _>(2)?,
+                row.try_get::<Option<bool>, _>(3)?,
+                row.try_get::<bool, _>(4)?,
+            ))
+        })();
+        let (kind, increment, cache, cycle, usable) =
+            decoded.map_err(|error| map_error("inspecting the fence sequence", error))?;
+        if kind != "S" {
+            return Err(invalid("it exists but is not a sequence".into()));
+        }
+        if increment.unwrap_or(0) <= 0 {
+            return Err(invalid(
+                "its increment is not positive: fencing tokens must increase".into(),
+            ));
+        }
+        if !usable {
+            return Err(invalid(
+                "this role may not draw from it: GRANT USAGE ON SEQUENCE to it".into(),
+            ));
+        }
+        if cache.unwrap_or(1) > 1 {
+            // Each session pre-allocates a block: two sessions' values interleave, so a later
+            // holder can get a lower token than an earlier one.
+            tracing::warn!(
+                sequence = name,
+                cache,
+                "the fence sequence has CACHE > 1: fencing tokens from different sessions \
+                 are not monotonic; ALTER SEQUENCE ... CACHE 1"
+            );
+        }
+        if cycle == Some(true) {
+            tracing::warn!(
+                sequence = name,
+                "the fence sequence CYCLEs: after its maximum, tokens start over"
+            );
+        }
+        Ok(oid)
+    }
+
+    /// Creates the fence sequence, serialized between backends by a transaction lock that no
+    /// user key can reach (a user's lock named "schema" must not block connecting).
+    pub(crate) async fn create_fence_sequence(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<Oid>, LockError> {
+        let name = self.config.fence_sequence.as_str();
+        let work = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                .bind(SETUP_LOCK.0)
+                .bind(SETUP_LOCK.1)
+                .execute(&mut *tx)
+                .await?;
+            // Someone may have created it while we waited (if this transaction's catalog
+            // caches already show it; if not, the CREATE below says so).
+            let existing: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            if existing.is_some() {
+                tx.commit().await?;
+                return Ok(existing);
+            }
+            // The server quotes each part: the name cannot inject SQL.
+            let quoted: String = sqlx::query_scalar(
+                "SELECT string_agg(quote_ident(part), '.' ORDER BY n) \
+                 FROM unnest(parse_ident($1)) WITH ORDINALITY AS t(part, n)",
+            )
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+            let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {quoted}")))
+                .execute(&mut *tx)
+                .await;
+            if let Err(sqlx::Error::Database(db)) = &created
+                && matches!(db.code().as_deref(), Some("42P07" | "23505"))
+            {
+                // Another backend created it after our look-up: this transaction may still
+                // see a cached "no such relation" (an advisory lock does not refresh the
+                // catalog caches). Roll back; the caller looks again in a new transaction.
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            created?;
+            let created: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(created)
+        };
+        work.await.map_err(|error| {
+            let code = match &error {
+                sqlx::Error::Database(db) => db.code().unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            match code.as_str() {
+                "42501" | "3F000" => LockError::InvalidConfig(format!(
+                    "the fence sequence {name} does not exist and this role cannot create it \
+                     ({error}); have an administrator run CREATE SEQUENCE {name}; GRANT USAGE \
+                     ON SEQUENCE {name} TO <role>"
+                )),
+                _ => map_error("creating the fence sequence", error),
+            }
+        })
+    }
+
+    /// Opens a holder-style connection: checks that session state survives between
+    /// transactions (it does not behind a transaction-pooling PgBouncer) and turns
+    /// `idle_session_timeout` off until a lock is held.
+    pub(crate) async fn open_session(
+        &self,
+        deadline: Instant,
+    ) -> Result<(PgConnection, i32), LockError> {
+        let options = self
+            .options
+            .clone()
+            .application_name(&format!("{}-holder", self.config.application_name));
+        let work = async {
+            let mut conn = options.connect().await?;
+            let first: i32 = sqlx::query_scalar(
+                "SELECT pg_backend_pid() FROM (SELECT set_config('idle_session_timeout', '0', false)) s",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            let second: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await?;
+            Ok::<_, sqlx::Error>((conn, first, second))
+        };
+        match timeout_at(deadline, work).await {
+            Err(_) => Err(timed_out(
+                &format!(
+                    "connecting to postgres at {}:{}",
+                    self.options.get_host(),
+                    self.options.get_port()
+                ),
+                self.config.connect_timeout,
+            )),
+            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42704") => {
+                // "unrecognized configuration parameter": idle_session_timeout is new in 14.
+                Err(LockError::InvalidConfig(format!(
+                    "PostgreSQL 14 or later is required (idle_session_timeout enforces lock \
+                     TTLs): {db}"
+                )))
+            }
+            Ok(Err(error)) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
+            Ok(Err(error)) => Err(map_error("connecting to postgres", error)),
+            Ok(Ok((_, first, second))) if first != second => Err(pooler_refusal(&format!(
+                "two statements on one connection ran in different server sessions (pid \
+                 {first}, then {second})"
+            ))),
+            Ok(Ok((conn, first, _))) => Ok((conn, first)),
+        }
+    }
+}

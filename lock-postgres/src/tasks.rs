@@ -1,0 +1,178 @@
+//! Background tasks: the reaper (locks whose lease ran out unrenewed) and the heartbeat (lost
+//! sessions, lock-free sessions' timeouts).
+
+use super::*;
+
+/// Unlocks locks whose renewal did not arrive before their deadline (a guard leaked or a
+/// watchdog stopped while this process keeps running).
+pub(crate) async fn reaper(inner: Arc<Inner>) {
+    loop {
+        let now = Instant::now();
+        let (expired, next) = {
+            let mut book = lock(&inner.book);
+            let mut expired = Vec::new();
+            let mut next: Option<Instant> = None;
+            for (hash, entry) in book.entries.iter_mut() {
+                match entry {
+                    Entry::Held(held) if held.deadline <= now => {
+                        // Pending while the unlock runs: no local acquire may take the key
+                        // on the same (reentrant) session before it.
+                        if let Entry::Held(held) = std::mem::replace(entry, Entry::Pending) {
+                            expired.push((*hash, held));
+                        }
+                    }
+                    Entry::Held(held) => {
+                        next = Some(next.map_or(held.deadline, |at| at.min(held.deadline)));
+                    }
+                    Entry::Pending => {}
+                }
+            }
+            // Nothing held: wake at the idle tick anyway, so that an acquire (its deadline
+            // is later than the tick for any TTL above it) need not wake this task: in a
+            // tight acquire/release loop that would cost a cross-thread wake-up per lock.
+            book.reaper_at = Some(next.unwrap_or(now + REAPER_IDLE_TICK));
+            (expired, next)
+        };
+        for (hash, held) in expired {
+            tracing::debug!(key = %held.key, "lease expired without renewal; unlocking");
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let in_flight = Arc::new(AtomicBool::new(false));
+                if let Err(error) = inner.release_held(hash, held, in_flight).await {
+                    tracing::warn!(%error, "unlocking an expired lease failed");
+                }
+            });
+        }
+        let wake = next.unwrap_or(now + REAPER_IDLE_TICK);
+        tokio::select! {
+            _ = sleep_until(wake) => {}
+            _ = inner.reaper_wake.notified() => {}
+        }
+    }
+}
+
+/// Probes every holder session that holds locks, every [`heartbeat_interval`] of its
+/// smallest TTL: a session the server ended (terminate, restart, failover) frees all its
+/// locks at once, and the probe lets its guards know within the interval instead of at their
+/// next renewal (T/3). A session busy with a statement is skipped: that statement is the probe.
+pub(crate) async fn heartbeat(inner: Arc<Inner>) {
+    loop {
+        let now = Instant::now();
+        let sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
+        // The plan is locked through the scan, so that a first lock either is seen by the
+        // scan or sees the plan it makes.
+        let (next, probes, resets) = {
+            let mut planned = lock(&inner.heartbeat_at);
+            let mut next: Option<Instant> = None;
+            let mut probes = Vec::new();
+            let mut resets = Vec::new();
+            for session in &sessions {
+                let Ok(state) = session.state.try_lock() else {
+                    // Busy: its statement is the probe. Look again within the longest interval.
+                    plan(&mut next, now + HEARTBEAT_MAX);
+                    continue;
+                };
+                if state.conn.is_none() {
+                    continue;
+                }
+                let Some(&min_ttl) = state.ttls.keys().next() else {
+                    // No lock left, but the timeout of the last one still runs: turn it off
+                    // before the server ends the idle session (at half of it).
+                    if state.timeout_set_ms > 0 {
+                        let due = state.answered_at.map_or(now, |at| {
+                            at + Duration::from_millis(state.timeout_set_ms / 2)
+                        });
+                        if due <= now {
+                            resets.push(inner.turn_off_timeout(session, state));
+                            plan(&mut next, now + HEARTBEAT_MAX);
+                        } else {
+                            plan(&mut next, due);
+                        }
+                    }
+                    continue;
+                };
+                let every = heartbeat_interval(min_ttl);
+                // Any statement answered within the interval proved the session alive: a
+                // session in steady use is never probed, and a lock just taken is not probed
+                // at once (that probe would hold the session while its release waits).
+                let due = state.answered_at.map_or(now, |at| at + every);
+                if due <= now {
+                    probes.push(inner.probe(session, state));
+                    plan(&mut next, now + every);
+                } else {
+                    plan(&mut next, due);
+                }
+            }
+            *planned = next;
+            (next, probes, resets)
+        };
+        futures::future::join(
+            futures::future::join_all(probes),
+            futures::future::join_all(resets),
+        )
+        .await;
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = sleep_until(at) => {}
+                    _ = inner.heartbeat_wake.notified() => {}
+                }
+            }
+            // Nothing held: sleep until an acquire wakes us.
+            None => inner.heartbeat_wake.notified().await,
+        }
+    }
+}
+
+/// Moves the heartbeat's next wake-up to `at` if that is earlier.
+pub(crate) fn plan(next: &mut Option<Instant>, at: Instant) {
+    *next = Some(next.map_or(at, |next| next.min(at)));
+}
+
+impl Inner {
+    /// One heartbeat: a Sync round trip (no statement to parse). Any failure leaves the
+    /// connection in an unknown state, so the session is dropped and its guards told.
+    pub(crate) async fn probe(
+        &self,
+        session: &Session,
+        mut state: tokio::sync::MutexGuard<'_, SessionState>,
+    ) {
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout(self.config.op_timeout, sqlx::Connection::ping(conn)).await {
+            Ok(Ok(())) => state.answered_at = Some(Instant::now()),
+            Ok(Err(error)) => {
+                let why = format!("heartbeat failed: {error}");
+                self.break_session(session, &mut state, &why);
+            }
+            Err(_) => self.break_session(session, &mut state, "heartbeat timed out"),
+        }
+    }
+
+    /// Turns off the `idle_session_timeout` a lock-free session kept from its last lock. A
+    /// failure drops the connection (it held nothing); the next acquire connects again.
+    pub(crate) async fn turn_off_timeout(
+        &self,
+        session: &Session,
+        mut state: tokio::sync::MutexGuard<'_, SessionState>,
+    ) {
+        if !state.ttls.is_empty() {
+            return;
+        }
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
+        let query = sqlx::query(RENEW_SQL).bind("0").fetch_one(conn);
+        match tokio::time::timeout(self.config.op_timeout, query).await {
+            Ok(Ok(row)) if row.try_get::<i32, _>(1).is_ok_and(|pid| pid == state.pid) => {
+                state.timeout_set_ms = 0;
+                state.answered_at = Some(Instant::now());
+            }
+            _ => {
+                tracing::debug!(session = session.id, "lock-free holder session dropped");
+                state.disconnect();
+            }
+        }
+    }
+}
