@@ -380,7 +380,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused clock: the loop never idles, so time stands still and the idle tick cannot add
+    // a look, however slow the machine.
+    #[tokio::test(start_paused = true)]
     async fn busy_lock_loop_does_not_wake_the_watchdog_per_acquire() {
         let locker = Locker::new(MemoryBackend::new());
         for _ in 0..200 {

@@ -516,12 +516,18 @@ impl PgBouncer {
             let log = dir.path().join("pgbouncer.log");
             let mut child = spawn_on_keeper("pgbouncer", command, &log)?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            // Not `wait_for_port` alone: a PgBouncer that could not bind exits at once, and
-            // its log says why (a port clash is retried on another port).
+            // Not `wait_for_port`: whoever else might listen on the port would pass that. A
+            // PgBouncer that could not bind exits at once and its log says why (a port clash
+            // is retried on another port); one that did logs "listening on <addr>".
+            let listening = format!("listening on {addr}");
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 child.check_running()?;
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                if log_text.contains(&listening)
+                    && std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                        .is_ok()
+                {
                     return Ok(child);
                 }
                 if Instant::now() >= deadline {

@@ -10,6 +10,10 @@ pub(crate) async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Er
         .try_get(0)
 }
 
+/// How long the pooler probe waits for its own connection's answer before it ends the second
+/// connection's transaction (see [`Inner::check_no_pooler`]).
+const POOLER_PROBE_PATIENCE: Duration = Duration::from_millis(500);
+
 impl Inner {
     /// Checks the server with a throw-away connection (version, no transaction pooler) and
     /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
@@ -17,6 +21,9 @@ impl Inner {
         let deadline = Instant::now() + self.config.connect_timeout;
         let (mut conn, pid) = self.open_session(deadline).await?;
         let checks = async {
+            // The pooler check first: the statements after it use named prepared statements,
+            // which a transaction pooler breaks with errors that would not name it.
+            self.check_no_pooler(&mut conn, pid).await?;
             let version: i32 =
                 sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
                     .fetch_one(&mut conn)
@@ -28,7 +35,6 @@ impl Inner {
                      TTLs); this server is version {version}"
                 )));
             }
-            self.check_no_pooler(&mut conn, pid).await?;
             self.fence_sequence(&mut conn).await
         };
         match timeout_at(deadline, checks).await {
@@ -57,22 +63,40 @@ impl Inner {
         conn: &mut PgConnection,
         pid: i32,
     ) -> Result<(), LockError> {
-        let mut other = self
+        let other = self
             .options
             .clone()
             .application_name(&format!("{}-probe", self.config.application_name))
             .connect()
             .await
             .map_err(|error| map_error("connecting to postgres", error))?;
+        // Closing `other` ends its open transaction too.
+        let mut other = Some(other);
         let probe = async {
-            sqlx::raw_sql("BEGIN").execute(&mut other).await?;
-            let other_pid = backend_pid(&mut other).await?;
+            let Some(open) = other.as_mut() else {
+                return Ok(None);
+            };
+            sqlx::raw_sql("BEGIN").execute(&mut *open).await?;
+            let other_pid = backend_pid(open).await?;
             if other_pid == pid {
                 return Ok(Some(format!(
                     "a second client connection ran in this one's server session (pid {pid})"
                 )));
             }
-            let again = backend_pid(&mut *conn).await?;
+            // On a server reached directly this answers at once. Behind a pooler with no
+            // server connection to spare it waits for `other`'s transaction: end it after a
+            // moment rather than wait for the connect timeout, and look at the answer.
+            let again = backend_pid(&mut *conn);
+            tokio::pin!(again);
+            let again = tokio::select! {
+                answer = &mut again => answer?,
+                () = tokio::time::sleep(POOLER_PROBE_PATIENCE) => {
+                    if let Some(open) = other.take() {
+                        let _ = sqlx::Connection::close(open).await;
+                    }
+                    again.await?
+                }
+            };
             Ok::<_, sqlx::Error>((again != pid).then(|| {
                 format!(
                     "one client connection ran in two server sessions (pid {pid}, then {again})"
@@ -80,8 +104,9 @@ impl Inner {
             }))
         };
         let outcome = probe.await;
-        // Closing ends the open transaction too.
-        let _ = sqlx::Connection::close(other).await;
+        if let Some(open) = other {
+            let _ = sqlx::Connection::close(open).await;
+        }
         match outcome {
             Ok(None) => Ok(()),
             Ok(Some(what)) => Err(pooler_refusal(&what)),
