@@ -61,7 +61,6 @@ pub use config::PostgresConfig;
 use config::*;
 use detached::*;
 use errors::*;
-use keys::*;
 pub use keys::{SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
 use ops::*;
@@ -172,14 +171,9 @@ struct Inner {
     reaper_wake: Notify,
     /// The fence sequence, by OID: found once at setup, never through `search_path`.
     fence_oid: AtomicU32,
-    /// Advisory keys of recently used lock keys: the HKDF (and, with a namespace, the
-    /// formatting of its input) cost about 1 µs per acquire, a lookup a few dozen ns.
+    /// Advisory keys of recently used lock keys (see [`Inner::advisory_key`]).
     key_cache: Mutex<HashMap<LockKey, i64>>,
 }
-
-/// Entries [`Inner::key_cache`] holds before it starts over (a workload of ever-new keys,
-/// e.g. one per order id, must not grow it without bound).
-const KEY_CACHE_CAPACITY: usize = 4096;
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
 /// [`PostgresBackend::from_pool`] or [`PostgresBackend::with_options`]; share it as
@@ -305,22 +299,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Inner {
-    /// [`advisory_key`] in this backend's namespace, through [`Inner::key_cache`].
-    fn advisory_key(&self, key: &LockKey) -> i64 {
-        if let Some(&hash) = lock(&self.key_cache).get(key) {
-            return hash;
-        }
-        let hash = advisory_key(&self.config.namespace, key.as_str());
-        let mut cache = lock(&self.key_cache);
-        if cache.len() >= KEY_CACHE_CAPACITY {
-            cache.clear();
-        }
-        cache.insert(key.clone(), hash);
-        hash
-    }
 }
 
 #[async_trait]
@@ -476,7 +454,7 @@ mod tests {
         let namespace = backend.config().namespace.clone();
         ensure!(!namespace.is_empty(), "the default namespace is not empty");
         for round in 0..2 {
-            for n in 0..KEY_CACHE_CAPACITY + 100 {
+            for n in 0..keys::KEY_CACHE_CAPACITY + 100 {
                 let key = LockKey::new(format!("order-{n}"))?;
                 let expected = advisory_key(&namespace, key.as_str());
                 ensure!(
@@ -486,7 +464,7 @@ mod tests {
                 ensure!(expected != advisory_key("", key.as_str()));
             }
             let cached = lock(&backend.inner.key_cache).len();
-            ensure!(cached <= KEY_CACHE_CAPACITY, "cache grew to {cached}");
+            ensure!(cached <= keys::KEY_CACHE_CAPACITY, "cache grew to {cached}");
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ SELECT pg_advisory_unlock($1),
 /// Takes the lease's book entry for a release: `Pending` until the unlock settles. `None`
 /// when the lease is not ours (any more). The flag says whether it was still valid.
 pub(crate) fn begin_release(inner: &Inner, lease: &Lease) -> Option<(i64, HeldLock, bool)> {
-    let hash = lease_advisory_key(&inner.config.namespace, lease);
+    let hash = inner.advisory_key(lease.key());
     let now = Instant::now();
     let mut book = lock(&inner.book);
     let entry = book.entries.get_mut(&hash)?;
@@ -291,8 +291,7 @@ impl Inner {
         }
         Ok(Attempt::Acquired(
             Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
-                .with_lost_signal(lost_signal)
-                .with_backend_data(Arc::new(LeaseKey(hash))),
+                .with_lost_signal(lost_signal),
         ))
     }
 
@@ -409,7 +408,7 @@ impl Inner {
         sent_at: Instant,
     ) -> Result<Lease, LockError> {
         let key = lease.key().clone();
-        let hash = lease_advisory_key(&self.config.namespace, &lease);
+        let hash = self.advisory_key(&key);
         let lost = |reason: &str| LockError::lost(key.as_str(), reason);
         let held = match lock(&self.book).entries.get(&hash) {
             Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == key => {
