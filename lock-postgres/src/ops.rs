@@ -158,12 +158,7 @@ impl Inner {
                     .bind(fence_oid)
             };
             // The statement's own budget starts when it is sent, not when we began waiting.
-            let result = match state.conn.as_mut() {
-                Some(conn) => {
-                    tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await
-                }
-                None => Ok(Err(sqlx::Error::PoolClosed)),
-            };
+            let result = state.fetch_one(query, self.config.op_timeout).await;
             match &result {
                 // A session holding no lock may have been ended by the server: its timeout
                 // outlives its last lock until the heartbeat turns it off. Nothing was held
@@ -183,10 +178,7 @@ impl Inner {
             }
         };
         let row = match result {
-            Ok(Ok(row)) => {
-                state.answered_at = Some(Instant::now());
-                row
-            }
+            Ok(Ok(row)) => row,
             Ok(Err(error)) => {
                 if is_connection_error(&error) {
                     self.break_session(&session, &mut state, "acquire failed");
@@ -334,15 +326,11 @@ impl Inner {
                 .bind(held.key.as_str()),
         };
         let _flight = InFlight::start(in_flight);
-        let result = match state.conn.as_mut() {
-            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
-            None => Ok(Err(sqlx::Error::PoolClosed)),
-        };
+        let result = state.fetch_one(query, self.config.op_timeout).await;
         // Local waiters need not wait for the NOTIFY round trip.
         self.hub.notify(held.key.as_str());
         let error = match result {
             Ok(Ok(row)) => {
-                state.answered_at = Some(Instant::now());
                 if let Some(timeout) = lower_to {
                     state.timeout_set_ms = timeout;
                 }
@@ -381,10 +369,7 @@ impl Inner {
         // unlock plainly, as the acquire undo does. `false` then means the failed statement
         // had unlocked already; either way the lock is free.
         let plain = sqlx::query("SELECT pg_advisory_unlock($1), pg_backend_pid()").bind(hash);
-        let answer = match state.conn.as_mut() {
-            Some(conn) => tokio::time::timeout(self.config.op_timeout, plain.fetch_one(conn)).await,
-            None => Ok(Err(sqlx::Error::PoolClosed)),
-        };
+        let answer = state.fetch_one(plain, self.config.op_timeout).await;
         match answer.map(|row| row.and_then(|row| row.try_get::<i32, _>(1))) {
             Ok(Ok(pid)) if pid == state.pid => {
                 tracing::warn!(key = %held.key, %error, "release statement failed; unlocked plainly (no NOTIFY: remote waiters poll)");
@@ -427,17 +412,9 @@ impl Inner {
         }
         let wanted = state.max_ttl().max(new_ttl);
         let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
-        let result = match state.conn.as_mut() {
-            Some(conn) => tokio::time::timeout(self.config.op_timeout, query.fetch_one(conn)).await,
-            None => Ok(Err(sqlx::Error::PoolClosed)),
-        };
-        if matches!(result, Ok(Ok(_))) {
-            state.answered_at = Some(Instant::now());
-            state.timeout_set_ms = wanted;
-        }
-        match result {
+        match state.fetch_one(query, self.config.op_timeout).await {
             Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
-                Ok(pid) if pid == state.pid => {}
+                Ok(pid) if pid == state.pid => state.timeout_set_ms = wanted,
                 Ok(pid) => {
                     let error = self.session_switched(&held.session, &mut state, pid);
                     return Err(LockError::lost(key.as_str(), error.to_string()));

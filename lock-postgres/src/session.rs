@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// `pg_backend_pid()` through the simple query protocol (no prepared statement).
+pub(crate) async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::raw_sql("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?
+        .try_get(0)
+}
+
 /// One connection's state, behind the session's async mutex (statements on a session are
 /// serialized).
 #[derive(Debug, Default)]
@@ -48,6 +56,23 @@ impl SessionState {
         *self.ttls.entry(ttl).or_insert(0) += 1;
     }
 
+    /// Runs `query` on this session's connection within `limit` (a session without one
+    /// answers `PoolClosed`). An answer shows the session alive ([`Self::answered_at`]).
+    pub(crate) async fn fetch_one(
+        &mut self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        limit: Duration,
+    ) -> Result<Result<sqlx::postgres::PgRow, sqlx::Error>, tokio::time::error::Elapsed> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Err(sqlx::Error::PoolClosed));
+        };
+        let result = tokio::time::timeout(limit, query.fetch_one(conn)).await;
+        if matches!(result, Ok(Ok(_))) {
+            self.answered_at = Some(Instant::now());
+        }
+        result
+    }
+
     pub(crate) fn remove_ttl(&mut self, ttl: u64) {
         if let Some(count) = self.ttls.get_mut(&ttl) {
             *count -= 1;
@@ -66,6 +91,18 @@ pub(crate) struct Session {
     /// Set when an operation was abandoned mid-statement and the session was busy: its next
     /// user drops the connection first.
     pub(crate) tainted: AtomicBool,
+}
+
+impl Session {
+    /// A session not connected yet (its first user connects it).
+    fn new(id: usize, class_ms: u64) -> Arc<Self> {
+        Arc::new(Session {
+            id,
+            class_ms,
+            state: tokio::sync::Mutex::default(),
+            tainted: AtomicBool::new(false),
+        })
+    }
 }
 
 /// Marks a statement in flight on a session until dropped: an operation abandoned while it
@@ -95,12 +132,7 @@ impl Inner {
             return session.clone();
         }
         if sessions.len() < self.config.max_sessions {
-            let session = Arc::new(Session {
-                id: sessions.len(),
-                class_ms: ttl_ms,
-                state: tokio::sync::Mutex::default(),
-                tainted: AtomicBool::new(false),
-            });
+            let session = Session::new(sessions.len(), ttl_ms);
             sessions.push(session.clone());
             return session;
         }
@@ -116,15 +148,8 @@ impl Inner {
             .iter()
             .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
             .cloned()
-            .unwrap_or_else(|| {
-                // Unreachable: max_sessions ≥ 1, so the list is not empty here.
-                Arc::new(Session {
-                    id: usize::MAX,
-                    class_ms: ttl_ms,
-                    state: tokio::sync::Mutex::default(),
-                    tainted: AtomicBool::new(false),
-                })
-            })
+            // Unreachable: max_sessions ≥ 1, so the list is not empty here.
+            .unwrap_or_else(|| Session::new(usize::MAX, ttl_ms))
     }
 
     /// Waits for the session's mutex, at most `op_timeout`. Running out is a retryable error
@@ -235,8 +260,7 @@ impl Inner {
         let Some(conn) = state.conn.as_mut() else {
             return Ok(());
         };
-        let query = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(conn);
-        match tokio::time::timeout(self.config.op_timeout, query).await {
+        match tokio::time::timeout(self.config.op_timeout, backend_pid(conn)).await {
             Ok(Ok(pid)) if pid == state.pid => Ok(()),
             Ok(Ok(pid)) => Err(self.session_switched(session, state, pid)),
             _ => {

@@ -2,20 +2,12 @@
 
 use super::*;
 
-/// `pg_backend_pid()` through the simple query protocol (no prepared statement).
-pub(crate) async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
-    sqlx::raw_sql("SELECT pg_backend_pid()")
-        .fetch_one(conn)
-        .await?
-        .try_get(0)
-}
-
 /// How long the pooler probe waits for its own connection's answer before it ends the second
 /// connection's transaction (see [`Inner::check_no_pooler`]).
 const POOLER_PROBE_PATIENCE: Duration = Duration::from_millis(500);
 
 impl Inner {
-    /// Checks the server with a throw-away connection (version, no transaction pooler) and
+    /// Checks the server with a throw-away connection (version 14+, no transaction pooler) and
     /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
     pub(crate) async fn setup(&self) -> Result<Oid, LockError> {
         let deadline = Instant::now() + self.config.connect_timeout;
@@ -23,18 +15,9 @@ impl Inner {
         let checks = async {
             // The pooler check first: the statements after it use named prepared statements,
             // which a transaction pooler breaks with errors that would not name it.
+            // (The version needs no query of its own: `open_session` sets
+            // idle_session_timeout, which a server before 14 does not know.)
             self.check_no_pooler(&mut conn, pid).await?;
-            let version: i32 =
-                sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(|error| map_error("reading the server version", error))?;
-            if version < 140_000 {
-                return Err(LockError::InvalidConfig(format!(
-                    "PostgreSQL 14 or later is required (idle_session_timeout enforces lock \
-                     TTLs); this server is version {version}"
-                )));
-            }
             self.fence_sequence(&mut conn).await
         };
         match timeout_at(deadline, checks).await {
@@ -288,9 +271,7 @@ impl Inner {
             )
             .fetch_one(&mut conn)
             .await?;
-            let second: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut conn)
-                .await?;
+            let second = backend_pid(&mut conn).await?;
             Ok::<_, sqlx::Error>((conn, first, second))
         };
         match timeout_at(deadline, work).await {

@@ -160,14 +160,13 @@ impl Inner {
         if !state.ttls.is_empty() {
             return;
         }
-        let Some(conn) = state.conn.as_mut() else {
+        if state.conn.is_none() {
             return;
-        };
-        let query = sqlx::query(RENEW_SQL).bind("0").fetch_one(conn);
-        match tokio::time::timeout(self.config.op_timeout, query).await {
+        }
+        let query = sqlx::query(RENEW_SQL).bind("0");
+        match state.fetch_one(query, self.config.op_timeout).await {
             Ok(Ok(row)) if row.try_get::<i32, _>(1).is_ok_and(|pid| pid == state.pid) => {
                 state.timeout_set_ms = 0;
-                state.answered_at = Some(Instant::now());
             }
             _ => {
                 tracing::debug!(session = session.id, "lock-free holder session dropped");
