@@ -53,6 +53,9 @@ struct State {
     planned_wake: Option<Instant>,
     /// Whether a guard was queued since the task last looked (see [`IDLE_TICK`]).
     queued_since_wake: bool,
+    /// How many times the task has looked at the queue (for tests: it must not be woken per
+    /// acquire).
+    looks: u64,
     task: Option<JoinHandle<()>>,
 }
 
@@ -67,9 +70,6 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 struct Shared {
     state: Mutex<State>,
     wake: Notify,
-    /// How many times the task has looked at the queue (for tests: it must not be woken per
-    /// acquire).
-    looks: std::sync::atomic::AtomicU64,
 }
 
 /// The per-`Locker` watchdog. Cheap to clone.
@@ -139,14 +139,12 @@ impl Watchdog {
     /// How many times the task has looked at the queue so far.
     #[cfg(test)]
     pub(crate) fn looks(&self) -> u64 {
-        self.shared.looks.load(std::sync::atomic::Ordering::Relaxed)
+        lock(&self.shared.state).looks
     }
 
     fn take_due(&self) -> (Vec<Arc<Watched>>, Option<Instant>) {
-        self.shared
-            .looks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut state = lock(&self.shared.state);
+        state.looks += 1;
         let now = Instant::now();
         let mut due = Vec::new();
         while let Some(entry) = state.queue.first_entry() {

@@ -461,9 +461,10 @@ impl PoolMode {
 /// to the next client). Dropping it kills it and removes its directory.
 #[derive(Debug)]
 pub struct PgBouncer {
+    // Fields drop in order: the process is killed before its directory goes.
+    _process: ServerProcess,
     _dir: tempfile::TempDir,
     port: u16,
-    process: Mutex<Option<ServerProcess>>,
 }
 
 impl PgBouncer {
@@ -545,9 +546,9 @@ impl PgBouncer {
             start(candidate)
         })?;
         Ok(PgBouncer {
+            _process: child,
             _dir: dir,
             port,
-            process: Mutex::new(Some(child)),
         })
     }
 
@@ -559,17 +560,5 @@ impl PgBouncer {
     /// A `postgres://` URL through PgBouncer (database `postgres`, user `postgres`).
     pub fn url(&self) -> String {
         PostgresServer::url_for(self.addr())
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        let mut process = self
-            .process
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(mut child) = process.take() {
-            let _ = child.kill();
-        }
     }
 }

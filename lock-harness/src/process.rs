@@ -51,7 +51,7 @@ pub fn free_port() -> Result<u16> {
     let (low, high) = static_port_range();
     for _ in 0..1000 {
         let candidate = if high > low {
-            low + u16::try_from(random_u64() % u64::from(high - low)).unwrap_or(0)
+            rand::random_range(low..high)
         } else {
             0
         };
@@ -82,18 +82,6 @@ fn static_port_range() -> (u16, u16) {
     } else {
         (0, 0)
     }
-}
-
-/// A random number from the standard library's per-process hash keys and a counter (the
-/// harness needs spread, not cryptography, and no extra dependency).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 /// True when a failed server start was a port clash (another process bound the port between
