@@ -51,6 +51,25 @@ fn us(duration: Duration) -> String {
     format!("{:.0} µs", duration.as_secs_f64() * 1e6)
 }
 
+/// distlock as the rows measure it: a `Locker` (auto-renew on, TTL 30 s) over a fresh backend.
+async fn locker_at(url: &str) -> Result<Locker> {
+    let options = LockOptions {
+        ttl: Duration::from_secs(30),
+        ..LockOptions::default()
+    };
+    Ok(Locker::from_arc(Arc::new(PostgresBackend::connect(url).await?)).with_defaults(options))
+}
+
+/// The table row of [`interleaved_uncontended`].
+fn interleaved_row(raw: &Stats, ours: &Stats) -> String {
+    format!(
+        "| uncontended p50, interleaved (20 alternating slices × 150) | {} | {} | {:.2}× |",
+        us(raw.p50),
+        us(ours.p50),
+        ours.p50.as_secs_f64() / raw.p50.as_secs_f64().max(1e-9)
+    )
+}
+
 async fn raw_conn(url: &str) -> Result<PgConnection> {
     Ok(PgConnectOptions::from_str(url)?.connect().await?)
 }
@@ -329,14 +348,8 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
 
 async fn run(server: &PostgresServer) -> Result<()> {
     let url = server.url();
-    let options = LockOptions {
-        ttl: Duration::from_secs(30),
-        ..LockOptions::default()
-    };
-    let locker =
-        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
-    let waiter =
-        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let locker = locker_at(&url).await?;
+    let waiter = locker_at(&url).await?;
 
     let raw_one = raw_uncontended(&url).await?;
     let raw_sql = raw_distlock_sql(&url).await?;
@@ -350,12 +363,7 @@ async fn run(server: &PostgresServer) -> Result<()> {
 
     println!("| measure | raw floor | distlock | ratio |");
     println!("|---|---|---|---|");
-    println!(
-        "| uncontended p50, interleaved (20 alternating slices × 150) | {} | {} | {:.2}× |",
-        us(raw_mixed.p50),
-        us(dl_mixed.p50),
-        dl_mixed.p50.as_secs_f64() / raw_mixed.p50.as_secs_f64().max(1e-9)
-    );
+    println!("{}", interleaved_row(&raw_mixed, &dl_mixed));
     let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
     println!(
         "| uncontended acquire+release p50 | {} | {} | {:.2}× |",
@@ -466,12 +474,7 @@ fn main() -> Result<()> {
 /// The interleaved uncontended measurement against a server pinned to another CPU.
 async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize) -> Result<()> {
     let url = server.url();
-    let options = LockOptions {
-        ttl: Duration::from_secs(30),
-        ..LockOptions::default()
-    };
-    let locker =
-        Locker::from_arc(Arc::new(PostgresBackend::connect(&url).await?)).with_defaults(options);
+    let locker = locker_at(&url).await?;
     let (raw, ours) = interleaved_uncontended(&url, &locker).await?;
     println!();
     println!(
@@ -479,11 +482,6 @@ async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize
     );
     println!("| measure | raw floor | distlock | ratio |");
     println!("|---|---|---|---|");
-    println!(
-        "| uncontended p50, interleaved (20 alternating slices × 150) | {} | {} | {:.2}× |",
-        us(raw.p50),
-        us(ours.p50),
-        ours.p50.as_secs_f64() / raw.p50.as_secs_f64()
-    );
+    println!("{}", interleaved_row(&raw, &ours));
     Ok(())
 }

@@ -446,6 +446,19 @@ mod tests {
         Ok(PostgresBackend::with_options(options, config).await?)
     }
 
+    /// `try_acquire` of a key that must be free.
+    async fn acquire_free(
+        backend: &PostgresBackend,
+        key: &LockKey,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        backend
+            .try_acquire(key, ttl)
+            .await?
+            .into_lease()
+            .context("the key is held")
+    }
+
     /// The cache in front of the HKDF answers exactly what the hash does, in the backend's
     /// namespace, and starts over instead of growing past its capacity.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,7 +482,8 @@ mod tests {
         Ok(())
     }
 
-    /// There is no PgBouncer on this machine. A pooler switching server sessions under a
+    /// A real PgBouncer is refused at connect (`tests/pgbouncer.rs`), so the per-statement
+    /// check behind it is tested here: a pooler switching server sessions under a
     /// connection is simulated by making our record of the session's pid wrong: the real
     /// acquire statement then answers with another `pg_backend_pid()`, and the backend must
     /// refuse (InvalidConfig naming PgBouncer), undo nothing it cannot see, drop the session
@@ -479,10 +493,8 @@ mod tests {
         let backend = one_session_backend().await?;
         let ttl = Duration::from_secs(10);
         let first = LockKey::new(format!("pid-a-{:x}", rand::random::<u64>()))?;
-        let held = backend
-            .try_acquire(&first, ttl)
-            .await?
-            .into_lease()
+        let held = acquire_free(&backend, &first, ttl)
+            .await
             .context("first key not free")?;
         let session = lock(&backend.inner.sessions)
             .first()
@@ -549,20 +561,16 @@ mod tests {
             }
         };
         let key = LockKey::new(format!("gone-{:x}", rand::random::<u64>()))?;
-        let lease = backend
-            .try_acquire(&key, ttl)
-            .await?
-            .into_lease()
+        let lease = acquire_free(&backend, &key, ttl)
+            .await
             .context("key not free")?;
         unlock_behind(&lease).await?;
         ensure!(
             !backend.release(&lease).await?,
             "release of a lock the session no longer held answered true"
         );
-        let lease = backend
-            .try_acquire(&key, ttl)
-            .await?
-            .into_lease()
+        let lease = acquire_free(&backend, &key, ttl)
+            .await
             .context("key not free")?;
         unlock_behind(&lease).await?;
         session()?.state.lock().await.pid ^= 0x4000_0000;

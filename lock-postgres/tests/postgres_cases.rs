@@ -68,13 +68,7 @@ async fn terminated_holder_session_fires_lost_and_waiter_acquires() -> Result<()
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let terminated_at = Instant::now();
-    let terminated = tokio::task::spawn_blocking({
-        let app = format!("{app}-holder");
-        move || server.terminate_sessions(&app)
-    })
-    .await??;
-    ensure!(terminated >= 1, "no holder session was terminated");
+    let terminated_at = terminate_holder_sessions(server, &app).await?;
     let lost_at = timeout(ttl, lost_at)
         .await
         .context("lost() did not fire within the TTL after the holder session was terminated")??;
@@ -521,13 +515,7 @@ async fn lock_after_an_idle_spell_is_watched_by_the_heartbeat() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let guard = holder.lock(&key).ttl(ttl).acquire().await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let terminated_at = Instant::now();
-    let terminated = tokio::task::spawn_blocking({
-        let app = format!("{app}-holder");
-        move || server.terminate_sessions(&app)
-    })
-    .await??;
-    ensure!(terminated >= 1, "no holder session was terminated");
+    let terminated_at = terminate_holder_sessions(server, &app).await?;
     timeout(Duration::from_secs(2), guard.lost())
         .await
         .context("lost() did not fire within 2 s of the termination (renewal is 10 s away)")?;
@@ -536,4 +524,18 @@ async fn lock_after_an_idle_spell_is_watched_by_the_heartbeat() -> Result<()> {
         terminated_at.elapsed()
     );
     Ok(())
+}
+
+/// Terminates the holder sessions of the backend named `app` (`pg_terminate_backend`, from a
+/// blocking thread: the harness runs `psql`); returns when it asked, after checking that
+/// there was at least one.
+async fn terminate_holder_sessions(server: &'static PostgresServer, app: &str) -> Result<Instant> {
+    let terminated_at = Instant::now();
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated >= 1, "no holder session was terminated");
+    Ok(terminated_at)
 }

@@ -29,6 +29,15 @@ async fn listen(server: &RedisServer, key: &LockKey) -> Result<redis::aio::PubSu
     Ok(pubsub)
 }
 
+/// `try_acquire` (TTL 5 s) of a key that must be free.
+async fn acquire_free(backend: &RedisBackend, key: &LockKey) -> Result<lock_core::Lease> {
+    backend
+        .try_acquire(key, Duration::from_secs(5))
+        .await?
+        .into_lease()
+        .context("free key not acquired")
+}
+
 async fn message_within(pubsub: &mut redis::aio::PubSub, within: Duration) -> bool {
     timeout(within, pubsub.on_message().next())
         .await
@@ -44,11 +53,7 @@ async fn release_without_waiters_publishes_nothing() -> Result<()> {
     let key = LockKey::new("quiet")?;
     let mut pubsub = listen(&server, &key).await?;
     for _ in 0..5 {
-        let lease = backend
-            .try_acquire(&key, Duration::from_secs(5))
-            .await?
-            .into_lease()
-            .context("free key not acquired")?;
+        let lease = acquire_free(&backend, &key).await?;
         ensure!(backend.release(&lease).await?, "release refused");
     }
     ensure!(
@@ -147,11 +152,7 @@ async fn fence_counters_stay_bounded_and_increase() -> Result<()> {
             let backend = backend.clone();
             async move {
                 let key = LockKey::new(format!("order:{i}"))?;
-                let lease = backend
-                    .try_acquire(&key, Duration::from_secs(5))
-                    .await?
-                    .into_lease()
-                    .context("free key not acquired")?;
+                let lease = acquire_free(&backend, &key).await?;
                 ensure!(backend.release(&lease).await?, "release refused");
                 anyhow::Ok(())
             }
@@ -163,11 +164,7 @@ async fn fence_counters_stay_bounded_and_increase() -> Result<()> {
         done += 1;
         if done % 500 == 0 {
             // Meanwhile one key's fences keep increasing although its counter is shared.
-            let lease = backend
-                .try_acquire(&same, Duration::from_secs(5))
-                .await?
-                .into_lease()
-                .context("free key not acquired")?;
+            let lease = acquire_free(&backend, &same).await?;
             let fence = lease.fence().context("no fence")?.0;
             ensure!(fence > last, "fence {fence} after {last}");
             last = fence;
