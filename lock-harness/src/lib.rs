@@ -13,6 +13,9 @@ pub use process::{
 };
 pub use proxy::{ProxyMode, TcpProxy};
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
 pub mod redis;
