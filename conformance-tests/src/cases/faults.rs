@@ -1,0 +1,118 @@
+//! Server and network faults: a paused server, a cut connection, a silent partition.
+
+use super::support::*;
+use crate::{BackendFactory, unique_key};
+use anyhow::{Context, Result, bail, ensure};
+use lock_core::Locker;
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+/// Holder side of a server fault: `lost()` fires before the validity deadline, and a
+/// contender gets the lock only after that.
+async fn lost_before_contender(
+    factory: &dyn BackendFactory,
+    case: &str,
+    break_it: impl AsyncFnOnce(&dyn crate::ServerFaults) -> Result<()>,
+    mend_it: impl AsyncFnOnce(&dyn crate::ServerFaults) -> Result<()>,
+) -> Result<Locker> {
+    let faults = faults_of(factory, case)?;
+    let holder = locker(factory).await?;
+    let caps = holder.backend().capabilities();
+    let ttl = ttl_for(&caps, Duration::from_millis(1500));
+    let name = unique_key(case);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    break_it(faults).await?;
+    let outcome = timeout(ttl + Duration::from_secs(2), guard.lost()).await;
+    let lost_at = Instant::now();
+    let valid_until = guard.valid_until();
+    mend_it(faults).await?;
+    outcome.with_context(|| format!("{case}: lost() never fired"))?;
+    ensure!(
+        lost_at < valid_until,
+        "{case}: lost() fired {:?} after the validity deadline",
+        lost_at - valid_until
+    );
+    drop(guard);
+    // A fresh client (direct to the service again) takes the lock, after the holder was told.
+    let contender = locker(factory).await?;
+    let next = contender
+        .lock(&name)
+        .ttl(ttl)
+        .wait(ttl + caps.expiry_slack + Duration::from_secs(5))
+        .acquire()
+        .await
+        .with_context(|| format!("{case}: no contender got the lock after the fault"))?;
+    ensure!(
+        Instant::now() > lost_at,
+        "{case}: a contender got the lock before the holder was told it lost it"
+    );
+    next.release().await?;
+    Ok(holder)
+}
+
+/// 18. Server frozen (SIGSTOP) while a lock is held: the holder's `lost()` fires before its
+///     validity deadline; after the server resumes a contender acquires, and only after that.
+pub async fn server_pause_fires_lost(factory: &dyn BackendFactory) -> Result<()> {
+    lost_before_contender(
+        factory,
+        "server_pause_fires_lost",
+        async |faults| faults.pause().await,
+        async |faults| faults.resume().await,
+    )
+    .await?;
+    Ok(())
+}
+
+/// 19. Connection cut (closed, new ones refused): `lost()` fires before the deadline; after
+///     healing, the same backend instance acquires again.
+pub async fn connection_cut_fires_lost_and_recovers(factory: &dyn BackendFactory) -> Result<()> {
+    let holder = lost_before_contender(
+        factory,
+        "connection_cut_fires_lost_and_recovers",
+        async |faults| faults.cut().await,
+        async |faults| faults.heal().await,
+    )
+    .await?;
+    same_instance_recovers(&holder, "cut").await
+}
+
+/// 20. Silent partition (nothing forwarded, nothing closed): `lost()` fires before the
+///     deadline; after healing, the same backend instance acquires again within seconds
+///     (a client that waits for TCP to notice a dead peer would take many minutes).
+pub async fn connection_blackhole_fires_lost_and_recovers(
+    factory: &dyn BackendFactory,
+) -> Result<()> {
+    let holder = lost_before_contender(
+        factory,
+        "connection_blackhole_fires_lost_and_recovers",
+        async |faults| faults.blackhole().await,
+        async |faults| faults.heal().await,
+    )
+    .await?;
+    same_instance_recovers(&holder, "blackhole").await
+}
+
+async fn same_instance_recovers(holder: &Locker, fault: &str) -> Result<()> {
+    let caps = holder.backend().capabilities();
+    let ttl = ttl_for(&caps, Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let name = unique_key("recovered");
+    loop {
+        match holder.lock(&name).ttl(ttl).try_acquire().await {
+            Ok(Some(guard)) => {
+                guard.release().await?;
+                return Ok(());
+            }
+            Ok(None) => bail!("after the {fault} healed, a fresh key was reported held"),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "not recovered yet");
+                sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => {
+                bail!(
+                    "the backend instance did not recover within 15 s after the {fault} healed: {error}"
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Waiting: bounded waits, cancel safety, hand-off by notification.
+
+use super::support::*;
+use crate::{BackendFactory, unique_key};
+use anyhow::{Context, Result, bail, ensure};
+use lock_core::{Backoff, LockError};
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+/// 10. Wait timeout: `acquire` with wait T returns `Timeout` within T + a small ε.
+pub async fn wait_timeout_is_bounded(factory: &dyn BackendFactory) -> Result<()> {
+    let a = locker(factory).await?;
+    let b = locker(factory).await?;
+    let caps = a.backend().capabilities();
+    let ttl = ttl_for(&caps, Duration::from_secs(10));
+    let name = unique_key("timeout");
+    let guard = a.lock(&name).ttl(ttl).acquire().await?;
+    for wait in [
+        Duration::ZERO,
+        Duration::from_millis(250),
+        Duration::from_millis(700),
+    ] {
+        let started = Instant::now();
+        let outcome = b.lock(&name).ttl(ttl).wait(wait).acquire().await;
+        let took = started.elapsed();
+        match outcome {
+            Err(LockError::Timeout { .. }) => {}
+            Ok(_) => bail!("acquired a held key"),
+            Err(other) => bail!("wait {wait:?}: expected Timeout, got {other}"),
+        }
+        ensure!(
+            took + 5 * MS >= wait,
+            "wait {wait:?}: Timeout after only {took:?}"
+        );
+        ensure!(
+            took <= wait + Duration::from_millis(250),
+            "wait {wait:?}: Timeout after {took:?}, more than wait + 250 ms"
+        );
+    }
+    ensure!(guard.release().await?, "release returned false");
+    // After the timed-out waits nothing of theirs is left: the key is free.
+    let again = b
+        .lock(&name)
+        .ttl(ttl)
+        .try_acquire()
+        .await?
+        .context("timed-out waiters left the key blocked")?;
+    again.release().await?;
+    Ok(())
+}
+
+/// 11. Cancel safety: dropping `acquire` futures mid-wait, at random points, leaves nothing held.
+pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> Result<()> {
+    let holder = locker(factory).await?;
+    let waiters = [locker(factory).await?, locker(factory).await?];
+    let caps = holder.backend().capabilities();
+    // Long TTL: a leaked lease would block the key far longer than the check below allows.
+    let ttl = ttl_for(&caps, Duration::from_secs(20));
+    for round in 0..4 {
+        let name = unique_key(&format!("cancel{round}"));
+        let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+        let mut tasks = Vec::new();
+        for task in 0..16 {
+            let locker = waiters[task % 2].clone();
+            let name = name.clone();
+            let give_up = Duration::from_micros(rand::random_range(0..250_000));
+            tasks.push(tokio::spawn(async move {
+                let acquire = locker
+                    .lock(&name)
+                    .ttl(ttl)
+                    .wait(Duration::from_secs(30))
+                    .acquire();
+                match timeout(give_up, acquire).await {
+                    // Acquired before the cancel: dropping the guard releases it.
+                    Ok(Ok(guard)) => drop(guard),
+                    Ok(Err(error)) => return Err(anyhow::Error::from(error)),
+                    Err(_) => {}
+                }
+                Ok(())
+            }));
+        }
+        // Release somewhere in the middle of the cancellations, so some are cut off while
+        // their attempt is in flight.
+        sleep(Duration::from_micros(rand::random_range(0..200_000))).await;
+        guard.release().await?;
+        for task in tasks {
+            task.await??;
+        }
+        let check = locker(factory).await?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(guard) = check.lock(&name).ttl(ttl).try_acquire().await? {
+                guard.release().await?;
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "round {round}: key still held 3 s after every acquire was cancelled or released (TTL {ttl:?})"
+            );
+            sleep(20 * MS).await;
+        }
+    }
+    Ok(())
+}
+
+/// 12. Hand-off: a waiter blocked in `acquire` wakes within a few ms of release, far below its
+///     polling interval.
+pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<()> {
+    let a = locker(factory).await?;
+    let b = locker(factory).await?;
+    let caps = a.backend().capabilities();
+    ensure!(
+        caps.release_notifications || caps.fair_queue,
+        "backend has no release signal: list `handoff_wakes_waiter_fast` under skip with the reason"
+    );
+    let ttl = ttl_for(&caps, Duration::from_secs(10));
+    // A polling client with this backoff would take ~100 ms or more per hand-off.
+    let slow_polling = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let name = unique_key("handoff");
+        let guard = a.lock(&name).ttl(ttl).acquire().await?;
+        let waiter = {
+            let b = b.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let guard = b
+                    .lock(&name)
+                    .ttl(ttl)
+                    .backoff(slow_polling)
+                    .wait(Duration::from_secs(10))
+                    .acquire()
+                    .await?;
+                let at = Instant::now();
+                guard.release().await?;
+                anyhow::Ok(at)
+            })
+        };
+        sleep(Duration::from_millis(300)).await;
+        let released_at = Instant::now();
+        ensure!(guard.release().await?, "release returned false");
+        let acquired_at = waiter.await??;
+        delays.push(acquired_at.saturating_duration_since(released_at));
+    }
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    ensure!(
+        median <= Duration::from_millis(25),
+        "median hand-off {median:?} (all: {delays:?}): the waiter is polling, not woken by the release"
+    );
+    Ok(())
+}
