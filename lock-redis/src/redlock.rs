@@ -68,6 +68,42 @@ enum Outcome<T> {
     Failed(LockError),
 }
 
+/// The acquire answers of one round, counted per owner.
+#[derive(Default)]
+struct Votes<'a> {
+    /// Nodes that gave us the lock.
+    acquired: usize,
+    /// Nodes held by another owner, per owner token.
+    holders: HashMap<&'a str, usize>,
+}
+
+impl<'a> Votes<'a> {
+    fn count(outcomes: impl Iterator<Item = &'a Outcome<NodeAcquire>>) -> Self {
+        let mut votes = Votes::default();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Answer(NodeAcquire::Acquired(_)) => votes.acquired += 1,
+                Outcome::Answer(NodeAcquire::Held(_, holder)) => {
+                    *votes.holders.entry(holder.as_str()).or_default() += 1;
+                }
+                Outcome::Failed(_) => {}
+            }
+        }
+        votes
+    }
+
+    /// The most nodes one other owner holds.
+    fn top_holder(&self) -> usize {
+        self.holders.values().copied().max().unwrap_or(0)
+    }
+
+    /// Owners (us included) that hold a node: two or more is contention, which another
+    /// round may settle; one is not.
+    fn owners(&self) -> usize {
+        self.holders.len() + usize::from(self.acquired > 0)
+    }
+}
+
 impl RedlockBackend {
     /// Connects to `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]`.
     pub async fn connect(url: &str) -> Result<Self, LockError> {
@@ -124,14 +160,14 @@ impl RedlockBackend {
     }
 
     /// Runs `call` on every node at once, each bounded by `limit`, in spawned tasks. Returns
-    /// as soon as `quorum` answers satisfy `enough`, or as soon as so many did not that a
-    /// quorum is out of reach (the other calls finish in the background, so a slow node
-    /// delays nothing), else when every node answered or timed out.
+    /// as soon as `decided` says the outcomes so far settle the answer (the other calls
+    /// finish in the background, so a slow node delays nothing), else when every node
+    /// answered or timed out.
     async fn on_all<T, F, Fut>(
         &self,
         limit: Duration,
         call: F,
-        enough: fn(&T) -> bool,
+        decided: impl Fn(&[(usize, Outcome<T>)]) -> bool,
     ) -> Vec<(usize, Outcome<T>)>
     where
         T: Send + 'static,
@@ -146,9 +182,6 @@ impl RedlockBackend {
             })
             .collect();
         let mut outcomes = Vec::with_capacity(self.inner.nodes.len());
-        let mut good = 0;
-        let mut bad = 0;
-        let spare = self.inner.nodes.len() - self.quorum;
         while let Some((index, joined)) = pending.next().await {
             let addr = self.inner.nodes.get(index).map_or("?", Node::addr);
             let outcome = match joined {
@@ -166,16 +199,42 @@ impl RedlockBackend {
                     join,
                 )),
             };
-            match &outcome {
-                Outcome::Answer(answer) if enough(answer) => good += 1,
-                _ => bad += 1,
-            }
             outcomes.push((index, outcome));
-            if good >= self.quorum || bad > spare {
+            if decided(&outcomes) {
                 break;
             }
         }
         outcomes
+    }
+
+    /// For renew and release, where an error is as bad as a "no": settled once a quorum
+    /// answered `enough`, or once so many did not that a quorum is out of reach.
+    fn quorum_or_out_of_reach<T>(
+        &self,
+        enough: fn(&T) -> bool,
+    ) -> impl Fn(&[(usize, Outcome<T>)]) -> bool + use<T> {
+        let (quorum, spare) = (self.quorum, self.inner.nodes.len() - self.quorum);
+        move |outcomes| {
+            let good = outcomes
+                .iter()
+                .filter(|(_, outcome)| matches!(outcome, Outcome::Answer(answer) if enough(answer)))
+                .count();
+            good >= quorum || outcomes.len() - good > spare
+        }
+    }
+
+    /// For acquire, where an error is no vote (for nobody): settled once we or one holder
+    /// has a quorum, or once nobody can reach one with the nodes still pending. Counting a
+    /// failed node as a "no" stopped at one failure and one `Held` answer, before the
+    /// holder's second node answered: a lock held on the live nodes looked like a split vote
+    /// (up to [`SPLIT_ROUNDS`] rounds, `expires_in` lost).
+    fn acquire_decided(&self) -> impl Fn(&[(usize, Outcome<NodeAcquire>)]) -> bool + use<> {
+        let (quorum, nodes) = (self.quorum, self.inner.nodes.len());
+        move |outcomes| {
+            let votes = Votes::count(outcomes.iter().map(|(_, outcome)| outcome));
+            let best = votes.acquired.max(votes.top_holder());
+            best >= quorum || best + (nodes - outcomes.len()) < quorum
+        }
     }
 
     /// Releases our token after a round that was not granted: on every node except those
@@ -242,10 +301,13 @@ impl RedlockBackend {
                             .await
                     }
                 },
-                |answer| matches!(answer, NodeAcquire::Acquired(_)),
+                self.acquire_decided(),
             )
             .await
         };
+        let votes = Votes::count(outcomes.iter().map(|(_, outcome)| outcome));
+        let (holder_has_quorum, contended) =
+            (votes.top_holder() >= self.quorum, votes.owners() > 1);
         let mut acquired: Vec<(usize, u64)> = Vec::new();
         let mut held: Vec<(Option<u64>, String)> = Vec::new();
         let mut held_nodes: Vec<usize> = Vec::new();
@@ -324,17 +386,14 @@ impl RedlockBackend {
         } else {
             known.get(needed - 1).copied().map(Duration::from_millis)
         };
-        let mut per_holder: HashMap<&str, usize> = HashMap::new();
-        for (_, holder) in &held {
-            *per_holder.entry(holder.as_str()).or_default() += 1;
-        }
-        let holder_has_quorum = per_holder.values().any(|count| *count >= self.quorum);
-        if holder_has_quorum {
-            return Ok(Round::Done(Attempt::Held { expires_in }));
-        }
         if held.is_empty() {
             // Unreachable nodes, not contention: another round right now would not help.
             return Err(self.quorum_error("acquire", &errors));
+        }
+        if holder_has_quorum || !contended {
+            // One owner holds every node that answered (the others failed or are slow): a
+            // failed node is no vote, and another round would meet the same holder.
+            return Ok(Round::Done(Attempt::Held { expires_in }));
         }
         Ok(Round::Split(Attempt::Held { expires_in }))
     }
@@ -401,7 +460,7 @@ impl LockBackend for RedlockBackend {
                     let (lock_key, token) = (lock_key.clone(), token.clone());
                     async move { node(&nodes, index)?.renew(&lock_key, &token, ttl_ms).await }
                 },
-                |renewed| *renewed,
+                self.quorum_or_out_of_reach(|renewed| *renewed),
             )
             .await
         };
@@ -446,7 +505,7 @@ impl LockBackend for RedlockBackend {
                     let (lock_key, token) = (lock_key.clone(), token.clone());
                     async move { node(&nodes, index)?.release(&lock_key, &token).await }
                 },
-                |released| *released,
+                self.quorum_or_out_of_reach(|released| *released),
             )
             .await
         };

@@ -683,3 +683,78 @@ async fn redlock_waiter_with_a_paused_node_times_out_on_time() -> Result<()> {
     guard.release().await?;
     Ok(())
 }
+
+/// Calls of `command` (lowercase, e.g. `evalsha`) the server has processed, from
+/// `INFO commandstats` (0 if it has none yet).
+async fn command_calls(server: &RedisServer, command: &str) -> Result<u64> {
+    let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await?;
+    let prefix = format!("cmdstat_{command}:calls=");
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map(str::parse)
+        .transpose()
+        .context("cmdstat calls")?
+        .unwrap_or(0))
+}
+
+/// Issue #9 item 6: a node that fails fast was counted as a vote against, so a lock held on
+/// the two live nodes of three looked like a split vote: up to 8 rounds (8–15 script calls,
+/// 234–344 ms) and `expires_in` lost, where one round answers `Held`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_held_with_a_dead_node_answers_in_one_round() -> Result<()> {
+    let (mut servers, urls) = redlock_nodes(3, false)?;
+    let holder = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    let contender = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    let key = LockKey::new(unique("held-dead-node"))?;
+    let ttl = Duration::from_secs(20);
+    let lease = holder
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("holder not granted")?;
+    servers[0].kill()?;
+    let attempts = 5;
+    let before = [
+        command_calls(&servers[1], "evalsha").await?,
+        command_calls(&servers[2], "evalsha").await?,
+    ];
+    let mut slowest = Duration::ZERO;
+    for _ in 0..attempts {
+        let started = Instant::now();
+        match contender.try_acquire(&key, ttl).await? {
+            Attempt::Held {
+                expires_in: Some(expires_in),
+            } => ensure!(
+                expires_in > Duration::from_secs(10) && expires_in <= ttl,
+                "expires_in {expires_in:?} (holder's TTL {ttl:?})"
+            ),
+            Attempt::Held { expires_in: None } => bail!("Held without expires_in"),
+            Attempt::Acquired(_) => bail!("contender acquired a held lock"),
+        }
+        slowest = slowest.max(started.elapsed());
+    }
+    let after = [
+        command_calls(&servers[1], "evalsha").await?,
+        command_calls(&servers[2], "evalsha").await?,
+    ];
+    for (node, (before, after)) in before.iter().zip(after).enumerate() {
+        ensure!(
+            after - before == attempts,
+            "live node {}: {} script calls for {attempts} attempts on a held key (one round each)",
+            node + 1,
+            after - before
+        );
+    }
+    ensure!(
+        slowest < Duration::from_millis(100),
+        "a held answer with one dead node took {slowest:?}"
+    );
+    ensure!(holder.release(&lease).await?, "release returned false");
+    Ok(())
+}
