@@ -268,23 +268,15 @@ pub(crate) struct Node {
     addr: String,
 }
 
-impl Node {
-    /// Connects the command connection (bounded by `connect_timeout`) and starts the pub/sub
-    /// listener, which connects in the background and feeds `hub`. When the server does not
-    /// answer and `must_answer` is false (a Redlock node), the node is kept with a lazy
-    /// connection that retries on use, and the failure is returned beside it.
-    async fn connect(
-        url: &str,
-        scheme: KeyScheme,
-        hub: ReleaseHub,
-        commands: (
-            mpsc::UnboundedSender<Command>,
-            mpsc::UnboundedReceiver<Command>,
-        ),
-        options: &crate::RedisOptions,
-        shutdown: CancellationToken,
-        must_answer: bool,
-    ) -> Result<(Node, Option<LockError>), LockError> {
+/// What a node needs before it connects: its client, the connection settings, its address.
+struct Prepared {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    addr: String,
+}
+
+impl Prepared {
+    fn new(url: &str, options: &crate::RedisOptions) -> Result<Self, LockError> {
         let client = open_client(url)?;
         let addr = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
@@ -295,32 +287,59 @@ impl Node {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let eager = timeout(
-            options.connect_timeout,
-            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        Ok(Prepared {
+            client,
+            config,
+            addr,
+        })
+    }
+
+    /// Connects now, bounded by `connect_timeout`.
+    async fn connect(&self, connect_timeout: Duration) -> Result<ConnectionManager, LockError> {
+        let addr = &self.addr;
+        match timeout(
+            connect_timeout,
+            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()),
         )
-        .await;
-        let eager = match eager {
+        .await
+        {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(error)) => Err(backend_error(&format!("connecting to {addr}"), error)),
             Err(_) => Err(LockError::backend_msg(
                 "redis",
-                format!(
-                    "connecting to {addr}: no answer within {:?}",
-                    options.connect_timeout
-                ),
+                format!("connecting to {addr}: no answer within {connect_timeout:?}"),
                 true,
             )),
-        };
-        let (conn, failure) = match eager {
-            Ok(conn) => (conn, None),
-            Err(error) if must_answer => return Err(error),
-            Err(error) => {
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                    .map_err(|error| backend_error(&format!("connecting to {addr}"), error))?;
-                (conn, Some(error))
-            }
-        };
+        }
+    }
+
+    /// A connection that connects on first use (and retries on use).
+    fn lazy(&self) -> Result<ConnectionManager, LockError> {
+        ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            .map_err(|error| backend_error(&format!("connecting to {}", self.addr), error))
+    }
+}
+
+impl Node {
+    /// A node over `conn` (connected or lazy); starts the pub/sub listener, which connects
+    /// in the background and feeds `hub`.
+    fn start(
+        prepared: Prepared,
+        conn: ConnectionManager,
+        scheme: KeyScheme,
+        hub: ReleaseHub,
+        commands: (
+            mpsc::UnboundedSender<Command>,
+            mpsc::UnboundedReceiver<Command>,
+        ),
+        options: &crate::RedisOptions,
+        shutdown: CancellationToken,
+    ) -> Node {
+        let Prepared {
+            client,
+            config,
+            addr,
+        } = prepared;
         let conn = Arc::new(Conn {
             current: Mutex::new((0, conn)),
             client: client.clone(),
@@ -338,15 +357,12 @@ impl Node {
             shutdown,
             options.command_timeout.min(Duration::from_secs(1)),
         ));
-        Ok((
-            Node {
-                conn,
-                db,
-                commands: sender,
-                addr,
-            },
-            failure,
-        ))
+        Node {
+            conn,
+            db,
+            commands: sender,
+            addr,
+        }
     }
 
     pub(crate) fn addr(&self) -> &str {
@@ -654,8 +670,10 @@ impl Drop for Nodes {
 }
 
 impl Nodes {
-    /// Connects every node. With `min_connected` below the node count (Redlock), nodes that
-    /// do not answer at connect are kept as lazy connections that retry on use.
+    /// Connects every node, each bounded by the connect timeout. With `min_connected` below
+    /// the node count (Redlock), returns as soon as that many answered: the others (failed,
+    /// or still connecting, e.g. a paused server) get connections that connect on first use,
+    /// so one silent node does not cost every new backend the whole connect timeout.
     pub(crate) async fn connect(
         urls: &[String],
         options: &crate::RedisOptions,
@@ -670,42 +688,40 @@ impl Nodes {
             None => return Err(LockError::InvalidConfig("no redis node given".into())),
         };
         let scheme = KeyScheme::new(options.prefix.clone(), db)?;
-        // One command channel per node; the senders also go to the hub's idle hook.
-        let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
-        let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
-        let shutdown = CancellationToken::new();
+        let prepared = urls
+            .iter()
+            .map(|url| Prepared::new(url, options))
+            .collect::<Result<Vec<_>, _>>()?;
         let must_answer = min_connected >= urls.len();
-        let attempts = urls.iter().zip(channels).map(|(url, channel)| {
-            Node::connect(
-                url,
-                scheme.clone(),
-                hub.clone(),
-                channel,
-                options,
-                shutdown.clone(),
-                must_answer,
-            )
-        });
-        let results = futures::future::join_all(attempts).await;
-        let mut nodes = Vec::with_capacity(urls.len());
+        let mut conns: Vec<Option<ConnectionManager>> = vec![None; urls.len()];
         let mut failures = Vec::new();
-        for result in results {
-            match result {
-                Ok((node, failure)) => {
-                    if let Some(failure) = failure {
-                        failures.push(failure.to_string());
+        let mut connected = 0;
+        {
+            let mut pending: futures::stream::FuturesUnordered<_> =
+                prepared
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| async move {
+                        (index, node.connect(options.connect_timeout).await)
+                    })
+                    .collect();
+            while let Some((index, result)) = pending.next().await {
+                match result {
+                    Ok(conn) => {
+                        connected += 1;
+                        if let Some(slot) = conns.get_mut(index) {
+                            *slot = Some(conn);
+                        }
                     }
-                    nodes.push(node);
+                    Err(error) if must_answer => return Err(error),
+                    Err(error) => failures.push(error.to_string()),
                 }
-                Err(error) => {
-                    shutdown.cancel();
-                    return Err(error);
+                if connected >= min_connected || failures.len() > urls.len() - min_connected {
+                    break;
                 }
             }
         }
-        let connected = nodes.len() - failures.len();
         if connected < min_connected {
-            shutdown.cancel();
             return Err(LockError::backend_msg(
                 "redis",
                 format!(
@@ -714,6 +730,32 @@ impl Nodes {
                     failures.join("; ")
                 ),
                 true,
+            ));
+        }
+        // One command channel per node; the senders also go to the hub's idle hook.
+        let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
+        let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
+        let shutdown = CancellationToken::new();
+        let mut nodes = Vec::with_capacity(urls.len());
+        for ((prepared, conn), channel) in prepared.into_iter().zip(conns).zip(channels) {
+            let conn = match conn {
+                Some(conn) => conn,
+                None => match prepared.lazy() {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        shutdown.cancel();
+                        return Err(error);
+                    }
+                },
+            };
+            nodes.push(Node::start(
+                prepared,
+                conn,
+                scheme.clone(),
+                hub.clone(),
+                channel,
+                options,
+                shutdown.clone(),
             ));
         }
         Ok(Arc::new(Nodes {

@@ -758,3 +758,32 @@ async fn redlock_held_with_a_dead_node_answers_in_one_round() -> Result<()> {
     ensure!(holder.release(&lease).await?, "release returned false");
     Ok(())
 }
+
+/// Issue #9 item 13: with one of three nodes paused, connecting waited the whole connect
+/// timeout (2 s) for the silent node although a quorum answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_connects_and_locks_fast_with_a_paused_node() -> Result<()> {
+    let (servers, urls) = redlock_nodes(3, false)?;
+    servers[2].pause()?;
+    let result = async {
+        let started = Instant::now();
+        // Default connect timeout (2 s), node timeout 100 ms.
+        let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+        let key = LockKey::new(unique("connect-paused"))?;
+        let lease = backend
+            .try_acquire(&key, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("not acquired with one node paused")?;
+        let took = started.elapsed();
+        ensure!(
+            took < Duration::from_millis(300),
+            "connect + acquire with one of three nodes paused took {took:?}"
+        );
+        ensure!(backend.release(&lease).await?, "release returned false");
+        Ok(())
+    }
+    .await;
+    servers[2].resume()?;
+    result
+}
