@@ -22,8 +22,9 @@ pub struct PostgresConfig {
     pub application_name: String,
     /// Schema-qualified name of the sequence fencing tokens come from; every backend of every
     /// role sharing locks must use the same one. Created (with CACHE 1) if missing, which
-    /// needs CREATE on its schema; otherwise USAGE on the sequence is enough. Default
-    /// [`FENCE_SEQUENCE`].
+    /// needs CREATE on its schema; otherwise USAGE on the sequence is enough. One with
+    /// `CACHE > 1` or `CYCLE` is refused (`InvalidConfig`): its tokens are not monotonic.
+    /// Default [`FENCE_SEQUENCE`].
     pub fence_sequence: String,
 }
 

@@ -14,17 +14,43 @@ pub(crate) enum UnlockFailure {
 }
 
 // The fence column is NULL exactly when the lock was not granted (`nextval` never answers
-// NULL), so the answer needs no separate flag. A plain CASE, not a CTE: a CTE over a volatile
-// function is materialised, which cost the server ~2.5 µs per acquire.
-pub(crate) const ACQUIRE_SQL: &str = "\
-SELECT f, pg_backend_pid(),
-  set_config('idle_session_timeout', CASE WHEN f IS NULL THEN $3 ELSE $2 END, false)
-FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval($4::regclass) END AS f OFFSET 0) l";
+// NULL), so the answer needs no separate flag. A subquery with OFFSET 0, not a CTE: a CTE
+// over a volatile function is materialised, which cost the server ~2.5 µs per acquire.
+//
+// A granted fence must be on disk before the answer leaves the server, or a crash hands it
+// out again. `nextval` writes WAL only every 32nd value (and then assigns a transaction id,
+// so the commit flushes: holder sessions force `synchronous_commit` on, see
+// `Inner::open_session`); the other values are covered by an earlier record, possibly
+// written by a session that committed asynchronously and not flushed yet. So when WAL is
+// pending (flush < insert position, read after `nextval`), or a synchronous standby must
+// confirm it (`synchronous_standby_names`), the statement writes a transactional logical
+// message (an empty WAL record, which also assigns a transaction id; a transaction id alone
+// writes no WAL, and such a commit does not flush): its commit then waits for the flush
+// (and the standby) of everything up to its commit record, the fence's record included. On
+// a quiet server with everything flushed it costs nothing.
+macro_rules! acquire_sql {
+    ($extra:literal, $fence:literal) => {
+        concat!(
+            "SELECT f, pg_backend_pid(), CASE WHEN f IS NOT NULL AND \
+               (pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() \
+                OR current_setting('synchronous_standby_names') <> '') \
+             THEN pg_logical_emit_message(true, 'distlock', '') END",
+            $extra,
+            " FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval(",
+            $fence,
+            "::regclass) END AS f OFFSET 0) l"
+        )
+    };
+}
+
+pub(crate) const ACQUIRE_SQL: &str = acquire_sql!(
+    ", set_config('idle_session_timeout', CASE WHEN f IS NULL THEN $3 ELSE $2 END, false)",
+    "$4"
+);
 
 // The same answer without touching idle_session_timeout, for when it already has the value
 // the lock needs.
-pub(crate) const ACQUIRE_KEEP_TIMEOUT_SQL: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval($2::regclass) END, pg_backend_pid()";
+pub(crate) const ACQUIRE_KEEP_TIMEOUT_SQL: &str = acquire_sql!("", "$2");
 
 // Every statement returns pg_backend_pid(): a different answer than at connect means a
 // pooler switched server sessions under us (see `Inner::session_switched`).

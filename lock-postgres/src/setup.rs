@@ -135,7 +135,8 @@ impl Inner {
         let oid = oid.ok_or_else(|| invalid("it could not be found after creating it".into()))?;
         let row = sqlx::query(
             "SELECT c.relkind::text, s.seqincrement, s.seqcache, s.seqcycle, \
-               has_sequence_privilege(c.oid, 'USAGE') OR has_sequence_privilege(c.oid, 'UPDATE') \
+               has_sequence_privilege(c.oid, 'USAGE') OR has_sequence_privilege(c.oid, 'UPDATE'), \
+               has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE') \
              FROM pg_class c LEFT JOIN pg_sequence s ON s.seqrelid = c.oid WHERE c.oid = $1",
         )
         .bind(oid)
@@ -149,9 +150,10 @@ impl Inner {
                 row.try_get::<Option<i64>, _>(2)?,
                 row.try_get::<Option<bool>, _>(3)?,
                 row.try_get::<bool, _>(4)?,
+                row.try_get::<bool, _>(5)?,
             ))
         })();
-        let (kind, increment, cache, cycle, usable) =
+        let (kind, increment, cache, cycle, usable, can_flush) =
             decoded.map_err(|error| map_error("inspecting the fence sequence", error))?;
         if kind != "S" {
             return Err(invalid("it exists but is not a sequence".into()));
@@ -166,21 +168,29 @@ impl Inner {
                 "this role may not draw from it: GRANT USAGE ON SEQUENCE to it".into(),
             ));
         }
-        if cache.unwrap_or(1) > 1 {
+        if !can_flush {
+            // The acquire statement writes an empty logical message to make its fence's WAL
+            // durable (see `ACQUIRE_SQL`); without it every acquire would fail.
+            return Err(LockError::InvalidConfig(
+                "this role may not execute pg_logical_emit_message, which makes fencing tokens \
+                 durable before they are handed out: GRANT EXECUTE ON FUNCTION \
+                 pg_logical_emit_message(boolean, text, text) TO <role>"
+                    .into(),
+            ));
+        }
+        if let Some(cache) = cache.filter(|&cache| cache > 1) {
             // Each session pre-allocates a block: two sessions' values interleave, so a later
             // holder can get a lower token than an earlier one.
-            tracing::warn!(
-                sequence = name,
-                cache,
-                "the fence sequence has CACHE > 1: fencing tokens from different sessions \
-                 are not monotonic; ALTER SEQUENCE ... CACHE 1"
-            );
+            return Err(invalid(format!(
+                "it has CACHE {cache}: each session draws from its own block, so a later \
+                 holder can get a lower fencing token; ALTER SEQUENCE {name} CACHE 1"
+            )));
         }
         if cycle == Some(true) {
-            tracing::warn!(
-                sequence = name,
-                "the fence sequence CYCLEs: after its maximum, tokens start over"
-            );
+            return Err(invalid(format!(
+                "it has CYCLE: after its maximum, fencing tokens would start over; ALTER \
+                 SEQUENCE {name} NO CYCLE"
+            )));
         }
         Ok(oid)
     }
@@ -266,8 +276,14 @@ impl Inner {
             .application_name(&format!("{}-holder", self.config.application_name));
         let work = async {
             let mut conn = options.connect().await?;
+            // `synchronous_commit = off` (server, database or role setting) would let a
+            // fence's WAL sit unflushed after its answer: a crash then hands it out again. A
+            // session-level setting outranks those, also after a configuration reload; other
+            // values (local, remote_write, on, remote_apply) all flush locally and are kept.
             let first: i32 = sqlx::query_scalar(
-                "SELECT pg_backend_pid() FROM (SELECT set_config('idle_session_timeout', '0', false)) s",
+                "SELECT pg_backend_pid() FROM (SELECT set_config('idle_session_timeout', '0', \
+                 false), set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
+                 WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)) s",
             )
             .fetch_one(&mut conn)
             .await?;
