@@ -21,6 +21,9 @@ pub enum Fault {
     Lost,
     /// Wait this long, then pass the call through.
     Delay(Duration),
+    /// Pass the call through, then hold its answer back this long: a slow link's return
+    /// path, so the answer arrives after what it granted may have expired on the server.
+    DelayAnswer(Duration),
 }
 
 /// The faults in force, shared between a [`FaultyBackend`] and the test that steers it.
@@ -92,7 +95,7 @@ impl FaultyBackend {
             changed.as_mut().enable();
             let fault = which(&self.plan.plan());
             match fault {
-                Fault::None => return Ok(()),
+                Fault::None | Fault::DelayAnswer(_) => return Ok(()),
                 Fault::Fail => {
                     return Err(LockError::backend_msg("faulty", "injected failure", true));
                 }
@@ -107,11 +110,23 @@ impl FaultyBackend {
     }
 }
 
+impl FaultyBackend {
+    /// Holds an answer back when the plan says [`Fault::DelayAnswer`].
+    async fn delay_answer(&self, which: fn(&Plan) -> Fault) {
+        let fault = which(&self.plan.plan());
+        if let Fault::DelayAnswer(delay) = fault {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
 #[async_trait]
 impl LockBackend for FaultyBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
         self.apply(|plan| plan.acquire).await?;
-        self.inner.try_acquire(key, ttl).await
+        let answer = self.inner.try_acquire(key, ttl).await;
+        self.delay_answer(|plan| plan.acquire).await;
+        answer
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
@@ -141,7 +156,9 @@ impl LockBackend for FaultyBackend {
         deadline: Instant,
     ) -> Result<Option<Lease>, LockError> {
         self.apply(|plan| plan.acquire).await?;
-        self.inner.acquire_queued(key, ttl, deadline).await
+        let answer = self.inner.acquire_queued(key, ttl, deadline).await;
+        self.delay_answer(|plan| plan.acquire).await;
+        answer
     }
 
     fn capabilities(&self) -> Capabilities {

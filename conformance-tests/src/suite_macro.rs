@@ -22,6 +22,8 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(lost_fires_on_renew_hang [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_lost_answer [$factory] $skips);
         $crate::__conformance_case!(with_lock_drops_work_on_loss [$factory] $skips);
+        $crate::__conformance_case!(late_grant_is_never_handed_out [$factory] $skips);
+        $crate::__conformance_case!(guards_outlive_a_stopped_runtime [$factory] $skips);
         $crate::__conformance_case!(drop_releases_in_background [$factory] $skips);
         $crate::__conformance_case!(bad_input_is_rejected [$factory] $skips);
         $crate::__conformance_case!(many_keys_held_and_renewed [$factory] $skips);
@@ -124,6 +126,16 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn with_lock_drops_work_on_loss() {}
+    };
+    (late_grant_is_never_handed_out [$factory:expr] [late_grant_is_never_handed_out : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn late_grant_is_never_handed_out() {}
+    };
+    (guards_outlive_a_stopped_runtime [$factory:expr] [guards_outlive_a_stopped_runtime : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn guards_outlive_a_stopped_runtime() {}
     };
     (drop_releases_in_background [$factory:expr] [drop_releases_in_background : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

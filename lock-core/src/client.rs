@@ -1,7 +1,7 @@
 //! `Locker`: waiting, retry, renewal and the lost signal over any backend.
 
 use crate::guard::{GuardState, LockGuard};
-use crate::watchdog::Watchdog;
+use crate::watchdog::{Watchdog, lost_deadline};
 use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl};
 use std::future::Future;
 use std::pin::Pin;
@@ -169,6 +169,16 @@ impl LockRequest<'_> {
     /// Runs `work` under the lock (see [`Locker::with_lock`]).
     pub async fn run<F: Future>(self, work: F) -> Result<F::Output, LockError> {
         let guard = self.acquire().await?;
+        // Never start the work on a guard that is already lost (or past its deadline without
+        // the signal having fired yet).
+        if guard.is_lost() {
+            let reason = guard
+                .lost_reason()
+                .unwrap_or_else(|| "the lease reached its validity deadline".into());
+            let key = guard.key().to_string();
+            drop(guard);
+            return Err(LockError::lost(key, reason));
+        }
         let lost = guard.lost();
         tokio::select! {
             biased;
@@ -232,14 +242,47 @@ async fn queue_loop(
     let mut delays = options.backoff.delays();
     loop {
         match backend.acquire_queued(key, options.ttl, deadline).await {
+            Ok(Some(lease)) if is_late(&lease) => {
+                give_back_late(backend, lease);
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+            }
             Err(error) if error.is_retryable() && Instant::now() < deadline => {
                 tracing::debug!(%error, "queued wait failed; rejoining");
-                let step = delays.next().unwrap_or(options.backoff.max);
-                tokio::time::sleep_until((Instant::now() + step).min(deadline)).await;
             }
             outcome => return outcome,
         }
+        let step = delays.next().unwrap_or(options.backoff.max);
+        tokio::time::sleep_until((Instant::now() + step).min(deadline)).await;
     }
+}
+
+/// Whether a grant came back too late to be used: at or past the moment the watchdog would
+/// fire its lost signal (the validity deadline less the lost margin). An answer delayed by a
+/// slow link or a paused client may arrive after the lease expired on the server, when
+/// another client may already hold the key; such a lease is never handed out.
+fn is_late(lease: &crate::Lease) -> bool {
+    Instant::now() >= lost_deadline(lease)
+}
+
+/// Gives a late grant back in the background (it may still be ours on the server, e.g. when
+/// the server extended it meanwhile); the caller keeps trying until its wait ends.
+fn give_back_late(backend: &Arc<dyn LockBackend>, lease: crate::Lease) {
+    tracing::warn!(
+        key = %lease.key(),
+        late_by = ?Instant::now().saturating_duration_since(lost_deadline(&lease)),
+        "a grant arrived too close to or past its validity deadline; giving it back"
+    );
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let backend = backend.clone();
+    runtime.spawn(async move {
+        if let Err(error) = backend.release(&lease).await {
+            tracing::debug!(key = %lease.key(), %error, "giving back a late grant failed; TTL will free it");
+        }
+    });
 }
 
 /// subscribe → try → wait for a release or the next backoff step → try again.
@@ -256,7 +299,11 @@ async fn wait_loop(
         let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
         let now = Instant::now();
         let expires_in = match outcome {
-            Ok(Attempt::Acquired(lease)) => return Ok(Some(lease)),
+            Ok(Attempt::Acquired(lease)) if !is_late(&lease) => return Ok(Some(lease)),
+            Ok(Attempt::Acquired(lease)) => {
+                give_back_late(backend, lease);
+                None
+            }
             Ok(Attempt::Held { expires_in }) => expires_in,
             Err(error) if error.is_retryable() && now < deadline => {
                 tracing::debug!(%error, "attempt failed; retrying");
@@ -445,5 +492,59 @@ mod tests {
         let guard = locker.acquire("c").await.unwrap();
         guard.lost_token().cancel();
         assert!(!guard.is_lost());
+    }
+
+    /// A backend that raises every TTL to 2 s (as etcd raises 100 ms to its minimum) and whose
+    /// renewals fail: the watchdog's retries must follow the granted TTL, not the requested one.
+    #[derive(Debug, Default)]
+    struct RaisedTtlBackend {
+        inner: MemoryBackend,
+        renew_calls: std::sync::atomic::AtomicU64,
+    }
+
+    const RAISED_TTL: Duration = Duration::from_secs(2);
+
+    #[async_trait]
+    impl LockBackend for RaisedTtlBackend {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            self.inner.try_acquire(key, ttl.max(RAISED_TTL)).await
+        }
+        async fn renew(&self, _lease: &Lease, _ttl: Duration) -> Result<Lease, LockError> {
+            self.renew_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(LockError::backend_msg("test", "server unreachable", true))
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            self.inner.release(lease).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                min_ttl: RAISED_TTL,
+                ..self.inner.capabilities()
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_retries_follow_the_granted_ttl() {
+        let backend = Arc::new(RaisedTtlBackend::default());
+        let locker = Locker::from_arc(backend.clone());
+        let guard = locker
+            .lock("raised")
+            .ttl(Duration::from_millis(100))
+            .acquire()
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .expect("lost() never fired");
+        let calls = backend
+            .renew_calls
+            .load(std::sync::atomic::Ordering::SeqCst);
+        // From TTL/3 to the lost deadline (~1.2 s) at 40 ms doubling to 200 ms: about 10.
+        assert!(
+            calls <= 20,
+            "{calls} renew calls during one outage of a 2 s lease"
+        );
     }
 }

@@ -19,8 +19,26 @@ struct Holder {
 #[derive(Debug, Default)]
 struct State {
     holders: HashMap<LockKey, Holder>,
-    // Kept after release so fences keep increasing for the life of the backend.
-    fences: HashMap<LockKey, u64>,
+    /// The last fence handed out. One counter for every key: fences still strictly increase
+    /// per key, in constant memory (a counter per key would keep an entry for every key ever
+    /// locked, e.g. one per order id).
+    last_fence: u64,
+    /// Sweep expired holders when the table reaches this size (then twice the live count),
+    /// so abandoned keys cost amortised O(1) per acquire and never accumulate.
+    sweep_at: usize,
+}
+
+/// The smallest table size that triggers a sweep of expired holders.
+const MIN_SWEEP: usize = 64;
+
+impl State {
+    fn sweep_expired(&mut self, now: Instant) {
+        if self.holders.len() < self.sweep_at.max(MIN_SWEEP) {
+            return;
+        }
+        self.holders.retain(|_, holder| holder.expires_at > now);
+        self.sweep_at = (self.holders.len() * 2).max(MIN_SWEEP);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +94,7 @@ impl LockBackend for MemoryBackend {
                 expires_in: Some(holder.expires_at - now),
             });
         }
+        state.sweep_expired(now);
         let owner = OwnerToken::random();
         state.holders.insert(
             key.clone(),
@@ -84,9 +103,8 @@ impl LockBackend for MemoryBackend {
                 expires_at: now + ttl,
             },
         );
-        let fence = state.fences.entry(key.clone()).or_insert(0);
-        *fence += 1;
-        let fence = FencingToken(*fence);
+        state.last_fence += 1;
+        let fence = FencingToken(state.last_fence);
         Ok(Attempt::Acquired(Lease::new(
             key.clone(),
             owner,
@@ -144,5 +162,65 @@ impl LockBackend for MemoryBackend {
             ttl_granularity: Duration::from_nanos(1),
             expiry_slack: Duration::from_millis(5),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl MemoryBackend {
+        /// Entries the table keeps, held or not.
+        fn entries(&self) -> usize {
+            self.state().holders.len()
+        }
+    }
+
+    /// Locking a fresh key per order id must not grow the table for good: released keys
+    /// and abandoned (expired) ones leave nothing behind, and fences still increase.
+    #[tokio::test]
+    async fn table_does_not_grow_with_keys_ever_locked() {
+        let backend = MemoryBackend::new();
+        let mut first_fence = None;
+        for order in 0..10_000 {
+            let key = LockKey::new(format!("order:{order}")).unwrap();
+            let lease = backend
+                .try_acquire(&key, Duration::from_secs(5))
+                .await
+                .unwrap()
+                .into_lease()
+                .unwrap();
+            first_fence.get_or_insert(lease.fence().unwrap());
+            assert!(backend.release(&lease).await.unwrap());
+        }
+        // Abandoned holders (never released, expired), 1,000 at a time: the table stays
+        // bounded by the holders alive at once (twice that, amortised), not by keys ever used.
+        for batch in 0..10 {
+            for order in 0..1_000 {
+                let key = LockKey::new(format!("abandoned:{batch}:{order}")).unwrap();
+                backend
+                    .try_acquire(&key, Duration::from_millis(1))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let entries = backend.entries();
+        assert!(
+            entries <= 2 * 1_000 + MIN_SWEEP,
+            "{entries} entries kept for 20,000 keys locked, at most 1,000 of them alive at once"
+        );
+        // The same key again still gets a higher fence than any before.
+        let key = LockKey::new("order:0").unwrap();
+        let lease = backend
+            .try_acquire(&key, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .into_lease()
+            .unwrap();
+        assert!(
+            lease.fence() > first_fence,
+            "order:0's fence went backwards"
+        );
     }
 }

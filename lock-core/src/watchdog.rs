@@ -6,12 +6,20 @@
 //! due before the task's planned wake-up — and releasing only removes, so the lock path pays
 //! no task spawn and, in steady state, no cross-thread wake-up. Each due renewal runs in its
 //! own short task, so one hung renewal never delays another lease.
+//!
+//! A `Locker` may be used from several runtimes (a backend outlives the runtime that connected
+//! it), so the watchdog is tied to none of them: every runtime that queues a guard gets its own
+//! task, all serving the one queue. When a runtime shuts down, its task and the renewals in
+//! flight on it are dropped; a dropped renewal puts its guard back in the queue, due now, and
+//! wakes the tasks left, so every live guard is still renewed (or told it is lost) as long as
+//! any runtime that used this `Locker` runs, or as soon as one acquires again.
 
 use crate::guard::GuardState;
 use crate::{Lease, LockBackend};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::runtime::{self, Handle};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -23,7 +31,8 @@ pub fn lost_margin(ttl: Duration) -> Duration {
     (ttl / 20).clamp(Duration::from_millis(2), Duration::from_millis(250))
 }
 
-fn lost_deadline(lease: &Lease) -> Instant {
+/// When the lost signal fires for `lease` unless a renewal is confirmed first.
+pub(crate) fn lost_deadline(lease: &Lease) -> Instant {
     let margin = lost_margin(lease.ttl());
     lease
         .valid_until()
@@ -56,7 +65,8 @@ struct State {
     /// How many times the task has looked at the queue (for tests: it must not be woken per
     /// acquire).
     looks: u64,
-    task: Option<JoinHandle<()>>,
+    /// One task per runtime that has queued a guard.
+    tasks: HashMap<runtime::Id, JoinHandle<()>>,
 }
 
 /// How long the task keeps a planned wake-up when its queue runs empty while guards keep
@@ -128,12 +138,34 @@ impl Watchdog {
             state.planned_wake = Some(due);
             self.shared.wake.notify_one();
         }
-        // (Re)start the task if there is none, or if the runtime it ran on has gone.
-        if state.task.as_ref().is_none_or(JoinHandle::is_finished)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            state.task = Some(runtime.spawn(run(self.clone())));
+        // A task on this runtime too, if it has none (or its task ended with an earlier
+        // shutdown of a runtime that had the same id).
+        if let Ok(runtime) = Handle::try_current() {
+            let id = runtime.id();
+            if state.tasks.get(&id).is_none_or(JoinHandle::is_finished) {
+                state.tasks.retain(|_, task| !task.is_finished());
+                state.tasks.insert(id, runtime.spawn(run(self.clone())));
+            }
         }
+    }
+
+    /// Wakes every task now (not one): used when a runtime stops, so that a task on another
+    /// runtime looks at the queue even if the one a single wake-up would reach is gone.
+    fn wake_all(&self) {
+        lock(&self.shared.state).planned_wake = None;
+        self.shared.wake.notify_waiters();
+        // And a permit for a task that is between two looks.
+        self.shared.wake.notify_one();
+    }
+
+    /// Puts back a guard whose attendance was dropped unfinished (its runtime stopped), due
+    /// now, for a task on another runtime.
+    fn rescue(&self, watched: &Arc<Watched>) {
+        if watched.guard.is_stopped() {
+            return;
+        }
+        self.schedule(watched, Instant::now());
+        self.wake_all();
     }
 
     /// How many times the task has looked at the queue so far.
@@ -176,7 +208,18 @@ fn next_due(watched: &Watched, lease: &Lease) -> Instant {
     }
 }
 
+/// Wakes the other runtimes' tasks when this task is dropped (its runtime shut down), so the
+/// wake-up it was meant to take is not lost with it.
+struct WakeOthersOnDrop(Watchdog);
+
+impl Drop for WakeOthersOnDrop {
+    fn drop(&mut self) {
+        self.0.wake_all();
+    }
+}
+
 async fn run(watchdog: Watchdog) {
+    let _wake_others = WakeOthersOnDrop(watchdog.clone());
     loop {
         let (due, next) = watchdog.take_due();
         for watched in due {
@@ -198,6 +241,32 @@ async fn run(watchdog: Watchdog) {
 /// One due guard: renew it (retrying errors until the lost deadline, cutting off a hung call
 /// there) and queue it again, or fire its lost signal.
 async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
+    let mut attending = Attending {
+        watchdog: watchdog.clone(),
+        watched: watched.clone(),
+        done: false,
+    };
+    attend_once(&watchdog, &watched).await;
+    attending.done = true;
+}
+
+/// Rescues the guard if its attendance is dropped before it finished: the runtime running it
+/// shut down mid-renewal.
+struct Attending {
+    watchdog: Watchdog,
+    watched: Arc<Watched>,
+    done: bool,
+}
+
+impl Drop for Attending {
+    fn drop(&mut self) {
+        if !self.done {
+            self.watchdog.rescue(&self.watched);
+        }
+    }
+}
+
+async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
     let state = &watched.guard;
     let lease = state.lease();
     let lost_at = lost_deadline(&lease);
@@ -205,12 +274,15 @@ async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
         if Instant::now() >= lost_at {
             state.fire_lost("the lease reached its validity deadline (auto-renew is off)".into());
         } else {
-            watchdog.schedule(&watched, lost_at);
+            watchdog.schedule(watched, lost_at);
         }
         return;
     }
     let ttl = watched.ttl;
-    let mut retry_delay = (ttl / 50).max(Duration::from_millis(5));
+    // Retries pace by the TTL the server granted (etcd raises 100 ms to 2 s), not the one
+    // asked for: 1/50 of it, doubling up to 1/10.
+    let granted = lease.ttl();
+    let mut retry_delay = (granted / 50).max(Duration::from_millis(5));
     loop {
         if state.is_stopped() {
             return;
@@ -230,9 +302,9 @@ async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
             }
             Ok(Ok(renewed)) => {
                 tracing::trace!(key = %renewed.key(), "renewed");
-                let due = next_due(&watched, &renewed);
+                let due = next_due(watched, &renewed);
                 state.set_lease(renewed);
-                watchdog.schedule(&watched, due);
+                watchdog.schedule(watched, due);
                 return;
             }
             Ok(Err(error)) if error.is_lost() => {
@@ -242,7 +314,7 @@ async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
             Ok(Err(error)) => {
                 tracing::debug!(key = %lease.key(), %error, "renew failed; retrying");
                 sleep_until((Instant::now() + retry_delay).min(lost_at)).await;
-                retry_delay = (retry_delay * 2).min((ttl / 10).max(Duration::from_millis(5)));
+                retry_delay = (retry_delay * 2).min((granted / 10).max(Duration::from_millis(5)));
             }
         }
     }

@@ -123,3 +123,146 @@ pub async fn with_lock_drops_work_on_loss(factory: &dyn BackendFactory) -> Resul
     );
     Ok(())
 }
+
+/// 13e. A grant whose answer arrives after the lease's validity deadline (a slow link, a
+///      paused client) is never handed out: `try_acquire` does not return it, `with_lock`
+///      never runs its work on it while another client holds the key, and the stale grant
+///      does not keep the key held.
+pub async fn late_grant_is_never_handed_out(factory: &dyn BackendFactory) -> Result<()> {
+    let (slow, plan) = faulty_locker(factory).await?;
+    let other = locker(factory).await?;
+    let caps = slow.backend().capabilities();
+    let ttl = ttl_for(&caps, 300 * MS);
+    // The answer comes back after the lease expired on the server (and locally).
+    let late = ttl + caps.expiry_slack + 300 * MS;
+    let name = unique_key("late");
+    plan.acquire(Fault::DelayAnswer(late));
+
+    // One attempt answered late: no guard.
+    let started = Instant::now();
+    match slow.lock(&name).ttl(ttl).try_acquire().await {
+        Ok(Some(guard)) => bail!(
+            "a grant answered {:?} after it was asked for (TTL {ttl:?}) was handed out: \
+             {:?} of validity left, is_lost() {}",
+            started.elapsed(),
+            guard
+                .valid_until()
+                .saturating_duration_since(Instant::now()),
+            guard.is_lost()
+        ),
+        Ok(None) => {}
+        Err(error) if error.is_retryable() => {}
+        Err(error) => bail!("a late grant gave a non-retryable error: {error}"),
+    }
+    // The refused grant does not keep the key: another client gets it.
+    let guard = other
+        .lock(&name)
+        .ttl(ttl)
+        .wait(ttl + caps.expiry_slack + Duration::from_secs(2))
+        .acquire()
+        .await
+        .context("the key stayed held after a late grant was refused")?;
+    guard.release().await?;
+
+    // with_lock, while a contender takes the key during the slow answer's way back.
+    let other_holds = Arc::new(AtomicBool::new(false));
+    let ran_while_other_held = Arc::new(AtomicBool::new(false));
+    let contender = {
+        let (other, name, other_holds) = (other.clone(), name.clone(), other_holds.clone());
+        tokio::spawn(async move {
+            // After the slow client's attempt has reached the server.
+            sleep(20 * MS).await;
+            let guard = other.lock(&name).ttl(ttl).wait(late * 3).acquire().await?;
+            other_holds.store(true, Ordering::SeqCst);
+            // Past the slow client's whole wait.
+            sleep(late * 2 + 500 * MS).await;
+            other_holds.store(false, Ordering::SeqCst);
+            guard.release().await?;
+            anyhow::Ok(())
+        })
+    };
+    let work = {
+        let (other_holds, ran) = (other_holds.clone(), ran_while_other_held.clone());
+        async move {
+            if other_holds.load(Ordering::SeqCst) {
+                ran.store(true, Ordering::SeqCst);
+            }
+        }
+    };
+    let outcome = slow
+        .lock(&name)
+        .ttl(ttl)
+        .wait(late + 200 * MS)
+        .run(work)
+        .await;
+    plan.acquire(Fault::None);
+    contender.await??;
+    ensure!(
+        !ran_while_other_held.load(Ordering::SeqCst),
+        "with_lock ran its work on a grant that arrived after its deadline, while another \
+         client held the key (outcome: {outcome:?})"
+    );
+    Ok(())
+}
+
+/// 13f. The watchdog is not tied to one runtime: with one `Locker` used from two runtimes,
+///      when the runtime of its first acquire shuts down — with a renewal in flight there —
+///      every live guard is still renewed, or its `lost()` fires.
+pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> Result<()> {
+    let (locker, plan) = faulty_locker(factory).await?;
+    let caps = locker.backend().capabilities();
+    let ttl = ttl_for(&caps, 900 * MS);
+    let (first, second) = (unique_key("runtime-a"), unique_key("runtime-b"));
+
+    // Runtime A makes the locker's first acquire, then runs until told to stop.
+    let (guard_tx, guard_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime_a = std::thread::spawn({
+        let locker = locker.clone();
+        move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let guard = locker.lock(&first).ttl(ttl).acquire().await;
+                let _ = guard_tx.send(guard);
+                let _ = stop_rx.await;
+            });
+            // Dropping the runtime cancels every task on it.
+            drop(runtime);
+            Ok(())
+        }
+    });
+    let from_a = guard_rx.await.context("runtime A ended early")??;
+    // Runtime B (this one) acquires while A still runs.
+    let from_b = locker.lock(&second).ttl(ttl).acquire().await?;
+
+    // Stop A while a renewal is in flight.
+    plan.renew(Fault::Hang);
+    let calls = plan.renew_calls();
+    let waited = Instant::now();
+    while plan.renew_calls() == calls {
+        ensure!(waited.elapsed() < ttl, "no renewal started within one TTL");
+        sleep(5 * MS).await;
+    }
+    let _ = stop_tx.send(());
+    tokio::task::spawn_blocking(move || runtime_a.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("runtime A's thread panicked"))??;
+    plan.renew(Fault::None);
+
+    // Two TTLs later every guard was renewed, or was told it lost the lock.
+    sleep(ttl * 2 + caps.expiry_slack + 100 * MS).await;
+    for guard in [&from_a, &from_b] {
+        let renewed = !guard.is_lost() && guard.valid_until() > Instant::now();
+        let told = guard.lost_token().is_cancelled();
+        ensure!(
+            renewed || told,
+            "guard of {} expired unrenewed and lost() never fired after the runtime running \
+             its watchdog stopped",
+            guard.key()
+        );
+    }
+    drop((from_a, from_b));
+    Ok(())
+}
