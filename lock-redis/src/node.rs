@@ -121,6 +121,15 @@ pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockErro
     LockError::backend("redis", format!("{context}: {error}"), retryable, error)
 }
 
+/// Whether a command that failed with `error` may have run on the server: false only when it
+/// provably never left this client (the connection was refused). A timeout or a connection
+/// lost after sending leaves it unknown.
+pub(crate) fn may_have_run(error: &LockError) -> bool {
+    let redis = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<redis::RedisError>());
+    !redis.is_some_and(redis::RedisError::is_connection_refusal)
+}
+
 /// Idle time before the first TCP keepalive probe, the pause between probes, and how long
 /// sent data may stay unacknowledged before the kernel aborts the connection: a peer that
 /// vanished (host gone, a NAT or firewall that dropped the flow) is noticed in seconds, not

@@ -237,8 +237,9 @@ impl RedlockBackend {
         }
     }
 
-    /// Releases our token after a round that was not granted: on every node except those
-    /// that answered `Held` (the script is atomic, so our token is not there). Waits (within
+    /// Releases our token after a round that was not granted: on every node except those in
+    /// `held`, which answered `Held` (the script is atomic, so our token is not there) or
+    /// refused the connection (nothing was sent). Waits (within
     /// `limit`) only for the nodes in `wait_for`, those that answered "acquired": the
     /// next round must find them free. Nodes that failed or have not answered yet (they may
     /// still set our key) are released in the background, so a slow node does not cost a
@@ -311,6 +312,7 @@ impl RedlockBackend {
         let mut acquired: Vec<(usize, u64)> = Vec::new();
         let mut held: Vec<(Option<u64>, String)> = Vec::new();
         let mut held_nodes: Vec<usize> = Vec::new();
+        let mut not_sent: Vec<usize> = Vec::new();
         let mut errors = Vec::new();
         for (index, outcome) in outcomes {
             match outcome {
@@ -319,7 +321,13 @@ impl RedlockBackend {
                     held.push((u64::try_from(pttl).ok(), holder));
                     held_nodes.push(index);
                 }
-                Outcome::Failed(error) => errors.push(error.to_string()),
+                Outcome::Failed(error) => {
+                    // A refused connection sent nothing: no roll-back there.
+                    if !crate::node::may_have_run(&error) {
+                        not_sent.push(index);
+                    }
+                    errors.push(error.to_string());
+                }
             }
         }
 
@@ -374,6 +382,7 @@ impl RedlockBackend {
 
         // Not granted: roll back (a node that timed out may have set the key).
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
+        held_nodes.extend(not_sent);
         self.roll_back(key, &token, limit, &held_nodes, &acquired_nodes)
             .await;
         // The nodes we rolled back are free; a quorum is free once enough of the holders'

@@ -23,6 +23,121 @@ use tokio::time::Instant;
 #[derive(Clone, Debug)]
 pub struct RedisBackend {
     inner: Arc<Nodes>,
+    cleanup: Arc<Cleanup>,
+}
+
+/// The most clean-ups pending at once per backend. Beyond it a failed acquire's key (if the
+/// script ran at all) is freed by its TTL, as it would be without clean-up.
+const CLEANUP_CAPACITY: usize = 256;
+/// Clean-ups sent at once.
+const CLEANUP_BATCH: usize = 16;
+
+/// A token to compare-and-delete: the acquire that set it may have run, its answer never came.
+#[derive(Debug)]
+struct Pending {
+    lock_key: String,
+    token: String,
+    /// When the server frees the key anyway (the acquire's TTL).
+    expires: Instant,
+}
+
+/// The clean-ups of one backend: a bounded queue and at most one worker, so an outage that
+/// fails many acquires costs a bounded amount of memory, tasks and (when the server returns)
+/// commands, instead of one retry loop per failed acquire.
+#[derive(Debug, Default)]
+struct Cleanup {
+    state: std::sync::Mutex<CleanupState>,
+}
+
+#[derive(Debug, Default)]
+struct CleanupState {
+    queue: std::collections::VecDeque<Pending>,
+    worker: bool,
+}
+
+impl Cleanup {
+    fn state(&self) -> std::sync::MutexGuard<'_, CleanupState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `pending`; starts the worker if none runs. The first attempt goes out at
+    /// once on the same connection as the acquire, so it runs after the acquire if that ever
+    /// arrives.
+    fn push(self: &Arc<Self>, nodes: &Arc<Nodes>, pending: Pending) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut state = self.state();
+        if state.queue.len() >= CLEANUP_CAPACITY {
+            tracing::debug!("clean-up queue full; the failed acquire's key expires by its TTL");
+            return;
+        }
+        state.queue.push_back(pending);
+        if !state.worker {
+            state.worker = true;
+            runtime.spawn(self.clone().work(Arc::downgrade(nodes)));
+        }
+    }
+
+    /// Releases queued tokens, a batch at a time; retryable failures go back in the queue
+    /// until their key expires, after a pause that doubles to 1 s while the server fails.
+    /// Ends when the queue is empty or the backend is dropped.
+    async fn work(self: Arc<Self>, nodes: std::sync::Weak<Nodes>) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let batch: Vec<Pending> = {
+                let mut state = self.state();
+                let now = Instant::now();
+                state.queue.retain(|pending| pending.expires > now);
+                let take = state.queue.len().min(CLEANUP_BATCH);
+                if take == 0 || nodes.strong_count() == 0 {
+                    state.queue.clear();
+                    state.worker = false;
+                    return;
+                }
+                state.queue.drain(..take).collect()
+            };
+            let Some(strong) = nodes.upgrade() else {
+                self.state().worker = false;
+                return;
+            };
+            let Some(node) = strong.nodes.first() else {
+                self.state().worker = false;
+                return;
+            };
+            let results = futures::future::join_all(
+                batch
+                    .iter()
+                    .map(|pending| node.release(&pending.lock_key, &pending.token)),
+            )
+            .await;
+            drop(strong);
+            let mut failed = false;
+            for (pending, result) in batch.into_iter().zip(results) {
+                match result {
+                    Ok(released) => {
+                        tracing::debug!(released, "cleaned up after a failed redis acquire");
+                    }
+                    Err(error) if error.is_retryable() => {
+                        tracing::debug!(%error, "clean-up after a failed acquire; retrying");
+                        failed = true;
+                        self.state().queue.push_back(pending);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "clean-up after a failed acquire gave up");
+                    }
+                }
+            }
+            if failed {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            } else {
+                pause = Duration::from_millis(50);
+            }
+        }
+    }
 }
 
 impl RedisBackend {
@@ -48,7 +163,10 @@ impl RedisBackend {
     ) -> Result<Self, LockError> {
         options.validate()?;
         let inner = Nodes::connect(nodes, options, nodes.len()).await?;
-        Ok(RedisBackend { inner })
+        Ok(RedisBackend {
+            inner,
+            cleanup: Arc::default(),
+        })
     }
 
     /// How this backend names Redis keys and channels.
@@ -56,39 +174,17 @@ impl RedisBackend {
         &self.inner.scheme
     }
 
-    /// Compare-and-deletes `token` after a failed acquire, retrying retryable failures until
-    /// `expires` (when the server frees the key anyway). Sent at once on the same connection,
-    /// it runs after the acquire if that ever arrives. Stops when the backend is dropped.
+    /// Compare-and-deletes `token` after a failed acquire that may have run, in the
+    /// background (see [`Cleanup`]).
     fn release_in_background(&self, lock_key: String, token: String, expires: Instant) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let nodes = Arc::downgrade(&self.inner);
-        runtime.spawn(async move {
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let Some(node) = nodes.upgrade() else { return };
-                let Some(first) = node.nodes.first() else {
-                    return;
-                };
-                match first.release(&lock_key, &token).await {
-                    Ok(released) => {
-                        tracing::debug!(released, "cleaned up after a failed redis acquire");
-                        return;
-                    }
-                    Err(error) if error.is_retryable() && Instant::now() + pause < expires => {
-                        tracing::debug!(%error, "clean-up after a failed acquire; retrying");
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "clean-up after a failed acquire gave up");
-                        return;
-                    }
-                }
-                drop(node);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-        });
+        self.cleanup.push(
+            &self.inner,
+            Pending {
+                lock_key,
+                token,
+                expires,
+            },
+        );
     }
 
     fn node(&self) -> Result<&crate::node::Node, LockError> {
@@ -122,8 +218,11 @@ impl LockBackend for RedisBackend {
             Err(error) => {
                 // The script may have run although we got no answer (a stall past the
                 // command timeout, a connection lost after sending): nobody would know the
-                // token, and the key would stay locked for the whole TTL.
-                self.release_in_background(lock_key, token, sent_at + granted);
+                // token, and the key would stay locked for the whole TTL. A refused
+                // connection sent nothing: nothing to clean up.
+                if crate::node::may_have_run(&error) {
+                    self.release_in_background(lock_key, token, sent_at + granted);
+                }
                 return Err(error);
             }
         };

@@ -787,3 +787,89 @@ async fn redlock_connects_and_locks_fast_with_a_paused_node() -> Result<()> {
     servers[2].resume()?;
     result
 }
+
+/// Issue #9 item 10: every failed acquire spawned a release loop retrying until the TTL,
+/// even when the command was never sent (connection refused); they all fired when the
+/// server came back. Only an acquire that may have reached the server needs a clean-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_acquires_leave_no_cleanup_behind() -> Result<()> {
+    let mut server = RedisServer::start()?;
+    let options = RedisOptions::default().command_timeout(Duration::from_millis(500));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    works_again(&backend, Duration::from_secs(2)).await?;
+    server.kill()?;
+    let failures = 30;
+    let mut refused = 0;
+    for _ in 0..failures {
+        let key = LockKey::new(unique("refused"))?;
+        if backend
+            .try_acquire(&key, Duration::from_secs(30))
+            .await
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    ensure!(
+        refused == failures,
+        "only {refused} of {failures} acquires failed with the server down"
+    );
+    server.restart()?;
+    // Clean-up loops retry with pauses of at most 1 s: give them time to fire.
+    sleep(Duration::from_millis(2500)).await;
+    let calls = command_calls(&server, "evalsha").await? + command_calls(&server, "eval").await?;
+    // The first acquire may have been written to the socket before the close was noticed
+    // (its clean-up is right); the others were refused before anything was sent.
+    ensure!(
+        calls <= 2,
+        "{calls} scripts ran on the restarted server after {failures} refused acquires"
+    );
+    Ok(())
+}
+
+/// Issue #9 item 10: acquires that time out (the script may have run) need a clean-up, but
+/// an outage must not turn each of them into a background task of its own: the clean-up work
+/// of a backend is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timed_out_acquires_keep_cleanup_bounded() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let options = RedisOptions::default().command_timeout(Duration::from_millis(300));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    works_again(&backend, Duration::from_secs(2)).await?;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+    proxy.blackhole();
+    let failures = 200;
+    let attempts = futures::future::join_all((0..failures).map(|index| {
+        let backend = &backend;
+        async move {
+            let key = LockKey::new(format!("{}-{index}", unique("timed-out")))?;
+            anyhow::Ok(
+                backend
+                    .try_acquire(&key, Duration::from_secs(30))
+                    .await
+                    .is_err(),
+            )
+        }
+    }))
+    .await;
+    let tasks_after = metrics.num_alive_tasks();
+    proxy.heal();
+    let failed = attempts
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|failed| *failed)
+        .count();
+    ensure!(
+        failed == failures,
+        "only {failed} of {failures} acquires failed through a black hole"
+    );
+    ensure!(
+        tasks_after <= tasks_before + 10,
+        "{} background tasks left after {failures} timed-out acquires",
+        tasks_after.saturating_sub(tasks_before)
+    );
+    Ok(())
+}
