@@ -124,6 +124,19 @@ pub fn heartbeat_interval(min_ttl_ms: u64) -> Duration {
     Duration::from_millis(min_ttl_ms / 10).min(HEARTBEAT_MAX)
 }
 
+/// Longest a heartbeat probe waits for its answer before the session counts as gone (it is
+/// dropped and its guards' lost signal fires). A silent connection (black hole, a host that
+/// died without closing it) is found this long after the probe was sent.
+pub const PROBE_TIMEOUT: Duration = HEARTBEAT_MAX;
+
+/// How soon a holder session that holds locks and whose smallest TTL is `min_ttl_ms` is found
+/// gone after its last answer, at the latest: the next probe is sent a
+/// [`heartbeat_interval`] after that answer and waits [`PROBE_TIMEOUT`]. A session the
+/// server ended and told the client about is found within the interval (plus a round trip).
+pub fn loss_notice_bound(min_ttl_ms: u64) -> Duration {
+    heartbeat_interval(min_ttl_ms) + PROBE_TIMEOUT
+}
+
 #[derive(Debug)]
 enum Entry {
     /// An acquire of this advisory key is in flight on one of our sessions.

@@ -53,8 +53,10 @@ pub(crate) async fn reaper(inner: Arc<Inner>) {
 
 /// Probes every holder session that holds locks, every [`heartbeat_interval`] of its
 /// smallest TTL: a session the server ended (terminate, restart, failover) frees all its
-/// locks at once, and the probe lets its guards know within the interval instead of at their
-/// next renewal (T/3). A session busy with a statement is skipped: that statement is the probe.
+/// locks at once, and the probe lets its guards know within [`loss_notice_bound`] instead of
+/// at their next renewal (T/3). A session busy with a statement is skipped: that statement is
+/// the probe. Each probe runs on a task of its own, so a silent session (whose probe waits
+/// out [`PROBE_TIMEOUT`]) delays no other session's probe.
 pub(crate) async fn heartbeat(inner: Arc<Inner>) {
     loop {
         let now = Instant::now();
@@ -83,7 +85,7 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
                             at + Duration::from_millis(state.timeout_set_ms / 2)
                         });
                         if due <= now {
-                            resets.push(inner.turn_off_timeout(session, state));
+                            resets.push(session.clone());
                             plan(&mut next, now + HEARTBEAT_MAX);
                         } else {
                             plan(&mut next, due);
@@ -97,7 +99,7 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
                 // at once (that probe would hold the session while its release waits).
                 let due = state.answered_at.map_or(now, |at| at + every);
                 if due <= now {
-                    probes.push(inner.probe(session, state));
+                    probes.push(session.clone());
                     plan(&mut next, now + every);
                 } else {
                     plan(&mut next, due);
@@ -106,11 +108,24 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
             *planned = next;
             (next, probes, resets)
         };
-        futures::future::join(
-            futures::future::join_all(probes),
-            futures::future::join_all(resets),
-        )
-        .await;
+        // Off this loop: a probe of a silent session must not hold up the next scan.
+        for session in probes {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                // Taken meanwhile: that statement is the probe.
+                if let Ok(state) = session.state.try_lock() {
+                    inner.probe(&session, state).await;
+                }
+            });
+        }
+        for session in resets {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Ok(state) = session.state.try_lock() {
+                    inner.turn_off_timeout(&session, state).await;
+                }
+            });
+        }
         match next {
             Some(at) => {
                 tokio::select! {
@@ -130,8 +145,10 @@ pub(crate) fn plan(next: &mut Option<Instant>, at: Instant) {
 }
 
 impl Inner {
-    /// One heartbeat: a Sync round trip (no statement to parse). Any failure leaves the
-    /// connection in an unknown state, so the session is dropped and its guards told.
+    /// One heartbeat: a Sync round trip (no statement to parse), answered within
+    /// [`PROBE_TIMEOUT`]. Any failure leaves the connection in an unknown state, so the
+    /// session is dropped and its guards told: a session that stays silent that long may
+    /// have been freed by the server already (another process may hold its locks).
     pub(crate) async fn probe(
         &self,
         session: &Session,
@@ -140,7 +157,7 @@ impl Inner {
         let Some(conn) = state.conn.as_mut() else {
             return;
         };
-        match tokio::time::timeout(self.config.op_timeout, sqlx::Connection::ping(conn)).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, sqlx::Connection::ping(conn)).await {
             Ok(Ok(())) => state.answered_at = Some(Instant::now()),
             Ok(Err(error)) => {
                 let why = format!("heartbeat failed: {error}");

@@ -1,0 +1,203 @@
+//! How soon a holder hears that its session is gone when the session went silent (host crash,
+//! failover, a black-holed connection while the server frees the session): within the
+//! documented bound (heartbeat interval + probe timeout), not after `op_timeout`, and one
+//! silent session does not hold up another session's heartbeat.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::{advisory_held, server};
+use lock_core::{LockBackend, LockKey, Locker};
+use lock_harness::TcpProxy;
+use lock_harness::postgres::PostgresServer;
+use lock_postgres::{PostgresBackend, PostgresConfig};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, timeout};
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(Arc::new(
+        PostgresBackend::with_options(options, config).await?,
+    ))
+}
+
+/// What the README promises: a holder whose session is gone hears of it within this long of
+/// the session's last answer.
+fn notice_bound(ttl: Duration) -> Duration {
+    lock_postgres::loss_notice_bound(ttl.as_millis() as u64)
+}
+
+/// Room for a loaded 2-core machine (scheduling, psql start-up); the bug this guards against
+/// is `op_timeout` (5 s).
+const LOAD_MARGIN: Duration = Duration::from_millis(400);
+
+/// Waits for a guard's lost signal in a task; answers when it fired.
+fn lost_at(guard: &lock_core::LockGuard) -> tokio::task::JoinHandle<Instant> {
+    let lost = guard.lost();
+    tokio::spawn(async move {
+        lost.await;
+        Instant::now()
+    })
+}
+
+/// The holder's connection goes silent (black hole: nothing passes, nothing closes) and the
+/// server frees its session (`pg_terminate_backend`, as after a failover or when the server
+/// saw the client die): another process can take the lock at once. The old holder's `lost()`
+/// must fire within the documented bound of that grant, not when the probe's `op_timeout`
+/// (5 s) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blackholed_holder_hears_of_its_loss_within_the_bound() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let app = unique("silent");
+    let holder = Locker::from_arc(
+        backend_at(
+            &PostgresServer::url_for(proxy.addr()),
+            PostgresConfig {
+                application_name: app.clone(),
+                ..PostgresConfig::default()
+            },
+        )
+        .await?,
+    );
+    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new(unique("blackholed"))?;
+    let ttl = Duration::from_secs(30);
+    let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
+    let lost = lost_at(&guard);
+    proxy.blackhole();
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated == 1, "terminated {terminated} holder sessions");
+    let acquired_at = loop {
+        if let Some(lease) = other.try_acquire(&key, ttl).await?.into_lease() {
+            let at = Instant::now();
+            other.release(&lease).await?;
+            break at;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let lost_at = timeout(Duration::from_secs(10), lost)
+        .await
+        .context("lost() did not fire within 10 s")??;
+    let late = lost_at.saturating_duration_since(acquired_at);
+    println!(
+        "black-holed holder: lost() {late:?} after another process acquired (bound {:?})",
+        notice_bound(ttl)
+    );
+    ensure!(
+        late <= notice_bound(ttl) + LOAD_MARGIN,
+        "lost() fired {late:?} after another process acquired the lock; documented bound {:?}",
+        notice_bound(ttl)
+    );
+    proxy.heal();
+    Ok(())
+}
+
+/// Resumes a stopped server process when dropped (also when the test fails).
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Result<Self> {
+        signal(pid, "-STOP")?;
+        Ok(Stopped(pid))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: i32, which: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill {which} {pid} failed");
+    Ok(())
+}
+
+/// Two holder sessions of one backend. One goes silent (its server process is stopped, so
+/// its heartbeat probe gets no answer); meanwhile the other is terminated. The terminated
+/// session's guard must hear of it within the bound: the silent session's probe must not
+/// hold up the heartbeat of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_session_does_not_delay_another_sessions_heartbeat() -> Result<()> {
+    let server = server().await?;
+    let backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let locker = Locker::from_arc(backend.clone());
+    let inspector = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?;
+    // Different TTLs: different holder sessions.
+    let (silent_ttl, dropped_ttl) = (Duration::from_secs(20), Duration::from_secs(10));
+    let silent = locker
+        .lock(unique("silent"))
+        .ttl(silent_ttl)
+        .acquire()
+        .await?;
+    let dropped = locker
+        .lock(unique("dropped"))
+        .ttl(dropped_ttl)
+        .acquire()
+        .await?;
+    let pid_of = |key: &LockKey| {
+        let hash = backend.advisory_key(key);
+        let inspector = inspector.clone();
+        let key = key.clone();
+        async move {
+            ensure!(advisory_held(&inspector, hash).await?, "{key} not held");
+            let pid: i32 = sqlx::query_scalar(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND objsubid = 1 AND ((classid::int8 << 32) | objid::int8) = $1",
+            )
+            .bind(hash)
+            .fetch_one(&inspector)
+            .await?;
+            anyhow::Ok(pid)
+        }
+    };
+    let silent_pid = pid_of(silent.key()).await?;
+    let dropped_pid = pid_of(dropped.key()).await?;
+    ensure!(silent_pid != dropped_pid, "both locks on one session");
+    let lost = lost_at(&dropped);
+    let _stopped = Stopped::stop(silent_pid)?;
+    // Let the silent session's probe start (it is due a heartbeat interval after its last
+    // answer) and hang.
+    tokio::time::sleep(lock_postgres::HEARTBEAT_MAX * 2).await;
+    let terminated_at = Instant::now();
+    ensure!(
+        tokio::task::spawn_blocking(move || server.terminate_backend(dropped_pid)).await??,
+        "the other session was not terminated"
+    );
+    let lost_at = timeout(Duration::from_secs(10), lost)
+        .await
+        .context("lost() did not fire within 10 s")??;
+    let late = lost_at.saturating_duration_since(terminated_at);
+    println!(
+        "terminated session next to a silent one: lost() {late:?} after the terminate call \
+         (bound {:?})",
+        notice_bound(dropped_ttl)
+    );
+    ensure!(
+        late <= notice_bound(dropped_ttl) + LOAD_MARGIN,
+        "lost() of the terminated session fired {late:?} after the terminate call; \
+         documented bound {:?}",
+        notice_bound(dropped_ttl)
+    );
+    drop(_stopped);
+    drop((silent, dropped));
+    Ok(())
+}
