@@ -3,6 +3,62 @@
 
 use super::*;
 
+/// How often the waiter and listener connections send a statement while they are open:
+/// it keeps them inside their [`IDLE_CONNECTION_TIMEOUT`] and finds a connection the server
+/// ended behind our back (terminated, restarted, a timeout of its own) within this long.
+pub const WAITER_PING_EVERY: Duration = Duration::from_secs(1);
+
+/// `idle_session_timeout` of the waiter and listener sessions on the server. They wait idle by
+/// design, so a role's or database's own (shorter) setting would end them over and over; and
+/// without one, the sessions of a frozen or cut-off process (its waiter marks, which make
+/// every release pay for a NOTIFY, and its place in the notification queue) would stay until
+/// the server's TCP keepalive gives up (2 h by default). The process pings every
+/// [`WAITER_PING_EVERY`], so only a process that stopped talking is ended.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Session settings of the waiter and listener connections: the idle timeout above, and
+/// server-side TCP keepalives (probe after 5 s of silence, every 2 s, give up after 3) so a
+/// dead peer is found even while the server has something to send it. Holder sessions get
+/// neither: their timeout is the lock TTL, and ending them sooner would lose locks early.
+fn idle_connection_settings() -> String {
+    format!(
+        "SELECT set_config('idle_session_timeout', '{}', false), \
+           set_config('tcp_keepalives_idle', '5', false), \
+           set_config('tcp_keepalives_interval', '2', false), \
+           set_config('tcp_keepalives_count', '3', false)",
+        IDLE_CONNECTION_TIMEOUT.as_millis()
+    )
+}
+
+/// A `LISTEN`ing connection on `channel` (its own pool of one, so sqlx reconnects it), with
+/// [`idle_connection_settings`] on every connection.
+pub(crate) async fn connect_listener(
+    options: PgConnectOptions,
+    channel: &str,
+    timeout: Duration,
+) -> Result<PgListener, sqlx::Error> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        // Also when the listener reconnects.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect_with(options)
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
 /// Connects the release listener and starts its tasks (see [`Inner::ensure_listener`]).
 pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch::Sender<bool>) {
     let app = &inner.config.application_name;
@@ -15,19 +71,7 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
         .clone()
         .application_name(&format!("{app}-waiter"));
     let timeout = inner.config.connect_timeout;
-    let work = async {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .acquire_timeout(timeout)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(listen_options)
-            .await?;
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(&inner.channel).await?;
-        Ok::<_, sqlx::Error>(listener)
-    };
+    let work = connect_listener(listen_options.clone(), &inner.channel, timeout);
     let result = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(listener)) => Ok(listener),
         Ok(Err(error)) => Err(map_error("starting the release listener", error)),
@@ -37,9 +81,18 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
     match result {
         Ok(listener) if !inner.closed.load(Ordering::SeqCst) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let _ = inner.waiter_tx.set(tx);
+            let _ = inner.waiter_tx.set(tx.clone());
             *phase = ListenerPhase::Up(Listening {
-                listen: tokio::spawn(listen_loop(listener, inner.hub.clone())),
+                listen: tokio::spawn(listen_loop(
+                    listener,
+                    ListenerSource {
+                        options: listen_options,
+                        channel: inner.channel.clone(),
+                        timeout,
+                    },
+                    inner.hub.clone(),
+                    tx.clone(),
+                )),
                 waiters: tokio::spawn(waiter_loop(
                     rx,
                     waiter_options,
@@ -82,6 +135,10 @@ pub(crate) enum WaiterCommand {
     Mark(String, tokio::sync::oneshot::Sender<Result<(), LockError>>),
     /// Drop it if no subscription of the key is left.
     Forget(String),
+    /// The listener lost its connection (a restart or a terminate may have ended the waiter
+    /// session too): check the waiter session now, and mark every waited-for key again on a
+    /// new one if it is gone.
+    Check,
 }
 
 /// Takes the shared waiter lock of `pair` without queueing: a releaser holds the same pair
@@ -114,7 +171,13 @@ pub(crate) async fn try_mark(
 /// Owns the waiter connection: holds a shared lock on the waiter key of every key this
 /// backend has subscriptions for, reconciling each command with the hub (the truth about
 /// who waits), so marks and forgets that cross each other never leave a waiting key unmarked.
-/// After the connection fails, the next command reconnects and marks every key again.
+///
+/// The server can end the waiter session behind our back (terminate, restart, a timeout),
+/// and its marks with it. So a mark is acknowledged only after the session answered: a new
+/// key is marked on it, an already marked key costs a ping. A connection that fails is
+/// replaced at once and every waited-for key marked again; a ping every
+/// [`WAITER_PING_EVERY`] (and a [`WaiterCommand::Check`] from the listener) finds a dead one
+/// while no command comes, so a key with waiters all along does not fall back to polling.
 pub(crate) async fn waiter_loop(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<WaiterCommand>,
     options: PgConnectOptions,
@@ -122,78 +185,235 @@ pub(crate) async fn waiter_loop(
     timeout: Duration,
     hub: ReleaseHub,
 ) {
-    let mut conn: Option<PgConnection> = None;
-    // Keys that should be marked; when `conn` is there, all of them are marked on it.
-    let mut marked: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let pair = |key: &str| waiter_key(advisory_key(&namespace, key));
-    while let Some(command) = commands.recv().await {
-        let deadline = Instant::now() + timeout;
+    let mut waiter = WaiterSession {
+        conn: None,
+        marked: std::collections::HashSet::new(),
+        options,
+        namespace,
+        timeout,
+        hub,
+    };
+    let mut ping = tokio::time::interval(WAITER_PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let command = tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => command,
+                None => return,
+            },
+            _ = ping.tick() => WaiterCommand::Check,
+        };
+        let deadline = Instant::now() + waiter.timeout;
         match command {
             WaiterCommand::Mark(key, ack) => {
-                let result = async {
-                    if !hub.has_waiters(&key) {
-                        return Ok(());
-                    }
-                    if conn.is_none() {
-                        let mut fresh = timeout_at(deadline, options.connect())
-                            .await
-                            .map_err(|_| timed_out("connecting the waiter session", timeout))?
-                            .map_err(|error| map_error("connecting the waiter session", error))?;
-                        marked.retain(|key| hub.has_waiters(key));
-                        for key in marked.iter() {
-                            try_mark(&mut fresh, pair(key), deadline).await?;
-                        }
-                        conn = Some(fresh);
-                    }
-                    if !marked.contains(&key)
-                        && let Some(live) = conn.as_mut()
-                    {
-                        try_mark(live, pair(&key), deadline).await?;
-                        marked.insert(key.clone());
-                    }
-                    Ok(())
-                }
-                .await;
-                if result.is_err() {
-                    // Unknown state: start over on a fresh session next time.
-                    conn = None;
-                }
+                let result = waiter.mark(&key, deadline).await;
                 let _ = ack.send(result);
             }
-            WaiterCommand::Forget(key) => {
-                if !marked.contains(&key) || hub.has_waiters(&key) {
-                    continue;
-                }
-                marked.remove(&key);
-                let Some(live) = conn.as_mut() else {
-                    continue;
-                };
-                let (high, low) = pair(&key);
-                let query = sqlx::query("SELECT pg_advisory_unlock_shared($1, $2)::text")
-                    .bind(high)
-                    .bind(low)
-                    .execute(live);
-                if !matches!(timeout_at(deadline, query).await, Ok(Ok(_))) {
-                    conn = None;
+            WaiterCommand::Forget(key) => waiter.forget(&key, deadline).await,
+            WaiterCommand::Check => {
+                let ping_by = Instant::now() + WAITER_PING_EVERY;
+                if let Err(error) = waiter.check(ping_by.min(deadline), deadline).await {
+                    tracing::debug!(%error, "waiter session lost; its keys are marked again at the next subscribe");
                 }
             }
         }
     }
 }
 
-pub(crate) async fn listen_loop(mut listener: PgListener, hub: ReleaseHub) {
+/// The waiter connection and the keys marked on it.
+struct WaiterSession {
+    conn: Option<PgConnection>,
+    /// Keys that should be marked; when `conn` is there, all of them are marked on it.
+    marked: std::collections::HashSet<String>,
+    options: PgConnectOptions,
+    namespace: String,
+    timeout: Duration,
+    hub: ReleaseHub,
+}
+
+impl WaiterSession {
+    fn pair(&self, key: &str) -> (i32, i32) {
+        waiter_key(advisory_key(&self.namespace, key))
+    }
+
+    /// Opens a new waiter session and marks every key that still has waiters on it.
+    async fn reconnect(&mut self, deadline: Instant) -> Result<(), LockError> {
+        self.conn = None;
+        let work = async {
+            let mut fresh = self.options.connect().await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
+                .execute(&mut fresh)
+                .await?;
+            Ok::<_, sqlx::Error>(fresh)
+        };
+        let mut fresh = timeout_at(deadline, work)
+            .await
+            .map_err(|_| timed_out("connecting the waiter session", self.timeout))?
+            .map_err(|error| map_error("connecting the waiter session", error))?;
+        let hub = self.hub.clone();
+        self.marked.retain(|key| hub.has_waiters(key));
+        let pairs: Vec<(i32, i32)> = self.marked.iter().map(|key| self.pair(key)).collect();
+        for pair in pairs {
+            try_mark(&mut fresh, pair, deadline).await?;
+        }
+        self.conn = Some(fresh);
+        Ok(())
+    }
+
+    /// Makes sure `key`'s mark is in place (see [`waiter_loop`]): on the live session, or on
+    /// a new one if that fails (once).
+    async fn mark(&mut self, key: &str, deadline: Instant) -> Result<(), LockError> {
+        if !self.hub.has_waiters(key) {
+            return Ok(());
+        }
+        let mut retried = false;
+        loop {
+            if self.conn.is_none() {
+                let reconnected = self.reconnect(deadline).await;
+                if reconnected.is_err() {
+                    // Unknown state: start over on a fresh session next time.
+                    self.conn = None;
+                }
+                reconnected?;
+            }
+            let pair = self.pair(key);
+            let already = self.marked.contains(key);
+            let Some(live) = self.conn.as_mut() else {
+                continue;
+            };
+            let result = if already {
+                // Marked on this session, if the server still has it.
+                match timeout_at(deadline, sqlx::Connection::ping(live)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(map_error("checking the waiter session", error)),
+                    Err(_) => Err(timed_out("checking the waiter session", self.timeout)),
+                }
+            } else {
+                try_mark(live, pair, deadline).await
+            };
+            match result {
+                Ok(()) => {
+                    self.marked.insert(key.to_owned());
+                    return Ok(());
+                }
+                // The session is gone or in an unknown state: a new one marks every key
+                // again, this one included.
+                Err(error) if retried || Instant::now() >= deadline => {
+                    self.conn = None;
+                    return Err(error);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "waiter session failed; reconnecting");
+                    self.conn = None;
+                    self.marked.insert(key.to_owned());
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Drops `key`'s mark if no subscription of it is left.
+    async fn forget(&mut self, key: &str, deadline: Instant) {
+        if !self.marked.contains(key) || self.hub.has_waiters(key) {
+            return;
+        }
+        self.marked.remove(key);
+        let (high, low) = self.pair(key);
+        let Some(live) = self.conn.as_mut() else {
+            return;
+        };
+        let query = sqlx::query("SELECT pg_advisory_unlock_shared($1, $2)::text")
+            .bind(high)
+            .bind(low)
+            .execute(live);
+        if !matches!(timeout_at(deadline, query).await, Ok(Ok(_))) {
+            self.conn = None;
+        }
+    }
+
+    /// Pings the session (answer by `ping_by`), which also keeps it inside its idle timeout;
+    /// if it is gone and keys are waited for, marks them again on a new one.
+    async fn check(&mut self, ping_by: Instant, deadline: Instant) -> Result<(), LockError> {
+        if let Some(live) = self.conn.as_mut()
+            && matches!(
+                timeout_at(ping_by, sqlx::Connection::ping(live)).await,
+                Ok(Ok(()))
+            )
+        {
+            return Ok(());
+        }
+        self.conn = None;
+        let hub = self.hub.clone();
+        self.marked.retain(|key| hub.has_waiters(key));
+        if self.marked.is_empty() {
+            // Nothing to mark: the next subscribe connects.
+            return Ok(());
+        }
+        self.reconnect(deadline).await
+    }
+}
+
+/// Where [`listen_loop`] connects a new listener.
+pub(crate) struct ListenerSource {
+    pub(crate) options: PgConnectOptions,
+    pub(crate) channel: String,
+    pub(crate) timeout: Duration,
+}
+
+/// Delivers notifications to the hub. Between them it pings the connection every
+/// [`WAITER_PING_EVERY`]: the session's idle timeout must not end a listener that merely
+/// waits (waiting for the next message is cancel-safe in sqlx), and a connection that went
+/// silent (the server ended the session but nothing reaches us) is replaced. sqlx reconnects
+/// a connection that reports its loss itself. Releases in between were missed, so every
+/// waiter tries again, and the waiter session, likely ended by the same cause, is checked.
+pub(crate) async fn listen_loop(
+    listener: PgListener,
+    source: ListenerSource,
+    hub: ReleaseHub,
+    waiter: tokio::sync::mpsc::UnboundedSender<WaiterCommand>,
+) {
+    let lost = || {
+        hub.notify_all();
+        let _ = waiter.send(WaiterCommand::Check);
+    };
+    let mut listener = Some(listener);
+    let mut ping = tokio::time::interval(WAITER_PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.try_recv().await {
+        let Some(live) = listener.as_mut() else {
+            ping.tick().await;
+            match connect_listener(source.options.clone(), &source.channel, source.timeout).await {
+                Ok(fresh) => {
+                    tracing::debug!("release listener replaced");
+                    listener = Some(fresh);
+                    lost();
+                }
+                Err(error) => tracing::debug!(%error, "release listener not reconnected yet"),
+            }
+            continue;
+        };
+        let received = tokio::select! {
+            received = live.try_recv() => received,
+            _ = ping.tick() => {
+                let pinged = sqlx::raw_sql("SELECT 1").execute(&mut *live);
+                if !matches!(tokio::time::timeout(WAITER_PING_EVERY, pinged).await, Ok(Ok(_))) {
+                    tracing::debug!("release listener silent; replacing it");
+                    listener = None;
+                    lost();
+                }
+                continue;
+            }
+        };
+        match received {
             Ok(Some(notification)) => hub.notify(notification.payload()),
             Ok(None) => {
-                // Reconnected: releases in between were missed, so every waiter tries again.
                 tracing::debug!("release listener reconnected");
-                hub.notify_all();
+                lost();
             }
             Err(error) => {
                 tracing::warn!(%error, "release listener failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                hub.notify_all();
+                lost();
             }
         }
     }
