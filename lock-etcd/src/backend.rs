@@ -171,16 +171,44 @@ fn oldest_entry(range: Vec<u8>) -> TxnOp {
 }
 
 /// Revokes a lease in the background when dropped while armed: a cancelled or failed
-/// acquisition must not leave a queue entry (attached to that lease) behind.
+/// acquisition must not leave a queue entry (attached to that lease), or the lease itself,
+/// behind.
+///
+/// Armed before the grant is sent (the lease id is ours, see [`new_lease_id`]): a future
+/// dropped while its grant is in flight, or a grant whose answer was lost, still has its
+/// lease revoked. While the grant may still land, "lease not found" is not taken as final:
+/// the revoke is repeated until a request timeout after the drop. Transport failures are
+/// retried for at most [`REVOKE_PERSISTENCE`] (bounded work; the lease then expires by its
+/// TTL).
 struct RevokeOnDrop {
     armed: Option<(Arc<Inner>, i64)>,
+    /// The grant was sent but not answered: the lease may not exist yet.
+    grant_in_flight: bool,
 }
 
+/// How long a background revoke keeps retrying transport failures.
+const REVOKE_PERSISTENCE: Duration = Duration::from_secs(30);
+
 impl RevokeOnDrop {
+    /// Armed for a lease that exists.
     fn new(inner: &Arc<Inner>, lease_id: i64) -> Self {
         RevokeOnDrop {
             armed: Some((inner.clone(), lease_id)),
+            grant_in_flight: false,
         }
+    }
+
+    /// Armed for a lease whose grant is about to be sent.
+    fn before_grant(inner: &Arc<Inner>, lease_id: i64) -> Self {
+        RevokeOnDrop {
+            armed: Some((inner.clone(), lease_id)),
+            grant_in_flight: true,
+        }
+    }
+
+    /// The grant answered: the lease exists.
+    fn granted(&mut self) {
+        self.grant_in_flight = false;
     }
 
     fn disarm(&mut self) {
@@ -196,12 +224,51 @@ impl Drop for RevokeOnDrop {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let dropped_at = Instant::now();
+        let grant_landing_until = self
+            .grant_in_flight
+            .then(|| dropped_at + inner.config.request_timeout);
         runtime.spawn(async move {
-            if let Err(error) = inner.revoke(lease_id).await {
-                tracing::debug!(%error, lease_id, "background revoke failed; the lease will expire");
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let retry = match inner.revoke(lease_id).await {
+                    Ok(true) => false,
+                    // The grant may not have been applied yet: revoke again after it.
+                    Ok(false) => grant_landing_until.is_some_and(|until| Instant::now() < until),
+                    Err(error) if error.is_retryable() => {
+                        let retry = dropped_at.elapsed() < REVOKE_PERSISTENCE;
+                        if !retry {
+                            tracing::debug!(%error, lease_id, "background revoke failed; the lease will expire");
+                        }
+                        retry
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, lease_id, "background revoke failed; the lease will expire");
+                        false
+                    }
+                };
+                if !retry {
+                    return;
+                }
+                sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         });
     }
+}
+
+/// A fresh lease id, chosen by the client (etcd takes a requested id): the revoke-on-drop is
+/// armed before the grant is sent, and a retried grant cannot create a second lease.
+fn new_lease_id() -> i64 {
+    // 63 random bits of a fresh owner token (random, like any token): a positive id.
+    let bits = OwnerToken::random().as_u128() & u128::from(u64::MAX >> 1);
+    i64::try_from(bits).unwrap_or(1).max(1)
+}
+
+/// Whether etcd refused a grant because the requested lease id exists.
+fn is_lease_exists(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("lease already exists"))
 }
 
 /// Whether an error says the request may not have reached a healthy member (a connection
@@ -258,18 +325,63 @@ impl Inner {
         }
     }
 
-    /// Grants a lease; returns its id and the granted TTL.
-    async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LockError> {
+    /// Grants lease `lease_id` (chosen by the caller, see [`new_lease_id`]); returns the
+    /// granted TTL. A retry that finds the id taken means an earlier try was applied (its
+    /// answer was lost): the lease is ours, with the TTL we asked for. A first try that
+    /// finds it taken is a collision with someone else's lease: a retryable error, and the
+    /// caller must not revoke that lease.
+    async fn grant(&self, ttl: Duration, lease_id: i64) -> Result<Granted, LockError> {
         let seconds = lease_seconds(ttl);
         let client = self.connection.client().await?;
-        let granted = self
-            .call("lease grant", || {
+        let mut tries = 0_usize;
+        let answer = self
+            .attempt(|| {
+                tries += 1;
                 let mut lease = client.lease_client();
-                async move { lease.grant(seconds, None).await }
+                let options = etcd_client::LeaseGrantOptions::new().with_id(lease_id);
+                async move { lease.grant(seconds, Some(options)).await }
             })
-            .await?;
-        let granted_seconds = u64::try_from(granted.ttl().max(seconds)).unwrap_or(u64::MAX);
-        Ok((granted.id(), Duration::from_secs(granted_seconds)))
+            .await;
+        let granted_seconds = match answer {
+            Ok(Ok(granted)) => granted.ttl().max(seconds),
+            Ok(Err(error)) if is_lease_exists(&error) && tries > 1 => seconds,
+            Ok(Err(error)) if is_lease_exists(&error) => {
+                return Ok(Granted::Collision(backend_error("lease grant", error)));
+            }
+            Ok(Err(error)) => return Err(backend_error("lease grant", error)),
+            Err(()) => {
+                return Err(LockError::backend_msg(
+                    BACKEND,
+                    format!(
+                        "lease grant: no answer within {:?}",
+                        self.config.request_timeout
+                    ),
+                    true,
+                ));
+            }
+        };
+        let granted_seconds = u64::try_from(granted_seconds).unwrap_or(u64::MAX);
+        Ok(Granted::Ttl(Duration::from_secs(granted_seconds)))
+    }
+
+    /// Grants a fresh lease for an acquisition, with its revoke-on-drop armed before the
+    /// grant is sent; returns the id, the granted TTL and the armed guard.
+    async fn grant_guarded(
+        self: &Arc<Self>,
+        ttl: Duration,
+    ) -> Result<(i64, Duration, RevokeOnDrop), LockError> {
+        let lease_id = new_lease_id();
+        let mut revoke = RevokeOnDrop::before_grant(self, lease_id);
+        match self.grant(ttl, lease_id).await? {
+            Granted::Ttl(granted) => {
+                revoke.granted();
+                Ok((lease_id, granted, revoke))
+            }
+            Granted::Collision(error) => {
+                revoke.disarm();
+                Err(error)
+            }
+        }
     }
 
     /// Revokes a lease. `Ok(false)`: it no longer existed.
@@ -337,6 +449,14 @@ fn lease_for(
         lease_id,
         granted,
     })))
+}
+
+/// The answer to a grant with a chosen id.
+enum Granted {
+    /// Granted (by this try or an earlier one whose answer was lost), with this TTL.
+    Ttl(Duration),
+    /// The id was already taken by a lease that is not ours.
+    Collision(LockError),
 }
 
 /// A contender's place in a key's queue.
@@ -477,9 +597,8 @@ impl EtcdBackend {
         let range = key_range(&inner.config.prefix, key);
         let owner = OwnerToken::random();
         let sent_at = Instant::now();
-        let (lease_id, granted) = inner.grant(ttl).await?;
-        // From here on, dropping this future revokes the lease and so deletes the entry.
-        let mut revoke = RevokeOnDrop::new(inner, lease_id);
+        // From the grant on, dropping this future revokes the lease and so deletes the entry.
+        let (lease_id, granted, mut revoke) = inner.grant_guarded(ttl).await?;
         let entry = entry_key(&range, lease_id);
         let join = Txn::new().and_then([
             TxnOp::put(
@@ -628,8 +747,7 @@ impl LockBackend for EtcdBackend {
         let range = key_range(&inner.config.prefix, key);
         let owner = OwnerToken::random();
         let sent_at = Instant::now();
-        let (lease_id, granted) = inner.grant(ttl).await?;
-        let mut revoke = RevokeOnDrop::new(inner, lease_id);
+        let (lease_id, granted, mut revoke) = inner.grant_guarded(ttl).await?;
         let entry = entry_key(&range, lease_id);
         let txn = Txn::new()
             .when([Compare::create_revision(range.clone(), CompareOp::Equal, 0).with_prefix()])
@@ -813,6 +931,26 @@ mod server_tests {
             Err(error) => backend_error("put", error),
         };
         anyhow::ensure!(error.is_retryable(), "not retryable: {error}");
+        Ok(())
+    }
+
+    /// A repeated grant of a chosen lease id (a retry whose first try was applied) is
+    /// answered "lease already exists", which `grant` recognises: no second lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeated_grant_of_a_chosen_id_is_recognised() -> anyhow::Result<()> {
+        let cluster = lock_harness::etcd::EtcdCluster::single().await?;
+        let mut client = Client::connect(cluster.direct_endpoints(), None).await?;
+        let id = new_lease_id();
+        let options = || Some(etcd_client::LeaseGrantOptions::new().with_id(id));
+        anyhow::ensure!(
+            client.lease_grant(10, options()).await?.id() == id,
+            "id not kept"
+        );
+        match client.lease_grant(10, options()).await {
+            Ok(_) => anyhow::bail!("a second grant of lease {id:x} succeeded"),
+            Err(error) => anyhow::ensure!(is_lease_exists(&error), "not recognised: {error}"),
+        }
+        anyhow::ensure!(client.leases().await?.leases().len() == 1, "two leases");
         Ok(())
     }
 }

@@ -540,3 +540,80 @@ fn backend_outlives_the_runtime_that_connected_it() -> Result<()> {
         anyhow::Ok(())
     })
 }
+
+/// The leases etcd currently has (LeaseLeases), read directly.
+async fn leases_on_server(factory: &EtcdFactory) -> Result<Vec<i64>> {
+    let mut client = factory.cluster.client().await?;
+    Ok(client
+        .leases()
+        .await?
+        .leases()
+        .iter()
+        .map(|lease| lease.id())
+        .collect())
+}
+
+/// Issue #9 item 7: an acquire cancelled while its lease grant was in flight left the lease
+/// on the server for its whole TTL (the revoke-on-drop was armed only once the grant had
+/// answered). A retried grant likewise left its first lease behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acquires_cancelled_during_grant_leave_no_lease() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let locker = Locker::from_arc(backend.clone());
+    // Warm the connection up (and leave nothing).
+    locker
+        .try_acquire("warm")
+        .await?
+        .context("warm-up")?
+        .release()
+        .await?;
+    sleep(Duration::from_millis(200)).await;
+    ensure!(
+        leases_on_server(&factory).await?.is_empty(),
+        "a lease before the test"
+    );
+    let proxy = factory.cluster.members()[0].proxy();
+    // Each chunk waits 300 ms in each direction: the grant reaches etcd, its answer comes
+    // after the caller gave up.
+    proxy.set_delay(Duration::from_millis(300));
+    let ttl = Duration::from_secs(60);
+    for index in 0..4 {
+        let key = LockKey::new(format!("cancelled-{index}"))?;
+        let attempt = timeout(Duration::from_millis(150), backend.try_acquire(&key, ttl)).await;
+        ensure!(
+            attempt.is_err(),
+            "try_acquire answered through a 600 ms round trip"
+        );
+        let queued = timeout(
+            Duration::from_millis(150),
+            locker
+                .lock(format!("queued-{index}"))
+                .ttl(ttl)
+                .wait(Duration::from_secs(5))
+                .acquire(),
+        )
+        .await;
+        ensure!(
+            queued.is_err(),
+            "acquire answered through a 600 ms round trip"
+        );
+    }
+    sleep(Duration::from_millis(1000)).await;
+    proxy.set_delay(Duration::ZERO);
+    // Grants took effect ~300 ms after they were sent; allow the clean-up 2 s more.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let leases = leases_on_server(&factory).await?;
+        if leases.is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} leases (TTL {ttl:?}) left on the server by 8 acquires cancelled during their grant",
+            leases.len()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
