@@ -12,6 +12,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(not_reentrant [$factory] $skips);
         $crate::__conformance_case!(forged_lease_cannot_renew_or_release [$factory] $skips);
         $crate::__conformance_case!(release_after_expiry_spares_next_holder [$factory] $skips);
+        $crate::__conformance_case!(lock_all_never_deadlocks_or_overlaps [$factory] $skips);
         $crate::__conformance_case!(renew_extends_and_expired_renew_is_lost [$factory] $skips);
         $crate::__conformance_case!(abandoned_lock_expires_within_ttl [$factory] $skips);
         $crate::__conformance_case!(fencing_tokens_increase [$factory] $skips);
@@ -76,6 +77,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn release_after_expiry_spares_next_holder() {}
+    };
+    (lock_all_never_deadlocks_or_overlaps [$factory:expr] [lock_all_never_deadlocks_or_overlaps : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn lock_all_never_deadlocks_or_overlaps() {}
     };
     (renew_extends_and_expired_renew_is_lost [$factory:expr] [renew_extends_and_expired_renew_is_lost : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

@@ -22,6 +22,11 @@ pub struct LockOptions {
     pub backoff: Backoff,
     /// Renew the lease in the background at TTL/3 while the guard lives. Default on.
     pub auto_renew: bool,
+    /// At most this many further attempts after the first (`None`, the default: bounded by
+    /// `wait` alone). With `wait` zero, the count alone bounds the wait; with both, whichever
+    /// ends first. Each retry follows a backoff step (from `backoff.min`) or a release signal.
+    /// A counted wait polls even on a backend with a fair queue, so every attempt is counted.
+    pub retries: Option<u32>,
 }
 
 impl Default for LockOptions {
@@ -31,6 +36,7 @@ impl Default for LockOptions {
             wait: Duration::ZERO,
             backoff: Backoff::default(),
             auto_renew: true,
+            retries: None,
         }
     }
 }
@@ -145,56 +151,75 @@ impl LockRequest<'_> {
         self
     }
 
+    /// At most `retries` further attempts after the first (see [`LockOptions::retries`]): the
+    /// `retryCount` / `maxRetries` of other lock libraries. Combine with
+    /// [`retry_delay`](Self::retry_delay).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.options.retries = Some(retries);
+        self
+    }
+
+    /// The first delay between attempts (then growing as [`Backoff`] does, capped at its
+    /// `max`, which is raised to `delay` if smaller).
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.options.backoff.min = delay;
+        self.options.backoff.max = self.options.backoff.max.max(delay);
+        self
+    }
+
     /// All options at once.
     pub fn options(mut self, options: LockOptions) -> Self {
         self.options = options;
         self
     }
 
-    /// Acquires, waiting up to `wait`; `Err(Timeout)` if still held then.
+    /// Acquires, waiting up to `wait` (and `retries`, if set); `Err(Timeout)` if still held
+    /// then.
     pub async fn acquire(self) -> Result<LockGuard, LockError> {
-        let wait = self.options.wait;
         let key = self.key.clone();
+        let started = Instant::now();
+        let wait = self.options.wait;
         match self.acquire_inner(wait).await? {
             Some(guard) => Ok(guard),
-            None => Err(LockError::Timeout { key, waited: wait }),
+            None => Err(LockError::Timeout {
+                key,
+                waited: started.elapsed(),
+            }),
         }
     }
 
     /// One attempt: `Ok(None)` if someone else holds the key.
-    pub async fn try_acquire(self) -> Result<Option<LockGuard>, LockError> {
+    pub async fn try_acquire(mut self) -> Result<Option<LockGuard>, LockError> {
+        self.options.retries = None;
         self.acquire_inner(Duration::ZERO).await
     }
 
     /// Runs `work` under the lock (see [`Locker::with_lock`]).
     pub async fn run<F: Future>(self, work: F) -> Result<F::Output, LockError> {
+        self.run_with(async move |_guard: &LockGuard| work.await)
+            .await
+    }
+
+    /// Runs `work` under the lock, handing it the guard, so the critical section can pass
+    /// [`LockGuard::fence`] to the resource it protects:
+    ///
+    /// ```
+    /// # async fn demo(locker: lock_core::Locker) -> Result<(), lock_core::LockError> {
+    /// let charged = locker
+    ///     .lock("payment:42")
+    ///     .run_with(async |guard| format!("charged with fence {:?}", guard.fence()))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// As with [`run`](Self::run): the work never starts on a lost guard, is dropped (and
+    /// `Err(Lost)` returned) if the lock is lost midway, and the lock is released after.
+    pub async fn run_with<F, T>(self, work: F) -> Result<T, LockError>
+    where
+        F: AsyncFnOnce(&LockGuard) -> T,
+    {
         let guard = self.acquire().await?;
-        // Never start the work on a guard that is already lost (or past its deadline without
-        // the signal having fired yet).
-        if guard.is_lost() {
-            let reason = guard
-                .lost_reason()
-                .unwrap_or_else(|| "the lease reached its validity deadline".into());
-            let key = guard.key().to_string();
-            drop(guard);
-            return Err(LockError::lost(key, reason));
-        }
-        let lost = guard.lost();
-        tokio::select! {
-            biased;
-            _ = lost => {
-                let reason = guard.lost_reason().unwrap_or_else(|| "lease expired".into());
-                let key = guard.key().to_string();
-                drop(guard);
-                Err(LockError::lost(key, reason))
-            }
-            output = work => {
-                if let Err(error) = guard.release().await {
-                    tracing::warn!(%error, "release after with_lock failed; TTL will free the lock");
-                }
-                Ok(output)
-            }
-        }
+        supervise(guard, work).await
     }
 
     async fn acquire_inner(self, wait: Duration) -> Result<Option<LockGuard>, LockError> {
@@ -207,7 +232,15 @@ impl LockRequest<'_> {
         async move {
             let start = Instant::now();
             let deadline = start.checked_add(wait).unwrap_or(start + crate::MAX_TTL);
-            let lease = if !wait.is_zero() && backend.capabilities().fair_queue {
+            let deadline = match options.retries {
+                // A count alone bounds the wait: no time limit beyond it.
+                Some(_) if wait.is_zero() => start + crate::MAX_TTL,
+                _ => deadline,
+            };
+            let waits = !wait.is_zero() || options.retries.is_some_and(|retries| retries > 0);
+            let lease = if !waits {
+                wait_loop(&backend, &key, &options, start).await?
+            } else if options.retries.is_none() && backend.capabilities().fair_queue {
                 queue_loop(&backend, &key, &options, deadline).await?
             } else {
                 wait_loop(&backend, &key, &options, deadline).await?
@@ -227,6 +260,65 @@ impl LockRequest<'_> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Runs `work` on a held guard: never on a lost one, dropped if the lock is lost midway,
+/// released after.
+pub(crate) async fn supervise<G, F, T>(guard: G, work: F) -> Result<T, LockError>
+where
+    G: Supervised,
+    F: AsyncFnOnce(&G) -> T,
+{
+    // Never start the work on a guard that is already lost (or past its deadline without the
+    // signal having fired yet).
+    if guard.is_lost() {
+        return Err(guard.into_lost_error());
+    }
+    let outcome = {
+        let lost = guard.lost_signal();
+        let work = work(&guard);
+        tokio::select! {
+            biased;
+            _ = lost => None,
+            output = work => Some(output),
+        }
+    };
+    match outcome {
+        None => Err(guard.into_lost_error()),
+        Some(output) => {
+            if let Err(error) = guard.release_after_work().await {
+                tracing::warn!(%error, "release after the work failed; TTL will free the lock");
+            }
+            Ok(output)
+        }
+    }
+}
+
+/// What [`supervise`] needs of a guard (one key or several).
+pub(crate) trait Supervised {
+    fn is_lost(&self) -> bool;
+    fn lost_signal(&self) -> tokio_util::sync::WaitForCancellationFutureOwned;
+    /// Drops the guard (releasing in the background) and says why it was lost.
+    fn into_lost_error(self) -> LockError;
+    async fn release_after_work(self) -> Result<bool, LockError>;
+}
+
+impl Supervised for LockGuard {
+    fn is_lost(&self) -> bool {
+        LockGuard::is_lost(self)
+    }
+    fn lost_signal(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.lost()
+    }
+    fn into_lost_error(self) -> LockError {
+        let reason = self
+            .lost_reason()
+            .unwrap_or_else(|| "the lease reached its validity deadline".into());
+        LockError::lost(self.key().as_str(), reason)
+    }
+    async fn release_after_work(self) -> Result<bool, LockError> {
+        self.release().await
     }
 }
 
@@ -295,6 +387,9 @@ async fn wait_loop(
     let mut releases: Option<Releases> = None;
     // Built on the first wait only: an attempt that gets the lock at once needs no delays.
     let mut delays = None;
+    // Attempts left after a wait, when counted (the re-check right after subscribing is part
+    // of the first attempt, not a retry).
+    let mut retries_left = options.retries;
     loop {
         let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
         let now = Instant::now();
@@ -313,6 +408,13 @@ async fn wait_loop(
         };
         if now >= deadline {
             return Ok(None);
+        }
+        if releases.is_some() {
+            match retries_left.as_mut() {
+                Some(0) => return Ok(None),
+                Some(left) => *left -= 1,
+                None => {}
+            }
         }
         if releases.is_none() {
             // Subscribe, then try again at once: a release between the failed attempt and
@@ -546,5 +648,98 @@ mod tests {
             calls <= 20,
             "{calls} renew calls during one outage of a 2 s lease"
         );
+    }
+
+    /// Counts attempts, so a retry count can be checked exactly.
+    #[derive(Debug, Default)]
+    struct CountingBackend {
+        inner: MemoryBackend,
+        attempts: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl LockBackend for CountingBackend {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.try_acquire(key, ttl).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            self.inner.release(lease).await
+        }
+        async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
+            self.inner.subscribe(key).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_count_attempts_and_are_the_only_bound_without_wait() {
+        let backend = Arc::new(CountingBackend::default());
+        let holder = Locker::from_arc(backend.clone());
+        let _held = holder.acquire("busy").await.unwrap();
+        let before = backend.attempts.load(std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        let outcome = holder
+            .lock("busy")
+            .retries(3)
+            .retry_delay(Duration::from_millis(10))
+            .acquire()
+            .await;
+        assert!(
+            matches!(outcome, Err(LockError::Timeout { .. })),
+            "{outcome:?}"
+        );
+        let attempts = backend.attempts.load(std::sync::atomic::Ordering::SeqCst) - before;
+        // The first attempt, its re-check after subscribing, then three retries.
+        assert_eq!(attempts, 5, "attempts for retries(3)");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A release within the retries is taken.
+        let held = holder.acquire("handed").await.unwrap();
+        let waiter = tokio::spawn({
+            let holder = holder.clone();
+            async move {
+                holder
+                    .lock("handed")
+                    .retries(50)
+                    .retry_delay(Duration::from_millis(20))
+                    .acquire()
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.release().await.unwrap();
+        waiter.await.unwrap().unwrap().release().await.unwrap();
+        // With a wait as well, whichever ends first: here the wait.
+        let _held = holder.acquire("both").await.unwrap();
+        let started = Instant::now();
+        let outcome = holder
+            .lock("both")
+            .retries(1_000)
+            .retry_delay(Duration::from_millis(5))
+            .wait(Duration::from_millis(100))
+            .acquire()
+            .await;
+        assert!(matches!(outcome, Err(LockError::Timeout { .. })));
+        assert!(started.elapsed() < Duration::from_millis(600));
+    }
+
+    #[tokio::test]
+    async fn run_with_hands_the_guard_to_the_work() {
+        let locker = Locker::new(MemoryBackend::new());
+        let fence = locker
+            .lock("fenced")
+            .run_with(async |guard| guard.fence())
+            .await
+            .unwrap();
+        assert!(fence.is_some());
+        // Released after: the next holder gets a higher fence.
+        let next = locker.acquire("fenced").await.unwrap();
+        assert!(next.fence() > fence);
     }
 }

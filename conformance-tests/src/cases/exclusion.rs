@@ -330,3 +330,102 @@ pub async fn release_after_expiry_spares_next_holder(factory: &dyn BackendFactor
     ensure!(!second.release(&new).await?, "double release returned true");
     Ok(())
 }
+
+/// 7. Several keys at once (`lock_all`): callers naming the same keys in opposite orders, on
+///    two backend instances, never deadlock and never hold a key together (hold windows
+///    checked per key, fences increasing); a round that finds one key held holds none.
+pub async fn lock_all_never_deadlocks_or_overlaps(factory: &dyn BackendFactory) -> Result<()> {
+    const ROUNDS: usize = 12;
+    let lockers = [locker(factory).await?, locker(factory).await?];
+    let ttl = ttl_for(
+        &lockers[0].backend().capabilities(),
+        Duration::from_secs(10),
+    );
+    let (a, b) = (unique_key("multi-a"), unique_key("multi-b"));
+    // (key, start, end, fence) of every hold.
+    let windows = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (task, keys) in [[a.clone(), b.clone()], [b.clone(), a.clone()]]
+        .into_iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        let locker = lockers[task % 2].clone();
+        let windows = windows.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let guard = locker
+                    .lock_all(keys.clone())
+                    .ttl(ttl)
+                    .wait(Duration::from_secs(60))
+                    .acquire()
+                    .await?;
+                let start = Instant::now();
+                tokio::task::yield_now().await;
+                sleep(MS).await;
+                let end = Instant::now();
+                {
+                    let mut windows = windows.lock().unwrap_or_else(|p| p.into_inner());
+                    for held in guard.guards() {
+                        windows.push((held.key().to_string(), start, end, held.fence()));
+                    }
+                }
+                ensure!(
+                    guard.release().await?,
+                    "release of a lock_all guard returned false"
+                );
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for task in tasks {
+            task.await??;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("lock_all callers with opposite key orders deadlocked")??;
+    let windows = windows.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for name in [&a, &b] {
+        let mut mine: Vec<_> = windows.iter().filter(|w| &w.0 == name).collect();
+        ensure!(
+            mine.len() == 4 * ROUNDS,
+            "{name}: {} holds, expected {}",
+            mine.len(),
+            4 * ROUNDS
+        );
+        mine.sort_by_key(|w| w.1);
+        for pair in mine.windows(2) {
+            ensure!(
+                pair[1].1 >= pair[0].2,
+                "{name}: hold windows overlap: {:?} and {:?}",
+                pair[0],
+                pair[1]
+            );
+            if let (Some(first), Some(second)) = (pair[0].3, pair[1].3) {
+                ensure!(
+                    second > first,
+                    "{name}: fences not increasing: {first} then {second}"
+                );
+            }
+        }
+    }
+    // All or nothing: with b held elsewhere, a round gets nothing and leaves a free.
+    let other = lockers[1].lock(&b).ttl(ttl).acquire().await?;
+    let round = lockers[0]
+        .lock_all([a.clone(), b.clone()])
+        .ttl(ttl)
+        .try_acquire()
+        .await?;
+    ensure!(round.is_none(), "lock_all got every key while {b} was held");
+    let a_free = lockers[1].lock(&a).ttl(ttl).try_acquire().await?;
+    ensure!(
+        a_free.is_some(),
+        "{a} stayed held after an incomplete lock_all round"
+    );
+    drop(a_free);
+    other.release().await?;
+    Ok(())
+}
