@@ -63,6 +63,7 @@ use detached::*;
 use errors::*;
 pub use keys::{SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
+pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
 use session::*;
 use tasks::*;
