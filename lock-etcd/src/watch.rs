@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 /// Why a waiter was woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,23 +125,131 @@ impl Watcher {
     }
 }
 
+/// What the writer of a stream sends.
+enum Write {
+    Watch(Vec<u8>, WatchOptions),
+    Cancel(i64),
+}
+
+/// An open watch stream. Writes go through a writer task of their own, so the watch task
+/// never waits on a stream that does not take them (it keeps reading answers and serving
+/// requests); a write that stalls for the create timeout ends the writer, and with it the
+/// stream.
 struct Stream {
-    sender: WatchRequestSender,
+    writes: mpsc::UnboundedSender<Write>,
+    writer: JoinHandle<()>,
     responses: WatchResponseStream,
 }
 
-async fn next_response(stream: &mut Option<Stream>) -> Option<Result<WatchResponse, ()>> {
-    match stream {
-        Some(stream) => match stream.responses.message().await {
-            Ok(Some(response)) => Some(Ok(response)),
-            Ok(None) | Err(_) => Some(Err(())),
+impl Stream {
+    fn new(sender: WatchRequestSender, responses: WatchResponseStream, bound: Duration) -> Self {
+        let (writes, queue) = mpsc::unbounded_channel();
+        Stream {
+            writes,
+            writer: tokio::spawn(write(sender, queue, bound)),
+            responses,
+        }
+    }
+
+    fn send(&self, write: Write) {
+        // A writer that ended is noticed by the task's select.
+        let _ = self.writes.send(write);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+/// Sends the queued writes on the stream; ends (closing the stream's request side) when a
+/// write fails or takes longer than `bound`.
+async fn write(
+    mut sender: WatchRequestSender,
+    mut queue: mpsc::UnboundedReceiver<Write>,
+    bound: Duration,
+) {
+    while let Some(write) = queue.recv().await {
+        let sent = match write {
+            Write::Watch(key, options) => timeout(bound, sender.watch(key, Some(options))).await,
+            Write::Cancel(id) => timeout(bound, sender.cancel(id)).await,
+        };
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::debug!("etcd watch stream write failed or stalled");
+            return;
+        }
+    }
+}
+
+/// A stream being opened (bounded by the create timeout), off the task's loop.
+type Opening = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<(WatchRequestSender, WatchResponseStream)>> + Send>,
+>;
+
+/// What happened on the open stream.
+enum StreamEvent {
+    /// An answer from etcd.
+    Response(WatchResponse),
+    /// The stream ended or failed, or its writer stalled.
+    Broken,
+}
+
+async fn next_event(stream: &mut Option<Stream>) -> StreamEvent {
+    let Some(open) = stream else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        message = open.responses.message() => match message {
+            Ok(Some(response)) => StreamEvent::Response(response),
+            Ok(None) | Err(_) => StreamEvent::Broken,
         },
+        _ = &mut open.writer => StreamEvent::Broken,
+    }
+}
+
+async fn opened(
+    opening: &mut Option<Opening>,
+) -> Option<(WatchRequestSender, WatchResponseStream)> {
+    match opening {
+        Some(future) => future.await,
         None => std::future::pending().await,
+    }
+}
+
+async fn stall(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The task's watches: the waiters of active watches, and the creations not yet confirmed.
+#[derive(Default)]
+struct Watches {
+    active: HashMap<i64, oneshot::Sender<()>>,
+    /// Watch ids sent but not yet confirmed, oldest first, with their send time: etcd
+    /// answers a stream's create requests in order, and a refused create names watch id −1,
+    /// not ours. A creation unconfirmed for the create timeout means the stream stalled.
+    creating: VecDeque<(i64, Instant)>,
+}
+
+impl Watches {
+    /// Drops every watch: their waiters are woken (interrupted) and re-check.
+    fn interrupt_all(&mut self) {
+        self.active.clear();
+        self.creating.clear();
     }
 }
 
 /// The watch task. `ids` hands out the watch ids (tests make it repeat one, which etcd
 /// refuses).
+///
+/// Nothing in its loop waits on the stream: writes go through the stream's writer task,
+/// and a stream is opened by a future polled beside the others. A stream is dropped (and
+/// every waiter woken to re-check) when it ends, when a write stalls, when opening it fails
+/// or takes longer than `create_timeout`, or when a watch creation stays unconfirmed for
+/// `create_timeout` (a stream that went silent).
 async fn run(
     client: Client,
     mut requests: mpsc::UnboundedReceiver<Request>,
@@ -149,11 +257,15 @@ async fn run(
     mut ids: impl FnMut() -> i64 + Send,
 ) {
     let mut stream: Option<Stream> = None;
-    let mut active: HashMap<i64, oneshot::Sender<()>> = HashMap::new();
-    // Watch ids sent but not yet confirmed, oldest first: etcd answers a stream's create
-    // requests in order, and a refused create names watch id −1, not ours.
-    let mut creating: VecDeque<i64> = VecDeque::new();
+    let mut opening: Option<Opening> = None;
+    // Watches requested while the stream is being opened, sent once it is.
+    let mut backlog: Vec<Write> = Vec::new();
+    let mut watches = Watches::default();
     loop {
+        let stalled_at = watches
+            .creating
+            .front()
+            .map(|(_, sent)| *sent + create_timeout);
         tokio::select! {
             request = requests.recv() => {
                 let Some(request) = request else { return };
@@ -161,77 +273,86 @@ async fn run(
                     continue;
                 }
                 // Drop the watches of waiters that gave up (deadline, cancelled acquire).
-                let abandoned: Vec<i64> = active
+                let abandoned: Vec<i64> = watches
+                    .active
                     .iter()
                     .filter(|(_, wake)| wake.is_closed())
                     .map(|(id, _)| *id)
                     .collect();
                 for id in abandoned {
-                    active.remove(&id);
-                    cancel(&mut stream, id).await;
+                    watches.active.remove(&id);
+                    if let Some(open) = stream.as_ref() {
+                        open.send(Write::Cancel(id));
+                    }
                 }
                 let id = ids();
                 let options = WatchOptions::new()
                     .with_start_revision(request.start_revision)
                     .with_filters([WatchFilterType::NoPut])
                     .with_watch_id(id);
-                let sent = match stream.as_mut() {
-                    Some(open) => open.sender.watch(request.key, Some(options)).await.is_ok(),
-                    None => {
-                        let mut watch_client = client.watch_client();
-                        match timeout(create_timeout, watch_client.watch(request.key, Some(options))).await {
-                            Ok(Ok(created)) => {
-                                let (sender, responses) = created.split();
-                                stream = Some(Stream { sender, responses });
-                                true
-                            }
-                            _ => false,
-                        }
-                    }
-                };
-                if sent {
-                    active.insert(id, request.wake);
-                    creating.push_back(id);
+                if let Some(open) = stream.as_ref() {
+                    open.send(Write::Watch(request.key, options));
+                } else if opening.is_some() {
+                    backlog.push(Write::Watch(request.key, options));
                 } else {
-                    // Dropping the sender wakes this waiter; the others re-check as well.
-                    tracing::debug!("etcd watch stream could not be opened or written");
-                    stream = None;
-                    active.clear();
-                    creating.clear();
+                    let mut watch_client = client.watch_client();
+                    let key = request.key;
+                    opening = Some(Box::pin(async move {
+                        match timeout(create_timeout, watch_client.watch(key, Some(options))).await {
+                            Ok(Ok(created)) => Some(created.split()),
+                            _ => None,
+                        }
+                    }));
+                }
+                watches.active.insert(id, request.wake);
+                watches.creating.push_back((id, Instant::now()));
+            }
+            created = opened(&mut opening) => {
+                opening = None;
+                match created {
+                    Some((sender, responses)) => {
+                        let open = Stream::new(sender, responses, create_timeout);
+                        for write in backlog.drain(..) {
+                            open.send(write);
+                        }
+                        stream = Some(open);
+                    }
+                    None => {
+                        tracing::debug!("etcd watch stream could not be opened");
+                        backlog.clear();
+                        watches.interrupt_all();
+                    }
                 }
             }
-            response = next_response(&mut stream) => {
-                match response {
-                    Some(Ok(response)) => handle(&mut stream, &mut active, &mut creating, response).await,
-                    _ => {
-                        tracing::debug!("etcd watch stream ended; waking every waiter to re-check");
-                        stream = None;
-                        active.clear();
-                        creating.clear();
-                    }
+            event = next_event(&mut stream) => match event {
+                StreamEvent::Response(response) => handle(stream.as_ref(), &mut watches, response),
+                StreamEvent::Broken => {
+                    tracing::debug!("etcd watch stream ended or stalled; waking every waiter to re-check");
+                    stream = None;
+                    watches.interrupt_all();
                 }
+            },
+            () = stall(stalled_at) => {
+                tracing::debug!("etcd watch creation unconfirmed for {create_timeout:?}; dropping the stream");
+                stream = None;
+                opening = None;
+                backlog.clear();
+                watches.interrupt_all();
             }
         }
     }
 }
 
-/// Cancels watch `id` on the open stream, if any (best effort: a broken stream is reopened
-/// by the next request anyway).
-async fn cancel(stream: &mut Option<Stream>, id: i64) {
-    if let Some(open) = stream.as_mut() {
-        let _ = open.sender.cancel(id).await;
-    }
-}
-
-async fn handle(
-    stream: &mut Option<Stream>,
-    active: &mut HashMap<i64, oneshot::Sender<()>>,
-    creating: &mut VecDeque<i64>,
-    response: WatchResponse,
-) {
+fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchResponse) {
+    let cancel = |id: i64| {
+        if let Some(open) = stream {
+            open.send(Write::Cancel(id));
+        }
+    };
     let id = response.watch_id();
+    let active = &mut watches.active;
     if response.created() {
-        let requested = creating.pop_front();
+        let requested = watches.creating.pop_front().map(|(id, _)| id);
         if response.canceled() {
             // Refused (a duplicate id, a bad range: etcd answers watch id −1): wake the
             // waiter whose create this answers.
@@ -253,13 +374,13 @@ async fn handle(
         && let Some(wake) = active.remove(&id)
     {
         let _ = wake.send(());
-        cancel(stream, id).await;
+        cancel(id);
         return;
     }
     // A waiter that gave up (deadline, cancelled acquire) no longer needs its watch.
     if active.get(&id).is_some_and(oneshot::Sender::is_closed) {
         active.remove(&id);
-        cancel(stream, id).await;
+        cancel(id);
     }
 }
 
@@ -300,5 +421,94 @@ mod tests {
             "the waiter of a refused watch was not woken: {woken:?}"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    /// Issue #9 item 12: the watch task awaited stream writes (and the creation of a stream)
+    /// inside its loop with no bound, and never noticed a stream that stopped answering: a
+    /// stalled stream left every waiter asleep until its own deadline. Now a stream whose
+    /// watch creations go unconfirmed for the create timeout (or whose writes stall) is
+    /// dropped and every waiter woken to re-check, and the task keeps serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_stream_wakes_its_waiters() -> anyhow::Result<()> {
+        let cluster = lock_harness::etcd::EtcdCluster::single().await?;
+        // The task's client goes through the proxy; the test's own client does not.
+        let client = Client::connect(cluster.endpoints(), None).await?;
+        let mut direct = Client::connect(cluster.direct_endpoints(), None).await?;
+        let (requests, receiver) = mpsc::unbounded_channel();
+        let mut next_id = 0;
+        let create_timeout = Duration::from_secs(1);
+        tokio::spawn(run(client, receiver, create_timeout, move || {
+            next_id += 1;
+            next_id
+        }));
+        let watch = |key: &str, start_revision: i64| -> anyhow::Result<Wakeup> {
+            let (wake, receiver) = oneshot::channel();
+            requests.send(Request {
+                key: key.into(),
+                start_revision,
+                wake,
+            })?;
+            Ok(Wakeup { receiver })
+        };
+        // The stream works: a watched delete wakes its waiter.
+        let revision = direct
+            .put("p", "1", None)
+            .await?
+            .header()
+            .map_or(1, |h| h.revision());
+        let mut probe = watch("p", revision + 1)?;
+        direct.delete("p", None).await?;
+        let woken = timeout(Duration::from_secs(3), probe.wait()).await;
+        anyhow::ensure!(woken == Ok(Woken::Deleted), "probe: {woken:?}");
+        let mut waiter = watch("a", revision + 1)?;
+        sleep_ms(300).await;
+        // The stream stalls; more watches come meanwhile, enough to fill its buffers.
+        cluster.blackhole(0)?;
+        let stalled_at = tokio::time::Instant::now();
+        let long_key = "k".repeat(200);
+        let mut others = Vec::new();
+        for index in 0..3000 {
+            others.push(watch(&format!("{long_key}{index}"), revision + 1)?);
+        }
+        let woken = timeout(create_timeout * 4, waiter.wait()).await;
+        let took = stalled_at.elapsed();
+        cluster.heal(0)?;
+        anyhow::ensure!(
+            woken == Ok(Woken::Interrupted),
+            "a waiter on a stalled watch stream was not woken within {:?}: {woken:?}",
+            create_timeout * 4
+        );
+        println!("woken {took:?} after the stall");
+        // The task still serves: a new watch after the heal sees its delete.
+        let revision = direct
+            .put("b", "1", None)
+            .await?
+            .header()
+            .map_or(1, |h| h.revision());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut later = watch("b", revision + 1)?;
+            sleep_ms(100).await;
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("no watch worked within 10 s of the heal");
+            }
+            direct.delete("b", None).await?;
+            match timeout(Duration::from_secs(3), later.wait()).await {
+                Ok(Woken::Deleted) => break,
+                _ => {
+                    direct.put("b", "1", None).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn sleep_ms(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
