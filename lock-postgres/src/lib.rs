@@ -432,11 +432,12 @@ impl LockBackend for PostgresBackend {
         capabilities.fair_queue = false;
         capabilities.min_ttl = MIN_TTL;
         capabilities.ttl_granularity = Duration::from_millis(1);
-        // Covers the reaper (process alive, lease not renewed). A stalled or partitioned
-        // process keeps its locks until its session's idle_session_timeout fires: the largest
-        // TTL on that session after its last statement, up to T/3 past a lease's deadline with
-        // the watchdog on (more when TTL classes share a session). One fixed Duration cannot
-        // say that; see the README, "TTL semantics".
+        // Process alive, lease not renewed: the reaper's round trip. Process stopped or cut
+        // off: the holder session's idle_session_timeout follows the latest lease deadline on
+        // it within TIMEOUT_TOLERANCE (100 ms), so the server frees the locks that long plus a
+        // round trip after that deadline (measured ~40 ms). A lock that shares its session
+        // with a lock of later deadline is freed with that one: one fixed Duration cannot say
+        // that (see the README, "TTL semantics").
         capabilities.expiry_slack = Duration::from_millis(250);
         capabilities
     }

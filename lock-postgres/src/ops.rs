@@ -168,20 +168,24 @@ impl Inner {
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
         let _flight = InFlight::start(&in_flight);
         let mut reconnected = false;
-        let (result, wanted) = loop {
-            // The session's timeout must cover this lock's TTL, and no more than the largest
-            // TTL it will hold: set it only when that changes.
-            let wanted = state.max_ttl().max(ttl_ms);
-            let query = if wanted == state.timeout_set_ms {
-                sqlx::query(ACQUIRE_KEEP_TIMEOUT_SQL)
+        let deadline = sent_at + ttl;
+        let (result, set_to) = loop {
+            // The session's timeout must reach this lock's deadline (and every other one on
+            // it), and not much further: set it only when it falls outside that (in a steady
+            // acquire/release loop it never does).
+            let wanted = state
+                .timeout_for(Some(deadline), Instant::now())
+                .unwrap_or(ttl_ms);
+            let set_to = state.timeout_needs(wanted).then_some(wanted);
+            let query = match set_to {
+                None => sqlx::query(ACQUIRE_KEEP_TIMEOUT_SQL)
                     .bind(hash)
-                    .bind(fence_oid)
-            } else {
-                sqlx::query(ACQUIRE_SQL)
+                    .bind(fence_oid),
+                Some(wanted) => sqlx::query(ACQUIRE_SQL)
                     .bind(hash)
                     .bind(wanted.to_string())
                     .bind(state.timeout_set_ms.to_string())
-                    .bind(fence_oid)
+                    .bind(fence_oid),
             };
             // The statement's own budget starts when it is sent, not when we began waiting.
             let result = state.fetch_one(query, self.config.op_timeout).await;
@@ -200,7 +204,7 @@ impl Inner {
                         return Err(error);
                     }
                 }
-                _ => break (result, wanted),
+                _ => break (result, set_to),
             }
         };
         let row = match result {
@@ -273,9 +277,11 @@ impl Inner {
         };
         let first_on_session = state.ttls.is_empty();
         state.add_ttl(ttl_ms);
-        state.timeout_set_ms = wanted;
+        state.add_deadline(deadline);
+        if let Some(wanted) = set_to {
+            state.timeout_set_ms = wanted;
+        }
         let lost_signal = state.lost.clone();
-        let deadline = sent_at + ttl;
         let epoch = state.epoch;
         {
             let mut book = lock(&self.book);
@@ -331,11 +337,13 @@ impl Inner {
             return Ok(false);
         }
         state.remove_ttl(held.ttl_ms);
+        state.remove_deadline(held.deadline);
         let (high, low) = waiter_key(hash);
-        // Locks left on the session: its timeout follows down to the largest of their TTLs.
-        // None left: it stays as it is (see `SessionState::timeout_set_ms`).
-        let remaining = state.max_ttl();
-        let lower_to = (remaining != 0 && remaining != state.timeout_set_ms).then_some(remaining);
+        // Locks left on the session: its timeout follows down to the latest of their
+        // deadlines. None left: it stays as it is (see `SessionState::timeout_set_ms`).
+        let lower_to = state
+            .timeout_for(None, Instant::now())
+            .filter(|&wanted| state.timeout_needs(wanted));
         let query = match lower_to {
             Some(timeout) => sqlx::query(UNLOCK_SQL)
                 .bind(hash)
@@ -436,7 +444,10 @@ impl Inner {
         if state.epoch != held.epoch || state.conn.is_none() {
             return Err(lost("its holder session was lost"));
         }
-        let wanted = state.max_ttl().max(new_ttl);
+        let new_deadline = sent_at + ttl;
+        let wanted = state
+            .timeout_for(Some(new_deadline), Instant::now())
+            .unwrap_or(new_ttl);
         let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
         match state.fetch_one(query, self.config.op_timeout).await {
             Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
@@ -477,7 +488,9 @@ impl Inner {
                     state.add_ttl(new_ttl);
                     entry.ttl_ms = new_ttl;
                 }
-                entry.deadline = sent_at + ttl;
+                state.remove_deadline(entry.deadline);
+                state.add_deadline(new_deadline);
+                entry.deadline = new_deadline;
                 Ok(lease.renewed(ttl, sent_at))
             }
             _ => Err(lost("the lease expired while it was being renewed")),

@@ -18,8 +18,8 @@ pub(crate) struct SessionState {
     pub(crate) conn: Option<PgConnection>,
     /// Bumped when the connection is dropped: leases granted on an older epoch are gone.
     pub(crate) epoch: u64,
-    /// TTL (ms) → number of locks held on this session with that TTL. The session's
-    /// `idle_session_timeout` is the largest key (0 = off when no lock is held).
+    /// TTL (ms) → number of locks held on this session with that TTL (the smallest sets the
+    /// heartbeat interval).
     pub(crate) ttls: BTreeMap<u64, usize>,
     pub(crate) pid: i32,
     /// Cancelled when this connection is dropped or found dead; every lease granted on it
@@ -29,12 +29,23 @@ pub(crate) struct SessionState {
     /// within the heartbeat interval needs no probe.
     pub(crate) answered_at: Option<Instant>,
     /// The session's `idle_session_timeout` on the server (ms, 0 = off), as we last set it.
-    /// It is at least the largest TTL held; statements set it only when that changes. After
-    /// the last lock goes it stays (one `set_config` less per release and per next acquire)
-    /// and the heartbeat turns it off later; a lock-free session the server ended meanwhile
-    /// is reconnected by the next acquire.
+    /// A statement sent at `t` that sets it to at least the time from `t` to the latest
+    /// lease deadline on the session ([`SessionState::timeout_for`]) lets the server end the
+    /// session, if nothing follows, no earlier than that deadline: no early loss. Statements
+    /// set it again only when it is too short for that, or more than [`TIMEOUT_TOLERANCE`]
+    /// too long (which is how late a stopped holder's locks are freed). After the last lock
+    /// goes it stays (one `set_config` less per release and per next acquire) and the
+    /// heartbeat turns it off later; a lock-free session the server ended meanwhile is
+    /// reconnected by the next acquire.
     pub(crate) timeout_set_ms: u64,
+    /// Lease deadline → number of locks on this session with it.
+    pub(crate) deadlines: BTreeMap<Instant, usize>,
 }
+
+/// How much longer than needed a holder session's `idle_session_timeout` may be before a
+/// statement sets it again (see [`SessionState::timeout_set_ms`]): a stopped holder's locks
+/// are freed at most this long (plus a round trip) after the latest deadline on the session.
+pub(crate) const TIMEOUT_TOLERANCE: Duration = Duration::from_millis(100);
 
 impl SessionState {
     /// Drops the connection: the server ends the session and frees whatever it held. Leases
@@ -42,14 +53,10 @@ impl SessionState {
     pub(crate) fn disconnect(&mut self) -> u64 {
         self.conn = None;
         self.ttls.clear();
+        self.deadlines.clear();
         self.lost.cancel();
         self.epoch += 1;
         self.epoch - 1
-    }
-
-    /// The largest TTL (ms) held on this session, 0 when none.
-    pub(crate) fn max_ttl(&self) -> u64 {
-        self.ttls.keys().next_back().copied().unwrap_or(0)
     }
 
     pub(crate) fn add_ttl(&mut self, ttl: u64) {
@@ -71,6 +78,35 @@ impl SessionState {
             self.answered_at = Some(Instant::now());
         }
         result
+    }
+
+    pub(crate) fn add_deadline(&mut self, deadline: Instant) {
+        *self.deadlines.entry(deadline).or_insert(0) += 1;
+    }
+
+    pub(crate) fn remove_deadline(&mut self, deadline: Instant) {
+        if let Some(count) = self.deadlines.get_mut(&deadline) {
+            *count -= 1;
+            if *count == 0 {
+                self.deadlines.remove(&deadline);
+            }
+        }
+    }
+
+    /// The `idle_session_timeout` (ms) a statement sent `now` must set so that the server,
+    /// if nothing follows, ends the session no earlier than the latest lease deadline on it
+    /// (and `extra`, a lock being added), and not much later. `None` without deadlines.
+    pub(crate) fn timeout_for(&self, extra: Option<Instant>, now: Instant) -> Option<u64> {
+        let latest = self.deadlines.keys().next_back().copied().max(extra)?;
+        // Rounded up, plus 1 ms for the server's own rounding; never 0, which means off.
+        Some(ttl_ms(latest.saturating_duration_since(now)) + 1)
+    }
+
+    /// Whether the timeout set now is too short for `wanted` (a lock could be freed before
+    /// its deadline) or too long by more than [`TIMEOUT_TOLERANCE`].
+    pub(crate) fn timeout_needs(&self, wanted: u64) -> bool {
+        self.timeout_set_ms < wanted
+            || self.timeout_set_ms > wanted + TIMEOUT_TOLERANCE.as_millis() as u64
     }
 
     pub(crate) fn remove_ttl(&mut self, ttl: u64) {
@@ -208,6 +244,7 @@ impl Inner {
         state.conn = Some(conn);
         state.pid = pid;
         state.ttls.clear();
+        state.deadlines.clear();
         state.lost = CancellationToken::new();
         state.timeout_set_ms = 0;
         state.answered_at = Some(Instant::now());

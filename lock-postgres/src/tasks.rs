@@ -145,7 +145,9 @@ pub(crate) fn plan(next: &mut Option<Instant>, at: Instant) {
 }
 
 impl Inner {
-    /// One heartbeat: a Sync round trip (no statement to parse), answered within
+    /// One heartbeat: a statement that sets the session's `idle_session_timeout` afresh to
+    /// the latest lease deadline on it (so that a holder stopped after it is freed right
+    /// after that deadline, see [`SessionState::timeout_set_ms`]), answered within
     /// [`PROBE_TIMEOUT`]. Any failure leaves the connection in an unknown state, so the
     /// session is dropped and its guards told: a session that stays silent that long may
     /// have been freed by the server already (another process may hold its locks).
@@ -154,11 +156,18 @@ impl Inner {
         session: &Session,
         mut state: tokio::sync::MutexGuard<'_, SessionState>,
     ) {
-        let Some(conn) = state.conn.as_mut() else {
+        if state.conn.is_none() {
+            return;
+        }
+        let Some(wanted) = state.timeout_for(None, Instant::now()) else {
             return;
         };
-        match tokio::time::timeout(PROBE_TIMEOUT, sqlx::Connection::ping(conn)).await {
-            Ok(Ok(())) => state.answered_at = Some(Instant::now()),
+        let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
+        match state.fetch_one(query, PROBE_TIMEOUT).await {
+            Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
+                Ok(pid) if pid == state.pid => state.timeout_set_ms = wanted,
+                _ => self.break_session(session, &mut state, "unexpected heartbeat answer"),
+            },
             Ok(Err(error)) => {
                 let why = format!("heartbeat failed: {error}");
                 self.break_session(session, &mut state, &why);
