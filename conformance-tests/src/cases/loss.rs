@@ -205,64 +205,122 @@ pub async fn late_grant_is_never_handed_out(factory: &dyn BackendFactory) -> Res
     Ok(())
 }
 
-/// 13f. The watchdog is not tied to one runtime: with one `Locker` used from two runtimes,
-///      when the runtime of its first acquire shuts down — with a renewal in flight there —
-///      every live guard is still renewed, or its `lost()` fires.
+/// 13f. The watchdog is not tied to one runtime. A `Locker` used from two runtimes: (1) a
+///      guard whose renewal is in flight on a runtime that shuts down is attended again
+///      (renewed, or told it is lost) once the `Locker` is used on another runtime; (2) when
+///      the runtime of a `Locker`'s first acquire shuts down, guards acquired on another
+///      runtime are still renewed, or their `lost()` fires.
 pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> Result<()> {
-    let (locker, plan) = faulty_locker(factory).await?;
-    let caps = locker.backend().capabilities();
+    let caps = factory.backend().await?.capabilities();
     let ttl = ttl_for(&caps, 900 * MS);
-    let (first, second) = (unique_key("runtime-a"), unique_key("runtime-b"));
 
-    // Runtime A makes the locker's first acquire, then runs until told to stop.
+    // (1) Only runtime A has used this locker: the renewal in flight runs there.
+    let (locker, plan) = faulty_locker(factory).await?;
+    let (on_a, stop_a, runtime_a) =
+        hold_on_own_runtime(&locker, unique_key("in-flight"), ttl).await?;
+    let from_a = on_a.await.context("runtime A ended early")??;
+    plan.renew(Fault::Hang);
+    wait_for_a_renewal(&plan, ttl).await?;
+    stop_runtime(stop_a, runtime_a).await?;
+    plan.renew(Fault::None);
+    // The locker is used again, here: whatever was dropped with A must be picked up.
+    let here = locker
+        .lock(unique_key("after"))
+        .ttl(ttl)
+        .wait(ttl * 2)
+        .acquire()
+        .await?;
+    sleep(ttl * 2 + caps.expiry_slack + 100 * MS).await;
+    expect_attended(
+        &from_a,
+        "its renewal was in flight when its runtime stopped",
+    )?;
+    drop((from_a, here));
+
+    // (2) The locker's first acquire runs on runtime B; this runtime acquires while B runs.
+    let (locker, plan) = faulty_locker(factory).await?;
+    let (on_b, stop_b, runtime_b) = hold_on_own_runtime(&locker, unique_key("first"), ttl).await?;
+    let from_b = on_b.await.context("runtime B ended early")??;
+    let from_here = locker.lock(unique_key("second")).ttl(ttl).acquire().await?;
+    plan.renew(Fault::Hang);
+    wait_for_a_renewal(&plan, ttl).await?;
+    stop_runtime(stop_b, runtime_b).await?;
+    plan.renew(Fault::None);
+    sleep(ttl * 2 + caps.expiry_slack + 100 * MS).await;
+    expect_attended(&from_b, "it was acquired on the runtime that stopped")?;
+    expect_attended(
+        &from_here,
+        "the runtime of the locker's first acquire stopped",
+    )?;
+    ensure!(
+        !from_here.is_lost(),
+        "a guard on a live runtime was lost: {:?}",
+        from_here.lost_reason()
+    );
+    drop((from_b, from_here));
+    Ok(())
+}
+
+type GuardFromRuntime =
+    tokio::sync::oneshot::Receiver<Result<lock_core::LockGuard, lock_core::LockError>>;
+
+/// Acquires `name` on a runtime of its own thread, which runs until told to stop.
+async fn hold_on_own_runtime(
+    locker: &lock_core::Locker,
+    name: String,
+    ttl: Duration,
+) -> Result<(
+    GuardFromRuntime,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+)> {
     let (guard_tx, guard_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runtime_a = std::thread::spawn({
-        let locker = locker.clone();
-        move || -> Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let guard = locker.lock(&first).ttl(ttl).acquire().await;
-                let _ = guard_tx.send(guard);
-                let _ = stop_rx.await;
-            });
-            // Dropping the runtime cancels every task on it.
-            drop(runtime);
-            Ok(())
-        }
+    let locker = locker.clone();
+    let thread = std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let guard = locker.lock(&name).ttl(ttl).acquire().await;
+            let _ = guard_tx.send(guard);
+            let _ = stop_rx.await;
+        });
+        // Dropping the runtime cancels every task on it, renewals in flight included.
+        drop(runtime);
+        Ok(())
     });
-    let from_a = guard_rx.await.context("runtime A ended early")??;
-    // Runtime B (this one) acquires while A still runs.
-    let from_b = locker.lock(&second).ttl(ttl).acquire().await?;
+    Ok((guard_rx, stop_tx, thread))
+}
 
-    // Stop A while a renewal is in flight.
-    plan.renew(Fault::Hang);
+async fn wait_for_a_renewal(plan: &crate::FaultPlan, ttl: Duration) -> Result<()> {
     let calls = plan.renew_calls();
     let waited = Instant::now();
     while plan.renew_calls() == calls {
         ensure!(waited.elapsed() < ttl, "no renewal started within one TTL");
         sleep(5 * MS).await;
     }
-    let _ = stop_tx.send(());
-    tokio::task::spawn_blocking(move || runtime_a.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("runtime A's thread panicked"))??;
-    plan.renew(Fault::None);
+    Ok(())
+}
 
-    // Two TTLs later every guard was renewed, or was told it lost the lock.
-    sleep(ttl * 2 + caps.expiry_slack + 100 * MS).await;
-    for guard in [&from_a, &from_b] {
-        let renewed = !guard.is_lost() && guard.valid_until() > Instant::now();
-        let told = guard.lost_token().is_cancelled();
-        ensure!(
-            renewed || told,
-            "guard of {} expired unrenewed and lost() never fired after the runtime running \
-             its watchdog stopped",
-            guard.key()
-        );
-    }
-    drop((from_a, from_b));
+async fn stop_runtime(
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let _ = stop.send(());
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("a runtime's thread panicked"))?
+}
+
+/// Renewed (still valid), or told it is lost: never expired in silence.
+fn expect_attended(guard: &lock_core::LockGuard, context: &str) -> Result<()> {
+    let renewed = !guard.is_lost() && guard.valid_until() > Instant::now();
+    let told = guard.lost_token().is_cancelled();
+    ensure!(
+        renewed || told,
+        "guard of {} expired unrenewed and lost() never fired ({context})",
+        guard.key()
+    );
     Ok(())
 }
