@@ -252,11 +252,8 @@ pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> R
         &from_here,
         "the runtime of the locker's first acquire stopped",
     )?;
-    ensure!(
-        !from_here.is_lost(),
-        "a guard on a live runtime was lost: {:?}",
-        from_here.lost_reason()
-    );
+    // Renewed, or lost with the signal: a backend whose connections belong to the runtime
+    // that opened them (PostgreSQL sessions) may lose the lock there, but must say so.
     drop((from_b, from_here));
     Ok(())
 }
