@@ -19,7 +19,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
 const BACKEND: &str = "etcd";
 
@@ -576,13 +576,69 @@ impl EtcdBackend {
         // validity deadline).
         let refreshed = Mutex::new(refreshed);
         let keep_alive = keep_queued_lease_alive(&self.inner, place, &refreshed);
-        tokio::select! {
+        let turn = tokio::select! {
             // Acquired beats the deadline when both are ready.
             biased;
-            turn = self.await_turn(place) => turn.map(|()| Some(*lock(&refreshed))),
+            turn = self.await_turn(place) => turn,
             error = keep_alive => Err(error),
-            () = sleep_until(deadline) => Ok(None),
+            () = sleep_until(deadline) => return Ok(None),
+        };
+        turn?;
+        let last = *lock(&refreshed);
+        self.confirm_turn(place, last, deadline).await
+    }
+
+    /// Our turn came; `last` is when the last confirmed keep-alive was sent. The lease's
+    /// validity counts from there, so an old `last` (keep-alive answers slow or failing)
+    /// would hand out a lease whose deadline is close or past although etcd may have kept it
+    /// alive since. If less than 2/3 of the TTL is left (a scheduled refresh is overdue),
+    /// one keep-alive confirms the lease now (bounded by the caller's deadline), and the
+    /// validity counts from its send time. A lease that still has no more than the lost
+    /// margin left is not handed out: a retryable error (the entry is revoked, the client
+    /// rejoins).
+    async fn confirm_turn(
+        &self,
+        place: &Place<'_>,
+        last: Instant,
+        deadline: Instant,
+    ) -> Result<Option<Instant>, LockError> {
+        let granted = place.granted;
+        let valid_until = |sent: Instant| sent + granted.saturating_sub(lock_core::drift(granted));
+        let mut confirmed = last;
+        if valid_until(last) < Instant::now() + granted * 2 / 3 {
+            let sent = Instant::now();
+            match timeout_at(
+                deadline.max(sent),
+                self.inner.renewer.keep_alive(place.lease_id),
+            )
+            .await
+            {
+                Ok(Ok(true)) => confirmed = sent,
+                Ok(Ok(false)) => {
+                    return Err(LockError::backend_msg(
+                        BACKEND,
+                        "the queue entry's lease expired or was revoked as its turn came",
+                        true,
+                    ));
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "keep-alive at the turn failed");
+                }
+                Err(_) => return Ok(None),
+            }
         }
+        if valid_until(confirmed) <= Instant::now() + lock_core::lost_margin(granted) {
+            return Err(LockError::backend_msg(
+                BACKEND,
+                format!(
+                    "our turn came, but the lease was last confirmed {:?} ago (TTL {granted:?}): \
+                     too little validity left to hand it out",
+                    confirmed.elapsed()
+                ),
+                true,
+            ));
+        }
+        Ok(Some(confirmed))
     }
 
     /// Joins the queue of `key` and waits for its turn until `deadline` (see

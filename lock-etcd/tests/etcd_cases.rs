@@ -617,3 +617,63 @@ async fn acquires_cancelled_during_grant_leave_no_lease() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue #9 item 1b: a queued waiter's lease was handed out with the send time of its last
+/// *confirmed* keep-alive, however old: with slow answers (a 600 ms delay each way, TTL
+/// 3 s) that time lagged by up to a keep-alive period plus two round trips, so the lease
+/// came out with its validity deadline already past or within the lost margin. When the last confirmation is old, the
+/// backend now confirms the lease when its turn comes, and never hands out one it cannot
+/// show to be valid beyond the lost margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_lease_is_handed_out_with_a_fresh_validity() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = direct_backend(&factory).await?;
+    let waiter = factory.backend().await?;
+    let proxy = factory.cluster.members()[0].proxy();
+    let ttl = Duration::from_secs(3);
+    let margin = lock_core::lost_margin(ttl);
+    let mut remaining = Vec::new();
+    for (round, pause_ms) in [1500_u64, 2300, 3100].into_iter().enumerate() {
+        let key = LockKey::new(format!("stale-{round}"))?;
+        let held = holder
+            .try_acquire(&key, Duration::from_secs(30))
+            .await?
+            .into_lease()
+            .context("holder not granted")?;
+        let task = {
+            let (waiter, key) = (waiter.clone(), key.clone());
+            tokio::spawn(async move {
+                let lease = waiter
+                    .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
+                    .await;
+                (lease, Instant::now())
+            })
+        };
+        queue_of(&factory, key.as_str(), 2).await?;
+        proxy.set_delay(Duration::from_millis(600));
+        // Different phases of the keep-alive cycle at the hand-off.
+        sleep(Duration::from_millis(pause_ms)).await;
+        ensure!(
+            holder.release(&held).await?,
+            "holder's release returned false"
+        );
+        let (lease, returned_at) = timeout(Duration::from_secs(20), task).await??;
+        proxy.set_delay(Duration::ZERO);
+        match lease {
+            Ok(Some(lease)) => {
+                remaining.push(lease.valid_until().saturating_duration_since(returned_at));
+                ensure!(
+                    lease.valid_until() > returned_at + margin,
+                    "round {round}: the lease came out with {:?} of validity left (lost margin {margin:?}); so far {remaining:?}",
+                    lease.valid_until().saturating_duration_since(returned_at)
+                );
+                waiter.release(&lease).await?;
+            }
+            Ok(None) => bail!("round {round}: the waiter's deadline passed"),
+            // Refusing a lease it cannot confirm is allowed; handing out a dead one is not.
+            Err(error) => ensure!(error.is_retryable(), "round {round}: {error}"),
+        }
+    }
+    println!("validity left at hand-off: {remaining:?}");
+    Ok(())
+}
