@@ -434,8 +434,8 @@ impl LockBackend for PostgresBackend {
         capabilities.ttl_granularity = Duration::from_millis(1);
         // Process alive, lease not renewed: the reaper's round trip. Process stopped or cut
         // off: the holder session's idle_session_timeout follows the latest lease deadline on
-        // it within TIMEOUT_TOLERANCE (100 ms), so the server frees the locks that long plus a
-        // round trip after that deadline (measured ~40 ms). A lock that shares its session
+        // it + TIMEOUT_PAD (100 ms), within TIMEOUT_TOLERANCE (50 ms), so the server frees the
+        // locks at most that long plus a round trip after that deadline. A lock that shares its session
         // with a lock of later deadline is freed with that one: one fixed Duration cannot say
         // that (see the README, "TTL semantics").
         capabilities.expiry_slack = Duration::from_millis(250);

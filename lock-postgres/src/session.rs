@@ -43,9 +43,15 @@ pub(crate) struct SessionState {
 }
 
 /// How much longer than needed a holder session's `idle_session_timeout` may be before a
-/// statement sets it again (see [`SessionState::timeout_set_ms`]): a stopped holder's locks
-/// are freed at most this long (plus a round trip) after the latest deadline on the session.
-pub(crate) const TIMEOUT_TOLERANCE: Duration = Duration::from_millis(100);
+/// statement sets it again (see [`SessionState::timeout_set_ms`]).
+pub(crate) const TIMEOUT_TOLERANCE: Duration = Duration::from_millis(50);
+
+/// How long after the latest lease deadline on it the server may end an idle holder
+/// session. While the process runs, the reaper's unlock at the deadline (which wakes remote
+/// waiters by NOTIFY; a session ended by the server frees the lock silently) and a renewal
+/// sent just before it must arrive first. A stopped holder's locks are freed this long plus
+/// up to [`TIMEOUT_TOLERANCE`] and a round trip after that deadline.
+pub(crate) const TIMEOUT_PAD: Duration = Duration::from_millis(100);
 
 impl SessionState {
     /// Drops the connection: the server ends the session and frees whatever it held. Leases
@@ -98,8 +104,8 @@ impl SessionState {
     /// (and `extra`, a lock being added), and not much later. `None` without deadlines.
     pub(crate) fn timeout_for(&self, extra: Option<Instant>, now: Instant) -> Option<u64> {
         let latest = self.deadlines.keys().next_back().copied().max(extra)?;
-        // Rounded up, plus 1 ms for the server's own rounding; never 0, which means off.
-        Some(ttl_ms(latest.saturating_duration_since(now)) + 1)
+        // Rounded up; never 0, which means off.
+        Some(ttl_ms(latest.saturating_duration_since(now) + TIMEOUT_PAD))
     }
 
     /// Whether the timeout set now is too short for `wanted` (a lock could be freed before
