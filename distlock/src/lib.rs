@@ -27,6 +27,55 @@
 
 pub use lock_core::*;
 
+mod config;
+pub use config::{Config, ENV_VARS, default_locker, from_env, parse_duration, set_default_locker};
+
+/// Runs an `async fn` under a distributed lock whose key is built from its arguments.
+///
+/// ```
+/// # #[derive(Debug)] struct PaymentError;
+/// # impl From<distlock::LockError> for PaymentError { fn from(_: distlock::LockError) -> Self { PaymentError } }
+/// # struct Payments { locker: distlock::Locker }
+/// impl Payments {
+///     #[distlock::locked("payment:{order_id}", ttl = "10s", wait = "5s", locker = self.locker)]
+///     async fn process_payment(&self, order_id: u64) -> Result<String, PaymentError> {
+///         Ok(format!("charged order {order_id}"))
+///     }
+/// }
+/// ```
+///
+/// The lock is taken before the body runs and released after it; if it is lost midway the
+/// body is dropped (as [`Locker::with_lock`]). The first argument is the key: a template over
+/// the function's arguments — `{order_id}`, a field `{order.id}` or `{self.tenant}`, a method
+/// call `{order.id()}`; `{{`/`}}` are braces — or, instead, `key = <expression>`.
+///
+/// | option | value | default |
+/// |---|---|---|
+/// | `ttl`, `wait`, `retry_delay` | `"10s"`, `"100ms"`, `"1m30s"` (checked at compile time), or a `Duration` expression | the locker's defaults |
+/// | `retries` | a count ([`LockRequest::retries`]) | the locker's default |
+/// | `auto_renew` | `bool` | the locker's default |
+/// | `locker` | an expression giving a `Locker` (or `&Locker`), e.g. `self.locker` | the process default: [`from_env`] or [`set_default_locker`] |
+/// | `on_busy` | `error`: return `Err(E::from(LockError))`, the function returns `Result<T, E>`; `skip`: return `None`, the function returns `Option<T>` | `error` |
+/// | `guard` | a name bound to the `&LockGuard` in the body, e.g. `guard = lock` then `lock.fence()` | — |
+///
+/// With `on_busy = skip` every failure to run the body gives `None`: a busy lock (logged at
+/// debug), and also a lost lock, a backend error or no default locker (logged as a warning).
+#[cfg(feature = "macros")]
+pub use distlock_macros::locked;
+
+/// Used by the code `#[locked]` generates; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    /// `on_busy = skip` gave up: say why, quietly when the lock was merely busy.
+    pub fn skipped(error: &crate::LockError) {
+        if error.is_timeout() {
+            tracing::debug!(%error, "lock busy; #[locked] function skipped");
+        } else {
+            tracing::warn!(%error, "#[locked] function skipped");
+        }
+    }
+}
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 

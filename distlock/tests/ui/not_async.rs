@@ -1,0 +1,6 @@
+#[distlock::locked("job")]
+fn job() -> Result<(), distlock::LockError> {
+    Ok(())
+}
+
+fn main() {}
