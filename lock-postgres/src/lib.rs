@@ -8,16 +8,19 @@
 //! - **TTL.** Advisory locks have none; the backend gives them one twice over. While the process
 //!   runs, a reaper task unlocks every lock whose renewal did not arrive before its deadline
 //!   (the leaked-guard case). If the process stops (paused, partitioned, dead), the server ends
-//!   the holder session by `idle_session_timeout`, which the backend keeps equal to the largest
-//!   TTL of the locks on that session, the renewals being the heartbeat. See the README.
+//!   the holder session by `idle_session_timeout`, which the backend keeps at the latest lease
+//!   deadline on that session plus 100 ms, set afresh by the heartbeat and renewals. See the
+//!   README.
 //! - **Lost signal.** Every lease carries its session's token ([`Lease::with_lost_signal`]);
 //!   a failed statement or the session heartbeat (every [`heartbeat_interval`], ≤ 250 ms,
-//!   while it holds locks) cancels it when the server dropped the session, which frees all
-//!   its locks at once. Within that interval only fencing protects the resource.
+//!   while it holds locks; unanswered within [`PROBE_TIMEOUT`] it drops the session) cancels
+//!   it when the server dropped the session, which frees all its locks at once. Within
+//!   [`loss_notice_bound`] only fencing protects the resource.
 //! - **Fencing.** The sequence [`PostgresConfig::fence_sequence`] (schema-qualified, default
 //!   [`FENCE_SEQUENCE`], created if missing, used by OID) is drawn in the same statement as
 //!   `pg_try_advisory_lock`: acquiring a free lock is one round trip, and tokens strictly
-//!   increase per key (they increase across all keys), across restarts.
+//!   increase per key (they increase across all keys), across restarts and crashes: a fence's
+//!   WAL is flushed before its answer leaves the server, whatever `synchronous_commit` says.
 //! - **Server.** PostgreSQL 14 or later (`idle_session_timeout`), reached directly or through
 //!   session pooling (transaction pooling is detected and refused).
 //! - **Wake-ups.** Release is one statement that unlocks and, when some backend waits for the
