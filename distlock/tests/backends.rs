@@ -36,10 +36,11 @@ async fn two_clients_exclude(url: &str) {
     second.release().await.unwrap();
 }
 
-/// Runs the quickstart example against `url` through cargo (it checks its own count). With
-/// `--all-features`, as the test command builds, cargo reuses what it built for the tests.
+/// Runs an example against `url` through cargo and checks the line it prints when its own
+/// check passed. With `--all-features`, as the test command builds, cargo reuses what it built
+/// for the tests.
 #[allow(dead_code)]
-fn quickstart_passes(url: &str) {
+fn example_passes(example: &str, url: &str, ok_line: &str) {
     let output = std::process::Command::new(env!("CARGO"))
         .args([
             "run",
@@ -48,17 +49,36 @@ fn quickstart_passes(url: &str) {
             "distlock",
             "--all-features",
             "--example",
-            "quickstart",
+            example,
         ])
         .env("DISTLOCK_URL", url)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        output.status.success() && stdout.contains("OK: no update lost"),
-        "quickstart on {url} failed:\n{stdout}\n{}",
+        output.status.success() && stdout.contains(ok_line),
+        "example {example} on {url} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[allow(dead_code)]
+fn quickstart_passes(url: &str) {
+    example_passes("quickstart", url, "OK: no update lost");
+}
+
+/// The payment (`#[locked]`) and ledger (`lock_all`, fences) examples check their own result.
+#[allow(dead_code)]
+fn payment_and_ledger_pass(url: &str) {
+    example_passes("payment", url, "OK: every order charged exactly once");
+    example_passes("ledger", url, "OK: the ledger balances");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_pass_on_memory() {
+    tokio::task::spawn_blocking(|| payment_and_ledger_pass("memory://"))
+        .await
+        .unwrap();
 }
 
 #[cfg(feature = "redis")]
@@ -72,9 +92,12 @@ async fn redis_url_connects_and_excludes() {
         "connecting to a closed port must fail"
     );
     let url = server.url();
-    tokio::task::spawn_blocking(move || quickstart_passes(&url))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        quickstart_passes(&url);
+        payment_and_ledger_pass(&url);
+    })
+    .await
+    .unwrap();
 }
 
 #[cfg(feature = "postgres")]
