@@ -182,3 +182,55 @@ fn cli_runs_one_command_at_a_time() {
         "the command's own exit status is passed through"
     );
 }
+
+/// Bad usage gets a clear message and status 64; `--help` documents the environment
+/// fallbacks.
+#[cfg(feature = "cli")]
+#[test]
+fn cli_usage_errors_are_clear() {
+    use std::process::Command;
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let help = Command::new(exe).args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    for needed in ["DISTLOCK_URL", "DISTLOCK_TTL", "DISTLOCK_WAIT", "--retries"] {
+        assert!(
+            text.contains(needed),
+            "--help does not mention {needed}:\n{text}"
+        );
+    }
+    for (args, says) in [
+        (&["run", "k"][..], "COMMAND"),
+        (&["run", "--ttl", "soon", "k", "--", "true"][..], "soon"),
+        (&["run", "--bogus", "k", "--", "true"][..], "--bogus"),
+        (&["jump"][..], "jump"),
+    ] {
+        let output = Command::new(exe)
+            .args(args)
+            .env_remove("DISTLOCK_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    // A bad URL from the environment is a usage error naming it.
+    let output = Command::new(exe)
+        .args(["run", "k", "--", "true"])
+        .env("DISTLOCK_URL", "nope")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nope"));
+    // Human durations work, and the memory backend runs the command.
+    let output = Command::new(exe)
+        .args(["run", "--ttl", "2s", "--wait", "100ms", "k", "--", "true"])
+        .env_remove("DISTLOCK_URL")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -6,76 +6,74 @@
 //! Exit status: the command's own; 75 (EX_TEMPFAIL) when the lock was not acquired within
 //! `--wait` or was lost while the command ran; 64 for bad usage; 69 when the backend failed.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use distlock::LockError;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: distlock run [--url URL] [--ttl SECS] [--wait SECS] KEY -- COMMAND [ARGS...]
-  --url URL    lock backend (default: $DISTLOCK_URL, else memory://)
-  --ttl SECS   lease TTL, renewed while the command runs (default 30)
-  --wait SECS  how long to wait for the lock (default 0: try once)";
+/// Distributed locks from the command line.
+#[derive(Parser, Debug)]
+#[command(name = "distlock", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-struct Args {
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs COMMAND while holding the lock KEY (renewed meanwhile; the command is killed if the
+    /// lock is lost). The command sees the fencing token in DISTLOCK_FENCE. Exits with the
+    /// command's status, 75 when the lock was not acquired or was lost, 64 on bad usage, 69
+    /// when the backend failed.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The lock backend: memory://, redis://host:port/db, redlock://h1:p1,h2:p2,h3:p3/db,
+    /// postgres://user:pass@host:port/db, etcd://host:port[,host:port…][/prefix].
+    #[arg(long, env = "DISTLOCK_URL", default_value = "memory://")]
     url: String,
+    /// Lease TTL, renewed while the command runs: seconds (`30`, `0.5`) or with a unit
+    /// (`30s`, `500ms`, `1m`).
+    #[arg(long, env = "DISTLOCK_TTL", default_value = "30", value_parser = duration)]
     ttl: Duration,
+    /// How long to wait for the lock (0: try once); seconds or with a unit.
+    #[arg(long, env = "DISTLOCK_WAIT", default_value = "0", value_parser = duration)]
     wait: Duration,
+    /// At most this many further attempts after the first (with --wait 0, the count alone
+    /// bounds the wait).
+    #[arg(long, env = "DISTLOCK_RETRIES")]
+    retries: Option<u32>,
+    /// The lock's name (1 to 512 bytes).
     key: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
 }
 
-fn seconds(flag: &str, value: Option<String>) -> Result<Duration> {
-    let value = value.with_context(|| format!("{flag} needs a value"))?;
-    let secs: f64 = value
-        .parse()
-        .with_context(|| format!("{flag} {value:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).with_context(|| format!("{flag} {value:?} is out of range"))
-}
-
-fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args> {
-    match argv.next().as_deref() {
-        Some("run") => {}
-        Some(other) => bail!("unknown command {other:?}"),
-        None => bail!("missing command"),
+/// A bare number is seconds (as the first versions of this tool took); otherwise a duration
+/// with units, as `DISTLOCK_TTL` is read elsewhere.
+fn duration(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text:?} is not a number of seconds in range")),
+        Err(_) => distlock::parse_duration(text),
     }
-    let mut url = std::env::var("DISTLOCK_URL").unwrap_or_else(|_| "memory://".into());
-    let (mut ttl, mut wait) = (Duration::from_secs(30), Duration::ZERO);
-    let mut key = None;
-    loop {
-        match argv.next() {
-            Some(flag) if flag == "--url" => url = argv.next().context("--url needs a value")?,
-            Some(flag) if flag == "--ttl" => ttl = seconds("--ttl", argv.next())?,
-            Some(flag) if flag == "--wait" => wait = seconds("--wait", argv.next())?,
-            Some(flag) if flag == "--" => break,
-            Some(flag) if flag.starts_with("--") => bail!("unknown option {flag}"),
-            Some(name) if key.is_none() => key = Some(name),
-            Some(extra) => bail!("unexpected argument {extra:?} (put the command after --)"),
-            None => bail!("missing -- COMMAND"),
-        }
-    }
-    let command: Vec<String> = argv.collect();
-    if command.is_empty() {
-        bail!("missing COMMAND after --");
-    }
-    Ok(Args {
-        url,
-        ttl,
-        wait,
-        key: key.context("missing KEY")?,
-        command,
-    })
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse(std::env::args().skip(1)) {
-        Ok(args) => args,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(error) => {
-            eprintln!("distlock: {error:#}\n{USAGE}");
-            return ExitCode::from(64);
+            let code = if error.use_stderr() { 64 } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
         }
     };
+    let Command::Run(args) = cli.command;
     match run(args).await {
         Ok(code) => code,
         Err(error) => {
@@ -93,14 +91,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<ExitCode> {
+async fn run(args: RunArgs) -> Result<ExitCode> {
     let locker = distlock::connect(&args.url).await?;
-    let guard = locker
-        .lock(&args.key)
-        .ttl(args.ttl)
-        .wait(args.wait)
-        .acquire()
-        .await?;
+    let mut request = locker.lock(&args.key).ttl(args.ttl).wait(args.wait);
+    if let Some(retries) = args.retries {
+        request = request.retries(retries);
+    }
+    let guard = request.acquire().await?;
     let mut child = tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .env(
@@ -114,12 +111,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         .spawn()
         .with_context(|| format!("starting {:?}", args.command[0]))?;
     let status = tokio::select! {
-        status = child.wait() => status?,
+        biased;
         _ = guard.lost() => {
             let _ = child.kill().await;
             let reason = guard.lost_reason().unwrap_or_default();
             return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
         }
+        status = child.wait() => status?,
     };
     guard.release().await?;
     Ok(ExitCode::from(
