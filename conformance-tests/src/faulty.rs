@@ -164,4 +164,8 @@ impl LockBackend for FaultyBackend {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
 }

@@ -110,4 +110,10 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// What this backend can promise.
     fn capabilities(&self) -> Capabilities;
+
+    /// A short name for logs and the `backend` label of metrics (`memory`, `redis`, `redlock`,
+    /// `postgres`, `etcd`). Keep it constant: it is a metric label, not an instance name.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }

@@ -1,6 +1,7 @@
 //! `Locker`: waiting, retry, renewal and the lost signal over any backend.
 
 use crate::guard::{GuardState, LockGuard};
+use crate::telemetry;
 use crate::watchdog::{Watchdog, lost_deadline};
 use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl};
 use std::future::Future;
@@ -229,7 +230,9 @@ impl LockRequest<'_> {
         let backend = self.locker.backend.clone();
         let watchdog = self.locker.watchdog.clone();
         let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
-        async move {
+        let backend_name = backend.name();
+        let started = Instant::now();
+        let outcome = async move {
             let start = Instant::now();
             let deadline = start.checked_add(wait).unwrap_or(start + crate::MAX_TTL);
             let deadline = match options.retries {
@@ -259,7 +262,14 @@ impl LockRequest<'_> {
             Ok(Some(LockGuard::new(watchdog, watched)))
         }
         .instrument(span)
-        .await
+        .await;
+        let label = match &outcome {
+            Ok(Some(_)) => "acquired",
+            Ok(None) => "busy",
+            Err(_) => "error",
+        };
+        telemetry::acquisition(backend_name, label, started.elapsed());
+        outcome
     }
 }
 
@@ -333,6 +343,7 @@ async fn queue_loop(
 ) -> Result<Option<crate::Lease>, LockError> {
     let mut delays = options.backoff.delays();
     loop {
+        telemetry::attempt(backend.name());
         match backend.acquire_queued(key, options.ttl, deadline).await {
             Ok(Some(lease)) if is_late(&lease) => {
                 give_back_late(backend, lease);
@@ -361,6 +372,7 @@ fn is_late(lease: &crate::Lease) -> bool {
 /// Gives a late grant back in the background (it may still be ours on the server, e.g. when
 /// the server extended it meanwhile); the caller keeps trying until its wait ends.
 fn give_back_late(backend: &Arc<dyn LockBackend>, lease: crate::Lease) {
+    telemetry::late_grant(backend.name());
     tracing::warn!(
         key = %lease.key(),
         late_by = ?Instant::now().saturating_duration_since(lost_deadline(&lease)),
@@ -391,6 +403,7 @@ async fn wait_loop(
     // of the first attempt, not a retry).
     let mut retries_left = options.retries;
     loop {
+        telemetry::attempt(backend.name());
         let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
         let now = Instant::now();
         let expires_in = match outcome {
@@ -433,6 +446,7 @@ async fn wait_loop(
         let until = until.min(deadline);
         if let Some(releases) = releases.as_mut() {
             let wake = releases.next(until).await;
+            telemetry::wakeup(backend.name(), matches!(wake, crate::Wake::Released));
             tracing::trace!(?wake, "woke");
         }
     }

@@ -1,5 +1,6 @@
 //! The held lock: fence, deadline, lost signal, release.
 
+use crate::telemetry;
 use crate::watchdog::{Watchdog, Watched};
 use crate::{FencingToken, Lease, LockError, LockKey};
 use std::sync::{Arc, Mutex};
@@ -46,14 +47,22 @@ impl GuardState {
         *lock(&self.lease) = lease;
     }
 
-    pub(crate) fn fire_lost(&self, reason: String) {
+    /// Fires the lost signal; `true` the first time (so a loss is counted once).
+    pub(crate) fn fire_lost(&self, reason: String) -> bool {
         let mut slot = lock(&self.lost_reason);
-        if slot.is_none() {
+        let first = slot.is_none();
+        if first {
             tracing::warn!(key = %lock(&self.lease).key(), %reason, "lock lost");
             *slot = Some(reason);
         }
         drop(slot);
         self.lost.cancel();
+        first
+    }
+
+    /// Whether the backend's own signal fired the loss (no reason of ours recorded).
+    fn lost_by_backend_signal(&self) -> bool {
+        self.lost.is_cancelled() && lock(&self.lost_reason).is_none()
     }
 
     pub(crate) fn lost_token(&self) -> &CancellationToken {
@@ -97,6 +106,7 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn new(watchdog: Watchdog, watched: Arc<Watched>) -> Self {
+        telemetry::held(watched.backend.name(), 1.0);
         let key = watched.guard.with_lease(|lease| lease.key().clone());
         LockGuard {
             key,
@@ -160,8 +170,22 @@ impl LockGuard {
         let result = self.watched.backend.release(&lease).await;
         // Only now: if this future is dropped mid-release, Drop releases in the background.
         self.released = true;
+        let backend = self.watched.backend.name();
+        telemetry::release(backend, telemetry::release_outcome(&result), "explicit");
+        self.count_end(backend);
         tracing::debug!(key = %self.key, ?result, "released");
         result
+    }
+}
+
+impl LockGuard {
+    /// The guard's end, for metrics: one fewer held lock, and a loss the backend signalled
+    /// (counted here, as no watchdog call saw it happen).
+    fn count_end(&self, backend: &'static str) {
+        telemetry::held(backend, -1.0);
+        if self.watched.guard.lost_by_backend_signal() {
+            telemetry::loss(backend, "backend_signal");
+        }
     }
 }
 
@@ -172,6 +196,7 @@ impl Drop for LockGuard {
             return;
         }
         self.watchdog.unwatch(&self.watched);
+        self.count_end(self.watched.backend.name());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(key = %self.key, "guard dropped outside a runtime; TTL will free it");
             return;
@@ -179,7 +204,9 @@ impl Drop for LockGuard {
         let backend = self.watched.backend.clone();
         let lease = self.watched.guard.lease();
         runtime.spawn(async move {
-            match backend.release(&lease).await {
+            let result = backend.release(&lease).await;
+            telemetry::release(backend.name(), telemetry::release_outcome(&result), "drop");
+            match result {
                 Ok(released) => tracing::debug!(key = %lease.key(), released, "released on drop"),
                 Err(error) => {
                     tracing::warn!(key = %lease.key(), %error, "release on drop failed; TTL will free it")

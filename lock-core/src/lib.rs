@@ -29,6 +29,7 @@ mod memory;
 mod multi;
 mod releases;
 mod retry;
+mod telemetry;
 mod watchdog;
 
 pub use backend::{Attempt, Capabilities, LockBackend};

@@ -153,6 +153,10 @@ impl LockBackend for MemoryBackend {
         Ok(self.shared.releases.subscribe(key.as_str()))
     }
 
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             fencing: true,

@@ -15,6 +15,7 @@
 //! any runtime that used this `Locker` runs, or as soon as one acquires again.
 
 use crate::guard::GuardState;
+use crate::telemetry;
 use crate::{Lease, LockBackend};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +51,15 @@ pub(crate) struct Watched {
     pub(crate) auto_renew: bool,
     /// Where this guard sits in the queue, while it is queued.
     slot: Mutex<Option<QueueKey>>,
+}
+
+impl Watched {
+    /// Fires the guard's lost signal, counting the loss once under `reason` (a metric label).
+    fn lose(&self, reason: &'static str, message: String) {
+        if self.guard.fire_lost(message) {
+            telemetry::loss(self.backend.name(), reason);
+        }
+    }
 }
 
 type QueueKey = (Instant, u64);
@@ -272,7 +282,10 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
     let lost_at = lost_deadline(&lease);
     if !watched.auto_renew {
         if Instant::now() >= lost_at {
-            state.fire_lost("the lease reached its validity deadline (auto-renew is off)".into());
+            watched.lose(
+                "deadline",
+                "the lease reached its validity deadline (auto-renew is off)".into(),
+            );
         } else {
             watchdog.schedule(watched, lost_at);
         }
@@ -288,19 +301,30 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
             return;
         }
         if Instant::now() >= lost_at {
-            state.fire_lost("renewal could not be confirmed before the validity deadline".into());
+            watched.lose(
+                "renew_unconfirmed",
+                "renewal could not be confirmed before the validity deadline".into(),
+            );
             return;
         }
+        let sent = Instant::now();
         let renewal = tokio::select! {
             _ = state.stopped() => return,
             renewal = timeout_at(lost_at, watched.backend.renew(&lease, ttl)) => renewal,
         };
+        let backend = watched.backend.name();
+        let took = Some(sent.elapsed());
         match renewal {
             Err(_) => {
-                state.fire_lost("renewal did not answer before the validity deadline".into());
+                telemetry::renewal(backend, "timeout", None);
+                watched.lose(
+                    "renew_timeout",
+                    "renewal did not answer before the validity deadline".into(),
+                );
                 return;
             }
             Ok(Ok(renewed)) => {
+                telemetry::renewal(backend, "renewed", took);
                 tracing::trace!(key = %renewed.key(), "renewed");
                 let due = next_due(watched, &renewed);
                 state.set_lease(renewed);
@@ -308,10 +332,12 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
                 return;
             }
             Ok(Err(error)) if error.is_lost() => {
-                state.fire_lost(error.to_string());
+                telemetry::renewal(backend, "lost", took);
+                watched.lose("renew_refused", error.to_string());
                 return;
             }
             Ok(Err(error)) => {
+                telemetry::renewal(backend, "failed", took);
                 tracing::debug!(key = %lease.key(), %error, "renew failed; retrying");
                 sleep_until((Instant::now() + retry_delay).min(lost_at)).await;
                 retry_delay = (retry_delay * 2).min((granted / 10).max(Duration::from_millis(5)));

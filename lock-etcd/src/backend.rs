@@ -940,6 +940,10 @@ impl LockBackend for EtcdBackend {
         }
     }
 
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut capabilities = Capabilities::default();
         capabilities.fencing = true;

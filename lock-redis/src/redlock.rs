@@ -549,6 +549,10 @@ impl LockBackend for RedlockBackend {
         Ok(releases)
     }
 
+    fn name(&self) -> &'static str {
+        "redlock"
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::default();
         caps.fencing = true;

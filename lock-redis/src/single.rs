@@ -285,6 +285,10 @@ impl LockBackend for RedisBackend {
         Ok(releases)
     }
 
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::default();
         caps.fencing = true;
