@@ -17,6 +17,12 @@ pub struct PostgresConfig {
     /// Bound on one statement on a holder session, waiting for the session included. A
     /// statement that takes longer ends the session (and so every lock on it). Default 5 s.
     pub op_timeout: Duration,
+    /// Longest a holder session that holds locks may leave a heartbeat probe, or any
+    /// statement, unanswered before it counts as gone (its guards are told, the session is
+    /// dropped): a silent connection is found [`heartbeat_interval`] + this after its last
+    /// answer ([`loss_notice_bound`]). Raise it above the round trip of a slow link. Default
+    /// [`PROBE_TIMEOUT`] (250 ms).
+    pub probe_timeout: Duration,
     /// `application_name` prefix: holder sessions are `<prefix>-holder`, the listener
     /// `<prefix>-listener`. Default `distlock`.
     pub application_name: String,
@@ -36,6 +42,7 @@ impl Default for PostgresConfig {
             sessions_per_ttl: 4,
             connect_timeout: Duration::from_secs(5),
             op_timeout: Duration::from_secs(5),
+            probe_timeout: PROBE_TIMEOUT,
             application_name: "distlock".into(),
             fence_sequence: FENCE_SEQUENCE.into(),
         }
@@ -68,6 +75,7 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
                     usize::try_from(number()?).map_err(|_| bad(&name, &value))?
             }
             "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
+            "probe_timeout_ms" => config.probe_timeout = Duration::from_millis(number()?),
             "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
             "application_name" => config.application_name = value.to_string(),
             "fence_sequence" => config.fence_sequence = value.to_string(),
@@ -95,7 +103,10 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
             "max_sessions and sessions_per_ttl must be at least 1".into(),
         ));
     }
-    if config.op_timeout.is_zero() || config.connect_timeout.is_zero() {
+    if config.op_timeout.is_zero()
+        || config.connect_timeout.is_zero()
+        || config.probe_timeout.is_zero()
+    {
         return Err(LockError::InvalidConfig("timeouts must not be zero".into()));
     }
     Ok(())

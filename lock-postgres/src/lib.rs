@@ -89,7 +89,7 @@ const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// `postgres://…` (or `postgresql://…`) → a backend. Extra query parameters read here (and not
 /// passed to sqlx): `namespace`, `max_sessions`, `sessions_per_ttl`, `op_timeout_ms`,
-/// `connect_timeout_ms`, `application_name`, `fence_sequence`.
+/// `probe_timeout_ms`, `connect_timeout_ms`, `application_name`, `fence_sequence`.
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     Ok(Arc::new(PostgresBackend::connect(url).await?))
 }
@@ -128,17 +128,23 @@ pub fn heartbeat_interval(min_ttl_ms: u64) -> Duration {
     Duration::from_millis(min_ttl_ms / 10).min(HEARTBEAT_MAX)
 }
 
-/// Longest a heartbeat probe waits for its answer before the session counts as gone (it is
-/// dropped and its guards' lost signal fires). A silent connection (black hole, a host that
-/// died without closing it) is found this long after the probe was sent.
+/// Default of [`PostgresConfig::probe_timeout`]: how long a heartbeat probe (or a statement)
+/// on a holder session that holds locks may stay unanswered before the session counts as
+/// gone (it is dropped and its guards' lost signal fires). A silent connection (black hole,
+/// a host that died without closing it) is found this long after the probe was sent.
 pub const PROBE_TIMEOUT: Duration = HEARTBEAT_MAX;
 
 /// How soon a holder session that holds locks and whose smallest TTL is `min_ttl_ms` is found
-/// gone after its last answer, at the latest: the next probe is sent a
-/// [`heartbeat_interval`] after that answer and waits [`PROBE_TIMEOUT`]. A session the
-/// server ended and told the client about is found within the interval (plus a round trip).
+/// gone after its last answer, at the latest, with the default [`PROBE_TIMEOUT`]: the next
+/// probe is sent a [`heartbeat_interval`] after that answer and waits that long (a statement
+/// in flight instead gets the same bound). A session the server ended and told the client
+/// about is found within the interval (plus a round trip).
 pub fn loss_notice_bound(min_ttl_ms: u64) -> Duration {
-    heartbeat_interval(min_ttl_ms) + PROBE_TIMEOUT
+    loss_bound(min_ttl_ms, PROBE_TIMEOUT)
+}
+
+fn loss_bound(min_ttl_ms: u64, probe_timeout: Duration) -> Duration {
+    heartbeat_interval(min_ttl_ms) + probe_timeout
 }
 
 #[derive(Debug)]

@@ -40,6 +40,21 @@ pub(crate) struct SessionState {
     pub(crate) timeout_set_ms: u64,
     /// Lease deadline → number of locks on this session with it.
     pub(crate) deadlines: BTreeMap<Instant, usize>,
+    /// The statement in flight, for the heartbeat (shared with [`Session::watch`]).
+    pub(crate) watch: Arc<Mutex<Watch>>,
+    /// [`PostgresConfig::probe_timeout`].
+    pub(crate) probe_timeout: Duration,
+}
+
+/// What the heartbeat may see of a session busy with a statement without waiting for it.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    /// When the statement in flight on a session that holds locks counts as an unanswered
+    /// probe: [`loss_notice_bound`] (with the configured probe timeout) after the session's
+    /// last answer.
+    pub(crate) answer_by: Option<Instant>,
+    /// The connection's lost signal ([`SessionState::lost`]).
+    pub(crate) lost: CancellationToken,
 }
 
 /// How much longer than needed a holder session's `idle_session_timeout` may be before a
@@ -79,7 +94,23 @@ impl SessionState {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Err(sqlx::Error::PoolClosed));
         };
+        // A session holding locks whose statement stays unanswered is treated like one whose
+        // probe does (the heartbeat skips busy sessions): see `Watch`.
+        if let Some(&min_ttl) = self.ttls.keys().next() {
+            let since = self.answered_at.unwrap_or_else(Instant::now);
+            let mut watch = lock(&self.watch);
+            watch.answer_by = Some(since + loss_bound(min_ttl, self.probe_timeout));
+            watch.lost = self.lost.clone();
+        }
         let result = tokio::time::timeout(limit, query.fetch_one(conn)).await;
+        lock(&self.watch).answer_by = None;
+        if self.lost.is_cancelled() {
+            // The heartbeat gave up on this session meanwhile and told its guards: whatever
+            // the answer, the session must go (the caller drops it on this error).
+            return Ok(Err(sqlx::Error::Protocol(
+                "the holder session did not answer in time; its locks were reported lost".into(),
+            )));
+        }
         if matches!(result, Ok(Ok(_))) {
             self.answered_at = Some(Instant::now());
         }
@@ -133,16 +164,24 @@ pub(crate) struct Session {
     /// Set when an operation was abandoned mid-statement and the session was busy: its next
     /// user drops the connection first.
     pub(crate) tainted: AtomicBool,
+    /// The statement in flight, readable while the session is busy.
+    pub(crate) watch: Arc<Mutex<Watch>>,
 }
 
 impl Session {
     /// A session not connected yet (its first user connects it).
-    fn new(id: usize, class_ms: u64) -> Arc<Self> {
+    fn new(id: usize, class_ms: u64, probe_timeout: Duration) -> Arc<Self> {
+        let watch = Arc::new(Mutex::new(Watch::default()));
         Arc::new(Session {
             id,
             class_ms,
-            state: tokio::sync::Mutex::default(),
+            state: tokio::sync::Mutex::new(SessionState {
+                watch: watch.clone(),
+                probe_timeout,
+                ..SessionState::default()
+            }),
             tainted: AtomicBool::new(false),
+            watch,
         })
     }
 }
@@ -174,7 +213,7 @@ impl Inner {
             return session.clone();
         }
         if sessions.len() < self.config.max_sessions {
-            let session = Session::new(sessions.len(), ttl_ms);
+            let session = Session::new(sessions.len(), ttl_ms, self.config.probe_timeout);
             sessions.push(session.clone());
             return session;
         }
@@ -191,7 +230,7 @@ impl Inner {
             .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
             .cloned()
             // Unreachable: max_sessions ≥ 1, so the list is not empty here.
-            .unwrap_or_else(|| Session::new(usize::MAX, ttl_ms))
+            .unwrap_or_else(|| Session::new(usize::MAX, ttl_ms, self.config.probe_timeout))
     }
 
     /// Waits for the session's mutex, at most `op_timeout`. Running out is a retryable error

@@ -70,8 +70,24 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
             let mut resets = Vec::new();
             for session in &sessions {
                 let Ok(state) = session.state.try_lock() else {
-                    // Busy: its statement is the probe. Look again within the longest interval.
-                    plan(&mut next, now + HEARTBEAT_MAX);
+                    // Busy: its statement is the probe. One unanswered past the bound counts
+                    // as a failed probe: its guards are told now, and the statement's owner
+                    // drops the session when it returns (see `SessionState::fetch_one`).
+                    let watch = lock(&session.watch);
+                    match watch.answer_by {
+                        Some(by) if by <= now => {
+                            if !watch.lost.is_cancelled() {
+                                tracing::warn!(
+                                    session = session.id,
+                                    "holder session's statement unanswered; its locks are lost"
+                                );
+                                watch.lost.cancel();
+                            }
+                            plan(&mut next, now + HEARTBEAT_MAX);
+                        }
+                        Some(by) => plan(&mut next, by.min(now + HEARTBEAT_MAX)),
+                        None => plan(&mut next, now + HEARTBEAT_MAX),
+                    }
                     continue;
                 };
                 if state.conn.is_none() {
@@ -163,7 +179,7 @@ impl Inner {
             return;
         };
         let query = sqlx::query(RENEW_SQL).bind(wanted.to_string());
-        match state.fetch_one(query, PROBE_TIMEOUT).await {
+        match state.fetch_one(query, self.config.probe_timeout).await {
             Ok(Ok(row)) => match row.try_get::<i32, _>(1) {
                 Ok(pid) if pid == state.pid => state.timeout_set_ms = wanted,
                 _ => self.break_session(session, &mut state, "unexpected heartbeat answer"),

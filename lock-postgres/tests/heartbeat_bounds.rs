@@ -201,3 +201,68 @@ async fn a_silent_session_does_not_delay_another_sessions_heartbeat() -> Result<
     drop((silent, dropped));
     Ok(())
 }
+
+/// As above, but the holder session is busy when its connection goes silent: a statement
+/// (here another key's acquire) is in flight, so the heartbeat skips the session ("its
+/// statement is the probe"). That statement's silence must count like an unanswered probe:
+/// `lost()` within the bound, not when the statement's `op_timeout` (5 s) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let app = unique("busy");
+    let backend = backend_at(
+        &PostgresServer::url_for(proxy.addr()),
+        PostgresConfig {
+            application_name: app.clone(),
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let holder = Locker::from_arc(backend.clone());
+    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new(unique("busy-held"))?;
+    let ttl = Duration::from_secs(30);
+    let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
+    let lost = lost_at(&guard);
+    proxy.blackhole();
+    // A statement on the same (only) session, stuck in the black hole.
+    let stuck = tokio::spawn({
+        let backend = backend.clone();
+        let key = LockKey::new(unique("busy-other"))?;
+        async move { backend.try_acquire(&key, ttl).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated == 1, "terminated {terminated} holder sessions");
+    let acquired_at = loop {
+        if let Some(lease) = other.try_acquire(&key, ttl).await?.into_lease() {
+            let at = Instant::now();
+            other.release(&lease).await?;
+            break at;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let lost_at = timeout(Duration::from_secs(10), lost)
+        .await
+        .context("lost() did not fire within 10 s")??;
+    let late = lost_at.saturating_duration_since(acquired_at);
+    println!(
+        "busy black-holed holder: lost() {late:?} after another process acquired (bound {:?})",
+        notice_bound(ttl)
+    );
+    ensure!(
+        late <= notice_bound(ttl) + LOAD_MARGIN,
+        "lost() fired {late:?} after another process acquired the lock; documented bound {:?}",
+        notice_bound(ttl)
+    );
+    proxy.heal();
+    let _ = timeout(Duration::from_secs(10), stuck).await;
+    Ok(())
+}

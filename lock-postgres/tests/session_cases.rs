@@ -43,8 +43,11 @@ async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBac
 async fn queued_ops_on_a_slow_session_do_not_drop_its_locks() -> Result<()> {
     let server = server().await?;
     let proxy = TcpProxy::start(server.addr())?;
+    // The link below answers in ~600 ms: above the default probe timeout (250 ms), which
+    // would rightly count the session as gone; a slow link needs a larger one.
     let config = PostgresConfig {
         op_timeout: Duration::from_millis(1500),
+        probe_timeout: Duration::from_millis(1500),
         ..one_session()
     };
     let backend = backend_at(&PostgresServer::url_for(proxy.addr()), config).await?;
