@@ -224,7 +224,7 @@ impl Inner {
             return session.clone();
         }
         // Every session is taken by other TTLs: share the closest one. Its timeout follows the
-        // largest TTL on it, so this lock can only be kept longer after a stall, never less.
+        // latest deadline on it, so this lock can only be kept longer after a stall, never less.
         sessions
             .iter()
             .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
