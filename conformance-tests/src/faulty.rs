@@ -2,7 +2,7 @@
 //! cases run on every backend.
 
 use async_trait::async_trait;
-use lock_core::{Attempt, Capabilities, Lease, LockBackend, LockError, LockKey, Releases};
+use lock_core::{Attempt, Capabilities, Lease, LockBackend, LockError, LockKey, Releases, RwMode};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -157,6 +157,31 @@ impl LockBackend for FaultyBackend {
     ) -> Result<Option<Lease>, LockError> {
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.acquire_queued(key, ttl, deadline).await;
+        self.delay_answer(|plan| plan.acquire).await;
+        answer
+    }
+
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        self.apply(|plan| plan.acquire).await?;
+        let answer = self.inner.try_acquire_permits(key, limit, count, ttl).await;
+        self.delay_answer(|plan| plan.acquire).await;
+        answer
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        self.apply(|plan| plan.acquire).await?;
+        let answer = self.inner.try_acquire_rw(key, mode, ttl).await;
         self.delay_answer(|plan| plan.acquire).await;
         answer
     }

@@ -32,6 +32,13 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(server_pause_fires_lost [$factory] $skips);
         $crate::__conformance_case!(connection_cut_fires_lost_and_recovers [$factory] $skips);
         $crate::__conformance_case!(connection_blackhole_fires_lost_and_recovers [$factory] $skips);
+        $crate::__conformance_case!(semaphore_never_exceeds_permits [$factory] $skips);
+        $crate::__conformance_case!(semaphore_dead_holder_permit_returns [$factory] $skips);
+        $crate::__conformance_case!(semaphore_limits_must_agree [$factory] $skips);
+        $crate::__conformance_case!(semaphore_loss_and_cancel [$factory] $skips);
+        $crate::__conformance_case!(rwlock_readers_share_writers_exclude [$factory] $skips);
+        $crate::__conformance_case!(rwlock_writer_not_starved [$factory] $skips);
+        $crate::__conformance_case!(rwlock_loss_and_expiry [$factory] $skips);
     };
 }
 
@@ -177,6 +184,41 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn connection_blackhole_fires_lost_and_recovers() {}
+    };
+    (semaphore_never_exceeds_permits [$factory:expr] [semaphore_never_exceeds_permits : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn semaphore_never_exceeds_permits() {}
+    };
+    (semaphore_dead_holder_permit_returns [$factory:expr] [semaphore_dead_holder_permit_returns : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn semaphore_dead_holder_permit_returns() {}
+    };
+    (semaphore_limits_must_agree [$factory:expr] [semaphore_limits_must_agree : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn semaphore_limits_must_agree() {}
+    };
+    (semaphore_loss_and_cancel [$factory:expr] [semaphore_loss_and_cancel : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn semaphore_loss_and_cancel() {}
+    };
+    (rwlock_readers_share_writers_exclude [$factory:expr] [rwlock_readers_share_writers_exclude : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn rwlock_readers_share_writers_exclude() {}
+    };
+    (rwlock_writer_not_starved [$factory:expr] [rwlock_writer_not_starved : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn rwlock_writer_not_starved() {}
+    };
+    (rwlock_loss_and_expiry [$factory:expr] [rwlock_loss_and_expiry : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn rwlock_loss_and_expiry() {}
     };
     ($case:ident [$factory:expr] [$other:ident : $reason:literal $(, $($rest:tt)*)?]) => {
         $crate::__conformance_case!($case [$factory] [$($($rest)*)?]);

@@ -5,6 +5,26 @@ use async_trait::async_trait;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// A side of a reader-writer lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RwMode {
+    /// Shared: any number of readers at once.
+    Read,
+    /// Exclusive: one writer, no reader.
+    Write,
+}
+
+/// How long a refused writer's mark keeps new readers out ([`LockBackend::try_acquire_rw`]).
+/// The client retries a waiting writer at least every half of it, so the mark never lapses
+/// while the writer waits.
+pub const WRITER_INTENT: Duration = Duration::from_secs(2);
+
+fn unsupported(backend: &str, what: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "the {backend} backend has no {what} (its Capabilities say so)"
+    ))
+}
+
 /// The answer to one acquisition attempt.
 #[derive(Debug)]
 pub enum Attempt {
@@ -49,6 +69,10 @@ pub struct Capabilities {
     /// How long after TTL a lock of a holder that stopped renewing may still be held: the
     /// server's expiry slack (timer resolution, heartbeat interval).
     pub expiry_slack: Duration,
+    /// Counting semaphores: [`LockBackend::try_acquire_permits`].
+    pub semaphores: bool,
+    /// Reader-writer locks: [`LockBackend::try_acquire_rw`].
+    pub rw_locks: bool,
 }
 
 impl Default for Capabilities {
@@ -60,6 +84,8 @@ impl Default for Capabilities {
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_millis(1),
             expiry_slack: Duration::from_millis(50),
+            semaphores: false,
+            rw_locks: false,
         }
     }
 }
@@ -106,6 +132,41 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
         Err(LockError::InvalidConfig(
             "this backend has no fair queue (Capabilities::fair_queue is false)".into(),
         ))
+    }
+
+    /// One attempt at `count` of the `limit` permits of the semaphore `key` (a name of its
+    /// own: a semaphore and a lock of the same name are unrelated), never waiting. The lease
+    /// has kind [`LeaseKind::Permits`] and is renewed and released like a lock's. At most
+    /// `limit` permits are held at any instant across all clients. While any permit is held,
+    /// a request with another `limit` is refused with [`LockError::InvalidConfig`]; the first
+    /// request after the last permit ends sets the limit. Called only when
+    /// [`Capabilities::semaphores`] is set.
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        let _ = (key, limit, count, ttl);
+        Err(unsupported(self.name(), "semaphores"))
+    }
+
+    /// One attempt at one side of the reader-writer lock `key` (a name of its own), never
+    /// waiting: any number of readers, or one writer. Writers are not starved: a refused
+    /// writer marks the lock for [`WRITER_INTENT`], and while the mark lives new readers are
+    /// refused (readers already in keep their leases); the client retries a waiting writer at
+    /// least every half of it. Fences come from one counter per name: a writer's fence is
+    /// greater than every earlier holder's, a reader's greater than every earlier writer's.
+    /// Called only when [`Capabilities::rw_locks`] is set.
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        let _ = (key, mode, ttl);
+        Err(unsupported(self.name(), "reader-writer locks"))
     }
 
     /// What this backend can promise.

@@ -3,7 +3,9 @@
 use crate::guard::{GuardState, LockGuard};
 use crate::telemetry;
 use crate::watchdog::{Watchdog, lost_deadline};
-use crate::{Attempt, Backoff, LockBackend, LockError, LockKey, Releases, validate_ttl};
+use crate::{
+    Attempt, Backoff, LeaseKind, LockBackend, LockError, LockKey, Releases, RwMode, validate_ttl,
+};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -91,6 +93,44 @@ impl Locker {
             locker: self,
             key: key.into(),
             options: self.defaults,
+            kind: LeaseKind::Lock,
+        }
+    }
+
+    /// Starts a request for one permit of the counting semaphore `name`, which admits at
+    /// most `limit` permits at once across every client (take several with
+    /// [`LockRequest::permits`]). The guard is a [`LockGuard`] like a lock's: renewed while it
+    /// lives, lost signal, fence, release. Every caller must use the same `limit` while
+    /// permits are held (a different one is refused with `InvalidConfig`). A semaphore's name
+    /// is its own: a lock of the same name is unrelated.
+    ///
+    /// ```
+    /// # async fn demo(locker: lock_core::Locker) -> Result<(), lock_core::LockError> {
+    /// use std::time::Duration;
+    /// // At most 5 calls to the payment API at once, across every process.
+    /// let permit = locker
+    ///     .semaphore("api:payments", 5)
+    ///     .wait(Duration::from_secs(10))
+    ///     .acquire()
+    ///     .await?;
+    /// permit.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn semaphore(&self, name: impl Into<String>, limit: u32) -> LockRequest<'_> {
+        LockRequest {
+            kind: LeaseKind::Permits { limit, count: 1 },
+            ..self.lock(name)
+        }
+    }
+
+    /// A reader-writer lock named `name`: [`RwLockName::read`] for a shared guard (any number
+    /// of readers), [`RwLockName::write`] for an exclusive one (one writer, no reader).
+    /// Writers are not starved by a stream of readers: once a writer waits, new readers wait
+    /// behind it ([`crate::WRITER_INTENT`]).
+    pub fn rwlock(&self, name: impl Into<String>) -> RwLockName<'_> {
+        RwLockName {
+            locker: self,
+            name: name.into(),
         }
     }
 
@@ -118,6 +158,32 @@ impl Locker {
     }
 }
 
+/// A reader-writer lock's name, from [`Locker::rwlock`]: pick a side.
+#[derive(Debug)]
+#[must_use = "call read() or write()"]
+pub struct RwLockName<'a> {
+    locker: &'a Locker,
+    name: String,
+}
+
+impl<'a> RwLockName<'a> {
+    /// A request for a shared (reader) guard.
+    pub fn read(self) -> LockRequest<'a> {
+        LockRequest {
+            kind: LeaseKind::Read,
+            ..self.locker.lock(self.name)
+        }
+    }
+
+    /// A request for the exclusive (writer) guard.
+    pub fn write(self) -> LockRequest<'a> {
+        LockRequest {
+            kind: LeaseKind::Write,
+            ..self.locker.lock(self.name)
+        }
+    }
+}
+
 /// One acquisition being configured: `locker.lock("k").wait(..).ttl(..).acquire().await`.
 #[derive(Debug)]
 #[must_use = "call acquire, try_acquire or run"]
@@ -125,6 +191,8 @@ pub struct LockRequest<'a> {
     locker: &'a Locker,
     key: String,
     options: LockOptions,
+    /// A lock, semaphore permits, or a reader-writer side.
+    kind: LeaseKind,
 }
 
 impl LockRequest<'_> {
@@ -149,6 +217,17 @@ impl LockRequest<'_> {
     /// Whether a watchdog renews the lease while the guard lives.
     pub fn auto_renew(mut self, auto_renew: bool) -> Self {
         self.options.auto_renew = auto_renew;
+        self
+    }
+
+    /// How many of a semaphore's permits to take at once (default 1). Only for requests from
+    /// [`Locker::semaphore`]; on any other request it is an `InvalidConfig` error at acquire.
+    pub fn permits(mut self, count: u32) -> Self {
+        self.kind = match self.kind {
+            LeaseKind::Permits { limit, .. } => LeaseKind::Permits { limit, count },
+            // Marks the misuse; acquire reports it.
+            _ => LeaseKind::Permits { limit: 0, count },
+        };
         self
     }
 
@@ -225,9 +304,28 @@ impl LockRequest<'_> {
 
     async fn acquire_inner(self, wait: Duration) -> Result<Option<LockGuard>, LockError> {
         let key = LockKey::new(self.key)?;
-        let options = self.options;
+        let mut options = self.options;
+        let kind = self.kind;
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
+        let caps = backend.capabilities();
+        match kind {
+            LeaseKind::Permits { limit, count } => {
+                if !caps.semaphores {
+                    return Err(unsupported(&*backend, "semaphores"));
+                }
+                crate::memory::check_permits(&key, limit, count)?;
+            }
+            LeaseKind::Read | LeaseKind::Write if !caps.rw_locks => {
+                return Err(unsupported(&*backend, "reader-writer locks"));
+            }
+            _ => {}
+        }
+        if kind == LeaseKind::Write {
+            // A waiting writer's mark must not lapse between two of its attempts.
+            options.backoff.max = options.backoff.max.min(crate::WRITER_INTENT / 2);
+            options.backoff.min = options.backoff.min.min(options.backoff.max);
+        }
         let watchdog = self.locker.watchdog.clone();
         let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
         let backend_name = backend.name();
@@ -242,11 +340,11 @@ impl LockRequest<'_> {
             };
             let waits = !wait.is_zero() || options.retries.is_some_and(|retries| retries > 0);
             let lease = if !waits {
-                wait_loop(&backend, &key, &options, start).await?
-            } else if options.retries.is_none() && backend.capabilities().fair_queue {
+                wait_loop(&backend, &key, &options, kind, start).await?
+            } else if options.retries.is_none() && kind == LeaseKind::Lock && caps.fair_queue {
                 queue_loop(&backend, &key, &options, deadline).await?
             } else {
-                wait_loop(&backend, &key, &options, deadline).await?
+                wait_loop(&backend, &key, &options, kind, deadline).await?
             };
             let Some(lease) = lease else {
                 tracing::debug!(waited = ?start.elapsed(), "not acquired");
@@ -361,6 +459,13 @@ async fn queue_loop(
     }
 }
 
+fn unsupported(backend: &dyn LockBackend, what: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "the {} backend has no {what} (Capabilities says so)",
+        backend.name()
+    ))
+}
+
 /// Whether a grant came back too late to be used: at or past the moment the watchdog would
 /// fire its lost signal (the validity deadline less the lost margin). An answer delayed by a
 /// slow link or a paused client may arrive after the lease expired on the server, when
@@ -394,6 +499,7 @@ async fn wait_loop(
     backend: &Arc<dyn LockBackend>,
     key: &LockKey,
     options: &LockOptions,
+    kind: LeaseKind,
     deadline: Instant,
 ) -> Result<Option<crate::Lease>, LockError> {
     let mut releases: Option<Releases> = None;
@@ -404,10 +510,12 @@ async fn wait_loop(
     let mut retries_left = options.retries;
     loop {
         telemetry::attempt(backend.name());
-        let outcome = InFlightAttempt::start(backend, key, options.ttl).await;
+        let outcome = InFlightAttempt::start(backend, key, options.ttl, kind).await;
         let now = Instant::now();
         let expires_in = match outcome {
-            Ok(Attempt::Acquired(lease)) if !is_late(&lease) => return Ok(Some(lease)),
+            Ok(Attempt::Acquired(lease)) if !is_late(&lease) => {
+                return Ok(Some(lease.with_kind(kind)));
+            }
             Ok(Attempt::Acquired(lease)) => {
                 give_back_late(backend, lease);
                 None
@@ -463,12 +571,28 @@ struct InFlightAttempt {
 }
 
 impl InFlightAttempt {
-    fn start(backend: &Arc<dyn LockBackend>, key: &LockKey, ttl: Duration) -> Self {
+    fn start(
+        backend: &Arc<dyn LockBackend>,
+        key: &LockKey,
+        ttl: Duration,
+        kind: LeaseKind,
+    ) -> Self {
         let owned_backend = backend.clone();
         let key = key.clone();
         InFlightAttempt {
             attempt: Some(Box::pin(async move {
-                owned_backend.try_acquire(&key, ttl).await
+                match kind {
+                    LeaseKind::Permits { limit, count } => {
+                        owned_backend
+                            .try_acquire_permits(&key, limit, count, ttl)
+                            .await
+                    }
+                    LeaseKind::Read => owned_backend.try_acquire_rw(&key, RwMode::Read, ttl).await,
+                    LeaseKind::Write => {
+                        owned_backend.try_acquire_rw(&key, RwMode::Write, ttl).await
+                    }
+                    _ => owned_backend.try_acquire(&key, ttl).await,
+                }
             })),
             backend: backend.clone(),
         }

@@ -80,6 +80,27 @@ impl fmt::Display for FencingToken {
     }
 }
 
+/// What a lease holds: a lock, permits of a semaphore, or one side of a reader-writer lock.
+/// Backends read it in `renew` and `release` to find the holder record it names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseKind {
+    /// An exclusive lock (a mutex): the default.
+    #[default]
+    Lock,
+    /// `count` of the `limit` permits of a counting semaphore.
+    Permits {
+        /// How many holders' permits the semaphore admits at once.
+        limit: u32,
+        /// How many permits this lease holds.
+        count: u32,
+    },
+    /// The shared side of a reader-writer lock.
+    Read,
+    /// The exclusive side of a reader-writer lock.
+    Write,
+}
+
 /// One grant of a lock by a backend.
 ///
 /// The holder may act on the protected resource only before [`Lease::valid_until`], which is
@@ -95,6 +116,7 @@ pub struct Lease {
     valid_until: Instant,
     backend_data: Option<Arc<dyn Any + Send + Sync>>,
     lost_signal: Option<CancellationToken>,
+    kind: LeaseKind,
 }
 
 impl Lease {
@@ -116,7 +138,19 @@ impl Lease {
             valid_until,
             backend_data: None,
             lost_signal: None,
+            kind: LeaseKind::Lock,
         }
+    }
+
+    /// The same lease for a semaphore's permits or a reader-writer side (default: a lock).
+    pub fn with_kind(mut self, kind: LeaseKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What the lease holds.
+    pub fn kind(&self) -> LeaseKind {
+        self.kind
     }
 
     /// Attaches backend-private data (an etcd lease id, a session handle). Backends read it
@@ -157,6 +191,7 @@ impl Lease {
         let mut next = Lease::new(self.key.clone(), self.owner, self.fence, ttl, sent_at);
         next.backend_data = self.backend_data.clone();
         next.lost_signal = self.lost_signal.clone();
+        next.kind = self.kind;
         next
     }
 
@@ -206,6 +241,7 @@ impl fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("key", &self.key)
             .field("owner", &self.owner)
+            .field("kind", &self.kind)
             .field("fence", &self.fence)
             .field("ttl", &self.ttl)
             .field(

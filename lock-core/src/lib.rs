@@ -32,12 +32,12 @@ mod retry;
 mod telemetry;
 mod watchdog;
 
-pub use backend::{Attempt, Capabilities, LockBackend};
-pub use client::{LockOptions, LockRequest, Locker};
+pub use backend::{Attempt, Capabilities, LockBackend, RwMode, WRITER_INTENT};
+pub use client::{LockOptions, LockRequest, Locker, RwLockName};
 pub use error::{BoxError, LockError};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};
-pub use lease::{FencingToken, Lease, MAX_TTL, OwnerToken, drift, validate_ttl};
+pub use lease::{FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, drift, validate_ttl};
 pub use memory::MemoryBackend;
 pub use multi::{MultiGuard, MultiLockRequest};
 pub use releases::{ReleaseHub, Releases, Wake};

@@ -1,8 +1,8 @@
 //! `MemoryBackend`: locks inside one process, the embedded default.
 
 use crate::{
-    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
-    ReleaseHub, Releases, validate_ttl,
+    Attempt, Capabilities, FencingToken, Lease, LeaseKind, LockBackend, LockError, LockKey,
+    OwnerToken, ReleaseHub, Releases, RwMode, WRITER_INTENT, validate_ttl,
 };
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -16,9 +16,56 @@ struct Holder {
     expires_at: Instant,
 }
 
+/// A counting semaphore: its limit (set by the first holder) and its holders' permits.
+#[derive(Debug, Default)]
+struct Semaphore {
+    limit: u32,
+    /// Owner → (permits held, expiry).
+    holders: HashMap<OwnerToken, (u32, Instant)>,
+}
+
+impl Semaphore {
+    fn purge(&mut self, now: Instant) {
+        self.holders.retain(|_, (_, expires_at)| *expires_at > now);
+    }
+}
+
+/// A reader-writer lock: its readers, its writer, and a waiting writer's mark.
+#[derive(Debug, Default)]
+struct RwLockState {
+    readers: HashMap<OwnerToken, Instant>,
+    writer: Option<(OwnerToken, Instant)>,
+    /// New readers are refused until then (a writer is waiting).
+    writer_waiting_until: Option<Instant>,
+}
+
+impl RwLockState {
+    fn purge(&mut self, now: Instant) {
+        self.readers.retain(|_, expires_at| *expires_at > now);
+        self.writer = self.writer.filter(|(_, expires_at)| *expires_at > now);
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        self.readers.values().all(|expires_at| *expires_at <= now)
+            && self.writer.is_none_or(|(_, expires_at)| expires_at <= now)
+            && self.writer_waiting_until.is_none_or(|until| until <= now)
+    }
+
+    /// The soonest any current holder's lease ends.
+    fn next_expiry(&self, now: Instant) -> Option<Duration> {
+        self.readers
+            .values()
+            .chain(self.writer.as_ref().map(|(_, expires_at)| expires_at))
+            .min()
+            .map(|expires_at| expires_at.saturating_duration_since(now))
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     holders: HashMap<LockKey, Holder>,
+    semaphores: HashMap<LockKey, Semaphore>,
+    rw_locks: HashMap<LockKey, RwLockState>,
     /// The last fence handed out. One counter for every key: fences still strictly increase
     /// per key, in constant memory (a counter per key would keep an entry for every key ever
     /// locked, e.g. one per order id).
@@ -33,11 +80,23 @@ const MIN_SWEEP: usize = 64;
 
 impl State {
     fn sweep_expired(&mut self, now: Instant) {
-        if self.holders.len() < self.sweep_at.max(MIN_SWEEP) {
+        let entries = self.holders.len() + self.semaphores.len() + self.rw_locks.len();
+        if entries < self.sweep_at.max(MIN_SWEEP) {
             return;
         }
         self.holders.retain(|_, holder| holder.expires_at > now);
-        self.sweep_at = (self.holders.len() * 2).max(MIN_SWEEP);
+        self.semaphores.retain(|_, semaphore| {
+            semaphore.purge(now);
+            !semaphore.holders.is_empty()
+        });
+        self.rw_locks.retain(|_, rw| !rw.is_idle(now));
+        let entries = self.holders.len() + self.semaphores.len() + self.rw_locks.len();
+        self.sweep_at = (entries * 2).max(MIN_SWEEP);
+    }
+
+    fn next_fence(&mut self) -> FencingToken {
+        self.last_fence += 1;
+        FencingToken(self.last_fence)
     }
 }
 
@@ -116,6 +175,9 @@ impl LockBackend for MemoryBackend {
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
         validate_ttl(ttl)?;
+        if lease.kind() != LeaseKind::Lock {
+            return self.renew_shared_kind(lease, ttl);
+        }
         let now = Instant::now();
         let mut state = self.state();
         match state.holders.get_mut(lease.key()) {
@@ -134,6 +196,9 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        if lease.kind() != LeaseKind::Lock {
+            return Ok(self.release_shared_kind(lease));
+        }
         let now = Instant::now();
         let mut state = self.state();
         let ours = state
@@ -157,6 +222,83 @@ impl LockBackend for MemoryBackend {
         "memory"
     }
 
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        check_permits(key, limit, count)?;
+        let now = Instant::now();
+        let mut state = self.state();
+        state.sweep_expired(now);
+        let semaphore = state.semaphores.entry(key.clone()).or_default();
+        semaphore.purge(now);
+        if semaphore.holders.is_empty() {
+            semaphore.limit = limit;
+        } else if semaphore.limit != limit {
+            return Err(limit_mismatch(key, semaphore.limit, limit));
+        }
+        let used: u32 = semaphore.holders.values().map(|(count, _)| count).sum();
+        if used + count > limit {
+            let expires_in = semaphore
+                .holders
+                .values()
+                .map(|(_, expires_at)| expires_at.saturating_duration_since(now))
+                .min();
+            return Ok(Attempt::Held { expires_in });
+        }
+        let owner = OwnerToken::random();
+        semaphore.holders.insert(owner, (count, now + ttl));
+        let fence = state.next_fence();
+        Ok(Attempt::Acquired(
+            Lease::new(key.clone(), owner, Some(fence), ttl, now)
+                .with_kind(LeaseKind::Permits { limit, count }),
+        ))
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let now = Instant::now();
+        let mut state = self.state();
+        state.sweep_expired(now);
+        let rw = state.rw_locks.entry(key.clone()).or_default();
+        rw.purge(now);
+        let owner = OwnerToken::random();
+        let kind = match mode {
+            RwMode::Read => {
+                let writer_waits = rw.writer_waiting_until.is_some_and(|until| until > now);
+                if rw.writer.is_some() || writer_waits {
+                    let expires_in = rw.next_expiry(now);
+                    return Ok(Attempt::Held { expires_in });
+                }
+                rw.readers.insert(owner, now + ttl);
+                LeaseKind::Read
+            }
+            RwMode::Write => {
+                if rw.writer.is_some() || !rw.readers.is_empty() {
+                    rw.writer_waiting_until = Some(now + WRITER_INTENT);
+                    let expires_in = rw.next_expiry(now);
+                    return Ok(Attempt::Held { expires_in });
+                }
+                rw.writer = Some((owner, now + ttl));
+                rw.writer_waiting_until = None;
+                LeaseKind::Write
+            }
+        };
+        let fence = state.next_fence();
+        Ok(Attempt::Acquired(
+            Lease::new(key.clone(), owner, Some(fence), ttl, now).with_kind(kind),
+        ))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             fencing: true,
@@ -165,7 +307,98 @@ impl LockBackend for MemoryBackend {
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_nanos(1),
             expiry_slack: Duration::from_millis(5),
+            semaphores: true,
+            rw_locks: true,
         }
+    }
+}
+
+/// A semaphore request's numbers, checked the same way on every backend.
+pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
+    if limit == 0 {
+        return Err(LockError::InvalidConfig(format!(
+            "semaphore {key}: a limit of 0 permits admits nobody"
+        )));
+    }
+    if count == 0 || count > limit {
+        return Err(LockError::InvalidConfig(format!(
+            "semaphore {key}: cannot take {count} of {limit} permits (1 to {limit})"
+        )));
+    }
+    Ok(())
+}
+
+/// Two callers disagree on a semaphore's limit while permits are held: refused, never
+/// silently merged.
+pub(crate) fn limit_mismatch(key: &LockKey, held_with: u32, asked: u32) -> LockError {
+    LockError::InvalidConfig(format!(
+        "semaphore {key} is held with a limit of {held_with} permits; a request with a limit \
+         of {asked} is refused (every caller must use the same limit; a new limit applies once \
+         no permit is held)"
+    ))
+}
+
+impl MemoryBackend {
+    fn renew_shared_kind(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let expires_at = match lease.kind() {
+            LeaseKind::Permits { .. } => state
+                .semaphores
+                .get_mut(lease.key())
+                .and_then(|semaphore| semaphore.holders.get_mut(&lease.owner()))
+                .map(|(_, expires_at)| expires_at),
+            LeaseKind::Read => state
+                .rw_locks
+                .get_mut(lease.key())
+                .and_then(|rw| rw.readers.get_mut(&lease.owner())),
+            LeaseKind::Write => state
+                .rw_locks
+                .get_mut(lease.key())
+                .and_then(|rw| rw.writer.as_mut())
+                .filter(|(owner, _)| *owner == lease.owner())
+                .map(|(_, expires_at)| expires_at),
+            LeaseKind::Lock => None,
+        };
+        match expires_at {
+            Some(expires_at) if *expires_at > now => {
+                *expires_at = now + ttl;
+                Ok(lease.renewed(ttl, now))
+            }
+            _ => Err(LockError::lost(
+                lease.key().as_str(),
+                "the lease expired, or another owner holds it",
+            )),
+        }
+    }
+
+    fn release_shared_kind(&self, lease: &Lease) -> bool {
+        let now = Instant::now();
+        let mut state = self.state();
+        let expires_at = match lease.kind() {
+            LeaseKind::Permits { .. } => state
+                .semaphores
+                .get_mut(lease.key())
+                .and_then(|semaphore| semaphore.holders.remove(&lease.owner()))
+                .map(|(_, expires_at)| expires_at),
+            LeaseKind::Read => state
+                .rw_locks
+                .get_mut(lease.key())
+                .and_then(|rw| rw.readers.remove(&lease.owner())),
+            LeaseKind::Write => state.rw_locks.get_mut(lease.key()).and_then(|rw| {
+                let (owner, expires_at) = rw.writer?;
+                (owner == lease.owner()).then(|| {
+                    rw.writer = None;
+                    expires_at
+                })
+            }),
+            LeaseKind::Lock => None,
+        };
+        drop(state);
+        if expires_at.is_some() {
+            self.shared.releases.notify(lease.key().as_str());
+        }
+        expires_at.is_some_and(|expires_at| expires_at > now)
     }
 }
 

@@ -434,6 +434,10 @@ impl LockBackend for PostgresBackend {
         Ok(releases)
     }
 
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut capabilities = Capabilities::default();
         capabilities.fencing = true;

@@ -118,17 +118,44 @@ impl RedisFactory {
 mod single {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(1),
+        skip = {
+            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+        },
     }
 }
 
 mod redlock3 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(3),
+        skip = {
+            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+        },
     }
 }
 
 mod redlock5 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(5),
+        skip = {
+            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+        },
     }
 }

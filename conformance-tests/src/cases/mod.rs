@@ -10,6 +10,8 @@ pub mod faults;
 pub mod fencing;
 pub mod input;
 pub mod loss;
+pub mod rwlock;
+pub mod semaphore;
 pub mod waiting;
 
 pub use exclusion::*;
@@ -18,4 +20,6 @@ pub use faults::*;
 pub use fencing::*;
 pub use input::*;
 pub use loss::*;
+pub use rwlock::*;
+pub use semaphore::*;
 pub use waiting::*;
