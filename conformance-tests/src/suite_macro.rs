@@ -36,6 +36,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(semaphore_dead_holder_permit_returns [$factory] $skips);
         $crate::__conformance_case!(semaphore_limits_must_agree [$factory] $skips);
         $crate::__conformance_case!(semaphore_loss_and_cancel [$factory] $skips);
+        $crate::__conformance_case!(semaphore_release_wakes_waiter [$factory] $skips);
         $crate::__conformance_case!(rwlock_readers_share_writers_exclude [$factory] $skips);
         $crate::__conformance_case!(rwlock_writer_not_starved [$factory] $skips);
         $crate::__conformance_case!(rwlock_loss_and_expiry [$factory] $skips);
@@ -204,6 +205,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn semaphore_loss_and_cancel() {}
+    };
+    (semaphore_release_wakes_waiter [$factory:expr] [semaphore_release_wakes_waiter : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn semaphore_release_wakes_waiter() {}
     };
     (rwlock_readers_share_writers_exclude [$factory:expr] [rwlock_readers_share_writers_exclude : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

@@ -234,3 +234,59 @@ fn cli_usage_errors_are_clear() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `--permits N`: two runners of a 2-permit key run at once on a real server, a third is
+/// turned away with status 75 while they run.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_permits_run_n_at_once() {
+    use std::process::{Command, Stdio};
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let start = |permits: &str| {
+        Command::new(exe)
+            .args([
+                "run",
+                "--url",
+                &server.url(),
+                "--permits",
+                permits,
+                "--ttl",
+                "5",
+                "export",
+            ])
+            .args(["--", "sleep", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (start("2"), start("2"));
+    std::thread::sleep(Duration::from_millis(400));
+    let third = Command::new(exe)
+        .args([
+            "run",
+            "--url",
+            &server.url(),
+            "--permits",
+            "2",
+            "export",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        third.status.code(),
+        Some(75),
+        "a third runner ran beside two with --permits 2: {}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    for runner in [first, second] {
+        let output = runner.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -118,15 +118,6 @@ impl RedisFactory {
 mod single {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(1),
-        skip = {
-            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-        },
     }
 }
 
@@ -138,6 +129,7 @@ mod redlock3 {
             semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_release_wakes_waiter: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
             rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
             rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
@@ -153,6 +145,7 @@ mod redlock5 {
             semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
+            semaphore_release_wakes_waiter: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
             rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
             rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
             rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",

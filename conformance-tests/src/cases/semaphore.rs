@@ -253,3 +253,53 @@ pub async fn semaphore_loss_and_cancel(factory: &dyn BackendFactory) -> Result<(
     again.release().await?;
     Ok(())
 }
+
+/// 28. A release wakes a waiting semaphore caller by notification: with every permit held, a
+///     waiter gets a permit within a few milliseconds of a release, far below its polling
+///     interval.
+pub async fn semaphore_release_wakes_waiter(factory: &dyn BackendFactory) -> Result<()> {
+    let holder = locker(factory).await?;
+    let waiter = locker(factory).await?;
+    let caps = holder.backend().capabilities();
+    require_semaphores(&caps)?;
+    ensure!(
+        caps.release_notifications,
+        "the backend has no release notifications: list this case under skip"
+    );
+    let ttl = ttl_for(&caps, Duration::from_secs(30));
+    let name = unique_key("semaphore-wake");
+    let both = holder
+        .semaphore(&name, 2)
+        .permits(2)
+        .ttl(ttl)
+        .acquire()
+        .await?;
+    let slow_polling = lock_core::Backoff::new(Duration::from_secs(5), Duration::from_secs(5));
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move {
+            let permit = waiter
+                .semaphore(&name, 2)
+                .ttl(ttl)
+                .backoff(slow_polling)
+                .wait(Duration::from_secs(20))
+                .acquire()
+                .await?;
+            let got = Instant::now();
+            permit.release().await?;
+            anyhow::Ok(got)
+        }
+    });
+    // Let the waiter subscribe and settle into its 5 s step.
+    sleep(300 * MS).await;
+    let released = Instant::now();
+    both.release().await?;
+    let got = waiting.await??;
+    let after = got.saturating_duration_since(released);
+    ensure!(
+        after < Duration::from_millis(500),
+        "the waiter got a permit {after:?} after the release: woken by its poll, not by the \
+         release"
+    );
+    Ok(())
+}

@@ -46,6 +46,10 @@ struct RunArgs {
     /// bounds the wait).
     #[arg(long, env = "DISTLOCK_RETRIES")]
     retries: Option<u32>,
+    /// Run at most N copies at once across every host (a counting semaphore of N permits
+    /// named KEY) instead of one. Every runner of KEY must give the same N.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    permits: Option<u32>,
     /// The lock's name (1 to 512 bytes).
     key: String,
     /// The command and its arguments, after `--`.
@@ -93,7 +97,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
     let locker = distlock::connect(&args.url).await?;
-    let mut request = locker.lock(&args.key).ttl(args.ttl).wait(args.wait);
+    let request = match args.permits {
+        Some(permits) => locker.semaphore(&args.key, permits),
+        None => locker.lock(&args.key),
+    };
+    let mut request = request.ttl(args.ttl).wait(args.wait);
     if let Some(retries) = args.retries {
         request = request.retries(retries);
     }
