@@ -57,6 +57,33 @@ impl KeyScheme {
         (lock, fence)
     }
 
+    /// The Redis keys of the semaphore `key`: the holders (a sorted set of `<count>:<token>`
+    /// scored by expiry in server milliseconds), its meta hash (`limit`, `used`, the waiter
+    /// `mark`) and the fence counter of its slot. All in the lock key's hash slot; the names
+    /// end in `:sem` / `:sem:meta`, never `:lock`, so a semaphore and a lock of one name are
+    /// unrelated.
+    pub fn semaphore_keys(&self, key: &LockKey) -> [String; 3] {
+        let base = self.base(key.as_str());
+        let fence = self.fence_key_for_base(&base);
+        [format!("{base}:sem"), format!("{base}:sem:meta"), fence]
+    }
+
+    /// The Redis keys of the reader-writer lock `key`: readers (a sorted set of tokens scored
+    /// by expiry in server milliseconds), the writer (its token, with `PX`), the writer-intent
+    /// mark (`PX` = [`lock_core::WRITER_INTENT`]), the waiter mark, and the fence counter of
+    /// its slot. All in the lock key's hash slot.
+    pub fn rw_keys(&self, key: &LockKey) -> [String; 5] {
+        let base = self.base(key.as_str());
+        let fence = self.fence_key_for_base(&base);
+        [
+            format!("{base}:rw:r"),
+            format!("{base}:rw:w"),
+            format!("{base}:rw:i"),
+            format!("{base}:rw:m"),
+            fence,
+        ]
+    }
+
     fn base(&self, key: &str) -> String {
         let mut out = String::with_capacity(self.prefix.len() + key.len() + 16);
         out.push_str(&self.prefix);
@@ -186,6 +213,27 @@ mod tests {
                 hash_slot(fence.as_bytes()),
                 "{lock} and {fence} are in different slots"
             );
+            // Semaphore and rwlock keys share the slot; the scripts derive the channel from
+            // the first of them by cutting its suffix.
+            let sem = scheme.semaphore_keys(&key);
+            let rw = scheme.rw_keys(&key);
+            assert_eq!(sem[2], fence);
+            assert_eq!(rw[4], fence);
+            assert_eq!(
+                format!("{}rel:{}", &sem[0][..sem[0].len() - 3], scheme.db()),
+                channel
+            );
+            assert_eq!(
+                format!("{}rel:{}", &rw[0][..rw[0].len() - 4], scheme.db()),
+                channel
+            );
+            for name in sem.iter().chain(rw.iter()) {
+                assert_eq!(hash_slot(name.as_bytes()), hash_slot(lock.as_bytes()));
+                assert!(
+                    locks.insert(name.clone()) || name == &fence,
+                    "{name} repeated"
+                );
+            }
             // A fence counter is never a lock key (lock keys end in `:lock`).
             assert!(fence.ends_with(":fence") && !fence.ends_with(":lock"));
         }

@@ -22,6 +22,7 @@ mod keys;
 mod node;
 mod options;
 mod redlock;
+mod shared;
 mod single;
 
 pub use keys::KeyScheme;

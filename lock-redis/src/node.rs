@@ -374,6 +374,11 @@ impl Node {
         }
     }
 
+    /// The database number (release channels name it).
+    pub(crate) fn db(&self) -> i64 {
+        self.db
+    }
+
     pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
@@ -422,7 +427,7 @@ impl Node {
     /// loaded and the call repeated. The whole call, a reconnect it waits for included, is
     /// bounded by the command timeout; a call that times out or is abandoned has the
     /// connection probed (see [`Conn`]).
-    async fn eval<T: redis::FromRedisValue>(
+    pub(crate) async fn eval<T: redis::FromRedisValue>(
         &self,
         script: &redis::Script,
         keys: &[&str],

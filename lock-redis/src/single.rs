@@ -1,11 +1,12 @@
 //! `RedisBackend`: one Redis server.
 
 use crate::node::{NodeAcquire, Nodes, ttl_millis};
+use crate::shared::{SharedAcquire, permit_member};
 use crate::{KeyScheme, RedisOptions};
 use async_trait::async_trait;
 use lock_core::{
-    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
-    Releases, validate_ttl,
+    Attempt, Capabilities, FencingToken, Lease, LeaseKind, LockBackend, LockError, LockKey,
+    OwnerToken, Releases, RwMode, validate_ttl,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,14 +246,28 @@ impl LockBackend for RedisBackend {
         let ttl_ms = ttl_millis(ttl);
         let sent_at = Instant::now();
         let key = lease.key();
-        let renewed = self
-            .node()?
-            .renew(
-                &self.inner.scheme.lock_key(key),
-                &crate::node::token_hex(lease.owner()),
-                ttl_ms,
-            )
-            .await?;
+        let token = crate::node::token_hex(lease.owner());
+        let scheme = &self.inner.scheme;
+        let node = self.node()?;
+        let renewed = match lease.kind() {
+            LeaseKind::Permits { count, .. } => {
+                node.renew_permits(
+                    &scheme.semaphore_keys(key),
+                    &permit_member(count, &token),
+                    ttl_ms,
+                )
+                .await?
+            }
+            LeaseKind::Read => {
+                node.renew_rw(&scheme.rw_keys(key), RwMode::Read, &token, ttl_ms)
+                    .await?
+            }
+            LeaseKind::Write => {
+                node.renew_rw(&scheme.rw_keys(key), RwMode::Write, &token, ttl_ms)
+                    .await?
+            }
+            _ => node.renew(&scheme.lock_key(key), &token, ttl_ms).await?,
+        };
         if renewed {
             Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
         } else {
@@ -266,12 +281,81 @@ impl LockBackend for RedisBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
         let key = lease.key();
         let scheme = &self.inner.scheme;
-        self.node()?
-            .release(
-                &scheme.lock_key(key),
-                &crate::node::token_hex(lease.owner()),
+        let token = crate::node::token_hex(lease.owner());
+        let node = self.node()?;
+        match lease.kind() {
+            LeaseKind::Permits { count, .. } => {
+                node.release_permits(
+                    &scheme.semaphore_keys(key),
+                    &permit_member(count, &token),
+                    count,
+                )
+                .await
+            }
+            LeaseKind::Read => {
+                node.release_rw(&scheme.rw_keys(key), RwMode::Read, &token)
+                    .await
+            }
+            LeaseKind::Write => {
+                node.release_rw(&scheme.rw_keys(key), RwMode::Write, &token)
+                    .await
+            }
+            _ => node.release(&scheme.lock_key(key), &token).await,
+        }
+    }
+
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        check_permits(key, limit, count)?;
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let owner = OwnerToken::random();
+        let token = crate::node::token_hex(owner);
+        let mark = self.inner.hub.has_waiters(key.as_str());
+        let sent_at = Instant::now();
+        let answer = self
+            .node()?
+            .acquire_permits(
+                &self.inner.scheme.semaphore_keys(key),
+                &token,
+                ttl_ms,
+                limit,
+                count,
+                mark,
             )
-            .await
+            .await?;
+        let kind = LeaseKind::Permits { limit, count };
+        shared_attempt(key, owner, granted, sent_at, kind, answer, limit)
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let owner = OwnerToken::random();
+        let token = crate::node::token_hex(owner);
+        let mark = self.inner.hub.has_waiters(key.as_str());
+        let sent_at = Instant::now();
+        let answer = self
+            .node()?
+            .acquire_rw(&self.inner.scheme.rw_keys(key), mode, &token, ttl_ms, mark)
+            .await?;
+        let kind = match mode {
+            RwMode::Read => LeaseKind::Read,
+            RwMode::Write => LeaseKind::Write,
+        };
+        shared_attempt(key, owner, granted, sent_at, kind, answer, 0)
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
@@ -296,6 +380,54 @@ impl LockBackend for RedisBackend {
         caps.min_ttl = Duration::from_millis(1);
         caps.ttl_granularity = Duration::from_millis(1);
         caps.expiry_slack = Duration::from_millis(10);
+        caps.semaphores = true;
+        caps.rw_locks = true;
         caps
+    }
+}
+
+/// A semaphore request's numbers, checked before anything is sent (as every backend does).
+pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
+    if limit == 0 {
+        return Err(LockError::InvalidConfig(format!(
+            "semaphore {key}: a limit of 0 permits admits nobody"
+        )));
+    }
+    if count == 0 || count > limit {
+        return Err(LockError::InvalidConfig(format!(
+            "semaphore {key}: cannot take {count} of {limit} permits (1 to {limit})"
+        )));
+    }
+    Ok(())
+}
+
+/// The attempt for a shared kind's script answer; `limit` is the semaphore limit asked for
+/// (named in a mismatch).
+fn shared_attempt(
+    key: &LockKey,
+    owner: OwnerToken,
+    granted: Duration,
+    sent_at: Instant,
+    kind: LeaseKind,
+    answer: SharedAcquire,
+    limit: u32,
+) -> Result<Attempt, LockError> {
+    match answer {
+        SharedAcquire::Acquired(fence) => Ok(Attempt::Acquired(
+            Lease::new(
+                key.clone(),
+                owner,
+                Some(FencingToken(fence)),
+                granted,
+                sent_at,
+            )
+            .with_kind(kind),
+        )),
+        SharedAcquire::Held(expires_in) => Ok(Attempt::Held { expires_in }),
+        SharedAcquire::LimitMismatch(held_with) => Err(LockError::InvalidConfig(format!(
+            "semaphore {key} is held with a limit of {held_with} permits; a request with a \
+             limit of {limit} is refused (every caller must use the same limit; a new limit \
+             applies once no permit is held)"
+        ))),
     }
 }

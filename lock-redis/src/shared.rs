@@ -1,0 +1,440 @@
+//! Semaphores and reader-writer locks on one Redis server: the scripts and their calls.
+//!
+//! Holders of shared kinds live in sorted sets scored by their expiry in the server's own
+//! milliseconds (`TIME` inside the script, the same clock that expires keys), so one script
+//! can drop the expired ones, count the rest and admit or refuse atomically. Every key of a
+//! name carries the name's hash tag, so the scripts stay in one cluster slot together with the
+//! slot's fence counter (see [`crate::KeyScheme`]).
+//!
+//! Wake-ups follow the lock's waiter mark: a refused attempt made while its backend has
+//! waiters for the name sets a mark, and a release publishes on the name's channel only when
+//! it finds (and clears) the mark. Clearing is safe: every waiter woken by that publish tries
+//! again, and one that is refused again sets the mark again.
+
+use crate::node::{Node, backend_error};
+use lock_core::{LockError, RwMode};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// The script's view of the server clock, in milliseconds.
+const NOW: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+";
+
+/// Semaphore acquire. KEYS: holders (zset of `<count>:<token>` scored by expiry), meta (hash:
+/// `limit`, `used`, `mark`), fence counter. ARGV: token, ttl ms, limit, count, mark (`1`: the
+/// caller has waiters). Expired holders are dropped first; with none left the limit is free
+/// to change. Answers the fence, `{'held', ms until the soonest holder expires}` or
+/// `{'limit', limit the permits are held with}`. Both keys expire with their longest holder,
+/// so an abandoned semaphore leaves nothing behind.
+static SEM_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}
+local ttl = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
+local used = 0
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+else
+  local meta = redis.call('HMGET', KEYS[2], 'limit', 'used')
+  local held = tonumber(meta[1])
+  if held and held ~= limit then
+    return {{'limit', held}}
+  end
+  if meta[2] then
+    used = tonumber(meta[2])
+    for _, member in ipairs(expired) do
+      used = used - tonumber(string.match(member, '^(%d+):'))
+    end
+  else
+    -- No counter (should not happen): count the live holders.
+    for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+      used = used + tonumber(string.match(member, '^(%d+):'))
+    end
+  end
+  if used + count > limit then
+    redis.call('HSET', KEYS[2], 'limit', limit, 'used', used)
+    if ARGV[5] == '1' then
+      redis.call('HSET', KEYS[2], 'mark', '1')
+    end
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {{'held', tonumber(first[2]) - now}}
+  end
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[4] .. ':' .. ARGV[1])
+redis.call('HSET', KEYS[2], 'limit', limit, 'used', used + count)
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return redis.call('INCR', KEYS[3])
+"
+    ))
+});
+
+/// Renew one live holder of a sorted set (semaphore holder or reader). KEYS: holders, and a
+/// second key that expires with them (the semaphore's meta; the readers set again for a
+/// reader). ARGV: member, ttl ms. An expired member is not revived.
+static ZSET_RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) <= now then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 1
+"
+    ))
+});
+
+/// Semaphore release. KEYS: holders, meta. ARGV: member, count, db. Removes only this
+/// member; publishes on the name's channel (`<base>:rel:<db>`, the holders key without `sem`)
+/// when a waiter marked the semaphore. Answers 1 when the permits were still live.
+static SEM_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local mark
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  mark = redis.call('HGET', KEYS[2], 'mark')
+  redis.call('DEL', KEYS[2])
+else
+  local meta = redis.call('HMGET', KEYS[2], 'used', 'mark')
+  if meta[1] then
+    redis.call('HINCRBY', KEYS[2], 'used', -tonumber(ARGV[2]))
+  end
+  mark = meta[2]
+  if mark then
+    redis.call('HDEL', KEYS[2], 'mark')
+  end
+end
+if mark then
+  redis.pcall('PUBLISH', string.sub(KEYS[1], 1, -4) .. 'rel:' .. ARGV[3], '1')
+end
+if tonumber(score) > now then
+  return 1
+end
+return 0
+"
+    ))
+});
+
+/// The refusal of an rwlock attempt (shared by both sides): the soonest holder expiry (or
+/// the intent's, when only the intent keeps a reader out), and the waiter mark, set to live
+/// as long as the longest holder or intent. KEYS as in the acquire scripts.
+const RW_REFUSED: &str = r"
+local function refused(now, writer, mark)
+  local soonest = -1
+  local latest = 0
+  if writer >= 0 then
+    soonest = writer
+    latest = writer
+  end
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if first[2] then
+    local left = tonumber(first[2]) - now
+    if soonest < 0 or left < soonest then
+      soonest = left
+    end
+    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    local longest = tonumber(last[2]) - now
+    if longest > latest then
+      latest = longest
+    end
+  end
+  local intent = redis.call('PTTL', KEYS[3])
+  if intent > latest then
+    latest = intent
+  end
+  if soonest < 0 and intent > 0 then
+    soonest = intent
+  end
+  if mark == '1' and latest > 0 then
+    redis.call('SET', KEYS[4], '1', 'PX', latest)
+  end
+  return {'held', soonest}
+end
+";
+
+/// Reader acquire. KEYS: readers (zset of tokens scored by expiry), writer (token, `PX`),
+/// writer intent (`PX`), waiter mark, fence counter. ARGV: token, ttl ms, mark. Refused while
+/// a writer holds or a refused writer's intent lives.
+static RW_READ_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}{RW_REFUSED}
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local writer = redis.call('PTTL', KEYS[2])
+if writer ~= -2 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return refused(now, writer, ARGV[3])
+end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return redis.call('INCR', KEYS[5])
+"
+    ))
+});
+
+/// Writer acquire. KEYS as for a reader. ARGV: token, ttl ms, mark, intent ms. Refused while
+/// a writer or a live reader holds; a refused writer sets the intent, which keeps new readers
+/// out; the writer that gets in clears it.
+static RW_WRITE_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}{RW_REFUSED}
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local writer = redis.call('PTTL', KEYS[2])
+if writer ~= -2 or redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+  return refused(now, writer, ARGV[3])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])
+return redis.call('INCR', KEYS[5])
+"
+    ))
+});
+
+/// Reader release. KEYS: readers, waiter mark. ARGV: token, db. Answers 1 when the share was
+/// still live.
+static RW_READ_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.pcall('PUBLISH', string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2], '1')
+end
+if tonumber(score) > now then
+  return 1
+end
+return 0
+"
+    ))
+});
+
+/// Writer renew: compare the token, then `PEXPIRE`. KEYS: writer. ARGV: token, ttl ms.
+static RW_WRITE_RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+",
+    )
+});
+
+/// Writer release. KEYS: readers, writer, waiter mark. ARGV: token, db.
+static RW_WRITE_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+if redis.call('DEL', KEYS[3]) == 1 then
+  redis.pcall('PUBLISH', string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2], '1')
+end
+return 1
+",
+    )
+});
+
+/// A node's answer to a semaphore or rwlock acquire.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SharedAcquire {
+    /// Admitted; the fence counter's new value.
+    Acquired(u64),
+    /// Refused; the soonest holder expiry when there is one.
+    Held(Option<Duration>),
+    /// A semaphore held with this other limit.
+    LimitMismatch(u32),
+}
+
+/// The sorted-set member of a semaphore holder: its count travels in the member, so a release
+/// knows how many permits it returns without another key.
+pub(crate) fn permit_member(count: u32, token: &str) -> String {
+    format!("{count}:{token}")
+}
+
+fn parse_acquire(answer: redis::Value) -> Result<SharedAcquire, LockError> {
+    let unexpected = |answer: &redis::Value| {
+        LockError::backend_msg(
+            "redis",
+            format!("unexpected answer to a shared acquire script: {answer:?}"),
+            false,
+        )
+    };
+    match answer {
+        redis::Value::Int(fence) => u64::try_from(fence)
+            .map(SharedAcquire::Acquired)
+            .map_err(|_| unexpected(&answer)),
+        redis::Value::Array(ref items) => match items.as_slice() {
+            [what, redis::Value::Int(number)] => {
+                let what =
+                    redis::from_redis_value_ref::<String>(what).map_err(|_| unexpected(&answer))?;
+                match what.as_str() {
+                    "held" => Ok(SharedAcquire::Held(
+                        u64::try_from(*number).ok().map(Duration::from_millis),
+                    )),
+                    "limit" => u32::try_from(*number)
+                        .map(SharedAcquire::LimitMismatch)
+                        .map_err(|_| unexpected(&answer)),
+                    _ => Err(unexpected(&answer)),
+                }
+            }
+            _ => Err(unexpected(&answer)),
+        },
+        other => Err(unexpected(&other)),
+    }
+}
+
+impl Node {
+    /// One semaphore attempt (see [`SEM_ACQUIRE`]).
+    pub(crate) async fn acquire_permits(
+        &self,
+        keys: &[String; 3],
+        token: &str,
+        ttl_ms: u64,
+        limit: u32,
+        count: u32,
+        mark: bool,
+    ) -> Result<SharedAcquire, LockError> {
+        let [holders, meta, fence] = keys;
+        let answer: redis::Value = self
+            .eval(
+                &SEM_ACQUIRE,
+                &[holders, meta, fence],
+                (token, ttl_ms, limit, count, u8::from(mark)),
+            )
+            .await
+            .map_err(|error| backend_error("semaphore acquire", error))?;
+        parse_acquire(answer)
+    }
+
+    /// Renews a semaphore holder; false when it is gone or expired.
+    pub(crate) async fn renew_permits(
+        &self,
+        keys: &[String; 3],
+        member: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, LockError> {
+        let renewed: i64 = self
+            .eval(&ZSET_RENEW, &[&keys[0], &keys[1]], (member, ttl_ms))
+            .await
+            .map_err(|error| backend_error("semaphore renew", error))?;
+        Ok(renewed == 1)
+    }
+
+    /// Returns a semaphore holder's permits; true when they were still live.
+    pub(crate) async fn release_permits(
+        &self,
+        keys: &[String; 3],
+        member: &str,
+        count: u32,
+    ) -> Result<bool, LockError> {
+        let released: i64 = self
+            .eval(
+                &SEM_RELEASE,
+                &[&keys[0], &keys[1]],
+                (member, count, self.db()),
+            )
+            .await
+            .map_err(|error| backend_error("semaphore release", error))?;
+        Ok(released == 1)
+    }
+
+    /// One reader or writer attempt.
+    pub(crate) async fn acquire_rw(
+        &self,
+        keys: &[String; 5],
+        mode: RwMode,
+        token: &str,
+        ttl_ms: u64,
+        mark: bool,
+    ) -> Result<SharedAcquire, LockError> {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mark = u8::from(mark);
+        let answer: redis::Value = match mode {
+            RwMode::Read => {
+                self.eval(&RW_READ_ACQUIRE, &keys, (token, ttl_ms, mark))
+                    .await
+            }
+            RwMode::Write => {
+                let intent = crate::node::ttl_millis(lock_core::WRITER_INTENT);
+                self.eval(&RW_WRITE_ACQUIRE, &keys, (token, ttl_ms, mark, intent))
+                    .await
+            }
+        }
+        .map_err(|error| backend_error("rwlock acquire", error))?;
+        parse_acquire(answer)
+    }
+
+    /// Renews a reader or the writer; false when it is gone or expired.
+    pub(crate) async fn renew_rw(
+        &self,
+        keys: &[String; 5],
+        mode: RwMode,
+        token: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, LockError> {
+        let renewed: i64 = match mode {
+            RwMode::Read => {
+                self.eval(&ZSET_RENEW, &[&keys[0], &keys[0]], (token, ttl_ms))
+                    .await
+            }
+            RwMode::Write => {
+                self.eval(&RW_WRITE_RENEW, &[&keys[1]], (token, ttl_ms))
+                    .await
+            }
+        }
+        .map_err(|error| backend_error("rwlock renew", error))?;
+        Ok(renewed == 1)
+    }
+
+    /// Releases a reader or the writer; true when it was still held.
+    pub(crate) async fn release_rw(
+        &self,
+        keys: &[String; 5],
+        mode: RwMode,
+        token: &str,
+    ) -> Result<bool, LockError> {
+        let released: i64 = match mode {
+            RwMode::Read => {
+                self.eval(&RW_READ_RELEASE, &[&keys[0], &keys[3]], (token, self.db()))
+                    .await
+            }
+            RwMode::Write => {
+                self.eval(
+                    &RW_WRITE_RELEASE,
+                    &[&keys[0], &keys[1], &keys[3]],
+                    (token, self.db()),
+                )
+                .await
+            }
+        }
+        .map_err(|error| backend_error("rwlock release", error))?;
+        Ok(released == 1)
+    }
+}
