@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
+mod shared;
+
 const BACKEND: &str = "etcd";
 
 /// etcd's smallest lease TTL with its default raft timing (heartbeat 100 ms, election
@@ -52,6 +54,8 @@ struct Inner {
     config: EtcdConfig,
     watcher: Watcher,
     renewer: Renewer,
+    /// Subscribers to releases (`subscribe`), woken by a follower task per name.
+    hub: lock_core::ReleaseHub,
 }
 
 /// Locks in etcd: a lease per lock, a queue of contenders per key ordered by create
@@ -540,6 +544,7 @@ impl EtcdBackend {
                 config,
                 watcher,
                 renewer,
+                hub: shared::new_hub(),
             }),
         })
     }
@@ -852,7 +857,11 @@ impl LockBackend for EtcdBackend {
         let renewal = self
             .inner
             .renewer
-            .renew(held.entry.clone(), lease.owner().to_string(), held.lease_id)
+            .renew(
+                held.entry.clone(),
+                shared::holder_value(lease.owner(), lease.kind()),
+                held.lease_id,
+            )
             .await?;
         match renewal {
             Renewal::Renewed => {}
@@ -878,14 +887,14 @@ impl LockBackend for EtcdBackend {
             return Ok(false);
         };
         // Compare-and-delete in one txn: the entry goes only if it still carries our owner
-        // token on our lease. A forged lease (the real holder's lease id, another token)
-        // fails the compare and touches nothing.
+        // token (and, for permits, our count and limit) on our lease. A forged lease (the real
+        // holder's lease id, another token) fails the compare and touches nothing.
         let release = Txn::new()
             .when([
                 Compare::value(
                     held.entry.clone(),
                     CompareOp::Equal,
-                    lease.owner().to_string(),
+                    shared::holder_value(lease.owner(), lease.kind()),
                 ),
                 Compare::lease(held.entry.clone(), CompareOp::Equal, held.lease_id),
             ])
@@ -940,6 +949,29 @@ impl LockBackend for EtcdBackend {
         }
     }
 
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        self.permits(key, limit, count, ttl).await
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: lock_core::RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        self.rw(key, mode, ttl).await
+    }
+
+    async fn subscribe(&self, key: &LockKey) -> Result<lock_core::Releases, LockError> {
+        self.subscribe_releases(key).await
+    }
+
     fn name(&self) -> &'static str {
         "etcd"
     }
@@ -947,9 +979,12 @@ impl LockBackend for EtcdBackend {
     fn capabilities(&self) -> Capabilities {
         let mut capabilities = Capabilities::default();
         capabilities.fencing = true;
-        // Waiters queue in etcd and are woken by a watch on their predecessor; the
-        // subscribe-and-poll path is not needed.
-        capabilities.release_notifications = false;
+        // Lock waiters queue in etcd, woken by a watch on their predecessor. Semaphore and
+        // rwlock waiters (and lock waiters with a retry count) subscribe: a watch on the
+        // name's ranges wakes them on every delete.
+        capabilities.release_notifications = true;
+        capabilities.semaphores = true;
+        capabilities.rw_locks = true;
         capabilities.fair_queue = true;
         capabilities.min_ttl = MIN_TTL;
         capabilities.ttl_granularity = Duration::from_secs(1);

@@ -24,6 +24,27 @@ pub fn key_range(prefix: &str, key: &LockKey) -> Vec<u8> {
     range
 }
 
+/// The range that holds the semaphore and the reader-writer lock named `key`:
+/// `<prefix>/%sync/<enc(key)>/`. No lock range can hold it or lie inside it: a lock range is
+/// `<prefix>/<enc(k)>/`, and `enc` never yields `%s` (every `%` it writes starts `%25` or
+/// `%2F`). Under it: `s/` semaphore holders, `r/` readers, `w/` writers, `i/` writer intents,
+/// each `<lease id in hex>`.
+pub fn sync_range(prefix: &str, key: &LockKey) -> Vec<u8> {
+    let mut range = prefix.as_bytes().to_vec();
+    range.extend_from_slice(b"/%sync");
+    // `key_range` gives `/<enc(key)>/` after the (here empty) prefix.
+    range.extend_from_slice(&key_range("", key));
+    range
+}
+
+/// A sub-range of a sync range (`s/`, `r/`, `w/`, `i/`).
+pub fn sub_range(sync: &[u8], part: &str) -> Vec<u8> {
+    let mut range = sync.to_vec();
+    range.extend_from_slice(part.as_bytes());
+    range.push(b'/');
+    range
+}
+
 /// The queue entry of one contender: the range followed by its lease id in hex.
 pub fn entry_key(range: &[u8], lease_id: i64) -> Vec<u8> {
     let mut key = range.to_vec();
@@ -52,6 +73,28 @@ mod tests {
             }
         }
         assert_eq!(range("a/b"), b"p/a%2Fb/");
+        // Sync ranges are disjoint from every lock range and from each other.
+        for x in keys {
+            let sync = sync_range("p", &LockKey::new(x).unwrap());
+            for y in keys {
+                assert!(
+                    !sync.starts_with(&range(y)),
+                    "{y:?} lock range holds sync {x:?}"
+                );
+                assert!(
+                    !range(y).starts_with(&sync),
+                    "sync {x:?} holds lock range {y:?}"
+                );
+                let other = sync_range("p", &LockKey::new(y).unwrap());
+                if x != y {
+                    assert!(!other.starts_with(&sync), "sync {x:?} holds sync {y:?}");
+                }
+            }
+        }
+        assert_eq!(
+            sync_range("p", &LockKey::new("a/b").unwrap()),
+            b"p/%sync/a%2Fb/"
+        );
         assert_eq!(entry_key(&range("a"), 0x2a), b"p/a/000000000000002a");
     }
 }

@@ -32,8 +32,11 @@ pub(crate) enum Woken {
 
 struct Request {
     key: Vec<u8>,
+    /// Watch every key under `key` (a range), not just `key`.
+    prefix: bool,
     start_revision: i64,
-    wake: oneshot::Sender<()>,
+    /// Sent the revision of the last delete in the waking answer.
+    wake: oneshot::Sender<i64>,
 }
 
 /// The watch task's request queue and handle.
@@ -55,16 +58,21 @@ impl std::fmt::Debug for Watcher {
 
 /// A pending one-shot watch.
 pub(crate) struct Wakeup {
-    receiver: oneshot::Receiver<()>,
+    receiver: oneshot::Receiver<i64>,
 }
 
 impl Wakeup {
     /// Resolves when the key is deleted or the watch is interrupted.
     pub(crate) async fn wait(&mut self) -> Woken {
-        match (&mut self.receiver).await {
-            Ok(()) => Woken::Deleted,
-            Err(_) => Woken::Interrupted,
+        match self.deleted_at().await {
+            Some(_) => Woken::Deleted,
+            None => Woken::Interrupted,
         }
+    }
+
+    /// The revision of the (last) delete that woke us; `None`: the watch was interrupted.
+    pub(crate) async fn deleted_at(&mut self) -> Option<i64> {
+        (&mut self.receiver).await.ok()
     }
 }
 
@@ -111,12 +119,22 @@ impl Watcher {
 
     /// Wakes the caller when `key` is deleted at `start_revision` or later.
     pub(crate) async fn on_delete(&self, key: Vec<u8>, start_revision: i64) -> Wakeup {
+        self.watch(key, false, start_revision).await
+    }
+
+    /// Wakes the caller when any key under `range` is deleted at `start_revision` or later.
+    pub(crate) async fn on_delete_in(&self, range: Vec<u8>, start_revision: i64) -> Wakeup {
+        self.watch(range, true, start_revision).await
+    }
+
+    async fn watch(&self, key: Vec<u8>, prefix: bool, start_revision: i64) -> Wakeup {
         let (wake, receiver) = oneshot::channel();
         // If the task cannot run the sender is dropped with the request: the waiter is
         // woken as interrupted and falls back to re-checking.
         if let Some(requests) = self.requests().await {
             let _ = requests.send(Request {
                 key,
+                prefix,
                 start_revision,
                 wake,
             });
@@ -227,7 +245,7 @@ async fn stall(at: Option<Instant>) {
 /// The task's watches: the waiters of active watches, and the creations not yet confirmed.
 #[derive(Default)]
 struct Watches {
-    active: HashMap<i64, oneshot::Sender<()>>,
+    active: HashMap<i64, oneshot::Sender<i64>>,
     /// Watch ids sent but not yet confirmed, oldest first, with their send time: etcd
     /// answers a stream's create requests in order, and a refused create names watch id −1,
     /// not ours. A creation unconfirmed for the create timeout means the stream stalled.
@@ -286,10 +304,13 @@ async fn run(
                     }
                 }
                 let id = ids();
-                let options = WatchOptions::new()
+                let mut options = WatchOptions::new()
                     .with_start_revision(request.start_revision)
                     .with_filters([WatchFilterType::NoPut])
                     .with_watch_id(id);
+                if request.prefix {
+                    options = options.with_prefix();
+                }
                 if let Some(open) = stream.as_ref() {
                     open.send(Write::Watch(request.key, options));
                 } else if opening.is_some() {
@@ -370,10 +391,17 @@ fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchRespons
         active.remove(&id);
         return;
     }
+    let last_delete = response
+        .events()
+        .iter()
+        .filter_map(|event| event.kv().map(|kv| kv.mod_revision()))
+        .max();
     if !response.events().is_empty()
         && let Some(wake) = active.remove(&id)
     {
-        let _ = wake.send(());
+        let _ = wake.send(
+            last_delete.unwrap_or_else(|| response.header().map_or(0, |header| header.revision())),
+        );
         cancel(id);
         return;
     }
@@ -409,6 +437,7 @@ mod tests {
             let (wake, receiver) = oneshot::channel();
             requests.send(Request {
                 key: key.into(),
+                prefix: false,
                 start_revision: revision + 1,
                 wake,
             })?;
@@ -450,6 +479,7 @@ mod stall_tests {
             let (wake, receiver) = oneshot::channel();
             requests.send(Request {
                 key: key.into(),
+                prefix: false,
                 start_revision,
                 wake,
             })?;
