@@ -1,0 +1,227 @@
+//! Semaphores and reader-writer locks on a real `redis-server`, where Redis has failure modes
+//! of its own: releases nobody waits for publish nothing, an abandoned name leaves no keys
+//! behind, a forged lease frees nothing, and a restart without persistence loses holders
+//! cleanly.
+
+use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
+use lock_core::{LockBackend, LockError, LockKey, OwnerToken, RwMode};
+use lock_harness::redis::RedisServer;
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
+use std::time::Duration;
+use tokio::time::{sleep, timeout};
+
+fn scheme() -> Result<KeyScheme> {
+    Ok(KeyScheme::new(RedisOptions::default_prefix(), 0)?)
+}
+
+/// Every key of the semaphore and the rwlock `key` (not the slot's fence counter, which is
+/// shared and meant to stay) that exists on the server.
+async fn leftover_keys(server: &RedisServer, key: &LockKey) -> Result<Vec<String>> {
+    let scheme = scheme()?;
+    let [holders, meta, _] = scheme.semaphore_keys(key);
+    let [readers, writer, intent, mark, _] = scheme.rw_keys(key);
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    let mut left = Vec::new();
+    for name in [holders, meta, readers, writer, intent, mark] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await?;
+        if exists {
+            left.push(name);
+        }
+    }
+    Ok(left)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_releases_without_waiters_publish_nothing() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let key = LockKey::new("quiet-shared")?;
+    let mut pubsub = server.client()?.get_async_pubsub().await?;
+    pubsub.subscribe(scheme()?.channel(key.as_str())).await?;
+    let ttl = Duration::from_secs(5);
+    for _ in 0..5 {
+        let permits = backend
+            .try_acquire_permits(&key, 3, 2, ttl)
+            .await?
+            .into_lease()
+            .context("free semaphore refused")?;
+        ensure!(backend.release(&permits).await?, "permit release refused");
+        for mode in [RwMode::Read, RwMode::Write] {
+            let side = backend
+                .try_acquire_rw(&key, mode, ttl)
+                .await?
+                .into_lease()
+                .context("free rwlock refused")?;
+            ensure!(backend.release(&side).await?, "{mode:?} release refused");
+        }
+    }
+    let message = timeout(Duration::from_millis(300), pubsub.on_message().next()).await;
+    ensure!(
+        message.is_err(),
+        "a release nobody waited for was published"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_and_released_names_leave_no_keys() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let ttl = Duration::from_millis(300);
+    // Released: nothing stays.
+    let released = LockKey::new("released-shared")?;
+    let permits = backend
+        .try_acquire_permits(&released, 2, 1, ttl)
+        .await?
+        .into_lease()
+        .context("free semaphore refused")?;
+    let reader = backend
+        .try_acquire_rw(&released, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("free rwlock refused")?;
+    backend.release(&permits).await?;
+    backend.release(&reader).await?;
+    let left = leftover_keys(&server, &released).await?;
+    ensure!(left.is_empty(), "released names left {left:?}");
+    // Abandoned (never released, nobody comes back): the keys expire with their holders.
+    let abandoned = LockKey::new("abandoned-shared")?;
+    for (limit, count) in [(3, 2), (3, 1)] {
+        let lease = backend
+            .try_acquire_permits(&abandoned, limit, count, ttl)
+            .await?;
+        ensure!(lease.into_lease().is_some(), "free permits refused");
+    }
+    let lease = backend
+        .try_acquire_rw(&abandoned, RwMode::Read, ttl)
+        .await?;
+    ensure!(lease.into_lease().is_some(), "free reader refused");
+    ensure!(
+        !leftover_keys(&server, &abandoned).await?.is_empty(),
+        "the holders were not written where the test looks"
+    );
+    sleep(ttl + Duration::from_millis(300)).await;
+    let left = leftover_keys(&server, &abandoned).await?;
+    ensure!(left.is_empty(), "abandoned names left {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_shared_leases_free_nothing() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let key = LockKey::new("forged-shared")?;
+    let ttl = Duration::from_secs(10);
+    let permits = backend
+        .try_acquire_permits(&key, 2, 2, ttl)
+        .await?
+        .into_lease()
+        .context("free semaphore refused")?;
+    let forged = permits.clone().with_owner(OwnerToken::random());
+    ensure!(
+        matches!(
+            backend.renew(&forged, ttl).await,
+            Err(LockError::Lost { .. })
+        ),
+        "a forged permit lease renewed"
+    );
+    ensure!(
+        !backend.release(&forged).await?,
+        "a forged permit lease released"
+    );
+    ensure!(
+        backend
+            .try_acquire_permits(&key, 2, 1, ttl)
+            .await?
+            .into_lease()
+            .is_none(),
+        "a forged release freed a permit"
+    );
+    let writer = backend
+        .try_acquire_rw(&key, RwMode::Write, ttl)
+        .await?
+        .into_lease()
+        .context("free rwlock refused")?;
+    let forged = writer.clone().with_owner(OwnerToken::random());
+    ensure!(
+        matches!(
+            backend.renew(&forged, ttl).await,
+            Err(LockError::Lost { .. })
+        ),
+        "a forged writer lease renewed"
+    );
+    ensure!(
+        !backend.release(&forged).await?,
+        "a forged writer lease released"
+    );
+    ensure!(
+        backend
+            .try_acquire_rw(&key, RwMode::Write, ttl)
+            .await?
+            .into_lease()
+            .is_none(),
+        "a forged release freed the writer's side"
+    );
+    ensure!(
+        backend.release(&permits).await?,
+        "the real permits were gone"
+    );
+    ensure!(backend.release(&writer).await?, "the real writer was gone");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_persistence_loses_shared_holders_cleanly() -> Result<()> {
+    let mut server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let key = LockKey::new("restarted-shared")?;
+    let ttl = Duration::from_secs(10);
+    let permits = backend
+        .try_acquire_permits(&key, 2, 1, ttl)
+        .await?
+        .into_lease()
+        .context("free semaphore refused")?;
+    let reader = backend
+        .try_acquire_rw(&key, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("free rwlock refused")?;
+    server.restart()?;
+    // The restarted server has forgotten both holders (and the scripts: NOSCRIPT reloads).
+    let mut outcome = backend.renew(&permits, ttl).await;
+    for _ in 0..50 {
+        if !matches!(&outcome, Err(error) if error.is_retryable()) {
+            break;
+        }
+        sleep(Duration::from_millis(100)).await;
+        outcome = backend.renew(&permits, ttl).await;
+    }
+    ensure!(
+        matches!(outcome, Err(LockError::Lost { .. })),
+        "renewing permits after a restart gave {outcome:?}"
+    );
+    let outcome = backend.renew(&reader, ttl).await;
+    ensure!(
+        matches!(outcome, Err(LockError::Lost { .. })),
+        "renewing a reader after a restart gave {outcome:?}"
+    );
+    // The name works again, with a new limit (no permit is held any more).
+    let again = backend
+        .try_acquire_permits(&key, 5, 5, ttl)
+        .await?
+        .into_lease()
+        .context("the restarted semaphore refused")?;
+    ensure!(
+        backend.release(&again).await?,
+        "release after restart refused"
+    );
+    ensure!(
+        !backend.release(&permits).await?,
+        "a forgotten permit released"
+    );
+    Ok(())
+}
