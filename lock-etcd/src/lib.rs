@@ -27,7 +27,7 @@ mod watch;
 
 pub use backend::{EXPIRY_SLACK, EtcdBackend, MIN_TTL};
 pub use config::{DEFAULT_PREFIX, EtcdConfig};
-pub use keys::key_range;
+pub use keys::{key_range, sync_range};
 
 use lock_core::{LockBackend, LockError};
 use std::sync::{Arc, Mutex, MutexGuard};

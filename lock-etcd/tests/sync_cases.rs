@@ -1,0 +1,224 @@
+//! etcd-specific cases of semaphores and reader-writer locks (issue #14): the check-and-create
+//! txn under concurrent attempts from several clients, wake-ups on a holder lease revoked from
+//! outside, and a writer intent that lapses when its writer gives up.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::EtcdFactory;
+use conformance_tests::BackendFactory;
+use lock_core::{Attempt, Backoff, LockBackend, LockKey, Locker, RwMode, WRITER_INTENT};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
+
+/// Keys left under the sync range of `name`.
+async fn sync_keys(factory: &EtcdFactory, name: &str) -> Result<Vec<(Vec<u8>, i64, i64)>> {
+    let range = lock_etcd::sync_range(&factory.prefix, &LockKey::new(name)?);
+    factory.cluster.keys_with_prefix(&range).await
+}
+
+/// Forty attempts at once (four clients, ten each) at one permit of a semaphore of 3, five
+/// times over: never more than 3 granted, as counted both by the grants and by the holder
+/// keys on the server. Two attempts that read the same holders and both see room must not
+/// both create: the second txn's compare (no holder key changed since the read) refuses the
+/// later one. Without that compare, rounds grant 4 or more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_permit_attempts_never_exceed_the_limit() -> Result<()> {
+    const LIMIT: u32 = 3;
+    let factory = EtcdFactory::start(1).await?;
+    let mut backends: Vec<Arc<dyn LockBackend>> = Vec::new();
+    for _ in 0..4 {
+        backends.push(factory.backend().await?);
+    }
+    let ttl = Duration::from_secs(10);
+    for round in 0..5 {
+        let name = format!("sem-race-{round}");
+        let key = LockKey::new(&name)?;
+        // One holder first, so every attempt takes the read-then-create path.
+        let first = backends[0]
+            .try_acquire_permits(&key, LIMIT, 1, ttl)
+            .await?
+            .into_lease()
+            .context("the first permit was refused")?;
+        let mut attempts = Vec::new();
+        for index in 0..40 {
+            let backend = backends[index % backends.len()].clone();
+            let key = key.clone();
+            attempts.push(tokio::spawn(async move {
+                backend.try_acquire_permits(&key, LIMIT, 1, ttl).await
+            }));
+        }
+        let mut granted = vec![first];
+        for attempt in attempts {
+            if let Attempt::Acquired(lease) = attempt.await?? {
+                granted.push(lease);
+            }
+        }
+        let on_server = sync_keys(&factory, &name).await?.len();
+        ensure!(
+            granted.len() <= LIMIT as usize && on_server <= LIMIT as usize,
+            "round {round}: {} permits granted, {on_server} holder keys on the server, limit {LIMIT}",
+            granted.len()
+        );
+        ensure!(
+            granted.len() == LIMIT as usize,
+            "round {round}: only {} of {LIMIT} permits granted to 41 attempts",
+            granted.len()
+        );
+        for lease in &granted {
+            ensure!(
+                backends[0].release(lease).await?,
+                "a release returned false"
+            );
+        }
+        let left = sync_keys(&factory, &name).await?;
+        ensure!(
+            left.is_empty(),
+            "round {round}: keys left after release: {left:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A semaphore waiter is woken when a holder's lease is revoked from outside (an operator, a
+/// lease lost to a partition), not only by a release: the subscription watches deletes of the
+/// holder keys, whatever removes them. The waiter polls only every 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_holder_lease_wakes_a_semaphore_waiter() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = factory.backend().await?;
+    let waiter = Locker::from_arc(factory.backend().await?);
+    let ttl = Duration::from_secs(30);
+    let key = LockKey::new("sem-revoked")?;
+    let both = holder
+        .try_acquire_permits(&key, 2, 2, ttl)
+        .await?
+        .into_lease()
+        .context("2 of 2 permits refused")?;
+    let lease_id = lock_etcd::EtcdBackend::lease_id(&both).context("no lease id")?;
+    let waiting = tokio::spawn(async move {
+        let permit = waiter
+            .semaphore("sem-revoked", 2)
+            .ttl(ttl)
+            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
+            .wait(Duration::from_secs(20))
+            .acquire()
+            .await?;
+        let got = Instant::now();
+        permit.release().await?;
+        anyhow::Ok(got)
+    });
+    sleep(Duration::from_millis(300)).await;
+    let revoked = Instant::now();
+    factory.cluster.revoke_lease(lease_id).await?;
+    let got = waiting.await??;
+    let after = got.saturating_duration_since(revoked);
+    ensure!(
+        after < Duration::from_millis(500),
+        "the waiter got a permit {after:?} after the holder's lease was revoked"
+    );
+    Ok(())
+}
+
+/// A writer that was refused and then gave up leaves an intent that keeps new readers out for
+/// WRITER_INTENT only: a reader is refused right after the refusal, and admitted once the
+/// intent lease (2 s, etcd's minimum) has expired, within etcd's expiry slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abandoned_writer_intent_lapses() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let ttl = Duration::from_secs(10);
+    let key = LockKey::new("rw-intent")?;
+    let reader = backend
+        .try_acquire_rw(&key, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("the first reader was refused")?;
+    let refused_at = Instant::now();
+    let writer = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
+    ensure!(
+        matches!(writer, Attempt::Held { .. }),
+        "a writer got in beside a reader"
+    );
+    let intents = sync_keys(&factory, "rw-intent").await?;
+    ensure!(
+        intents
+            .iter()
+            .any(|(key, _, _)| key.windows(3).any(|w| w == b"/i/")),
+        "the refused writer left no intent key: {intents:?}"
+    );
+    let second = backend.try_acquire_rw(&key, RwMode::Read, ttl).await?;
+    ensure!(
+        matches!(second, Attempt::Held { .. }),
+        "a new reader got in while a writer's intent lived"
+    );
+    // The writer gave up: no further attempt renews its mark.
+    let deadline = refused_at + WRITER_INTENT + lock_etcd::EXPIRY_SLACK + Duration::from_secs(1);
+    let admitted_after = loop {
+        match backend.try_acquire_rw(&key, RwMode::Read, ttl).await? {
+            Attempt::Acquired(lease) => {
+                let after = refused_at.elapsed();
+                backend.release(&lease).await?;
+                break after;
+            }
+            Attempt::Held { .. } => {
+                ensure!(
+                    Instant::now() < deadline,
+                    "readers still refused {:?} after the writer gave up",
+                    refused_at.elapsed()
+                );
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ensure!(
+        admitted_after >= WRITER_INTENT - Duration::from_millis(300),
+        "a reader got in {admitted_after:?} after a writer's refusal, before its intent lapsed"
+    );
+    ensure!(
+        backend.release(&reader).await?,
+        "the first reader's release"
+    );
+    Ok(())
+}
+
+/// A writer that gets in deletes the intents: readers queue behind the writer, and once it
+/// releases they are admitted at once, not WRITER_INTENT later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admitted_writer_clears_the_intents() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let ttl = Duration::from_secs(10);
+    let key = LockKey::new("rw-clear")?;
+    let reader = backend
+        .try_acquire_rw(&key, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("the first reader was refused")?;
+    let refused = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
+    ensure!(
+        matches!(refused, Attempt::Held { .. }),
+        "writer beside a reader"
+    );
+    ensure!(backend.release(&reader).await?, "reader release");
+    let writer = backend
+        .try_acquire_rw(&key, RwMode::Write, ttl)
+        .await?
+        .into_lease()
+        .context("the writer was refused with no reader left")?;
+    ensure!(backend.release(&writer).await?, "writer release");
+    let next = backend.try_acquire_rw(&key, RwMode::Read, ttl).await?;
+    let Attempt::Acquired(next) = next else {
+        anyhow::bail!("a reader was refused right after the writer released");
+    };
+    ensure!(
+        next.fence() > writer.fence() && writer.fence() > reader.fence(),
+        "fences out of order: reader {:?}, writer {:?}, next reader {:?}",
+        reader.fence(),
+        writer.fence(),
+        next.fence()
+    );
+    backend.release(&next).await?;
+    Ok(())
+}
