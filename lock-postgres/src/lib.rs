@@ -58,6 +58,7 @@ mod listener;
 mod ops;
 mod session;
 mod setup;
+mod shared;
 mod tasks;
 
 pub use config::PostgresConfig;
@@ -69,6 +70,8 @@ use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
 use session::*;
+use shared::*;
+pub use shared::{MAX_PERMITS, limit_tag, rw_key, semaphore_base, slot_key};
 use tasks::*;
 
 const BACKEND: &str = "postgres";
@@ -154,9 +157,21 @@ enum Entry {
     Held(HeldLock),
 }
 
+/// What a book entry is keyed by: a lock by its advisory key (one holder per key on this
+/// backend), a semaphore's permits or a reader-writer side by its owner token (many leases
+/// of one name may be held at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum BookKey {
+    Lock(i64),
+    Shared(OwnerToken),
+}
+
 #[derive(Debug, Clone)]
 struct HeldLock {
     key: LockKey,
+    /// What the unlock must give back: nothing more for a lock (its advisory key is the book
+    /// key), the slots and marker of permits, the side of a reader-writer lock.
+    shared: Option<Arc<SharedHold>>,
     owner: OwnerToken,
     session: Arc<Session>,
     epoch: u64,
@@ -167,7 +182,7 @@ struct HeldLock {
 
 #[derive(Debug, Default)]
 struct Book {
-    entries: HashMap<i64, Entry>,
+    entries: HashMap<BookKey, Entry>,
     /// When the reaper plans to wake next.
     reaper_at: Option<Instant>,
 }
@@ -196,6 +211,8 @@ struct Inner {
     fence_oid: AtomicU32,
     /// Advisory keys of recently used lock keys (see [`Inner::advisory_key`]).
     key_cache: Mutex<HashMap<LockKey, i64>>,
+    /// The reader-writer intent table exists (checked or created once per backend).
+    intent_ready: AtomicBool,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -271,6 +288,7 @@ impl PostgresBackend {
             heartbeat_at: Mutex::new(None),
             fence_oid: AtomicU32::new(0),
             key_cache: Mutex::default(),
+            intent_ready: AtomicBool::new(false),
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);
@@ -317,6 +335,55 @@ impl PostgresBackend {
     }
 }
 
+impl PostgresBackend {
+    /// A semaphore or reader-writer attempt, cancel-safe like `try_acquire`: a grant whose
+    /// caller went away is given back.
+    async fn try_shared(
+        &self,
+        key: &LockKey,
+        request: SharedRequest,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        check_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
+        let sent_at = Instant::now();
+        let spread = match request {
+            SharedRequest::Permits { .. } => {
+                semaphore_base(&self.inner.config.namespace, key.as_str())
+            }
+            SharedRequest::Rw(_) => rw_key(&self.inner.config.namespace, key.as_str()),
+        };
+        let session = self.inner.pick_session(spread, ttl_ms(ttl));
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let orphan_inner = self.inner.clone();
+        let abandon = {
+            let inner = self.inner.clone();
+            let session = session.clone();
+            let in_flight = in_flight.clone();
+            move || inner.abandon(&session, &in_flight)
+        };
+        detached(
+            self.inner.clone().acquire_shared_op(
+                key.clone(),
+                request,
+                ttl,
+                sent_at,
+                session,
+                in_flight,
+            ),
+            move |attempt| {
+                if let Attempt::Acquired(lease) = attempt {
+                    tokio::spawn(async move {
+                        let _ = release_lease(orphan_inner, lease).await;
+                    });
+                }
+            },
+            abandon,
+        )
+        .await
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section leaves the maps consistent, so a poisoned lock is still usable.
     mutex
@@ -333,7 +400,7 @@ impl LockBackend for PostgresBackend {
         let hash = self.advisory_key(key);
         {
             let mut book = lock(&self.inner.book);
-            match book.entries.get(&hash) {
+            match book.entries.get(&BookKey::Lock(hash)) {
                 // Ours already (or being acquired): a session would grant it again, so we
                 // answer for it, like any other holder.
                 Some(Entry::Held(held)) => {
@@ -343,7 +410,7 @@ impl LockBackend for PostgresBackend {
                 }
                 Some(Entry::Pending) => return Ok(Attempt::Held { expires_in: None }),
                 None => {
-                    book.entries.insert(hash, Entry::Pending);
+                    book.entries.insert(BookKey::Lock(hash), Entry::Pending);
                 }
             }
         }
@@ -357,7 +424,7 @@ impl LockBackend for PostgresBackend {
             let in_flight = in_flight.clone();
             move || {
                 abandon_inner.abandon(&session, &in_flight);
-                abandon_inner.forget_pending(hash);
+                abandon_inner.forget_pending(BookKey::Lock(hash));
             }
         };
         detached(
@@ -373,6 +440,27 @@ impl LockBackend for PostgresBackend {
             abandon,
         )
         .await
+    }
+
+    async fn try_acquire_permits(
+        &self,
+        key: &LockKey,
+        limit: u32,
+        count: u32,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        check_permits(key, limit, count)?;
+        self.try_shared(key, SharedRequest::Permits { limit, count }, ttl)
+            .await
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: lock_core::RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        self.try_shared(key, SharedRequest::Rw(mode), ttl).await
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
@@ -452,6 +540,8 @@ impl LockBackend for PostgresBackend {
         // with a lock of later deadline is freed with that one: one fixed Duration cannot say
         // that (see the README, "TTL semantics").
         capabilities.expiry_slack = Duration::from_millis(250);
+        capabilities.semaphores = true;
+        capabilities.rw_locks = true;
         capabilities
     }
 }

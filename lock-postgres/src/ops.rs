@@ -73,13 +73,17 @@ SELECT pg_advisory_unlock($1),
 
 /// Takes the lease's book entry for a release: `Pending` until the unlock settles. `None`
 /// when the lease is not ours (any more). The flag says whether it was still valid.
-pub(crate) fn begin_release(inner: &Inner, lease: &Lease) -> Option<(i64, HeldLock, bool)> {
-    let hash = inner.advisory_key(lease.key());
+pub(crate) fn begin_release(inner: &Inner, lease: &Lease) -> Option<(BookKey, HeldLock, bool)> {
+    let hash = book_key(inner, lease);
     let now = Instant::now();
     let mut book = lock(&inner.book);
     let entry = book.entries.get_mut(&hash)?;
     match entry {
-        Entry::Held(held) if held.owner == lease.owner() && held.key == *lease.key() => {
+        Entry::Held(held)
+            if held.owner == lease.owner()
+                && held.key == *lease.key()
+                && held.kind() == lease.kind() =>
+        {
             let still_valid = held.deadline > now;
             match std::mem::replace(entry, Entry::Pending) {
                 Entry::Held(held) => Some((hash, held, still_valid)),
@@ -103,7 +107,7 @@ pub(crate) async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<boo
 impl Inner {
     /// Puts a lease whose unlock never reached the server back in the book: it is still held
     /// there, and the reaper unlocks it at its deadline (or now, if that passed).
-    pub(crate) fn restore_held(&self, hash: i64, held: HeldLock) {
+    pub(crate) fn restore_held(&self, hash: BookKey, held: HeldLock) {
         let mut book = lock(&self.book);
         if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
             return;
@@ -120,7 +124,7 @@ impl Inner {
     /// key on the same session before the unlock ran) and settles the book entry.
     pub(crate) async fn release_held(
         self: Arc<Self>,
-        hash: i64,
+        hash: BookKey,
         held: HeldLock,
         in_flight: Arc<AtomicBool>,
     ) -> Result<bool, LockError> {
@@ -140,7 +144,7 @@ impl Inner {
         }
     }
 
-    pub(crate) fn forget_pending(&self, hash: i64) {
+    pub(crate) fn forget_pending(&self, hash: BookKey) {
         let mut book = lock(&self.book);
         if matches!(book.entries.get(&hash), Some(Entry::Pending)) {
             book.entries.remove(&hash);
@@ -160,7 +164,7 @@ impl Inner {
         let mut state = match self.session_conn(&session).await {
             Ok(state) => state,
             Err(error) => {
-                self.forget_pending(hash);
+                self.forget_pending(BookKey::Lock(hash));
                 return Err(error);
             }
         };
@@ -200,7 +204,7 @@ impl Inner {
                     reconnected = true;
                     state.disconnect();
                     if let Err(error) = self.reconnect(&mut state).await {
-                        self.forget_pending(hash);
+                        self.forget_pending(BookKey::Lock(hash));
                         return Err(error);
                     }
                 }
@@ -226,12 +230,12 @@ impl Inner {
                         self.break_session(&session, &mut state, "undoing a failed acquire failed");
                     }
                 }
-                self.forget_pending(hash);
+                self.forget_pending(BookKey::Lock(hash));
                 return Err(map_error("acquire", error));
             }
             Err(_) => {
                 self.break_session(&session, &mut state, "acquire timed out");
-                self.forget_pending(hash);
+                self.forget_pending(BookKey::Lock(hash));
                 return Err(timed_out("acquire", self.config.op_timeout));
             }
         };
@@ -244,7 +248,7 @@ impl Inner {
             Ok(values) => values,
             Err(error) => {
                 self.break_session(&session, &mut state, "unexpected acquire answer");
-                self.forget_pending(hash);
+                self.forget_pending(BookKey::Lock(hash));
                 return Err(map_error("decoding the acquire answer", error));
             }
         };
@@ -252,11 +256,11 @@ impl Inner {
             // The lock (if granted) sits on a server session we do not own: dropping our
             // connection is all we can do (a pooler may keep that session, and the lock).
             let error = self.session_switched(&session, &mut state, pid);
-            self.forget_pending(hash);
+            self.forget_pending(BookKey::Lock(hash));
             return Err(error);
         }
         let Some(fence) = fence else {
-            self.forget_pending(hash);
+            self.forget_pending(BookKey::Lock(hash));
             // Another backend's deadline is known only to it; waiters hear the release.
             return Ok(Attempt::Held { expires_in: None });
         };
@@ -268,7 +272,7 @@ impl Inner {
                 &mut state,
                 "fence sequence answered a negative value",
             );
-            self.forget_pending(hash);
+            self.forget_pending(BookKey::Lock(hash));
             return Err(LockError::backend_msg(
                 BACKEND,
                 format!("the fence sequence answered {fence}; fencing tokens must be positive"),
@@ -286,9 +290,10 @@ impl Inner {
         {
             let mut book = lock(&self.book);
             book.entries.insert(
-                hash,
+                BookKey::Lock(hash),
                 Entry::Held(HeldLock {
                     key: key.clone(),
+                    shared: None,
                     owner,
                     session: session.clone(),
                     epoch,
@@ -322,13 +327,18 @@ impl Inner {
     /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.
     /// After a failed statement the lock may still be held on the server with nothing in our
     /// books: a plain unlock follows, and if that fails too the session is dropped.
-    /// `hash` is `held`'s advisory key (its book key).
+    /// `book_key` is `held`'s book key (for a lock, its advisory key).
     pub(crate) async fn unlock_op(
         &self,
-        hash: i64,
+        book_key: BookKey,
         held: &HeldLock,
         in_flight: &AtomicBool,
     ) -> Result<bool, UnlockFailure> {
+        let hash = match (book_key, &held.shared) {
+            (BookKey::Lock(hash), None) => hash,
+            (_, Some(shared)) => return self.unlock_shared(held, shared, in_flight).await,
+            (BookKey::Shared(_), None) => return Ok(false),
+        };
         let mut state = self
             .lock_session(&held.session)
             .await
@@ -427,10 +437,14 @@ impl Inner {
         sent_at: Instant,
     ) -> Result<Lease, LockError> {
         let key = lease.key().clone();
-        let hash = self.advisory_key(&key);
+        let hash = book_key(&self, &lease);
         let lost = |reason: &str| LockError::lost(key.as_str(), reason);
         let held = match lock(&self.book).entries.get(&hash) {
-            Some(Entry::Held(held)) if held.owner == lease.owner() && held.key == key => {
+            Some(Entry::Held(held))
+                if held.owner == lease.owner()
+                    && held.key == key
+                    && held.kind() == lease.kind() =>
+            {
                 if held.deadline <= sent_at {
                     return Err(lost("the lease expired before it was renewed"));
                 }

@@ -44,6 +44,12 @@ pub(crate) struct SessionState {
     pub(crate) watch: Arc<Mutex<Watch>>,
     /// [`PostgresConfig::probe_timeout`].
     pub(crate) probe_timeout: Duration,
+    /// Advisory keys of semaphore slots and reader-writer sides held on this session:
+    /// (shared holds, exclusive holds). A session is granted a lock it holds again, so an
+    /// attempt on this session leaves these out (see `shared.rs`).
+    pub(crate) holds: HashMap<i64, (u32, u32)>,
+    /// The session's `pg_temp` functions for semaphores and reader-writer locks exist.
+    pub(crate) shared_ready: bool,
 }
 
 /// What the heartbeat may see of a session busy with a statement without waiting for it.
@@ -75,6 +81,8 @@ impl SessionState {
         self.conn = None;
         self.ttls.clear();
         self.deadlines.clear();
+        self.holds.clear();
+        self.shared_ready = false;
         self.lost.cancel();
         self.epoch += 1;
         self.epoch - 1
@@ -290,6 +298,8 @@ impl Inner {
         state.pid = pid;
         state.ttls.clear();
         state.deadlines.clear();
+        state.holds.clear();
+        state.shared_ready = false;
         state.lost = CancellationToken::new();
         state.timeout_set_ms = 0;
         state.answered_at = Some(Instant::now());
