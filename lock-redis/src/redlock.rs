@@ -1,14 +1,15 @@
 //! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
 
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
+use crate::shared::SharedAcquire;
 use crate::{KeyScheme, RedisOptions};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use lock_core::{
-    Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
-    Releases, drift, validate_ttl,
+    Attempt, Capabilities, FencingToken, Lease, LeaseKind, LockBackend, LockError, LockKey,
+    OwnerToken, Releases, RwMode, drift, validate_ttl,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -61,6 +62,28 @@ fn node(nodes: &Nodes, index: usize) -> Result<&Node, LockError> {
         .nodes
         .get(index)
         .ok_or_else(|| LockError::backend_msg("redis", format!("no node {index}"), false))
+}
+
+/// Counts yes and no answers of a renew or release, and the errors.
+fn tally(outcomes: Vec<(usize, Outcome<bool>)>) -> (usize, usize, Vec<String>) {
+    let (mut yes, mut no, mut errors) = (0, 0, Vec::new());
+    for (_, outcome) in outcomes {
+        match outcome {
+            Outcome::Answer(true) => yes += 1,
+            Outcome::Answer(false) => no += 1,
+            Outcome::Failed(error) => errors.push(error.to_string()),
+        }
+    }
+    (yes, no, errors)
+}
+
+/// The side a lease holds, or `None` for a lock.
+fn rw_mode(kind: LeaseKind) -> Option<RwMode> {
+    match kind {
+        LeaseKind::Read => Some(RwMode::Read),
+        LeaseKind::Write => Some(RwMode::Write),
+        _ => None,
+    }
 }
 
 enum Outcome<T> {
@@ -407,6 +430,221 @@ impl RedlockBackend {
         Ok(Round::Split(Attempt::Held { expires_in }))
     }
 
+    /// One reader-writer round: the side's acquire script on every node, the fence round,
+    /// roll-back. Readers and writers both need a majority, so a reader's and a writer's
+    /// quorums (and two writers') always share a node, whose script keeps them apart there.
+    async fn rw_round(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Round, LockError> {
+        let ttl_ms = ttl_millis(ttl);
+        let granted = Duration::from_millis(ttl_ms);
+        let limit = self.node_timeout(granted);
+        let keys = Arc::new(self.inner.scheme.rw_keys(key));
+        let owner = OwnerToken::random();
+        let token = Arc::<str>::from(crate::node::token_hex(owner));
+        let mark = self.inner.hub.has_waiters(key.as_str());
+        let sent_at = Instant::now();
+        let valid_until = sent_at + granted.saturating_sub(drift(granted));
+        let (quorum, spare) = (self.quorum, self.inner.nodes.len() - self.quorum);
+        let outcomes = self
+            .on_all(
+                limit,
+                |nodes, index| {
+                    let (keys, token) = (keys.clone(), token.clone());
+                    async move {
+                        node(&nodes, index)?
+                            .acquire_rw(&keys, mode, &token, ttl_ms, mark)
+                            .await
+                    }
+                },
+                move |outcomes| {
+                    let count = |acquired: bool| {
+                        outcomes
+                            .iter()
+                            .filter(|(_, outcome)| match outcome {
+                                Outcome::Answer(SharedAcquire::Acquired(_)) => acquired,
+                                Outcome::Answer(_) => !acquired,
+                                Outcome::Failed(_) => false,
+                            })
+                            .count()
+                    };
+                    count(true) >= quorum || count(false) > spare
+                },
+            )
+            .await;
+        let mut acquired: Vec<(usize, u64)> = Vec::new();
+        let mut refused: Vec<usize> = Vec::new();
+        let mut expiries: Vec<Option<Duration>> = Vec::new();
+        let mut errors = Vec::new();
+        for (index, outcome) in outcomes {
+            match outcome {
+                Outcome::Answer(SharedAcquire::Acquired(fence)) => acquired.push((index, fence)),
+                Outcome::Answer(SharedAcquire::Held(expires_in)) => {
+                    refused.push(index);
+                    expiries.push(expires_in);
+                }
+                Outcome::Answer(SharedAcquire::LimitMismatch(_)) => refused.push(index),
+                Outcome::Failed(error) => {
+                    if !crate::node::may_have_run(&error) {
+                        refused.push(index);
+                    }
+                    errors.push(error.to_string());
+                }
+            }
+        }
+        if acquired.len() >= self.quorum && Instant::now() < valid_until {
+            // Fence round, as for a lock: raise every quorum node that is behind, while our
+            // side is still live there.
+            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
+            let behind: Vec<usize> = acquired
+                .iter()
+                .filter(|(_, value)| *value < fence)
+                .map(|(index, _)| *index)
+                .collect();
+            let mut confirmed = acquired.len() - behind.len();
+            if !behind.is_empty() {
+                let raised = join_all(
+                    behind
+                        .iter()
+                        .filter_map(|index| self.inner.nodes.get(*index))
+                        .map(|node| {
+                            timeout(limit, node.raise_rw_fence(&keys, mode, &token, fence))
+                        }),
+                )
+                .await;
+                confirmed += raised
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
+                    .count();
+            }
+            if confirmed >= self.quorum && Instant::now() < valid_until {
+                let kind = match mode {
+                    RwMode::Read => LeaseKind::Read,
+                    RwMode::Write => LeaseKind::Write,
+                };
+                let lease = Lease::new(
+                    key.clone(),
+                    owner,
+                    Some(FencingToken(fence)),
+                    granted,
+                    sent_at,
+                )
+                .with_valid_until(valid_until)
+                .with_kind(kind);
+                return Ok(Round::Done(Attempt::Acquired(lease)));
+            }
+            errors.push(format!(
+                "only {confirmed} nodes confirmed the fence before the validity ran out"
+            ));
+        } else if acquired.len() >= self.quorum {
+            errors.push("a quorum said yes, but only after the validity had run out".into());
+        }
+        // Not granted: roll our side back everywhere it may be (not where it was refused:
+        // the script is atomic), waiting only for the nodes that admitted us.
+        let mut waits = Vec::new();
+        for index in (0..self.inner.nodes.len()).filter(|index| !refused.contains(index)) {
+            let (nodes, keys, token) = (self.inner.clone(), keys.clone(), token.clone());
+            let task = tokio::spawn(async move {
+                let release = async { node(&nodes, index)?.release_rw(&keys, mode, &token).await };
+                timeout(limit, release).await
+            });
+            if acquired.iter().any(|(acquired, _)| *acquired == index) {
+                waits.push(task);
+            }
+        }
+        join_all(waits).await;
+        if refused.is_empty() {
+            return Err(self.quorum_error("rwlock acquire", &errors));
+        }
+        // A quorum is free once enough of the refusing nodes' holders expire.
+        let needed = self.quorum.saturating_sub(acquired.len());
+        let mut known: Vec<Duration> = expiries.iter().filter_map(|expiry| *expiry).collect();
+        known.sort_unstable();
+        let expires_in = if needed == 0 || known.len() < expiries.len() {
+            None
+        } else {
+            known.get(needed - 1).copied()
+        };
+        let attempt = Attempt::Held { expires_in };
+        // We got some nodes but not a quorum: contenders split them; another round may settle.
+        if acquired.is_empty() {
+            Ok(Round::Done(attempt))
+        } else {
+            Ok(Round::Split(attempt))
+        }
+    }
+
+    /// Renew or release of a reader or writer on every node; settled at a quorum of `true`.
+    async fn rw_on_all(
+        &self,
+        lease: &Lease,
+        mode: RwMode,
+        renew_ms: Option<u64>,
+        limit: Duration,
+    ) -> (usize, usize, Vec<String>) {
+        let keys = Arc::new(self.inner.scheme.rw_keys(lease.key()));
+        let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
+        let outcomes = self
+            .on_all(
+                limit,
+                |nodes, index| {
+                    let (keys, token) = (keys.clone(), token.clone());
+                    async move {
+                        let node = node(&nodes, index)?;
+                        match renew_ms {
+                            Some(ttl_ms) => node.renew_rw(&keys, mode, &token, ttl_ms).await,
+                            None => node.release_rw(&keys, mode, &token).await,
+                        }
+                    }
+                },
+                self.quorum_or_out_of_reach(|done| *done),
+            )
+            .await;
+        tally(outcomes)
+    }
+
+    /// A lock's renew on every node: (renewed, refused, errors).
+    async fn renew_lock(
+        &self,
+        lease: &Lease,
+        ttl_ms: u64,
+        limit: Duration,
+    ) -> (usize, usize, Vec<String>) {
+        let lock_key = Arc::<str>::from(self.inner.scheme.lock_key(lease.key()));
+        let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
+        let outcomes = self
+            .on_all(
+                limit,
+                |nodes, index| {
+                    let (lock_key, token) = (lock_key.clone(), token.clone());
+                    async move { node(&nodes, index)?.renew(&lock_key, &token, ttl_ms).await }
+                },
+                self.quorum_or_out_of_reach(|renewed| *renewed),
+            )
+            .await;
+        tally(outcomes)
+    }
+
+    /// A lock's release on every node: (released, not ours, errors).
+    async fn release_lock(&self, lease: &Lease, limit: Duration) -> (usize, usize, Vec<String>) {
+        let lock_key = Arc::<str>::from(self.inner.scheme.lock_key(lease.key()));
+        let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
+        let outcomes = self
+            .on_all(
+                limit,
+                |nodes, index| {
+                    let (lock_key, token) = (lock_key.clone(), token.clone());
+                    async move { node(&nodes, index)?.release(&lock_key, &token).await }
+                },
+                self.quorum_or_out_of_reach(|released| *released),
+            )
+            .await;
+        tally(outcomes)
+    }
+
     fn quorum_error(&self, what: &str, errors: &[String]) -> LockError {
         LockError::backend_msg(
             "redis",
@@ -457,32 +695,12 @@ impl LockBackend for RedlockBackend {
             .saturating_duration_since(Instant::now())
             .min(self.release_timeout)
             .max(self.node_timeout(granted));
-        let lock_key = self.inner.scheme.lock_key(lease.key());
-        let token = crate::node::token_hex(lease.owner());
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
-        let outcomes = {
-            let (lock_key, token) = (Arc::<str>::from(lock_key), Arc::<str>::from(token));
-            self.on_all(
-                limit,
-                |nodes, index| {
-                    let (lock_key, token) = (lock_key.clone(), token.clone());
-                    async move { node(&nodes, index)?.renew(&lock_key, &token, ttl_ms).await }
-                },
-                self.quorum_or_out_of_reach(|renewed| *renewed),
-            )
-            .await
+        let (renewed, refused, errors) = match rw_mode(lease.kind()) {
+            Some(mode) => self.rw_on_all(lease, mode, Some(ttl_ms), limit).await,
+            None => self.renew_lock(lease, ttl_ms, limit).await,
         };
-        let mut renewed = 0;
-        let mut refused = 0;
-        let mut errors = Vec::new();
-        for (_, outcome) in outcomes {
-            match outcome {
-                Outcome::Answer(true) => renewed += 1,
-                Outcome::Answer(false) => refused += 1,
-                Outcome::Failed(error) => errors.push(error.to_string()),
-            }
-        }
         if renewed >= self.quorum && Instant::now() < valid_until {
             return Ok(lease
                 .renewed(granted, sent_at)
@@ -501,32 +719,12 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
-        let scheme = &self.inner.scheme;
-        let lock_key = scheme.lock_key(lease.key());
-        let token = crate::node::token_hex(lease.owner());
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;
-        let outcomes = {
-            let (lock_key, token) = (Arc::<str>::from(lock_key), Arc::<str>::from(token));
-            self.on_all(
-                limit,
-                |nodes, index| {
-                    let (lock_key, token) = (lock_key.clone(), token.clone());
-                    async move { node(&nodes, index)?.release(&lock_key, &token).await }
-                },
-                self.quorum_or_out_of_reach(|released| *released),
-            )
-            .await
+        let (released, _, errors) = match rw_mode(lease.kind()) {
+            Some(mode) => self.rw_on_all(lease, mode, None, limit).await,
+            None => self.release_lock(lease, limit).await,
         };
-        let mut released = 0;
-        let mut errors = Vec::new();
-        for (_, outcome) in outcomes {
-            match outcome {
-                Outcome::Answer(true) => released += 1,
-                Outcome::Answer(false) => {}
-                Outcome::Failed(error) => errors.push(error.to_string()),
-            }
-        }
         if released >= self.quorum {
             return Ok(true);
         }
@@ -535,6 +733,28 @@ impl LockBackend for RedlockBackend {
             return Err(self.quorum_error("release", &errors));
         }
         Ok(false)
+    }
+
+    async fn try_acquire_rw(
+        &self,
+        key: &LockKey,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        validate_ttl(ttl)?;
+        let ttl = ttl.max(MIN_TTL);
+        let mut round = 0;
+        loop {
+            round += 1;
+            match self.rw_round(key, mode, ttl).await? {
+                Round::Done(attempt) => return Ok(attempt),
+                Round::Split(_) if round < SPLIT_ROUNDS => {
+                    let jitter = rand::random_range(0..=SPLIT_JITTER_MS << round);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Round::Split(attempt) => return Ok(attempt),
+            }
+        }
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
@@ -560,6 +780,9 @@ impl LockBackend for RedlockBackend {
         caps.min_ttl = MIN_TTL;
         caps.ttl_granularity = Duration::from_millis(1);
         caps.expiry_slack = Duration::from_millis(10);
+        // Readers and writers both need a majority, and two majorities always share a node:
+        // sound. A semaphore with N > 1 permits is not offered: see the crate README.
+        caps.rw_locks = true;
         caps
     }
 }

@@ -261,6 +261,32 @@ return 1
     )
 });
 
+/// Redlock: while our reader share or writer side is still live on this node, raise the
+/// slot's fence counter to at least ARGV[2] (the largest fence our quorum returned). KEYS:
+/// readers, writer, fence counter. ARGV: token, fence, `r` or `w`. Answers 1 if still held.
+static RW_RAISE_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{NOW}
+local held
+if ARGV[3] == 'r' then
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  held = score and tonumber(score) > now
+else
+  held = redis.call('GET', KEYS[2]) == ARGV[1]
+end
+if not held then
+  return 0
+end
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+local wanted = tonumber(ARGV[2])
+if current == nil or current < wanted then
+  redis.call('SET', KEYS[3], ARGV[2])
+end
+return 1
+"
+    ))
+});
+
 /// A node's answer to a semaphore or rwlock acquire.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum SharedAcquire {
@@ -389,6 +415,29 @@ impl Node {
         }
         .map_err(|error| backend_error("rwlock acquire", error))?;
         parse_acquire(answer)
+    }
+
+    /// Redlock's fence round for a reader or writer (see [`RW_RAISE_FENCE`]).
+    pub(crate) async fn raise_rw_fence(
+        &self,
+        keys: &[String; 5],
+        mode: RwMode,
+        token: &str,
+        fence: u64,
+    ) -> Result<bool, LockError> {
+        let side = match mode {
+            RwMode::Read => "r",
+            RwMode::Write => "w",
+        };
+        let held: i64 = self
+            .eval(
+                &RW_RAISE_FENCE,
+                &[&keys[0], &keys[1], &keys[4]],
+                (token, fence, side),
+            )
+            .await
+            .map_err(|error| backend_error("rwlock raise fence", error))?;
+        Ok(held == 1)
     }
 
     /// Renews a reader or the writer; false when it is gone or expired.

@@ -125,14 +125,11 @@ mod redlock3 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(3),
         skip = {
-            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_release_wakes_waiter: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_limits_must_agree: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_loss_and_cancel: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_release_wakes_waiter: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
         },
     }
 }
@@ -141,14 +138,11 @@ mod redlock5 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(5),
         skip = {
-            semaphore_never_exceeds_permits: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_dead_holder_permit_returns: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_limits_must_agree: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_loss_and_cancel: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            semaphore_release_wakes_waiter: "semaphores are not implemented on this backend yet (issue #14; Capabilities::semaphores is false)",
-            rwlock_readers_share_writers_exclude: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_writer_not_starved: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
-            rwlock_loss_and_expiry: "reader-writer locks are not implemented on this backend yet (issue #14; Capabilities::rw_locks is false)",
+            semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_limits_must_agree: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_loss_and_cancel: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
+            semaphore_release_wakes_waiter: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
         },
     }
 }
