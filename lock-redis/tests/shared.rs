@@ -225,3 +225,66 @@ async fn restart_without_persistence_loses_shared_holders_cleanly() -> Result<()
     );
     Ok(())
 }
+
+/// Redlock fences for reader-writer locks: a later writer's fence exceeds an earlier
+/// reader's even when its quorum misses the node that gave the reader its (largest) fence,
+/// because the reader's fence round raised the other quorum nodes while its share was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_rw_fences_increase_across_quorums() -> Result<()> {
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(RedisServer::start()?);
+    }
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let backend = lock_redis::RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
+    let key = LockKey::new("rw-fences")?;
+    let ttl = Duration::from_secs(10);
+    let first = backend
+        .try_acquire_rw(&key, RwMode::Write, ttl)
+        .await?
+        .into_lease()
+        .context("free rwlock refused a writer")?;
+    backend.release(&first).await?;
+    // The third node's counter runs far ahead of the others (as after other keys of its slot
+    // were locked there while the other nodes were down).
+    let fence_key = scheme()?.rw_keys(&key)[4].clone();
+    let mut third = servers[2]
+        .client()?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: i64 = redis::cmd("INCRBY")
+        .arg(&fence_key)
+        .arg(100)
+        .query_async(&mut third)
+        .await?;
+    // The reader's quorum is the second and third node (the first is paused).
+    servers[0].pause()?;
+    let short = Duration::from_secs(1);
+    let reader = backend.try_acquire_rw(&key, RwMode::Read, short).await;
+    servers[0].resume()?;
+    let reader = reader?
+        .into_lease()
+        .context("free rwlock refused a reader")?;
+    let reader_fence = reader.fence().context("no reader fence")?;
+    ensure!(
+        reader_fence.0 > 100,
+        "the reader's fence {reader_fence} is not the quorum's largest"
+    );
+    backend.release(&reader).await?;
+    // The paused node ran the reader's acquire late: let that share expire too.
+    sleep(short + Duration::from_millis(300)).await;
+    // Without the third node, a writer's quorum is the first two.
+    servers[2].kill()?;
+    let writer = backend
+        .try_acquire_rw(&key, RwMode::Write, ttl)
+        .await?
+        .into_lease()
+        .context("the writer was refused with two of three nodes up")?;
+    let writer_fence = writer.fence().context("no writer fence")?;
+    ensure!(
+        writer_fence > reader_fence,
+        "a writer's fence {writer_fence} is not above the earlier reader's {reader_fence}"
+    );
+    backend.release(&writer).await?;
+    Ok(())
+}
