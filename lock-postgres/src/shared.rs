@@ -137,7 +137,14 @@ LANGUAGE plpgsql AS $fn$
 BEGIN
   IF write THEN
     IF may_try AND pg_try_advisory_lock(k) THEN
-      DELETE FROM {intent} WHERE name_key = k;
+      -- Granted: the intent is fulfilled. A failure here (a role without DELETE on the
+      -- table) must not leave the lock behind: session locks outlive the rollback.
+      BEGIN
+        DELETE FROM {intent} WHERE name_key = k;
+      EXCEPTION WHEN OTHERS THEN
+        PERFORM pg_advisory_unlock(k);
+        RAISE;
+      END;
     ELSE
       INSERT INTO {intent} AS i (name_key, until)
         VALUES (k, clock_timestamp() + interval '{intent_ms} milliseconds')
@@ -397,6 +404,14 @@ impl Inner {
         };
         let row = match result {
             Ok(Ok(row)) => row,
+            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42501") => {
+                // A privilege error on the intent table comes before any lock is taken (or
+                // after the function gave its lock back): the session's locks are intact.
+                return Err(LockError::InvalidConfig(format!(
+                    "reader-writer locks need SELECT, INSERT, UPDATE and DELETE on {}: {db}",
+                    self.intent_table()
+                )));
+            }
             Ok(Err(error)) => {
                 // The statement may have taken locks before it failed (session locks survive
                 // the rollback): only dropping the session frees them for sure.

@@ -1,0 +1,295 @@
+//! Semaphores and reader-writer locks where PostgreSQL has its own failure modes (#14): a
+//! session grants an advisory lock it holds again (reentrancy), a terminated holder session
+//! frees permits at once, a stopped holder's permits are freed by `idle_session_timeout`,
+//! and a refused writer's intent lives on the server for `WRITER_INTENT`, not longer.
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use common::{advisory_held, server};
+use lock_core::{Attempt, LockBackend, LockKey, Locker, RwMode, WRITER_INTENT};
+use lock_harness::TcpProxy;
+use lock_harness::postgres::PostgresServer;
+use lock_postgres::{PostgresBackend, PostgresConfig, semaphore_base, slot_key};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(Arc::new(
+        PostgresBackend::with_options(options, config).await?,
+    ))
+}
+
+fn acquired(attempt: Attempt, what: &str) -> Result<lock_core::Lease> {
+    attempt
+        .into_lease()
+        .with_context(|| format!("{what} was refused"))
+}
+
+/// Everything of one backend on one holder session: that session would grant a slot or an
+/// exclusive side it holds already (advisory locks are reentrant per session), so the
+/// backend must leave its own slots out and refuse a writer next to its own readers (and a
+/// reader next to its own writer) without asking the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_never_grants_its_own_slot_or_side_again() -> Result<()> {
+    let server = server().await?;
+    let config = PostgresConfig {
+        max_sessions: 1,
+        sessions_per_ttl: 1,
+        ..PostgresConfig::default()
+    };
+    let backend = backend_at(&server.url(), config.clone()).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?;
+    let ttl = Duration::from_secs(10);
+    let name = LockKey::new(unique("reentrant-sem"))?;
+    let a = acquired(
+        backend.try_acquire_permits(&name, 2, 1, ttl).await?,
+        "permit 1 of 2",
+    )?;
+    let b = acquired(
+        backend.try_acquire_permits(&name, 2, 1, ttl).await?,
+        "permit 2 of 2",
+    )?;
+    let third = backend.try_acquire_permits(&name, 2, 1, ttl).await?;
+    ensure!(
+        matches!(third, Attempt::Held { .. }),
+        "a third permit of 2 was granted on the session holding the first two"
+    );
+    let base = semaphore_base(&config.namespace, name.as_str());
+    for slot in 0..2 {
+        ensure!(
+            advisory_held(&pool, slot_key(base, slot)).await?,
+            "slot {slot} is not held on the server"
+        );
+    }
+    ensure!(
+        backend.release(&a).await?,
+        "release of permit 1 answered false"
+    );
+    let c = acquired(
+        backend.try_acquire_permits(&name, 2, 1, ttl).await?,
+        "a permit after a release",
+    )?;
+    ensure!(backend.release(&b).await?);
+    ensure!(backend.release(&c).await?);
+
+    let rw = LockKey::new(unique("reentrant-rw"))?;
+    let r1 = acquired(
+        backend.try_acquire_rw(&rw, RwMode::Read, ttl).await?,
+        "reader 1",
+    )?;
+    let r2 = acquired(
+        backend.try_acquire_rw(&rw, RwMode::Read, ttl).await?,
+        "reader 2",
+    )?;
+    let writer = backend.try_acquire_rw(&rw, RwMode::Write, ttl).await?;
+    ensure!(
+        matches!(writer, Attempt::Held { .. }),
+        "a writer was granted on the session holding two readers"
+    );
+    ensure!(backend.release(&r1).await?);
+    ensure!(backend.release(&r2).await?);
+    let w = acquired(
+        backend.try_acquire_rw(&rw, RwMode::Write, ttl).await?,
+        "the writer after the readers left",
+    )?;
+    let reader = backend.try_acquire_rw(&rw, RwMode::Read, ttl).await?;
+    ensure!(
+        matches!(reader, Attempt::Held { .. }),
+        "a reader was granted on the session holding the writer"
+    );
+    ensure!(backend.release(&w).await?);
+    let r3 = acquired(
+        backend.try_acquire_rw(&rw, RwMode::Read, ttl).await?,
+        "a reader after the writer",
+    )?;
+    ensure!(backend.release(&r3).await?);
+    ensure!(backend.held_count() == 0, "the book still holds leases");
+    Ok(())
+}
+
+/// A holder session the server terminates frees its permits and reader side at once: the
+/// guards' lost signal fires within the heartbeat bound and another backend gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_session_frees_permits_and_sides_and_tells_the_guards() -> Result<()> {
+    let server = server().await?;
+    let holder_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let holder = Locker::from_arc(holder_backend.clone());
+    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let ttl = Duration::from_secs(10);
+    let sem = unique("terminated-sem");
+    let rw = unique("terminated-rw");
+    let permits = holder
+        .semaphore(&sem, 2)
+        .permits(2)
+        .ttl(ttl)
+        .acquire()
+        .await?;
+    let reader = holder.rwlock(&rw).read().ttl(ttl).acquire().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?;
+    for pid in holder_backend.holder_pids().await {
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&pool)
+            .await?;
+    }
+    let terminated = Instant::now();
+    for (what, guard) in [("permits", &permits), ("reader", &reader)] {
+        tokio::time::timeout(Duration::from_secs(3), guard.lost())
+            .await
+            .with_context(|| format!("the {what} guard never heard of its terminated session"))?;
+    }
+    println!(
+        "lost() fired {:?} after the terminate",
+        terminated.elapsed()
+    );
+    let (sem_key, rw_key) = (LockKey::new(&sem)?, LockKey::new(&rw)?);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (p, w) = loop {
+        let p = other.try_acquire_permits(&sem_key, 2, 2, ttl).await?;
+        let w = other.try_acquire_rw(&rw_key, RwMode::Write, ttl).await?;
+        match (p, w) {
+            (Attempt::Acquired(p), Attempt::Acquired(w)) => break (p, w),
+            (p, w) => {
+                if let Attempt::Acquired(p) = p {
+                    other.release(&p).await?;
+                }
+                if let Attempt::Acquired(w) = w {
+                    other.release(&w).await?;
+                }
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the terminated session's permits and reader side were not free 3 s later"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    other.release(&p).await?;
+    other.release(&w).await?;
+    Ok(())
+}
+
+/// A holder whose process stops (its connection black-holed: no release, no reaper, no
+/// close) has its permits freed by the server's `idle_session_timeout`, after the lease's
+/// deadline and within `expiry_slack` (+ margin for a loaded machine) of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_holders_permits_are_freed_after_the_deadline() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let holder = backend_at(
+        &PostgresServer::url_for(proxy.addr()),
+        PostgresConfig::default(),
+    )
+    .await?;
+    let slack = holder.capabilities().expiry_slack;
+    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let name = LockKey::new(unique("stopped-sem"))?;
+    let ttl = Duration::from_secs(2);
+    let sent = Instant::now();
+    let lease = acquired(
+        holder.try_acquire_permits(&name, 3, 3, ttl).await?,
+        "3 of 3 permits",
+    )?;
+    proxy.blackhole();
+    let deadline = sent + ttl;
+    let taken_at = loop {
+        if let Some(lease) = other
+            .try_acquire_permits(&name, 3, 3, ttl)
+            .await?
+            .into_lease()
+        {
+            let at = Instant::now();
+            other.release(&lease).await?;
+            break at;
+        }
+        if Instant::now() > deadline + ttl * 2 {
+            bail!("the stopped holder's permits were not freed within 2 TTLs of the deadline");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let late = taken_at.saturating_duration_since(deadline);
+    println!("permits taken over {late:?} after the deadline (expiry_slack {slack:?})");
+    ensure!(
+        taken_at >= deadline,
+        "permits taken over {:?} before the stopped holder's deadline",
+        deadline - taken_at
+    );
+    ensure!(
+        late <= slack + Duration::from_millis(250),
+        "a stopped holder's permits were freed {late:?} after its deadline (slack {slack:?})"
+    );
+    drop(lease);
+    proxy.heal();
+    Ok(())
+}
+
+/// A refused writer's mark is on the server: it keeps new readers of every backend out while
+/// it lives, and lapses `WRITER_INTENT` after the writer's last attempt when the writer stops
+/// retrying (no session of the writer needs to stay open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_intent_keeps_readers_out_then_lapses() -> Result<()> {
+    let server = server().await?;
+    let first = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let writer = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let late = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let ttl = Duration::from_secs(10);
+    let name = LockKey::new(unique("intent"))?;
+    let reader = acquired(
+        first.try_acquire_rw(&name, RwMode::Read, ttl).await?,
+        "the first reader",
+    )?;
+    let refused = writer.try_acquire_rw(&name, RwMode::Write, ttl).await?;
+    let marked = Instant::now();
+    ensure!(
+        matches!(refused, Attempt::Held { .. }),
+        "a writer was granted beside a reader"
+    );
+    // The writer gives up: its backend goes away with its sessions.
+    drop(writer);
+    tokio::time::sleep(WRITER_INTENT / 2).await;
+    let second = late.try_acquire_rw(&name, RwMode::Read, ttl).await?;
+    ensure!(
+        matches!(second, Attempt::Held { .. }),
+        "a new reader was admitted {:?} after a writer was refused (intent {WRITER_INTENT:?})",
+        marked.elapsed()
+    );
+    let lapse_by = marked + WRITER_INTENT + Duration::from_millis(1500);
+    tokio::time::sleep_until(marked + WRITER_INTENT).await;
+    let second = loop {
+        if let Some(lease) = late
+            .try_acquire_rw(&name, RwMode::Read, ttl)
+            .await?
+            .into_lease()
+        {
+            break lease;
+        }
+        ensure!(
+            Instant::now() < lapse_by,
+            "the intent of a writer that stopped retrying still kept readers out {:?} later",
+            marked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "a new reader was admitted {:?} after the writer's only attempt",
+        marked.elapsed()
+    );
+    first.release(&reader).await?;
+    late.release(&second).await?;
+    Ok(())
+}
