@@ -6,13 +6,16 @@
 //!   etcd-client doing lease grant + txn put + lease revoke with no library;
 //! - hand-off: a holder keeps the lock 5 ms while one waiter is blocked in `acquire`; the time
 //!   from the holder's `release` call to the waiter's `acquire` returning;
+//! - uncontended semaphore acquire + release: `Locker::semaphore(name, 3).try_acquire` +
+//!   release, against etcd-client doing the same engine sequence with no library (lease
+//!   grant + txn "if no holder key under the name, put mine" + lease revoke);
 //! - one etcd write (a put), to state the hand-off bar (2 ms + one write);
 //! - 1,000 keys: acquire all (64 at a time), renew all at once (batched), release all.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::Result;
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use lock_core::{LockKey, Locker};
 use lock_harness::etcd::EtcdCluster;
@@ -64,6 +67,26 @@ async fn raw_once(client: &Client, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// The semaphore's raw floor: grant + the uncontended check-and-create txn + revoke.
+async fn raw_semaphore_once(client: &Client, key: &str) -> Result<()> {
+    let mut lease = client.lease_client();
+    let mut kv = client.kv_client();
+    let id = lease.grant(10, None).await?.id();
+    let holders = format!("raw/%sync/{key}/s/");
+    let txn = Txn::new()
+        .when([Compare::create_revision(holders.clone(), CompareOp::Equal, 0).with_prefix()])
+        .and_then([TxnOp::put(
+            format!("{holders}{id:016x}"),
+            "owner 1 3",
+            Some(PutOptions::new().with_lease(id)),
+        )])
+        .or_else([TxnOp::get(holders, Some(GetOptions::new().with_prefix()))]);
+    let answer = kv.txn(txn).await?;
+    anyhow::ensure!(answer.succeeded(), "raw semaphore txn failed");
+    lease.revoke(id).await?;
+    Ok(())
+}
+
 async fn bench() -> Result<()> {
     let cluster = EtcdCluster::single().await?;
     let url = cluster.url(Some("bench"));
@@ -110,6 +133,34 @@ async fn bench() -> Result<()> {
     }
     let ours = stats(ours, ours_wall);
     let floor = stats(floor, floor_wall);
+
+    // Semaphore, uncontended, alternating blocks as above.
+    let (mut sem, mut sem_floor) = (Vec::new(), Vec::new());
+    let (mut sem_wall, mut sem_floor_wall) = (Duration::ZERO, Duration::ZERO);
+    for block in 0..UNCONTENDED / BLOCK {
+        let started = Instant::now();
+        for i in 0..BLOCK {
+            let t = Instant::now();
+            let permit = locker
+                .semaphore(format!("s{block}-{i}"), 3)
+                .ttl(ttl)
+                .try_acquire()
+                .await?
+                .expect("uncontended semaphore full");
+            permit.release().await?;
+            sem.push(t.elapsed());
+        }
+        sem_wall += started.elapsed();
+        let started = Instant::now();
+        for i in 0..BLOCK {
+            let t = Instant::now();
+            raw_semaphore_once(&raw, &format!("s{block}-{i}")).await?;
+            sem_floor.push(t.elapsed());
+        }
+        sem_floor_wall += started.elapsed();
+    }
+    let sem = stats(sem, sem_wall);
+    let sem_floor = stats(sem_floor, sem_floor_wall);
 
     // One etcd write.
     let mut kv = raw.kv_client();
@@ -211,6 +262,8 @@ async fn bench() -> Result<()> {
     };
     row("distlock try_acquire + release (uncontended)", &ours);
     row("raw floor: grant + txn put + revoke", &floor);
+    row("distlock semaphore acquire + release (unc.)", &sem);
+    row("raw floor: grant + sem txn + revoke", &sem_floor);
     row("one etcd write (put)", &write);
     println!(
         "| hand-off: release -> blocked waiter acquired | {:>6} | {:>6} |      - |",
@@ -221,6 +274,10 @@ async fn bench() -> Result<()> {
     println!(
         "uncontended p50 ratio distlock / raw floor: {:.2} (bar <= 1.20)",
         ours.p50.as_secs_f64() / floor.p50.as_secs_f64()
+    );
+    println!(
+        "semaphore uncontended p50 ratio distlock / raw floor: {:.2}",
+        sem.p50.as_secs_f64() / sem_floor.p50.as_secs_f64()
     );
     println!(
         "hand-off median {} ms vs bar 2 ms + one write = {} ms",

@@ -56,6 +56,8 @@ struct Inner {
     renewer: Renewer,
     /// Subscribers to releases (`subscribe`), woken by a follower task per name.
     hub: lock_core::ReleaseHub,
+    /// This backend's live writer-intent marks: intents range → (lease id, marked at).
+    intents: Mutex<std::collections::HashMap<Vec<u8>, (i64, Instant)>>,
 }
 
 /// Locks in etcd: a lease per lock, a queue of contenders per key ordered by create
@@ -545,6 +547,7 @@ impl EtcdBackend {
                 watcher,
                 renewer,
                 hub: shared::new_hub(),
+                intents: Mutex::default(),
             }),
         })
     }

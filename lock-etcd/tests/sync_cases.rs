@@ -222,3 +222,41 @@ async fn admitted_writer_clears_the_intents() -> Result<()> {
     backend.release(&next).await?;
     Ok(())
 }
+
+/// A waiting writer is woken by every reader's release and refused again while readers
+/// remain: its attempts reuse its fresh intent instead of granting a lease and putting a key
+/// each time. Twenty refusals within ~200 ms leave one intent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_writer_refusals_reuse_a_fresh_intent() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let backend = factory.backend().await?;
+    let ttl = Duration::from_secs(10);
+    let key = LockKey::new("rw-reuse")?;
+    let reader = backend
+        .try_acquire_rw(&key, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("the reader was refused")?;
+    let started = Instant::now();
+    for _ in 0..20 {
+        let writer = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
+        ensure!(
+            matches!(writer, Attempt::Held { .. }),
+            "writer beside a reader"
+        );
+    }
+    let elapsed = started.elapsed();
+    let intents = sync_keys(&factory, "rw-reuse")
+        .await?
+        .into_iter()
+        .filter(|(key, _, _)| key.windows(3).any(|w| w == b"/i/"))
+        .count();
+    // One mark per 500 ms of refusals at most.
+    let allowed = 1 + usize::try_from(elapsed.as_millis() / 500).unwrap_or(usize::MAX);
+    ensure!(
+        (1..=allowed).contains(&intents),
+        "{intents} intent keys after 20 refusals in {elapsed:?} (allowed 1 to {allowed})"
+    );
+    backend.release(&reader).await?;
+    Ok(())
+}

@@ -23,6 +23,13 @@ use lock_core::{LeaseKind, ReleaseHub, Releases, RwMode, WRITER_INTENT};
 /// attempt under heavy churn gives up as held (the client tries again at once).
 const CONTENDED_TRIES: usize = 8;
 
+/// A refused writer of this backend re-marks its intent only when its last mark is older
+/// than this: the client retries a waiting writer at least every WRITER_INTENT / 2, so a mark
+/// refreshed after WRITER_INTENT / 4 never lapses while the writer waits, and a stream of
+/// refusals (every reader's release wakes the writer) costs one lease per 500 ms, not one per
+/// attempt.
+const INTENT_REFRESH: Duration = Duration::from_millis(500);
+
 /// How often an idle release follower checks whether anybody still listens.
 const FOLLOWER_IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -203,10 +210,13 @@ impl EtcdBackend {
                 Some(etcd_client::DeleteOptions::new().with_prefix()),
             ));
         }
-        let txn = Txn::new().when(admit).and_then(ops).or_else([TxnOp::get(
-            entry.clone(),
-            Some(GetOptions::new().with_keys_only()),
-        )]);
+        let txn = Txn::new().when(admit).and_then(ops).or_else([
+            TxnOp::get(entry.clone(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(
+                intents.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        ]);
         let answer = inner.txn("rwlock txn", txn).await?;
         let created = if answer.succeeded() {
             Some(revision(&answer)?)
@@ -218,6 +228,9 @@ impl EtcdBackend {
                 .map(KeyValue::create_revision)
         };
         if let Some(created) = created {
+            if mode == RwMode::Write {
+                lock(&inner.intents).remove(&intents);
+            }
             let lease =
                 lease_for(key, owner, created, entry, lease_id, granted, sent_at)?.with_kind(kind);
             revoke.disarm();
@@ -225,7 +238,13 @@ impl EtcdBackend {
         }
         // Our unused lease is revoked in the background.
         drop(revoke);
+        let marks = range_answer(&answer, 1);
+        let fresh_mark = lock(&inner.intents).get(&intents).is_some_and(|(id, at)| {
+            at.elapsed() < INTENT_REFRESH
+                && marks.iter().any(|kv| kv.key() == entry_key(&intents, *id))
+        });
         if mode == RwMode::Write
+            && !fresh_mark
             && let Err(error) = self.mark_writer_intent(&intents).await
         {
             // The next attempt (within WRITER_INTENT / 2) marks again.
@@ -238,6 +257,8 @@ impl EtcdBackend {
     /// readers out until it expires (or a writer gets in and deletes it).
     async fn mark_writer_intent(&self, intents: &[u8]) -> Result<(), LockError> {
         let inner = &self.inner;
+        // Taken before the grant: the mark lives at least WRITER_INTENT from here.
+        let at = Instant::now();
         let (lease_id, _, mut revoke) = inner.grant_guarded(WRITER_INTENT).await?;
         let mark = Txn::new().and_then([TxnOp::put(
             entry_key(intents, lease_id),
@@ -246,6 +267,10 @@ impl EtcdBackend {
         )]);
         inner.txn("writer intent put", mark).await?;
         revoke.disarm();
+        let mut marks = lock(&inner.intents);
+        // Marks of writers that gave up are forgotten (their leases expire on their own).
+        marks.retain(|_, (_, marked)| marked.elapsed() < WRITER_INTENT);
+        marks.insert(intents.to_vec(), (lease_id, at));
         Ok(())
     }
 
