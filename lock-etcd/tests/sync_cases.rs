@@ -260,3 +260,53 @@ async fn repeated_writer_refusals_reuse_a_fresh_intent() -> Result<()> {
     backend.release(&reader).await?;
     Ok(())
 }
+
+/// A semaphore waiter whose watch stream breaks (connection cut, then healed) is still woken
+/// by a release after the heal: the follower of its subscription re-reads the revision,
+/// wakes it once (a release may have been missed) and watches again. It polls only every 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn semaphore_waiter_is_woken_after_its_watch_stream_broke() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    // The holder bypasses the proxy, the waiter goes through it.
+    let config = lock_etcd::EtcdConfig::new(factory.cluster.direct_endpoints())
+        .with_prefix(factory.prefix.clone());
+    let holder = Locker::from_arc(Arc::new(lock_etcd::EtcdBackend::connect(config).await?));
+    let waiter = Locker::from_arc(factory.backend().await?);
+    let ttl = Duration::from_secs(30);
+    let both = holder
+        .semaphore("sem-cut", 2)
+        .permits(2)
+        .ttl(ttl)
+        .auto_renew(false)
+        .try_acquire()
+        .await?
+        .context("2 of 2 permits refused")?;
+    let waiting = tokio::spawn(async move {
+        let permit = waiter
+            .semaphore("sem-cut", 2)
+            .ttl(ttl)
+            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
+            .wait(Duration::from_secs(25))
+            .acquire()
+            .await?;
+        let got = Instant::now();
+        permit.release().await?;
+        anyhow::Ok(got)
+    });
+    sleep(Duration::from_millis(300)).await;
+    factory.cluster.cut(0)?;
+    sleep(Duration::from_millis(500)).await;
+    factory.cluster.heal(0)?;
+    // Past the waiter's wake-up on the heal and its (refused) re-check; its next poll is ~5 s
+    // away.
+    sleep(Duration::from_millis(1500)).await;
+    let released = Instant::now();
+    both.release().await?;
+    let got = waiting.await??;
+    let after = got.saturating_duration_since(released);
+    ensure!(
+        after < Duration::from_millis(700),
+        "the waiter got a permit {after:?} after the release: its watch was not re-armed"
+    );
+    Ok(())
+}
