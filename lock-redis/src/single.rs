@@ -33,10 +33,18 @@ const CLEANUP_CAPACITY: usize = 256;
 /// Clean-ups sent at once.
 const CLEANUP_BATCH: usize = 16;
 
+/// What a failed acquire may have taken: a lock, permits, or a side of a reader-writer lock.
+#[derive(Debug)]
+enum Target {
+    Lock(String),
+    Permits([String; 3], u32),
+    Rw([String; 5], RwMode),
+}
+
 /// A token to compare-and-delete: the acquire that set it may have run, its answer never came.
 #[derive(Debug)]
 struct Pending {
-    lock_key: String,
+    target: Target,
     token: String,
     /// When the server frees the key anyway (the acquire's TTL).
     expires: Instant,
@@ -108,11 +116,19 @@ impl Cleanup {
                 self.state().worker = false;
                 return;
             };
-            let results = futures::future::join_all(
-                batch
-                    .iter()
-                    .map(|pending| node.release(&pending.lock_key, &pending.token)),
-            )
+            let results = futures::future::join_all(batch.iter().map(|pending| {
+                let token = &pending.token;
+                async move {
+                    match &pending.target {
+                        Target::Lock(lock_key) => node.release(lock_key, token).await,
+                        Target::Permits(keys, count) => {
+                            node.release_permits(keys, &permit_member(*count, token), *count)
+                                .await
+                        }
+                        Target::Rw(keys, mode) => node.release_rw(keys, *mode, token).await,
+                    }
+                }
+            }))
             .await;
             drop(strong);
             let mut failed = false;
@@ -177,11 +193,11 @@ impl RedisBackend {
 
     /// Compare-and-deletes `token` after a failed acquire that may have run, in the
     /// background (see [`Cleanup`]).
-    fn release_in_background(&self, lock_key: String, token: String, expires: Instant) {
+    fn release_in_background(&self, target: Target, token: String, expires: Instant) {
         self.cleanup.push(
             &self.inner,
             Pending {
-                lock_key,
+                target,
                 token,
                 expires,
             },
@@ -222,7 +238,7 @@ impl LockBackend for RedisBackend {
                 // token, and the key would stay locked for the whole TTL. A refused
                 // connection sent nothing: nothing to clean up.
                 if crate::node::may_have_run(&error) {
-                    self.release_in_background(lock_key, token, sent_at + granted);
+                    self.release_in_background(Target::Lock(lock_key), token, sent_at + granted);
                 }
                 return Err(error);
             }
@@ -319,17 +335,22 @@ impl LockBackend for RedisBackend {
         let token = crate::node::token_hex(owner);
         let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
-        let answer = self
+        let keys = self.inner.scheme.semaphore_keys(key);
+        let answer = match self
             .node()?
-            .acquire_permits(
-                &self.inner.scheme.semaphore_keys(key),
-                &token,
-                ttl_ms,
-                limit,
-                count,
-                mark,
-            )
-            .await?;
+            .acquire_permits(&keys, &token, ttl_ms, limit, count, mark)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                // As for a lock: the script may have run without us hearing of it.
+                if crate::node::may_have_run(&error) {
+                    let target = Target::Permits(keys, count);
+                    self.release_in_background(target, token, sent_at + granted);
+                }
+                return Err(error);
+            }
+        };
         let kind = LeaseKind::Permits { limit, count };
         shared_attempt(key, owner, granted, sent_at, kind, answer, limit)
     }
@@ -347,10 +368,20 @@ impl LockBackend for RedisBackend {
         let token = crate::node::token_hex(owner);
         let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
-        let answer = self
+        let keys = self.inner.scheme.rw_keys(key);
+        let answer = match self
             .node()?
-            .acquire_rw(&self.inner.scheme.rw_keys(key), mode, &token, ttl_ms, mark)
-            .await?;
+            .acquire_rw(&keys, mode, &token, ttl_ms, mark)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                if crate::node::may_have_run(&error) {
+                    self.release_in_background(Target::Rw(keys, mode), token, sent_at + granted);
+                }
+                return Err(error);
+            }
+        };
         let kind = match mode {
             RwMode::Read => LeaseKind::Read,
             RwMode::Write => LeaseKind::Write,

@@ -288,3 +288,90 @@ async fn redlock_rw_fences_increase_across_quorums() -> Result<()> {
     backend.release(&writer).await?;
     Ok(())
 }
+
+/// A semaphore acquire whose answer never came (a stall past the command timeout) but whose
+/// script ran must not keep a permit, with a token nobody knows, for the whole TTL: the
+/// backend returns it in the background, as it frees a lock's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_permit_acquire_leaves_no_permit_behind() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let options = RedisOptions::default().command_timeout(Duration::from_millis(300));
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    // Load the scripts first (a NOSCRIPT round trip would keep the script from running).
+    let warm = LockKey::new("warm-up")?;
+    for mode in [RwMode::Read, RwMode::Write] {
+        let lease = backend
+            .try_acquire_rw(&warm, mode, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("warm-up refused")?;
+        backend.release(&lease).await?;
+    }
+    let lease = backend
+        .try_acquire_permits(&warm, 1, 1, Duration::from_secs(5))
+        .await?
+        .into_lease()
+        .context("warm-up refused")?;
+    backend.release(&lease).await?;
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    for (what, key) in [("permits", "failed-permits"), ("writer", "failed-writer")] {
+        let key = LockKey::new(key)?;
+        let [holders, _, fence_key] = scheme()?.semaphore_keys(&key);
+        let held_at = if what == "permits" {
+            holders
+        } else {
+            scheme()?.rw_keys(&key)[1].clone()
+        };
+        // The acquire script counts a fence when it admits: that shows it ran, however
+        // briefly its key lived.
+        let fence_before: Option<u64> = redis::cmd("GET")
+            .arg(&fence_key)
+            .query_async(&mut conn)
+            .await?;
+        // 500 ms each way: the script runs on the server, the answer comes after the client
+        // gave up.
+        proxy.set_delay(Duration::from_millis(500));
+        let attempt = if what == "permits" {
+            backend
+                .try_acquire_permits(&key, 1, 1, Duration::from_secs(30))
+                .await
+        } else {
+            backend
+                .try_acquire_rw(&key, RwMode::Write, Duration::from_secs(30))
+                .await
+        };
+        ensure!(
+            attempt.is_err(),
+            "{what} through a 1 s round trip: {attempt:?}"
+        );
+        let failed_at = tokio::time::Instant::now();
+        let (mut ran, mut freed) = (false, false);
+        while failed_at.elapsed() < Duration::from_secs(4) {
+            let fence: Option<u64> = redis::cmd("GET")
+                .arg(&fence_key)
+                .query_async(&mut conn)
+                .await?;
+            ran = fence > fence_before;
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&held_at)
+                .query_async(&mut conn)
+                .await?;
+            if ran && !exists {
+                freed = true;
+                break;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        proxy.set_delay(Duration::ZERO);
+        ensure!(ran, "the delayed {what} acquire never ran on the server");
+        ensure!(
+            freed,
+            "the {what} of a failed acquire were still held {:?} later (TTL 30 s)",
+            failed_at.elapsed()
+        );
+        // Let the clean-up's answers come back before the next round.
+        sleep(Duration::from_millis(1200)).await;
+    }
+    Ok(())
+}
