@@ -59,6 +59,60 @@ impl Raw {
     }
 }
 
+/// The raw floor of a semaphore: a sorted set of holders scored by expiry (server time),
+/// admitted while fewer than the limit are live, and `ZREM` to release; no fence, no limit
+/// agreement, no waiter mark, no key expiry.
+struct RawSemaphore {
+    conn: ConnectionManager,
+    acquire: redis::Script,
+    release: redis::Script,
+}
+
+impl RawSemaphore {
+    async fn new(url: &str) -> Result<Self> {
+        let conn = ConnectionManager::new(redis::Client::open(url)?).await?;
+        let acquire = redis::Script::new(
+            r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  return 1
+end
+return 0
+",
+        );
+        let release = redis::Script::new("return redis.call('ZREM', KEYS[1], ARGV[1])");
+        Ok(RawSemaphore {
+            conn,
+            acquire,
+            release,
+        })
+    }
+
+    async fn acquire_release(&self, key: &str, token: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let admitted: i64 = self
+            .acquire
+            .key(key)
+            .arg(token)
+            .arg(2)
+            .arg(10_000)
+            .invoke_async(&mut conn)
+            .await?;
+        anyhow::ensure!(admitted == 1, "raw semaphore: {key} was full");
+        let removed: i64 = self
+            .release
+            .key(key)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        anyhow::ensure!(removed == 1, "raw semaphore: release refused");
+        Ok(())
+    }
+}
+
 struct Stats {
     p50: Duration,
     p99: Duration,
@@ -197,6 +251,88 @@ async fn uncontended(url: &str) -> Result<Vec<(&'static str, Stats)>> {
         ("distlock RedisBackend (trait calls)", s_trait.stats()),
         ("raw floor: SET NX PX + CAD script", s_raw.stats()),
         ("rslock 0.10 (1 node)", s_rslock.stats()),
+    ])
+}
+
+/// Uncontended semaphore (1 of 2 permits) acquire+release, fresh name each time: `Locker`,
+/// trait calls, the raw sorted-set floor, and the raw lock floor again for reference, in
+/// interleaved rounds.
+async fn uncontended_semaphore(url: &str) -> Result<Vec<(&'static str, Stats)>> {
+    let backend: Arc<dyn LockBackend> = Arc::new(RedisBackend::connect(url).await?);
+    let locker = Locker::from_arc(backend.clone());
+    let raw = RawSemaphore::new(url).await?;
+    let raw_lock = Raw::new(url).await?;
+    let mut series: Vec<Series> = (0..4).map(|_| Series::default()).collect();
+    for round in 0..=UNCONTENDED_ROUNDS {
+        let ops = if round == 0 { 300 } else { UNCONTENDED_OPS };
+        let mut warm: Vec<Series> = (0..4).map(|_| Series::default()).collect();
+        let target = if round == 0 { &mut warm } else { &mut series };
+        let [a, b, c, d] = target.as_mut_slice() else {
+            anyhow::bail!("four series expected");
+        };
+        a.run(ops, |i| {
+            let locker = locker.clone();
+            async move {
+                let permit = locker
+                    .semaphore(key("sem-locker", round, i), 2)
+                    .ttl(TTL)
+                    .try_acquire()
+                    .await?
+                    .context("full")?;
+                permit.release().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        b.run(ops, |i| {
+            let backend = backend.clone();
+            async move {
+                let key = LockKey::new(key("sem-trait", round, i))?;
+                let lease = backend
+                    .try_acquire_permits(&key, 2, 1, TTL)
+                    .await?
+                    .into_lease()
+                    .context("full")?;
+                backend.release(&lease).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        c.run(ops, |i| {
+            let raw = &raw;
+            async move {
+                let token = lock_core::OwnerToken::random().to_string();
+                raw.acquire_release(&key("sem-raw", round, i), &token).await
+            }
+        })
+        .await?;
+        d.run(ops, |i| {
+            let raw_lock = &raw_lock;
+            async move {
+                let token = lock_core::OwnerToken::random().to_string();
+                raw_lock
+                    .acquire_release(&key("sem-rawlock", round, i), &token)
+                    .await
+            }
+        })
+        .await?;
+    }
+    let mut series = series.into_iter();
+    let mut next = || {
+        series.next().map(Series::stats).unwrap_or(Stats {
+            p50: Duration::ZERO,
+            p99: Duration::ZERO,
+            ops_per_sec: 0.0,
+        })
+    };
+    Ok(vec![
+        (
+            "distlock semaphore, Locker (guard + watchdog entry)",
+            next(),
+        ),
+        ("distlock semaphore, RedisBackend (trait calls)", next()),
+        ("raw floor: sorted-set admit script + ZREM script", next()),
+        ("raw lock floor (SET NX PX + CAD script), same run", next()),
     ])
 }
 
@@ -417,6 +553,36 @@ fn main() -> Result<()> {
         {
             println!(
                 "p50 ratio {name} / raw floor: {:.2} (bar ≤ 1.15)",
+                s.p50.as_secs_f64() / floor.as_secs_f64()
+            );
+        }
+        println!();
+        let semaphore = uncontended_semaphore(&url).await?;
+        println!(
+            "uncontended semaphore acquire+release (1 of 2 permits), one task, fresh name each time ({} ops each)",
+            UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+        );
+        println!("| client | p50 | p99 | ops/s |");
+        println!("|---|---:|---:|---:|");
+        for (name, s) in &semaphore {
+            println!(
+                "| {name} | {} | {} | {:.0} |",
+                us(s.p50),
+                us(s.p99),
+                s.ops_per_sec
+            );
+        }
+        let floor = semaphore
+            .iter()
+            .find(|(name, _)| name.starts_with("raw floor"))
+            .map(|(_, s)| s.p50)
+            .unwrap_or_default();
+        for (name, s) in semaphore
+            .iter()
+            .filter(|(name, _)| name.starts_with("distlock"))
+        {
+            println!(
+                "p50 ratio {name} / raw semaphore floor: {:.2}",
                 s.p50.as_secs_f64() / floor.as_secs_f64()
             );
         }
