@@ -78,6 +78,9 @@ struct Inner {
 ///   deletes the entry only if it carries our owner token on our lease, then a background
 ///   revoke of the emptied lease. A forged or stale lease fails the compare and touches
 ///   nothing.
+/// - Semaphores and reader-writer locks keep holder keys on per-holder leases under
+///   `<prefix>/%sync/<enc(key)>/`, each decision one txn with compares (see the crate
+///   README); `subscribe` wakes their waiters on every delete under the name's ranges.
 ///
 /// Cheap to clone? No: wrap it in an `Arc` (as [`crate::connect`] does). Each instance has its
 /// own connection and its own watch stream.
