@@ -346,6 +346,88 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
     Ok(stats(samples, started.elapsed()))
 }
 
+/// Semaphore (limit 3, 1 permit) acquire + release through the `Locker`, uncontended.
+async fn distlock_semaphore(locker: &Locker) -> Result<Stats> {
+    for _ in 0..300 {
+        locker
+            .semaphore("bench-semaphore", 3)
+            .acquire()
+            .await?
+            .release()
+            .await?;
+    }
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let started = Instant::now();
+    for _ in 0..UNCONTENDED_ROUNDS {
+        let t = Instant::now();
+        let guard = locker.semaphore("bench-semaphore", 3).acquire().await?;
+        ensure!(guard.release().await?, "release answered false");
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+/// Reader-writer read side acquire + release through the `Locker`, uncontended.
+async fn distlock_read(locker: &Locker) -> Result<Stats> {
+    for _ in 0..300 {
+        locker
+            .rwlock("bench-rw")
+            .read()
+            .acquire()
+            .await?
+            .release()
+            .await?;
+    }
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let started = Instant::now();
+    for _ in 0..UNCONTENDED_ROUNDS {
+        let t = Instant::now();
+        let guard = locker.rwlock("bench-rw").read().acquire().await?;
+        ensure!(guard.release().await?, "release answered false");
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+/// The raw floor of a semaphore permit: the same server-side work as distlock's, as plain
+/// statements on one connection: take the limit marker shared, look for another limit's
+/// marker in `pg_locks`, take a slot; then give both back.
+async fn raw_semaphore(url: &str) -> Result<Stats> {
+    let mut conn = raw_conn(url).await?;
+    let (tag, limit, slot) = (0x1234_5678_i32, 3_i32, 0x5eed_i64);
+    let pair = async |conn: &mut PgConnection| -> Result<()> {
+        let (got, others): (bool, i64) = sqlx::query_as(
+            "SELECT pg_try_advisory_lock_shared($1, $2) AND pg_try_advisory_lock($3),              (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2               AND l.classid = $1::oid AND l.objid <> $2::oid AND l.granted)",
+        )
+        .bind(tag)
+        .bind(limit)
+        .bind(slot)
+        .fetch_one(&mut *conn)
+        .await?;
+        ensure!(got && others == 0, "raw permit not granted");
+        let (a, b): (bool, bool) =
+            sqlx::query_as("SELECT pg_advisory_unlock($3), pg_advisory_unlock_shared($1, $2)")
+                .bind(tag)
+                .bind(limit)
+                .bind(slot)
+                .fetch_one(&mut *conn)
+                .await?;
+        ensure!(a && b, "raw permit release failed");
+        Ok(())
+    };
+    for _ in 0..300 {
+        pair(&mut conn).await?;
+    }
+    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+    let started = Instant::now();
+    for _ in 0..UNCONTENDED_ROUNDS {
+        let t = Instant::now();
+        pair(&mut conn).await?;
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
 async fn run(server: &PostgresServer) -> Result<()> {
     let url = server.url();
     let locker = locker_at(&url).await?;
@@ -360,6 +442,9 @@ async fn run(server: &PostgresServer) -> Result<()> {
     let dl_par = distlock_parallel(&locker).await?;
     let raw_hand = raw_handoff(&url).await?;
     let dl_hand = distlock_handoff(&locker, &waiter).await?;
+    let raw_sem = raw_semaphore(&url).await?;
+    let dl_sem = distlock_semaphore(&locker).await?;
+    let dl_read = distlock_read(&locker).await?;
 
     println!("| measure | raw floor | distlock | ratio |");
     println!("|---|---|---|---|");
@@ -419,6 +504,28 @@ async fn run(server: &PostgresServer) -> Result<()> {
         us(raw_hand.p99),
         us(dl_hand.p99),
         ratio(raw_hand.p99, dl_hand.p99)
+    );
+    println!(
+        "| semaphore (limit 3, 1 permit) acquire+release p50 / p99; raw = marker + pg_locks check + slot, then both unlocked | {} / {} | {} / {} | {:.2}× |",
+        us(raw_sem.p50),
+        us(raw_sem.p99),
+        us(dl_sem.p50),
+        us(dl_sem.p99),
+        ratio(raw_sem.p50, dl_sem.p50)
+    );
+    println!(
+        "| semaphore p50 against the plain lock pair (raw floor above) | {} | {} | {:.2}× |",
+        us(raw_one.p50),
+        us(dl_sem.p50),
+        ratio(raw_one.p50, dl_sem.p50)
+    );
+    println!(
+        "| reader-writer read acquire+release p50 / p99 (raw: plain lock pair) | {} / {} | {} / {} | {:.2}× |",
+        us(raw_one.p50),
+        us(raw_one.p99),
+        us(dl_read.p50),
+        us(dl_read.p99),
+        ratio(raw_one.p50, dl_read.p50)
     );
     println!();
     println!(

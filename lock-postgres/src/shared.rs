@@ -315,7 +315,16 @@ impl Inner {
         let _flight = InFlight::start(&in_flight);
         let mut reconnected = false;
         let (result, set_to, hold) = loop {
-            let functions = self.ensure_functions(&mut state).await;
+            let functions = match self.ensure_functions(&mut state).await {
+                // Creating the functions takes no lock: a refusal (a role without TEMP on
+                // the database) leaves the session and its locks alone.
+                Err(error) if !is_connection_error(&error) => {
+                    return Err(LockError::InvalidConfig(format!(
+                        "semaphores and reader-writer locks create pg_temp functions on the                          holder session, which failed (the role needs TEMP on the database):                          {error}"
+                    )));
+                }
+                other => other,
+            };
             let wanted = state
                 .timeout_for(Some(deadline), Instant::now())
                 .unwrap_or(ttl_ms);

@@ -293,3 +293,96 @@ async fn writer_intent_keeps_readers_out_then_lapses() -> Result<()> {
     late.release(&second).await?;
     Ok(())
 }
+
+/// A role that may not create the session's `pg_temp` functions, or may not use the intent
+/// table, gets `InvalidConfig` naming what is missing, and nothing else happens: the locks
+/// and permits already on its holder session stay held (no session is dropped for it), and
+/// a writer granted before its intent `DELETE` failed gives its lock back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privilege_refusals_leave_the_sessions_locks_alone() -> Result<()> {
+    let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let url_as = |role: &str| {
+        format!(
+            "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+            server.port()
+        )
+    };
+    let ttl = Duration::from_secs(10);
+    // The DBA's backend creates the fence sequence and, with a first reader, the intent table.
+    let dba = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let setup = LockKey::new("setup")?;
+    let lease = acquired(
+        dba.try_acquire_rw(&setup, RwMode::Read, ttl).await?,
+        "setup",
+    )?;
+    dba.release(&lease).await?;
+    server.sql(
+        "REVOKE TEMP ON DATABASE postgres FROM PUBLIC; \
+         CREATE ROLE notemp LOGIN; CREATE ROLE notable LOGIN; \
+         GRANT TEMP ON DATABASE postgres TO notable; \
+         GRANT USAGE ON SEQUENCE public.distlock_fence_seq TO notemp, notable",
+    )?;
+    let one_session = PostgresConfig {
+        max_sessions: 1,
+        sessions_per_ttl: 1,
+        ..PostgresConfig::default()
+    };
+    for role in ["notemp", "notable"] {
+        let backend = backend_at(&url_as(role), one_session.clone()).await?;
+        let lock = acquired(
+            backend.try_acquire(&LockKey::new("held")?, ttl).await?,
+            "a lock",
+        )?;
+        let mut kept = vec![lock];
+        let sem = LockKey::new(unique("sem"))?;
+        let permits = backend.try_acquire_permits(&sem, 2, 1, ttl).await;
+        match (role, permits) {
+            ("notemp", Err(lock_core::LockError::InvalidConfig(message))) => ensure!(
+                message.contains("TEMP"),
+                "the refusal does not name TEMP: {message}"
+            ),
+            ("notable", Ok(Attempt::Acquired(lease))) => kept.push(lease),
+            (_, other) => bail!("{role}: a semaphore attempt gave {other:?}"),
+        }
+        if role == "notable" {
+            let rw = LockKey::new(unique("rw"))?;
+            for mode in [RwMode::Read, RwMode::Write] {
+                match backend.try_acquire_rw(&rw, mode, ttl).await {
+                    Err(lock_core::LockError::InvalidConfig(message)) => ensure!(
+                        message.contains("distlock_rw_intent"),
+                        "the refusal does not name the intent table: {message}"
+                    ),
+                    other => bail!("{role}: a {mode:?} attempt gave {other:?}"),
+                }
+            }
+            let key = lock_postgres::rw_key(&one_session.namespace, rw.as_str());
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&server.url())
+                .await?;
+            ensure!(
+                !advisory_held(&pool, key).await?,
+                "the refused writer left its lock held"
+            );
+        }
+        for lease in &kept {
+            ensure!(
+                !lease
+                    .lost_signal()
+                    .is_some_and(|signal| signal.is_cancelled()),
+                "{role}: a lease on the session was reported lost"
+            );
+            backend
+                .renew(lease, ttl)
+                .await
+                .with_context(|| format!("{role}: a lease on the session did not renew"))?;
+        }
+        for lease in kept {
+            ensure!(
+                backend.release(&lease).await?,
+                "{role}: release answered false"
+            );
+        }
+    }
+    Ok(())
+}
