@@ -58,6 +58,8 @@ struct Inner {
     hub: lock_core::ReleaseHub,
     /// This backend's live writer-intent marks: intents range → (lease id, marked at).
     intents: Mutex<std::collections::HashMap<Vec<u8>, (i64, Instant)>>,
+    /// The running release follower of each subscribed name.
+    followers: Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 /// Locks in etcd: a lease per lock, a queue of contenders per key ordered by create
@@ -551,6 +553,7 @@ impl EtcdBackend {
                 renewer,
                 hub: shared::new_hub(),
                 intents: Mutex::default(),
+                followers: Mutex::default(),
             }),
         })
     }

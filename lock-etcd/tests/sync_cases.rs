@@ -310,3 +310,49 @@ async fn semaphore_waiter_is_woken_after_its_watch_stream_broke() -> Result<()> 
     );
     Ok(())
 }
+
+/// The follower of a name's subscriptions runs on the runtime of the first subscriber. If
+/// that runtime shuts down while a subscription lives on (here: moved out of it), the next
+/// subscription, on another runtime, starts a new follower instead of relying on the dead
+/// one: a release still wakes it at once.
+#[test]
+fn subscription_outlives_the_runtime_of_the_first_subscriber() -> Result<()> {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let factory = main.block_on(EtcdFactory::start(1))?;
+    let key = LockKey::new("sem-runtime")?;
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (backend, kept) = first.block_on(async {
+        let backend = factory.backend().await?;
+        let kept = backend.subscribe(&key).await?;
+        anyhow::Ok((backend, kept))
+    })?;
+    drop(first);
+    main.block_on(async {
+        let holder = factory.backend().await?;
+        let permit = holder
+            .try_acquire_permits(&key, 1, 1, Duration::from_secs(10))
+            .await?
+            .into_lease()
+            .context("the permit was refused")?;
+        let mut releases = backend.subscribe(&key).await?;
+        // Let the (new) follower arm its watches.
+        sleep(Duration::from_millis(200)).await;
+        let released = Instant::now();
+        ensure!(holder.release(&permit).await?, "release returned false");
+        let wake = releases.next(released + Duration::from_secs(3)).await;
+        ensure!(
+            wake == lock_core::Wake::Released && released.elapsed() < Duration::from_millis(500),
+            "the subscriber was not woken by the release ({wake:?} after {:?})",
+            released.elapsed()
+        );
+        anyhow::Ok(())
+    })?;
+    drop(kept);
+    Ok(())
+}

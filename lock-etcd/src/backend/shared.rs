@@ -18,6 +18,8 @@
 use super::*;
 use crate::keys::{sub_range, sync_range};
 use lock_core::{LeaseKind, ReleaseHub, Releases, RwMode, WRITER_INTENT};
+use std::collections::HashMap;
+use tokio::task::JoinHandle;
 
 /// Rounds of "read the holders, then create ours only if none was added since" before an
 /// attempt under heavy churn gives up as held (the client tries again at once).
@@ -278,12 +280,32 @@ impl EtcdBackend {
     /// that watches the lock range and the sync range of that name for deletes (a release,
     /// a revoke, an expiry) and wakes every subscriber of the name on each.
     pub(super) async fn subscribe_releases(&self, key: &LockKey) -> Result<Releases, LockError> {
-        let (releases, first) = self.inner.hub.subscribe_tracked(key.as_str());
-        if first {
-            // Deletes after this revision are seen; the caller re-tries after subscribing,
-            // so it sees everything before.
-            let from = self.inner.current_revision().await?;
-            tokio::spawn(follow_releases(self.inner.clone(), key.clone(), from));
+        let inner = &self.inner;
+        let name = key.as_str();
+        let releases = inner.hub.subscribe(name);
+        // One follower per name, restarted if it ended (its runtime shut down).
+        let running = |followers: &HashMap<String, JoinHandle<()>>| {
+            followers
+                .get(name)
+                .is_some_and(|follower| !follower.is_finished())
+        };
+        if running(&lock(&inner.followers)) {
+            return Ok(releases);
+        }
+        // Deletes after this revision are seen; the caller tries again after subscribing, so
+        // it sees everything before. Without it (etcd unreachable) the follower reads it
+        // itself and wakes the subscribers once, as a release may have been missed.
+        let from = match inner.current_revision().await {
+            Ok(from) => Some(from),
+            Err(error) => {
+                tracing::debug!(%error, "subscribe: revision read failed");
+                None
+            }
+        };
+        let mut followers = lock(&inner.followers);
+        if !running(&followers) {
+            let follower = tokio::spawn(follow_releases(inner.clone(), key.clone(), from));
+            followers.insert(name.to_owned(), follower);
         }
         Ok(releases)
     }
@@ -319,12 +341,38 @@ impl Inner {
 /// from the waking delete's revision + 1: a subscriber woken at revision R reads a state that
 /// includes every delete up to R, so nothing in between is missed. An interrupted watch
 /// (broken stream, compacted revision) wakes everybody and re-arms from the current revision.
-async fn follow_releases(inner: Arc<Inner>, key: LockKey, mut from: i64) {
+async fn follow_releases(inner: Arc<Inner>, key: LockKey, from: Option<i64>) {
     let name = key.as_str();
     let ranges = [
         key_range(&inner.config.prefix, &key),
         sync_range(&inner.config.prefix, &key),
     ];
+    // Ends the follower if nobody listens any more. Checked under the followers' lock, which
+    // `subscribe` takes after subscribing: a new subscriber either is seen here or finds no
+    // running follower and starts one.
+    let idle = || {
+        let mut followers = lock(&inner.followers);
+        let idle = !inner.hub.has_waiters(name);
+        if idle {
+            followers.remove(name);
+        }
+        idle
+    };
+    let mut from = match from {
+        Some(from) => from,
+        None => loop {
+            if idle() {
+                return;
+            }
+            match inner.current_revision().await {
+                Ok(now) => {
+                    inner.hub.notify(name);
+                    break now;
+                }
+                Err(_) => sleep(Duration::from_millis(200)).await,
+            }
+        },
+    };
     loop {
         let mut lock_deletes = inner
             .watcher
@@ -339,13 +387,13 @@ async fn follow_releases(inner: Arc<Inner>, key: LockKey, mut from: i64) {
                 at = lock_deletes.deleted_at() => break at,
                 at = sync_deletes.deleted_at() => break at,
                 () = sleep(FOLLOWER_IDLE_CHECK) => {
-                    if !inner.hub.has_waiters(name) {
+                    if idle() {
                         return;
                     }
                 }
             }
         };
-        if !inner.hub.has_waiters(name) {
+        if idle() {
             return;
         }
         match woken {
