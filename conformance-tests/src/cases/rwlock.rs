@@ -106,14 +106,15 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
     let stop = Arc::new(AtomicBool::new(false));
     let writer_in = Arc::new(AtomicBool::new(false));
     let overlap = Arc::new(AtomicBool::new(false));
-    // Four readers in a loop, each holding 60 ms, started 16 ms apart: some reader holds at
-    // every instant, so a writer that only tried between readers would never get in.
+    // Six readers in a loop, each holding 120 ms, started 20 ms apart: several readers hold at
+    // every instant (even on a loaded machine), so a writer that only got in between readers
+    // would never get in.
     let mut stream = Vec::new();
-    for reader in 0..4u32 {
+    for reader in 0..6u32 {
         let (readers, name, stop) = (readers.clone(), name.clone(), stop.clone());
         let (writer_in, overlap) = (writer_in.clone(), overlap.clone());
         stream.push(tokio::spawn(async move {
-            sleep(16 * MS * reader).await;
+            sleep(20 * MS * reader).await;
             while !stop.load(Ordering::SeqCst) {
                 let guard = readers
                     .rwlock(&name)
@@ -125,7 +126,7 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
                 if writer_in.load(Ordering::SeqCst) {
                     overlap.store(true, Ordering::SeqCst);
                 }
-                sleep(60 * MS).await;
+                sleep(120 * MS).await;
                 if writer_in.load(Ordering::SeqCst) {
                     overlap.store(true, Ordering::SeqCst);
                 }
@@ -166,7 +167,7 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
     );
     ensure!(
         waited < Duration::from_secs(3),
-        "the writer waited {waited:?} behind readers holding 60 ms each"
+        "the writer waited {waited:?} behind readers holding 120 ms each"
     );
     Ok(())
 }
