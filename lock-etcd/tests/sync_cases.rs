@@ -356,3 +356,75 @@ fn subscription_outlives_the_runtime_of_the_first_subscriber() -> Result<()> {
     drop(kept);
     Ok(())
 }
+
+/// A 3-member cluster loses its leader while both permits of a semaphore and a reader are
+/// held: the holders keep them (renewed through the new leader for three TTLs), the limit is
+/// still enforced, a writer is still refused, and after the releases both are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_while_permits_and_a_reader_are_held() -> Result<()> {
+    let mut factory = EtcdFactory::start(3).await?;
+    let holder = Locker::from_arc(factory.backend().await?);
+    let other = Locker::from_arc(factory.backend().await?);
+    let ttl = Duration::from_secs(2);
+    let permits = holder
+        .semaphore("leader-sem", 2)
+        .permits(2)
+        .ttl(ttl)
+        .acquire()
+        .await?;
+    let reader = holder.rwlock("leader-rw").read().ttl(ttl).acquire().await?;
+    let killed = factory.cluster.kill_leader().await?;
+    let killed_at = Instant::now();
+    sleep(ttl * 3).await;
+    for (what, guard) in [("permits", &permits), ("reader", &reader)] {
+        ensure!(
+            !guard.is_lost(),
+            "{what} lost after leader {killed} was killed: {:?}",
+            guard.lost_reason()
+        );
+        ensure!(
+            guard.lease().sent_at() > killed_at + ttl,
+            "no renewal of the {what} went through the new leader"
+        );
+    }
+    ensure!(
+        other
+            .semaphore("leader-sem", 2)
+            .ttl(ttl)
+            .try_acquire()
+            .await?
+            .is_none(),
+        "a third permit of 2 was granted"
+    );
+    ensure!(
+        other
+            .rwlock("leader-rw")
+            .write()
+            .ttl(ttl)
+            .try_acquire()
+            .await?
+            .is_none(),
+        "a writer got in beside a reader"
+    );
+    ensure!(permits.release().await?, "permits release returned false");
+    ensure!(reader.release().await?, "reader release returned false");
+    let again = other
+        .semaphore("leader-sem", 2)
+        .permits(2)
+        .ttl(ttl)
+        .try_acquire()
+        .await?
+        .context("permits not free after release")?;
+    again.release().await?;
+    // The refused writer's intent (2 s) may still keep readers out; a writer gets in.
+    let writer = other
+        .rwlock("leader-rw")
+        .write()
+        .ttl(ttl)
+        .try_acquire()
+        .await?
+        .context("rwlock not free for a writer after the reader's release")?;
+    writer.release().await?;
+    factory.cluster.restart(killed).await?;
+    Ok(())
+}
