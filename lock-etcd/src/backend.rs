@@ -42,7 +42,8 @@ pub const EXPIRY_SLACK: Duration = Duration::from_millis(700);
 /// What a granted lease carries for renew and release.
 #[derive(Debug)]
 struct Held {
-    /// The queue entry `<prefix>/<enc(key)>/<lease hex>`.
+    /// The queue entry `<prefix>/<enc(key)>/<lease hex>`, or a semaphore or rwlock holder
+    /// key under `<prefix>/%sync/<enc(key)>/`.
     entry: Vec<u8>,
     lease_id: i64,
     /// The TTL etcd granted (whole seconds, at least the requested TTL).

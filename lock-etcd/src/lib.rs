@@ -1,6 +1,7 @@
 //! distlock backend for etcd (v3 API, etcd ≥ 3.4): a lease per lock, a fair FIFO queue per key
 //! ordered by create revision, fencing tokens = create revision, and watch wake-ups in which
-//! each waiter watches only its predecessor.
+//! each waiter watches only its predecessor. Semaphores and reader-writer locks keep holder
+//! keys on per-holder leases, each decision one txn (see the crate README).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lock_core::LockError> {
