@@ -71,7 +71,7 @@ pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
 use session::*;
 use shared::*;
-pub use shared::{MAX_PERMITS, limit_tag, rw_key, semaphore_base, slot_key};
+pub use shared::{MAX_PERMITS, rw_key, semaphore_base, slot_key};
 use tasks::*;
 
 const BACKEND: &str = "postgres";
@@ -170,7 +170,7 @@ enum BookKey {
 struct HeldLock {
     key: LockKey,
     /// What the unlock must give back: nothing more for a lock (its advisory key is the book
-    /// key), the slots and marker of permits, the side of a reader-writer lock.
+    /// key), the slots and occupancy key of permits, the side of a reader-writer lock.
     shared: Option<Arc<SharedHold>>,
     owner: OwnerToken,
     session: Arc<Session>,
@@ -211,8 +211,9 @@ struct Inner {
     fence_oid: AtomicU32,
     /// Advisory keys of recently used lock keys (see [`Inner::advisory_key`]).
     key_cache: Mutex<HashMap<LockKey, i64>>,
-    /// The reader-writer intent table exists (checked or created once per backend).
-    intent_ready: AtomicBool,
+    /// The semaphore-limit and reader-writer intent tables exist (checked or created once per
+    /// backend).
+    tables_ready: AtomicBool,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -288,7 +289,7 @@ impl PostgresBackend {
             heartbeat_at: Mutex::new(None),
             fence_oid: AtomicU32::new(0),
             key_cache: Mutex::default(),
-            intent_ready: AtomicBool::new(false),
+            tables_ready: AtomicBool::new(false),
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);

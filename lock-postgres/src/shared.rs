@@ -4,10 +4,12 @@
 //! - **Semaphore** `name` with limit `L`: `L` slot keys derived from the name (in a namespace
 //!   of their own, so a lock of the same name is unrelated); a request for `count` permits
 //!   tries the slots in order with `pg_try_advisory_lock` and keeps `count` of them, or none
-//!   (one statement). Every permit lease also holds a shared advisory lock on the *limit
-//!   marker* `(tag(name), L)` in the two-int keyspace; a request first takes its own marker,
-//!   then looks in `pg_locks` for a marker of the same name with another limit: if one is
-//!   held, it gives everything back and is refused with `InvalidConfig` naming both limits.
+//!   (one statement). Every permit lease also holds the semaphore's *occupancy key* (its base
+//!   key) shared. The limit in force is a row of the unlogged table
+//!   `<fence schema>.distlock_semaphore_limit`, binding only while the occupancy key is held:
+//!   a request that gets the occupancy key exclusively (transaction-level: nobody holds a
+//!   permit) writes its limit there; any other request reads it, and another limit is refused
+//!   with `InvalidConfig` naming both.
 //! - **Reader-writer** `name`: one advisory key; readers `pg_try_advisory_lock_shared`, a
 //!   writer `pg_try_advisory_lock`. A refused writer upserts a row `(key, now + WRITER_INTENT)`
 //!   into the unlogged table `<fence schema>.distlock_rw_intent`; a reader is refused while
@@ -31,8 +33,6 @@ pub(crate) struct SharedHold {
     pub(crate) exclusive: Vec<i64>,
     /// One-bigint advisory keys held shared (a reader's key).
     pub(crate) shared: Vec<i64>,
-    /// The semaphore's limit marker (held shared).
-    pub(crate) marker: Option<(i32, i32)>,
 }
 
 impl HeldLock {
@@ -70,12 +70,6 @@ pub fn slot_key(base: i64, slot: u32) -> i64 {
     mix(base.cast_unsigned() ^ mix(u64::from(slot) + 1)).cast_signed()
 }
 
-/// The first int of the semaphore's limit markers `(tag, limit)` (31 bits: `pg_locks` shows
-/// it as an `oid`, compared here without sign trouble).
-pub fn limit_tag(base: i64) -> i32 {
-    (mix(base.cast_unsigned() ^ 0x006c_696d_6974) >> 33) as i32
-}
-
 /// The advisory key of reader-writer lock `key`.
 pub fn rw_key(namespace: &str, key: &str) -> i64 {
     advisory_key(&format!("{namespace}\u{1}rwlock"), key)
@@ -92,26 +86,52 @@ pub(crate) enum SharedRequest {
 /// A function raising after it took locks would leave them (session locks survive the
 /// rollback): the caller then drops the session.
 const FUNCTIONS_SQL: &str = r#"
-CREATE OR REPLACE FUNCTION pg_temp.distlock_permits(slots bigint[], want int, tag int, lim int,
-    fence regclass, OUT f bigint, OUT taken bigint[], OUT other int)
+CREATE OR REPLACE FUNCTION pg_temp.distlock_permits(slots bigint[], want int, o bigint,
+    lim int, own bool, fence regclass, OUT f bigint, OUT taken bigint[], OUT other int)
 LANGUAGE plpgsql AS $fn$
 DECLARE
   got bigint[] := '{}';
   k bigint;
+  cur int;
 BEGIN
-  -- Our marker first, then look for another limit's: of two requests that disagree, the
-  -- later look sees the earlier marker.
-  IF NOT pg_try_advisory_lock_shared(tag, lim) THEN
-    RETURN;
-  END IF;
-  SELECT l.objid::bigint::int INTO other FROM pg_locks l
-   WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.classid = tag::oid
-     AND l.objid <> lim::oid AND l.granted
-     AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-   LIMIT 1;
-  IF other IS NOT NULL THEN
-    PERFORM pg_advisory_unlock_shared(tag, lim);
-    RETURN;
+  -- The occupancy key o: every permit holder holds it shared, so the limit row is binding
+  -- exactly while it is held. Only these statements take it exclusively, and only at
+  -- transaction level: a shared request waits at most for another attempt's statement.
+  IF own THEN
+    -- This session holds permits of the semaphore already (it would be granted o
+    -- exclusively by itself): the row is binding.
+    SELECT permit_limit INTO cur FROM {limits} WHERE name_key = o;
+    IF cur IS DISTINCT FROM lim THEN
+      other := cur;
+      RETURN;
+    END IF;
+    PERFORM pg_advisory_lock_shared(o);
+  ELSIF pg_try_advisory_xact_lock(o) THEN
+    -- Nobody holds a permit: this request sets the limit (committed before the
+    -- transaction lock goes, so a request that waited for it reads the new row).
+    SELECT permit_limit INTO cur FROM {limits} WHERE name_key = o;
+    IF cur IS DISTINCT FROM lim THEN
+      INSERT INTO {limits} (name_key, permit_limit) VALUES (o, lim)
+        ON CONFLICT (name_key) DO UPDATE SET permit_limit = excluded.permit_limit;
+    END IF;
+    PERFORM pg_advisory_lock_shared(o);
+  ELSE
+    -- Waits only for an attempt that is setting the limit; held to the end of this
+    -- statement, it keeps the row as read. (Reads and writes of the table come before the
+    -- session lock: a privilege error then leaves nothing held.)
+    PERFORM pg_advisory_xact_lock_shared(o);
+    SELECT permit_limit INTO cur FROM {limits} WHERE name_key = o;
+    IF cur IS DISTINCT FROM lim THEN
+      -- The holders may have left meanwhile: with nobody else on o, we set the limit.
+      IF pg_try_advisory_xact_lock(o) THEN
+        INSERT INTO {limits} (name_key, permit_limit) VALUES (o, lim)
+          ON CONFLICT (name_key) DO UPDATE SET permit_limit = excluded.permit_limit;
+      ELSE
+        other := cur;
+        RETURN;
+      END IF;
+    END IF;
+    PERFORM pg_advisory_lock_shared(o);
   END IF;
   FOREACH k IN ARRAY slots LOOP
     EXIT WHEN cardinality(got) >= want;
@@ -121,7 +141,7 @@ BEGIN
   END LOOP;
   IF cardinality(got) < want THEN
     PERFORM pg_advisory_unlock(x) FROM unnest(got) x;
-    PERFORM pg_advisory_unlock_shared(tag, lim);
+    PERFORM pg_advisory_unlock_shared(o);
     RETURN;
   END IF;
   taken := got;
@@ -170,7 +190,7 @@ const PERMITS_SQL: &str = "\
 SELECT p.f, p.taken, p.other, pg_backend_pid(),
   CASE WHEN $6 <> '' THEN set_config('idle_session_timeout',
     CASE WHEN p.f IS NULL THEN $7 ELSE $6 END, false) END
-FROM pg_temp.distlock_permits($1, $2, $3, $4, $5::regclass) p";
+FROM pg_temp.distlock_permits($1, $2, $3, $4, $8, $5::regclass) p";
 
 const RW_SQL: &str = "\
 SELECT r.f, NULL::bigint[], NULL::int, pg_backend_pid(),
@@ -182,9 +202,8 @@ FROM pg_temp.distlock_rw($1, $2, $3, $4::regclass) r";
 const UNLOCK_SHARED_SQL: &str = "\
 SELECT (SELECT coalesce(bool_and(pg_advisory_unlock(k)), true) FROM unnest($1::bigint[]) k),
   (SELECT coalesce(bool_and(pg_advisory_unlock_shared(k)), true) FROM unnest($2::bigint[]) k),
-  CASE WHEN $3 THEN pg_advisory_unlock_shared($4, $5) ELSE true END,
-  CASE WHEN pg_try_advisory_xact_lock($6, $7) THEN NULL ELSE pg_notify($8, $9)::text END,
-  CASE WHEN $10 <> '' THEN set_config('idle_session_timeout', $10, false) END,
+  CASE WHEN pg_try_advisory_xact_lock($3, $4) THEN NULL ELSE pg_notify($5, $6)::text END,
+  CASE WHEN $7 <> '' THEN set_config('idle_session_timeout', $7, false) END,
   pg_backend_pid()";
 
 /// A semaphore request's numbers (as `MemoryBackend` checks them, plus [`MAX_PERMITS`]).
@@ -214,9 +233,9 @@ impl Inner {
         if state.shared_ready {
             return Ok(());
         }
-        let intent = self.intent_table();
         let sql = FUNCTIONS_SQL
-            .replace("{intent}", &intent)
+            .replace("{intent}", &self.table("distlock_rw_intent"))
+            .replace("{limits}", &self.table("distlock_semaphore_limit"))
             .replace("{intent_ms}", &WRITER_INTENT.as_millis().to_string());
         let Some(conn) = state.conn.as_mut() else {
             return Err(sqlx::Error::PoolClosed);
@@ -231,29 +250,36 @@ impl Inner {
         Ok(())
     }
 
-    /// The intent table, in the fence sequence's schema (the name is quoted part by part).
-    fn intent_table(&self) -> String {
-        let name = self.config.fence_sequence.as_str();
-        let schema = name.rsplit_once('.').map_or("public", |(schema, _)| schema);
-        format!("{schema}.distlock_rw_intent")
+    /// Table `name` in the fence sequence's schema (as the configuration spells it).
+    fn table(&self, name: &str) -> String {
+        let sequence = self.config.fence_sequence.as_str();
+        let schema = sequence
+            .rsplit_once('.')
+            .map_or("public", |(schema, _)| schema);
+        format!("{schema}.{name}")
     }
 
-    /// Makes sure the intent table exists (created if missing, serialized like the fence
+    /// Makes sure both tables exist (created if missing, serialized like the fence
     /// sequence's creation; needs CREATE on the schema only then).
-    async fn ensure_intent_table(&self, state: &mut SessionState) -> Result<(), LockError> {
-        if self.intent_ready.load(Ordering::Relaxed) {
+    async fn ensure_tables(&self, state: &mut SessionState) -> Result<(), LockError> {
+        if self.tables_ready.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let table = self.intent_table();
+        let intent = self.table("distlock_rw_intent");
+        let limits = self.table("distlock_semaphore_limit");
+        let table = format!("{intent} / {limits}");
         let Some(conn) = state.conn.as_mut() else {
             return Err(LockError::backend_msg(BACKEND, "no holder session", true));
         };
         let work = async {
-            let exists: Option<Oid> = sqlx::query_scalar("SELECT to_regclass($1)::oid")
-                .bind(&table)
-                .fetch_one(&mut *conn)
-                .await?;
-            if exists.is_none() {
+            let exists: bool = sqlx::query_scalar(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            )
+            .bind(&intent)
+            .bind(&limits)
+            .fetch_one(&mut *conn)
+            .await?;
+            if !exists {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
                     .bind(SETUP_LOCK.0)
@@ -263,8 +289,16 @@ impl Inner {
                 // Unlogged: an intent is worth nothing after a crash (it lapses in 2 s anyway),
                 // and writing it costs no WAL.
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "CREATE UNLOGGED TABLE IF NOT EXISTS {table} \
+                    "CREATE UNLOGGED TABLE IF NOT EXISTS {intent} \
                      (name_key bigint PRIMARY KEY, until timestamptz NOT NULL)"
+                )))
+                .execute(&mut *tx)
+                .await?;
+                // Unlogged too: a crash or failover ends every holder session, so no permit
+                // outlives the rows.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE UNLOGGED TABLE IF NOT EXISTS {limits} \
+                     (name_key bigint PRIMARY KEY, permit_limit int NOT NULL)"
                 )))
                 .execute(&mut *tx)
                 .await?;
@@ -274,19 +308,22 @@ impl Inner {
         };
         match tokio::time::timeout(self.config.op_timeout, work).await {
             Ok(Ok(())) => {
-                self.intent_ready.store(true, Ordering::Relaxed);
+                self.tables_ready.store(true, Ordering::Relaxed);
                 Ok(())
             }
             Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42501") => {
                 Err(LockError::InvalidConfig(format!(
-                    "reader-writer locks need the table {table}, which does not exist and this \
-                     role cannot create it ({db}); have an administrator create it (see the \
-                     lock-postgres README) and grant SELECT, INSERT, UPDATE, DELETE on it"
+                    "semaphores and reader-writer locks need the tables {table}, which do not exist and this \
+                     role cannot create them ({db}); have an administrator create them (see the \
+                     lock-postgres README) and grant SELECT, INSERT, UPDATE, DELETE on them"
                 )))
             }
-            Ok(Err(error)) => Err(map_error("creating the reader-writer intent table", error)),
+            Ok(Err(error)) => Err(map_error(
+                "creating the semaphore and reader-writer tables",
+                error,
+            )),
             Err(_) => Err(timed_out(
-                "creating the reader-writer intent table",
+                "creating the semaphore and reader-writer tables",
                 self.config.op_timeout,
             )),
         }
@@ -306,9 +343,7 @@ impl Inner {
         let ttl_ms = ttl_ms(ttl);
         let namespace = self.config.namespace.clone();
         let mut state = self.session_conn(&session).await?;
-        if matches!(request, SharedRequest::Rw(_)) {
-            self.ensure_intent_table(&mut state).await?;
-        }
+        self.ensure_tables(&mut state).await?;
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
         let owner = OwnerToken::random();
         let deadline = sent_at + ttl;
@@ -342,21 +377,23 @@ impl Inner {
                         .map(|slot| slot_key(base, slot))
                         .filter(|slot| !state.holds.contains_key(slot))
                         .collect();
-                    let tag = limit_tag(base);
-                    let limit_i32 = i32::try_from(limit).unwrap_or(i32::MAX);
+                    let own = state
+                        .holds
+                        .get(&base)
+                        .is_some_and(|&(shared, _)| shared > 0);
                     let query = sqlx::query(PERMITS_SQL)
                         .bind(slots)
                         .bind(i32::try_from(count).unwrap_or(i32::MAX))
-                        .bind(tag)
-                        .bind(limit_i32)
+                        .bind(base)
+                        .bind(i32::try_from(limit).unwrap_or(i32::MAX))
                         .bind(fence_oid)
                         .bind(new)
-                        .bind(old);
+                        .bind(old)
+                        .bind(own);
                     let hold = SharedHold {
                         kind: LeaseKind::Permits { limit, count },
                         exclusive: Vec::new(),
-                        shared: Vec::new(),
-                        marker: Some((tag, limit_i32)),
+                        shared: vec![base],
                     };
                     (query, hold)
                 }
@@ -382,14 +419,12 @@ impl Inner {
                             kind: LeaseKind::Write,
                             exclusive: vec![k],
                             shared: Vec::new(),
-                            marker: None,
                         }
                     } else {
                         SharedHold {
                             kind: LeaseKind::Read,
                             exclusive: Vec::new(),
                             shared: vec![k],
-                            marker: None,
                         }
                     };
                     (query, hold)
@@ -417,8 +452,10 @@ impl Inner {
                 // A privilege error on the intent table comes before any lock is taken (or
                 // after the function gave its lock back): the session's locks are intact.
                 return Err(LockError::InvalidConfig(format!(
-                    "reader-writer locks need SELECT, INSERT, UPDATE and DELETE on {}: {db}",
-                    self.intent_table()
+                    "semaphores and reader-writer locks need SELECT, INSERT, UPDATE and DELETE \
+                     on {} and {}: {db}",
+                    self.table("distlock_semaphore_limit"),
+                    self.table("distlock_rw_intent")
                 )));
             }
             Ok(Err(error)) => {
@@ -568,16 +605,9 @@ impl Inner {
         let lower_to = state
             .timeout_for(None, Instant::now())
             .filter(|&wanted| state.timeout_needs(wanted));
-        let (marker_on, (tag, limit)) = match hold.marker {
-            Some(marker) => (true, marker),
-            None => (false, (0, 0)),
-        };
         let query = sqlx::query(UNLOCK_SHARED_SQL)
             .bind(hold.exclusive.clone())
             .bind(hold.shared.clone())
-            .bind(marker_on)
-            .bind(tag)
-            .bind(limit)
             .bind(high)
             .bind(low)
             .bind(&self.channel)
@@ -591,9 +621,8 @@ impl Inner {
                 let decoded = (|| {
                     let a: bool = row.try_get(0)?;
                     let b: bool = row.try_get(1)?;
-                    let c: bool = row.try_get(2)?;
-                    let pid: i32 = row.try_get(5)?;
-                    Ok::<_, sqlx::Error>((a && b && c, pid))
+                    let pid: i32 = row.try_get(4)?;
+                    Ok::<_, sqlx::Error>((a && b, pid))
                 })();
                 match decoded {
                     Ok((_, pid)) if pid != state.pid => Err(UnlockFailure::Failed(

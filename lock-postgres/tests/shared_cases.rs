@@ -66,6 +66,12 @@ async fn one_session_never_grants_its_own_slot_or_side_again() -> Result<()> {
         matches!(third, Attempt::Held { .. }),
         "a third permit of 2 was granted on the session holding the first two"
     );
+    // The session holds permits of this semaphore: another limit is refused all the same.
+    let other_limit = backend.try_acquire_permits(&name, 3, 1, ttl).await;
+    ensure!(
+        matches!(&other_limit, Err(lock_core::LockError::InvalidConfig(m)) if m.contains('2') && m.contains('3')),
+        "a limit of 3 beside this session's permits of 2 gave {other_limit:?}"
+    );
     let base = semaphore_base(&config.namespace, name.as_str());
     for slot in 0..2 {
         ensure!(
@@ -308,7 +314,7 @@ async fn privilege_refusals_leave_the_sessions_locks_alone() -> Result<()> {
         )
     };
     let ttl = Duration::from_secs(10);
-    // The DBA's backend creates the fence sequence and, with a first reader, the intent table.
+    // The DBA's backend creates the fence sequence and, with a first reader, the tables.
     let dba = backend_at(&server.url(), PostgresConfig::default()).await?;
     let setup = LockKey::new("setup")?;
     let lease = acquired(
@@ -316,6 +322,13 @@ async fn privilege_refusals_leave_the_sessions_locks_alone() -> Result<()> {
         "setup",
     )?;
     dba.release(&lease).await?;
+    // A permit of the DBA's keeps the semaphore occupied: a refused request must not take
+    // the occupancy key (the table is read before it).
+    let sem_held = LockKey::new("sem-held")?;
+    let dba_permit = acquired(
+        dba.try_acquire_permits(&sem_held, 2, 1, ttl).await?,
+        "the DBA's permit",
+    )?;
     server.sql(
         "REVOKE TEMP ON DATABASE postgres FROM PUBLIC; \
          CREATE ROLE notemp LOGIN; CREATE ROLE notable LOGIN; \
@@ -333,15 +346,17 @@ async fn privilege_refusals_leave_the_sessions_locks_alone() -> Result<()> {
             backend.try_acquire(&LockKey::new("held")?, ttl).await?,
             "a lock",
         )?;
-        let mut kept = vec![lock];
-        let sem = LockKey::new(unique("sem"))?;
-        let permits = backend.try_acquire_permits(&sem, 2, 1, ttl).await;
+        let kept = vec![lock];
+        let permits = backend.try_acquire_permits(&sem_held, 2, 1, ttl).await;
         match (role, permits) {
             ("notemp", Err(lock_core::LockError::InvalidConfig(message))) => ensure!(
                 message.contains("TEMP"),
                 "the refusal does not name TEMP: {message}"
             ),
-            ("notable", Ok(Attempt::Acquired(lease))) => kept.push(lease),
+            ("notable", Err(lock_core::LockError::InvalidConfig(message))) => ensure!(
+                message.contains("distlock_semaphore_limit"),
+                "the refusal does not name the limit table: {message}"
+            ),
             (_, other) => bail!("{role}: a semaphore attempt gave {other:?}"),
         }
         if role == "notable" {
@@ -384,5 +399,79 @@ async fn privilege_refusals_leave_the_sessions_locks_alone() -> Result<()> {
             );
         }
     }
+    // Nothing of the refused requests stayed on the occupancy key: once the DBA's permit is
+    // gone, a request with another limit sets it.
+    dba.release(&dba_permit).await?;
+    let other_limit = dba.try_acquire_permits(&sem_held, 3, 1, ttl).await;
+    ensure!(
+        matches!(other_limit, Ok(Attempt::Acquired(_))),
+        "a new limit after the last permit gave {other_limit:?}: a refused request left the \
+         occupancy key held"
+    );
+    Ok(())
+}
+
+/// Requests with two limits race on one semaphore from two backends (on several sessions
+/// each): leases of different limits are never held at the same time, and every refusal of
+/// a limit names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disagreeing_limits_are_never_held_together() -> Result<()> {
+    let server = server().await?;
+    let backends = [
+        backend_at(&server.url(), PostgresConfig::default()).await?,
+        backend_at(&server.url(), PostgresConfig::default()).await?,
+    ];
+    let name = LockKey::new(unique("limits-race"))?;
+    let held: Arc<std::sync::Mutex<Vec<u32>>> = Arc::default();
+    let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..8usize {
+        let backend = backends[task % 2].clone();
+        let (name, held, refusals) = (name.clone(), held.clone(), refusals.clone());
+        let limit = if task % 4 < 2 { 2 } else { 3 };
+        // Two TTLs: the tasks of one backend use two holder sessions.
+        let ttl = Duration::from_millis(if task % 3 == 0 { 5000 } else { 6000 });
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                match backend.try_acquire_permits(&name, limit, 1, ttl).await {
+                    Ok(Attempt::Acquired(lease)) => {
+                        {
+                            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                            ensure!(
+                                held.iter().all(|&other| other == limit),
+                                "a permit of limit {limit} granted while {held:?} are held"
+                            );
+                            held.push(limit);
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        {
+                            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                            let at = held.iter().position(|&l| l == limit).context("lost")?;
+                            held.swap_remove(at);
+                        }
+                        backend.release(&lease).await?;
+                    }
+                    Ok(Attempt::Held { .. }) => {}
+                    Err(lock_core::LockError::InvalidConfig(message)) => {
+                        ensure!(
+                            message.contains('2') && message.contains('3'),
+                            "a refusal does not name both limits: {message}"
+                        );
+                        refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    println!(
+        "{} refusals of a disagreeing limit",
+        refusals.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }
