@@ -390,25 +390,31 @@ async fn distlock_read(locker: &Locker) -> Result<Stats> {
 }
 
 /// The raw floor of a semaphore permit: the same server-side work as distlock's, as plain
-/// statements on one connection: take the limit marker shared, look for another limit's
-/// marker in `pg_locks`, take a slot; then give both back.
+/// statements on one connection: the occupancy key (transaction-level exclusive try, then
+/// shared), the limit row read, a slot; then slot and occupancy key given back.
 async fn raw_semaphore(url: &str) -> Result<Stats> {
     let mut conn = raw_conn(url).await?;
-    let (tag, limit, slot) = (0x1234_5678_i32, 3_i32, 0x5eed_i64);
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE lim (name_key bigint PRIMARY KEY, permit_limit int NOT NULL); \
+         INSERT INTO lim VALUES (4242, 3)",
+    )
+    .execute(&mut conn)
+    .await?;
+    let (occupancy, slot) = (4242_i64, 0x5eed_i64);
     let pair = async |conn: &mut PgConnection| -> Result<()> {
-        let (got, others): (bool, i64) = sqlx::query_as(
-            "SELECT pg_try_advisory_lock_shared($1, $2) AND pg_try_advisory_lock($3),              (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2               AND l.classid = $1::oid AND l.objid <> $2::oid AND l.granted)",
+        let (alone, limit, got): (bool, Option<i32>, bool) = sqlx::query_as(
+            "SELECT pg_try_advisory_xact_lock($1), \
+             (SELECT permit_limit FROM lim WHERE name_key = $1), \
+             pg_try_advisory_lock_shared($1) AND pg_try_advisory_lock($2)",
         )
-        .bind(tag)
-        .bind(limit)
+        .bind(occupancy)
         .bind(slot)
         .fetch_one(&mut *conn)
         .await?;
-        ensure!(got && others == 0, "raw permit not granted");
+        ensure!(alone && limit == Some(3) && got, "raw permit not granted");
         let (a, b): (bool, bool) =
-            sqlx::query_as("SELECT pg_advisory_unlock($3), pg_advisory_unlock_shared($1, $2)")
-                .bind(tag)
-                .bind(limit)
+            sqlx::query_as("SELECT pg_advisory_unlock($2), pg_advisory_unlock_shared($1)")
+                .bind(occupancy)
                 .bind(slot)
                 .fetch_one(&mut *conn)
                 .await?;
@@ -506,7 +512,7 @@ async fn run(server: &PostgresServer) -> Result<()> {
         ratio(raw_hand.p99, dl_hand.p99)
     );
     println!(
-        "| semaphore (limit 3, 1 permit) acquire+release p50 / p99; raw = marker + pg_locks check + slot, then both unlocked | {} / {} | {} / {} | {:.2}× |",
+        "| semaphore (limit 3, 1 permit) acquire+release p50 / p99; raw = occupancy key + limit row + slot, then both unlocked | {} / {} | {} / {} | {:.2}× |",
         us(raw_sem.p50),
         us(raw_sem.p99),
         us(dl_sem.p50),
