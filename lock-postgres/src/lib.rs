@@ -27,6 +27,10 @@
 //!   key, `NOTIFY`s. A waiting backend marks its interest with a shared advisory lock on the
 //!   key's hash in the two-int keyspace (held on its waiter connection) and `LISTEN`s on one
 //!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`].
+//! - **Semaphores and reader-writer locks** (#14): permits are advisory slot keys derived from
+//!   the name, a semaphore's limit is agreed through an occupancy key and a limit row, reader
+//!   and writer sides are a shared or exclusive advisory lock with a writer-intent row; same
+//!   sessions, TTL, lost signal, fences and wake-ups as locks (see `shared.rs` and the README).
 //! - **Keys** are hashed with sqlx's [`PgAdvisoryLock::new`] over `namespace NUL key`, so two
 //!   applications with different namespaces never share a lock. See [`advisory_key`].
 

@@ -37,7 +37,8 @@ fn acquired(attempt: Attempt, what: &str) -> Result<lock_core::Lease> {
 /// Everything of one backend on one holder session: that session would grant a slot or an
 /// exclusive side it holds already (advisory locks are reentrant per session), so the
 /// backend must leave its own slots out and refuse a writer next to its own readers (and a
-/// reader next to its own writer) without asking the server.
+/// reader next to its own writer) without trying the lock on the server; a limit that
+/// disagrees with the session's own permits is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_never_grants_its_own_slot_or_side_again() -> Result<()> {
     let server = server().await?;
