@@ -476,3 +476,69 @@ async fn disagreeing_limits_are_never_held_together() -> Result<()> {
     );
     Ok(())
 }
+
+/// A server restart ends every holder session with its `pg_temp` functions: permit and
+/// side guards report lost; afterwards the same backend takes permits and sides again (its
+/// new sessions create the functions again), another limit is accepted (the old limit's
+/// row may survive a clean restart, but no occupancy key is held, so it binds nobody), and
+/// fences keep increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_loses_permits_then_recovers() -> Result<()> {
+    let server = Arc::new(tokio::task::spawn_blocking(PostgresServer::start).await??);
+    let locker = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let ttl = Duration::from_secs(3);
+    let permits = locker
+        .semaphore("sem", 2)
+        .permits(2)
+        .ttl(ttl)
+        .acquire()
+        .await?;
+    let reader = locker.rwlock("rw").read().ttl(ttl).acquire().await?;
+    let fence_before = permits.fence().max(reader.fence());
+    tokio::task::spawn_blocking({
+        let server = server.clone();
+        move || server.restart()
+    })
+    .await??;
+    for guard in [&permits, &reader] {
+        tokio::time::timeout(ttl, guard.lost())
+            .await
+            .with_context(|| format!("{} was not reported lost after a restart", guard.key()))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (again, writer) = loop {
+        let attempt = async {
+            let again = locker
+                .semaphore("sem", 3)
+                .permits(3)
+                .ttl(ttl)
+                .wait(Duration::from_secs(2))
+                .acquire()
+                .await?;
+            let writer = locker
+                .rwlock("rw")
+                .write()
+                .ttl(ttl)
+                .wait(Duration::from_secs(2))
+                .acquire()
+                .await?;
+            anyhow::Ok((again, writer))
+        };
+        match attempt.await {
+            Ok(pair) => break pair,
+            Err(error) if Instant::now() < deadline => {
+                println!("not yet: {error:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => bail!("no permits or writer after the restart: {error:#}"),
+        }
+    };
+    ensure!(
+        again.fence() > fence_before && writer.fence() > fence_before,
+        "fence went back after the restart"
+    );
+    drop((permits, reader));
+    again.release().await?;
+    writer.release().await?;
+    Ok(())
+}
