@@ -343,7 +343,31 @@ impl PostgresBackend {
 impl PostgresBackend {
     /// A semaphore or reader-writer attempt, cancel-safe like `try_acquire`: a grant whose
     /// caller went away is given back.
+    ///
+    /// A limit refusal is tried again up to [`LIMIT_RECHECKS`] times after a short random
+    /// pause: two requests that found a stale limit row just as its holders left refuse each
+    /// other once (each holds the occupancy key for the other's check); retried apart, the
+    /// first sets the limit. A real disagreement is refused every time.
     async fn try_shared(
+        &self,
+        key: &LockKey,
+        request: SharedRequest,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        let mut rechecks = 0;
+        loop {
+            match self.try_shared_once(key, request, ttl).await {
+                Err(error) if is_limit_mismatch(&error) && rechecks < LIMIT_RECHECKS => {
+                    rechecks += 1;
+                    let pause = Duration::from_micros(rand::random_range(200..2000));
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_shared_once(
         &self,
         key: &LockKey,
         request: SharedRequest,

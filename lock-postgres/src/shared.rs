@@ -658,10 +658,21 @@ impl Inner {
     }
 }
 
+/// How many times a limit refusal is checked again before it is reported (see
+/// `PostgresBackend::try_shared`).
+pub(crate) const LIMIT_RECHECKS: u32 = 3;
+
+const MISMATCH_MARK: &str = "permits; a request with a limit";
+
+/// Whether `error` is a limit refusal ([`limit_mismatch`]).
+pub(crate) fn is_limit_mismatch(error: &LockError) -> bool {
+    matches!(error, LockError::InvalidConfig(message) if message.contains(MISMATCH_MARK))
+}
+
 /// Two callers disagree on a semaphore's limit while permits are held.
 fn limit_mismatch(key: &LockKey, held_with: i32, asked: u32) -> LockError {
     LockError::InvalidConfig(format!(
-        "semaphore {key} is held with a limit of {held_with} permits; a request with a limit \
+        "semaphore {key} is held with a limit of {held_with} {MISMATCH_MARK} \
          of {asked} is refused (every caller must use the same limit; a new limit applies once \
          no permit is held)"
     ))
