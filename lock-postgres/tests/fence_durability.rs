@@ -134,6 +134,68 @@ async fn fences_survive_a_crash_after_an_asynchronous_draw_by_another_session() 
         .with_context(|| format!("fences before the crash {fences:?}"))
 }
 
+/// The same for semaphore permits and reader sides (#14): their fences come from the lock's
+/// sequence inside the session's `pg_temp` functions, which must flush it the same way. The
+/// first permit and reader (which create the functions and tables and write the limit row:
+/// commits that flush) come before the checkpoint, so the fences drawn after it write no WAL
+/// of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_and_reader_fences_survive_a_crash_after_an_asynchronous_draw() -> Result<()> {
+    let server = lazy_wal_server().await?;
+    let sem = LockKey::new(unique("crash-sem"))?;
+    let rw = LockKey::new(unique("crash-rw"))?;
+    let ttl = Duration::from_secs(10);
+    let backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let draw = async |backend: &PostgresBackend| -> Result<Vec<u64>> {
+        let mut fences = Vec::new();
+        for _ in 0..3 {
+            let permit = backend
+                .try_acquire_permits(&sem, 2, 1, ttl)
+                .await?
+                .into_lease()
+                .context("no permit")?;
+            let reader = backend
+                .try_acquire_rw(&rw, lock_core::RwMode::Read, ttl)
+                .await?
+                .into_lease()
+                .context("no reader side")?;
+            fences.push(permit.fence().context("no fence")?.0);
+            fences.push(reader.fence().context("no fence")?.0);
+            ensure!(
+                backend.release(&permit).await?,
+                "permit release answered false"
+            );
+            ensure!(
+                backend.release(&reader).await?,
+                "reader release answered false"
+            );
+        }
+        Ok(fences)
+    };
+    draw(&backend).await?;
+    sql(&server, "CHECKPOINT").await?;
+    sql(
+        &server,
+        &format!(
+            "SET synchronous_commit = off; SELECT nextval('{}')",
+            lock_postgres::FENCE_SEQUENCE
+        ),
+    )
+    .await?;
+    let fences = draw(&backend).await?;
+    let before = *fences.iter().max().context("no fence")?;
+    drop(backend);
+    crash_and_restart(&server).await?;
+    let backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let after = draw(&backend).await?;
+    ensure!(
+        after.iter().all(|&fence| fence > before),
+        "fences {after:?} handed out after the crash, but {before} was handed out before it \
+         (before the crash: {fences:?})"
+    );
+    Ok(())
+}
+
 /// A sequence with `CACHE > 1` hands each session its own block (a later holder can get a
 /// lower token), one with `CYCLE` starts over after its maximum: both are refused at connect
 /// with `InvalidConfig` naming the problem, not merely logged.
