@@ -1,6 +1,7 @@
 //! What `Locker` adds on top of a backend: acquire+release of fresh keys on the in-memory
 //! backend, through the trait directly (the floor) and through `Locker` (with auto-renew on,
-//! the default). Run: `cargo bench -p lock-core`.
+//! the default), and the same for one permit of a semaphore of 5 (the memory backend is the
+//! reference engine: its raw floor is its own trait call). Run: `cargo bench -p lock-core`.
 
 #![allow(clippy::expect_used, missing_docs)]
 
@@ -69,5 +70,46 @@ fn main() {
         });
         let (samples, total) = handle.await.expect("task");
         report("Locker (auto-renew on)", samples, total);
+
+        let backend: Arc<dyn LockBackend> = Arc::new(MemoryBackend::new());
+        let permit_keys: Vec<LockKey> = (0..OPS)
+            .map(|i| LockKey::new(format!("s{i}")).expect("key"))
+            .collect();
+        let handle = tokio::spawn({
+            let (backend, keys) = (backend.clone(), permit_keys.clone());
+            async move {
+                let mut samples = Vec::with_capacity(OPS);
+                let start = Instant::now();
+                for key in &keys {
+                    let t = Instant::now();
+                    let attempt = backend.try_acquire_permits(key, 5, 1, ttl).await;
+                    let lease = attempt.expect("acquire").into_lease().expect("free");
+                    backend.release(&lease).await.expect("release");
+                    samples.push(t.elapsed());
+                }
+                (samples, start.elapsed())
+            }
+        });
+        let (samples, total) = handle.await.expect("task");
+        report("semaphore: trait (floor)", samples, total);
+
+        let locker = Locker::from_arc(backend);
+        let handle = tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(OPS);
+            let start = Instant::now();
+            for key in &permit_keys {
+                let t = Instant::now();
+                let permit = locker
+                    .semaphore(key.as_str(), 5)
+                    .acquire()
+                    .await
+                    .expect("acquire");
+                permit.release().await.expect("release");
+                samples.push(t.elapsed());
+            }
+            (samples, start.elapsed())
+        });
+        let (samples, total) = handle.await.expect("task");
+        report("semaphore: Locker", samples, total);
     });
 }
