@@ -38,7 +38,7 @@ pub use error::{BoxError, LockError};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};
 pub use lease::{FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, drift, validate_ttl};
-pub use memory::MemoryBackend;
+pub use memory::{MemoryBackend, check_permits, limit_mismatch};
 pub use multi::{MultiGuard, MultiLockRequest};
 pub use releases::{ReleaseHub, Releases, Wake};
 pub use retry::{Backoff, Delays};

@@ -313,8 +313,10 @@ impl LockBackend for MemoryBackend {
     }
 }
 
-/// A semaphore request's numbers, checked the same way on every backend.
-pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
+/// A semaphore request's numbers, checked the same way on every backend (the client checks
+/// them before any backend call; a backend checks again for callers of the trait itself): a
+/// limit of at least 1, and 1 to `limit` permits.
+pub fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
     if limit == 0 {
         return Err(LockError::InvalidConfig(format!(
             "semaphore {key}: a limit of 0 permits admits nobody"
@@ -328,9 +330,9 @@ pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(),
     Ok(())
 }
 
-/// Two callers disagree on a semaphore's limit while permits are held: refused, never
-/// silently merged.
-pub(crate) fn limit_mismatch(key: &LockKey, held_with: u32, asked: u32) -> LockError {
+/// The error every backend gives when two callers disagree on a semaphore's limit while
+/// permits are held: refused, never silently merged. Its message names both limits.
+pub fn limit_mismatch(key: &LockKey, held_with: u32, asked: u32) -> LockError {
     LockError::InvalidConfig(format!(
         "semaphore {key} is held with a limit of {held_with} permits; a request with a limit \
          of {asked} is refused (every caller must use the same limit; a new limit applies once \

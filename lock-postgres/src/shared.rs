@@ -206,22 +206,14 @@ SELECT (SELECT coalesce(bool_and(pg_advisory_unlock(k)), true) FROM unnest($1::b
   CASE WHEN $7 <> '' THEN set_config('idle_session_timeout', $7, false) END,
   pg_backend_pid()";
 
-/// A semaphore request's numbers (as `MemoryBackend` checks them, plus [`MAX_PERMITS`]).
+/// A semaphore request's numbers: the checks every backend makes
+/// ([`lock_core::check_permits`]), plus [`MAX_PERMITS`].
 pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
-    if limit == 0 {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: a limit of 0 permits admits nobody"
-        )));
-    }
+    lock_core::check_permits(key, limit, count)?;
     if limit > MAX_PERMITS {
         return Err(LockError::InvalidConfig(format!(
             "semaphore {key}: the postgres backend supports limits up to {MAX_PERMITS}, not \
              {limit}"
-        )));
-    }
-    if count == 0 || count > limit {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: cannot take {count} of {limit} permits (1 to {limit})"
         )));
     }
     Ok(())
@@ -662,6 +654,7 @@ impl Inner {
 /// `PostgresBackend::try_shared`).
 pub(crate) const LIMIT_RECHECKS: u32 = 3;
 
+/// A phrase of [`lock_core::limit_mismatch`]'s message, by which a limit refusal is known.
 const MISMATCH_MARK: &str = "permits; a request with a limit";
 
 /// Whether `error` is a limit refusal ([`limit_mismatch`]).
@@ -669,11 +662,24 @@ pub(crate) fn is_limit_mismatch(error: &LockError) -> bool {
     matches!(error, LockError::InvalidConfig(message) if message.contains(MISMATCH_MARK))
 }
 
-/// Two callers disagree on a semaphore's limit while permits are held.
+/// Two callers disagree on a semaphore's limit while permits are held (the shared error,
+/// whose message carries [`MISMATCH_MARK`]).
 fn limit_mismatch(key: &LockKey, held_with: i32, asked: u32) -> LockError {
-    LockError::InvalidConfig(format!(
-        "semaphore {key} is held with a limit of {held_with} {MISMATCH_MARK} \
-         of {asked} is refused (every caller must use the same limit; a new limit applies once \
-         no permit is held)"
-    ))
+    lock_core::limit_mismatch(key, u32::try_from(held_with).unwrap_or(0), asked)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod limit_error_tests {
+    use super::*;
+
+    /// The limit retry recognises the shared error by a phrase of its message: keep them in
+    /// step.
+    #[test]
+    fn the_shared_limit_error_carries_the_mark() {
+        let key = LockKey::new("payments").unwrap();
+        let error = limit_mismatch(&key, 5, 3);
+        assert!(is_limit_mismatch(&error), "{error}");
+        assert!(!is_limit_mismatch(&check_permits(&key, 0, 1).unwrap_err()));
+    }
 }

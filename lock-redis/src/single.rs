@@ -328,7 +328,7 @@ impl LockBackend for RedisBackend {
         ttl: Duration,
     ) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
-        check_permits(key, limit, count)?;
+        lock_core::check_permits(key, limit, count)?;
         let ttl_ms = ttl_millis(ttl);
         let granted = Duration::from_millis(ttl_ms);
         let owner = OwnerToken::random();
@@ -417,21 +417,6 @@ impl LockBackend for RedisBackend {
     }
 }
 
-/// A semaphore request's numbers, checked before anything is sent (as every backend does).
-pub(crate) fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
-    if limit == 0 {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: a limit of 0 permits admits nobody"
-        )));
-    }
-    if count == 0 || count > limit {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: cannot take {count} of {limit} permits (1 to {limit})"
-        )));
-    }
-    Ok(())
-}
-
 /// The attempt for a shared kind's script answer; `limit` is the semaphore limit asked for
 /// (named in a mismatch).
 fn shared_attempt(
@@ -455,10 +440,8 @@ fn shared_attempt(
             .with_kind(kind),
         )),
         SharedAcquire::Held(expires_in) => Ok(Attempt::Held { expires_in }),
-        SharedAcquire::LimitMismatch(held_with) => Err(LockError::InvalidConfig(format!(
-            "semaphore {key} is held with a limit of {held_with} permits; a request with a \
-             limit of {limit} is refused (every caller must use the same limit; a new limit \
-             applies once no permit is held)"
-        ))),
+        SharedAcquire::LimitMismatch(held_with) => {
+            Err(lock_core::limit_mismatch(key, held_with, limit))
+        }
     }
 }

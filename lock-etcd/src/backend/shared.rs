@@ -44,29 +44,6 @@ pub(super) fn holder_value(owner: OwnerToken, kind: LeaseKind) -> String {
     }
 }
 
-/// The same checks as every backend: at least one permit, at most the limit.
-fn check_permits(key: &LockKey, limit: u32, count: u32) -> Result<(), LockError> {
-    if limit == 0 {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: a limit of 0 permits admits nobody"
-        )));
-    }
-    if count == 0 || count > limit {
-        return Err(LockError::InvalidConfig(format!(
-            "semaphore {key}: cannot take {count} of {limit} permits (1 to {limit})"
-        )));
-    }
-    Ok(())
-}
-
-fn limit_mismatch(key: &LockKey, held_with: u32, asked: u32) -> LockError {
-    LockError::InvalidConfig(format!(
-        "semaphore {key} is held with a limit of {held_with} permits; a request with a limit \
-         of {asked} is refused (every caller must use the same limit; a new limit applies once \
-         no permit is held)"
-    ))
-}
-
 /// `(count, limit)` of a semaphore holder key.
 fn parse_holder(kv: &KeyValue) -> Result<(u32, u32), LockError> {
     let value = std::str::from_utf8(kv.value()).unwrap_or_default();
@@ -100,7 +77,7 @@ impl EtcdBackend {
         ttl: Duration,
     ) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
-        check_permits(key, limit, count)?;
+        lock_core::check_permits(key, limit, count)?;
         let inner = &self.inner;
         let holders = sub_range(&sync_range(&inner.config.prefix, key), "s");
         let owner = OwnerToken::random();
@@ -136,7 +113,7 @@ impl EtcdBackend {
                             let (their_count, their_limit) = parse_holder(holder)?;
                             if their_limit != limit {
                                 // `revoke` drops: our unused lease goes in the background.
-                                return Err(limit_mismatch(key, their_limit, limit));
+                                return Err(lock_core::limit_mismatch(key, their_limit, limit));
                             }
                             used += u64::from(their_count);
                         }
