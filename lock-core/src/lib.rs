@@ -5,7 +5,11 @@
 //! - [`Locker`]: the client every backend shares — waiting with backoff and release signals,
 //!   a watchdog that renews at TTL/3, a lost-lock signal that fires before the lease's
 //!   validity deadline, fencing tokens, and cancel-safe acquisition.
-//! - [`MemoryBackend`]: an in-process backend, the embedded default.
+//! - [`MemoryBackend`]: an in-process backend, the embedded default (and the reference
+//!   implementation of semaphores and reader-writer locks).
+//! - Beyond a mutex: [`Locker::semaphore`] (at most N holders), [`Locker::rwlock`] (readers
+//!   or one writer, writers not starved), [`Locker::lock_all`] (several keys, all or nothing),
+//!   retries by count, and metrics through the `metrics` facade.
 //!
 //! ```
 //! # async fn demo() -> Result<(), lock_core::LockError> {
