@@ -136,7 +136,7 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// One attempt at `count` of the `limit` permits of the semaphore `key` (a name of its
     /// own: a semaphore and a lock of the same name are unrelated), never waiting. The lease
-    /// has kind [`LeaseKind::Permits`] and is renewed and released like a lock's. At most
+    /// has kind [`crate::LeaseKind::Permits`] and is renewed and released like a lock's. At most
     /// `limit` permits are held at any instant across all clients. While any permit is held,
     /// a request with another `limit` is refused with [`LockError::InvalidConfig`]; the first
     /// request after the last permit ends sets the limit. Called only when
