@@ -169,7 +169,8 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
         Err(unsupported(self.name(), "reader-writer locks"))
     }
 
-    /// What this backend can promise.
+    /// What this backend can promise. Constant for the backend's life: a [`crate::Locker`]
+    /// reads it once.
     fn capabilities(&self) -> Capabilities;
 
     /// A short name for logs and the `backend` label of metrics (`memory`, `redis`, `redlock`,

@@ -4,7 +4,8 @@ use crate::guard::{GuardState, LockGuard};
 use crate::telemetry;
 use crate::watchdog::{Watchdog, lost_deadline};
 use crate::{
-    Attempt, Backoff, LeaseKind, LockBackend, LockError, LockKey, Releases, RwMode, validate_ttl,
+    Attempt, Backoff, Capabilities, LeaseKind, LockBackend, LockError, LockKey, Releases, RwMode,
+    validate_ttl,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -51,6 +52,8 @@ impl Default for LockOptions {
 #[derive(Clone, Debug)]
 pub struct Locker {
     backend: Arc<dyn LockBackend>,
+    /// The backend's capabilities, read once: they are constant for its life.
+    caps: Capabilities,
     defaults: LockOptions,
     watchdog: Watchdog,
 }
@@ -64,6 +67,7 @@ impl Locker {
     /// A locker over a shared backend.
     pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
         Locker {
+            caps: backend.capabilities(),
             backend,
             defaults: LockOptions::default(),
             watchdog: Watchdog::default(),
@@ -308,7 +312,7 @@ impl LockRequest<'_> {
         let kind = self.kind;
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
-        let caps = backend.capabilities();
+        let caps = &self.locker.caps;
         match kind {
             LeaseKind::Permits { limit, count } => {
                 if !caps.semaphores {
@@ -329,19 +333,14 @@ impl LockRequest<'_> {
         let watchdog = self.locker.watchdog.clone();
         let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
         let backend_name = backend.name();
-        let started = Instant::now();
+        let fair_queue = caps.fair_queue;
+        let start = Instant::now();
         let outcome = async move {
-            let start = Instant::now();
-            let deadline = start.checked_add(wait).unwrap_or(start + crate::MAX_TTL);
-            let deadline = match options.retries {
-                // A count alone bounds the wait: no time limit beyond it.
-                Some(_) if wait.is_zero() => start + crate::MAX_TTL,
-                _ => deadline,
-            };
+            let deadline = wait_deadline(start, wait, options.retries);
             let waits = !wait.is_zero() || options.retries.is_some_and(|retries| retries > 0);
             let lease = if !waits {
                 wait_loop(&backend, &key, &options, kind, start).await?
-            } else if options.retries.is_none() && kind == LeaseKind::Lock && caps.fair_queue {
+            } else if options.retries.is_none() && kind == LeaseKind::Lock && fair_queue {
                 queue_loop(&backend, &key, &options, deadline).await?
             } else {
                 wait_loop(&backend, &key, &options, kind, deadline).await?
@@ -366,9 +365,18 @@ impl LockRequest<'_> {
             Ok(None) => "busy",
             Err(_) => "error",
         };
-        telemetry::acquisition(backend_name, label, started.elapsed());
+        telemetry::acquisition(backend_name, label, start.elapsed());
         outcome
     }
+}
+
+/// When a wait that started at `start` ends: after `wait`, or never (a year) when a retry
+/// count alone bounds it (`wait` zero with `retries` set).
+pub(crate) fn wait_deadline(start: Instant, wait: Duration, retries: Option<u32>) -> Instant {
+    if retries.is_some() && wait.is_zero() {
+        return start + crate::MAX_TTL;
+    }
+    start.checked_add(wait).unwrap_or(start + crate::MAX_TTL)
 }
 
 /// Runs `work` on a held guard: never on a lost one, dropped if the lock is lost midway,

@@ -6,7 +6,7 @@
 //! held, it gives back everything and waits for that one. Two callers naming the same keys in
 //! different orders therefore never wait on each other in a cycle.
 
-use crate::client::{Supervised, supervise};
+use crate::client::{Supervised, supervise, wait_deadline};
 use crate::{FencingToken, LockError, LockGuard, LockKey, LockOptions, Locker};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -92,14 +92,7 @@ impl MultiLockRequest<'_> {
         let started = Instant::now();
         let options = self.options;
         let keys = sorted_keys(self.keys)?;
-        let counted = options.retries.is_some();
-        let deadline = if counted && options.wait.is_zero() {
-            started + crate::MAX_TTL
-        } else {
-            started
-                .checked_add(options.wait)
-                .unwrap_or(started + crate::MAX_TTL)
-        };
+        let deadline = wait_deadline(started, options.wait, options.retries);
         let mut rounds_left = options.retries;
         let mut first_wanted: Option<usize> = None;
         loop {
@@ -107,9 +100,10 @@ impl MultiLockRequest<'_> {
             let mut held = Vec::with_capacity(keys.len());
             if let Some(index) = first_wanted {
                 let remaining = deadline.saturating_duration_since(Instant::now());
+                // A counted wait stays counted here too: the rounds left bound it.
                 let request = self.locker.lock(keys[index].as_str()).options(LockOptions {
                     wait: remaining,
-                    retries: None,
+                    retries: rounds_left,
                     ..options
                 });
                 match request.acquire().await {

@@ -252,11 +252,11 @@ async fn run(watchdog: Watchdog) {
 /// there) and queue it again, or fire its lost signal.
 async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
     let mut attending = Attending {
-        watchdog: watchdog.clone(),
-        watched: watched.clone(),
+        watchdog,
+        watched,
         done: false,
     };
-    attend_once(&watchdog, &watched).await;
+    attend_once(&attending.watchdog, &attending.watched).await;
     attending.done = true;
 }
 
