@@ -233,18 +233,6 @@ return 0
     ))
 });
 
-/// Writer renew: compare the token, then `PEXPIRE`. KEYS: writer. ARGV: token, ttl ms.
-static RW_WRITE_RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-",
-    )
-});
-
 /// Writer release. KEYS: readers, writer, waiter mark. ARGV: token, db.
 static RW_WRITE_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -261,26 +249,21 @@ return 1
     )
 });
 
-/// Redlock: while our reader share or writer side is still live on this node, raise the
-/// slot's fence counter to at least ARGV[2] (the largest fence our quorum returned). KEYS:
-/// readers, writer, fence counter. ARGV: token, fence, `r` or `w`. Answers 1 if still held.
-static RW_RAISE_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+/// Redlock: while our reader share is still live on this node, raise the slot's fence counter
+/// to at least ARGV[2] (the largest fence our quorum returned). KEYS: readers, fence counter.
+/// ARGV: token, fence. Answers 1 if still held. (A writer holds its key as a lock holds its
+/// own, so the lock's fence script serves it.)
+static RW_RAISE_READER_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         r"{NOW}
-local held
-if ARGV[3] == 'r' then
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  held = score and tonumber(score) > now
-else
-  held = redis.call('GET', KEYS[2]) == ARGV[1]
-end
-if not held then
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) <= now then
   return 0
 end
-local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local wanted = tonumber(ARGV[2])
 if current == nil or current < wanted then
-  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[2])
 end
 return 1
 "
@@ -359,6 +342,22 @@ impl Node {
         parse_acquire(answer)
     }
 
+    /// Renews one live member of a holders set (see [`ZSET_RENEW`]), `companion` expiring
+    /// with it; false when it is gone or expired.
+    async fn renew_member(
+        &self,
+        holders: &str,
+        companion: &str,
+        member: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, LockError> {
+        let renewed: i64 = self
+            .eval(&ZSET_RENEW, &[holders, companion], (member, ttl_ms))
+            .await
+            .map_err(|error| backend_error("shared renew", error))?;
+        Ok(renewed == 1)
+    }
+
     /// Renews a semaphore holder; false when it is gone or expired.
     pub(crate) async fn renew_permits(
         &self,
@@ -366,11 +365,7 @@ impl Node {
         member: &str,
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
-        let renewed: i64 = self
-            .eval(&ZSET_RENEW, &[&keys[0], &keys[1]], (member, ttl_ms))
-            .await
-            .map_err(|error| backend_error("semaphore renew", error))?;
-        Ok(renewed == 1)
+        self.renew_member(&keys[0], &keys[1], member, ttl_ms).await
     }
 
     /// Returns a semaphore holder's permits; true when they were still live.
@@ -417,7 +412,7 @@ impl Node {
         parse_acquire(answer)
     }
 
-    /// Redlock's fence round for a reader or writer (see [`RW_RAISE_FENCE`]).
+    /// Redlock's fence round for a reader (see [`RW_RAISE_READER_FENCE`]) or the writer.
     pub(crate) async fn raise_rw_fence(
         &self,
         keys: &[String; 5],
@@ -425,19 +420,21 @@ impl Node {
         token: &str,
         fence: u64,
     ) -> Result<bool, LockError> {
-        let side = match mode {
-            RwMode::Read => "r",
-            RwMode::Write => "w",
-        };
-        let held: i64 = self
-            .eval(
-                &RW_RAISE_FENCE,
-                &[&keys[0], &keys[1], &keys[4]],
-                (token, fence, side),
-            )
-            .await
-            .map_err(|error| backend_error("rwlock raise fence", error))?;
-        Ok(held == 1)
+        match mode {
+            RwMode::Read => {
+                let held: i64 = self
+                    .eval(
+                        &RW_RAISE_READER_FENCE,
+                        &[&keys[0], &keys[4]],
+                        (token, fence),
+                    )
+                    .await
+                    .map_err(|error| backend_error("rwlock raise fence", error))?;
+                Ok(held == 1)
+            }
+            // The writer key holds our bare token, as a lock key does.
+            RwMode::Write => self.raise_fence(&keys[1], &keys[4], token, fence).await,
+        }
     }
 
     /// Renews a reader or the writer; false when it is gone or expired.
@@ -448,18 +445,11 @@ impl Node {
         token: &str,
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
-        let renewed: i64 = match mode {
-            RwMode::Read => {
-                self.eval(&ZSET_RENEW, &[&keys[0], &keys[0]], (token, ttl_ms))
-                    .await
-            }
-            RwMode::Write => {
-                self.eval(&RW_WRITE_RENEW, &[&keys[1]], (token, ttl_ms))
-                    .await
-            }
+        match mode {
+            RwMode::Read => self.renew_member(&keys[0], &keys[0], token, ttl_ms).await,
+            // The writer key holds our bare token, as a lock key does: the lock's renew.
+            RwMode::Write => self.renew(&keys[1], token, ttl_ms).await,
         }
-        .map_err(|error| backend_error("rwlock renew", error))?;
-        Ok(renewed == 1)
     }
 
     /// Releases a reader or the writer; true when it was still held.
