@@ -552,7 +552,7 @@ impl EtcdBackend {
                 config,
                 watcher,
                 renewer,
-                hub: shared::new_hub(),
+                hub: lock_core::ReleaseHub::new(),
                 intents: Mutex::default(),
                 followers: Mutex::default(),
             }),
@@ -983,7 +983,7 @@ impl LockBackend for EtcdBackend {
     }
 
     fn name(&self) -> &'static str {
-        "etcd"
+        BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -17,7 +17,7 @@
 
 use super::*;
 use crate::keys::{sub_range, sync_range};
-use lock_core::{LeaseKind, ReleaseHub, Releases, RwMode, WRITER_INTENT};
+use lock_core::{LeaseKind, Releases, RwMode, WRITER_INTENT};
 use std::collections::HashMap;
 use tokio::task::JoinHandle;
 
@@ -389,9 +389,4 @@ async fn follow_releases(inner: Arc<Inner>, key: LockKey, from: Option<i64>) {
         }
         inner.hub.notify(name);
     }
-}
-
-/// The hub of a backend's release subscribers.
-pub(super) fn new_hub() -> ReleaseHub {
-    ReleaseHub::new()
 }
