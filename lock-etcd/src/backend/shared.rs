@@ -289,21 +289,17 @@ impl EtcdBackend {
 }
 
 impl Inner {
-    /// The store's current revision (a linearizable read).
+    /// The store's current revision (a linearizable read). It reads one key no holder uses
+    /// (the header carries the store's revision): a prefix read would make etcd count every
+    /// sync key of every name on each first subscription.
     pub(super) async fn current_revision(&self) -> Result<i64, LockError> {
         let client = self.connection.client().await?;
-        let range = format!("{}/%sync/", self.config.prefix);
+        let key = format!("{}/%sync/", self.config.prefix);
         let answer = self
             .call("revision read", || {
                 let mut kv = client.kv_client();
-                let range = range.clone();
-                async move {
-                    kv.get(
-                        range,
-                        Some(GetOptions::new().with_prefix().with_count_only()),
-                    )
-                    .await
-                }
+                let key = key.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
             })
             .await?;
         answer
