@@ -7,15 +7,64 @@ mod common;
 use anyhow::{Context, Result, ensure};
 use common::EtcdFactory;
 use conformance_tests::BackendFactory;
-use lock_core::{Attempt, Backoff, LockBackend, LockKey, Locker, RwMode, WRITER_INTENT};
+use lock_core::{Attempt, Backoff, Lease, LockBackend, LockKey, Locker, RwMode, WRITER_INTENT};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
 /// Keys left under the sync range of `name`.
 async fn sync_keys(factory: &EtcdFactory, name: &str) -> Result<Vec<(Vec<u8>, i64, i64)>> {
     let range = lock_etcd::sync_range(&factory.prefix, &LockKey::new(name)?);
     factory.cluster.keys_with_prefix(&range).await
+}
+
+/// Whether a key under a sync range is a writer intent (`.../i/<lease hex>`).
+fn is_intent(key: &[u8]) -> bool {
+    key.windows(3).any(|w| w == b"/i/")
+}
+
+/// A reader admitted on a free `key`.
+async fn admitted_reader(backend: &dyn LockBackend, key: &LockKey, ttl: Duration) -> Result<Lease> {
+    backend
+        .try_acquire_rw(key, RwMode::Read, ttl)
+        .await?
+        .into_lease()
+        .context("the first reader was refused")
+}
+
+/// A writer attempt on `key` while a reader holds it: it must be refused (and so marks its
+/// intent).
+async fn refused_writer(backend: &dyn LockBackend, key: &LockKey, ttl: Duration) -> Result<()> {
+    let writer = backend.try_acquire_rw(key, RwMode::Write, ttl).await?;
+    ensure!(
+        matches!(writer, Attempt::Held { .. }),
+        "a writer got in beside a reader"
+    );
+    Ok(())
+}
+
+/// A waiter for one permit of the semaphore `name` (limit 2) that polls only every 5 s, so
+/// that only a notification wakes it in time; it releases the permit at once and returns
+/// when it got it.
+fn slow_polling_waiter(
+    waiter: Locker,
+    name: &'static str,
+    ttl: Duration,
+    wait: Duration,
+) -> JoinHandle<Result<Instant>> {
+    tokio::spawn(async move {
+        let permit = waiter
+            .semaphore(name, 2)
+            .ttl(ttl)
+            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
+            .wait(wait)
+            .acquire()
+            .await?;
+        let got = Instant::now();
+        permit.release().await?;
+        anyhow::Ok(got)
+    })
 }
 
 /// Forty attempts at once (four clients, ten each) at one permit of a semaphore of 3, five
@@ -97,18 +146,7 @@ async fn revoked_holder_lease_wakes_a_semaphore_waiter() -> Result<()> {
         .into_lease()
         .context("2 of 2 permits refused")?;
     let lease_id = lock_etcd::EtcdBackend::lease_id(&both).context("no lease id")?;
-    let waiting = tokio::spawn(async move {
-        let permit = waiter
-            .semaphore("sem-revoked", 2)
-            .ttl(ttl)
-            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
-            .wait(Duration::from_secs(20))
-            .acquire()
-            .await?;
-        let got = Instant::now();
-        permit.release().await?;
-        anyhow::Ok(got)
-    });
+    let waiting = slow_polling_waiter(waiter, "sem-revoked", ttl, Duration::from_secs(20));
     sleep(Duration::from_millis(300)).await;
     let revoked = Instant::now();
     factory.cluster.revoke_lease(lease_id).await?;
@@ -130,22 +168,12 @@ async fn abandoned_writer_intent_lapses() -> Result<()> {
     let backend = factory.backend().await?;
     let ttl = Duration::from_secs(10);
     let key = LockKey::new("rw-intent")?;
-    let reader = backend
-        .try_acquire_rw(&key, RwMode::Read, ttl)
-        .await?
-        .into_lease()
-        .context("the first reader was refused")?;
+    let reader = admitted_reader(&*backend, &key, ttl).await?;
     let refused_at = Instant::now();
-    let writer = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
-    ensure!(
-        matches!(writer, Attempt::Held { .. }),
-        "a writer got in beside a reader"
-    );
+    refused_writer(&*backend, &key, ttl).await?;
     let intents = sync_keys(&factory, "rw-intent").await?;
     ensure!(
-        intents
-            .iter()
-            .any(|(key, _, _)| key.windows(3).any(|w| w == b"/i/")),
+        intents.iter().any(|(key, _, _)| is_intent(key)),
         "the refused writer left no intent key: {intents:?}"
     );
     let second = backend.try_acquire_rw(&key, RwMode::Read, ttl).await?;
@@ -191,16 +219,8 @@ async fn admitted_writer_clears_the_intents() -> Result<()> {
     let backend = factory.backend().await?;
     let ttl = Duration::from_secs(10);
     let key = LockKey::new("rw-clear")?;
-    let reader = backend
-        .try_acquire_rw(&key, RwMode::Read, ttl)
-        .await?
-        .into_lease()
-        .context("the first reader was refused")?;
-    let refused = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
-    ensure!(
-        matches!(refused, Attempt::Held { .. }),
-        "writer beside a reader"
-    );
+    let reader = admitted_reader(&*backend, &key, ttl).await?;
+    refused_writer(&*backend, &key, ttl).await?;
     ensure!(backend.release(&reader).await?, "reader release");
     let writer = backend
         .try_acquire_rw(&key, RwMode::Write, ttl)
@@ -232,24 +252,16 @@ async fn repeated_writer_refusals_reuse_a_fresh_intent() -> Result<()> {
     let backend = factory.backend().await?;
     let ttl = Duration::from_secs(10);
     let key = LockKey::new("rw-reuse")?;
-    let reader = backend
-        .try_acquire_rw(&key, RwMode::Read, ttl)
-        .await?
-        .into_lease()
-        .context("the reader was refused")?;
+    let reader = admitted_reader(&*backend, &key, ttl).await?;
     let started = Instant::now();
     for _ in 0..20 {
-        let writer = backend.try_acquire_rw(&key, RwMode::Write, ttl).await?;
-        ensure!(
-            matches!(writer, Attempt::Held { .. }),
-            "writer beside a reader"
-        );
+        refused_writer(&*backend, &key, ttl).await?;
     }
     let elapsed = started.elapsed();
     let intents = sync_keys(&factory, "rw-reuse")
         .await?
         .into_iter()
-        .filter(|(key, _, _)| key.windows(3).any(|w| w == b"/i/"))
+        .filter(|(key, _, _)| is_intent(key))
         .count();
     // One mark per 500 ms of refusals at most.
     let allowed = 1 + usize::try_from(elapsed.as_millis() / 500).unwrap_or(usize::MAX);
@@ -281,18 +293,7 @@ async fn semaphore_waiter_is_woken_after_its_watch_stream_broke() -> Result<()> 
         .try_acquire()
         .await?
         .context("2 of 2 permits refused")?;
-    let waiting = tokio::spawn(async move {
-        let permit = waiter
-            .semaphore("sem-cut", 2)
-            .ttl(ttl)
-            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
-            .wait(Duration::from_secs(25))
-            .acquire()
-            .await?;
-        let got = Instant::now();
-        permit.release().await?;
-        anyhow::Ok(got)
-    });
+    let waiting = slow_polling_waiter(waiter, "sem-cut", ttl, Duration::from_secs(25));
     sleep(Duration::from_millis(300)).await;
     factory.cluster.cut(0)?;
     sleep(Duration::from_millis(500)).await;
