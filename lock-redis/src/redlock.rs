@@ -1,7 +1,7 @@
 //! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
 
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
-use crate::shared::SharedAcquire;
+use crate::shared::{SharedAcquire, Target};
 use crate::{KeyScheme, RedisOptions};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -75,15 +75,6 @@ fn tally(outcomes: Vec<(usize, Outcome<bool>)>) -> (usize, usize, Vec<String>) {
         }
     }
     (yes, no, errors)
-}
-
-/// The side a lease holds, or `None` for a lock.
-fn rw_mode(kind: LeaseKind) -> Option<RwMode> {
-    match kind {
-        LeaseKind::Read => Some(RwMode::Read),
-        LeaseKind::Write => Some(RwMode::Write),
-        _ => None,
-    }
 }
 
 enum Outcome<T> {
@@ -577,69 +568,30 @@ impl RedlockBackend {
         }
     }
 
-    /// Renew or release of a reader or writer on every node; settled at a quorum of `true`.
-    async fn rw_on_all(
+    /// Renew (`renew_ms`) or release (`None`) of `lease`, whatever its kind, on every node:
+    /// (yes, no, errors), settled at a quorum of yes.
+    async fn on_all_for_lease(
         &self,
         lease: &Lease,
-        mode: RwMode,
         renew_ms: Option<u64>,
         limit: Duration,
     ) -> (usize, usize, Vec<String>) {
-        let keys = Arc::new(self.inner.scheme.rw_keys(lease.key()));
+        let target = Arc::new(Target::of(&self.inner.scheme, lease.key(), lease.kind()));
         let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
         let outcomes = self
             .on_all(
                 limit,
                 |nodes, index| {
-                    let (keys, token) = (keys.clone(), token.clone());
+                    let (target, token) = (target.clone(), token.clone());
                     async move {
                         let node = node(&nodes, index)?;
                         match renew_ms {
-                            Some(ttl_ms) => node.renew_rw(&keys, mode, &token, ttl_ms).await,
-                            None => node.release_rw(&keys, mode, &token).await,
+                            Some(ttl_ms) => target.renew(node, &token, ttl_ms).await,
+                            None => target.release(node, &token).await,
                         }
                     }
                 },
                 self.quorum_or_out_of_reach(|done| *done),
-            )
-            .await;
-        tally(outcomes)
-    }
-
-    /// A lock's renew on every node: (renewed, refused, errors).
-    async fn renew_lock(
-        &self,
-        lease: &Lease,
-        ttl_ms: u64,
-        limit: Duration,
-    ) -> (usize, usize, Vec<String>) {
-        let lock_key = Arc::<str>::from(self.inner.scheme.lock_key(lease.key()));
-        let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
-        let outcomes = self
-            .on_all(
-                limit,
-                |nodes, index| {
-                    let (lock_key, token) = (lock_key.clone(), token.clone());
-                    async move { node(&nodes, index)?.renew(&lock_key, &token, ttl_ms).await }
-                },
-                self.quorum_or_out_of_reach(|renewed| *renewed),
-            )
-            .await;
-        tally(outcomes)
-    }
-
-    /// A lock's release on every node: (released, not ours, errors).
-    async fn release_lock(&self, lease: &Lease, limit: Duration) -> (usize, usize, Vec<String>) {
-        let lock_key = Arc::<str>::from(self.inner.scheme.lock_key(lease.key()));
-        let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
-        let outcomes = self
-            .on_all(
-                limit,
-                |nodes, index| {
-                    let (lock_key, token) = (lock_key.clone(), token.clone());
-                    async move { node(&nodes, index)?.release(&lock_key, &token).await }
-                },
-                self.quorum_or_out_of_reach(|released| *released),
             )
             .await;
         tally(outcomes)
@@ -697,10 +649,7 @@ impl LockBackend for RedlockBackend {
             .max(self.node_timeout(granted));
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
-        let (renewed, refused, errors) = match rw_mode(lease.kind()) {
-            Some(mode) => self.rw_on_all(lease, mode, Some(ttl_ms), limit).await,
-            None => self.renew_lock(lease, ttl_ms, limit).await,
-        };
+        let (renewed, refused, errors) = self.on_all_for_lease(lease, Some(ttl_ms), limit).await;
         if renewed >= self.quorum && Instant::now() < valid_until {
             return Ok(lease
                 .renewed(granted, sent_at)
@@ -721,10 +670,7 @@ impl LockBackend for RedlockBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;
-        let (released, _, errors) = match rw_mode(lease.kind()) {
-            Some(mode) => self.rw_on_all(lease, mode, None, limit).await,
-            None => self.release_lock(lease, limit).await,
-        };
+        let (released, _, errors) = self.on_all_for_lease(lease, None, limit).await;
         if released >= self.quorum {
             return Ok(true);
         }

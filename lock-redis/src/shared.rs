@@ -11,8 +11,9 @@
 //! it finds (and clears) the mark. Clearing is safe: every waiter woken by that publish tries
 //! again, and one that is refused again sets the mark again.
 
+use crate::KeyScheme;
 use crate::node::{Node, backend_error};
-use lock_core::{LockError, RwMode};
+use lock_core::{LeaseKind, LockError, LockKey, RwMode};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -285,6 +286,60 @@ pub(crate) enum SharedAcquire {
 /// knows how many permits it returns without another key.
 pub(crate) fn permit_member(count: u32, token: &str) -> String {
     format!("{count}:{token}")
+}
+
+/// What a lease (or an acquire whose answer never came) holds on a node, with its Redis
+/// keys: a lock, permits, or one side of a reader-writer lock. The one place renew and
+/// release (of both backends, and the clean-up) pick the scripts for a lease's kind.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// A lock's key.
+    Lock(String),
+    /// A semaphore's keys and the permits held.
+    Permits([String; 3], u32),
+    /// A reader-writer lock's keys and the side held.
+    Rw([String; 5], RwMode),
+}
+
+impl Target {
+    /// The target of a lease of `kind` on `key`.
+    pub(crate) fn of(scheme: &KeyScheme, key: &LockKey, kind: LeaseKind) -> Self {
+        match kind {
+            LeaseKind::Permits { count, .. } => Target::Permits(scheme.semaphore_keys(key), count),
+            LeaseKind::Read => Target::Rw(scheme.rw_keys(key), RwMode::Read),
+            LeaseKind::Write => Target::Rw(scheme.rw_keys(key), RwMode::Write),
+            _ => Target::Lock(scheme.lock_key(key)),
+        }
+    }
+
+    /// Renews `token`'s hold on `node`; false when it is gone or expired.
+    pub(crate) async fn renew(
+        &self,
+        node: &Node,
+        token: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, LockError> {
+        match self {
+            Target::Lock(lock_key) => node.renew(lock_key, token, ttl_ms).await,
+            Target::Permits(keys, count) => {
+                node.renew_permits(keys, &permit_member(*count, token), ttl_ms)
+                    .await
+            }
+            Target::Rw(keys, mode) => node.renew_rw(keys, *mode, token, ttl_ms).await,
+        }
+    }
+
+    /// Releases `token`'s hold on `node`; true when it was still held.
+    pub(crate) async fn release(&self, node: &Node, token: &str) -> Result<bool, LockError> {
+        match self {
+            Target::Lock(lock_key) => node.release(lock_key, token).await,
+            Target::Permits(keys, count) => {
+                node.release_permits(keys, &permit_member(*count, token), *count)
+                    .await
+            }
+            Target::Rw(keys, mode) => node.release_rw(keys, *mode, token).await,
+        }
+    }
 }
 
 fn parse_acquire(answer: redis::Value) -> Result<SharedAcquire, LockError> {

@@ -1,7 +1,7 @@
 //! `RedisBackend`: one Redis server.
 
 use crate::node::{NodeAcquire, Nodes, ttl_millis};
-use crate::shared::{SharedAcquire, permit_member};
+use crate::shared::{SharedAcquire, Target};
 use crate::{KeyScheme, RedisOptions};
 use async_trait::async_trait;
 use lock_core::{
@@ -32,14 +32,6 @@ pub struct RedisBackend {
 const CLEANUP_CAPACITY: usize = 256;
 /// Clean-ups sent at once.
 const CLEANUP_BATCH: usize = 16;
-
-/// What a failed acquire may have taken: a lock, permits, or a side of a reader-writer lock.
-#[derive(Debug)]
-enum Target {
-    Lock(String),
-    Permits([String; 3], u32),
-    Rw([String; 5], RwMode),
-}
 
 /// A token to compare-and-delete: the acquire that set it may have run, its answer never came.
 #[derive(Debug)]
@@ -116,19 +108,11 @@ impl Cleanup {
                 self.state().worker = false;
                 return;
             };
-            let results = futures::future::join_all(batch.iter().map(|pending| {
-                let token = &pending.token;
-                async move {
-                    match &pending.target {
-                        Target::Lock(lock_key) => node.release(lock_key, token).await,
-                        Target::Permits(keys, count) => {
-                            node.release_permits(keys, &permit_member(*count, token), *count)
-                                .await
-                        }
-                        Target::Rw(keys, mode) => node.release_rw(keys, *mode, token).await,
-                    }
-                }
-            }))
+            let results = futures::future::join_all(
+                batch
+                    .iter()
+                    .map(|pending| pending.target.release(node, &pending.token)),
+            )
             .await;
             drop(strong);
             let mut failed = false;
@@ -263,27 +247,9 @@ impl LockBackend for RedisBackend {
         let sent_at = Instant::now();
         let key = lease.key();
         let token = crate::node::token_hex(lease.owner());
-        let scheme = &self.inner.scheme;
-        let node = self.node()?;
-        let renewed = match lease.kind() {
-            LeaseKind::Permits { count, .. } => {
-                node.renew_permits(
-                    &scheme.semaphore_keys(key),
-                    &permit_member(count, &token),
-                    ttl_ms,
-                )
-                .await?
-            }
-            LeaseKind::Read => {
-                node.renew_rw(&scheme.rw_keys(key), RwMode::Read, &token, ttl_ms)
-                    .await?
-            }
-            LeaseKind::Write => {
-                node.renew_rw(&scheme.rw_keys(key), RwMode::Write, &token, ttl_ms)
-                    .await?
-            }
-            _ => node.renew(&scheme.lock_key(key), &token, ttl_ms).await?,
-        };
+        let renewed = Target::of(&self.inner.scheme, key, lease.kind())
+            .renew(self.node()?, &token, ttl_ms)
+            .await?;
         if renewed {
             Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
         } else {
@@ -295,29 +261,10 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
-        let key = lease.key();
-        let scheme = &self.inner.scheme;
         let token = crate::node::token_hex(lease.owner());
-        let node = self.node()?;
-        match lease.kind() {
-            LeaseKind::Permits { count, .. } => {
-                node.release_permits(
-                    &scheme.semaphore_keys(key),
-                    &permit_member(count, &token),
-                    count,
-                )
-                .await
-            }
-            LeaseKind::Read => {
-                node.release_rw(&scheme.rw_keys(key), RwMode::Read, &token)
-                    .await
-            }
-            LeaseKind::Write => {
-                node.release_rw(&scheme.rw_keys(key), RwMode::Write, &token)
-                    .await
-            }
-            _ => node.release(&scheme.lock_key(key), &token).await,
-        }
+        Target::of(&self.inner.scheme, lease.key(), lease.kind())
+            .release(self.node()?, &token)
+            .await
     }
 
     async fn try_acquire_permits(
