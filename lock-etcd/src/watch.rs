@@ -416,6 +416,22 @@ fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchRespons
 mod tests {
     use super::*;
 
+    /// Sends the task a watch of `key` (not a prefix) from `start_revision`.
+    fn watch(
+        requests: &mpsc::UnboundedSender<Request>,
+        key: &str,
+        start_revision: i64,
+    ) -> anyhow::Result<Wakeup> {
+        let (wake, receiver) = oneshot::channel();
+        requests.send(Request {
+            key: key.into(),
+            prefix: false,
+            start_revision,
+            wake,
+        })?;
+        Ok(Wakeup { receiver })
+    }
+
     /// etcd refuses a watch whose id is already in use on the stream, answering created +
     /// canceled with watch id −1: the waiter must still be woken (to re-check), not left
     /// asleep until its deadline.
@@ -434,14 +450,7 @@ mod tests {
         tokio::spawn(run(client, receiver, Duration::from_secs(3), || 1));
         let mut wakeups = Vec::new();
         for key in ["a", "b"] {
-            let (wake, receiver) = oneshot::channel();
-            requests.send(Request {
-                key: key.into(),
-                prefix: false,
-                start_revision: revision + 1,
-                wake,
-            })?;
-            wakeups.push(Wakeup { receiver });
+            wakeups.push(watch(&requests, key, revision + 1)?);
         }
         let mut refused = wakeups.pop().ok_or_else(|| anyhow::anyhow!("no wakeup"))?;
         let woken = timeout(Duration::from_secs(2), refused.wait()).await;
@@ -451,11 +460,6 @@ mod tests {
         );
         Ok(())
     }
-}
-
-#[cfg(test)]
-mod stall_tests {
-    use super::*;
 
     /// Issue #9 item 12: the watch task awaited stream writes (and the creation of a stream)
     /// inside its loop with no bound, and never noticed a stream that stopped answering: a
@@ -475,27 +479,17 @@ mod stall_tests {
             next_id += 1;
             next_id
         }));
-        let watch = |key: &str, start_revision: i64| -> anyhow::Result<Wakeup> {
-            let (wake, receiver) = oneshot::channel();
-            requests.send(Request {
-                key: key.into(),
-                prefix: false,
-                start_revision,
-                wake,
-            })?;
-            Ok(Wakeup { receiver })
-        };
         // The stream works: a watched delete wakes its waiter.
         let revision = direct
             .put("p", "1", None)
             .await?
             .header()
             .map_or(1, |h| h.revision());
-        let mut probe = watch("p", revision + 1)?;
+        let mut probe = watch(&requests, "p", revision + 1)?;
         direct.delete("p", None).await?;
         let woken = timeout(Duration::from_secs(3), probe.wait()).await;
         anyhow::ensure!(woken == Ok(Woken::Deleted), "probe: {woken:?}");
-        let mut waiter = watch("a", revision + 1)?;
+        let mut waiter = watch(&requests, "a", revision + 1)?;
         sleep_ms(300).await;
         // The stream stalls; more watches come meanwhile, enough to fill its buffers.
         cluster.blackhole(0)?;
@@ -503,7 +497,11 @@ mod stall_tests {
         let long_key = "k".repeat(200);
         let mut others = Vec::new();
         for index in 0..3000 {
-            others.push(watch(&format!("{long_key}{index}"), revision + 1)?);
+            others.push(watch(
+                &requests,
+                &format!("{long_key}{index}"),
+                revision + 1,
+            )?);
         }
         let woken = timeout(create_timeout * 4, waiter.wait()).await;
         let took = stalled_at.elapsed();
@@ -522,7 +520,7 @@ mod stall_tests {
             .map_or(1, |h| h.revision());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let mut later = watch("b", revision + 1)?;
+            let mut later = watch(&requests, "b", revision + 1)?;
             sleep_ms(100).await;
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!("no watch worked within 10 s of the heal");
