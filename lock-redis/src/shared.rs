@@ -450,7 +450,7 @@ impl Node {
         ttl_ms: u64,
         mark: bool,
     ) -> Result<SharedAcquire, LockError> {
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let keys = keys.each_ref().map(String::as_str);
         let mark = u8::from(mark);
         let answer: redis::Value = match mode {
             RwMode::Read => {
