@@ -341,9 +341,9 @@ fn subscription_outlives_the_runtime_of_the_first_subscriber() -> Result<()> {
             .await?
             .into_lease()
             .context("the permit was refused")?;
+        // No pause for the follower to arm its watches: they start after the revision that
+        // subscribe read, so a release from here on is seen whenever they are armed.
         let mut releases = backend.subscribe(&key).await?;
-        // Let the (new) follower arm its watches.
-        sleep(Duration::from_millis(200)).await;
         let released = Instant::now();
         ensure!(holder.release(&permit).await?, "release returned false");
         let wake = releases.next(released + Duration::from_secs(3)).await;
