@@ -260,20 +260,19 @@ impl RedlockBackend {
     /// second node timeout per attempt.
     async fn roll_back(
         &self,
-        key: &LockKey,
+        target: Target,
         token: &str,
         limit: Duration,
         held: &[usize],
         wait_for: &[usize],
     ) {
-        let scheme = &self.inner.scheme;
-        let lock_key = Arc::<str>::from(scheme.lock_key(key));
+        let target = Arc::new(target);
         let token = Arc::<str>::from(token);
         let mut waits = Vec::with_capacity(wait_for.len());
         for index in (0..self.inner.nodes.len()).filter(|index| !held.contains(index)) {
-            let (nodes, lock_key, token) = (self.inner.clone(), lock_key.clone(), token.clone());
+            let (nodes, target, token) = (self.inner.clone(), target.clone(), token.clone());
             let task = tokio::spawn(async move {
-                let release = async { node(&nodes, index)?.release(&lock_key, &token).await };
+                let release = async { target.release(node(&nodes, index)?, &token).await };
                 timeout(limit, release).await
             });
             if wait_for.contains(&index) {
@@ -281,6 +280,83 @@ impl RedlockBackend {
             }
         }
         join_all(waits).await;
+    }
+
+    /// The fence round of a granted vote: the largest fence among `acquired`, and how many
+    /// of those nodes confirm it once every node behind was raised to it by `raise` (which
+    /// answers whether our hold is still live there). Any later holder's quorum meets ours
+    /// on a node whose counter is at our fence, so its fence is larger.
+    async fn confirm_fence<'a, Fut>(
+        &'a self,
+        acquired: &[(usize, u64)],
+        limit: Duration,
+        raise: impl Fn(&'a Node, u64) -> Fut,
+    ) -> (u64, usize)
+    where
+        Fut: Future<Output = Result<bool, LockError>>,
+    {
+        let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
+        let behind: Vec<&Node> = acquired
+            .iter()
+            .filter(|(_, value)| *value < fence)
+            .filter_map(|(index, _)| self.inner.nodes.get(*index))
+            .collect();
+        let mut confirmed = acquired.len() - behind.len();
+        if !behind.is_empty() {
+            let raised = join_all(
+                behind
+                    .into_iter()
+                    .map(|node| timeout(limit, raise(node, fence))),
+            )
+            .await;
+            confirmed += raised
+                .iter()
+                .filter(|outcome| matches!(outcome, Ok(Ok(true))))
+                .count();
+        }
+        (fence, confirmed)
+    }
+
+    /// When a quorum may be free after a refused round: once enough of the refusing nodes'
+    /// holders expire (`expiries`, one per refusing node) beside the `acquired` nodes we
+    /// rolled back. `None` when that is unknown.
+    fn free_in(
+        &self,
+        acquired: usize,
+        expiries: impl ExactSizeIterator<Item = Option<Duration>>,
+    ) -> Option<Duration> {
+        let needed = self.quorum.saturating_sub(acquired);
+        let refusing = expiries.len();
+        let mut known: Vec<Duration> = expiries.flatten().collect();
+        known.sort_unstable();
+        if needed == 0 || known.len() < refusing {
+            None
+        } else {
+            known.get(needed - 1).copied()
+        }
+    }
+
+    /// Rounds of one acquire: another after a random pause while the vote splits (up to
+    /// [`SPLIT_ROUNDS`]).
+    async fn split_rounds<Fut>(&self, round: impl Fn() -> Fut) -> Result<Attempt, LockError>
+    where
+        Fut: Future<Output = Result<Round, LockError>>,
+    {
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            match round().await? {
+                Round::Done(attempt) => return Ok(attempt),
+                Round::Split(_) if rounds < SPLIT_ROUNDS => {
+                    // Nobody has a quorum: contenders split the nodes between them and all
+                    // rolled back. Retrying after a random pause lets one of them win, as
+                    // Redlock prescribes; this is not waiting behind a holder.
+                    let jitter = rand::random_range(0..=SPLIT_JITTER_MS << rounds);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Round::Split(attempt) => return Ok(attempt),
+            }
+        }
     }
 
     /// One Redlock round: the acquire script on every node, the fence round, roll-back.
@@ -353,31 +429,11 @@ impl RedlockBackend {
             ));
         } else if acquired.len() >= self.quorum {
             // Fence round: bring every quorum node's counter up to the largest one.
-            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
-            let behind: Vec<usize> = acquired
-                .iter()
-                .filter(|(_, value)| *value < fence)
-                .map(|(index, _)| *index)
-                .collect();
-            let mut confirmed = acquired.len() - behind.len();
-            if !behind.is_empty() {
-                let raised = join_all(
-                    behind
-                        .iter()
-                        .filter_map(|index| self.inner.nodes.get(*index))
-                        .map(|node| {
-                            timeout(
-                                limit,
-                                node.raise_fence(&lock_key, &fence_key, &token, fence),
-                            )
-                        }),
-                )
+            let (fence, confirmed) = self
+                .confirm_fence(&acquired, limit, |node, fence| {
+                    node.raise_fence(&lock_key, &fence_key, &token, fence)
+                })
                 .await;
-                confirmed += raised
-                    .iter()
-                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
-                    .count();
-            }
             if confirmed >= self.quorum && Instant::now() < valid_until {
                 let lease = Lease::new(
                     key.clone(),
@@ -397,18 +453,20 @@ impl RedlockBackend {
         // Not granted: roll back (a node that timed out may have set the key).
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         held_nodes.extend(not_sent);
-        self.roll_back(key, &token, limit, &held_nodes, &acquired_nodes)
-            .await;
+        self.roll_back(
+            Target::Lock(lock_key),
+            &token,
+            limit,
+            &held_nodes,
+            &acquired_nodes,
+        )
+        .await;
         // The nodes we rolled back are free; a quorum is free once enough of the holders'
         // keys expire too.
-        let needed = self.quorum.saturating_sub(acquired.len());
-        let mut known: Vec<u64> = held.iter().filter_map(|(pttl, _)| *pttl).collect();
-        known.sort_unstable();
-        let expires_in = if needed == 0 || known.len() < held.len() {
-            None
-        } else {
-            known.get(needed - 1).copied().map(Duration::from_millis)
-        };
+        let expires_in = self.free_in(
+            acquired.len(),
+            held.iter().map(|(pttl, _)| pttl.map(Duration::from_millis)),
+        );
         if held.is_empty() {
             // Unreachable nodes, not contention: another round right now would not help.
             return Err(self.quorum_error("acquire", &errors));
@@ -489,28 +547,11 @@ impl RedlockBackend {
         if acquired.len() >= self.quorum && Instant::now() < valid_until {
             // Fence round, as for a lock: raise every quorum node that is behind, while our
             // side is still live there.
-            let fence = acquired.iter().map(|(_, fence)| *fence).max().unwrap_or(0);
-            let behind: Vec<usize> = acquired
-                .iter()
-                .filter(|(_, value)| *value < fence)
-                .map(|(index, _)| *index)
-                .collect();
-            let mut confirmed = acquired.len() - behind.len();
-            if !behind.is_empty() {
-                let raised = join_all(
-                    behind
-                        .iter()
-                        .filter_map(|index| self.inner.nodes.get(*index))
-                        .map(|node| {
-                            timeout(limit, node.raise_rw_fence(&keys, mode, &token, fence))
-                        }),
-                )
+            let (fence, confirmed) = self
+                .confirm_fence(&acquired, limit, |node, fence| {
+                    node.raise_rw_fence(&keys, mode, &token, fence)
+                })
                 .await;
-                confirmed += raised
-                    .iter()
-                    .filter(|outcome| matches!(outcome, Ok(Ok(true))))
-                    .count();
-            }
             if confirmed >= self.quorum && Instant::now() < valid_until {
                 let kind = match mode {
                     RwMode::Read => LeaseKind::Read,
@@ -535,30 +576,20 @@ impl RedlockBackend {
         }
         // Not granted: roll our side back everywhere it may be (not where it was refused:
         // the script is atomic), waiting only for the nodes that admitted us.
-        let mut waits = Vec::new();
-        for index in (0..self.inner.nodes.len()).filter(|index| !refused.contains(index)) {
-            let (nodes, keys, token) = (self.inner.clone(), keys.clone(), token.clone());
-            let task = tokio::spawn(async move {
-                let release = async { node(&nodes, index)?.release_rw(&keys, mode, &token).await };
-                timeout(limit, release).await
-            });
-            if acquired.iter().any(|(acquired, _)| *acquired == index) {
-                waits.push(task);
-            }
-        }
-        join_all(waits).await;
+        let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
+        self.roll_back(
+            Target::Rw((*keys).clone(), mode),
+            &token,
+            limit,
+            &refused,
+            &acquired_nodes,
+        )
+        .await;
         if refused.is_empty() {
             return Err(self.quorum_error("rwlock acquire", &errors));
         }
         // A quorum is free once enough of the refusing nodes' holders expire.
-        let needed = self.quorum.saturating_sub(acquired.len());
-        let mut known: Vec<Duration> = expiries.iter().filter_map(|expiry| *expiry).collect();
-        known.sort_unstable();
-        let expires_in = if needed == 0 || known.len() < expiries.len() {
-            None
-        } else {
-            known.get(needed - 1).copied()
-        };
+        let expires_in = self.free_in(acquired.len(), expiries.into_iter());
         let attempt = Attempt::Held { expires_in };
         // We got some nodes but not a quorum: contenders split them; another round may settle.
         if acquired.is_empty() {
@@ -616,21 +647,7 @@ impl LockBackend for RedlockBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
-        let mut round = 0;
-        loop {
-            round += 1;
-            match self.acquire_round(key, ttl).await? {
-                Round::Done(attempt) => return Ok(attempt),
-                Round::Split(_) if round < SPLIT_ROUNDS => {
-                    // Nobody has a quorum: contenders split the nodes between them and all
-                    // rolled back. Retrying after a random pause lets one of them win, as
-                    // Redlock prescribes; this is not waiting behind a holder.
-                    let jitter = rand::random_range(0..=SPLIT_JITTER_MS << round);
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-                Round::Split(attempt) => return Ok(attempt),
-            }
-        }
+        self.split_rounds(|| self.acquire_round(key, ttl)).await
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
@@ -689,18 +706,7 @@ impl LockBackend for RedlockBackend {
     ) -> Result<Attempt, LockError> {
         validate_ttl(ttl)?;
         let ttl = ttl.max(MIN_TTL);
-        let mut round = 0;
-        loop {
-            round += 1;
-            match self.rw_round(key, mode, ttl).await? {
-                Round::Done(attempt) => return Ok(attempt),
-                Round::Split(_) if round < SPLIT_ROUNDS => {
-                    let jitter = rand::random_range(0..=SPLIT_JITTER_MS << round);
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-                Round::Split(attempt) => return Ok(attempt),
-            }
-        }
+        self.split_rounds(|| self.rw_round(key, mode, ttl)).await
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
