@@ -49,6 +49,42 @@ fn stats(mut samples: Vec<Duration>, wall: Duration) -> Stats {
     }
 }
 
+/// Times `op` on BLOCK fresh names `<prefix><block>-<i>`; adds the samples, returns the wall
+/// time of the block.
+async fn timed_block(
+    prefix: &str,
+    block: usize,
+    op: &mut impl AsyncFnMut(&str) -> Result<()>,
+    samples: &mut Vec<Duration>,
+) -> Result<Duration> {
+    let started = Instant::now();
+    for i in 0..BLOCK {
+        let t = Instant::now();
+        op(&format!("{prefix}{block}-{i}")).await?;
+        samples.push(t.elapsed());
+    }
+    Ok(started.elapsed())
+}
+
+/// `ours` against `floor`, UNCONTENDED operations each, in alternating blocks so that
+/// machine noise hits both alike: `(ours, floor)`.
+async fn alternating(
+    prefix: &str,
+    mut ours: impl AsyncFnMut(&str) -> Result<()>,
+    mut floor: impl AsyncFnMut(&str) -> Result<()>,
+) -> Result<(Stats, Stats)> {
+    let (mut ours_samples, mut floor_samples) = (Vec::new(), Vec::new());
+    let (mut ours_wall, mut floor_wall) = (Duration::ZERO, Duration::ZERO);
+    for block in 0..UNCONTENDED / BLOCK {
+        ours_wall += timed_block(prefix, block, &mut ours, &mut ours_samples).await?;
+        floor_wall += timed_block(prefix, block, &mut floor, &mut floor_samples).await?;
+    }
+    Ok((
+        stats(ours_samples, ours_wall),
+        stats(floor_samples, floor_wall),
+    ))
+}
+
 async fn raw_once(client: &Client, key: &str) -> Result<()> {
     let mut lease = client.lease_client();
     let mut kv = client.kv_client();
@@ -106,61 +142,37 @@ async fn bench() -> Result<()> {
         raw_once(&raw, &format!("warm{i}")).await?;
     }
 
-    // Uncontended, in alternating blocks so that machine noise hits both alike.
-    let (mut ours, mut floor) = (Vec::new(), Vec::new());
-    let (mut ours_wall, mut floor_wall) = (Duration::ZERO, Duration::ZERO);
-    for block in 0..UNCONTENDED / BLOCK {
-        let started = Instant::now();
-        for i in 0..BLOCK {
-            let t = Instant::now();
+    // Uncontended lock and semaphore, each against its raw floor.
+    let (ours, floor) = alternating(
+        "u",
+        async |name: &str| {
             let guard = locker
-                .lock(format!("u{block}-{i}"))
+                .lock(name)
                 .ttl(ttl)
                 .try_acquire()
                 .await?
                 .expect("uncontended key held");
             guard.release().await?;
-            ours.push(t.elapsed());
-        }
-        ours_wall += started.elapsed();
-        let started = Instant::now();
-        for i in 0..BLOCK {
-            let t = Instant::now();
-            raw_once(&raw, &format!("u{block}-{i}")).await?;
-            floor.push(t.elapsed());
-        }
-        floor_wall += started.elapsed();
-    }
-    let ours = stats(ours, ours_wall);
-    let floor = stats(floor, floor_wall);
-
-    // Semaphore, uncontended, alternating blocks as above.
-    let (mut sem, mut sem_floor) = (Vec::new(), Vec::new());
-    let (mut sem_wall, mut sem_floor_wall) = (Duration::ZERO, Duration::ZERO);
-    for block in 0..UNCONTENDED / BLOCK {
-        let started = Instant::now();
-        for i in 0..BLOCK {
-            let t = Instant::now();
+            Ok(())
+        },
+        async |name: &str| raw_once(&raw, name).await,
+    )
+    .await?;
+    let (sem, sem_floor) = alternating(
+        "s",
+        async |name: &str| {
             let permit = locker
-                .semaphore(format!("s{block}-{i}"), 3)
+                .semaphore(name, 3)
                 .ttl(ttl)
                 .try_acquire()
                 .await?
                 .expect("uncontended semaphore full");
             permit.release().await?;
-            sem.push(t.elapsed());
-        }
-        sem_wall += started.elapsed();
-        let started = Instant::now();
-        for i in 0..BLOCK {
-            let t = Instant::now();
-            raw_semaphore_once(&raw, &format!("s{block}-{i}")).await?;
-            sem_floor.push(t.elapsed());
-        }
-        sem_floor_wall += started.elapsed();
-    }
-    let sem = stats(sem, sem_wall);
-    let sem_floor = stats(sem_floor, sem_floor_wall);
+            Ok(())
+        },
+        async |name: &str| raw_semaphore_once(&raw, name).await,
+    )
+    .await?;
 
     // One etcd write.
     let mut kv = raw.kv_client();
