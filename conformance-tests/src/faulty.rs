@@ -110,6 +110,31 @@ impl FaultyBackend {
     }
 }
 
+/// Releases a lease in the background unless disarmed (see `acquire_queued`).
+struct GiveBackOnDrop {
+    backend: Arc<dyn LockBackend>,
+    lease: Option<Lease>,
+}
+
+impl GiveBackOnDrop {
+    fn disarm(mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for GiveBackOnDrop {
+    fn drop(&mut self) {
+        let (Some(lease), Ok(runtime)) = (self.lease.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let backend = self.backend.clone();
+        runtime.spawn(async move {
+            let _ = backend.release(&lease).await;
+        });
+    }
+}
+
 impl FaultyBackend {
     /// Holds an answer back when the plan says [`Fault::DelayAnswer`].
     async fn delay_answer(&self, which: fn(&Plan) -> Fault) {
@@ -157,7 +182,15 @@ impl LockBackend for FaultyBackend {
     ) -> Result<Option<Lease>, LockError> {
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.acquire_queued(key, ttl, deadline).await;
+        // `acquire_queued` must be cancel-safe itself (the client does not wrap it): a grant
+        // held back here is given back if this future is dropped meanwhile, as a backend that
+        // delays its own answer must do.
+        let give_back = GiveBackOnDrop {
+            backend: self.inner.clone(),
+            lease: answer.as_ref().ok().and_then(Option::clone),
+        };
         self.delay_answer(|plan| plan.acquire).await;
+        give_back.disarm();
         answer
     }
 

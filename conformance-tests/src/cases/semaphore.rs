@@ -4,7 +4,7 @@
 use super::support::*;
 use crate::{BackendFactory, Fault, unique_key};
 use anyhow::{Context, Result, bail, ensure};
-use lock_core::{Capabilities, LockError, Locker};
+use lock_core::{Capabilities, LockError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -221,36 +221,59 @@ pub async fn semaphore_loss_and_cancel(factory: &dyn BackendFactory) -> Result<(
     plan.renew(Fault::None);
     drop(permit);
 
-    // Cancelled acquires while both permits are held elsewhere.
+    // Cancelled acquires, some cut off while their attempt is in flight right after a
+    // release (the only time one can be granted): a leaked permit, with its long TTL, would
+    // keep the check below out far longer than it waits.
+    let long = ttl_for(&caps, Duration::from_secs(20));
     let other = locker(factory).await?;
-    let cancel_name = unique_key("semaphore-cancel");
-    let both = other
-        .semaphore(&cancel_name, 2)
-        .permits(2)
-        .ttl(ttl)
-        .acquire()
-        .await?;
-    let waiter: Locker = locker(factory).await?;
-    for round in 0..6u64 {
-        let attempt = waiter
-            .semaphore(&cancel_name, 2)
-            .ttl(ttl)
-            .wait(Duration::from_secs(30))
-            .acquire();
-        let _ = timeout(Duration::from_millis(5 + round * 7), attempt).await;
+    let waiters = [
+        slow_answer_locker(factory, 60 * MS).await?,
+        slow_answer_locker(factory, 60 * MS).await?,
+    ];
+    for round in 0..3 {
+        let name = unique_key(&format!("semaphore-cancel{round}"));
+        let both = other
+            .semaphore(&name, 2)
+            .permits(2)
+            .ttl(long)
+            .acquire()
+            .await?;
+        let mut tasks = Vec::new();
+        for task in 0..12 {
+            let (waiter, name) = (waiters[task % 2].clone(), name.clone());
+            let give_up = Duration::from_micros(rand::random_range(0..250_000));
+            tasks.push(tokio::spawn(async move {
+                let attempt = waiter
+                    .semaphore(&name, 2)
+                    .ttl(long)
+                    .wait(Duration::from_secs(30))
+                    .acquire();
+                match timeout(give_up, attempt).await {
+                    // Granted before the cancel: dropping the permit releases it.
+                    Ok(Ok(permit)) => drop(permit),
+                    Ok(Err(error)) => return Err(anyhow::Error::from(error)),
+                    Err(_) => {}
+                }
+                anyhow::Ok(())
+            }));
+        }
+        sleep(Duration::from_micros(rand::random_range(0..200_000))).await;
+        both.release().await?;
+        for task in tasks {
+            task.await??;
+        }
+        let again = other
+            .semaphore(&name, 2)
+            .permits(2)
+            .ttl(long)
+            .wait(Duration::from_secs(3))
+            .acquire()
+            .await
+            .with_context(|| {
+                format!("round {round}: a cancelled acquire left a permit held (TTL {long:?})")
+            })?;
+        again.release().await?;
     }
-    both.release().await?;
-    // Give dropped attempts' clean-up a moment, then both permits must be free.
-    sleep(200 * MS).await;
-    let again = other
-        .semaphore(&cancel_name, 2)
-        .permits(2)
-        .ttl(ttl)
-        .wait(caps.expiry_slack + Duration::from_secs(2))
-        .acquire()
-        .await
-        .context("a cancelled acquire left a permit held")?;
-    again.release().await?;
     Ok(())
 }
 

@@ -78,6 +78,18 @@ pub(crate) async fn sleep_until_instant(at: Instant) {
     tokio::time::sleep_until(at).await;
 }
 
+/// A locker whose grants come back `delay` late (the grant itself happens at once on the
+/// server): a cancel then often falls between the server's grant and its answer, the window
+/// in which a careless client leaks a lock.
+pub(crate) async fn slow_answer_locker(
+    factory: &dyn BackendFactory,
+    delay: Duration,
+) -> Result<Locker> {
+    let (locker, plan) = faulty_locker(factory).await?;
+    plan.acquire(crate::Fault::DelayAnswer(delay));
+    Ok(locker)
+}
+
 pub(crate) async fn faulty_locker(
     factory: &dyn BackendFactory,
 ) -> Result<(Locker, crate::FaultPlan)> {

@@ -52,7 +52,11 @@ pub async fn wait_timeout_is_bounded(factory: &dyn BackendFactory) -> Result<()>
 /// 11. Cancel safety: dropping `acquire` futures mid-wait, at random points, leaves nothing held.
 pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> Result<()> {
     let holder = locker(factory).await?;
-    let waiters = [locker(factory).await?, locker(factory).await?];
+    // Answers come back 60 ms after the grant, so many cancels fall in between.
+    let waiters = [
+        slow_answer_locker(factory, 60 * MS).await?,
+        slow_answer_locker(factory, 60 * MS).await?,
+    ];
     let caps = holder.backend().capabilities();
     // Long TTL: a leaked lease would block the key far longer than the check below allows.
     let ttl = ttl_for(&caps, Duration::from_secs(20));
