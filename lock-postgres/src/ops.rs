@@ -279,28 +279,44 @@ impl Inner {
                 false,
             ));
         };
-        let first_on_session = state.ttls.is_empty();
-        state.add_ttl(ttl_ms);
-        state.add_deadline(deadline);
         if let Some(wanted) = set_to {
             state.timeout_set_ms = wanted;
         }
+        let held = HeldLock {
+            key: key.clone(),
+            shared: None,
+            owner,
+            session: session.clone(),
+            epoch: state.epoch,
+            ttl_ms,
+            deadline,
+        };
+        let lost_signal = self.record_grant(state, BookKey::Lock(hash), held);
+        Ok(Attempt::Acquired(
+            Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
+                .with_lost_signal(lost_signal),
+        ))
+    }
+
+    /// Books a lease just granted on `state`'s session (a lock, or permits or a
+    /// reader-writer side): counts its TTL and deadline on the session, enters it in the book
+    /// (waking the reaper if its deadline comes first), releases the session and, for the
+    /// session's first lease, has the heartbeat probe it within an interval. Returns the lost
+    /// signal the lease carries.
+    pub(crate) fn record_grant(
+        &self,
+        mut state: tokio::sync::MutexGuard<'_, SessionState>,
+        book_key: BookKey,
+        held: HeldLock,
+    ) -> CancellationToken {
+        let (ttl_ms, deadline) = (held.ttl_ms, held.deadline);
+        let first_on_session = state.ttls.is_empty();
+        state.add_ttl(ttl_ms);
+        state.add_deadline(deadline);
         let lost_signal = state.lost.clone();
-        let epoch = state.epoch;
         {
             let mut book = lock(&self.book);
-            book.entries.insert(
-                BookKey::Lock(hash),
-                Entry::Held(HeldLock {
-                    key: key.clone(),
-                    shared: None,
-                    owner,
-                    session: session.clone(),
-                    epoch,
-                    ttl_ms,
-                    deadline,
-                }),
-            );
+            book.entries.insert(book_key, Entry::Held(held));
             if book.reaper_at.is_none_or(|at| deadline < at) {
                 book.reaper_at = Some(deadline);
                 self.reaper_wake.notify_one();
@@ -318,10 +334,7 @@ impl Inner {
                 self.heartbeat_wake.notify_one();
             }
         }
-        Ok(Attempt::Acquired(
-            Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
-                .with_lost_signal(lost_signal),
-        ))
+        lost_signal
     }
 
     /// Unlocks `held` on its session and wakes waiters. `Ok(false)` if its session is gone.

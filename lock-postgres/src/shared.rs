@@ -517,39 +517,16 @@ impl Inner {
             state.holds.entry(*k).or_default().0 += 1;
         }
         let kind = hold.kind;
-        let first_on_session = state.ttls.is_empty();
-        state.add_ttl(ttl_ms);
-        state.add_deadline(deadline);
-        let lost_signal = state.lost.clone();
-        let epoch = state.epoch;
-        {
-            let mut book = lock(&self.book);
-            book.entries.insert(
-                BookKey::Shared(owner),
-                Entry::Held(HeldLock {
-                    key: key.clone(),
-                    shared: Some(Arc::new(hold)),
-                    owner,
-                    session: session.clone(),
-                    epoch,
-                    ttl_ms,
-                    deadline,
-                }),
-            );
-            if book.reaper_at.is_none_or(|at| deadline < at) {
-                book.reaper_at = Some(deadline);
-                self.reaper_wake.notify_one();
-            }
-        }
-        drop(state);
-        if first_on_session {
-            let due = Instant::now() + heartbeat_interval(ttl_ms);
-            let mut planned = lock(&self.heartbeat_at);
-            if planned.is_none_or(|at| at > due) {
-                *planned = Some(due);
-                self.heartbeat_wake.notify_one();
-            }
-        }
+        let held = HeldLock {
+            key: key.clone(),
+            shared: Some(Arc::new(hold)),
+            owner,
+            session: session.clone(),
+            epoch: state.epoch,
+            ttl_ms,
+            deadline,
+        };
+        let lost_signal = self.record_grant(state, BookKey::Shared(owner), held);
         Ok(Attempt::Acquired(
             Lease::new(key, owner, Some(FencingToken(fence)), ttl, sent_at)
                 .with_kind(kind)
