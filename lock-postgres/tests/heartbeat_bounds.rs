@@ -6,27 +6,14 @@
 mod common;
 
 use anyhow::{Context, Result, ensure};
-use common::{advisory_held, server};
+use common::{advisory_held, backend_at, server, unique};
 use lock_core::{LockBackend, LockKey, Locker};
 use lock_harness::TcpProxy;
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::{PostgresBackend, PostgresConfig};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::str::FromStr;
-use std::sync::Arc;
+use sqlx::postgres::PgPoolOptions;
 use std::time::Duration;
 use tokio::time::{Instant, timeout};
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand::random::<u64>())
-}
-
-async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(Arc::new(
-        PostgresBackend::with_options(options, config).await?,
-    ))
-}
 
 /// What the README promises: a holder whose session is gone hears of it within this long of
 /// the session's last answer.
@@ -45,6 +32,48 @@ fn lost_at(guard: &lock_core::LockGuard) -> tokio::task::JoinHandle<Instant> {
         lost.await;
         Instant::now()
     })
+}
+
+/// The server frees the holder sessions of `app` (exactly one, terminated) while the holder
+/// cannot hear it; once `other` gets `key`, the old holder's `lost` (see [`lost_at`]) must
+/// fire within the documented bound of that grant.
+async fn terminate_and_check_notice(
+    server: &'static PostgresServer,
+    app: &str,
+    other: &PostgresBackend,
+    key: &LockKey,
+    ttl: Duration,
+    lost: tokio::task::JoinHandle<Instant>,
+    what: &str,
+) -> Result<()> {
+    let terminated = tokio::task::spawn_blocking({
+        let app = format!("{app}-holder");
+        move || server.terminate_sessions(&app)
+    })
+    .await??;
+    ensure!(terminated == 1, "terminated {terminated} holder sessions");
+    let acquired_at = loop {
+        if let Some(lease) = other.try_acquire(key, ttl).await?.into_lease() {
+            let at = Instant::now();
+            other.release(&lease).await?;
+            break at;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let lost_at = timeout(Duration::from_secs(10), lost)
+        .await
+        .context("lost() did not fire within 10 s")??;
+    let late = lost_at.saturating_duration_since(acquired_at);
+    println!(
+        "{what}: lost() {late:?} after another process acquired (bound {:?})",
+        notice_bound(ttl)
+    );
+    ensure!(
+        late <= notice_bound(ttl) + LOAD_MARGIN,
+        "lost() fired {late:?} after another process acquired the lock; documented bound {:?}",
+        notice_bound(ttl)
+    );
+    Ok(())
 }
 
 /// The holder's connection goes silent (black hole: nothing passes, nothing closes) and the
@@ -73,33 +102,7 @@ async fn blackholed_holder_hears_of_its_loss_within_the_bound() -> Result<()> {
     let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
     let lost = lost_at(&guard);
     proxy.blackhole();
-    let terminated = tokio::task::spawn_blocking({
-        let app = format!("{app}-holder");
-        move || server.terminate_sessions(&app)
-    })
-    .await??;
-    ensure!(terminated == 1, "terminated {terminated} holder sessions");
-    let acquired_at = loop {
-        if let Some(lease) = other.try_acquire(&key, ttl).await?.into_lease() {
-            let at = Instant::now();
-            other.release(&lease).await?;
-            break at;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let lost_at = timeout(Duration::from_secs(10), lost)
-        .await
-        .context("lost() did not fire within 10 s")??;
-    let late = lost_at.saturating_duration_since(acquired_at);
-    println!(
-        "black-holed holder: lost() {late:?} after another process acquired (bound {:?})",
-        notice_bound(ttl)
-    );
-    ensure!(
-        late <= notice_bound(ttl) + LOAD_MARGIN,
-        "lost() fired {late:?} after another process acquired the lock; documented bound {:?}",
-        notice_bound(ttl)
-    );
+    terminate_and_check_notice(server, &app, &other, &key, ttl, lost, "black-holed holder").await?;
     proxy.heal();
     Ok(())
 }
@@ -235,33 +238,16 @@ async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()
         async move { backend.try_acquire(&key, ttl).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let terminated = tokio::task::spawn_blocking({
-        let app = format!("{app}-holder");
-        move || server.terminate_sessions(&app)
-    })
-    .await??;
-    ensure!(terminated == 1, "terminated {terminated} holder sessions");
-    let acquired_at = loop {
-        if let Some(lease) = other.try_acquire(&key, ttl).await?.into_lease() {
-            let at = Instant::now();
-            other.release(&lease).await?;
-            break at;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let lost_at = timeout(Duration::from_secs(10), lost)
-        .await
-        .context("lost() did not fire within 10 s")??;
-    let late = lost_at.saturating_duration_since(acquired_at);
-    println!(
-        "busy black-holed holder: lost() {late:?} after another process acquired (bound {:?})",
-        notice_bound(ttl)
-    );
-    ensure!(
-        late <= notice_bound(ttl) + LOAD_MARGIN,
-        "lost() fired {late:?} after another process acquired the lock; documented bound {:?}",
-        notice_bound(ttl)
-    );
+    terminate_and_check_notice(
+        server,
+        &app,
+        &other,
+        &key,
+        ttl,
+        lost,
+        "busy black-holed holder",
+    )
+    .await?;
     proxy.heal();
     let _ = timeout(Duration::from_secs(10), stuck).await;
     Ok(())

@@ -6,27 +6,15 @@
 mod common;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{advisory_held, server};
+use common::{advisory_held, backend_at, server, unique};
 use lock_core::{Attempt, LockBackend, LockKey, Locker, RwMode, WRITER_INTENT};
 use lock_harness::TcpProxy;
 use lock_harness::postgres::PostgresServer;
-use lock_postgres::{PostgresBackend, PostgresConfig, semaphore_base, slot_key};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::str::FromStr;
+use lock_postgres::{PostgresConfig, semaphore_base, slot_key};
+use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand::random::<u64>())
-}
-
-async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(Arc::new(
-        PostgresBackend::with_options(options, config).await?,
-    ))
-}
 
 fn acquired(attempt: Attempt, what: &str) -> Result<lock_core::Lease> {
     attempt

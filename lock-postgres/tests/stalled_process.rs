@@ -6,35 +6,15 @@
 mod common;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::server;
+use common::{backend_at, named, server, unique};
 use lock_core::{LockBackend, LockKey, Locker};
 use lock_harness::TcpProxy;
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::{IDLE_CONNECTION_TIMEOUT, PostgresBackend, PostgresConfig, waiter_key};
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use std::str::FromStr;
-use std::sync::Arc;
+use sqlx::postgres::PgPoolOptions;
 use std::time::Duration;
 use tokio::time::Instant;
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand::random::<u64>())
-}
-
-async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(Arc::new(
-        PostgresBackend::with_options(options, config).await?,
-    ))
-}
-
-fn named(app: &str) -> PostgresConfig {
-    PostgresConfig {
-        application_name: app.to_owned(),
-        ..PostgresConfig::default()
-    }
-}
 
 async fn inspector(server: &PostgresServer) -> Result<PgPool> {
     Ok(PgPoolOptions::new()

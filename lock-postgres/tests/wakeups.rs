@@ -5,33 +5,12 @@
 mod common;
 
 use anyhow::{Context, Result, ensure};
-use common::server;
+use common::{backend_at, named, server, unique};
 use lock_core::{LockBackend, LockKey, Wake};
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::{PostgresBackend, PostgresConfig};
-use sqlx::postgres::PgConnectOptions;
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:016x}", rand::random::<u64>())
-}
-
-async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(Arc::new(
-        PostgresBackend::with_options(options, config).await?,
-    ))
-}
-
-fn named(app: &str) -> PostgresConfig {
-    PostgresConfig {
-        application_name: app.to_owned(),
-        ..PostgresConfig::default()
-    }
-}
 
 /// A release heard by notification arrives within a few ms; the client's backoff step is
 /// 10 ms at first and 1 s at its cap. Far above the first, far below the second.

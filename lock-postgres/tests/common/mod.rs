@@ -20,6 +20,27 @@ pub async fn server() -> Result<&'static PostgresServer> {
     tokio::task::spawn_blocking(lock_harness::postgres::shared).await?
 }
 
+/// `name` made unique per run, so tests on the shared server never meet.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+/// A backend on `url` with `config`.
+pub async fn backend_at(url: &str, config: PostgresConfig) -> Result<Arc<PostgresBackend>> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(Arc::new(
+        PostgresBackend::with_options(options, config).await?,
+    ))
+}
+
+/// The default configuration with `application_name` prefix `app`.
+pub fn named(app: &str) -> PostgresConfig {
+    PostgresConfig {
+        application_name: app.to_owned(),
+        ..PostgresConfig::default()
+    }
+}
+
 /// Whether advisory key `hash` is held by any session, read from `pg_locks`.
 pub async fn advisory_held(pool: &PgPool, hash: i64) -> Result<bool> {
     Ok(sqlx::query_scalar(
