@@ -88,34 +88,36 @@ async fn raw_pair(conn: &mut PgConnection, key: i64) -> Result<()> {
     Ok(())
 }
 
+/// 300 warm-up rounds of `$pair` (a future of `Result<()>`, built afresh each round), then
+/// [`UNCONTENDED_ROUNDS`] timed ones: `Result<Stats>`. A macro, not a function taking an
+/// async closure: such a closure over `&mut` state makes the benchmark future not `Send`.
+macro_rules! timed_pairs {
+    ($pair:expr) => {{
+        for _ in 0..300 {
+            $pair.await?;
+        }
+        let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
+        let started = Instant::now();
+        for _ in 0..UNCONTENDED_ROUNDS {
+            let t = Instant::now();
+            $pair.await?;
+            samples.push(t.elapsed());
+        }
+        Ok(stats(samples, started.elapsed()))
+    }};
+}
+
 async fn raw_uncontended(url: &str) -> Result<Stats> {
     let mut conn = raw_conn(url).await?;
-    for _ in 0..300 {
-        raw_pair(&mut conn, 42).await?;
-    }
-    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
-    let started = Instant::now();
-    for _ in 0..UNCONTENDED_ROUNDS {
-        let t = Instant::now();
-        raw_pair(&mut conn, 42).await?;
-        samples.push(t.elapsed());
-    }
-    Ok(stats(samples, started.elapsed()))
+    timed_pairs!(raw_pair(&mut conn, 42))
 }
 
 async fn distlock_uncontended(locker: &Locker) -> Result<Stats> {
-    for _ in 0..300 {
-        locker.acquire("bench-uncontended").await?.release().await?;
-    }
-    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
-    let started = Instant::now();
-    for _ in 0..UNCONTENDED_ROUNDS {
-        let t = Instant::now();
+    timed_pairs!(async {
         let guard = locker.acquire("bench-uncontended").await?;
         ensure!(guard.release().await?, "release answered false");
-        samples.push(t.elapsed());
-    }
-    Ok(stats(samples, started.elapsed()))
+        anyhow::Ok(())
+    })
 }
 
 /// Raw floor and distlock alternating in 20 slices of 150 pairs each, so a change in the
@@ -348,45 +350,20 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
 
 /// Semaphore (limit 3, 1 permit) acquire + release through the `Locker`, uncontended.
 async fn distlock_semaphore(locker: &Locker) -> Result<Stats> {
-    for _ in 0..300 {
-        locker
-            .semaphore("bench-semaphore", 3)
-            .acquire()
-            .await?
-            .release()
-            .await?;
-    }
-    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
-    let started = Instant::now();
-    for _ in 0..UNCONTENDED_ROUNDS {
-        let t = Instant::now();
+    timed_pairs!(async {
         let guard = locker.semaphore("bench-semaphore", 3).acquire().await?;
         ensure!(guard.release().await?, "release answered false");
-        samples.push(t.elapsed());
-    }
-    Ok(stats(samples, started.elapsed()))
+        anyhow::Ok(())
+    })
 }
 
 /// Reader-writer read side acquire + release through the `Locker`, uncontended.
 async fn distlock_read(locker: &Locker) -> Result<Stats> {
-    for _ in 0..300 {
-        locker
-            .rwlock("bench-rw")
-            .read()
-            .acquire()
-            .await?
-            .release()
-            .await?;
-    }
-    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
-    let started = Instant::now();
-    for _ in 0..UNCONTENDED_ROUNDS {
-        let t = Instant::now();
+    timed_pairs!(async {
         let guard = locker.rwlock("bench-rw").read().acquire().await?;
         ensure!(guard.release().await?, "release answered false");
-        samples.push(t.elapsed());
-    }
-    Ok(stats(samples, started.elapsed()))
+        anyhow::Ok(())
+    })
 }
 
 /// The raw floor of a semaphore permit: the same server-side work as distlock's, as plain
@@ -421,17 +398,7 @@ async fn raw_semaphore(url: &str) -> Result<Stats> {
         ensure!(a && b, "raw permit release failed");
         Ok(())
     };
-    for _ in 0..300 {
-        pair(&mut conn).await?;
-    }
-    let mut samples = Vec::with_capacity(UNCONTENDED_ROUNDS);
-    let started = Instant::now();
-    for _ in 0..UNCONTENDED_ROUNDS {
-        let t = Instant::now();
-        pair(&mut conn).await?;
-        samples.push(t.elapsed());
-    }
-    Ok(stats(samples, started.elapsed()))
+    timed_pairs!(pair(&mut conn))
 }
 
 async fn run(server: &PostgresServer) -> Result<()> {
