@@ -526,6 +526,7 @@ impl RedlockBackend {
             .await;
         let mut acquired: Vec<(usize, u64)> = Vec::new();
         let mut refused: Vec<usize> = Vec::new();
+        let mut not_sent: Vec<usize> = Vec::new();
         let mut expiries: Vec<Option<Duration>> = Vec::new();
         let mut errors = Vec::new();
         for (index, outcome) in outcomes {
@@ -537,8 +538,10 @@ impl RedlockBackend {
                 }
                 Outcome::Answer(SharedAcquire::LimitMismatch(_)) => refused.push(index),
                 Outcome::Failed(error) => {
+                    // A refused connection sent nothing: no roll-back there, but no refusal
+                    // either (an outage is not contention).
                     if !crate::node::may_have_run(&error) {
-                        refused.push(index);
+                        not_sent.push(index);
                     }
                     errors.push(error.to_string());
                 }
@@ -581,7 +584,7 @@ impl RedlockBackend {
             Target::Rw((*keys).clone(), mode),
             &token,
             limit,
-            &refused,
+            &[refused.as_slice(), &not_sent].concat(),
             &acquired_nodes,
         )
         .await;

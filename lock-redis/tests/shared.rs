@@ -393,3 +393,31 @@ async fn failed_permit_acquire_leaves_no_permit_behind() -> Result<()> {
     }
     Ok(())
 }
+
+/// A Redlock rwlock attempt whose nodes all refuse the connection is an error, as a lock's
+/// is: nobody holds the name, so answering "held" would have a waiter wait for a holder
+/// that does not exist, and `try_read`/`try_write` would report contention for an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_rw_with_every_node_down_is_an_error() -> Result<()> {
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(RedisServer::start()?);
+    }
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let backend = lock_redis::RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
+    let key = LockKey::new("rw-all-down")?;
+    for server in &mut servers {
+        server.kill()?;
+    }
+    let ttl = Duration::from_secs(5);
+    let lock = backend.try_acquire(&key, ttl).await;
+    ensure!(lock.is_err(), "a lock with every node down gave {lock:?}");
+    for mode in [RwMode::Read, RwMode::Write] {
+        let attempt = backend.try_acquire_rw(&key, mode, ttl).await;
+        ensure!(
+            matches!(&attempt, Err(error) if error.is_retryable()),
+            "a {mode:?} attempt with every node down gave {attempt:?}"
+        );
+    }
+    Ok(())
+}
