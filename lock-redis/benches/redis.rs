@@ -516,6 +516,35 @@ async fn handoff_rslock(url: &str) -> Result<Stats> {
     Ok(stats(samples, start.elapsed()))
 }
 
+/// Prints an uncontended table under `title`, then each distlock row's p50 over the floor's:
+/// `floor` is (the floor row's name prefix, its name in the ratio lines, a note after them).
+fn print_uncontended(title: &str, rows: &[(&str, Stats)], floor: (&str, &str, &str)) {
+    let (prefix, floor_name, note) = floor;
+    println!("{title}");
+    println!("| client | p50 | p99 | ops/s |");
+    println!("|---|---:|---:|---:|");
+    for (name, s) in rows {
+        println!(
+            "| {name} | {} | {} | {:.0} |",
+            us(s.p50),
+            us(s.p99),
+            s.ops_per_sec
+        );
+    }
+    let floor = rows
+        .iter()
+        .find(|(name, _)| name.starts_with(prefix))
+        .map(|(_, s)| s.p50)
+        .unwrap_or_default();
+    for (name, s) in rows.iter().filter(|(name, _)| name.starts_with("distlock")) {
+        println!(
+            "p50 ratio {name} / {floor_name}: {:.2}{note}",
+            s.p50.as_secs_f64() / floor.as_secs_f64()
+        );
+    }
+    println!();
+}
+
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -528,65 +557,23 @@ fn main() -> Result<()> {
         println!("lock-redis benchmark: one local redis-server ({url}), tokio 2 workers");
         println!();
         let uncontended = uncontended(&url).await?;
-        println!(
-            "uncontended acquire+release, one task, fresh key each time ({} ops each)",
-            UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+        print_uncontended(
+            &format!(
+                "uncontended acquire+release, one task, fresh key each time ({} ops each)",
+                UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+            ),
+            &uncontended,
+            ("raw", "raw floor", " (bar ≤ 1.15)"),
         );
-        println!("| client | p50 | p99 | ops/s |");
-        println!("|---|---:|---:|---:|");
-        for (name, s) in &uncontended {
-            println!(
-                "| {name} | {} | {} | {:.0} |",
-                us(s.p50),
-                us(s.p99),
-                s.ops_per_sec
-            );
-        }
-        let floor = uncontended
-            .iter()
-            .find(|(name, _)| name.starts_with("raw"))
-            .map(|(_, s)| s.p50)
-            .unwrap_or_default();
-        for (name, s) in uncontended
-            .iter()
-            .filter(|(name, _)| name.starts_with("distlock"))
-        {
-            println!(
-                "p50 ratio {name} / raw floor: {:.2} (bar ≤ 1.15)",
-                s.p50.as_secs_f64() / floor.as_secs_f64()
-            );
-        }
-        println!();
         let semaphore = uncontended_semaphore(&url).await?;
-        println!(
-            "uncontended semaphore acquire+release (1 of 2 permits), one task, fresh name each time ({} ops each)",
-            UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+        print_uncontended(
+            &format!(
+                "uncontended semaphore acquire+release (1 of 2 permits), one task, fresh name each time ({} ops each)",
+                UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+            ),
+            &semaphore,
+            ("raw floor", "raw semaphore floor", ""),
         );
-        println!("| client | p50 | p99 | ops/s |");
-        println!("|---|---:|---:|---:|");
-        for (name, s) in &semaphore {
-            println!(
-                "| {name} | {} | {} | {:.0} |",
-                us(s.p50),
-                us(s.p99),
-                s.ops_per_sec
-            );
-        }
-        let floor = semaphore
-            .iter()
-            .find(|(name, _)| name.starts_with("raw floor"))
-            .map(|(_, s)| s.p50)
-            .unwrap_or_default();
-        for (name, s) in semaphore
-            .iter()
-            .filter(|(name, _)| name.starts_with("distlock"))
-        {
-            println!(
-                "p50 ratio {name} / raw semaphore floor: {:.2}",
-                s.p50.as_secs_f64() / floor.as_secs_f64()
-            );
-        }
-        println!();
         let (parallel, ratios) = parallel_all(&url).await?;
         println!(
             "{PARALLEL_TASKS} tasks on distinct keys, acquire+release: median of {PARALLEL_SLICES} interleaved {:?} slices per client",
