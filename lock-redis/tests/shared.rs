@@ -246,8 +246,27 @@ async fn redlock_rw_fences_increase_across_quorums() -> Result<()> {
         .context("free rwlock refused a writer")?;
     backend.release(&first).await?;
     // Release returns once a quorum answered; the third node's release may still be on its
-    // way (in the background) and would make that node refuse the reader below.
-    sleep(Duration::from_millis(300)).await;
+    // way (in the background) and would make that node refuse the reader below: wait until
+    // no node has the writer key.
+    let writer_key = scheme()?.rw_keys(&key)[1].clone();
+    for server in &servers {
+        let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+        let gone = async {
+            loop {
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&writer_key)
+                    .query_async(&mut conn)
+                    .await?;
+                if !exists {
+                    return anyhow::Ok(());
+                }
+                sleep(Duration::from_millis(10)).await;
+            }
+        };
+        timeout(Duration::from_secs(5), gone)
+            .await
+            .context("a node kept the released writer for 5 s")??;
+    }
     // The third node's counter runs far ahead of the others (as after other keys of its slot
     // were locked there while the other nodes were down).
     let fence_key = scheme()?.rw_keys(&key)[4].clone();
