@@ -59,7 +59,7 @@ pub(crate) struct Watch {
     /// probe: [`loss_notice_bound`] (with the configured probe timeout) after the session's
     /// last answer.
     pub(crate) answer_by: Option<Instant>,
-    /// The connection's lost signal ([`SessionState::lost`]).
+    /// The connection's lost signal ([`SessionState::lost`]), set when it connects.
     pub(crate) lost: CancellationToken,
 }
 
@@ -108,7 +108,6 @@ impl SessionState {
             let since = self.answered_at.unwrap_or_else(Instant::now);
             let mut watch = lock(&self.watch);
             watch.answer_by = Some(since + loss_bound(min_ttl, self.probe_timeout));
-            watch.lost = self.lost.clone();
         }
         let result = tokio::time::timeout(limit, query.fetch_one(conn)).await;
         lock(&self.watch).answer_by = None;
@@ -301,6 +300,8 @@ impl Inner {
         state.holds.clear();
         state.shared_ready = false;
         state.lost = CancellationToken::new();
+        // Once per connection, not per statement: the token changes only here.
+        lock(&state.watch).lost = state.lost.clone();
         state.timeout_set_ms = 0;
         state.answered_at = Some(Instant::now());
         Ok(())
