@@ -57,7 +57,7 @@ pub(crate) struct SessionState {
 pub(crate) struct Watch {
     /// When the statement in flight on a session that holds locks counts as an unanswered
     /// probe: [`loss_notice_bound`] (with the configured probe timeout) after the session's
-    /// last answer.
+    /// last answer, and no sooner than a probe timeout after the statement was sent.
     pub(crate) answer_by: Option<Instant>,
     /// The connection's lost signal ([`SessionState::lost`]), set when it connects.
     pub(crate) lost: CancellationToken,
@@ -105,9 +105,14 @@ impl SessionState {
         // A session holding locks whose statement stays unanswered is treated like one whose
         // probe does (the heartbeat skips busy sessions): see `Watch`.
         if let Some(&min_ttl) = self.ttls.keys().next() {
-            let since = self.answered_at.unwrap_or_else(Instant::now);
-            let mut watch = lock(&self.watch);
-            watch.answer_by = Some(since + loss_bound(min_ttl, self.probe_timeout));
+            let now = Instant::now();
+            let since = self.answered_at.unwrap_or(now);
+            // At least a probe's time from now: after a stall of this process (the heartbeat
+            // could not probe meanwhile) the last answer is old, and a statement answered at
+            // once must not count as unanswered.
+            let by =
+                (since + loss_bound(min_ttl, self.probe_timeout)).max(now + self.probe_timeout);
+            lock(&self.watch).answer_by = Some(by);
         }
         let result = tokio::time::timeout(limit, query.fetch_one(conn)).await;
         lock(&self.watch).answer_by = None;

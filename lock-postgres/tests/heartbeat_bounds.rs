@@ -252,3 +252,48 @@ async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()
     let _ = timeout(Duration::from_secs(10), stuck).await;
     Ok(())
 }
+
+/// The process stalls (a GC pause, a descheduled VM; here the whole runtime is blocked)
+/// for longer than the loss bound while the server and the connection stay fine. The first
+/// statement after the stall is answered at once, so the lock must not be reported lost:
+/// an unanswered statement counts as a failed probe only after it had a probe's time.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_process_does_not_count_its_session_silent() -> Result<()> {
+    let server = server().await?;
+    let backend = backend_at(
+        &server.url(),
+        PostgresConfig {
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let locker = Locker::from_arc(backend.clone());
+    let ttl = Duration::from_secs(30);
+    let guard = locker.lock(unique("stalled")).ttl(ttl).acquire().await?;
+    let lost = lost_at(&guard);
+    // Whether the heartbeat or the statement runs first after the stall varies: a few rounds.
+    for round in 0..4 {
+        // Nothing runs meanwhile: no heartbeat, no answer read.
+        std::thread::sleep(notice_bound(ttl) * 3);
+        let key = LockKey::new(unique("after-stall"))?;
+        let attempt = backend.try_acquire(&key, ttl).await;
+        let lease = attempt
+            .with_context(|| format!("round {round}: the first statement after the stall failed"))?
+            .into_lease()
+            .context("the key was not free")?;
+        backend.release(&lease).await?;
+        // Give the heartbeat its turns.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ensure!(
+            !lost.is_finished(),
+            "round {round}: lost() fired after a stall of the process, though its session answered"
+        );
+    }
+    ensure!(
+        guard.release().await?,
+        "the lock was not held any more after the stall"
+    );
+    Ok(())
+}
