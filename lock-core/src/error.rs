@@ -44,6 +44,22 @@ pub enum LockError {
     /// A configuration value (URL, option) is not acceptable.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The connection was refused for its credentials or certificates: a wrong password or
+    /// user, a server certificate the client does not trust (or that does not name the host),
+    /// a client certificate the server does not accept, TLS required by one side and not
+    /// spoken by the other. Never retryable: the configuration must change.
+    #[error("{backend} backend refused the connection ({kind}): {message}")]
+    Refused {
+        /// Which backend reported it.
+        backend: &'static str,
+        /// Which check failed.
+        kind: RefusalKind,
+        /// What failed, for humans (names the URL option to fix where there is one).
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The backend (server, connection, protocol) failed.
     #[error("{backend} backend error{}: {message}", if *.retryable { " (may succeed if retried)" } else { "" })]
     Backend {
@@ -86,6 +102,27 @@ impl LockError {
         }
     }
 
+    /// A refused connection (see [`LockError::Refused`]).
+    pub fn refused(
+        backend: &'static str,
+        kind: RefusalKind,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        LockError::Refused {
+            backend,
+            kind,
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// Whether the server or the client refused the connection for its credentials or
+    /// certificates ([`LockError::Refused`]).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, LockError::Refused { .. })
+    }
+
     /// A `Lost` error for `key`.
     pub fn lost(key: impl Into<String>, reason: impl Into<String>) -> Self {
         LockError::Lost {
@@ -111,5 +148,29 @@ impl LockError {
     /// Whether this error is a wait timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, LockError::Timeout { .. })
+    }
+}
+
+/// Which check refused a connection ([`LockError::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// Wrong user name or password, or a user without the needed permission.
+    Authentication,
+    /// The server's certificate is not trusted by the configured roots, has expired, or does
+    /// not name the host; or the server did not accept the client's certificate.
+    Certificate,
+    /// TLS itself: one side requires it and the other does not speak it, or the handshake
+    /// failed for another reason.
+    Tls,
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RefusalKind::Authentication => "authentication failed",
+            RefusalKind::Certificate => "certificate not accepted",
+            RefusalKind::Tls => "TLS failed",
+        })
     }
 }
