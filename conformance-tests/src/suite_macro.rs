@@ -32,6 +32,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(server_pause_fires_lost [$factory] $skips);
         $crate::__conformance_case!(connection_cut_fires_lost_and_recovers [$factory] $skips);
         $crate::__conformance_case!(connection_blackhole_fires_lost_and_recovers [$factory] $skips);
+        $crate::__conformance_case!(stopped_holders_leases_expire_by_their_slack [$factory] $skips);
         $crate::__conformance_case!(semaphore_never_exceeds_permits [$factory] $skips);
         $crate::__conformance_case!(semaphore_dead_holder_permit_returns [$factory] $skips);
         $crate::__conformance_case!(semaphore_limits_must_agree [$factory] $skips);
@@ -185,6 +186,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn connection_blackhole_fires_lost_and_recovers() {}
+    };
+    (stopped_holders_leases_expire_by_their_slack [$factory:expr] [stopped_holders_leases_expire_by_their_slack : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn stopped_holders_leases_expire_by_their_slack() {}
     };
     (semaphore_never_exceeds_permits [$factory:expr] [semaphore_never_exceeds_permits : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

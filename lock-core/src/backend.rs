@@ -67,8 +67,14 @@ pub struct Capabilities {
     /// Resolution of the server's TTL (1 ms for Redis `PX`, 1 s for etcd leases).
     pub ttl_granularity: Duration,
     /// How long after TTL a lock of a holder that stopped renewing may still be held: the
-    /// server's expiry slack (timer resolution, heartbeat interval).
+    /// server's expiry slack (timer resolution, heartbeat interval). The fixed part of
+    /// [`Capabilities::expiry_slack_for`]; read that one.
     pub expiry_slack: Duration,
+    /// The part of the slack that grows with the lease's TTL, in percent of the TTL: a
+    /// backend whose server frees leases in groups (PostgreSQL frees a holder session's
+    /// locks together, at the latest deadline among them) can keep a stopped holder's lease
+    /// up to this share of its TTL past its deadline. 0 where each lease expires on its own.
+    pub expiry_slack_ttl_percent: u32,
     /// Counting semaphores: [`LockBackend::try_acquire_permits`].
     pub semaphores: bool,
     /// Reader-writer locks: [`LockBackend::try_acquire_rw`].
@@ -84,9 +90,20 @@ impl Default for Capabilities {
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_millis(1),
             expiry_slack: Duration::from_millis(50),
+            expiry_slack_ttl_percent: 0,
             semaphores: false,
             rw_locks: false,
         }
+    }
+}
+
+impl Capabilities {
+    /// How long after its deadline a lease of `ttl` whose holder stopped (paused, cut off,
+    /// dead) may still be held on the server: [`Capabilities::expiry_slack`] plus
+    /// [`Capabilities::expiry_slack_ttl_percent`] of `ttl`. A waiter gets the lock by then.
+    pub fn expiry_slack_for(&self, ttl: Duration) -> Duration {
+        let grouped = ttl.saturating_mul(self.expiry_slack_ttl_percent) / 100;
+        self.expiry_slack.saturating_add(grouped)
     }
 }
 
@@ -177,5 +194,37 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
     /// `postgres`, `etcd`). Keep it constant: it is a metric label, not an instance name.
     fn name(&self) -> &'static str {
         "custom"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_slack_grows_with_the_ttl_share() {
+        let mut caps = Capabilities {
+            expiry_slack: Duration::from_millis(250),
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            caps.expiry_slack_for(Duration::from_secs(3)),
+            Duration::from_millis(250)
+        );
+        caps.expiry_slack_ttl_percent = 100;
+        assert_eq!(
+            caps.expiry_slack_for(Duration::from_secs(3)),
+            Duration::from_millis(3250)
+        );
+        caps.expiry_slack_ttl_percent = 34;
+        assert_eq!(
+            caps.expiry_slack_for(Duration::from_millis(1500)),
+            Duration::from_millis(760)
+        );
+        caps.expiry_slack_ttl_percent = u32::MAX;
+        assert_eq!(
+            caps.expiry_slack_for(Duration::MAX),
+            Duration::MAX / 100 + Duration::from_millis(250)
+        );
     }
 }

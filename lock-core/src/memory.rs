@@ -307,6 +307,7 @@ impl LockBackend for MemoryBackend {
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_nanos(1),
             expiry_slack: Duration::from_millis(5),
+            expiry_slack_ttl_percent: 0,
             semaphores: true,
             rw_locks: true,
         }

@@ -565,10 +565,13 @@ impl LockBackend for PostgresBackend {
         // Process alive, lease not renewed: the reaper's round trip. Process stopped or cut
         // off: the holder session's idle_session_timeout follows the latest lease deadline on
         // it + TIMEOUT_PAD (100 ms), within TIMEOUT_TOLERANCE (50 ms), so the server frees the
-        // locks at most that long plus a round trip after that deadline. A lock that shares its session
-        // with a lock of later deadline is freed with that one: one fixed Duration cannot say
-        // that (see the README, "TTL semantics").
+        // session's locks together at most that long plus a round trip after that deadline.
+        // A lock sharing its session with leases of its TTL (or shorter: pick_session never
+        // puts a lock beside longer-TTL ones while a session of its own class or a shorter
+        // one exists) whose deadlines are later is freed with the latest of them: up to one
+        // TTL after its own deadline (README, "TTL semantics").
         capabilities.expiry_slack = Duration::from_millis(250);
+        capabilities.expiry_slack_ttl_percent = 100;
         capabilities.semaphores = true;
         capabilities.rw_locks = true;
         capabilities

@@ -235,11 +235,17 @@ impl Inner {
         {
             return session.clone();
         }
-        // Every session is taken by other TTLs: share the closest one. Its timeout follows the
-        // latest deadline on it, so this lock can only be kept longer after a stall, never less.
-        sessions
+        // Every session is taken by other TTLs. Its timeout follows the latest deadline on
+        // it, so a lock sharing it is only ever kept longer after a stall, never less; how
+        // much longer is bounded by the longest TTL beside it. Share the longest class not
+        // longer than ours (the lock then keeps Capabilities::expiry_slack_for), or, when
+        // every class is longer, the shortest one (the README says what that costs).
+        let shorter = sessions
             .iter()
-            .min_by_key(|session| session.class_ms.abs_diff(ttl_ms))
+            .filter(|session| session.class_ms <= ttl_ms)
+            .max_by_key(|session| session.class_ms);
+        shorter
+            .or_else(|| sessions.iter().min_by_key(|session| session.class_ms))
             .cloned()
             // Unreachable: max_sessions ≥ 1, so the list is not empty here.
             .unwrap_or_else(|| Session::new(usize::MAX, ttl_ms, self.config.probe_timeout))

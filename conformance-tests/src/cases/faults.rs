@@ -38,7 +38,7 @@ async fn lost_before_contender(
     let next = contender
         .lock(&name)
         .ttl(ttl)
-        .wait(ttl + caps.expiry_slack + Duration::from_secs(5))
+        .wait(ttl + caps.expiry_slack_for(ttl) + Duration::from_secs(5))
         .acquire()
         .await
         .with_context(|| format!("{case}: no contender got the lock after the fault"))?;
@@ -115,4 +115,81 @@ async fn same_instance_recovers(holder: &Locker, fault: &str) -> Result<()> {
             }
         }
     }
+}
+
+/// 35. A holder cut off from the server (to the server, a stopped process: nothing more is
+///     said, nothing is closed) while it holds leases of one TTL taken in two groups 60 % of
+///     a TTL apart: on the server each is free within [`Capabilities::expiry_slack_for`] of
+///     its own deadline, and never before that deadline. A backend whose server frees leases
+///     in groups (they share a connection, a session, a lease) must say so in
+///     `expiry_slack_ttl_percent`. Six keys a group, so that a backend spreading keys over a
+///     few connections puts leases of both groups on one of them.
+///
+/// [`Capabilities::expiry_slack_for`]: lock_core::Capabilities::expiry_slack_for
+pub async fn stopped_holders_leases_expire_by_their_slack(
+    factory: &dyn BackendFactory,
+) -> Result<()> {
+    let case = "stopped_holders_leases_expire_by_their_slack";
+    let faults = faults_of(factory, case)?;
+    let holder = factory.backend().await?;
+    let caps = holder.capabilities();
+    let ttl = ttl_for(&caps, Duration::from_millis(1500));
+    let slack = caps.expiry_slack_for(ttl);
+    let mut leases = Vec::new();
+    for group in 0..2 {
+        if group > 0 {
+            sleep(ttl * 3 / 5).await;
+        }
+        for index in 0..6 {
+            let k = key(&unique_key(&format!("stopped-{group}-{index}")))?;
+            let lease = holder
+                .try_acquire(&k, ttl)
+                .await?
+                .into_lease()
+                .with_context(|| format!("{k:?}: a fresh key was held"))?;
+            // The server started the TTL between sending and this answer.
+            let answered = Instant::now();
+            leases.push((k, lease, answered));
+        }
+    }
+    faults.blackhole().await?;
+    let outcome = async {
+        for (k, lease, answered) in &leases {
+            let earliest = lease.sent_at() + lease.ttl();
+            let latest = *answered + lease.ttl() + slack;
+            // Poll the server directly (not through the cut-off link).
+            let freed_at = loop {
+                match factory.is_held(k).await? {
+                    Some(true) => {}
+                    Some(false) => break Instant::now(),
+                    None => bail!(
+                        "{case}: the factory cannot read the server (BackendFactory::is_held); \
+                         implement it or skip the case with the reason"
+                    ),
+                }
+                ensure!(
+                    Instant::now() < latest + Duration::from_secs(3),
+                    "{case}: {k:?} still held {:?} after its deadline (slack {slack:?})",
+                    Instant::now().saturating_duration_since(earliest)
+                );
+                sleep(10 * MS).await;
+            };
+            ensure!(
+                freed_at + caps.ttl_granularity >= earliest,
+                "{case}: {k:?} freed {:?} before its deadline",
+                earliest.saturating_duration_since(freed_at)
+            );
+            // 150 ms: the poll's own round trip and scheduling on a loaded machine.
+            ensure!(
+                freed_at <= latest + 150 * MS,
+                "{case}: {k:?} of a stopped holder was freed {:?} after its deadline; \
+                 Capabilities::expiry_slack_for({ttl:?}) says {slack:?}",
+                freed_at.saturating_duration_since(earliest)
+            );
+        }
+        Ok(())
+    }
+    .await;
+    faults.heal().await?;
+    outcome
 }
