@@ -12,6 +12,11 @@
 //! server outlives the test process. Its data directory (under the system temp dir, named
 //! `distlock-pg-<pid>-*`) is then left behind; the next start removes directories of dead
 //! processes.
+//!
+//! [`PostgresServer::builder`] starts a server with TLS (`ssl = on` with given certificate
+//! files), its own `pg_hba.conf` lines (password, client-certificate or TLS-only access) and
+//! login roles. Such a server's own administration (`sql`, readiness checks) goes over its
+//! Unix socket as `postgres` with trust, so the TCP rules are exactly the ones given.
 
 use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port, wait_for_port};
 use anyhow::{Context, Result, bail};
@@ -149,6 +154,75 @@ fn spawn_on_keeper(name: &'static str, command: Command, log: &Path) -> Result<S
         .context("the postgres keeper thread did not answer")?
 }
 
+/// TLS for a [`PostgresServer`]: PEM files the harness copies into the server's directory
+/// (owned by the server's user, the key 0600, as PostgreSQL demands).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server certificate (`ssl_cert_file`).
+    pub cert: PathBuf,
+    /// Its private key (`ssl_key_file`).
+    pub key: PathBuf,
+    /// The CA whose client certificates the server accepts (`ssl_ca_file`), for `cert`
+    /// authentication; `None`: no client certificates are asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Builds a [`PostgresServer`] with TLS, access rules and roles (see the module docs).
+/// Without any of them it starts what [`PostgresServer::start`] starts.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresServerBuilder {
+    settings: Vec<(String, String)>,
+    tls: Option<ServerTls>,
+    hba: Vec<String>,
+    roles: Vec<(String, Option<String>)>,
+}
+
+impl PostgresServerBuilder {
+    /// An extra `-c name=value` server setting.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Turns TLS on (`ssl = on`) with these files.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// TLS with a [`crate::tls::TestPki`]'s server certificate, its CA accepting client
+    /// certificates.
+    #[cfg(feature = "tls")]
+    pub fn test_pki(self, pki: &crate::tls::TestPki) -> Self {
+        self.tls(ServerTls {
+            cert: pki.server.cert_path.clone(),
+            key: pki.server.key_path.clone(),
+            client_ca: Some(pki.ca.cert_path.clone()),
+        })
+    }
+
+    /// A `pg_hba.conf` line, e.g. `hostssl all all 127.0.0.1/32 scram-sha-256`. Once any is
+    /// given, these lines (in order) are the only TCP rules: the trust rules `initdb` wrote
+    /// go, and only `local all postgres trust` (the harness's own access) stays before them.
+    pub fn hba(mut self, line: &str) -> Self {
+        self.hba.push(line.to_owned());
+        self
+    }
+
+    /// A login role created once the server first runs, with a password (stored as
+    /// scram-sha-256, PostgreSQL 15's default) or none (for `cert` or trust access).
+    pub fn role(mut self, name: &str, password: Option<&str>) -> Self {
+        self.roles
+            .push((name.to_owned(), password.map(str::to_owned)));
+        self
+    }
+
+    /// `initdb`, the files and rules above, start on a free loopback port, create the roles.
+    pub fn start(self) -> Result<PostgresServer> {
+        PostgresServer::start_built(self)
+    }
+}
+
 /// A PostgreSQL server started by the harness. Dropping it shuts the server down (immediate
 /// shutdown) and removes its data directory.
 #[derive(Debug)]
@@ -160,6 +234,9 @@ pub struct PostgresServer {
     psql: PathBuf,
     process: Mutex<Option<ServerProcess>>,
     extra_settings: Vec<(String, String)>,
+    /// `pg_hba.conf` was replaced: the harness reaches the server over its Unix socket.
+    own_hba: bool,
+    tls: bool,
 }
 
 impl PostgresServer {
@@ -171,6 +248,20 @@ impl PostgresServer {
 
     /// Like [`PostgresServer::start`], with extra `-c name=value` server settings.
     pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
+        settings
+            .iter()
+            .fold(Self::builder(), |builder, (name, value)| {
+                builder.setting(name, value)
+            })
+            .start()
+    }
+
+    /// A builder for a server with TLS, its own access rules or roles.
+    pub fn builder() -> PostgresServerBuilder {
+        PostgresServerBuilder::default()
+    }
+
+    fn start_built(built: PostgresServerBuilder) -> Result<Self> {
         remove_stale_dirs();
         let initdb = find_pg_binary("initdb")?;
         let postgres = find_pg_binary("postgres")?;
@@ -205,6 +296,19 @@ impl PostgresServer {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
+        let mut extra_settings = built.settings;
+        if let Some(tls) = &built.tls {
+            extra_settings.extend(install_tls(dir.path(), tls, user)?);
+        }
+        let own_hba = !built.hba.is_empty();
+        if own_hba {
+            let mut rules = String::from("local all postgres trust\n");
+            for line in &built.hba {
+                rules.push_str(line);
+                rules.push('\n');
+            }
+            std::fs::write(data.join("pg_hba.conf"), rules).context("writing pg_hba.conf")?;
+        }
         let mut server = PostgresServer {
             dir,
             port: free_port()?,
@@ -212,15 +316,24 @@ impl PostgresServer {
             postgres,
             psql,
             process: Mutex::new(None),
-            extra_settings: settings
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-                .collect(),
+            extra_settings,
+            own_hba,
+            tls: built.tls.is_some(),
         };
         start_on_free_port(server.port, |port| {
             server.port = port;
             server.start_again()
         })?;
+        for (name, password) in &built.roles {
+            let password = match password {
+                Some(password) => format!(" PASSWORD '{}'", password.replace('\'', "''")),
+                None => String::new(),
+            };
+            server.sql(&format!(
+                "CREATE ROLE \"{}\" LOGIN{password}",
+                name.replace('"', "\"\"")
+            ))?;
+        }
         Ok(server)
     }
 
@@ -349,9 +462,26 @@ impl PostgresServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// A `postgres://` URL for database `postgres` as user `postgres` (trust auth).
+    /// A `postgres://` URL for database `postgres` as user `postgres` (trust auth). A server
+    /// built with its own `pg_hba.conf` lines admits this only if they do: use
+    /// [`Self::socket_url`] there.
     pub fn url(&self) -> String {
         Self::url_for(self.addr())
+    }
+
+    /// A URL for database `postgres` as user `postgres` over the server's Unix socket (trust,
+    /// whatever the TCP rules say).
+    pub fn socket_url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/postgres?host={}&port={}&sslmode=disable",
+            self.dir.path().join("sock").display(),
+            self.port
+        )
+    }
+
+    /// Whether the server was started with TLS on.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// The same URL through another address, e.g. a [`crate::TcpProxy`] in front of it.
@@ -361,8 +491,15 @@ impl PostgresServer {
 
     /// Runs `query` with `psql` over TCP and returns its unaligned, tuples-only output.
     pub fn sql(&self, query: &str) -> Result<String> {
+        // With its own pg_hba.conf the server may admit `postgres` over TCP no more.
+        let host = if self.own_hba {
+            self.dir.path().join("sock").display().to_string()
+        } else {
+            "127.0.0.1".to_owned()
+        };
         let output = Command::new(&self.psql)
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(host)
             .args(["-U", "postgres", "-d", "postgres", "-p"])
             .arg(self.port.to_string())
             .arg("-c")
@@ -403,6 +540,41 @@ impl PostgresServer {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+}
+
+/// Copies the TLS files into `<dir>/tls`, readable by the server's user only (PostgreSQL
+/// refuses a key that others can read, and the originals may belong to root), and returns
+/// the settings that point the server at them.
+fn install_tls(
+    dir: &Path,
+    tls: &ServerTls,
+    user: Option<(u32, u32)>,
+) -> Result<Vec<(String, String)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let tls_dir = dir.join("tls");
+    std::fs::create_dir(&tls_dir).context("creating the server's TLS directory")?;
+    let mut files = vec![
+        ("ssl_cert_file", &tls.cert, "server.crt"),
+        ("ssl_key_file", &tls.key, "server.key"),
+    ];
+    if let Some(ca) = &tls.client_ca {
+        files.push(("ssl_ca_file", ca, "client-ca.crt"));
+    }
+    let mut settings = vec![("ssl".to_owned(), "on".to_owned())];
+    for (setting, from, name) in files {
+        let to = tls_dir.join(name);
+        std::fs::copy(from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+        }
+        settings.push((setting.to_owned(), to.display().to_string()));
+    }
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&tls_dir, Some(uid), Some(gid))?;
+    }
+    Ok(settings)
 }
 
 fn signal(child: &ServerProcess, signal: Signal) -> Result<()> {

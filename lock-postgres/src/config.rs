@@ -60,6 +60,8 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
     }
     let mut config = PostgresConfig::default();
     let mut kept = Vec::new();
+    let mut system_roots = false;
+    let mut ssl_mode: Option<String> = None;
     let bad = |name: &str, value: &str| {
         LockError::InvalidConfig(format!("invalid value {value:?} for URL parameter {name}"))
     };
@@ -79,7 +81,30 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
             "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(number()?),
             "application_name" => config.application_name = value.to_string(),
             "fence_sequence" => config.fence_sequence = value.to_string(),
+            // libpq's "trust the system's roots": sqlx trusts its default roots when no CA is
+            // given, so the parameter goes; like libpq, it implies verify-full.
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" if value == "system" => system_roots = true,
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey"
+            | "ssl-key" => {
+                check_readable(&name, &value)?;
+                kept.push((name.to_string(), value.to_string()))
+            }
+            "sslmode" | "ssl-mode" => {
+                ssl_mode = Some(value.to_string());
+                kept.push((name.to_string(), value.to_string()))
+            }
             _ => kept.push((name.to_string(), value.to_string())),
+        }
+    }
+    if system_roots {
+        match ssl_mode.as_deref() {
+            None => kept.push(("sslmode".into(), "verify-full".into())),
+            Some("verify-full") => {}
+            Some(weaker) => {
+                return Err(LockError::InvalidConfig(format!(
+                    "sslrootcert=system needs sslmode=verify-full (as in libpq), not sslmode={weaker}"
+                )));
+            }
         }
     }
     if kept.is_empty() {
@@ -90,6 +115,20 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
     let options = PgConnectOptions::from_str(parsed.as_str())
         .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
     Ok((options, config))
+}
+
+/// A certificate or key file named in the URL must be readable now: sqlx reads it only at
+/// the first TLS handshake, where a missing file would look like a connection failure. Inline
+/// PEM (sqlx accepts it for these parameters) is not a file.
+fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
+    if value.trim_start().starts_with("-----BEGIN") {
+        return Ok(());
+    }
+    std::fs::File::open(value).map(drop).map_err(|error| {
+        LockError::InvalidConfig(format!(
+            "URL parameter {name}: cannot read {value:?}: {error}"
+        ))
+    })
 }
 
 pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {

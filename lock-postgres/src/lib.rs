@@ -37,11 +37,11 @@
 use async_trait::async_trait;
 use lock_core::{
     Attempt, Capabilities, FencingToken, Lease, LockBackend, LockError, LockKey, OwnerToken,
-    ReleaseHub, Releases, validate_ttl,
+    RefusalKind, ReleaseHub, Releases, validate_ttl,
 };
 use sqlx::postgres::types::Oid;
 use sqlx::postgres::{
-    PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions,
+    PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgSslMode,
 };
 use sqlx::{ConnectOptions, Row};
 use std::collections::{BTreeMap, HashMap};
@@ -265,6 +265,7 @@ impl PostgresBackend {
         config: PostgresConfig,
     ) -> Result<Self, LockError> {
         check_config(&config)?;
+        check_tls_available(&options)?;
         let channel = format!(
             "distlock_{:016x}",
             advisory_key("", &config.namespace).cast_unsigned()

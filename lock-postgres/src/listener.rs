@@ -74,7 +74,11 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
     let work = connect_listener(listen_options.clone(), &inner.channel, timeout);
     let result = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(listener)) => Ok(listener),
-        Ok(Err(error)) => Err(map_error("starting the release listener", error)),
+        Ok(Err(error)) => Err(connect_error(
+            "starting the release listener",
+            &listen_options,
+            error,
+        )),
         Err(_) => Err(timed_out("starting the release listener", timeout)),
     };
     let mut phase = lock(&inner.listener);
@@ -249,7 +253,9 @@ impl WaiterSession {
         let mut fresh = timeout_at(deadline, work)
             .await
             .map_err(|_| timed_out("connecting the waiter session", self.timeout))?
-            .map_err(|error| map_error("connecting the waiter session", error))?;
+            .map_err(|error| {
+                connect_error("connecting the waiter session", &self.options, error)
+            })?;
         let hub = self.hub.clone();
         self.marked.retain(|key| hub.has_waiters(key));
         let pairs: Vec<(i32, i32)> = self.marked.iter().map(|key| self.pair(key)).collect();

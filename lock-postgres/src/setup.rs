@@ -52,7 +52,7 @@ impl Inner {
             .application_name(&format!("{}-probe", self.config.application_name))
             .connect()
             .await
-            .map_err(|error| map_error("connecting to postgres", error))?;
+            .map_err(|error| connect_error("connecting to postgres", &self.options, error))?;
         // Closing `other` ends its open transaction too.
         let mut other = Some(other);
         let probe = async {
@@ -307,7 +307,7 @@ impl Inner {
                 )))
             }
             Ok(Err(error)) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
-            Ok(Err(error)) => Err(map_error("connecting to postgres", error)),
+            Ok(Err(error)) => Err(connect_error("connecting to postgres", &options, error)),
             Ok(Ok((_, first, second))) if first != second => Err(pooler_refusal(&format!(
                 "two statements on one connection ran in different server sessions (pid \
                  {first}, then {second})"

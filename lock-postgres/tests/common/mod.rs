@@ -52,6 +52,9 @@ pub async fn advisory_held(pool: &PgPool, hash: i64) -> Result<bool> {
     .await?)
 }
 
+/// Makes the URL backends connect with from the proxy's address.
+pub type ClientUrl = Box<dyn Fn(std::net::SocketAddr) -> String + Send + Sync>;
+
 /// Fresh backends on the shared server; `is_held` reads `pg_locks` on its own connection.
 pub struct PgFactory {
     /// The server itself (the inspector connects here).
@@ -60,6 +63,8 @@ pub struct PgFactory {
     inspector: OnceCell<PgPool>,
     /// This factory's backends connect through it, so cutting it touches no other test.
     proxy: lock_harness::TcpProxy,
+    /// The backends' URL through the proxy (default [`PostgresServer::url_for`]).
+    client_url: ClientUrl,
 }
 
 impl PgFactory {
@@ -72,11 +77,22 @@ impl PgFactory {
     /// a pooler in front of it. The inspector always reads the server directly.
     pub async fn start_through(upstream: std::net::SocketAddr) -> Result<Self> {
         let server = server().await?;
+        Self::custom(upstream, server.url(), Box::new(PostgresServer::url_for))
+    }
+
+    /// Backends connect to `upstream` through the proxy with the URL `client_url` makes of
+    /// the proxy's address (credentials, TLS); the inspector connects with `inspector_url`.
+    pub fn custom(
+        upstream: std::net::SocketAddr,
+        inspector_url: String,
+        client_url: ClientUrl,
+    ) -> Result<Self> {
         Ok(PgFactory {
-            url: server.url(),
+            url: inspector_url,
             config: PostgresConfig::default(),
             inspector: OnceCell::new(),
             proxy: lock_harness::TcpProxy::start(upstream)?,
+            client_url,
         })
     }
 
@@ -102,7 +118,7 @@ impl BackendFactory for PgFactory {
     }
 
     async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
-        let options = PgConnectOptions::from_str(&PostgresServer::url_for(self.proxy.addr()))?;
+        let options = PgConnectOptions::from_str(&(self.client_url)(self.proxy.addr()))?;
         Ok(Arc::new(
             PostgresBackend::with_options(options, self.config.clone()).await?,
         ))
