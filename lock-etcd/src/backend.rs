@@ -5,6 +5,7 @@ use crate::connection::Connection;
 use crate::keys::{entry_key, key_range};
 use crate::lock;
 use crate::renewer::{Renewal, Renewer};
+use crate::security;
 use crate::watch::{Watcher, Woken};
 use async_trait::async_trait;
 use etcd_client::{
@@ -19,7 +20,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 mod shared;
 
@@ -101,10 +102,14 @@ impl fmt::Debug for EtcdBackend {
 }
 
 /// Classifies an etcd client error: transport trouble and unavailability may pass if
-/// retried; bad arguments, auth and protocol errors will not.
-fn backend_error(what: &str, error: etcd_client::Error) -> LockError {
+/// retried; bad arguments and protocol errors will not; wrong credentials, missing
+/// permissions and refused certificates are `LockError::Refused`.
+fn backend_error(config: &EtcdConfig, what: &str, error: etcd_client::Error) -> LockError {
     use etcd_client::Error as E;
     use tonic::Code;
+    if let Some(refused) = security::refusal(config, &error) {
+        return refused;
+    }
     let retryable = match &error {
         // A lease that expired before a put or txn naming it (a slow grant outlived a short
         // TTL): a new attempt grants a new lease.
@@ -328,7 +333,7 @@ impl Inner {
     {
         match self.attempt(request).await {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(error)) => Err(backend_error(what, error)),
+            Ok(Err(error)) => Err(backend_error(&self.config, what, error)),
             Err(()) => Err(LockError::backend_msg(
                 BACKEND,
                 format!("{what}: no answer within {:?}", self.config.request_timeout),
@@ -358,9 +363,13 @@ impl Inner {
             Ok(Ok(granted)) => granted.ttl().max(seconds),
             Ok(Err(error)) if is_lease_exists(&error) && tries > 1 => seconds,
             Ok(Err(error)) if is_lease_exists(&error) => {
-                return Ok(Granted::Collision(backend_error("lease grant", error)));
+                return Ok(Granted::Collision(backend_error(
+                    &self.config,
+                    "lease grant",
+                    error,
+                )));
             }
-            Ok(Err(error)) => return Err(backend_error("lease grant", error)),
+            Ok(Err(error)) => return Err(backend_error(&self.config, "lease grant", error)),
             Err(()) => {
                 return Err(LockError::backend_msg(
                     BACKEND,
@@ -408,7 +417,7 @@ impl Inner {
         match answer {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
-            Ok(Err(error)) => Err(backend_error("lease revoke", error)),
+            Ok(Err(error)) => Err(backend_error(&self.config, "lease revoke", error)),
             Err(()) => Err(LockError::backend_msg(
                 BACKEND,
                 "lease revoke: no answer",
@@ -488,62 +497,28 @@ impl EtcdBackend {
         if config.endpoints.is_empty() {
             return Err(LockError::InvalidConfig("no etcd endpoints".into()));
         }
+        config.validate().map_err(LockError::InvalidConfig)?;
         let endpoints: Vec<String> = config
             .endpoints
             .iter()
-            .map(|endpoint| format!("http://{endpoint}"))
+            .map(|endpoint| security::endpoint_url(&config, endpoint))
             .collect();
-        // gRPC keep-alive pings find a dead connection; etcd refuses pings more often than
-        // every 5 s, so ping every 10 s. Requests that need a leader fail fast without one.
-        let options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_require_leader(true);
-        let unreachable = |detail: String| {
-            LockError::backend_msg(
-                BACKEND,
-                format!(
-                    "cannot reach etcd at {}: {detail}",
-                    config.endpoints.join(",")
-                ),
-                true,
-            )
-        };
-        let client = match timeout(
-            config.connect_timeout,
-            Client::connect(&endpoints, Some(options.clone())),
-        )
-        .await
-        {
-            Ok(Ok(client)) => client,
-            Ok(Err(etcd_client::Error::InvalidUri(error))) => {
-                return Err(LockError::InvalidConfig(format!("etcd endpoint: {error}")));
-            }
-            Ok(Err(error)) => return Err(unreachable(error.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no connection within {:?}",
-                    config.connect_timeout
-                )));
+        let options = security::client_options(&config)?;
+        let deadline = Instant::now() + config.connect_timeout;
+        let (client, options) = match Self::open(&config, &endpoints, options, deadline).await {
+            Ok(opened) => opened,
+            Err(error) if error.is_refused() || !error.is_retryable() => return Err(error),
+            Err(error) => {
+                // A client speaking the wrong protocol, or a certificate the server does not
+                // accept, shows as a closed connection, like a server that died: look at the
+                // servers in the time left.
+                let left = deadline.saturating_duration_since(Instant::now());
+                return Err(security::diagnose(&config, &error, left)
+                    .await
+                    .unwrap_or(error));
             }
         };
-        // The channel connects lazily: prove the cluster answers before handing it out.
-        let mut kv = client.kv_client();
-        let probe = kv.get(
-            format!("{}/", config.prefix),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        );
-        match timeout(config.connect_timeout, probe).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(unreachable(error.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {:?}",
-                    config.connect_timeout
-                )));
-            }
-        }
-        let connection = Arc::new(Connection::new(client, endpoints, options));
+        let connection = Arc::new(Connection::new(client, endpoints, options, config.clone()));
         let watcher = Watcher::new(connection.clone(), config.request_timeout);
         let renewer = Renewer::new(connection.clone(), config.request_timeout);
         Ok(EtcdBackend {
@@ -557,6 +532,78 @@ impl EtcdBackend {
                 followers: Mutex::default(),
             }),
         })
+    }
+
+    /// Builds the client (logging in, if credentials are configured) and proves the cluster
+    /// answers a read of the prefix (which also proves the user may read it), all by
+    /// `deadline`. Returns the options the client was built with (without credentials if
+    /// the server has authentication off).
+    async fn open(
+        config: &EtcdConfig,
+        endpoints: &[String],
+        mut options: ConnectOptions,
+        deadline: Instant,
+    ) -> Result<(Client, ConnectOptions), LockError> {
+        let unreachable = |detail: String| {
+            LockError::backend_msg(
+                BACKEND,
+                format!(
+                    "cannot reach etcd at {}: {detail}",
+                    config.endpoints.join(",")
+                ),
+                true,
+            )
+        };
+        let failed = |error: etcd_client::Error| match error {
+            etcd_client::Error::InvalidUri(error) => {
+                LockError::InvalidConfig(format!("etcd endpoint: {error}"))
+            }
+            error => security::refusal(config, &error)
+                .unwrap_or_else(|| unreachable(security::error_chain(&error))),
+        };
+        let mut connected =
+            timeout_at(deadline, Client::connect(endpoints, Some(options.clone()))).await;
+        if let Ok(Err(error)) = &connected
+            && config.credentials.is_some()
+            && security::error_chain(error).contains("authentication is not enabled")
+        {
+            // As etcd's own Go client does: credentials for a server without
+            // authentication are not an error (it allows every request).
+            tracing::warn!(
+                "etcd at {} has authentication off; connecting without credentials",
+                config.endpoints.join(",")
+            );
+            options = security::client_options(&EtcdConfig {
+                credentials: None,
+                ..config.clone()
+            })?;
+            connected =
+                timeout_at(deadline, Client::connect(endpoints, Some(options.clone()))).await;
+        }
+        let client = match connected {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => return Err(failed(error)),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {:?}",
+                    config.connect_timeout
+                )));
+            }
+        };
+        // The channel connects lazily: prove the cluster answers before handing it out.
+        let mut kv = client.kv_client();
+        let probe = kv.get(
+            format!("{}/", config.prefix),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        );
+        match timeout_at(deadline, probe).await {
+            Ok(Ok(_)) => Ok((client, options)),
+            Ok(Err(error)) => Err(failed(error)),
+            Err(_) => Err(unreachable(format!(
+                "no answer within {:?}",
+                config.connect_timeout
+            ))),
+        }
     }
 
     /// The configuration this backend was built with.
@@ -1033,7 +1080,7 @@ mod server_tests {
             .await
         {
             Ok(_) => anyhow::bail!("put on a revoked lease succeeded"),
-            Err(error) => backend_error("put", error),
+            Err(error) => backend_error(&EtcdConfig::new(["test"]), "put", error),
         };
         anyhow::ensure!(error.is_retryable(), "not retryable: {error}");
         Ok(())

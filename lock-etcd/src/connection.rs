@@ -3,7 +3,8 @@
 //! backend connected on one runtime and used from another would otherwise fail every request
 //! ("Service was not ready").
 
-use crate::lock;
+use crate::config::EtcdConfig;
+use crate::{lock, security};
 use etcd_client::{Client, ConnectOptions};
 use lock_core::LockError;
 use std::sync::{Mutex, MutexGuard};
@@ -20,6 +21,8 @@ struct Built {
 pub(crate) struct Connection {
     endpoints: Vec<String>,
     options: ConnectOptions,
+    /// For classifying a refused rebuild (wrong password, certificate).
+    config: EtcdConfig,
     built: Mutex<Built>,
 }
 
@@ -36,11 +39,18 @@ fn sentinel() -> JoinHandle<()> {
 }
 
 impl Connection {
-    /// Wraps a client just built on the current runtime from `endpoints` and `options`.
-    pub(crate) fn new(client: Client, endpoints: Vec<String>, options: ConnectOptions) -> Self {
+    /// Wraps a client just built on the current runtime from `endpoints` and `options`
+    /// (made from `config`).
+    pub(crate) fn new(
+        client: Client,
+        endpoints: Vec<String>,
+        options: ConnectOptions,
+        config: EtcdConfig,
+    ) -> Self {
         Connection {
             endpoints,
             options,
+            config,
             built: Mutex::new(Built {
                 client,
                 sentinel: sentinel(),
@@ -61,17 +71,32 @@ impl Connection {
             }
         }
         tracing::debug!("the runtime that built the etcd client has shut down; rebuilding it");
-        // Connecting only sets up the (lazy) channel: no round trip.
-        let client = Client::connect(&self.endpoints, Some(self.options.clone()))
-            .await
-            .map_err(|error| {
-                LockError::backend(
+        // Connecting sets up the (lazy) channel, and logs in if credentials are configured:
+        // one round trip then, bounded by the connect timeout.
+        let connecting = Client::connect(&self.endpoints, Some(self.options.clone()));
+        let client = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => {
+                return Err(security::refusal(&self.config, &error).unwrap_or_else(|| {
+                    LockError::backend(
+                        "etcd",
+                        format!("reconnecting on a new runtime: {error}"),
+                        true,
+                        error,
+                    )
+                }));
+            }
+            Err(_) => {
+                return Err(LockError::backend_msg(
                     "etcd",
-                    format!("reconnecting on a new runtime: {error}"),
+                    format!(
+                        "reconnecting on a new runtime: no connection within {:?}",
+                        self.config.connect_timeout
+                    ),
                     true,
-                    error,
-                )
-            })?;
+                ));
+            }
+        };
         let mut built = self.built();
         if built.sentinel.is_finished() {
             *built = Built {

@@ -24,10 +24,11 @@ mod config;
 mod connection;
 mod keys;
 mod renewer;
+mod security;
 mod watch;
 
 pub use backend::{EXPIRY_SLACK, EtcdBackend, MIN_TTL};
-pub use config::{DEFAULT_PREFIX, EtcdConfig};
+pub use config::{Credentials, DEFAULT_PREFIX, EtcdConfig, EtcdTls};
 pub use keys::{key_range, sync_range};
 
 use lock_core::{LockBackend, LockError};

@@ -6,6 +6,13 @@
 //! data directory and ports, find and kill the leader, cut / black-hole / heal the proxies,
 //! and revoke a lease from outside through a client of the harness's own.
 //!
+//! With the feature `etcd-tls`, [`EtcdCluster::start_secure`] starts members that serve
+//! clients over TLS only (certificates from a [`TestPki`] made for the cluster), optionally
+//! require client certificates (`--client-cert-auth`), and optionally run with
+//! authentication on (a `root` user, and users whose role may read and write one key prefix,
+//! created through etcd-client before `auth enable`). The harness's own client then speaks
+//! TLS, presents the client certificate and logs in as `root`.
+//!
 //! etcd 3.4 has no `--unsafe-no-fsync`, so the data directories live on `/dev/shm` (tmpfs)
 //! when it exists: fsync is then nearly free and tests stay fast. Everything is killed and
 //! deleted on drop.
@@ -19,6 +26,101 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tokio::time::{Instant, sleep, timeout};
+
+#[cfg(feature = "etcd-tls")]
+use crate::tls::TestPki;
+
+/// How a secure cluster is started ([`EtcdCluster::start_secure`]).
+#[cfg(feature = "etcd-tls")]
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSecurity {
+    /// Serve clients over TLS only (`https://` client URLs) with a server certificate of a
+    /// [`TestPki`] made for the cluster.
+    pub tls: bool,
+    /// With `tls`: require a client certificate signed by the PKI's CA (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// Turn authentication on with these users.
+    pub auth: Option<EtcdAuth>,
+}
+
+/// Users for [`EtcdSecurity::auth`]: `root` (password `root_password`, role `root`, what the
+/// harness logs in as) and `users`.
+#[cfg(feature = "etcd-tls")]
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAuth {
+    /// Password of the `root` user.
+    pub root_password: String,
+    /// Further users.
+    pub users: Vec<EtcdUser>,
+}
+
+/// One user of [`EtcdAuth`].
+#[cfg(feature = "etcd-tls")]
+#[derive(Debug, Clone)]
+pub struct EtcdUser {
+    /// User name.
+    pub name: String,
+    /// Its password.
+    pub password: String,
+    /// A key prefix the user may read and write (through a role `<name>-rw` of its own);
+    /// `None`: a user without any role (every key request is denied).
+    pub readwrite_prefix: Option<String>,
+}
+
+/// How the harness's own client reaches the members.
+#[derive(Debug, Default)]
+struct Access {
+    #[cfg(feature = "etcd-tls")]
+    pki: Option<TestPki>,
+    #[cfg(feature = "etcd-tls")]
+    client_cert_auth: bool,
+    /// `root`'s password once authentication is on.
+    root_password: Option<String>,
+}
+
+impl Access {
+    /// The URL of a client address for etcd-client (`https://` on a TLS cluster).
+    fn endpoint(&self, addr: &str) -> String {
+        #[cfg(feature = "etcd-tls")]
+        if self.pki.is_some() {
+            return format!("https://{addr}");
+        }
+        format!("http://{addr}")
+    }
+
+    fn options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        #[cfg(feature = "etcd-tls")]
+        if let Some(pki) = &self.pki {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&pki.ca.cert_pem));
+            if self.client_cert_auth {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    &pki.client.cert_pem,
+                    &pki.client.key_pem,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some(password) = &self.root_password {
+            options = options.with_user("root", password.clone());
+        }
+        options
+    }
+
+    async fn connect(&self, addrs: &[String]) -> Result<Client> {
+        let endpoints: Vec<String> = addrs.iter().map(|addr| self.endpoint(addr)).collect();
+        let client = timeout(
+            Duration::from_secs(2),
+            Client::connect(&endpoints, Some(self.options())),
+        )
+        .await
+        .context("connecting to etcd timed out")??;
+        Ok(client)
+    }
+}
 
 /// Raft heartbeat interval given to every member (ms). Short, so that a killed leader is
 /// replaced quickly in failure tests; the election timeout is ten heartbeats.
@@ -41,6 +143,8 @@ pub struct EtcdMember {
     log: PathBuf,
     process: Option<ServerProcess>,
     proxy: TcpProxy,
+    /// A plain-HTTP port for `/metrics` (TLS clusters only; otherwise the client port).
+    metrics_port: Option<u16>,
 }
 
 impl EtcdMember {
@@ -77,6 +181,7 @@ pub struct EtcdCluster {
     initial_cluster: String,
     /// Extra flags given to every member (e.g. `--max-txn-ops=16`).
     extra_args: Vec<String>,
+    access: Access,
     // Dropped last: the members' processes die before their directories go.
     _dir: tempfile::TempDir,
 }
@@ -112,20 +217,95 @@ impl EtcdCluster {
     pub async fn start_with_args(size: usize, extra_args: &[&str]) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(size, extra_args).await {
+            match Self::start_once(size, extra_args, Access::default()).await {
                 Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => attempt += 1,
                 result => return result,
             }
         }
     }
 
+    /// Starts a cluster of `size` with TLS, client certificates and authentication as
+    /// `security` says, and extra flags for every member (e.g. `--auth-token-ttl=3`). With
+    /// `auth`, authentication is on when this returns.
+    #[cfg(feature = "etcd-tls")]
+    pub async fn start_secure(
+        size: usize,
+        security: EtcdSecurity,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let access = Access {
+                pki: if security.tls {
+                    Some(TestPki::generate()?)
+                } else {
+                    None
+                },
+                client_cert_auth: security.tls && security.client_cert_auth,
+                root_password: None,
+            };
+            match Self::start_once(size, extra_args, access).await {
+                Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => attempt += 1,
+                Err(error) => return Err(error),
+                Ok(mut cluster) => {
+                    if let Some(auth) = &security.auth {
+                        cluster.enable_auth(auth).await?;
+                    }
+                    return Ok(cluster);
+                }
+            }
+        }
+    }
+
+    /// Creates `root` and the users of `auth`, then turns authentication on.
+    #[cfg(feature = "etcd-tls")]
+    async fn enable_auth(&mut self, auth: &EtcdAuth) -> Result<()> {
+        use etcd_client::Permission;
+        let mut client = self.client().await?;
+        client
+            .user_add("root", auth.root_password.clone(), None)
+            .await
+            .context("adding user root")?;
+        client.user_grant_role("root", "root").await?;
+        for user in &auth.users {
+            client
+                .user_add(user.name.clone(), user.password.clone(), None)
+                .await
+                .with_context(|| format!("adding user {}", user.name))?;
+            if let Some(prefix) = &user.readwrite_prefix {
+                let role = format!("{}-rw", user.name);
+                client.role_add(role.clone()).await?;
+                client
+                    .role_grant_permission(
+                        role.clone(),
+                        Permission::read_write(prefix.clone()).with_prefix(),
+                    )
+                    .await?;
+                client.user_grant_role(user.name.clone(), role).await?;
+            }
+        }
+        client.auth_enable().await.context("enabling auth")?;
+        self.access.root_password = Some(auth.root_password.clone());
+        Ok(())
+    }
+
+    /// The certificates of a TLS cluster.
+    #[cfg(feature = "etcd-tls")]
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.access.pki.as_ref()
+    }
+
     /// One try of [`EtcdCluster::start_with_args`] on freshly picked ports.
-    async fn start_once(size: usize, extra_args: &[&str]) -> Result<Self> {
+    async fn start_once(size: usize, extra_args: &[&str], access: Access) -> Result<Self> {
         if size == 0 {
             bail!("an etcd cluster needs at least one member");
         }
         let binary = etcd_binary()?;
         let dir = temp_dir()?;
+        #[cfg(feature = "etcd-tls")]
+        let tls = access.pki.is_some();
+        #[cfg(not(feature = "etcd-tls"))]
+        let tls = false;
         let mut members = Vec::with_capacity(size);
         for index in 0..size {
             let client_port = free_port()?;
@@ -140,6 +320,7 @@ impl EtcdCluster {
                 peer_port,
                 process: None,
                 proxy,
+                metrics_port: if tls { Some(free_port()?) } else { None },
             });
         }
         let initial_cluster = members
@@ -151,6 +332,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            access,
             _dir: dir,
         };
         for index in 0..size {
@@ -173,7 +355,9 @@ impl EtcdCluster {
             .members
             .get_mut(index)
             .with_context(|| format!("no member {index}"))?;
-        let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let client_url = self
+            .access
+            .endpoint(&format!("127.0.0.1:{}", member.client_port));
         let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
         let mut command = Command::new(binary);
         command
@@ -204,6 +388,24 @@ impl EtcdCluster {
             .arg("--log-level")
             .arg("warn")
             .args(&extra_args);
+        #[cfg(feature = "etcd-tls")]
+        if let Some(pki) = &self.access.pki {
+            command
+                .arg("--cert-file")
+                .arg(&pki.server.cert_path)
+                .arg("--key-file")
+                .arg(&pki.server.key_path)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca.cert_path);
+            if self.access.client_cert_auth {
+                command.arg("--client-cert-auth");
+            }
+        }
+        if let Some(port) = member.metrics_port {
+            command
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{port}"));
+        }
         // A restarted member finds its data directory and ignores the initial-cluster flags.
         let process = ServerProcess::spawn(&format!("etcd {}", member.name), command, &member.log)?;
         member.process = Some(process);
@@ -223,7 +425,7 @@ impl EtcdCluster {
                 }
                 let endpoint = self.members[index].client_addr().to_string();
                 let ready = async {
-                    let mut client = connect(&[endpoint]).await?;
+                    let mut client = self.access.connect(&[endpoint]).await?;
                     client.get("distlock-harness-ready", None).await?;
                     anyhow::Ok(())
                 };
@@ -279,12 +481,45 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// An `etcd://` URL through the proxies, with an optional key prefix.
+    /// An `etcd://` URL through the proxies, with an optional key prefix. On a TLS cluster:
+    /// `etcds://…?ca=<CA file>` (and `&cert=…&key=…` when client certificates are required).
     pub fn url(&self, prefix: Option<&str>) -> String {
-        let mut url = format!("etcd://{}", self.endpoints().join(","));
+        self.url_with(None, prefix)
+    }
+
+    /// Like [`EtcdCluster::url`], logging in as `user` with `password` (both sent as they
+    /// are: test names without characters that need percent-encoding).
+    pub fn url_as(&self, user: &str, password: &str, prefix: Option<&str>) -> String {
+        self.url_with(Some((user, password)), prefix)
+    }
+
+    fn url_with(&self, credentials: Option<(&str, &str)>, prefix: Option<&str>) -> String {
+        #[cfg(feature = "etcd-tls")]
+        let scheme = if self.access.pki.is_some() {
+            "etcds"
+        } else {
+            "etcd"
+        };
+        #[cfg(not(feature = "etcd-tls"))]
+        let scheme = "etcd";
+        let userinfo = credentials
+            .map(|(user, password)| format!("{user}:{password}@"))
+            .unwrap_or_default();
+        let mut url = format!("{scheme}://{userinfo}{}", self.endpoints().join(","));
         if let Some(prefix) = prefix {
             url.push('/');
             url.push_str(prefix.trim_start_matches('/'));
+        }
+        #[cfg(feature = "etcd-tls")]
+        if let Some(pki) = &self.access.pki {
+            url.push_str(&format!("?ca={}", pki.ca.cert_path.display()));
+            if self.access.client_cert_auth {
+                url.push_str(&format!(
+                    "&cert={}&key={}",
+                    pki.client.cert_path.display(),
+                    pki.client.key_path.display()
+                ));
+            }
         }
         url
     }
@@ -298,7 +533,7 @@ impl EtcdCluster {
             .filter(|member| member.is_running())
             .map(|member| member.client_addr().to_string())
             .collect();
-        connect(&endpoints).await
+        self.access.connect(&endpoints).await
     }
 
     /// Freezes member `index` (SIGSTOP).
@@ -346,7 +581,10 @@ impl EtcdCluster {
     pub async fn leader(&self) -> Result<usize> {
         for member in self.members.iter().filter(|member| member.is_running()) {
             let status = async {
-                let mut client = connect(&[member.client_addr().to_string()]).await?;
+                let mut client = self
+                    .access
+                    .connect(&[member.client_addr().to_string()])
+                    .await?;
                 anyhow::Ok(client.status().await?)
             };
             let Ok(Ok(status)) = timeout(Duration::from_secs(2), status).await else {
@@ -358,7 +596,10 @@ impl EtcdCluster {
             }
             // Map the leader's member id to our index through the member list.
             let list = async {
-                let mut client = connect(&[member.client_addr().to_string()]).await?;
+                let mut client = self
+                    .access
+                    .connect(&[member.client_addr().to_string()])
+                    .await?;
                 anyhow::Ok(client.member_list().await?)
             };
             let Ok(Ok(list)) = timeout(Duration::from_secs(2), list).await else {
@@ -423,10 +664,15 @@ impl EtcdCluster {
     /// The sum of every sample of the Prometheus metric `name` (e.g.
     /// `grpc_server_started_total`) whose labels contain all of `labels` (e.g.
     /// `grpc_method="LeaseKeepAlive"`), read from member `index`'s `/metrics` endpoint on its
-    /// client port (not through the proxy). 0 when no sample matches.
+    /// client port (not through the proxy; on a TLS cluster, from its plain metrics port).
+    /// 0 when no sample matches.
     pub async fn metric(&self, index: usize, name: &str, labels: &[&str]) -> Result<f64> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.member(index)?.client_addr();
+        let member = self.member(index)?;
+        let addr = match member.metrics_port {
+            Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            None => member.client_addr(),
+        };
         let fetch = async {
             let mut socket = tokio::net::TcpStream::connect(addr).await?;
             socket
@@ -482,19 +728,6 @@ impl EtcdCluster {
             .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.lease()))
             .collect())
     }
-}
-
-async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(1))
-        .with_timeout(Duration::from_secs(2));
-    let client = timeout(
-        Duration::from_secs(2),
-        Client::connect(endpoints, Some(options)),
-    )
-    .await
-    .context("connecting to etcd timed out")??;
-    Ok(client)
 }
 
 #[cfg(test)]

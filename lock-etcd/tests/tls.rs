@@ -1,0 +1,268 @@
+//! etcd with TLS, client certificates and authentication (RBAC), all switched on by the
+//! harness with certificates made at test time: the conformance suite over
+//! `etcds://user:password@…?ca=…&cert=…&key=…` through the proxies (so the fault cases run),
+//! and the refusals (untrusted server, wrong password, no permission, no client certificate,
+//! TLS spoken by one side only) as `LockError::Refused`, each within the connect timeout.
+//! Plus: a backend keeps working after its authentication token expired.
+
+#![cfg(feature = "tls")]
+
+use anyhow::{Context, Result, bail, ensure};
+use async_trait::async_trait;
+use conformance_tests::{BackendFactory, ServerFaults};
+use lock_core::{LockBackend, LockError, LockKey, Locker, RefusalKind};
+use lock_harness::etcd::{EtcdAuth, EtcdCluster, EtcdSecurity, EtcdUser};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The user the backends log in as; it may read and write its factory's prefix only.
+const LOCKER: &str = "locker";
+const LOCKER_PASSWORD: &str = "locker-secret";
+/// A user without any role.
+const NOBODY: &str = "nobody";
+const NOBODY_PASSWORD: &str = "nobody-secret";
+
+/// How long a refusal may take: the connect timeout (3 s) plus scheduling slack on a loaded
+/// machine.
+const REFUSAL_BOUND: Duration = Duration::from_secs(4);
+
+fn security(prefix: &str, client_cert_auth: bool) -> EtcdSecurity {
+    EtcdSecurity {
+        tls: true,
+        client_cert_auth,
+        auth: Some(EtcdAuth {
+            root_password: "root-secret".into(),
+            users: vec![
+                EtcdUser {
+                    name: LOCKER.into(),
+                    password: LOCKER_PASSWORD.into(),
+                    readwrite_prefix: Some(format!("{prefix}/")),
+                },
+                EtcdUser {
+                    name: NOBODY.into(),
+                    password: NOBODY_PASSWORD.into(),
+                    readwrite_prefix: None,
+                },
+            ],
+        }),
+    }
+}
+
+fn fresh_prefix() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let suffix = RandomState::new().hash_one(std::time::SystemTime::now()) as u32;
+    format!("distlock-tls-{suffix:08x}")
+}
+
+/// One single-node etcd with TLS, client certificates required and authentication on;
+/// backends log in as [`LOCKER`] over the proxy.
+pub struct SecureFactory {
+    cluster: EtcdCluster,
+    prefix: String,
+}
+
+impl SecureFactory {
+    async fn start_with_args(extra_args: &[&str]) -> Result<Self> {
+        let prefix = fresh_prefix();
+        let cluster = EtcdCluster::start_secure(1, security(&prefix, true), extra_args).await?;
+        Ok(SecureFactory { cluster, prefix })
+    }
+
+    async fn start() -> Result<Self> {
+        Self::start_with_args(&[]).await
+    }
+
+    fn url(&self) -> String {
+        self.cluster
+            .url_as(LOCKER, LOCKER_PASSWORD, Some(&self.prefix))
+    }
+}
+
+#[async_trait]
+impl BackendFactory for SecureFactory {
+    fn name(&self) -> String {
+        "etcd-tls-auth".into()
+    }
+
+    async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(lock_etcd::connect(&self.url()).await?)
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
+        let range = lock_etcd::key_range(&self.prefix, key);
+        Ok(Some(
+            !self.cluster.keys_with_prefix(&range).await?.is_empty(),
+        ))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl ServerFaults for SecureFactory {
+    async fn pause(&self) -> Result<()> {
+        self.cluster.pause(0)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.cluster.resume(0)
+    }
+
+    async fn cut(&self) -> Result<()> {
+        self.cluster.cut(0)
+    }
+
+    async fn blackhole(&self) -> Result<()> {
+        self.cluster.blackhole(0)
+    }
+
+    async fn heal(&self) -> Result<()> {
+        self.cluster.heal(0)
+    }
+
+    async fn forget_connections(&self) -> Result<()> {
+        self.cluster.members()[0].proxy().forget_flows();
+        Ok(())
+    }
+}
+
+/// The whole suite over TLS + client certificate + password, through the proxy.
+mod conformance {
+    use super::SecureFactory;
+    conformance_tests::conformance_suite! {
+        factory = SecureFactory::start(),
+    }
+}
+
+/// Connects to `url`, expecting a refusal of `kind` within [`REFUSAL_BOUND`]; returns its
+/// message.
+async fn expect_refused(url: &str, kind: RefusalKind) -> Result<String> {
+    let started = Instant::now();
+    let outcome = lock_etcd::connect(url).await;
+    let elapsed = started.elapsed();
+    let error = match outcome {
+        Ok(_) => bail!("{url}: connected, expected a refusal ({kind})"),
+        Err(error) => error,
+    };
+    match &error {
+        LockError::Refused {
+            kind: got, message, ..
+        } if *got == kind => {
+            ensure!(
+                !error.is_retryable(),
+                "a refusal must not be retryable: {error}"
+            );
+            ensure!(
+                elapsed < REFUSAL_BOUND,
+                "refused after {elapsed:?} (bound {REFUSAL_BOUND:?}): {error}"
+            );
+            println!("{kind} after {elapsed:?}: {error}");
+            Ok(message.clone())
+        }
+        _ => bail!("{url}: expected Refused({kind}), got {error:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_typed_clear_and_fast() -> Result<()> {
+    let factory = SecureFactory::start().await?;
+    let cluster = &factory.cluster;
+    let pki = cluster.pki().context("no PKI")?;
+    let hosts = cluster.endpoints().join(",");
+    let prefix = &factory.prefix;
+    let client_cert = format!(
+        "cert={}&key={}",
+        pki.client.cert_path.display(),
+        pki.client.key_path.display()
+    );
+
+    // The right settings connect and lock.
+    let locker = Locker::from_arc(lock_etcd::connect(&factory.url()).await?);
+    let guard = locker
+        .lock("refusals")
+        .try_acquire()
+        .await?
+        .context("not acquired")?;
+    guard.release().await?;
+
+    // A CA that did not sign the server's certificate.
+    let message = expect_refused(
+        &format!(
+            "etcds://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}?ca={}&{client_cert}",
+            pki.other_ca.cert_path.display()
+        ),
+        RefusalKind::Certificate,
+    )
+    .await?;
+    ensure!(message.contains("ca="), "does not name ca=: {message}");
+
+    // A wrong password.
+    let message = expect_refused(
+        &cluster.url_as(LOCKER, "wrong-password", Some(prefix)),
+        RefusalKind::Authentication,
+    )
+    .await?;
+    ensure!(
+        message.contains("authentication failed") && message.contains("user:password@"),
+        "{message}"
+    );
+
+    // A user without permission on the prefix, and the right user on another prefix.
+    for url in [
+        cluster.url_as(NOBODY, NOBODY_PASSWORD, Some(prefix)),
+        cluster.url_as(LOCKER, LOCKER_PASSWORD, Some("elsewhere")),
+    ] {
+        let message = expect_refused(&url, RefusalKind::Authentication).await?;
+        ensure!(message.contains("permission denied"), "{message}");
+    }
+
+    // No client certificate where the server requires one.
+    let message = expect_refused(
+        &format!(
+            "etcds://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}?ca={}",
+            pki.ca.cert_path.display()
+        ),
+        RefusalKind::Certificate,
+    )
+    .await?;
+    ensure!(message.contains("cert="), "{message}");
+
+    // A client certificate the server's CA did not sign.
+    let message = expect_refused(
+        &format!(
+            "etcds://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}?ca={}&cert={}&key={}",
+            pki.ca.cert_path.display(),
+            pki.other_ca.cert_path.display(),
+            pki.other_ca.key_path.display()
+        ),
+        RefusalKind::Certificate,
+    )
+    .await?;
+    ensure!(message.contains("cert="), "{message}");
+
+    // Plain etcd:// against the TLS-only server.
+    let message = expect_refused(
+        &format!("etcd://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}"),
+        RefusalKind::Tls,
+    )
+    .await?;
+    ensure!(message.contains("etcds://"), "{message}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_against_a_plain_server_is_refused() -> Result<()> {
+    let cluster = EtcdCluster::single().await?;
+    let pki = lock_harness::tls::TestPki::generate()?;
+    let url = format!(
+        "etcds://{}/x?ca={}",
+        cluster.endpoints().join(","),
+        pki.ca.cert_path.display()
+    );
+    let message = expect_refused(&url, RefusalKind::Tls).await?;
+    ensure!(message.contains("etcd://"), "{message}");
+    Ok(())
+}
