@@ -11,12 +11,19 @@
 //! ```
 //!
 //! URL forms:
-//! - `redis://[user:pass@]host:port[/db][?prefix=…]` — one server (also `rediss://` when the
-//!   `redis` crate's TLS feature is enabled, and `redis+unix:///path?db=N`);
+//! - `redis://[user:pass@]host:port[/db][?prefix=…]` — one server (also
+//!   `redis+unix:///path?db=N`);
 //! - `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` — Redlock over independent
 //!   masters (same credentials and database on each);
-//! - optional parameters on both: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,
+//! - `rediss://…` and `redlocks://…` — the same over TLS (feature `tls`), with
+//!   `tls_ca=/path` (trust this CA instead of the default roots), `tls_cert=/path` and
+//!   `tls_key=/path` (client certificate), or [`RedisTls`] in the options; `#insecure` at the
+//!   end skips certificate checks (feature `tls-insecure`, for tests only);
+//! - optional parameters on all: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,
 //!   `node_timeout_ms`; other parameters go to the `redis` crate unchanged.
+//!
+//! A wrong password or user, an untrusted server certificate, a client certificate the server
+//! does not accept, or TLS spoken by one side only is `LockError::Refused`, never retried.
 
 mod keys;
 mod node;
@@ -24,11 +31,13 @@ mod options;
 mod redlock;
 mod shared;
 mod single;
+mod tls;
 
 pub use keys::KeyScheme;
 pub use options::RedisOptions;
 pub use redlock::RedlockBackend;
 pub use single::RedisBackend;
+pub use tls::RedisTls;
 
 use lock_core::{LockBackend, LockError};
 use std::sync::Arc;

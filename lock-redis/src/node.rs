@@ -101,17 +101,10 @@ return 1
 
 /// Maps a redis error to a [`LockError::Backend`], keeping it as the source.
 pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockError {
-    // redis marks a failed AUTH "reconnect", but a wrong password or a missing ACL right
-    // stays wrong however often we retry: say so, so that callers stop.
-    let refused = error.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
-    if refused {
-        return LockError::backend(
-            "redis",
-            format!("{context}: {error} (check the URL's user, password and ACL rights)"),
-            false,
-            error,
-        );
+    // redis marks a failed AUTH "reconnect", but a wrong password, a missing ACL right or an
+    // untrusted certificate stays wrong however often we retry: a refusal, so callers stop.
+    if let Some(refused) = crate::tls::refusal(context, &error) {
+        return refused;
     }
     let retryable = !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
         || error.is_io_error()
@@ -138,8 +131,9 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client for `url` whose TCP connections use keepalive and a user timeout.
-fn open_client(url: &str) -> Result<redis::Client, LockError> {
+/// A client for `url` (with the TLS settings `tls`) whose TCP connections use keepalive and a
+/// user timeout.
+fn open_client(url: &str, tls: &crate::RedisTls) -> Result<redis::Client, LockError> {
     let bad =
         |error: redis::RedisError| LockError::InvalidConfig(format!("redis URL {url:?}: {error}"));
     let info = url.into_connection_info().map_err(bad)?;
@@ -149,7 +143,7 @@ fn open_client(url: &str) -> Result<redis::Client, LockError> {
     let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     let tcp = tcp.set_user_timeout(TCP_USER_TIMEOUT);
-    redis::Client::open(info.set_tcp_settings(tcp)).map_err(bad)
+    crate::tls::build_client(info.set_tcp_settings(tcp), tls)
 }
 
 /// The command connection of a node, replaced when it goes silent.
@@ -286,7 +280,7 @@ struct Prepared {
 
 impl Prepared {
     fn new(url: &str, options: &crate::RedisOptions) -> Result<Self, LockError> {
-        let client = open_client(url)?;
+        let client = open_client(url, &options.tls)?;
         let addr = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
@@ -306,17 +300,33 @@ impl Prepared {
     /// Connects now, bounded by `connect_timeout`.
     async fn connect(&self, connect_timeout: Duration) -> Result<ConnectionManager, LockError> {
         let addr = &self.addr;
-        match timeout(
-            connect_timeout,
-            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()),
-        )
-        .await
-        {
+        // A `PING` once connected: a server that wants credentials the URL lacks (or a user
+        // switched off) accepts the connection and refuses only the first command, which
+        // should fail `connect`, not the first lock.
+        let connect = async {
+            let mut conn =
+                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+                    .await?;
+            redis::cmd("PING")
+                .query_async::<redis::Value>(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        match timeout(connect_timeout, connect).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(error)) => Err(backend_error(&format!("connecting to {addr}"), error)),
+            Ok(Err(error)) => {
+                let hint = crate::tls::mismatch_hint(&self.client, Some(&error));
+                Err(crate::tls::with_hint(
+                    backend_error(&format!("connecting to {addr}"), error),
+                    hint,
+                ))
+            }
             Err(_) => Err(LockError::backend_msg(
                 "redis",
-                format!("connecting to {addr}: no answer within {connect_timeout:?}"),
+                format!(
+                    "connecting to {addr}: no answer within {connect_timeout:?}{}",
+                    crate::tls::mismatch_hint(&self.client, None)
+                ),
                 true,
             )),
         }
@@ -727,7 +737,8 @@ impl Nodes {
                             *slot = Some(conn);
                         }
                     }
-                    Err(error) if must_answer => return Err(error),
+                    // A refusal (credentials, certificates) is not an outage: say so at once.
+                    Err(error) if must_answer || error.is_refused() => return Err(error),
                     Err(error) => failures.push(error.to_string()),
                 }
                 if connected >= min_connected || failures.len() > urls.len() - min_connected {

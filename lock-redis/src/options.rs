@@ -18,6 +18,7 @@ pub struct RedisOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) node_timeout: Duration,
+    pub(crate) tls: crate::RedisTls,
 }
 
 impl Default for RedisOptions {
@@ -27,6 +28,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
             node_timeout: Duration::from_millis(250),
+            tls: crate::RedisTls::default(),
         }
     }
 }
@@ -65,7 +67,16 @@ impl RedisOptions {
         self
     }
 
+    /// TLS settings for `rediss://` / `redlocks://` servers: a private CA, a client
+    /// certificate (see [`crate::RedisTls`]). URL parameters `tls_ca`, `tls_cert`, `tls_key`
+    /// override them.
+    pub fn tls(mut self, tls: crate::RedisTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), LockError> {
+        self.tls.validate()?;
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
             ("command_timeout", self.command_timeout),
@@ -88,7 +99,8 @@ pub(crate) struct ParsedUrl {
 }
 
 /// Parses `redis://[user:pass@]host:port[/db][?prefix=…]` or
-/// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]`.
+/// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` (TLS: `rediss://`,
+/// `redlocks://`, with `tls_ca`, `tls_cert`, `tls_key` and an optional `#insecure`).
 pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUrl, LockError> {
     let bad = |why: &str| LockError::InvalidConfig(format!("redis URL {url:?}: {why}"));
     let (scheme, rest) = url
@@ -98,11 +110,33 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         "redis" | "rediss" => (false, scheme),
         "redis+unix" | "unix" => (false, scheme),
         "redlock" => (true, "redis"),
+        "redlocks" => (true, "rediss"),
         other => {
             return Err(bad(&format!(
-                "unknown scheme {other:?} (use redis, rediss, redis+unix or redlock)"
+                "unknown scheme {other:?} (use redis, rediss, redis+unix, redlock or redlocks)"
             )));
         }
+    };
+    let tls = node_scheme == "rediss";
+    if tls && !cfg!(feature = "tls") {
+        return Err(crate::tls::tls_not_built(url));
+    }
+    // `#insecure` (the redis crate's: no certificate checks) goes to every node URL.
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((rest, "insecure")) if tls => {
+            if !cfg!(feature = "tls-insecure") {
+                return Err(bad(
+                    "#insecure needs lock-redis's `tls-insecure` feature (meant for tests only)",
+                ));
+            }
+            (rest, "#insecure")
+        }
+        Some(_) => {
+            return Err(bad(
+                "the only fragment accepted is #insecure, on rediss:// or redlocks://",
+            ));
+        }
+        None => (rest, ""),
     };
     let (before_query, query) = match rest.split_once('?') {
         Some((before, query)) => (before, Some(query)),
@@ -144,6 +178,9 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
                 "connect_timeout_ms" => options.connect_timeout = millis()?,
                 "command_timeout_ms" => options.command_timeout = millis()?,
                 "node_timeout_ms" => options.node_timeout = millis()?,
+                "tls_ca" => options.tls.set_ca_file(&value),
+                "tls_cert" => options.tls.set_client_cert_file(&value),
+                "tls_key" => options.tls.set_client_key_file(&value),
                 _ => passthrough.push(format!(
                     "{}={}",
                     url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>(),
@@ -153,6 +190,11 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         }
     }
     options.validate()?;
+    if !tls && !options.tls.is_default() {
+        return Err(bad(
+            "TLS settings (tls_ca, tls_cert, tls_key) need a TLS URL: rediss:// or redlocks://",
+        ));
+    }
     // The parameters that go to the redis crate, as a query string appended to each node.
     let query = if passthrough.is_empty() {
         String::new()
@@ -189,6 +231,7 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         node.push('/');
         node.push_str(&db.to_string());
         node.push_str(&query);
+        node.push_str(fragment);
         // Let the redis crate judge host, port and its own parameters now, not at connect.
         redis::Client::open(node.as_str())
             .map_err(|error| bad(&format!("node {host:?}: {error}")))?;
