@@ -522,6 +522,9 @@ async fn wait_loop(
         let now = Instant::now();
         let expires_in = match outcome {
             Ok(Attempt::Acquired(lease)) if !is_late(&lease) => {
+                if let Some(releases) = releases.as_mut() {
+                    releases.mark_acquired();
+                }
                 return Ok(Some(lease.with_kind(kind)));
             }
             Ok(Attempt::Acquired(lease)) => {
@@ -548,7 +551,13 @@ async fn wait_loop(
         if releases.is_none() {
             // Subscribe, then try again at once: a release between the failed attempt and
             // the subscription would otherwise be missed.
-            releases = Some(backend.subscribe(key).await?);
+            let mut subscription = backend.subscribe(key).await?;
+            if kind == LeaseKind::Lock {
+                // One release lets one lock holder in: wake one local waiter per release,
+                // not all of them (each would spend a round trip to find it taken).
+                subscription.take_turns();
+            }
+            releases = Some(subscription);
             continue;
         }
         let step = delays
@@ -822,6 +831,66 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
+    }
+
+    /// #13: a release wakes one local lock waiter, not all of them; and the line moves on
+    /// to every waiter (none is left asleep while the key is free).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_costs_one_attempt_however_many_wait() {
+        const WAITERS: usize = 20;
+        let backend = Arc::new(CountingBackend::default());
+        let locker = Locker::from_arc(backend.clone());
+        let held = locker.acquire("line").await.unwrap();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..WAITERS {
+            let (locker, done_tx) = (locker.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                // Backoff far beyond the test: only release signals wake these waiters.
+                let guard = locker
+                    .lock("line")
+                    .wait(Duration::from_secs(30))
+                    .retry_delay(Duration::from_secs(20))
+                    .acquire()
+                    .await;
+                let _ = done_tx.send(guard);
+            });
+        }
+        let attempts = || backend.attempts.load(std::sync::atomic::Ordering::SeqCst);
+        // Every waiter made its first attempt and its re-check after subscribing.
+        let settled_by = Instant::now() + Duration::from_secs(5);
+        while attempts() < 1 + 2 * WAITERS as u64 {
+            assert!(Instant::now() < settled_by, "waiters did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = attempts();
+        held.release().await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(2), done_rx.recv())
+            .await
+            .expect("no waiter got the released lock within 2 s")
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let spent = attempts() - before;
+        assert!(
+            spent <= 2,
+            "one release made {spent} attempts among {WAITERS} waiters (one wake each?)"
+        );
+        // Each holder hands on: every waiter gets the lock, one release at a time.
+        first.release().await.unwrap();
+        for served in 1..WAITERS {
+            let guard = tokio::time::timeout(Duration::from_secs(2), done_rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("waiter {served} never woke after a release"))
+                .unwrap()
+                .unwrap();
+            guard.release().await.unwrap();
+        }
+        let total = attempts() - before;
+        assert!(
+            total <= 2 * WAITERS as u64,
+            "{total} attempts for {WAITERS} hand-offs"
+        );
     }
 
     #[tokio::test]

@@ -2,12 +2,18 @@
 //!
 //! A backend with a native signal (Redis pub/sub, Postgres `NOTIFY`, an etcd watch) keeps one
 //! [`ReleaseHub`] and one listening connection. Each waiter is an entry in the hub's map, not
-//! a connection: when the backend hears "key released" it calls [`ReleaseHub::notify`], and
-//! every [`Releases`] subscribed to that key wakes.
+//! a connection: when the backend hears "key released" it calls [`ReleaseHub::notify`].
+//!
+//! Two ways to be woken. A plain subscription wakes on every release (a semaphore permit or
+//! a writer's release may let several waiters in). A subscription that [takes
+//! turns](Releases::take_turns) (the client's exclusive-lock waiters) is woken one at a time:
+//! a release wakes the oldest waiting one of the key, so one release costs one attempt in
+//! this process instead of one per waiter. The turn passes on if its waiter goes away (or
+//! is still busy with an earlier wake) without taking the lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
@@ -24,7 +30,22 @@ pub enum Wake {
 
 #[derive(Default)]
 struct Slot {
+    /// Releases of the key: what plain subscriptions watch.
     generation: AtomicU64,
+    /// Reconnects (releases may have been missed): what every subscription watches.
+    resync: AtomicU64,
+    notify: Notify,
+    /// Subscriptions that take turns, oldest first.
+    turns: Mutex<VecDeque<Arc<Turn>>>,
+}
+
+/// One turn-taking subscription's place in its key's line.
+#[derive(Default)]
+struct Turn {
+    /// A wake was handed to this waiter and `next` has not returned it yet.
+    pending: AtomicBool,
+    /// `next` returned a wake and the waiter has not come back to wait: it is attempting.
+    busy: AtomicBool,
     notify: Notify,
 }
 
@@ -32,6 +53,30 @@ impl Slot {
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
+        self.wake_next_turn();
+    }
+
+    fn resync(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.resync.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Hands one wake to the oldest turn-taker that is waiting and not woken already; if
+    /// every one is busy attempting, to the oldest busy one: its attempt may have been
+    /// answered before this release, so it must try once more when it comes back to wait.
+    fn wake_next_turn(&self) {
+        let turns = lock(&self.turns);
+        let unwoken = |turn: &&Arc<Turn>| !turn.pending.load(Ordering::SeqCst);
+        let next = turns
+            .iter()
+            .filter(unwoken)
+            .find(|turn| !turn.busy.load(Ordering::SeqCst))
+            .or_else(|| turns.iter().find(unwoken));
+        if let Some(turn) = next {
+            turn.pending.store(true, Ordering::SeqCst);
+            turn.notify.notify_one();
+        }
     }
 }
 
@@ -94,6 +139,8 @@ impl ReleaseHub {
                     seen,
                     key: key.to_owned(),
                     hub: Arc::downgrade(&self.inner),
+                    turn: None,
+                    acquired: false,
                 }),
             },
             first,
@@ -105,7 +152,8 @@ impl ReleaseHub {
         self.subscribe_tracked(key).0
     }
 
-    /// Wakes every waiter of `key`.
+    /// Signals a release of `key`: wakes every plain subscription of it and the oldest
+    /// waiting turn-taker.
     pub fn notify(&self, key: &str) {
         let slot = lock(&self.inner.slots)
             .get(key)
@@ -122,7 +170,7 @@ impl ReleaseHub {
             .map(|(slot, _)| slot.clone())
             .collect();
         for slot in slots {
-            slot.bump();
+            slot.resync();
         }
     }
 
@@ -147,9 +195,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct HubSubscription {
     slot: Arc<Slot>,
+    /// The generation (plain) or resync count (turn-taker) last returned.
     seen: u64,
     key: String,
     hub: Weak<HubInner>,
+    /// Set by [`Releases::take_turns`].
+    turn: Option<Arc<Turn>>,
+    /// The waiter took the lock ([`Releases::mark_acquired`]): its turn is not passed on.
+    acquired: bool,
 }
 
 enum Inner {
@@ -179,13 +232,70 @@ impl Releases {
         }
     }
 
+    /// From now on this subscription is woken one waiter at a time (see the module docs):
+    /// for waiters of which only one can get in per release, as an exclusive lock's.
+    pub fn take_turns(&mut self) {
+        let Inner::Hub(sub) = &mut self.inner else {
+            return;
+        };
+        if sub.turn.is_some() {
+            return;
+        }
+        let turn = Arc::new(Turn::default());
+        lock(&sub.slot.turns).push_back(turn.clone());
+        sub.seen = sub.slot.resync.load(Ordering::SeqCst);
+        sub.turn = Some(turn);
+    }
+
+    /// The wake last returned got this waiter the lock: dropping the subscription does not
+    /// pass the turn on to another waiter.
+    pub fn mark_acquired(&mut self) {
+        if let Inner::Hub(sub) = &mut self.inner {
+            sub.acquired = true;
+        }
+    }
+
     /// Resolves when a release is signalled after the subscription (or after the last
-    /// `Released`), or at `until`.
+    /// `Released`), or at `until`. A turn-taker resolves on its turn or after a reconnect.
     pub async fn next(&mut self, until: Instant) -> Wake {
         match &mut self.inner {
             Inner::Never => {
                 sleep_until(until).await;
                 Wake::Deadline
+            }
+            Inner::Hub(sub) if sub.turn.is_some() => {
+                let Some(turn) = sub.turn.clone() else {
+                    return Wake::Deadline;
+                };
+                // Back to wait: the attempt after the last wake is over (it did not get in).
+                turn.busy.store(false, Ordering::SeqCst);
+                loop {
+                    let resynced = sub.slot.notify.notified();
+                    let my_turn = turn.notify.notified();
+                    tokio::pin!(resynced, my_turn);
+                    resynced.as_mut().enable();
+                    if turn.pending.swap(false, Ordering::SeqCst) {
+                        turn.busy.store(true, Ordering::SeqCst);
+                        return Wake::Released;
+                    }
+                    let resync = sub.slot.resync.load(Ordering::SeqCst);
+                    if resync != sub.seen {
+                        sub.seen = resync;
+                        return Wake::Released;
+                    }
+                    tokio::select! {
+                        _ = &mut resynced => continue,
+                        _ = &mut my_turn => continue,
+                        _ = sleep_until(until) => {
+                            // A turn handed over just now must not be lost with this return.
+                            if turn.pending.swap(false, Ordering::SeqCst) {
+                                turn.busy.store(true, Ordering::SeqCst);
+                                return Wake::Released;
+                            }
+                            return Wake::Deadline;
+                        }
+                    }
+                }
             }
             Inner::Hub(sub) => loop {
                 let notified = sub.slot.notify.notified();
@@ -209,6 +319,17 @@ impl Releases {
 impl Drop for Releases {
     fn drop(&mut self) {
         let Inner::Hub(sub) = &self.inner else { return };
+        if let Some(turn) = &sub.turn {
+            let mut turns = lock(&sub.slot.turns);
+            turns.retain(|other| !Arc::ptr_eq(other, turn));
+            drop(turns);
+            // Woken (or attempting) and gone without the lock: the release it was told of
+            // is another waiter's to try.
+            let owed = turn.pending.load(Ordering::SeqCst) || turn.busy.load(Ordering::SeqCst);
+            if owed && !sub.acquired {
+                sub.slot.wake_next_turn();
+            }
+        }
         let Some(hub) = sub.hub.upgrade() else { return };
         let idle = {
             let mut slots = lock(&hub.slots);
@@ -256,5 +377,69 @@ mod tests {
         assert!(hub.has_waiters("a"));
         drop(sub);
         assert!(!hub.has_waiters("a"));
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_millis(20)
+    }
+
+    fn turn_taker(hub: &ReleaseHub, key: &str) -> Releases {
+        let mut sub = hub.subscribe(key);
+        sub.take_turns();
+        sub
+    }
+
+    #[tokio::test]
+    async fn a_release_wakes_the_oldest_turn_taker_and_every_plain_subscription() {
+        let hub = ReleaseHub::new();
+        let mut plain = (hub.subscribe("k"), hub.subscribe("k"));
+        let mut first = turn_taker(&hub, "k");
+        let mut second = turn_taker(&hub, "k");
+        hub.notify("k");
+        assert_eq!(plain.0.next(soon()).await, Wake::Released);
+        assert_eq!(plain.1.next(soon()).await, Wake::Released);
+        assert_eq!(second.next(soon()).await, Wake::Deadline);
+        assert_eq!(first.next(soon()).await, Wake::Released);
+        // `first` is attempting: the next release is the second waiter's.
+        hub.notify("k");
+        assert_eq!(second.next(soon()).await, Wake::Released);
+        // Both are attempting: the oldest tries again when it comes back to wait.
+        hub.notify("k");
+        assert_eq!(first.next(soon()).await, Wake::Released);
+        assert_eq!(second.next(soon()).await, Wake::Deadline);
+    }
+
+    #[tokio::test]
+    async fn a_turn_passes_on_when_its_waiter_leaves_without_the_lock() {
+        let hub = ReleaseHub::new();
+        // Woken, never came to look: gone.
+        let first = turn_taker(&hub, "k");
+        let mut second = turn_taker(&hub, "k");
+        hub.notify("k");
+        drop(first);
+        assert_eq!(second.next(soon()).await, Wake::Released);
+        // Woken, attempting, cancelled before it came back: gone.
+        let mut third = turn_taker(&hub, "k");
+        assert_eq!(third.next(soon()).await, Wake::Deadline);
+        drop(second);
+        assert_eq!(third.next(soon()).await, Wake::Released);
+        // Woken and took the lock: nobody else is woken.
+        let mut fourth = turn_taker(&hub, "k");
+        third.mark_acquired();
+        drop(third);
+        assert_eq!(fourth.next(soon()).await, Wake::Deadline);
+    }
+
+    #[tokio::test]
+    async fn a_resync_wakes_every_turn_taker() {
+        let hub = ReleaseHub::new();
+        let mut first = turn_taker(&hub, "k");
+        let mut second = turn_taker(&hub, "k");
+        hub.notify_all();
+        assert_eq!(first.next(soon()).await, Wake::Released);
+        assert_eq!(second.next(soon()).await, Wake::Released);
+        assert_eq!(first.next(soon()).await, Wake::Deadline);
+        drop((first, second));
+        assert!(!hub.has_waiters("k"));
     }
 }
