@@ -279,6 +279,8 @@ async fn run(
     // Watches requested while the stream is being opened, sent once it is.
     let mut backlog: Vec<Write> = Vec::new();
     let mut watches = Watches::default();
+    // etcd refused a watch for the stream's token: log in again before the next stream.
+    let mut relogin = false;
     loop {
         let stalled_at = watches
             .creating
@@ -316,10 +318,20 @@ async fn run(
                 } else if opening.is_some() {
                     backlog.push(Write::Watch(request.key, options));
                 } else {
+                    let client = client.clone();
                     let mut watch_client = client.watch_client();
                     let key = request.key;
+                    let relogin = std::mem::take(&mut relogin);
                     opening = Some(Box::pin(async move {
-                        match timeout(create_timeout, watch_client.watch(key, Some(options))).await {
+                        let open = async {
+                            // A stream carries the token it was opened with: a fresh one
+                            // first (a failed login just leaves the old token in place).
+                            if relogin && let Err(error) = client.refresh_token().await {
+                                tracing::debug!(%error, "etcd token refresh for the watch stream failed");
+                            }
+                            watch_client.watch(key, Some(options)).await
+                        };
+                        match timeout(create_timeout, open).await {
                             Ok(Ok(created)) => Some(created.split()),
                             _ => None,
                         }
@@ -346,7 +358,17 @@ async fn run(
                 }
             }
             event = next_event(&mut stream) => match event {
-                StreamEvent::Response(response) => handle(stream.as_ref(), &mut watches, response),
+                StreamEvent::Response(response) => {
+                    if handle(stream.as_ref(), &mut watches, response) == Handled::TokenRefused {
+                        // etcd checks a stream's token at every watch creation, and the
+                        // token expires (--auth-token-ttl) however long the stream lives:
+                        // every later watch on this stream would be refused too.
+                        tracing::debug!("etcd refused a watch for the stream's token; reopening the stream after a new login");
+                        stream = None;
+                        watches.interrupt_all();
+                        relogin = true;
+                    }
+                }
                 StreamEvent::Broken => {
                     tracing::debug!("etcd watch stream ended or stalled; waking every waiter to re-check");
                     stream = None;
@@ -364,7 +386,16 @@ async fn run(
     }
 }
 
-fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchResponse) {
+/// What [`handle`] saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    Done,
+    /// etcd refused a watch creation for the stream's authentication (an expired token
+    /// answers "permission denied").
+    TokenRefused,
+}
+
+fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchResponse) -> Handled {
     let cancel = |id: i64| {
         if let Some(open) = stream {
             open.send(Write::Cancel(id));
@@ -382,14 +413,19 @@ fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchRespons
                 active.remove(&requested);
             }
             active.remove(&id);
-            return;
+            let reason = response.cancel_reason();
+            return if reason.contains("permission denied") || reason.contains("auth") {
+                Handled::TokenRefused
+            } else {
+                Handled::Done
+            };
         }
     }
     if response.canceled() {
         // Compacted start revision, lost leader (require-leader), or our own cancel:
         // dropping the sender wakes the waiter to re-check.
         active.remove(&id);
-        return;
+        return Handled::Done;
     }
     let last_delete = response
         .events()
@@ -403,13 +439,14 @@ fn handle(stream: Option<&Stream>, watches: &mut Watches, response: WatchRespons
             last_delete.unwrap_or_else(|| response.header().map_or(0, |header| header.revision())),
         );
         cancel(id);
-        return;
+        return Handled::Done;
     }
     // A waiter that gave up (deadline, cancelled acquire) no longer needs its watch.
     if active.get(&id).is_some_and(oneshot::Sender::is_closed) {
         active.remove(&id);
         cancel(id);
     }
+    Handled::Done
 }
 
 #[cfg(test)]

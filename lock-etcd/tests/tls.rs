@@ -266,3 +266,89 @@ async fn tls_client_against_a_plain_server_is_refused() -> Result<()> {
     ensure!(message.contains("etcd://"), "{message}");
     Ok(())
 }
+
+/// etcd's simple tokens expire `--auth-token-ttl` after their last use (checked every
+/// second). With a 1 s TTL: a lock renewed every 3 s (TTL 9 s) meets an expired token at
+/// every renewal, and the backend's watch stream, opened with the first token, outlives it.
+/// Renewals, new acquisitions and watch wake-ups must all keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_continues_after_the_auth_token_expires() -> Result<()> {
+    let factory = SecureFactory::start_with_args(&["--auth-token-ttl=1"]).await?;
+    let backend = lock_etcd::connect(&factory.url()).await?;
+    let locker = Locker::from_arc(backend);
+
+    // Opens the backend's watch stream with the first token.
+    handoff(&factory, &locker, "warm-up").await?;
+
+    let held = locker
+        .lock("held")
+        .ttl(Duration::from_secs(9))
+        .try_acquire()
+        .await?
+        .context("held: not acquired")?;
+    let lease_id = lock_etcd::EtcdBackend::lease_id(&held.lease()).context("no lease id")?;
+    // Renewals at ~3 s and ~6 s, each after the token expired.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    ensure!(!held.is_lost(), "lost: {:?}", held.lost_reason());
+    let mut client = factory.cluster.client().await?;
+    let left = client.lease_time_to_live(lease_id, None).await?.ttl();
+    // Without the renewal at ~6 s, 2 s would be left.
+    ensure!(
+        left > 4,
+        "the lease was not renewed after the token expired: {left} s left"
+    );
+
+    // The watch stream still carries the first token; new watches on it must still wake.
+    handoff(&factory, &locker, "after-expiry").await?;
+    held.release().await?;
+    Ok(())
+}
+
+/// A holder and a queued waiter on `name`: the waiter must get the lock within 1 s of the
+/// release, having sent few watch requests while it waited (a watch refused for an expired
+/// token would be retried over and over).
+async fn handoff(factory: &SecureFactory, locker: &Locker, name: &str) -> Result<()> {
+    let holder = locker
+        .lock(name)
+        .try_acquire()
+        .await?
+        .with_context(|| format!("{name}: not acquired"))?;
+    let watches = || {
+        factory.cluster.metric(
+            0,
+            "grpc_server_msg_received_total",
+            &["grpc_method=\"Watch\""],
+        )
+    };
+    let before = watches().await?;
+    let waiting = {
+        let locker = locker.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let guard = locker
+                .lock(name.as_str())
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await;
+            (guard, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = watches().await? - before;
+    let released = Instant::now();
+    holder.release().await?;
+    let (guard, acquired_at) = waiting.await?;
+    let guard = guard?;
+    let latency = acquired_at.saturating_duration_since(released);
+    println!("{name}: {sent} watch requests while waiting; acquired {latency:?} after the release");
+    ensure!(
+        latency < Duration::from_secs(1),
+        "{name}: acquired {latency:?} after the release"
+    );
+    ensure!(
+        sent <= 4.0,
+        "{name}: {sent} watch requests in 1.5 s of waiting"
+    );
+    guard.release().await?;
+    Ok(())
+}
