@@ -280,6 +280,10 @@ mod tests {
             "redlock://h1:1,,h2:2",
             "redis://h:1/0?prefix=a{b",
             "redis://h:1/0?node_timeout_ms=0",
+            "redis://h:1/0?tls_ca=/ca.crt",
+            "redlock://h1:1,h2:2,h3:3/0?tls_cert=/c.crt&tls_key=/c.key",
+            "rediss://h:1/0?tls_cert=/c.crt",
+            "rediss://h:1/0#secure",
         ] {
             assert!(
                 matches!(
@@ -290,5 +294,44 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn parses_tls_forms() -> Result<(), LockError> {
+        let single = parse_url(
+            "rediss://u:p@h:1/2?tls_ca=/ca.crt&tls_cert=/c.crt&tls_key=/c.key&prefix=t:",
+            RedisOptions::default(),
+        )?;
+        assert_eq!(single.nodes, ["rediss://u:p@h:1/2"]);
+        assert_eq!(
+            single.options.tls,
+            crate::RedisTls::default()
+                .ca_file("/ca.crt")
+                .client_cert_files("/c.crt", "/c.key")
+        );
+        let many = parse_url("redlocks://h1:1,h2:2,h3:3/0", RedisOptions::default())?;
+        assert!(many.redlock);
+        assert_eq!(many.nodes[2], "rediss://h3:3/0");
+        #[cfg(feature = "tls-insecure")]
+        assert_eq!(
+            parse_url("rediss://h:1/0?prefix=x:#insecure", RedisOptions::default())?.nodes,
+            ["rediss://h:1/0#insecure"]
+        );
+        Ok(())
+    }
+
+    /// Without the `tls` feature a TLS URL names the feature to enable.
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_urls_need_the_feature() {
+        for url in ["rediss://h:1/0", "redlocks://h1:1,h2:2,h3:3/0"] {
+            match parse_url(url, RedisOptions::default()) {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(message.contains("`tls` feature"), "{url}: {message}")
+                }
+                other => panic!("{url}: expected InvalidConfig, got {other:?}"),
+            }
+        }
     }
 }

@@ -65,16 +65,49 @@ fn node(nodes: &Nodes, index: usize) -> Result<&Node, LockError> {
 }
 
 /// Counts yes and no answers of a renew or release, and the errors.
-fn tally(outcomes: Vec<(usize, Outcome<bool>)>) -> (usize, usize, Vec<String>) {
-    let (mut yes, mut no, mut errors) = (0, 0, Vec::new());
+fn tally(outcomes: Vec<(usize, Outcome<bool>)>) -> (usize, usize, Failures) {
+    let (mut yes, mut no, mut errors) = (0, 0, Failures::default());
     for (_, outcome) in outcomes {
         match outcome {
             Outcome::Answer(true) => yes += 1,
             Outcome::Answer(false) => no += 1,
-            Outcome::Failed(error) => errors.push(error.to_string()),
+            Outcome::Failed(error) => errors.failed(error),
         }
     }
     (yes, no, errors)
+}
+
+/// What went wrong in one round, as text, and how many nodes refused us (wrong password,
+/// certificate; `LockError::Refused`) with the first such refusal: when more than N − quorum
+/// nodes refuse, no quorum is possible until the configuration changes, so the call returns
+/// the refusal (not retryable) instead of a retryable "no quorum".
+#[derive(Default)]
+struct Failures {
+    messages: Vec<String>,
+    refused: usize,
+    refusal: Option<(lock_core::RefusalKind, String)>,
+}
+
+impl Failures {
+    fn push(&mut self, message: String) {
+        self.messages.push(message);
+    }
+
+    fn failed(&mut self, error: LockError) {
+        self.messages.push(error.to_string());
+        if let LockError::Refused { kind, message, .. } = error {
+            self.refused += 1;
+            self.refusal.get_or_insert((kind, message));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
 }
 
 enum Outcome<T> {
@@ -403,7 +436,7 @@ impl RedlockBackend {
         let mut held: Vec<(Option<u64>, String)> = Vec::new();
         let mut held_nodes: Vec<usize> = Vec::new();
         let mut not_sent: Vec<usize> = Vec::new();
-        let mut errors = Vec::new();
+        let mut errors = Failures::default();
         for (index, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(NodeAcquire::Acquired(fence)) => acquired.push((index, fence)),
@@ -416,7 +449,7 @@ impl RedlockBackend {
                     if !crate::node::may_have_run(&error) {
                         not_sent.push(index);
                     }
-                    errors.push(error.to_string());
+                    errors.failed(error);
                 }
             }
         }
@@ -528,7 +561,7 @@ impl RedlockBackend {
         let mut refused: Vec<usize> = Vec::new();
         let mut not_sent: Vec<usize> = Vec::new();
         let mut expiries: Vec<Option<Duration>> = Vec::new();
-        let mut errors = Vec::new();
+        let mut errors = Failures::default();
         for (index, outcome) in outcomes {
             match outcome {
                 Outcome::Answer(SharedAcquire::Acquired(fence)) => acquired.push((index, fence)),
@@ -543,7 +576,7 @@ impl RedlockBackend {
                     if !crate::node::may_have_run(&error) {
                         not_sent.push(index);
                     }
-                    errors.push(error.to_string());
+                    errors.failed(error);
                 }
             }
         }
@@ -609,7 +642,7 @@ impl RedlockBackend {
         lease: &Lease,
         renew_ms: Option<u64>,
         limit: Duration,
-    ) -> (usize, usize, Vec<String>) {
+    ) -> (usize, usize, Failures) {
         let target = Arc::new(Target::of(&self.inner.scheme, lease.key(), lease.kind()));
         let token = Arc::<str>::from(crate::node::token_hex(lease.owner()));
         let outcomes = self
@@ -631,14 +664,28 @@ impl RedlockBackend {
         tally(outcomes)
     }
 
-    fn quorum_error(&self, what: &str, errors: &[String]) -> LockError {
+    fn quorum_error(&self, what: &str, errors: &Failures) -> LockError {
+        if errors.refused > self.inner.nodes.len() - self.quorum
+            && let Some((kind, message)) = &errors.refusal
+        {
+            return LockError::refused(
+                "redis",
+                *kind,
+                format!(
+                    "redlock {what}: {} of {} nodes refused us: {message}",
+                    errors.refused,
+                    self.inner.nodes.len()
+                ),
+                None,
+            );
+        }
         LockError::backend_msg(
             "redis",
             format!(
                 "redlock {what}: no quorum of {} of {} nodes ({})",
                 self.quorum,
                 self.inner.nodes.len(),
-                errors.join("; ")
+                errors.messages.join("; ")
             ),
             true,
         )

@@ -336,6 +336,27 @@ async fn wrong_password_is_refused_and_not_retried() -> Result<()> {
     let url = format!("{}?{params}", server.url());
     let locker = Locker::from_arc(lock_redis::connect(&url).await?);
     locker.acquire("tls:before").await?.release().await?;
+    change_password(&server).await?;
+    let started = Instant::now();
+    let result = locker
+        .lock("tls:after")
+        .wait(Duration::from_secs(10))
+        .acquire()
+        .await;
+    let took = started.elapsed();
+    match result {
+        Err(LockError::Refused {
+            kind: RefusalKind::Authentication,
+            ..
+        }) => {}
+        other => bail!("after the password change: expected Refused Authentication, got {other:?}"),
+    }
+    ensure!(took < Duration::from_secs(3), "the refusal took {took:?}");
+    Ok(())
+}
+
+/// Changes `USER`'s password on `server` and closes its connections.
+async fn change_password(server: &RedisServer) -> Result<()> {
     let mut admin = server.client()?.get_multiplexed_async_connection().await?;
     let () = redis::cmd("ACL")
         .arg("SETUSER")
@@ -350,6 +371,37 @@ async fn wrong_password_is_refused_and_not_retried() -> Result<()> {
         .arg(USER)
         .query_async(&mut admin)
         .await?;
+    Ok(())
+}
+
+/// Redlock: the password changes on every node under a running backend. Each node now
+/// refuses us, so no quorum is possible: the Locker's acquire (allowed to wait 10 s) returns
+/// `Refused { Authentication }` at once, not a retryable "no quorum" it would retry.
+#[tokio::test]
+async fn redlock_password_change_is_a_refusal() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let servers = (0..3)
+        .map(|_| {
+            RedisServer::builder()
+                .tls(&pki)
+                .user(USER, PASSWORD)
+                .start()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let hosts: Vec<String> = servers
+        .iter()
+        .map(|s| s.server_addr().to_string())
+        .collect();
+    let url = format!(
+        "redlocks://{USER}:s3cret%20pass@{}/0?{}",
+        hosts.join(","),
+        tls_params(&pki, &pki.ca.cert_path, false)
+    );
+    let locker = Locker::from_arc(lock_redis::connect(&url).await?);
+    locker.acquire("tls:before").await?.release().await?;
+    for server in &servers {
+        change_password(server).await?;
+    }
     let started = Instant::now();
     let result = locker
         .lock("tls:after")
@@ -360,9 +412,10 @@ async fn wrong_password_is_refused_and_not_retried() -> Result<()> {
     match result {
         Err(LockError::Refused {
             kind: RefusalKind::Authentication,
+            message,
             ..
-        }) => {}
-        other => bail!("after the password change: expected Refused Authentication, got {other:?}"),
+        }) => println!("redlock after the password change: {message}"),
+        other => bail!("expected Refused Authentication, got {other:?} after {took:?}"),
     }
     ensure!(took < Duration::from_secs(3), "the refusal took {took:?}");
     Ok(())
