@@ -17,6 +17,7 @@
 
 pub mod cases;
 pub mod faulty;
+pub mod load;
 mod suite_macro;
 
 pub use faulty::{Fault, FaultPlan, FaultyBackend};
