@@ -25,10 +25,13 @@
 //! A wrong password or user, an untrusted server certificate, a client certificate the server
 //! does not accept, or TLS spoken by one side only is `LockError::Refused`, never retried.
 
+mod cluster;
 mod keys;
+mod link;
 mod node;
 mod options;
 mod redlock;
+mod sentinel;
 mod shared;
 mod single;
 mod tls;
@@ -55,6 +58,9 @@ pub async fn connect_with(
     url: &str,
     options: RedisOptions,
 ) -> Result<Arc<dyn LockBackend>, LockError> {
+    if let Some(backend) = connect_followed(url, &options).await {
+        return Ok(Arc::new(backend?));
+    }
     let parsed = options::parse_url(url, options)?;
     if parsed.redlock {
         Ok(Arc::new(
@@ -64,5 +70,20 @@ pub async fn connect_with(
         Ok(Arc::new(
             RedisBackend::connect_node(&parsed.nodes, &parsed.options).await?,
         ))
+    }
+}
+
+/// `redis+sentinel://` and `redis+cluster://` URLs (one `RedisBackend` over the master the
+/// sentinels name, or over a whole cluster); `None` for the other forms.
+async fn connect_followed(
+    url: &str,
+    options: &RedisOptions,
+) -> Option<Result<RedisBackend, LockError>> {
+    if url.starts_with("redis+sentinel://") {
+        Some(sentinel::connect(url, options.clone()).await)
+    } else if url.starts_with("redis+cluster://") {
+        Some(cluster::connect(url, options.clone()).await)
+    } else {
+        None
     }
 }

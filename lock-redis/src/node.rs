@@ -1,6 +1,7 @@
 //! One Redis server: the command connection, the scripts, and the pub/sub listener.
 
 use crate::KeyScheme;
+use crate::link::Link;
 use futures::StreamExt;
 use lock_core::{LockError, ReleaseHub};
 use redis::IntoConnectionInfo;
@@ -155,25 +156,32 @@ fn open_client(url: &str, tls: &crate::RedisTls) -> Result<redis::Client, LockEr
 /// if that goes unanswered too, a fresh `ConnectionManager` takes its place.
 struct Conn {
     /// The connection and its generation (bumped at each replacement).
-    current: Mutex<(u64, ConnectionManager)>,
-    client: redis::Client,
+    current: Mutex<(u64, Link)>,
+    /// The server's client (fresh connections, the pub/sub listener); replaced when Sentinel
+    /// names another master. A cluster: its seed nodes, which the listener tries in turn.
+    clients: Mutex<Vec<redis::Client>>,
     config: ConnectionManagerConfig,
     command_timeout: Duration,
     /// One probe at a time.
     probing: AtomicBool,
+    /// Sentinel: re-resolves the master after failures; `None` for a fixed server or a cluster.
+    follow: Option<Arc<crate::sentinel::Follower>>,
+    /// Bumped each time the node moved to another server, so the listener moves too (at
+    /// once, skipping what is left of its reconnect backoff).
+    moved: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("client", &self.client)
+            .field("clients", &self.clients())
             .field("command_timeout", &self.command_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl Conn {
-    fn current(&self) -> (u64, ConnectionManager) {
+    fn current(&self) -> (u64, Link) {
         self.current
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -198,6 +206,10 @@ impl Conn {
 
     async fn probe(&self) {
         let (generation, mut manager) = self.current();
+        // A cluster connection reconnects and re-routes by itself.
+        if manager.is_cluster() {
+            return;
+        }
         let answer = timeout(
             self.command_timeout,
             redis::cmd("PING").query_async::<redis::Value>(&mut manager),
@@ -212,16 +224,19 @@ impl Conn {
             return;
         }
         // Lazy: it connects on first use, so a still unreachable server costs nothing here.
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+        let Some(client) = self.clients().into_iter().next() else {
+            return;
+        };
+        match ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone()) {
             Ok(fresh) => {
                 let mut current = self
                     .current
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 if current.0 == generation {
-                    *current = (generation + 1, fresh);
+                    *current = (generation + 1, Link::Server(fresh));
                     tracing::warn!(
-                        addr = %self.client.get_connection_info().addr(),
+                        addr = %client.get_connection_info().addr(),
                         "redis connection silent (PING unanswered within {:?}); replaced it",
                         self.command_timeout
                     );
@@ -229,6 +244,85 @@ impl Conn {
             }
             Err(error) => tracing::warn!(%error, "replacing a silent redis connection failed"),
         }
+    }
+}
+
+/// Following a server that moves (Sentinel) and serving the listener (Sentinel, Cluster).
+impl Conn {
+    /// A connection to one fixed server, or to the master Sentinel named (`follow`).
+    fn server(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        manager: ConnectionManager,
+        command_timeout: Duration,
+        follow: Option<Arc<crate::sentinel::Follower>>,
+    ) -> Self {
+        Conn {
+            current: Mutex::new((0, Link::Server(manager))),
+            clients: Mutex::new(vec![client]),
+            config,
+            command_timeout,
+            probing: AtomicBool::new(false),
+            follow,
+            moved: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn clients(&self) -> Vec<redis::Client> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The client the listener's `attempt`-th connection uses: the server's, or for a cluster
+    /// the seed nodes in turn (classic pub/sub reaches every node of a cluster).
+    fn pubsub_client(&self, attempt: usize) -> Option<redis::Client> {
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = clients.len();
+        (count > 0).then(|| clients[attempt % count].clone())
+    }
+
+    /// Moves the node to another server (Sentinel named a new master): later calls and the
+    /// listener use `client`; calls in flight finish (or fail) on the old connection.
+    fn repoint(&self, client: redis::Client, manager: ConnectionManager) {
+        *self
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = vec![client];
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = (current.0 + 1, Link::Server(manager));
+        drop(current);
+        self.moved.send_modify(|moves| *moves += 1);
+    }
+
+    /// A call failed with `error`: with Sentinel, a lost connection or a `READONLY` answer
+    /// (the master was demoted) has the master resolved again, in the background.
+    fn after_error(self: &Arc<Self>, error: &redis::RedisError) {
+        self.follow_master(Some(error));
+    }
+
+    /// Sentinel: looks the master up again, after `error` (paced, and only for errors that
+    /// suggest a move) or at once (`None`: a sentinel announced a failover).
+    fn follow_master(self: &Arc<Self>, error: Option<&redis::RedisError>) {
+        let Some(follow) = &self.follow else {
+            return;
+        };
+        let addr = self
+            .clients()
+            .first()
+            .map(|client| client.get_connection_info().addr().to_string())
+            .unwrap_or_default();
+        let conn = self.clone();
+        follow.after_error(error, addr, move |client, manager| {
+            conn.repoint(client, manager);
+        });
     }
 }
 
@@ -359,17 +453,35 @@ impl Node {
             config,
             addr,
         } = prepared;
-        let conn = Arc::new(Conn {
-            current: Mutex::new((0, conn)),
-            client: client.clone(),
-            config,
-            command_timeout: options.command_timeout,
-            probing: AtomicBool::new(false),
-        });
+        let conn = Conn::server(client, config, conn, options.command_timeout, None);
+        Self::spawn(
+            Arc::new(conn),
+            addr,
+            scheme,
+            hub,
+            commands,
+            options,
+            shutdown,
+        )
+    }
+
+    /// A node over `conn`; starts its pub/sub listener.
+    fn spawn(
+        conn: Arc<Conn>,
+        addr: String,
+        scheme: KeyScheme,
+        hub: ReleaseHub,
+        commands: (
+            mpsc::UnboundedSender<Command>,
+            mpsc::UnboundedReceiver<Command>,
+        ),
+        options: &crate::RedisOptions,
+        shutdown: CancellationToken,
+    ) -> Node {
         let (sender, receiver) = commands;
         let db = scheme.db();
         tokio::spawn(listen(
-            client,
+            conn.clone(),
             scheme,
             hub,
             receiver,
@@ -468,11 +580,14 @@ impl Node {
             .into()),
         };
         in_flight.armed = matches!(&result, Err(error) if error.is_timeout());
+        if let Err(error) = &result {
+            self.conn.after_error(error);
+        }
         result
     }
 
     async fn run<T: redis::FromRedisValue>(
-        conn: &mut ConnectionManager,
+        conn: &mut Link,
         script: &redis::Script,
         command: &redis::Cmd,
     ) -> redis::RedisResult<T> {
@@ -537,6 +652,30 @@ impl Node {
     }
 }
 
+/// A connected server, for a node made outside [`Nodes::connect`] (Sentinel's master).
+pub(crate) struct Server {
+    pub(crate) client: redis::Client,
+    config: ConnectionManagerConfig,
+    pub(crate) manager: ConnectionManager,
+    pub(crate) addr: String,
+}
+
+/// Connects to the server at `url` (the options' settings: keepalive, timeouts, and whatever
+/// the URL asks for), bounded by the connect timeout.
+pub(crate) async fn connect_server(
+    url: &str,
+    options: &crate::RedisOptions,
+) -> Result<Server, LockError> {
+    let prepared = Prepared::new(url, options)?;
+    let manager = prepared.connect(options.connect_timeout).await?;
+    Ok(Server {
+        client: prepared.client,
+        config: prepared.config,
+        manager,
+        addr: prepared.addr,
+    })
+}
+
 /// The hook a hub calls when a key's last waiter leaves: unsubscribe on every node.
 fn idle_hook(senders: Vec<mpsc::UnboundedSender<Command>>) -> ReleaseHub {
     ReleaseHub::with_idle_hook(move |key| {
@@ -550,7 +689,7 @@ fn idle_hook(senders: Vec<mpsc::UnboundedSender<Command>>) -> ReleaseHub {
 /// number of waiters. Reconnects with backoff; after each (re)connect it subscribes every key
 /// that has waiters and wakes them all, since releases may have been missed meanwhile.
 async fn listen(
-    client: redis::Client,
+    conn: Arc<Conn>,
     scheme: KeyScheme,
     hub: ReleaseHub,
     mut commands: mpsc::UnboundedReceiver<Command>,
@@ -559,6 +698,8 @@ async fn listen(
 ) {
     let mut delay = LISTEN_MIN_DELAY;
     let mut first = true;
+    let mut attempt = 0usize;
+    let mut moved = conn.moved.subscribe();
     loop {
         if !first {
             // Every reconnect waits its backoff step, whatever failed (connect, SUBSCRIBE
@@ -572,16 +713,33 @@ async fn listen(
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(until) => break,
                     command = commands.recv() => if command.is_none() { return },
+                    // The server moved: no reason to wait before connecting there.
+                    Ok(()) = moved.changed() => {
+                        delay = LISTEN_MIN_DELAY;
+                        break;
+                    }
                 }
             }
         }
         first = false;
+        let Some(client) = conn.pubsub_client(attempt) else {
+            return;
+        };
+        attempt = attempt.wrapping_add(1);
+        // From now on a move (Sentinel named a new master) makes the listener reconnect.
+        moved.borrow_and_update();
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             connected = timeout(op_timeout.max(Duration::from_millis(500)), client.get_async_pubsub()) => connected,
         };
-        let Ok(Ok(pubsub)) = connected else {
-            continue;
+        let pubsub = match connected {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(error)) => {
+                // Sentinel: a master that went away is looked up again.
+                conn.after_error(&error);
+                continue;
+            }
+            Err(_) => continue,
         };
         let (mut sink, mut stream) = pubsub.split();
         let mut channels: HashMap<String, String> = HashMap::new();
@@ -635,6 +793,7 @@ async fn listen(
                         }
                     }
                 },
+                Ok(()) = moved.changed() => break,
                 _ = ping.tick() => {
                     // A silent peer (paused server, black-holed network) never closes the
                     // stream: a ping that goes unanswered makes us reconnect.
@@ -789,6 +948,88 @@ impl Nodes {
             scheme,
             shutdown,
         }))
+    }
+
+    /// One node whose server was found elsewhere: the master a set of sentinels named,
+    /// followed across failovers by `follow`.
+    pub(crate) fn followed(
+        server: Server,
+        follow: Arc<crate::sentinel::Follower>,
+        scheme: KeyScheme,
+        options: &crate::RedisOptions,
+    ) -> Arc<Nodes> {
+        let Server {
+            client,
+            config,
+            manager,
+            addr,
+        } = server;
+        let conn = Arc::new(Conn::server(
+            client,
+            config,
+            manager,
+            options.command_timeout,
+            Some(follow.clone()),
+        ));
+        // A failover a sentinel announces moves the node at once, not at its next failure.
+        let weak = Arc::downgrade(&conn);
+        follow.on_switch(move || {
+            if let Some(conn) = weak.upgrade() {
+                conn.follow_master(None);
+            }
+        });
+        Self::of_one(conn, addr, scheme, options)
+    }
+
+    /// One node that is a whole Redis Cluster: `connection` routes each script to the owner
+    /// of its keys' slot; the listener subscribes through one of `seeds` at a time.
+    pub(crate) fn cluster(
+        connection: redis::cluster_async::ClusterConnection,
+        seeds: Vec<redis::Client>,
+        scheme: KeyScheme,
+        options: &crate::RedisOptions,
+    ) -> Arc<Nodes> {
+        let addr = seeds
+            .iter()
+            .map(|seed| seed.get_connection_info().addr().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let conn = Conn {
+            current: Mutex::new((0, Link::Cluster(connection))),
+            clients: Mutex::new(seeds),
+            config: ConnectionManagerConfig::new(),
+            command_timeout: options.command_timeout,
+            probing: AtomicBool::new(false),
+            follow: None,
+            moved: tokio::sync::watch::Sender::new(0),
+        };
+        Self::of_one(Arc::new(conn), addr, scheme, options)
+    }
+
+    fn of_one(
+        conn: Arc<Conn>,
+        addr: String,
+        scheme: KeyScheme,
+        options: &crate::RedisOptions,
+    ) -> Arc<Nodes> {
+        let channel = mpsc::unbounded_channel();
+        let hub = idle_hook(vec![channel.0.clone()]);
+        let shutdown = CancellationToken::new();
+        let node = Node::spawn(
+            conn,
+            addr,
+            scheme.clone(),
+            hub.clone(),
+            channel,
+            options,
+            shutdown.clone(),
+        );
+        Arc::new(Nodes {
+            nodes: vec![node],
+            hub,
+            scheme,
+            shutdown,
+        })
     }
 
     /// Subscribes `key` on every node; returns once `needed` nodes confirmed (or are not

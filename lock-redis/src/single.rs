@@ -149,6 +149,9 @@ impl RedisBackend {
 
     /// Connects with `options` (URL parameters override them).
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, LockError> {
+        if let Some(backend) = crate::connect_followed(url, &options).await {
+            return backend;
+        }
         let parsed = crate::options::parse_url(url, options)?;
         if parsed.redlock {
             return Err(LockError::InvalidConfig(format!(
@@ -168,6 +171,14 @@ impl RedisBackend {
             inner,
             cleanup: Arc::default(),
         })
+    }
+
+    /// A backend over nodes connected elsewhere (Sentinel's master, a cluster).
+    pub(crate) fn from_nodes(inner: Arc<Nodes>) -> Self {
+        RedisBackend {
+            inner,
+            cleanup: Arc::default(),
+        }
     }
 
     /// How this backend names Redis keys and channels.

@@ -1,0 +1,1 @@
+//! Redis Cluster for tests (work in progress).

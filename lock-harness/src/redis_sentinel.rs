@@ -1,0 +1,583 @@
+//! Redis Sentinel for tests: one master, one replica and three sentinels (`redis-server
+//! <conf> --sentinel`), all on free loopback ports in one temporary directory, with controls
+//! to fail over, kill the master and restart a node.
+//!
+//! The sentinels monitor the master as `m` with quorum 2. By default a master is declared
+//! down after 1 s without answers (`down-after-milliseconds`) and a failover may take 4 s
+//! (`failover-timeout`), so a killed master is replaced in about 2-5 s.
+//!
+//! ```ignore
+//! let set = SentinelSet::builder().wait_for_sentinels(true).start().await?;
+//! let url = set.url();                 // redis+sentinel://127.0.0.1:a,…/m
+//! let old = set.master_addr().await?;
+//! set.kill_master().await?;
+//! let new = set.wait_for_new_master(old, Duration::from_secs(20)).await?;
+//! ```
+
+use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
+use crate::proxy::TcpProxy;
+use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+/// The master name the sentinels monitor.
+pub const MASTER_NAME: &str = "m";
+
+/// How long a fresh node or sentinel may take to answer `PING`, and the replica to sync.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on one query of the harness's own.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Options for [`SentinelSet`].
+#[derive(Clone, Copy, Debug)]
+pub struct SentinelSetBuilder {
+    down_after: Duration,
+    failover_timeout: Duration,
+    proxy: bool,
+    wait_for_sentinels: bool,
+}
+
+impl Default for SentinelSetBuilder {
+    fn default() -> Self {
+        SentinelSetBuilder {
+            down_after: Duration::from_millis(1000),
+            failover_timeout: Duration::from_millis(4000),
+            proxy: false,
+            wait_for_sentinels: false,
+        }
+    }
+}
+
+impl SentinelSetBuilder {
+    /// `down-after-milliseconds` (default 1 s): how long a silent master takes to be declared
+    /// down. Tests that pause the master on purpose without wanting a failover set it long.
+    pub fn down_after(mut self, down_after: Duration) -> Self {
+        self.down_after = down_after;
+        self
+    }
+
+    /// `failover-timeout` (default 4 s).
+    pub fn failover_timeout(mut self, failover_timeout: Duration) -> Self {
+        self.failover_timeout = failover_timeout;
+        self
+    }
+
+    /// Put a [`TcpProxy`] in front of the first master: the sentinels monitor (and name to
+    /// clients) the proxy's address, and the replica replicates through it, so cutting the
+    /// proxy cuts every client of the master. Only until a failover: a promoted replica is
+    /// named by its own address.
+    pub fn proxy(mut self, proxy: bool) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
+    /// Wait in `start` until every sentinel knows the replica and the two other sentinels
+    /// (they find each other through hello messages every 2 s): needed before a failover,
+    /// not to look up the master.
+    pub fn wait_for_sentinels(mut self, wait: bool) -> Self {
+        self.wait_for_sentinels = wait;
+        self
+    }
+
+    /// Starts the master, the replica (waits until it synced), then the sentinels.
+    pub async fn start(self) -> Result<SentinelSet> {
+        let binary = find_binary("redis-server", "redis-server", &[])?;
+        let dir = tempfile::Builder::new()
+            .prefix("distlock-sentinel-")
+            .tempdir()
+            .context("creating a temporary directory for the sentinel set")?;
+        let mut set = SentinelSet {
+            binary,
+            dir,
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            proxy: None,
+            builder: self,
+        };
+        set.add_node(None)?;
+        let master = set.nodes[0].addr();
+        let announced = if self.proxy {
+            let proxy = TcpProxy::start(master)?;
+            let addr = proxy.addr();
+            set.proxy = Some(proxy);
+            addr
+        } else {
+            master
+        };
+        set.add_node(Some(announced))?;
+        set.wait_for_replica_link(1).await?;
+        for index in 0..3 {
+            set.add_sentinel(index, announced)?;
+        }
+        if self.wait_for_sentinels {
+            set.wait_for_sentinels(START_TIMEOUT).await?;
+        }
+        Ok(set)
+    }
+}
+
+/// A `redis-server` data node (master or replica).
+#[derive(Debug)]
+struct DataNode {
+    port: u16,
+    /// `--replicaof` at start; `None` for the first master.
+    replica_of: Option<SocketAddr>,
+    process: Option<ServerProcess>,
+    generation: u32,
+}
+
+impl DataNode {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// A sentinel process.
+#[derive(Debug)]
+struct SentinelNode {
+    port: u16,
+    _process: ServerProcess,
+}
+
+/// One master, one replica and three sentinels owned by a test; every process is killed
+/// (and the directory removed) on drop.
+#[derive(Debug)]
+pub struct SentinelSet {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<DataNode>,
+    sentinels: Vec<SentinelNode>,
+    proxy: Option<TcpProxy>,
+    builder: SentinelSetBuilder,
+}
+
+impl SentinelSet {
+    /// Options: timings, proxy, waiting for the sentinels.
+    pub fn builder() -> SentinelSetBuilder {
+        SentinelSetBuilder::default()
+    }
+
+    /// `redis+sentinel://127.0.0.1:<s1>,127.0.0.1:<s2>,127.0.0.1:<s3>/m` (database 0).
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinel_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// The sentinels' addresses.
+    pub fn sentinel_addrs(&self) -> Vec<SocketAddr> {
+        self.sentinels
+            .iter()
+            .map(|sentinel| SocketAddr::from(([127, 0, 0, 1], sentinel.port)))
+            .collect()
+    }
+
+    /// The data nodes' own addresses (index 0: the first master, 1: its replica).
+    pub fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(DataNode::addr).collect()
+    }
+
+    /// The proxy in front of the first master, if started with one.
+    pub fn proxy(&self) -> Option<&TcpProxy> {
+        self.proxy.as_ref()
+    }
+
+    /// A client straight to data node `index` (not through the proxy).
+    pub fn node_client(&self, index: usize) -> Result<redis::Client> {
+        let node = self.nodes.get(index).context("no such data node")?;
+        redis::Client::open(format!("redis://{}/0", node.addr())).context("redis client")
+    }
+
+    /// The index of the data node at `addr` (the proxy's address means node 0).
+    pub fn node_index(&self, addr: SocketAddr) -> Option<usize> {
+        if self
+            .proxy
+            .as_ref()
+            .is_some_and(|proxy| proxy.addr() == addr)
+        {
+            return Some(0);
+        }
+        self.nodes.iter().position(|node| node.addr() == addr)
+    }
+
+    /// The master's address as the first sentinel that answers names it.
+    pub async fn master_addr(&self) -> Result<SocketAddr> {
+        let mut last = None;
+        for addr in self.sentinel_addrs() {
+            match sentinel_query::<Option<(String, u16)>>(
+                addr,
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(MASTER_NAME),
+            )
+            .await
+            {
+                Ok(Some((host, port))) => {
+                    return format!("{host}:{port}")
+                        .parse()
+                        .with_context(|| format!("sentinel named {host}:{port}"));
+                }
+                Ok(None) => last = Some(anyhow::anyhow!("sentinel {addr} knows no master")),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no sentinel")))
+    }
+
+    /// Asks a sentinel for a failover now (`SENTINEL FAILOVER m`: no agreement needed, the
+    /// replica is promoted at once) and waits until the sentinels name the new master and it
+    /// answers as one. Returns the new master's address.
+    pub async fn failover(&self, within: Duration) -> Result<SocketAddr> {
+        let old = self.master_addr().await?;
+        let sentinel = *self.sentinel_addrs().first().context("no sentinel")?;
+        let _: String = sentinel_query(
+            sentinel,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+        )
+        .await
+        .context("SENTINEL FAILOVER")?;
+        self.wait_for_new_master(old, within).await
+    }
+
+    /// Kills the data node the sentinels name as master (SIGKILL). Returns its address.
+    pub async fn kill_master(&mut self) -> Result<SocketAddr> {
+        let master = self.master_addr().await?;
+        let index = self
+            .node_index(master)
+            .with_context(|| format!("the master {master} is none of ours"))?;
+        if let Some(mut process) = self.nodes[index].process.take() {
+            process.kill()?;
+        }
+        Ok(master)
+    }
+
+    /// Starts data node `index` again on its port (after [`SentinelSet::kill_master`]); the
+    /// sentinels then turn it into a replica of the current master.
+    pub fn restart_node(&mut self, index: usize) -> Result<()> {
+        if let Some(node) = self.nodes.get_mut(index)
+            && let Some(mut process) = node.process.take()
+        {
+            process.kill()?;
+        }
+        self.spawn_node(index)
+    }
+
+    /// Freezes data node `index` (SIGSTOP).
+    pub fn pause_node(&self, index: usize) -> Result<()> {
+        self.running(index)?.pause()
+    }
+
+    /// Resumes data node `index` (SIGCONT).
+    pub fn resume_node(&self, index: usize) -> Result<()> {
+        self.running(index)?.resume()
+    }
+
+    /// Stops replication to data node `index` (a replica) without the sentinels noticing
+    /// soon: it is pointed at a port where nothing listens (it keeps its data until it syncs
+    /// with a master again), and the sentinels' `failover-timeout` is raised to 60 s, which
+    /// is how long they leave a replica with the wrong master alone. Writes to the master
+    /// from now on are not on this replica: a failover to it loses them.
+    pub async fn detach_replica(&self, index: usize) -> Result<()> {
+        for sentinel in self.sentinel_addrs() {
+            let _: String = sentinel_query(
+                sentinel,
+                redis::cmd("SENTINEL")
+                    .arg("SET")
+                    .arg(MASTER_NAME)
+                    .arg("failover-timeout")
+                    .arg(60_000),
+            )
+            .await?;
+        }
+        let nowhere = free_port()?;
+        let client = self.node_client(index)?;
+        let _: String = query(
+            &client,
+            redis::cmd("REPLICAOF").arg("127.0.0.1").arg(nowhere),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until every sentinel names the same master other than `old` and it answers
+    /// `ROLE` as a master.
+    pub async fn wait_for_new_master(
+        &self,
+        old: SocketAddr,
+        within: Duration,
+    ) -> Result<SocketAddr> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut named = Vec::new();
+            for sentinel in self.sentinel_addrs() {
+                named.push(
+                    sentinel_query::<Option<(String, u16)>>(
+                        sentinel,
+                        redis::cmd("SENTINEL")
+                            .arg("GET-MASTER-ADDR-BY-NAME")
+                            .arg(MASTER_NAME),
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|(host, port)| format!("{host}:{port}").parse::<SocketAddr>().ok()),
+                );
+            }
+            if let Some(Some(addr)) = named.first().copied()
+                && addr != old
+                && named.iter().all(|other| *other == Some(addr))
+                && self.is_master(addr).await
+            {
+                return Ok(addr);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the sentinels did not name a new master (old: {old}) within {within:?}\n{}",
+                    self.sentinel_log_tail()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the server at `addr` answers `ROLE` as a master.
+    pub async fn is_master(&self, addr: SocketAddr) -> bool {
+        let Ok(client) = redis::Client::open(format!("redis://{addr}/0")) else {
+            return false;
+        };
+        matches!(
+            query::<redis::Value>(&client, &mut redis::cmd("ROLE")).await,
+            Ok(redis::Value::Array(items))
+                if matches!(items.first(), Some(redis::Value::BulkString(role)) if role == b"master")
+        )
+    }
+
+    /// Waits until data node `index` (a replica) reports its link to the master up.
+    pub async fn wait_for_replica_link(&self, index: usize) -> Result<()> {
+        let client = self.node_client(index)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let info: String = query(&client, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("replica {index} did not sync within {START_TIMEOUT:?}:\n{info}");
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every sentinel knows at least one replica and the two other sentinels.
+    pub async fn wait_for_sentinels(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        for sentinel in self.sentinel_addrs() {
+            loop {
+                let fields: Vec<String> = sentinel_query(
+                    sentinel,
+                    redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
+                )
+                .await
+                .unwrap_or_default();
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .position(|field| field == name)
+                        .and_then(|at| fields.get(at + 1))
+                        .and_then(|value| value.parse::<u32>().ok())
+                        .unwrap_or(0)
+                };
+                if field("num-slaves") >= 1 && field("num-other-sentinels") >= 2 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "sentinel {sentinel} did not find its peers within {within:?}: {fields:?}"
+                    );
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of every sentinel's log (for failure messages).
+    pub fn sentinel_log_tail(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|sentinel| {
+                format!(
+                    "sentinel {}:\n{}",
+                    sentinel.port,
+                    sentinel._process.log_tail()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn running(&self, index: usize) -> Result<&ServerProcess> {
+        self.nodes
+            .get(index)
+            .and_then(|node| node.process.as_ref())
+            .with_context(|| format!("data node {index} is not running"))
+    }
+
+    fn add_node(&mut self, replica_of: Option<SocketAddr>) -> Result<()> {
+        self.nodes.push(DataNode {
+            port: free_port()?,
+            replica_of,
+            process: None,
+            generation: 0,
+        });
+        let index = self.nodes.len() - 1;
+        let first = self.nodes[index].port;
+        start_on_free_port(first, |port| {
+            self.nodes[index].port = port;
+            self.spawn_node(index)
+        })
+    }
+
+    fn spawn_node(&mut self, index: usize) -> Result<()> {
+        let dir = self.dir.path().join(format!("node-{index}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+        let node = self.nodes.get_mut(index).context("no such data node")?;
+        let mut command = Command::new(&self.binary);
+        command
+            .current_dir(&dir)
+            .arg("--port")
+            .arg(node.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("no")
+            // A replica syncs at once instead of after the default 5 s of waiting for more.
+            .arg("--repl-diskless-sync-delay")
+            .arg("0");
+        if let Some(master) = node.replica_of {
+            command
+                .arg("--replicaof")
+                .arg(master.ip().to_string())
+                .arg(master.port().to_string());
+        }
+        node.generation += 1;
+        let log = dir.join(format!("redis-{}.log", node.generation));
+        let mut process = ServerProcess::spawn("redis-server", command, &log)?;
+        if let Err(error) = wait_for_ping(node.addr(), &mut process) {
+            bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
+        }
+        node.process = Some(process);
+        Ok(())
+    }
+
+    fn add_sentinel(&mut self, index: usize, master: SocketAddr) -> Result<()> {
+        let dir = self.dir.path().join(format!("sentinel-{index}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+        let builder = self.builder;
+        let binary = self.binary.clone();
+        let sentinel = start_on_free_port(free_port()?, |port| {
+            // Sentinel rewrites its configuration file (it must be writable, and is per
+            // sentinel).
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\n\
+                     sentinel monitor {MASTER_NAME} {ip} {master_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} {down}\n\
+                     sentinel failover-timeout {MASTER_NAME} {failover}\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    dir = dir.display(),
+                    ip = master.ip(),
+                    master_port = master.port(),
+                    down = builder.down_after.as_millis(),
+                    failover = builder.failover_timeout.as_millis(),
+                ),
+            )
+            .with_context(|| format!("writing {conf:?}"))?;
+            let mut command = Command::new(&binary);
+            command.current_dir(&dir).arg(&conf).arg("--sentinel");
+            let log = dir.join(format!("sentinel-{port}.log"));
+            let mut process = ServerProcess::spawn("redis-sentinel", command, &log)?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if let Err(error) = wait_for_ping(addr, &mut process) {
+                bail!("{error:#}\nsentinel log:\n{}", process.log_tail());
+            }
+            Ok(SentinelNode {
+                port,
+                _process: process,
+            })
+        })?;
+        self.sentinels.push(sentinel);
+        Ok(())
+    }
+}
+
+/// `cmd` on the sentinel at `addr`, bounded by [`QUERY_TIMEOUT`].
+async fn sentinel_query<T: redis::FromRedisValue>(
+    addr: SocketAddr,
+    cmd: &mut redis::Cmd,
+) -> Result<T> {
+    let client = redis::Client::open(format!("redis://{addr}")).context("sentinel client")?;
+    query(&client, cmd)
+        .await
+        .with_context(|| format!("sentinel {addr}"))
+}
+
+/// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`].
+async fn query<T: redis::FromRedisValue>(
+    client: &redis::Client,
+    cmd: &mut redis::Cmd,
+) -> Result<T> {
+    let run = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        cmd.query_async::<T>(&mut conn).await
+    };
+    match timeout(QUERY_TIMEOUT, run).await {
+        Ok(result) => Ok(result?),
+        Err(_) => bail!("no answer within {QUERY_TIMEOUT:?}"),
+    }
+}
+
+/// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
+/// passes.
+fn wait_for_ping(addr: SocketAddr, process: &mut ServerProcess) -> Result<()> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        process.check_running()?;
+        let pong = (|| -> std::io::Result<bool> {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+            stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+            stream.write_all(b"PING\r\n")?;
+            let mut reply = [0u8; 64];
+            let read = stream.read(&mut reply)?;
+            Ok(reply[..read].starts_with(b"+PONG"))
+        })()
+        .unwrap_or(false);
+        if pong {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{addr} did not answer PING within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

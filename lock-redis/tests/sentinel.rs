@@ -1,0 +1,347 @@
+//! `redis+sentinel://`: the conformance suite through Sentinel, and what failovers do to held
+//! locks and fences, on real servers (one master, one replica, three sentinels) started by
+//! `lock_harness::redis_sentinel`.
+
+use anyhow::{Context, Result, bail, ensure};
+use async_trait::async_trait;
+use conformance_tests::{BackendFactory, ServerFaults};
+use lock_core::{Attempt, Lease, LockBackend, LockError, LockKey};
+use lock_harness::redis_sentinel::SentinelSet;
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
+
+/// The suite's factory: the sentinels name the master through a proxy (for the cut and
+/// black-hole cases); failure detection is slowed to 60 s so that the suite's pauses and cuts
+/// never start a failover.
+struct SentinelFactory {
+    set: SentinelSet,
+    master: redis::aio::MultiplexedConnection,
+    scheme: KeyScheme,
+}
+
+impl SentinelFactory {
+    async fn start() -> Result<Self> {
+        let set = SentinelSet::builder()
+            .proxy(true)
+            .down_after(Duration::from_secs(60))
+            .failover_timeout(Duration::from_secs(60))
+            .start()
+            .await?;
+        let master = set
+            .node_client(0)?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok(SentinelFactory {
+            set,
+            master,
+            scheme: KeyScheme::new(RedisOptions::default_prefix(), 0)?,
+        })
+    }
+
+    fn proxy(&self) -> Result<&lock_harness::TcpProxy> {
+        self.set.proxy().context("started without a proxy")
+    }
+}
+
+#[async_trait]
+impl BackendFactory for SentinelFactory {
+    fn name(&self) -> String {
+        "redis-sentinel".into()
+    }
+
+    async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(RedisBackend::connect(&self.set.url()).await?))
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
+        let mut master = self.master.clone();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(self.scheme.lock_key(key))
+            .query_async(&mut master)
+            .await?;
+        Ok(Some(exists))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl ServerFaults for SentinelFactory {
+    async fn pause(&self) -> Result<()> {
+        self.set.pause_node(0)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.set.resume_node(0)
+    }
+
+    async fn cut(&self) -> Result<()> {
+        self.proxy()?.cut();
+        Ok(())
+    }
+
+    async fn blackhole(&self) -> Result<()> {
+        self.proxy()?.blackhole();
+        Ok(())
+    }
+
+    async fn heal(&self) -> Result<()> {
+        self.proxy()?.heal();
+        Ok(())
+    }
+
+    async fn forget_connections(&self) -> Result<()> {
+        self.proxy()?.forget_flows();
+        Ok(())
+    }
+}
+
+mod conformance {
+    conformance_tests::conformance_suite! {
+        factory = super::SentinelFactory::start(),
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+fn key(name: &str) -> Result<LockKey> {
+    Ok(LockKey::new(name)?)
+}
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn options() -> RedisOptions {
+    RedisOptions::default()
+        .connect_timeout(Duration::from_secs(1))
+        .command_timeout(Duration::from_secs(1))
+}
+
+async fn acquired(backend: &RedisBackend, key: &LockKey) -> Result<Lease> {
+    match backend.try_acquire(key, TTL).await? {
+        Attempt::Acquired(lease) => Ok(lease),
+        Attempt::Held { .. } => bail!("{key:?} is held"),
+    }
+}
+
+/// Repeats `call` while it fails with a retryable error (the backend is still moving to the
+/// new master), up to `within`; returns the first other outcome and when it came.
+async fn settle<T, F, Fut>(within: Duration, mut call: F) -> Result<(Result<T, LockError>, Instant)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LockError>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match call().await {
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok((other, Instant::now())),
+        }
+    }
+}
+
+/// Whether `key`'s lock key is on data node `index`.
+async fn on_node(set: &SentinelSet, index: usize, key: &LockKey) -> Result<bool> {
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let mut conn = set
+        .node_client(index)?
+        .get_multiplexed_async_connection()
+        .await?;
+    Ok(redis::cmd("EXISTS")
+        .arg(scheme.lock_key(key))
+        .query_async(&mut conn)
+        .await?)
+}
+
+/// The master is killed while 20 replicated locks are held: the sentinels promote the
+/// replica, the backend follows it (same backend object, no reconnect by the caller), every
+/// lock is still held there (a second client is refused, the holder renews), fences keep
+/// increasing, and the pub/sub listener followed (a release wakes a waiter at once).
+#[tokio::test]
+async fn killed_master_keeps_replicated_locks_and_the_backend_follows() -> Result<()> {
+    let mut set = SentinelSet::builder()
+        .wait_for_sentinels(true)
+        .start()
+        .await?;
+    let holder = RedisBackend::connect_with(&set.url(), options()).await?;
+    let keys: Vec<LockKey> = (0..20)
+        .map(|i| key(&unique(&format!("fo{i}"))))
+        .collect::<Result<_>>()?;
+    let mut leases = Vec::new();
+    for key in &keys {
+        leases.push(acquired(&holder, key).await?);
+    }
+    // Replication is asynchronous but fast on loopback: wait until the replica has them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for key in &keys {
+        while !on_node(&set, 1, key).await? {
+            ensure!(Instant::now() < deadline, "the replica never got {key:?}");
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let killed_at = Instant::now();
+    let old = set.kill_master().await?;
+    let probe = key(&unique("probe"))?;
+    let (first, first_at) =
+        settle(Duration::from_secs(30), || holder.try_acquire(&probe, TTL)).await?;
+    ensure!(
+        matches!(first, Ok(Attempt::Acquired(_))),
+        "after the failover: {first:?}"
+    );
+    let new = set.master_addr().await?;
+    ensure!(new != old, "the sentinels still name {old}");
+    println!(
+        "master {old} killed; the same backend acquired on the new master {new} after {:?}",
+        first_at - killed_at
+    );
+
+    // Every held lock survived: a fresh client is refused, the holder renews each.
+    let other = RedisBackend::connect_with(&set.url(), options()).await?;
+    for key in &keys {
+        let attempt = other.try_acquire(key, TTL).await?;
+        ensure!(
+            matches!(attempt, Attempt::Held { .. }),
+            "{key:?} was granted to a second client after the failover"
+        );
+    }
+    for lease in &mut leases {
+        let (renewed, _) = settle(Duration::from_secs(5), || holder.renew(lease, TTL)).await?;
+        *lease = renewed.with_context(|| format!("renewing {:?}", lease.key()))?;
+    }
+
+    // Fences keep increasing: the counters were replicated with the locks.
+    let before = leases[0].fence().context("no fence")?;
+    ensure!(holder.release(&leases[0]).await?, "release after failover");
+    let again = acquired(&other, &keys[0]).await?;
+    let after = again.fence().context("no fence")?;
+    ensure!(after > before, "fence went from {before:?} to {after:?}");
+
+    // The holder's listener followed: a waiter of the holder's backend is woken by a
+    // release on the new master.
+    let waited = &keys[1];
+    ensure!(holder.release(&leases[1]).await?, "release after failover");
+    let second = acquired(&other, waited).await?;
+    let mut releases = holder.subscribe(waited).await?;
+    // A refused attempt with a waiter marks the lock, so its release publishes.
+    ensure!(matches!(
+        holder.try_acquire(waited, TTL).await?,
+        Attempt::Held { .. }
+    ));
+    let released_at = Instant::now();
+    ensure!(other.release(&second).await?, "second holder's release");
+    let wake = releases.next(released_at + Duration::from_secs(3)).await;
+    ensure!(
+        matches!(wake, lock_core::Wake::Released),
+        "the waiter was not woken after the failover: {wake:?}"
+    );
+    println!("waiter woken {:?} after the release", released_at.elapsed());
+    Ok(())
+}
+
+/// A lock the replica never got is lost on failover: the promoted replica does not have it,
+/// so a second client is granted the same lock while the first still believes it holds it,
+/// with a fence lower than the first holder's; the first holder's renewal then answers
+/// `Lost`. This is asynchronous replication, measured here by detaching the replica first
+/// (on loopback the replica otherwise gets every write within a millisecond).
+#[tokio::test]
+async fn failover_to_a_replica_that_missed_the_lock_loses_it() -> Result<()> {
+    let set = SentinelSet::builder()
+        .wait_for_sentinels(true)
+        .start()
+        .await?;
+    let first = RedisBackend::connect_with(&set.url(), options()).await?;
+    let name = key(&unique("lost"))?;
+    // Three acquisitions the replica gets (its counter for the slot reaches 3).
+    for _ in 0..3 {
+        let lease = acquired(&first, &name).await?;
+        first.release(&lease).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.node_client(1).is_ok() {
+        let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+        let (_, fence_key) = scheme.lock_and_fence_keys(&name);
+        let mut replica = set
+            .node_client(1)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let counter: Option<u64> = redis::cmd("GET")
+            .arg(&fence_key)
+            .query_async(&mut replica)
+            .await?;
+        if counter == Some(3) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the replica never got the counter"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    set.detach_replica(1).await?;
+    // Three more the replica misses; the last one stays held.
+    for _ in 0..2 {
+        let lease = acquired(&first, &name).await?;
+        first.release(&lease).await?;
+    }
+    let held = acquired(&first, &name).await?;
+    let held_fence = held.fence().context("no fence")?;
+    ensure!(
+        !on_node(&set, 1, &name).await?,
+        "the detached replica has the lock"
+    );
+
+    let new = set.failover(Duration::from_secs(30)).await?;
+    let second = RedisBackend::connect_with(&set.url(), options()).await?;
+    let (granted, _) = settle(Duration::from_secs(10), || second.try_acquire(&name, TTL)).await?;
+    let Ok(Attempt::Acquired(taken)) = granted else {
+        bail!("the lock was not granted again after the failover: {granted:?}");
+    };
+    let taken_fence = taken.fence().context("no fence")?;
+    ensure!(
+        taken_fence < held_fence,
+        "fence {taken_fence:?} after the failover is not below {held_fence:?}"
+    );
+    // The first holder's backend is still connected to the old master, which accepts writes
+    // until the sentinels turn it into a replica (at their next INFO of it, up to 10 s
+    // later): both holders could renew "their" lock meanwhile. The backend listens for the
+    // sentinels' `+switch-master`, moves to the new master and its renewal answers Lost.
+    let failed_over_at = Instant::now();
+    let mut split_renewals = 0;
+    let outcome = loop {
+        match first.renew(&held, TTL).await {
+            Ok(_) => split_renewals += 1,
+            Err(error) if error.is_retryable() => {}
+            Err(error) => break error,
+        }
+        ensure!(
+            failed_over_at.elapsed() < Duration::from_secs(30),
+            "the first holder still renews 30 s after the failover"
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    let split_for = failed_over_at.elapsed();
+    ensure!(
+        matches!(outcome, LockError::Lost { .. }),
+        "the first holder's renew after the failover: {outcome:?}"
+    );
+    // The backend hears the sentinels' `+switch-master` and moves at once; without it the
+    // old master took its renewals for ~10 s (until the sentinels reconfigured it).
+    ensure!(
+        split_for < Duration::from_secs(5),
+        "the first holder kept renewing on the demoted master for {split_for:?}"
+    );
+    println!(
+        "failover to {new}: the lock held with fence {held_fence:?} on the old master was \
+         granted again with fence {taken_fence:?}; the first holder renewed {split_renewals} \
+         times on the old master, then got Lost {split_for:?} after the failover"
+    );
+    Ok(())
+}
