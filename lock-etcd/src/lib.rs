@@ -34,10 +34,13 @@ pub use keys::{key_range, sync_range};
 use lock_core::{LockBackend, LockError};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Connects to `etcd://host:port[,host:port…][/prefix]`.
+/// Connects to `etcd[s]://[user:password@]host:port[,host:port…][/prefix][?options]` (see
+/// [`EtcdConfig::from_url`]; `etcds://` needs the crate feature `tls`).
 ///
-/// A malformed URL is `LockError::InvalidConfig`; a cluster that does not answer within the
-/// connect timeout (3 s) is a retryable `LockError::Backend`.
+/// A malformed URL is `LockError::InvalidConfig`; wrong credentials, a prefix the user may
+/// not use, a certificate not accepted by either side, or TLS spoken by one side only is a
+/// `LockError::Refused` (never retryable); a cluster that does not answer within the connect
+/// timeout (3 s) is a retryable `LockError::Backend`.
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     let config = EtcdConfig::from_url(url)?;
     Ok(Arc::new(EtcdBackend::connect(config).await?))

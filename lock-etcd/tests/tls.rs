@@ -352,3 +352,39 @@ async fn handoff(factory: &SecureFactory, locker: &Locker, name: &str) -> Result
     guard.release().await?;
     Ok(())
 }
+
+/// Authentication without TLS: no credentials is refused (naming `user:password@`), the right
+/// ones work; credentials for a server with authentication off are ignored (as etcd's Go
+/// client does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_without_tls() -> Result<()> {
+    let prefix = fresh_prefix();
+    let security = EtcdSecurity {
+        tls: false,
+        ..security(&prefix, false)
+    };
+    let cluster = EtcdCluster::start_secure(1, security, &[]).await?;
+    let message = expect_refused(&cluster.url(Some(&prefix)), RefusalKind::Authentication).await?;
+    ensure!(message.contains("user:password@"), "{message}");
+    let locker = Locker::from_arc(
+        lock_etcd::connect(&cluster.url_as(LOCKER, LOCKER_PASSWORD, Some(&prefix))).await?,
+    );
+    let guard = locker
+        .lock("plain-auth")
+        .try_acquire()
+        .await?
+        .context("not acquired")?;
+    guard.release().await?;
+
+    let open = EtcdCluster::single().await?;
+    let locker = Locker::from_arc(
+        lock_etcd::connect(&open.url_as(LOCKER, LOCKER_PASSWORD, Some(&prefix))).await?,
+    );
+    let guard = locker
+        .lock("no-auth")
+        .try_acquire()
+        .await?
+        .context("not acquired")?;
+    guard.release().await?;
+    Ok(())
+}
