@@ -126,8 +126,8 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The refusal an etcd client error stands for, if it is one. `endpoints` names the
-/// servers in messages.
+/// The refusal an etcd client error stands for, if it is one (messages name the
+/// endpoints, user and prefix of `config`).
 pub(crate) fn refusal(config: &EtcdConfig, error: &etcd_client::Error) -> Option<LockError> {
     let chain = error_chain(error);
     let endpoints = config.endpoints.join(",");
@@ -302,7 +302,14 @@ pub(crate) async fn diagnose(
         return Some(LockError::refused(BACKEND, RefusalKind::Tls, message, None));
     }
     let text = failure.to_string();
-    let closed = text.contains("connection closed") || text.contains("tls handshake eof");
+    let closed = [
+        "connection closed",
+        "tls handshake eof",
+        "reset by peer",
+        "Broken pipe",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign));
     let tls_servers: Vec<&str> = answers
         .iter()
         .filter(|(_, answer)| *answer == Some(false))

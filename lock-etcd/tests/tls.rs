@@ -199,6 +199,18 @@ async fn refusals_are_typed_clear_and_fast() -> Result<()> {
     .await?;
     ensure!(message.contains("ca="), "does not name ca=: {message}");
 
+    // The certificate names 127.0.0.1 and localhost: server_name= may pick the name to
+    // verify, and a name it does not carry is refused, naming server_name=.
+    let with_name = |name: &str| {
+        format!(
+            "etcds://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}?ca={}&{client_cert}&server_name={name}",
+            pki.ca.cert_path.display()
+        )
+    };
+    drop(lock_etcd::connect(&with_name("localhost")).await?);
+    let message = expect_refused(&with_name("etcd.example"), RefusalKind::Certificate).await?;
+    ensure!(message.contains("server_name="), "{message}");
+
     // A wrong password.
     let message = expect_refused(
         &cluster.url_as(LOCKER, "wrong-password", Some(prefix)),
