@@ -400,3 +400,35 @@ async fn authentication_without_tls() -> Result<()> {
     guard.release().await?;
     Ok(())
 }
+
+/// Every change to etcd's users or roles raises the auth store's revision, and etcd then
+/// refuses every token issued before ("revision of auth store is old"). A backend must log
+/// in again: a held lock keeps being renewed, new locks and watch wake-ups work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_continues_after_users_change() -> Result<()> {
+    let factory = SecureFactory::start().await?;
+    let locker = Locker::from_arc(lock_etcd::connect(&factory.url()).await?);
+    handoff(&factory, &locker, "warm-up").await?;
+    let held = locker
+        .lock("held")
+        .ttl(Duration::from_secs(3))
+        .try_acquire()
+        .await?
+        .context("held: not acquired")?;
+
+    let mut admin = factory.cluster.client().await?;
+    admin.user_add("someone-else", "pw", None).await?;
+
+    // Renewals every 1 s; without a new login they would fail until the lock is lost (3 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ensure!(!held.is_lost(), "lost: {:?}", held.lost_reason());
+    let other = locker
+        .lock("after-change")
+        .try_acquire()
+        .await?
+        .context("after-change: not acquired")?;
+    other.release().await?;
+    handoff(&factory, &locker, "after-change-handoff").await?;
+    held.release().await?;
+    Ok(())
+}
