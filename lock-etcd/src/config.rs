@@ -147,7 +147,8 @@ impl EtcdConfig {
     ///
     /// `etcds://` speaks TLS (crate feature `tls`); its options are `ca=<PEM file>`,
     /// `cert=<PEM file>` with `key=<PEM file>` (a client certificate), and
-    /// `server_name=<name>`. User, password and option values are percent-decoded. An unknown
+    /// `server_name=<name>`. User, password and option values are percent-decoded (the
+    /// prefix is taken as written). An unknown
     /// option, a TLS option on `etcd://`, or `etcds://` in a build without `tls` is
     /// `LockError::InvalidConfig`.
     pub fn from_url(url: &str) -> Result<Self, LockError> {
@@ -192,9 +193,9 @@ impl EtcdConfig {
         for host in hosts.split(',') {
             endpoints.push(parse_endpoint(host).map_err(|why| invalid(&why))?);
         }
-        let prefix = percent_decode(prefix).map_err(|why| invalid(&why))?;
+        // The prefix is taken as written (as before credentials and options existed).
         let prefix = if prefix.is_empty() {
-            DEFAULT_PREFIX.to_owned()
+            DEFAULT_PREFIX
         } else {
             prefix
         };
