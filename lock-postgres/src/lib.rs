@@ -74,6 +74,7 @@ use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
 use session::*;
+use setup::{off_workers, open_connection};
 use shared::*;
 pub use shared::{MAX_PERMITS, rw_key, semaphore_base, slot_key};
 use tasks::*;
@@ -218,6 +219,9 @@ struct Inner {
     /// The semaphore-limit and reader-writer intent tables exist (checked or created once per
     /// backend).
     tables_ready: AtomicBool,
+    /// The holder-style connection `setup` checked the server on, with its pid, kept for the
+    /// first holder session so that the first lock does not wait for a connection of its own.
+    spare: Mutex<Option<(PgConnection, i32)>>,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -295,6 +299,7 @@ impl PostgresBackend {
             fence_oid: AtomicU32::new(0),
             key_cache: Mutex::default(),
             tables_ready: AtomicBool::new(false),
+            spare: Mutex::new(None),
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);

@@ -31,10 +31,25 @@ fn idle_connection_settings() -> String {
 }
 
 /// A `LISTEN`ing connection on `channel` (its own pool of one, so sqlx reconnects it), with
-/// [`idle_connection_settings`] on every connection.
+/// [`idle_connection_settings`] on every connection. Connected off the runtime's workers
+/// ([`off_workers`]); a reconnect sqlx makes by itself later runs where the listener is
+/// polled.
 pub(crate) async fn connect_listener(
     options: PgConnectOptions,
     channel: &str,
+    timeout: Duration,
+) -> Result<PgListener, sqlx::Error> {
+    let channel = channel.to_owned();
+    off_workers(
+        timeout + Duration::from_secs(1),
+        listener_on(options, channel, timeout),
+    )
+    .await
+}
+
+async fn listener_on(
+    options: PgConnectOptions,
+    channel: String,
     timeout: Duration,
 ) -> Result<PgListener, sqlx::Error> {
     let pool = PgPoolOptions::new()
@@ -55,7 +70,7 @@ pub(crate) async fn connect_listener(
         .connect_with(options)
         .await?;
     let mut listener = PgListener::connect_with(&pool).await?;
-    listener.listen(channel).await?;
+    listener.listen(&channel).await?;
     Ok(listener)
 }
 
@@ -243,8 +258,9 @@ impl WaiterSession {
     /// Opens a new waiter session and marks every key that still has waiters on it.
     async fn reconnect(&mut self, deadline: Instant) -> Result<(), LockError> {
         self.conn = None;
+        let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
         let work = async {
-            let mut fresh = self.options.connect().await?;
+            let mut fresh = open_connection(self.options.clone(), bound).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
                 .execute(&mut fresh)
                 .await?;

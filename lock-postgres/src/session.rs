@@ -216,7 +216,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl Inner {
-    pub(crate) fn pick_session(&self, hash: i64, ttl_ms: u64) -> Arc<Session> {
+    pub(crate) fn pick_session(self: &Arc<Self>, hash: i64, ttl_ms: u64) -> Arc<Session> {
         let mut sessions = lock(&self.sessions);
         let in_class = |session: &&Arc<Session>| session.class_ms == ttl_ms;
         let per_ttl = self.config.sessions_per_ttl;
@@ -225,8 +225,22 @@ impl Inner {
             return session.clone();
         }
         if sessions.len() < self.config.max_sessions {
+            let class_len = sessions.iter().filter(in_class).count();
             let session = Session::new(sessions.len(), ttl_ms, self.config.probe_timeout);
             sessions.push(session.clone());
+            // Only a class's first session is connected on an attempt's path: while the
+            // class fills up, an attempt whose slot is missing uses a session the class has
+            // and its own connects in the background. A connection costs a few round trips,
+            // and with TLS and a password ~150 ms of CPU in a debug build: before, a waiter's
+            // first attempts each opened one and overran its wait (the conformance case
+            // `wait_timeout_is_bounded` over TLS, by 300 ms).
+            if class_len > 0
+                && let Some(existing) = sessions.iter().filter(in_class).nth(slot % class_len)
+            {
+                let existing = existing.clone();
+                self.connect_in_background(session);
+                return existing;
+            }
             return session;
         }
         let class_len = sessions.iter().filter(in_class).count();
@@ -249,6 +263,24 @@ impl Inner {
             .cloned()
             // Unreachable: max_sessions ≥ 1, so the list is not empty here.
             .unwrap_or_else(|| Session::new(usize::MAX, ttl_ms, self.config.probe_timeout))
+    }
+
+    /// Connects a new holder session on a task (see [`Inner::pick_session`]). A failure is
+    /// only logged: the session's first statement connects it again and reports the error.
+    fn connect_in_background(self: &Arc<Self>, session: Arc<Session>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Weak: a backend dropped meanwhile needs no new connection.
+        let inner = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if let Err(error) = inner.session_conn(&session).await {
+                tracing::debug!(%error, session = session.id, "connecting a holder session ahead of use failed");
+            }
+        });
     }
 
     /// Waits for the session's mutex, at most `op_timeout`. Running out is a retryable error
@@ -303,7 +335,14 @@ impl Inner {
     /// `idle_session_timeout` to 0).
     pub(crate) async fn reconnect(&self, state: &mut SessionState) -> Result<(), LockError> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let (conn, pid) = self.open_session(deadline).await?;
+        // The connection `setup` opened (a holder session like this one) serves first. Should
+        // the server have ended it meanwhile, the session holds nothing yet, and its first
+        // statement's failure makes acquire connect again (see `acquire_op`).
+        let spare = lock(&self.spare).take();
+        let (conn, pid) = match spare {
+            Some(spare) => spare,
+            None => self.open_session(deadline).await?,
+        };
         state.conn = Some(conn);
         state.pid = pid;
         state.ttls.clear();

@@ -20,7 +20,7 @@
 
 mod common;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use lock_core::LockError;
 use lock_postgres::PostgresBackend;
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ async fn prefer_connects_to_a_plain_server() -> Result<()> {
     );
     let backend = PostgresBackend::connect(&url).await?;
     let locker = lock_core::Locker::new(backend);
-    let guard = locker.lock(&common::unique("prefer")).try_acquire().await?;
+    let guard = locker.lock(common::unique("prefer")).try_acquire().await?;
     ensure!(guard.is_some(), "the lock was not granted");
     Ok(())
 }
@@ -156,6 +156,7 @@ async fn unknown_role_is_refused() -> Result<()> {
 #[cfg(feature = "tls")]
 mod with_tls {
     use super::*;
+    use anyhow::Context;
     use lock_harness::postgres::PostgresServer;
     use lock_harness::tls::TestPki;
     use sqlx::postgres::PgPool;
@@ -500,19 +501,23 @@ mod with_tls {
         Ok(())
     }
 
-    /// A backend that connected, then its role's password changed: the next holder session
-    /// cannot log in, and `acquire` with a long wait returns the refusal at once instead of
+    /// A backend that connected, then its role's password changed and its sessions were
+    /// ended: the next holder session cannot log in, and `acquire` with a long wait returns the refusal at once instead of
     /// retrying until the wait ends. No lock is left.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn locker_gets_a_refusal_at_once_with_a_wrong_password() -> Result<()> {
         let tls = tls_server().await?;
         let url = tls.url(tls.server.addr(), "rotating:first%20password", &tls.ca, "");
-        // Holder sessions are opened at the first acquire; connect uses a throw-away one.
         let backend = PostgresBackend::connect(&url).await?;
         let key = common::unique("rotated");
         let hash = backend.advisory_key(&lock_core::LockKey::new(key.as_str())?);
         tls.server
             .sql("ALTER ROLE rotating PASSWORD 'second password'")?;
+        // The connection kept from connecting (for the first holder session) goes too, so
+        // the acquire must log in again.
+        tls.server.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotating'",
+        )?;
         let locker = lock_core::Locker::new(backend);
         let started = Instant::now();
         let outcome = locker
