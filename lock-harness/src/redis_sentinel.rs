@@ -358,7 +358,9 @@ impl SentinelSet {
         )
     }
 
-    /// Waits until data node `index` (a replica) reports its link to the master up.
+    /// Waits until data node `index` (a replica) reports its link to the master up and
+    /// acknowledges a write made on the master (the first acknowledgement can come a while
+    /// after the link is up, while the replica loads what it was sent).
     pub async fn wait_for_replica_link(&self, index: usize) -> Result<()> {
         let client = self.node_client(index)?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -367,12 +369,42 @@ impl SentinelSet {
                 .await
                 .unwrap_or_default();
             if info.contains("master_link_status:up") {
-                return Ok(());
+                return self.wait_for_ack().await;
             }
             if Instant::now() >= deadline {
                 bail!("replica {index} did not sync within {START_TIMEOUT:?}:\n{info}");
             }
             sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes (and deletes) a key on the first master and waits until one replica has it.
+    async fn wait_for_ack(&self) -> Result<()> {
+        let client = self.node_client(0)?;
+        let run = async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&unbounded())
+                .await?;
+            redis::cmd("SET")
+                .arg("distlock-harness:sync")
+                .arg(1)
+                .query_async::<()>(&mut conn)
+                .await?;
+            redis::cmd("DEL")
+                .arg("distlock-harness:sync")
+                .query_async::<()>(&mut conn)
+                .await?;
+            redis::cmd("WAIT")
+                .arg(1)
+                .arg(START_TIMEOUT.as_millis() as u64)
+                .query_async::<u32>(&mut conn)
+                .await
+        };
+        match timeout(START_TIMEOUT + QUERY_TIMEOUT, run).await {
+            Ok(Ok(acked)) if acked >= 1 => Ok(()),
+            Ok(Ok(_)) => bail!("the replica did not acknowledge a write within {START_TIMEOUT:?}"),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => bail!("WAIT on the master did not answer"),
         }
     }
 
@@ -529,6 +561,14 @@ impl SentinelSet {
     }
 }
 
+/// Connection settings without the `redis` crate's 500 ms response timeout: `WAIT` and a
+/// loaded machine take longer; every query here has a bound of its own.
+fn unbounded() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(QUERY_TIMEOUT))
+}
+
 /// `cmd` on the sentinel at `addr`, bounded by [`QUERY_TIMEOUT`].
 async fn sentinel_query<T: redis::FromRedisValue>(
     addr: SocketAddr,
@@ -546,7 +586,9 @@ async fn query<T: redis::FromRedisValue>(
     cmd: &mut redis::Cmd,
 ) -> Result<T> {
     let run = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&unbounded())
+            .await?;
         cmd.query_async::<T>(&mut conn).await
     };
     match timeout(QUERY_TIMEOUT, run).await {

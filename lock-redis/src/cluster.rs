@@ -27,6 +27,13 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     let parsed = crate::options::parse_url(&format!("redlock://{rest}"), options)
         .map_err(|error| bad(&error.to_string()))?;
     let options = parsed.options;
+    if options.wait_replicas.is_some() {
+        // `WAIT` through a cluster connection goes to every master, not to the one that
+        // took the write.
+        return Err(bad(
+            "wait_replicas is for one server or Sentinel, not Cluster",
+        ));
+    }
     let seeds = parsed
         .nodes
         .iter()
@@ -72,7 +79,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     };
     let scheme = KeyScheme::new(options.prefix.clone(), 0)?;
     let nodes = Nodes::cluster(connection, seeds, scheme, &options);
-    Ok(RedisBackend::from_nodes(nodes))
+    Ok(RedisBackend::from_nodes(nodes, &options))
 }
 
 fn seed_list(seeds: &[redis::Client]) -> String {

@@ -637,6 +637,40 @@ impl Node {
         Ok(held == 1)
     }
 
+    /// `WAIT replicas ms` on the command connection: how many replicas have every write sent
+    /// on it so far (the whole call bounded by the command timeout). If the connection was
+    /// replaced since the write (the master moved), this answers for the new connection; the
+    /// write then went to a master that is gone, and the next renewal finds out.
+    pub(crate) async fn wait_for_replicas(
+        &self,
+        replicas: u32,
+        wait: Duration,
+    ) -> Result<u32, LockError> {
+        let (_, mut conn) = self.conn.current();
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let limit = self.conn.command_timeout;
+        let answer = timeout(
+            limit,
+            redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(millis)
+                .query_async::<u32>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok(reached)) => Ok(reached),
+            Ok(Err(error)) => {
+                self.conn.after_error(&error);
+                Err(backend_error("WAIT", error))
+            }
+            Err(_) => Err(LockError::backend_msg(
+                "redis",
+                format!("WAIT: no answer within {limit:?}"),
+                true,
+            )),
+        }
+    }
+
     /// Asks the listener to subscribe to `key`'s channel; resolves when the server confirmed
     /// it, or when the listener is not connected (it then subscribes on reconnect and wakes
     /// every waiter). The listener keeps the request when the caller stops waiting.

@@ -19,6 +19,8 @@ pub struct RedisOptions {
     pub(crate) command_timeout: Duration,
     pub(crate) node_timeout: Duration,
     pub(crate) tls: crate::RedisTls,
+    /// `WAIT` after every acquire and renew: (replicas, how long to wait for them).
+    pub(crate) wait_replicas: Option<(u32, Duration)>,
 }
 
 impl Default for RedisOptions {
@@ -29,6 +31,7 @@ impl Default for RedisOptions {
             command_timeout: Duration::from_secs(2),
             node_timeout: Duration::from_millis(250),
             tls: crate::RedisTls::default(),
+            wait_replicas: None,
         }
     }
 }
@@ -75,7 +78,34 @@ impl RedisOptions {
         self
     }
 
+    /// One server or Sentinel: after every acquire and renew, wait (Redis `WAIT`) until
+    /// `replicas` replicas have the write, at most `timeout` (URL: `wait_replicas=N`,
+    /// `wait_timeout_ms=T`, default 100 ms). A lock or permit whose write did not reach them
+    /// in time is released at once and the attempt is a retryable `Backend` error; a renewal
+    /// that did not is a retryable error (the watchdog retries it, and reports the lock lost
+    /// at its deadline if the replicas stay behind). So a failover to one of those replicas
+    /// keeps every granted lock and its fence counter. Off by default: it costs a round trip
+    /// per acquire and renew, and `WAIT` holds the backend's shared connection while it waits.
+    /// Redlock and Cluster refuse it.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = Some((replicas, timeout));
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), LockError> {
+        if let Some((replicas, wait)) = self.wait_replicas {
+            if replicas == 0 || wait.is_zero() {
+                return Err(LockError::InvalidConfig(
+                    "wait_replicas needs at least one replica and a non-zero timeout".into(),
+                ));
+            }
+            if wait >= self.command_timeout {
+                return Err(LockError::InvalidConfig(format!(
+                    "the wait_replicas timeout ({wait:?}) must be below the command timeout ({:?})",
+                    self.command_timeout
+                )));
+            }
+        }
         self.tls.validate()?;
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
@@ -89,6 +119,9 @@ impl RedisOptions {
         crate::KeyScheme::new(self.prefix.clone(), 0).map(|_| ())
     }
 }
+
+/// How long `wait_replicas` waits when the URL gives no `wait_timeout_ms`.
+const DEFAULT_REPLICA_WAIT: Duration = Duration::from_millis(100);
 
 /// A parsed distlock Redis URL: the node URLs handed to `redis`, and our own options.
 #[derive(Debug)]
@@ -161,6 +194,7 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
         None => (None, authority),
     };
     let mut passthrough = Vec::new();
+    let mut wait_timeout = None;
     if let Some(query) = query {
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let millis = || {
@@ -178,6 +212,16 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
                 "connect_timeout_ms" => options.connect_timeout = millis()?,
                 "command_timeout_ms" => options.command_timeout = millis()?,
                 "node_timeout_ms" => options.node_timeout = millis()?,
+                "wait_replicas" => {
+                    let replicas = value
+                        .parse::<u32>()
+                        .map_err(|_| bad("wait_replicas must be a number of replicas"))?;
+                    let wait = options
+                        .wait_replicas
+                        .map_or(DEFAULT_REPLICA_WAIT, |(_, wait)| wait);
+                    options.wait_replicas = Some((replicas, wait));
+                }
+                "wait_timeout_ms" => wait_timeout = Some(millis()?),
                 "tls_ca" => options.tls.set_ca_file(&value),
                 "tls_cert" => options.tls.set_client_cert_file(&value),
                 "tls_key" => options.tls.set_client_key_file(&value),
@@ -187,6 +231,12 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
                     url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
                 )),
             }
+        }
+    }
+    if let Some(wait) = wait_timeout {
+        match &mut options.wait_replicas {
+            Some((_, timeout)) => *timeout = wait,
+            None => return Err(bad("wait_timeout_ms needs wait_replicas")),
         }
     }
     options.validate()?;

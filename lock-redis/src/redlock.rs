@@ -167,6 +167,11 @@ impl RedlockBackend {
     /// quorum must answer now; the others are retried on use.
     pub async fn connect_nodes(urls: &[String], options: RedisOptions) -> Result<Self, LockError> {
         options.validate()?;
+        if options.wait_replicas.is_some() {
+            return Err(LockError::InvalidConfig(
+                "wait_replicas is for one server or Sentinel, not Redlock".into(),
+            ));
+        }
         if urls.is_empty() {
             return Err(LockError::InvalidConfig(
                 "Redlock needs at least one node".into(),

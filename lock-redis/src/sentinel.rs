@@ -285,7 +285,12 @@ impl Follower {
                 let master_name = self.master_name.clone();
                 async move {
                     let ask = async {
-                        let mut conn = sentinel.get_multiplexed_async_connection().await?;
+                        // No response timeout of the driver's own (500 ms): `limit` bounds
+                        // the whole lookup.
+                        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+                        let mut conn = sentinel
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?;
                         redis::cmd("SENTINEL")
                             .arg("MASTER")
                             .arg(&master_name)
@@ -560,7 +565,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     };
     let scheme = KeyScheme::new(parsed.options.prefix.clone(), parsed.db)?;
     let nodes = Nodes::followed(server, follower, scheme, &parsed.options);
-    Ok(RedisBackend::from_nodes(nodes))
+    Ok(RedisBackend::from_nodes(nodes, &parsed.options))
 }
 
 #[cfg(test)]
@@ -584,6 +589,14 @@ mod tests {
             format!("{}10.0.0.1:7{}", url.master_url.0, url.master_url.1),
             "redis://u:p@10.0.0.1:7/3"
         );
+        let waiting = parse(
+            "redis+sentinel://h:1/m?wait_replicas=1&wait_timeout_ms=50",
+            RedisOptions::default(),
+        )?;
+        assert_eq!(
+            waiting.options.wait_replicas,
+            Some((1, Duration::from_millis(50)))
+        );
         let plain = parse("redis+sentinel://h:1/m", RedisOptions::default())?;
         assert_eq!(plain.db, 0);
         assert_eq!(plain.sentinels, ["redis://h:1"]);
@@ -593,6 +606,9 @@ mod tests {
             "redis+sentinel://h:1/m/x",
             "redis+sentinel://h:1,,h:2/m",
             "redis+sentinel://h:1/m?prefix=a{b",
+            "redis+sentinel://h:1/m?wait_timeout_ms=50",
+            "redis+sentinel://h:1/m?wait_replicas=0",
+            "redis+sentinel://h:1/m?wait_replicas=1&wait_timeout_ms=5000",
         ] {
             assert!(
                 matches!(

@@ -25,6 +25,8 @@ use tokio::time::Instant;
 pub struct RedisBackend {
     inner: Arc<Nodes>,
     cleanup: Arc<Cleanup>,
+    /// `RedisOptions::wait_replicas`.
+    wait_replicas: Option<(u32, Duration)>,
 }
 
 /// The most clean-ups pending at once per backend. Beyond it a failed acquire's key (if the
@@ -170,15 +172,49 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner,
             cleanup: Arc::default(),
+            wait_replicas: options.wait_replicas,
         })
     }
 
     /// A backend over nodes connected elsewhere (Sentinel's master, a cluster).
-    pub(crate) fn from_nodes(inner: Arc<Nodes>) -> Self {
+    pub(crate) fn from_nodes(inner: Arc<Nodes>, options: &RedisOptions) -> Self {
         RedisBackend {
             inner,
             cleanup: Arc::default(),
+            wait_replicas: options.wait_replicas,
         }
+    }
+
+    /// With `wait_replicas`: waits until the writes so far reached that many replicas. A
+    /// shortfall is a retryable error; `undo` (a fresh grant) is then released.
+    async fn confirm_replicated(&self, undo: Option<Pending>) -> Result<(), LockError> {
+        let Some((replicas, wait)) = self.wait_replicas else {
+            return Ok(());
+        };
+        let reached = self.node()?.wait_for_replicas(replicas, wait).await;
+        if matches!(reached, Ok(reached) if reached >= replicas) {
+            return Ok(());
+        }
+        let undone = undo.is_some();
+        if let Some(pending) = undo {
+            self.cleanup.push(&self.inner, pending);
+        }
+        Err(match reached {
+            Ok(reached) => LockError::backend_msg(
+                "redis",
+                format!(
+                    "the write reached {reached} of the {replicas} replicas asked for within \
+                     {wait:?} (wait_replicas): a failover could lose it{}",
+                    if undone {
+                        "; the grant was released"
+                    } else {
+                        ""
+                    }
+                ),
+                true,
+            ),
+            Err(error) => error,
+        })
     }
 
     /// How this backend names Redis keys and channels.
@@ -238,7 +274,7 @@ impl LockBackend for RedisBackend {
                 return Err(error);
             }
         };
-        Ok(match answer {
+        let attempt = match answer {
             NodeAcquire::Acquired(fence) => Attempt::Acquired(Lease::new(
                 key.clone(),
                 owner,
@@ -249,7 +285,16 @@ impl LockBackend for RedisBackend {
             NodeAcquire::Held(pttl, _) => Attempt::Held {
                 expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
             },
-        })
+        };
+        if matches!(attempt, Attempt::Acquired(_)) {
+            self.confirm_replicated(Some(Pending {
+                target: Target::Lock(lock_key),
+                token,
+                expires: sent_at + granted,
+            }))
+            .await?;
+        }
+        Ok(attempt)
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
@@ -262,6 +307,7 @@ impl LockBackend for RedisBackend {
             .renew(self.node()?, &token, ttl_ms)
             .await?;
         if renewed {
+            self.confirm_replicated(None).await?;
             Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
         } else {
             Err(LockError::lost(
@@ -310,7 +356,16 @@ impl LockBackend for RedisBackend {
             }
         };
         let kind = LeaseKind::Permits { limit, count };
-        shared_attempt(key, owner, granted, sent_at, kind, answer, limit)
+        let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, limit)?;
+        if matches!(attempt, Attempt::Acquired(_)) {
+            self.confirm_replicated(Some(Pending {
+                target: Target::Permits(keys, count),
+                token,
+                expires: sent_at + granted,
+            }))
+            .await?;
+        }
+        Ok(attempt)
     }
 
     async fn try_acquire_rw(
@@ -344,7 +399,16 @@ impl LockBackend for RedisBackend {
             RwMode::Read => LeaseKind::Read,
             RwMode::Write => LeaseKind::Write,
         };
-        shared_attempt(key, owner, granted, sent_at, kind, answer, 0)
+        let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, 0)?;
+        if matches!(attempt, Attempt::Acquired(_)) {
+            self.confirm_replicated(Some(Pending {
+                target: Target::Rw(keys, mode),
+                token,
+                expires: sent_at + granted,
+            }))
+            .await?;
+        }
+        Ok(attempt)
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {

@@ -31,7 +31,7 @@ impl SentinelFactory {
             .await?;
         let master = set
             .node_client(0)?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&unbounded())
             .await?;
         Ok(SentinelFactory {
             set,
@@ -106,6 +106,11 @@ mod conformance {
     }
 }
 
+/// Test connections without the `redis` crate's 500 ms response timeout (a loaded machine).
+fn unbounded() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(None)
+}
+
 fn unique(name: &str) -> String {
     format!("{name}-{:016x}", rand::random::<u64>())
 }
@@ -152,7 +157,7 @@ async fn on_node(set: &SentinelSet, index: usize, key: &LockKey) -> Result<bool>
     let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
     let mut conn = set
         .node_client(index)?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&unbounded())
         .await?;
     Ok(redis::cmd("EXISTS")
         .arg(scheme.lock_key(key))
@@ -270,7 +275,7 @@ async fn failover_to_a_replica_that_missed_the_lock_loses_it() -> Result<()> {
         let (_, fence_key) = scheme.lock_and_fence_keys(&name);
         let mut replica = set
             .node_client(1)?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&unbounded())
             .await?;
         let counter: Option<u64> = redis::cmd("GET")
             .arg(&fence_key)
@@ -343,5 +348,80 @@ async fn failover_to_a_replica_that_missed_the_lock_loses_it() -> Result<()> {
          granted again with fence {taken_fence:?}; the first holder renewed {split_renewals} \
          times on the old master, then got Lost {split_for:?} after the failover"
     );
+    Ok(())
+}
+
+fn waiting_options() -> RedisOptions {
+    options().wait_replicas(1, Duration::from_millis(200))
+}
+
+/// With `wait_replicas(1, …)` a lock is granted only once the replica has it: a failover
+/// right after the acquire keeps the lock (a second client is refused, the holder renews) and
+/// the fence counter (the next holder's fence is higher).
+#[tokio::test]
+async fn wait_replicas_keeps_the_lock_and_fence_across_a_failover() -> Result<()> {
+    let set = SentinelSet::builder()
+        .wait_for_sentinels(true)
+        .start()
+        .await?;
+    let holder = RedisBackend::connect_with(&set.url(), waiting_options()).await?;
+    let name = key(&unique("kept"))?;
+    let lease = acquired(&holder, &name).await?;
+    let fence = lease.fence().context("no fence")?;
+    let new = set.failover(Duration::from_secs(30)).await?;
+    let other = RedisBackend::connect_with(&set.url(), waiting_options()).await?;
+    let attempt = other.try_acquire(&name, TTL).await?;
+    ensure!(
+        matches!(attempt, Attempt::Held { .. }),
+        "after the failover to {new} the lock was granted again: {attempt:?}"
+    );
+    let (renewed, _) = settle(Duration::from_secs(10), || holder.renew(&lease, TTL)).await?;
+    let renewed = renewed.context("the holder's renew after the failover")?;
+    let (released, _) = settle(Duration::from_secs(10), || holder.release(&renewed)).await?;
+    ensure!(released?, "the holder's release after the failover");
+    let next = acquired(&other, &name).await?;
+    let next_fence = next.fence().context("no fence")?;
+    ensure!(
+        next_fence > fence,
+        "fence {next_fence:?} after the failover is not above {fence:?}"
+    );
+    Ok(())
+}
+
+/// With `wait_replicas(1, …)` and the replica not replicating, an acquire is refused with a
+/// retryable error naming the shortfall, and leaves no lock on the master.
+#[tokio::test]
+async fn wait_replicas_refuses_a_lock_the_replica_did_not_get() -> Result<()> {
+    let set = SentinelSet::builder().start().await?;
+    let holder = RedisBackend::connect_with(&set.url(), waiting_options()).await?;
+    let name = key(&unique("unreplicated"))?;
+    // Replicated: granted.
+    let lease = acquired(&holder, &name).await?;
+    ensure!(holder.release(&lease).await?, "release");
+    set.detach_replica(1).await?;
+    let started = Instant::now();
+    let refused = holder.try_acquire(&name, TTL).await;
+    let took = started.elapsed();
+    let Err(error) = refused else {
+        bail!("granted without the replica: {refused:?}");
+    };
+    ensure!(
+        error.is_retryable() && error.to_string().contains("wait_replicas"),
+        "unexpected error: {error}"
+    );
+    ensure!(
+        took < Duration::from_secs(1),
+        "the refusal took {took:?} (wait 200 ms)"
+    );
+    // The grant was released at once.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while on_node(&set, 0, &name).await? {
+        ensure!(
+            Instant::now() < deadline,
+            "the refused grant is still on the master"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    println!("refused after {took:?}: {error}");
     Ok(())
 }
