@@ -79,6 +79,15 @@ struct Access {
 }
 
 impl Access {
+    /// Whether connecting costs a TLS handshake or a login (bcrypt on the server).
+    fn is_secure(&self) -> bool {
+        #[cfg(feature = "etcd-tls")]
+        if self.pki.is_some() {
+            return true;
+        }
+        self.root_password.is_some()
+    }
+
     /// The URL of a client address for etcd-client (`https://` on a TLS cluster).
     fn endpoint(&self, addr: &str) -> String {
         #[cfg(feature = "etcd-tls")]
@@ -174,6 +183,27 @@ impl EtcdMember {
     }
 }
 
+/// The harness's client of a secure cluster (see `EtcdCluster::client`).
+struct CachedClient {
+    endpoints: Vec<String>,
+    runtime_alive: tokio::task::JoinHandle<()>,
+    client: Client,
+}
+
+impl std::fmt::Debug for CachedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedClient")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CachedClient {
+    fn drop(&mut self) {
+        self.runtime_alive.abort();
+    }
+}
+
 /// A running etcd cluster of one or more members, killed and deleted on drop.
 #[derive(Debug)]
 pub struct EtcdCluster {
@@ -182,6 +212,10 @@ pub struct EtcdCluster {
     /// Extra flags given to every member (e.g. `--max-txn-ops=16`).
     extra_args: Vec<String>,
     access: Access,
+    /// The harness's client of a secure cluster, kept (connecting costs a handshake and a
+    /// login): the members it was made for, and a task on the runtime it was made on (the
+    /// client's channel dies with that runtime).
+    cached: std::sync::Mutex<Option<CachedClient>>,
     // Dropped last: the members' processes die before their directories go.
     _dir: tempfile::TempDir,
 }
@@ -233,6 +267,12 @@ impl EtcdCluster {
         security: EtcdSecurity,
         extra_args: &[&str],
     ) -> Result<Self> {
+        // Logins check a bcrypt hash: the lowest cost keeps them (and the tests) fast.
+        let mut args = Vec::new();
+        if security.auth.is_some() {
+            args.push("--bcrypt-cost=4");
+        }
+        args.extend_from_slice(extra_args);
         let mut attempt = 1;
         loop {
             let access = Access {
@@ -244,7 +284,7 @@ impl EtcdCluster {
                 client_cert_auth: security.tls && security.client_cert_auth,
                 root_password: None,
             };
-            match Self::start_once(size, extra_args, access).await {
+            match Self::start_once(size, &args, access).await {
                 Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => attempt += 1,
                 Err(error) => return Err(error),
                 Ok(mut cluster) => {
@@ -286,6 +326,11 @@ impl EtcdCluster {
         }
         client.auth_enable().await.context("enabling auth")?;
         self.access.root_password = Some(auth.root_password.clone());
+        // The kept client has no credentials.
+        *self
+            .cached
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         Ok(())
     }
 
@@ -333,6 +378,7 @@ impl EtcdCluster {
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             access,
+            cached: std::sync::Mutex::new(None),
             _dir: dir,
         };
         for index in 0..size {
@@ -525,7 +571,10 @@ impl EtcdCluster {
     }
 
     /// A client of the harness's own, straight to the running members (not through the
-    /// proxies), for looking at the server independently of the code under test.
+    /// proxies), for looking at the server independently of the code under test. On a
+    /// secure cluster (TLS or authentication) one client is kept and handed out again while
+    /// the running members and the runtime stay the same: a new one would cost a TLS
+    /// handshake and a login per call, too slow for tests that poll the server.
     pub async fn client(&self) -> Result<Client> {
         let endpoints: Vec<String> = self
             .members
@@ -533,7 +582,27 @@ impl EtcdCluster {
             .filter(|member| member.is_running())
             .map(|member| member.client_addr().to_string())
             .collect();
-        self.access.connect(&endpoints).await
+        if !self.access.is_secure() {
+            return self.access.connect(&endpoints).await;
+        }
+        let lock = || {
+            self.cached
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(cached) = lock().as_ref()
+            && cached.endpoints == endpoints
+            && !cached.runtime_alive.is_finished()
+        {
+            return Ok(cached.client.clone());
+        }
+        let client = self.access.connect(&endpoints).await?;
+        *lock() = Some(CachedClient {
+            endpoints,
+            runtime_alive: tokio::spawn(std::future::pending()),
+            client: client.clone(),
+        });
+        Ok(client)
     }
 
     /// Freezes member `index` (SIGSTOP).
