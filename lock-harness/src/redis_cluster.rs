@@ -1,1 +1,528 @@
-//! Redis Cluster for tests (work in progress).
+//! Redis Cluster for tests: three masters and three replicas (`cluster-enabled yes`) on free
+//! loopback ports in one temporary directory, joined as `redis-cli --cluster create
+//! --cluster-replicas 1` would (without its one-second polling), with controls to pause,
+//! kill and restart nodes.
+//!
+//! By default a node is declared failed after 1 s without answers (`cluster-node-timeout`),
+//! so a killed master's replica takes over within a few seconds.
+//!
+//! ```ignore
+//! let cluster = RedisCluster::builder().start().await?;
+//! let url = cluster.url();              // redis+cluster://127.0.0.1:a,…
+//! let index = cluster.master_of_slot(1234).await?;
+//! cluster.kill_node(index)?;
+//! cluster.wait_for_failover(index, Duration::from_secs(30)).await?;
+//! let promoted = cluster.master_of_slot(1234).await?;
+//! ```
+
+use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
+use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+/// How long a fresh node may take to answer `PING`, and the cluster to agree on its slots.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one query of the harness's own.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Options for [`RedisCluster`].
+#[derive(Clone, Copy, Debug)]
+pub struct RedisClusterBuilder {
+    node_timeout: Duration,
+    replicas: bool,
+}
+
+impl Default for RedisClusterBuilder {
+    fn default() -> Self {
+        RedisClusterBuilder {
+            node_timeout: Duration::from_millis(1000),
+            replicas: true,
+        }
+    }
+}
+
+impl RedisClusterBuilder {
+    /// `cluster-node-timeout` (default 1 s): how long a silent node takes to be declared
+    /// failed. Tests that pause nodes on purpose without wanting a failover set it long.
+    pub fn node_timeout(mut self, node_timeout: Duration) -> Self {
+        self.node_timeout = node_timeout;
+        self
+    }
+
+    /// One replica per master (default): needed for a node failure to fail over. Without,
+    /// the cluster is three masters (half the processes, for tests that kill no node).
+    pub fn replicas(mut self, replicas: bool) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Starts six nodes (three without replicas), joins them into a cluster of three
+    /// masters with one replica each, and waits until every node reports the cluster `ok`
+    /// and every replica synced.
+    pub async fn start(self) -> Result<RedisCluster> {
+        let binary = find_binary("redis-server", "redis-server", &[])?;
+        let dir = tempfile::Builder::new()
+            .prefix("distlock-cluster-")
+            .tempdir()
+            .context("creating a temporary directory for the cluster")?;
+        let mut cluster = RedisCluster {
+            binary,
+            dir,
+            nodes: Vec::new(),
+            builder: self,
+        };
+        let count = if self.replicas { 6 } else { 3 };
+        for index in 0..count {
+            cluster.nodes.push(ClusterNode {
+                port: 0,
+                process: None,
+                generation: 0,
+            });
+            start_on_free_port(free_port()?, |port| {
+                cluster.nodes[index].port = port;
+                cluster.spawn_node(index)
+            })?;
+        }
+        cluster.join().await?;
+        cluster.wait_until_ok(START_TIMEOUT).await?;
+        Ok(cluster)
+    }
+}
+
+/// One `redis-server` of the cluster.
+#[derive(Debug)]
+struct ClusterNode {
+    port: u16,
+    process: Option<ServerProcess>,
+    generation: u32,
+}
+
+impl ClusterNode {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// A node as `CLUSTER NODES` describes it.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// The node's address.
+    pub addr: SocketAddr,
+    /// Whether it is a master (else a replica).
+    pub master: bool,
+    /// Whether it is flagged `fail` (or `fail?`).
+    pub failing: bool,
+    /// The slot ranges it serves (masters).
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// Six `redis-server` processes in cluster mode owned by a test; killed (and the directory
+/// removed) on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+    builder: RedisClusterBuilder,
+}
+
+impl RedisCluster {
+    /// Options: node timeout.
+    pub fn builder() -> RedisClusterBuilder {
+        RedisClusterBuilder::default()
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.node_addrs().iter().map(ToString::to_string).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The nodes' addresses, by index.
+    pub fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(ClusterNode::addr).collect()
+    }
+
+    /// The index of the node at `addr`.
+    pub fn node_index(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|node| node.addr() == addr)
+    }
+
+    /// A client straight to node `index`.
+    pub fn node_client(&self, index: usize) -> Result<redis::Client> {
+        let node = self.nodes.get(index).context("no such node")?;
+        redis::Client::open(format!("redis://{}/0", node.addr())).context("redis client")
+    }
+
+    /// `CLUSTER NODES` as node `index` sees it.
+    pub async fn topology(&self, index: usize) -> Result<Vec<NodeView>> {
+        let text: String = query(
+            &self.node_client(index)?,
+            redis::cmd("CLUSTER").arg("NODES"),
+        )
+        .await?;
+        let mut views = Vec::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            let addr = addr.split('@').next().unwrap_or_default();
+            let Ok(addr) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let slots = fields
+                .iter()
+                .skip(8)
+                .filter(|field| !field.starts_with('['))
+                .filter_map(|range| {
+                    let (low, high) = range.split_once('-').unwrap_or((range, range));
+                    Some((low.parse().ok()?, high.parse().ok()?))
+                })
+                .collect();
+            views.push(NodeView {
+                addr,
+                master: flags.contains("master"),
+                failing: flags.contains("fail"),
+                slots,
+            });
+        }
+        Ok(views)
+    }
+
+    /// The index of the master serving `slot`, as the first live node sees it.
+    pub async fn master_of_slot(&self, slot: u16) -> Result<usize> {
+        let views = self.topology(self.live_index()?).await?;
+        let owner = views
+            .iter()
+            .find(|view| {
+                view.master
+                    && !view.failing
+                    && view
+                        .slots
+                        .iter()
+                        .any(|(low, high)| (*low..=*high).contains(&slot))
+            })
+            .with_context(|| format!("no master serves slot {slot}"))?;
+        self.node_index(owner.addr)
+            .with_context(|| format!("{} is none of ours", owner.addr))
+    }
+
+    /// The indexes of the masters that serve slots, as the first live node sees it.
+    pub async fn masters(&self) -> Result<Vec<usize>> {
+        let views = self.topology(self.live_index()?).await?;
+        Ok(views
+            .iter()
+            .filter(|view| view.master && !view.failing && !view.slots.is_empty())
+            .filter_map(|view| self.node_index(view.addr))
+            .collect())
+    }
+
+    /// Kills node `index` (SIGKILL).
+    pub fn kill_node(&mut self, index: usize) -> Result<()> {
+        if let Some(mut process) = self.nodes.get_mut(index).and_then(|n| n.process.take()) {
+            process.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `index` again on its port with its cluster configuration: it rejoins
+    /// (a former master as a replica of the one that replaced it).
+    pub fn restart_node(&mut self, index: usize) -> Result<()> {
+        self.kill_node(index)?;
+        self.spawn_node(index)
+    }
+
+    /// Freezes every node (SIGSTOP).
+    pub fn pause_all(&self) -> Result<()> {
+        self.running().try_for_each(ServerProcess::pause)
+    }
+
+    /// Resumes every node (SIGCONT).
+    pub fn resume_all(&self) -> Result<()> {
+        self.running().try_for_each(ServerProcess::resume)
+    }
+
+    /// Waits until three masters other than node `killed` serve every slot and the cluster
+    /// is `ok` again on every live node (after killing `killed`, its replica took over).
+    pub async fn wait_for_failover(&self, killed: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        let killed_addr = self.nodes.get(killed).context("no such node")?.addr();
+        loop {
+            if let Ok(masters) = self.masters().await
+                && masters.len() == 3
+                && !masters.contains(&killed)
+                && self.all_ok().await
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("no replica replaced {killed_addr} within {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, three masters serve all
+    /// 16 384 slots and every replica's link to its master is up.
+    pub async fn wait_until_ok(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.all_ok().await && self.replicas_synced().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let info: String = query(
+                    &self.node_client(self.live_index()?)?,
+                    redis::cmd("CLUSTER").arg("INFO"),
+                )
+                .await
+                .unwrap_or_default();
+                bail!("the cluster was not ok within {within:?}:\n{info}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every live master's replicas have acknowledged all it has written (its
+    /// `master_repl_offset` reached by each `slaveN` offset).
+    pub async fn wait_for_replication(&self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for master in self.masters().await? {
+            let client = self.node_client(master)?;
+            loop {
+                let info: String = query(&client, redis::cmd("INFO").arg("replication"))
+                    .await
+                    .unwrap_or_default();
+                let offset = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("master_repl_offset:"))
+                    .and_then(|value| value.trim().parse::<u64>().ok());
+                let replicas: Vec<u64> = info
+                    .lines()
+                    .filter(|line| line.starts_with("slave") && line.contains("offset="))
+                    .filter_map(|line| {
+                        line.split(',')
+                            .find_map(|field| field.strip_prefix("offset="))
+                            .and_then(|value| value.parse().ok())
+                    })
+                    .collect();
+                if let Some(offset) = offset
+                    && !replicas.is_empty()
+                    && replicas.iter().all(|replica| *replica >= offset)
+                {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("the replicas of node {master} did not catch up:\n{info}");
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins the nodes as `redis-cli --cluster create --cluster-replicas 1` would, without
+    /// its one-second polling: distinct config epochs, the slots in three ranges on nodes
+    /// 0-2, `CLUSTER MEET` with node 0, then nodes 3-5 replicate 0-2 once they know them.
+    async fn join(&self) -> Result<()> {
+        let count = self.nodes.len();
+        let mut ids = Vec::with_capacity(count);
+        for index in 0..count {
+            let client = self.node_client(index)?;
+            let _: String = query(
+                &client,
+                redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(index + 1),
+            )
+            .await
+            .with_context(|| format!("CLUSTER SET-CONFIG-EPOCH on node {index}"))?;
+            ids.push(query::<String>(&client, redis::cmd("CLUSTER").arg("MYID")).await?);
+        }
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        for (index, (low, high)) in ranges.into_iter().enumerate() {
+            let _: String = query(
+                &self.node_client(index)?,
+                redis::cmd("CLUSTER")
+                    .arg("ADDSLOTSRANGE")
+                    .arg(low)
+                    .arg(high),
+            )
+            .await
+            .with_context(|| format!("CLUSTER ADDSLOTSRANGE on node {index}"))?;
+        }
+        let first = self.nodes[0].addr();
+        for index in 1..count {
+            let _: String = query(
+                &self.node_client(index)?,
+                redis::cmd("CLUSTER")
+                    .arg("MEET")
+                    .arg(first.ip().to_string())
+                    .arg(first.port()),
+            )
+            .await
+            .with_context(|| format!("CLUSTER MEET on node {index}"))?;
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for index in 3..count {
+            let master = &ids[index - 3];
+            loop {
+                let answer: Result<String> = query(
+                    &self.node_client(index)?,
+                    redis::cmd("CLUSTER").arg("REPLICATE").arg(master),
+                )
+                .await;
+                match answer {
+                    Ok(_) => break,
+                    // "Unknown node": the handshake with that master is not done yet.
+                    Err(error) if Instant::now() < deadline => {
+                        tracing::debug!(%error, "CLUSTER REPLICATE not yet");
+                        sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(error) => {
+                        return Err(error.context(format!("node {index} never replicated")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn all_ok(&self) -> bool {
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.process.is_none() {
+                continue;
+            }
+            let Ok(client) = self.node_client(index) else {
+                return false;
+            };
+            let info: String = query(&client, redis::cmd("CLUSTER").arg("INFO"))
+                .await
+                .unwrap_or_default();
+            if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn replicas_synced(&self) -> bool {
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.process.is_none() {
+                continue;
+            }
+            let Ok(client) = self.node_client(index) else {
+                return false;
+            };
+            let info: String = query(&client, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn live_index(&self) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|node| node.process.is_some())
+            .context("no node is running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = &ServerProcess> {
+        self.nodes.iter().filter_map(|node| node.process.as_ref())
+    }
+
+    fn spawn_node(&mut self, index: usize) -> Result<()> {
+        let dir = self.dir.path().join(format!("node-{index}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+        let node_timeout = self.builder.node_timeout.as_millis().to_string();
+        let node = self.nodes.get_mut(index).context("no such node")?;
+        let mut command = Command::new(&self.binary);
+        command
+            .current_dir(&dir)
+            .arg("--port")
+            .arg(node.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("no")
+            .arg("--cluster-enabled")
+            .arg("yes")
+            .arg("--cluster-config-file")
+            .arg(dir.join("nodes.conf"))
+            .arg("--cluster-node-timeout")
+            .arg(&node_timeout)
+            // A replica syncs at once instead of after the default 5 s of waiting for more.
+            .arg("--repl-diskless-sync-delay")
+            .arg("0");
+        node.generation += 1;
+        let log = dir.join(format!("redis-{}.log", node.generation));
+        let mut process = ServerProcess::spawn("redis-server", command, &log)?;
+        if let Err(error) = wait_for_ping(node.addr(), &mut process) {
+            bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
+        }
+        node.process = Some(process);
+        Ok(())
+    }
+}
+
+/// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`] (no response timeout
+/// of the `redis` crate's own: a loaded machine answers later than its 500 ms).
+async fn query<T: redis::FromRedisValue>(
+    client: &redis::Client,
+    cmd: &mut redis::Cmd,
+) -> Result<T> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(QUERY_TIMEOUT));
+    let run = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        cmd.query_async::<T>(&mut conn).await
+    };
+    match timeout(QUERY_TIMEOUT, run).await {
+        Ok(result) => Ok(result?),
+        Err(_) => bail!("no answer within {QUERY_TIMEOUT:?}"),
+    }
+}
+
+/// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
+/// passes.
+fn wait_for_ping(addr: SocketAddr, process: &mut ServerProcess) -> Result<()> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        process.check_running()?;
+        let pong = (|| -> std::io::Result<bool> {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+            stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+            stream.write_all(b"PING\r\n")?;
+            let mut reply = [0u8; 64];
+            let read = stream.read(&mut reply)?;
+            Ok(reply[..read].starts_with(b"+PONG"))
+        })()
+        .unwrap_or(false);
+        if pong {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{addr} did not answer PING within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,287 @@
+//! `redis+cluster://`: the conformance suite on a Redis Cluster, keys spread over every
+//! master, and a master killed while locks are held, on real servers (three masters, three
+//! replicas) started by `lock_harness::redis_cluster`.
+
+use anyhow::{Context, Result, bail, ensure};
+use async_trait::async_trait;
+use conformance_tests::{BackendFactory, ServerFaults};
+use lock_core::{Attempt, Lease, LockBackend, LockError, LockKey};
+use lock_harness::redis_cluster::RedisCluster;
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep};
+
+/// The suite's factory. Failure detection is slowed to 60 s so that the suite's pauses never
+/// start a failover.
+struct ClusterFactory {
+    cluster: RedisCluster,
+    /// Reads keys on the slot's master (the redis crate routes by key).
+    reader: redis::cluster_async::ClusterConnection,
+    scheme: KeyScheme,
+}
+
+impl ClusterFactory {
+    async fn start() -> Result<Self> {
+        // Three masters, no replicas: the suite kills no node.
+        let cluster = RedisCluster::builder()
+            .node_timeout(Duration::from_secs(60))
+            .replicas(false)
+            .start()
+            .await?;
+        let reader = reader(&cluster).await?;
+        Ok(ClusterFactory {
+            cluster,
+            reader,
+            scheme: KeyScheme::new(RedisOptions::default_prefix(), 0)?,
+        })
+    }
+}
+
+/// A cluster connection of the test's own (not the code under test).
+async fn reader(cluster: &RedisCluster) -> Result<redis::cluster_async::ClusterConnection> {
+    let nodes: Vec<String> = cluster
+        .node_addrs()
+        .iter()
+        .map(|addr| format!("redis://{addr}"))
+        .collect();
+    Ok(redis::cluster::ClusterClientBuilder::new(nodes)
+        .response_timeout(Duration::from_secs(5))
+        .build()?
+        .get_async_connection()
+        .await?)
+}
+
+#[async_trait]
+impl BackendFactory for ClusterFactory {
+    fn name(&self) -> String {
+        "redis-cluster".into()
+    }
+
+    async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(RedisBackend::connect(&self.cluster.url()).await?))
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
+        let mut reader = self.reader.clone();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(self.scheme.lock_key(key))
+            .query_async(&mut reader)
+            .await?;
+        Ok(Some(exists))
+    }
+
+    fn faults(&self) -> Option<&dyn ServerFaults> {
+        Some(self)
+    }
+}
+
+/// "The server" is every node. Cutting or black-holing the client's connections would need a
+/// proxy per node that the cluster announces as the node's address; not built (those cases
+/// are skipped below).
+#[async_trait]
+impl ServerFaults for ClusterFactory {
+    async fn pause(&self) -> Result<()> {
+        self.cluster.pause_all()
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.cluster.resume_all()
+    }
+
+    async fn cut(&self) -> Result<()> {
+        bail!("no proxy in front of the cluster's nodes")
+    }
+
+    async fn blackhole(&self) -> Result<()> {
+        bail!("no proxy in front of the cluster's nodes")
+    }
+
+    async fn heal(&self) -> Result<()> {
+        bail!("no proxy in front of the cluster's nodes")
+    }
+
+    async fn forget_connections(&self) -> Result<()> {
+        bail!("no proxy in front of the cluster's nodes")
+    }
+}
+
+mod conformance {
+    conformance_tests::conformance_suite! {
+        factory = super::ClusterFactory::start(),
+        skip = {
+            connection_cut_fires_lost_and_recovers: "needs a proxy per cluster node announced as the node's address (cluster-announce-port); the harness has none yet. Cut and black-hole on one server: tests/conformance.rs and tests/sentinel.rs",
+            connection_blackhole_fires_lost_and_recovers: "needs a proxy per cluster node announced as the node's address (cluster-announce-port); the harness has none yet. Cut and black-hole on one server: tests/conformance.rs and tests/sentinel.rs",
+            stopped_holders_leases_expire_by_their_slack: "black-holes the holder: needs a proxy per cluster node announced as the node's address (cluster-announce-port); the harness has none yet. On one server: tests/conformance.rs and tests/sentinel.rs",
+        },
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
+}
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn options() -> RedisOptions {
+    RedisOptions::default()
+        .connect_timeout(Duration::from_secs(1))
+        .command_timeout(Duration::from_secs(1))
+}
+
+async fn acquired(backend: &RedisBackend, key: &LockKey) -> Result<Lease> {
+    match backend.try_acquire(key, TTL).await? {
+        Attempt::Acquired(lease) => Ok(lease),
+        Attempt::Held { .. } => bail!("{key:?} is held"),
+    }
+}
+
+/// The index of the master that serves `key`'s lock key.
+async fn master_of(cluster: &RedisCluster, key: &LockKey) -> Result<usize> {
+    cluster.master_of_slot(slot_of(cluster, key).await?).await
+}
+
+/// The hash slot of `key`'s lock key (and fence counter).
+async fn slot_of(cluster: &RedisCluster, key: &LockKey) -> Result<u16> {
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let mut conn = cluster
+        .node_client(cluster.masters().await?[0])?
+        .get_multiplexed_async_connection()
+        .await?;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(scheme.lock_key(key))
+        .query_async(&mut conn)
+        .await?;
+    Ok(slot)
+}
+
+/// How many lock keys node `index` stores.
+async fn lock_keys_on(cluster: &RedisCluster, index: usize) -> Result<usize> {
+    let mut conn = cluster
+        .node_client(index)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:lock", RedisOptions::default_prefix()))
+        .query_async(&mut conn)
+        .await?;
+    Ok(keys.len())
+}
+
+/// 60 lock names: their keys land on all three masters (each master holds some), each on
+/// the master serving its slot, and nowhere else among the masters.
+#[tokio::test]
+async fn lock_keys_spread_over_all_masters() -> Result<()> {
+    let cluster = RedisCluster::builder().replicas(false).start().await?;
+    let backend = RedisBackend::connect_with(&cluster.url(), options()).await?;
+    let keys: Vec<LockKey> = (0..60)
+        .map(|i| Ok(LockKey::new(unique(&format!("spread{i}")))?))
+        .collect::<Result<_>>()?;
+    let mut expected: HashMap<usize, usize> = HashMap::new();
+    for key in &keys {
+        acquired(&backend, key).await?;
+        *expected.entry(master_of(&cluster, key).await?).or_default() += 1;
+    }
+    let masters = cluster.masters().await?;
+    ensure!(masters.len() == 3, "masters: {masters:?}");
+    let mut counts = Vec::new();
+    for master in &masters {
+        let stored = lock_keys_on(&cluster, *master).await?;
+        ensure!(stored > 0, "master {master} holds no lock key");
+        ensure!(
+            stored == expected.get(master).copied().unwrap_or(0),
+            "master {master} holds {stored} lock keys, its slots cover {:?}",
+            expected.get(master)
+        );
+        counts.push(stored);
+    }
+    println!("60 lock keys over the masters {masters:?}: {counts:?}");
+    Ok(())
+}
+
+/// Repeats `call` while it fails with a retryable error, up to `within`; returns the first
+/// other outcome and when it came.
+async fn settle<T, F, Fut>(within: Duration, mut call: F) -> Result<(Result<T, LockError>, Instant)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LockError>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match call().await {
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok((other, Instant::now())),
+        }
+    }
+}
+
+/// A master is killed while 30 locks (spread over the masters) are held: its replica is
+/// promoted, the same backend carries on (renews every lock, on the promoted replica too),
+/// a second client is refused every lock, and fences of the failed master's slots keep
+/// increasing (the replica had the counters).
+#[tokio::test]
+async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Result<()> {
+    let mut cluster = RedisCluster::builder().start().await?;
+    let holder = RedisBackend::connect_with(&cluster.url(), options()).await?;
+    let mut held = Vec::new();
+    for i in 0..30 {
+        let key = LockKey::new(unique(&format!("kill{i}")))?;
+        let lease = acquired(&holder, &key).await?;
+        let master = master_of(&cluster, &key).await?;
+        held.push((key, lease, master));
+    }
+    cluster.wait_for_replication().await?;
+    let victim = held[0].2;
+    let slot = slot_of(&cluster, &held[0].0).await?;
+    let on_victim = held.iter().filter(|(_, _, m)| *m == victim).count();
+
+    let killed_at = Instant::now();
+    cluster.kill_node(victim)?;
+    // The same backend: renew every lock until each answers (the victim's slots fail until
+    // its replica is promoted).
+    let mut renewed_at = Vec::new();
+    for (key, lease, _) in &mut held {
+        let (renewed, at) = settle(Duration::from_secs(30), || holder.renew(lease, TTL)).await?;
+        *lease = renewed.with_context(|| format!("renewing {key:?} after the kill"))?;
+        renewed_at.push(at);
+    }
+    let recovered = renewed_at
+        .iter()
+        .max()
+        .map(|at| *at - killed_at)
+        .unwrap_or_default();
+    cluster
+        .wait_for_failover(victim, Duration::from_secs(30))
+        .await?;
+    let promoted = cluster.master_of_slot(slot).await?;
+    ensure!(
+        promoted != victim,
+        "slot {slot} still served by the killed node"
+    );
+    println!(
+        "master {victim} killed with {on_victim} of 30 locks; every lock renewed by the same \
+         backend {recovered:?} after the kill; its replica {promoted} serves its slots"
+    );
+
+    // A second client is refused every lock.
+    let other = RedisBackend::connect_with(&cluster.url(), options()).await?;
+    for (key, _, _) in &held {
+        let attempt = other.try_acquire(key, TTL).await?;
+        ensure!(
+            matches!(attempt, Attempt::Held { .. }),
+            "{key:?} was granted to a second client after the failover"
+        );
+    }
+    // Fences on the failed master's slots keep increasing.
+    let (key, lease, _) = &held[0];
+    let before = lease.fence().context("no fence")?;
+    ensure!(holder.release(lease).await?, "release after the failover");
+    let next = acquired(&other, key).await?;
+    let after = next.fence().context("no fence")?;
+    ensure!(after > before, "fence went from {before:?} to {after:?}");
+    Ok(())
+}
