@@ -221,8 +221,9 @@ where
 
 /// A master is killed while 30 locks (spread over the masters) are held: its replica is
 /// promoted, the same backend carries on (renews every lock, on the promoted replica too),
-/// a second client is refused every lock, and fences of the failed master's slots keep
-/// increasing (the replica had the counters).
+/// a second client is refused every lock, fences of the failed master's slots keep
+/// increasing (the replica had the counters), and the pub/sub listener, which was on the
+/// killed node, moved to another (a release wakes a waiter).
 #[tokio::test]
 async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Result<()> {
     let mut cluster = RedisCluster::builder().start().await?;
@@ -235,7 +236,12 @@ async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Res
         held.push((key, lease, master));
     }
     cluster.wait_for_replication().await?;
-    let victim = held[0].2;
+    // Node 0: a master, and the node the backend's pub/sub listener uses (the first seed).
+    let victim = 0;
+    let Some(first) = held.iter().position(|(_, _, master)| *master == victim) else {
+        bail!("no lock landed on node 0");
+    };
+    held.swap(0, first);
     let slot = slot_of(&cluster, &held[0].0).await?;
     let on_victim = held.iter().filter(|(_, _, m)| *m == victim).count();
 
@@ -283,5 +289,24 @@ async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Res
     let next = acquired(&other, key).await?;
     let after = next.fence().context("no fence")?;
     ensure!(after > before, "fence went from {before:?} to {after:?}");
+
+    // The holder's listener moved off the killed node: a release wakes its waiter.
+    let (waited, lease, _) = &held[1];
+    ensure!(holder.release(lease).await?, "release after the failover");
+    let second = acquired(&other, waited).await?;
+    let mut releases = holder.subscribe(waited).await?;
+    // A refused attempt with a waiter marks the lock, so its release publishes.
+    ensure!(matches!(
+        holder.try_acquire(waited, TTL).await?,
+        Attempt::Held { .. }
+    ));
+    let released_at = Instant::now();
+    ensure!(other.release(&second).await?, "second holder's release");
+    let wake = releases.next(released_at + Duration::from_secs(3)).await;
+    ensure!(
+        matches!(wake, lock_core::Wake::Released),
+        "the waiter was not woken after the failover: {wake:?}"
+    );
+    println!("waiter woken {:?} after the release", released_at.elapsed());
     Ok(())
 }
