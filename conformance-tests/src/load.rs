@@ -22,6 +22,18 @@ pub struct HeldLoad {
     pub ttl: Duration,
     /// How long the CPU is measured, in steady state (after every lease's first renewal).
     pub window: Duration,
+    /// How the locks are taken, and so when their renewals fall due.
+    pub pattern: Pattern,
+}
+
+/// When the locks are taken: all at once, or one after another over a renewal period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// As fast as 64 at a time go: renewals fall due together, in bursts a client can batch.
+    Burst,
+    /// Evenly over one renewal period (as locks taken over time are): renewals fall due one
+    /// at a time, the worst case for batching.
+    Spread,
 }
 
 impl HeldLoad {
@@ -39,7 +51,18 @@ impl HeldLoad {
             locks: number("DISTLOCK_BENCH_HELD")?.map_or(10_000, |n| n as usize),
             ttl: Duration::from_secs(30),
             window: Duration::from_secs(number("DISTLOCK_BENCH_WINDOW_S")?.unwrap_or(20)),
+            pattern: Pattern::Burst,
         })
+    }
+
+    /// The same load taken with `pattern`.
+    pub fn with_pattern(self, pattern: Pattern) -> Self {
+        HeldLoad { pattern, ..self }
+    }
+
+    /// The gap between two acquisitions (and two floor renewals) of the spread pattern.
+    fn gap(&self) -> Duration {
+        self.period() / u32::try_from(self.locks.max(1)).unwrap_or(u32::MAX)
     }
 
     /// The watchdog's renewal period: TTL/3.
@@ -100,27 +123,22 @@ pub async fn cpu_share_over(window: Duration) -> Result<f64> {
     Ok((process_cpu_time()? - cpu).as_secs_f64() / start.elapsed().as_secs_f64())
 }
 
-/// Holds `load.locks` locks (keys `held-<n>`, 64 acquisitions at a time) on `locker` with
-/// auto-renew, waits for every lease's first renewal, measures the CPU share over
+/// Holds `load.locks` locks (keys `held-<pattern>-<n>`) on `locker` with auto-renew, taken as
+/// `load.pattern` says, waits for every lease's first renewal, measures the CPU share over
 /// `load.window`, checks none was lost, and drops them.
 pub async fn hold_many(locker: &Locker, load: HeldLoad) -> Result<HeldFigures> {
     let before = process_rss()?;
-    let guards: Vec<LockGuard> = futures::stream::iter(0..load.locks)
-        .map(|index| {
-            let locker = locker.clone();
-            async move {
-                locker
-                    .lock(format!("held-{index}"))
-                    .ttl(load.ttl)
-                    .acquire()
-                    .await
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let guards: Vec<LockGuard> = paced(load, |index| {
+        let locker = locker.clone();
+        async move {
+            Ok(locker
+                .lock(format!("held-{:?}-{index}", load.pattern))
+                .ttl(load.ttl)
+                .acquire()
+                .await?)
+        }
+    })
+    .await?;
     let after = process_rss()?;
     tokio::time::sleep(load.period() + Duration::from_secs(1)).await;
     let valid_before: Vec<Instant> = guards.iter().map(LockGuard::valid_until).collect();
@@ -141,34 +159,65 @@ pub async fn hold_many(locker: &Locker, load: HeldLoad) -> Result<HeldFigures> {
     })
 }
 
-/// The floor: runs `renew(n)` for n in `0..load.locks`, each once per [`HeldLoad::period`],
-/// spread evenly (as the watchdog spreads leases acquired one after another), for
-/// `load.window`, and returns the share of one core the process used meanwhile.
+/// Runs `work(n)` once for every n in `0..load.locks`: 64 at a time as fast as they go
+/// ([`Pattern::Burst`]), or one every period/locks ([`Pattern::Spread`]). Returns the outputs
+/// in any order.
+async fn paced<T, F, Fut>(load: HeldLoad, work: F) -> Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    match load.pattern {
+        Pattern::Burst => futures::stream::iter(0..load.locks)
+            .map(work)
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect(),
+        Pattern::Spread => {
+            let mut in_flight = futures::stream::FuturesUnordered::new();
+            let mut outputs = Vec::with_capacity(load.locks);
+            let start = Instant::now();
+            for index in 0..load.locks {
+                in_flight.push(work(index));
+                let next = start + load.gap() * u32::try_from(index + 1).unwrap_or(u32::MAX);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => break,
+                        Some(output) = in_flight.next() => outputs.push(output?),
+                    }
+                }
+            }
+            while let Some(output) = in_flight.next().await {
+                outputs.push(output?);
+            }
+            Ok(outputs)
+        }
+    }
+}
+
+/// The floor: runs `renew(n)` for every n in `0..load.locks` once per [`HeldLoad::period`],
+/// in the same pattern as [`hold_many`] takes its locks (so renewals fall due the same way),
+/// for `load.window`, and returns the share of one core the process used meanwhile.
 pub async fn paced_cpu_share<F, Fut>(load: HeldLoad, renew: F) -> Result<f64>
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let gap = load.period() / u32::try_from(load.locks.max(1)).unwrap_or(u32::MAX);
     let (cpu, start) = (process_cpu_time()?, Instant::now());
-    let mut in_flight = futures::stream::FuturesUnordered::new();
-    let mut next = start;
-    let mut index = 0usize;
+    let mut round = 0u32;
     while start.elapsed() < load.window {
-        in_flight.push(renew(index % load.locks.max(1)));
-        index += 1;
-        next += gap;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => break,
-                Some(result) = in_flight.next() => result?,
-            }
-        }
-    }
-    while let Some(result) = in_flight.next().await {
-        result?;
+        paced(load, &renew).await?;
+        round += 1;
+        tokio::time::sleep_until(start + load.period() * round).await;
     }
     Ok((process_cpu_time()? - cpu).as_secs_f64() / start.elapsed().as_secs_f64())
+}
+
+/// Both patterns, burst first.
+pub fn patterns() -> [Pattern; 2] {
+    [Pattern::Burst, Pattern::Spread]
 }
 
 /// The table's header.
@@ -188,6 +237,10 @@ pub fn print_header(load: HeldLoad) {
 
 /// One row: distlock's figures beside the floor.
 pub fn print_row(engine: &str, load: HeldLoad, figures: HeldFigures, floor: Option<f64>) {
+    let engine = match load.pattern {
+        Pattern::Burst => format!("{engine}, taken at once"),
+        Pattern::Spread => format!("{engine}, taken over {:?}", load.period()),
+    };
     let (floor, ratio) = match floor {
         Some(floor) => (
             format!("{:.2} %", floor * 100.0),
@@ -195,11 +248,15 @@ pub fn print_row(engine: &str, load: HeldLoad, figures: HeldFigures, floor: Opti
         ),
         None => ("—".into(), "—".into()),
     };
+    // A later run in the same process reuses what the earlier one freed: its RSS barely grows.
+    let memory = match load.pattern {
+        Pattern::Burst => format!("{:.0} B", figures.bytes_per_lock),
+        Pattern::Spread => "(reuses the first run's)".to_owned(),
+    };
     println!(
-        "| {engine} | {} | {:.2} % | {floor} | {ratio} | {:.0} B | {} |",
+        "| {engine} | {} | {:.2} % | {floor} | {ratio} | {memory} | {} |",
         load.locks,
         figures.cpu_share * 100.0,
-        figures.bytes_per_lock,
         figures.renewed,
     );
 }

@@ -5,7 +5,9 @@
 //! lease per lock, keep-alives multiplexed). See `conformance_tests::load`.
 
 use anyhow::{Context, Result};
-use conformance_tests::load::{HeldLoad, hold_many, paced_cpu_share, print_header, print_row};
+use conformance_tests::load::{
+    HeldLoad, hold_many, paced_cpu_share, patterns, print_header, print_row,
+};
 use lock_harness::etcd::EtcdCluster;
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -20,32 +22,42 @@ async fn main() -> Result<()> {
     let load = HeldLoad::from_env()?;
     let cluster = EtcdCluster::single().await?;
     print_header(load);
-    let locker = lock_core::Locker::from_arc(lock_etcd::connect(&cluster.url(None)).await?);
-    let figures = hold_many(&locker, load).await?;
-    drop(locker);
-
     let client = cluster.client().await?;
     let mut leases = Vec::with_capacity(load.locks);
     let mut lease_client = client.lease_client();
     for _ in 0..load.locks {
-        leases.push(lease_client.grant(load.ttl.as_secs() as i64, None).await?.id());
+        leases.push(
+            lease_client
+                .grant(load.ttl.as_secs() as i64, None)
+                .await?
+                .id(),
+        );
     }
     let mut streams = Vec::with_capacity(STREAMS);
     for lease in leases.iter().take(STREAMS) {
         streams.push(Arc::new(Mutex::new(lease_client.keep_alive(*lease).await?)));
     }
     let (leases, streams) = (&leases, &streams);
-    let floor = paced_cpu_share(load, |index| async move {
-        let stream = &streams[index % STREAMS];
-        let mut stream = stream.lock().await;
-        let (keeper, answers) = &mut *stream;
-        keeper.id = leases[index];
-        keeper.keep_alive().await?;
-        let answer = answers.message().await?.context("keep-alive stream ended")?;
-        anyhow::ensure!(answer.ttl() > 0, "lease {} expired", leases[index]);
-        Ok(())
-    })
-    .await?;
-    print_row("etcd", load, figures, Some(floor));
+    for pattern in patterns() {
+        let load = load.with_pattern(pattern);
+        let locker = lock_core::Locker::from_arc(lock_etcd::connect(&cluster.url(None)).await?);
+        let figures = hold_many(&locker, load).await?;
+        drop(locker);
+        let floor = paced_cpu_share(load, |index| async move {
+            let stream = &streams[index % STREAMS];
+            let mut stream = stream.lock().await;
+            let (keeper, answers) = &mut *stream;
+            keeper.id = leases[index];
+            keeper.keep_alive().await?;
+            let answer = answers
+                .message()
+                .await?
+                .context("keep-alive stream ended")?;
+            anyhow::ensure!(answer.ttl() > 0, "lease {} expired", leases[index]);
+            Ok(())
+        })
+        .await?;
+        print_row("etcd", load, figures, Some(floor));
+    }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! the backend's default holder sessions. See `conformance_tests::load`.
 
 use anyhow::Result;
-use conformance_tests::load::{HeldLoad, hold_many, paced_cpu_share, print_header, print_row};
+use conformance_tests::load::{
+    HeldLoad, hold_many, paced_cpu_share, patterns, print_header, print_row,
+};
 use lock_harness::postgres::PostgresServer;
 use sqlx::postgres::PgPoolOptions;
 
@@ -17,25 +19,27 @@ async fn main() -> Result<()> {
     let load = HeldLoad::from_env()?;
     let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
     print_header(load);
-    let locker = lock_core::Locker::from_arc(lock_postgres::connect(&server.url()).await?);
-    let figures = hold_many(&locker, load).await?;
-    drop(locker);
-
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .min_connections(8)
         .connect(&server.url())
         .await?;
-    let floor = paced_cpu_share(load, |_| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query("SELECT set_config('idle_session_timeout', '30100', false)")
-                .execute(&pool)
-                .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    print_row("postgres", load, figures, Some(floor));
+    for pattern in patterns() {
+        let load = load.with_pattern(pattern);
+        let locker = lock_core::Locker::from_arc(lock_postgres::connect(&server.url()).await?);
+        let figures = hold_many(&locker, load).await?;
+        drop(locker);
+        let floor = paced_cpu_share(load, |_| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT set_config('idle_session_timeout', '30100', false)")
+                    .execute(&pool)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        print_row("postgres", load, figures, Some(floor));
+    }
     Ok(())
 }
