@@ -74,7 +74,7 @@ use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
 use session::*;
-use setup::{off_workers, open_connection};
+use setup::SPARE_IDLE_TIMEOUT;
 use shared::*;
 pub use shared::{MAX_PERMITS, rw_key, semaphore_base, slot_key};
 use tasks::*;
@@ -221,7 +221,8 @@ struct Inner {
     tables_ready: AtomicBool,
     /// The holder-style connection `setup` checked the server on, with its pid, kept for the
     /// first holder session so that the first lock does not wait for a connection of its own.
-    spare: Mutex<Option<(PgConnection, i32)>>,
+    /// With the instant it was parked (its last statement).
+    spare: Mutex<Option<(PgConnection, i32, Instant)>>,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],

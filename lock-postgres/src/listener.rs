@@ -31,25 +31,10 @@ fn idle_connection_settings() -> String {
 }
 
 /// A `LISTEN`ing connection on `channel` (its own pool of one, so sqlx reconnects it), with
-/// [`idle_connection_settings`] on every connection. Connected off the runtime's workers
-/// ([`off_workers`]); a reconnect sqlx makes by itself later runs where the listener is
-/// polled.
+/// [`idle_connection_settings`] on every connection.
 pub(crate) async fn connect_listener(
     options: PgConnectOptions,
     channel: &str,
-    timeout: Duration,
-) -> Result<PgListener, sqlx::Error> {
-    let channel = channel.to_owned();
-    off_workers(
-        timeout + Duration::from_secs(1),
-        listener_on(options, channel, timeout),
-    )
-    .await
-}
-
-async fn listener_on(
-    options: PgConnectOptions,
-    channel: String,
     timeout: Duration,
 ) -> Result<PgListener, sqlx::Error> {
     let pool = PgPoolOptions::new()
@@ -70,7 +55,7 @@ async fn listener_on(
         .connect_with(options)
         .await?;
     let mut listener = PgListener::connect_with(&pool).await?;
-    listener.listen(&channel).await?;
+    listener.listen(channel).await?;
     Ok(listener)
 }
 
@@ -87,7 +72,15 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
         .application_name(&format!("{app}-waiter"));
     let timeout = inner.config.connect_timeout;
     let work = connect_listener(listen_options.clone(), &inner.channel, timeout);
-    let result = match tokio::time::timeout(timeout, work).await {
+    // The waiter session connects beside the listener, not after it: a subscriber waits for
+    // both within SUBSCRIBE_BUDGET (250 ms), and one connection with TLS and a password took
+    // ~150 ms of CPU in a debug build. Failing here, it connects at the first mark.
+    let waiter_work = open_waiter_session(&waiter_options, Instant::now() + timeout, timeout);
+    let (result, waiter_conn) = tokio::join!(tokio::time::timeout(timeout, work), waiter_work);
+    let waiter_conn = waiter_conn
+        .inspect_err(|error| tracing::debug!(%error, "waiter session not connected yet"))
+        .ok();
+    let result = match result {
         Ok(Ok(listener)) => Ok(listener),
         Ok(Err(error)) => Err(connect_error(
             "starting the release listener",
@@ -114,6 +107,7 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
                 )),
                 waiters: tokio::spawn(waiter_loop(
                     rx,
+                    waiter_conn,
                     waiter_options,
                     inner.config.namespace.clone(),
                     timeout,
@@ -199,13 +193,14 @@ pub(crate) async fn try_mark(
 /// while no command comes, so a key with waiters all along does not fall back to polling.
 pub(crate) async fn waiter_loop(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<WaiterCommand>,
+    conn: Option<PgConnection>,
     options: PgConnectOptions,
     namespace: String,
     timeout: Duration,
     hub: ReleaseHub,
 ) {
     let mut waiter = WaiterSession {
-        conn: None,
+        conn,
         marked: std::collections::HashSet::new(),
         options,
         namespace,
@@ -239,6 +234,25 @@ pub(crate) async fn waiter_loop(
     }
 }
 
+/// A new waiter session with [`idle_connection_settings`], by `deadline`.
+async fn open_waiter_session(
+    options: &PgConnectOptions,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<PgConnection, LockError> {
+    let work = async {
+        let mut fresh = options.connect().await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
+            .execute(&mut fresh)
+            .await?;
+        Ok::<_, sqlx::Error>(fresh)
+    };
+    timeout_at(deadline, work)
+        .await
+        .map_err(|_| timed_out("connecting the waiter session", timeout))?
+        .map_err(|error| connect_error("connecting the waiter session", options, error))
+}
+
 /// The waiter connection and the keys marked on it.
 struct WaiterSession {
     conn: Option<PgConnection>,
@@ -258,20 +272,7 @@ impl WaiterSession {
     /// Opens a new waiter session and marks every key that still has waiters on it.
     async fn reconnect(&mut self, deadline: Instant) -> Result<(), LockError> {
         self.conn = None;
-        let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-        let work = async {
-            let mut fresh = open_connection(self.options.clone(), bound).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
-                .execute(&mut fresh)
-                .await?;
-            Ok::<_, sqlx::Error>(fresh)
-        };
-        let mut fresh = timeout_at(deadline, work)
-            .await
-            .map_err(|_| timed_out("connecting the waiter session", self.timeout))?
-            .map_err(|error| {
-                connect_error("connecting the waiter session", &self.options, error)
-            })?;
+        let mut fresh = open_waiter_session(&self.options, deadline, self.timeout).await?;
         let hub = self.hub.clone();
         self.marked.retain(|key| hub.has_waiters(key));
         let pairs: Vec<(i32, i32)> = self.marked.iter().map(|key| self.pair(key)).collect();

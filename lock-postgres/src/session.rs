@@ -335,13 +335,19 @@ impl Inner {
     /// `idle_session_timeout` to 0).
     pub(crate) async fn reconnect(&self, state: &mut SessionState) -> Result<(), LockError> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        // The connection `setup` opened (a holder session like this one) serves first. Should
-        // the server have ended it meanwhile, the session holds nothing yet, and its first
-        // statement's failure makes acquire connect again (see `acquire_op`).
-        let spare = lock(&self.spare).take();
-        let (conn, pid) = match spare {
-            Some(spare) => spare,
-            None => self.open_session(deadline).await?,
+        // The connection `setup` opened (a holder session like this one) serves first while
+        // well inside its idle timeout (older, it is closed). Should the server have ended it
+        // anyway, the session holds nothing yet, and its first statement's failure makes
+        // acquire connect again (see `acquire_op`).
+        let spare = lock(&self.spare)
+            .take()
+            .filter(|(_, _, parked)| parked.elapsed() < SPARE_IDLE_TIMEOUT / 2);
+        let (conn, pid, timeout_set_ms) = match spare {
+            Some((conn, pid, _)) => (conn, pid, SPARE_IDLE_TIMEOUT.as_millis() as u64),
+            None => {
+                let (conn, pid) = self.open_session(deadline).await?;
+                (conn, pid, 0)
+            }
         };
         state.conn = Some(conn);
         state.pid = pid;
@@ -352,7 +358,7 @@ impl Inner {
         state.lost = CancellationToken::new();
         // Once per connection, not per statement: the token changes only here.
         lock(&state.watch).lost = state.lost.clone();
-        state.timeout_set_ms = 0;
+        state.timeout_set_ms = timeout_set_ms;
         state.answered_at = Some(Instant::now());
         Ok(())
     }

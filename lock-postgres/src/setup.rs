@@ -6,42 +6,9 @@ use super::*;
 /// connection's transaction (see [`Inner::check_no_pooler`]).
 const POOLER_PROBE_PATIENCE: Duration = Duration::from_millis(500);
 
-/// Runs `open` (opening a connection) on the blocking pool, given up after `bound`.
-///
-/// Opening a connection is CPU work no runtime worker should do: the TLS handshake and the
-/// SCRAM password proof (4 096 HMAC rounds) took ~100 and ~40 ms per connection in a debug
-/// build here, during which the tasks queued on that worker (the heartbeat's probe timers
-/// among them, with a 250 ms budget) would wait. The connection's socket stays registered
-/// with the runtime, so it is used as usual afterwards. `bound` also ends the blocking
-/// thread's work when the caller gave up before it.
-pub(crate) async fn off_workers<T: Send + 'static>(
-    bound: Duration,
-    open: impl std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'static,
-) -> Result<T, sqlx::Error> {
-    let runtime = tokio::runtime::Handle::current();
-    let opened = tokio::task::spawn_blocking(move || {
-        runtime.block_on(async move { tokio::time::timeout(bound, open).await })
-    })
-    .await;
-    match opened {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("connecting took longer than {bound:?}"),
-        ))),
-        Err(join) => Err(sqlx::Error::Io(std::io::Error::other(format!(
-            "the connecting thread failed: {join}"
-        )))),
-    }
-}
-
-/// [`off_workers`] for one connection with `options`.
-pub(crate) async fn open_connection(
-    options: PgConnectOptions,
-    bound: Duration,
-) -> Result<PgConnection, sqlx::Error> {
-    off_workers(bound, async move { options.connect().await }).await
-}
+/// The server ends the connection kept from `connect` for the first holder session after this
+/// long without a statement (the waiter and listener sessions' [`IDLE_CONNECTION_TIMEOUT`]).
+pub(crate) const SPARE_IDLE_TIMEOUT: Duration = IDLE_CONNECTION_TIMEOUT;
 
 impl Inner {
     /// Checks the server with a throw-away connection (version 14+, no transaction pooler) and
@@ -67,8 +34,18 @@ impl Inner {
             }
         };
         // A connection costs round trips, and with TLS and a password real CPU: the first
-        // holder session takes this one (see `reconnect`).
-        *lock(&self.spare) = Some((conn, pid));
+        // holder session takes this one (see `reconnect`). Until then it must not outlive a
+        // process that froze or was cut off (nothing would end it for the system's 2 h of
+        // TCP keepalive): it ends after SPARE_IDLE_TIMEOUT without a statement, and an
+        // acquire that finds it ended connects again.
+        let parked = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SELECT set_config('idle_session_timeout', '{}', false)",
+            SPARE_IDLE_TIMEOUT.as_millis()
+        )))
+        .execute(&mut conn);
+        if matches!(timeout_at(deadline, parked).await, Ok(Ok(_))) {
+            *lock(&self.spare) = Some((conn, pid, Instant::now()));
+        }
         Ok(fence)
     }
 
@@ -93,8 +70,8 @@ impl Inner {
             .options
             .clone()
             .application_name(&format!("{}-probe", self.config.application_name));
-        // The caller bounds the whole check by the connect timeout.
-        let other = open_connection(other, self.config.connect_timeout)
+        let other = other
+            .connect()
             .await
             .map_err(|error| connect_error("connecting to postgres", &self.options, error))?;
         // Closing `other` ends its open transaction too.
@@ -318,10 +295,8 @@ impl Inner {
             .options
             .clone()
             .application_name(&format!("{}-holder", self.config.application_name));
-        // Past the deadline `timeout_at` below answers; the margin lets its message win.
-        let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
         let work = async {
-            let mut conn = open_connection(options.clone(), bound).await?;
+            let mut conn = options.connect().await?;
             // `synchronous_commit = off` (server, database or role setting) would let a
             // fence's WAL sit unflushed after its answer: a crash then hands it out again. A
             // session-level setting outranks those, also after a configuration reload; other

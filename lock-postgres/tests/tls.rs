@@ -66,6 +66,36 @@ async fn tls_url_without_the_feature_is_invalid_config() -> Result<()> {
     Ok(())
 }
 
+/// Certificate files named in the URL are checked when the URL is read, and
+/// `sslrootcert=system` needs `verify-full`: both `InvalidConfig` before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_certificate_files_and_weak_system_roots_are_invalid_config() -> Result<()> {
+    let cases = [
+        (
+            "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "sslrootcert",
+        ),
+        (
+            "sslmode=verify-full&sslcert=/nonexistent/c.crt&sslkey=/nonexistent/c.key",
+            "sslcert",
+        ),
+        ("sslmode=require&sslrootcert=system", "sslrootcert=system"),
+    ];
+    for (query, named) in cases {
+        // Port 9 (discard): nothing is ever connected to.
+        let url = format!("postgres://app@127.0.0.1:9/postgres?{query}");
+        match PostgresBackend::connect(&url).await {
+            Err(LockError::InvalidConfig(message)) => ensure!(
+                message.contains(named),
+                "{query}: the message does not name {named}: {message}"
+            ),
+            Err(other) => bail!("{query}: not InvalidConfig: {other}"),
+            Ok(_) => bail!("{query}: connected"),
+        }
+    }
+    Ok(())
+}
+
 /// What a refusal must look like: `Refused` of `kind`, not retryable, within `bound`.
 fn expect_refused(
     what: &str,
