@@ -16,6 +16,7 @@
 //! ```
 
 use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
+use crate::proxy::TcpProxy;
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RedisClusterBuilder {
     node_timeout: Duration,
     replicas: bool,
+    proxy: bool,
 }
 
 impl Default for RedisClusterBuilder {
@@ -40,6 +42,7 @@ impl Default for RedisClusterBuilder {
         RedisClusterBuilder {
             node_timeout: Duration::from_millis(1000),
             replicas: true,
+            proxy: false,
         }
     }
 }
@@ -56,6 +59,15 @@ impl RedisClusterBuilder {
     /// the cluster is three masters (half the processes, for tests that kill no node).
     pub fn replicas(mut self, replicas: bool) -> Self {
         self.replicas = replicas;
+        self
+    }
+
+    /// Put a [`TcpProxy`] in front of every node and have each node announce the proxy's
+    /// port as its address (`cluster-announce-port`; the cluster bus stays direct): the slot
+    /// map, `MOVED` answers and replicas then all go through the proxies, so cutting them cuts
+    /// every client (and replication). [`RedisCluster::url`] lists the proxies.
+    pub fn proxy(mut self, proxy: bool) -> Self {
+        self.proxy = proxy;
         self
     }
 
@@ -80,9 +92,15 @@ impl RedisClusterBuilder {
                 port: 0,
                 process: None,
                 generation: 0,
+                proxy: None,
             });
             start_on_free_port(free_port()?, |port| {
                 cluster.nodes[index].port = port;
+                cluster.nodes[index].proxy = if self.proxy {
+                    Some(TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], port)))?)
+                } else {
+                    None
+                };
                 cluster.spawn_node(index)
             })?;
         }
@@ -98,11 +116,19 @@ struct ClusterNode {
     port: u16,
     process: Option<ServerProcess>,
     generation: u32,
+    proxy: Option<TcpProxy>,
 }
 
 impl ClusterNode {
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// What the node announces: its proxy's address, or its own.
+    fn announced(&self) -> SocketAddr {
+        self.proxy
+            .as_ref()
+            .map_or_else(|| self.addr(), TcpProxy::addr)
     }
 }
 
@@ -135,9 +161,13 @@ impl RedisCluster {
         RedisClusterBuilder::default()
     }
 
-    /// `redis+cluster://` with every node as a seed.
+    /// `redis+cluster://` with every node as a seed (through the proxies when there are).
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.node_addrs().iter().map(ToString::to_string).collect();
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| node.announced().to_string())
+            .collect();
         format!("redis+cluster://{}", hosts.join(","))
     }
 
@@ -146,9 +176,20 @@ impl RedisCluster {
         self.nodes.iter().map(ClusterNode::addr).collect()
     }
 
-    /// The index of the node at `addr`.
+    /// The index of the node at `addr` (its own address or its proxy's).
     pub fn node_index(&self, addr: SocketAddr) -> Option<usize> {
-        self.nodes.iter().position(|node| node.addr() == addr)
+        self.nodes
+            .iter()
+            .position(|node| node.addr() == addr || node.announced() == addr)
+    }
+
+    /// The proxies in front of the nodes (none unless started with
+    /// [`RedisClusterBuilder::proxy`]).
+    pub fn proxies(&self) -> Vec<&TcpProxy> {
+        self.nodes
+            .iter()
+            .filter_map(|node| node.proxy.as_ref())
+            .collect()
     }
 
     /// A client straight to node `index`.
@@ -470,6 +511,16 @@ impl RedisCluster {
             .arg("0");
         node.generation += 1;
         let log = dir.join(format!("redis-{}.log", node.generation));
+        if let Some(proxy) = &node.proxy {
+            // Clients (and replicas) are sent to the proxy; the cluster bus stays direct.
+            command
+                .arg("--cluster-announce-ip")
+                .arg("127.0.0.1")
+                .arg("--cluster-announce-port")
+                .arg(proxy.addr().port().to_string())
+                .arg("--cluster-announce-bus-port")
+                .arg((u32::from(node.port) + 10_000).to_string());
+        }
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
         if let Err(error) = wait_for_ping(node.addr(), &mut process) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
