@@ -35,6 +35,7 @@ pub struct RedisClusterBuilder {
     node_timeout: Duration,
     replicas: bool,
     proxy: bool,
+    pooled: bool,
 }
 
 impl Default for RedisClusterBuilder {
@@ -43,6 +44,7 @@ impl Default for RedisClusterBuilder {
             node_timeout: Duration::from_millis(1000),
             replicas: true,
             proxy: false,
+            pooled: false,
         }
     }
 }
@@ -68,6 +70,12 @@ impl RedisClusterBuilder {
     /// every client (and replication). [`RedisCluster::url`] lists the proxies.
     pub fn proxy(mut self, proxy: bool) -> Self {
         self.proxy = proxy;
+        self
+    }
+
+    /// Started by a [`ClusterPool`]: nodes die with the pool's thread.
+    fn pooled(mut self, pooled: bool) -> Self {
+        self.pooled = pooled;
         self
     }
 
@@ -107,6 +115,68 @@ impl RedisClusterBuilder {
         cluster.join().await?;
         cluster.wait_until_ok(START_TIMEOUT).await?;
         Ok(cluster)
+    }
+}
+
+/// Clusters started ahead of the tests that take them, on a thread of its own, a few at a
+/// time. A cluster's masters accept writes only 2 s after they start
+/// (`CLUSTER_WRITABLE_DELAY`); a test suite that starts a cluster per test at two test threads
+/// spends most of its time waiting for that. Every node is started through `setpriv
+/// --pdeathsig KILL`, so clusters still waiting in the pool when the test process exits are
+/// killed with it (their temporary directories stay behind).
+///
+/// ```ignore
+/// static POOL: LazyLock<ClusterPool> = LazyLock::new(|| ClusterPool::new(RedisCluster::builder(), 4));
+/// let cluster = POOL.take().await?;
+/// ```
+#[derive(Debug)]
+pub struct ClusterPool {
+    ready: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Result<RedisCluster>>>,
+}
+
+impl ClusterPool {
+    /// Starts the pool's thread: it keeps up to `ahead` clusters starting or ready.
+    pub fn new(builder: RedisClusterBuilder, ahead: usize) -> Self {
+        let (sender, ready) = tokio::sync::mpsc::channel(ahead.max(1));
+        let started = std::thread::Builder::new()
+            .name("redis-cluster-pool".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = sender.blocking_send(Err(error.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    // Each start holds a slot of the channel from its beginning, so at most
+                    // `ahead` clusters are starting or waiting at any time.
+                    while let Ok(permit) = sender.clone().reserve_owned().await {
+                        tokio::spawn(async move {
+                            permit.send(builder.pooled(true).start().await);
+                        });
+                    }
+                });
+            });
+        if let Err(error) = started {
+            tracing::warn!(%error, "could not start the cluster pool thread");
+        }
+        ClusterPool {
+            ready: tokio::sync::Mutex::new(ready),
+        }
+    }
+
+    /// The next cluster (started by the pool, ready to use).
+    pub async fn take(&self) -> Result<RedisCluster> {
+        self.ready
+            .lock()
+            .await
+            .recv()
+            .await
+            .context("the cluster pool's thread ended")?
     }
 }
 
@@ -483,7 +553,15 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
         let node_timeout = self.builder.node_timeout.as_millis().to_string();
         let node = self.nodes.get_mut(index).context("no such node")?;
-        let mut command = Command::new(&self.binary);
+        let mut command = if self.builder.pooled {
+            // The kernel kills the node when the thread that started it (the pool's, which
+            // lives as long as the test process) ends.
+            let mut command = Command::new(find_binary("setpriv", "util-linux", &[])?);
+            command.arg("--pdeathsig").arg("KILL").arg(&self.binary);
+            command
+        } else {
+            Command::new(&self.binary)
+        };
         command
             .current_dir(&dir)
             .arg("--port")

@@ -6,10 +6,10 @@ use anyhow::{Context, Result, bail, ensure};
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{Attempt, Lease, LockBackend, LockError, LockKey};
-use lock_harness::redis_cluster::RedisCluster;
+use lock_harness::redis_cluster::{ClusterPool, RedisCluster};
 use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::time::{Instant, sleep};
 
@@ -23,13 +23,18 @@ struct ClusterFactory {
 
 impl ClusterFactory {
     async fn start() -> Result<Self> {
-        // Three masters, no replicas: the suite kills no node.
-        let cluster = RedisCluster::builder()
-            .node_timeout(Duration::from_secs(60))
-            .replicas(false)
-            .proxy(true)
-            .start()
-            .await?;
+        // Three masters, no replicas: the suite kills no node. Started ahead by a pool: a
+        // cluster takes 2 s before it accepts writes, more than most cases take.
+        static POOL: LazyLock<ClusterPool> = LazyLock::new(|| {
+            ClusterPool::new(
+                RedisCluster::builder()
+                    .node_timeout(Duration::from_secs(60))
+                    .replicas(false)
+                    .proxy(true),
+                4,
+            )
+        });
+        let cluster = POOL.take().await?;
         Ok(ClusterFactory {
             cluster,
             scheme: KeyScheme::new(RedisOptions::default_prefix(), 0)?,
