@@ -139,7 +139,7 @@ impl DataNode {
 #[derive(Debug)]
 struct SentinelNode {
     port: u16,
-    _process: ServerProcess,
+    process: ServerProcess,
 }
 
 /// One master, one replica and three sentinels owned by a test; every process is killed
@@ -276,6 +276,24 @@ impl SentinelSet {
     /// Resumes data node `index` (SIGCONT).
     pub fn resume_node(&self, index: usize) -> Result<()> {
         self.running(index)?.resume()
+    }
+
+    /// Freezes sentinel `index` (SIGSTOP): it keeps its connections and answers nothing.
+    pub fn pause_sentinel(&self, index: usize) -> Result<()> {
+        self.sentinels
+            .get(index)
+            .context("no such sentinel")?
+            .process
+            .pause()
+    }
+
+    /// Resumes a paused sentinel (SIGCONT).
+    pub fn resume_sentinel(&self, index: usize) -> Result<()> {
+        self.sentinels
+            .get(index)
+            .context("no such sentinel")?
+            .process
+            .resume()
     }
 
     /// Stops replication to data node `index` (a replica) without the sentinels noticing
@@ -449,7 +467,7 @@ impl SentinelSet {
                 format!(
                     "sentinel {}:\n{}",
                     sentinel.port,
-                    sentinel._process.log_tail()
+                    sentinel.process.log_tail()
                 )
             })
             .collect::<Vec<_>>()
@@ -551,10 +569,7 @@ impl SentinelSet {
             if let Err(error) = wait_for_ping(addr, &mut process) {
                 bail!("{error:#}\nsentinel log:\n{}", process.log_tail());
             }
-            Ok(SentinelNode {
-                port,
-                _process: process,
-            })
+            Ok(SentinelNode { port, process })
         })?;
         self.sentinels.push(sentinel);
         Ok(())

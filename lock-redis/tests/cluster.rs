@@ -310,3 +310,39 @@ async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Res
     println!("waiter woken {:?} after the release", released_at.elapsed());
     Ok(())
 }
+
+/// Connect errors are typed and bounded: seeds where nothing listens give a retryable error
+/// within the connect timeout; a database other than 0 and `wait_replicas` are
+/// `InvalidConfig`.
+#[tokio::test]
+async fn connect_errors_are_typed_and_bounded() -> Result<()> {
+    let nowhere: Vec<String> = (0..3)
+        .map(|_| Ok(format!("127.0.0.1:{}", lock_harness::free_port()?)))
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    let refused =
+        RedisBackend::connect_with(&format!("redis+cluster://{}", nowhere.join(",")), options())
+            .await;
+    let took = started.elapsed();
+    match refused {
+        Err(LockError::Backend {
+            retryable: true, ..
+        }) => {}
+        other => bail!("no seed listening: {other:?}"),
+    }
+    ensure!(took < Duration::from_millis(1500), "took {took:?}");
+    for bad in [
+        "redis+cluster://127.0.0.1:1/3",
+        "redis+cluster://127.0.0.1:1,,127.0.0.1:2",
+        "redis+cluster://127.0.0.1:1?wait_replicas=1",
+    ] {
+        ensure!(
+            matches!(
+                RedisBackend::connect(bad).await,
+                Err(LockError::InvalidConfig(_))
+            ),
+            "{bad} was not InvalidConfig"
+        );
+    }
+    Ok(())
+}

@@ -425,3 +425,64 @@ async fn wait_replicas_refuses_a_lock_the_replica_did_not_get() -> Result<()> {
     println!("refused after {took:?}: {error}");
     Ok(())
 }
+
+/// Connect errors are typed and bounded: no sentinel listening is a retryable error within
+/// the connect timeout; a master name no sentinel knows is a non-retryable one; a malformed
+/// URL is `InvalidConfig`; one paused sentinel of three does not hold a connect up.
+#[tokio::test]
+async fn connect_errors_are_typed_and_bounded() -> Result<()> {
+    let nowhere: Vec<String> = (0..2)
+        .map(|_| Ok(format!("127.0.0.1:{}", lock_harness::free_port()?)))
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    let refused = RedisBackend::connect_with(
+        &format!("redis+sentinel://{}/m", nowhere.join(",")),
+        options(),
+    )
+    .await;
+    let took = started.elapsed();
+    match refused {
+        Err(LockError::Backend {
+            retryable: true, ..
+        }) => {}
+        other => bail!("no sentinel listening: {other:?}"),
+    }
+    ensure!(took < Duration::from_millis(1500), "took {took:?}");
+
+    let set = SentinelSet::builder().start().await?;
+    let unknown = set.url().replace("/m", "/nosuchmaster");
+    match RedisBackend::connect_with(&unknown, options()).await {
+        Err(error @ LockError::Backend { .. }) => ensure!(
+            !error.is_retryable() && error.to_string().contains("nosuchmaster"),
+            "unknown master: {error}"
+        ),
+        other => bail!("unknown master: {other:?}"),
+    }
+    for bad in [
+        "redis+sentinel://127.0.0.1:1",
+        "redis+sentinel://127.0.0.1:1/m/x",
+        "redis+sentinel://127.0.0.1:1/m?wait_timeout_ms=5",
+    ] {
+        ensure!(
+            matches!(
+                RedisBackend::connect(bad).await,
+                Err(LockError::InvalidConfig(_))
+            ),
+            "{bad} was not InvalidConfig"
+        );
+    }
+
+    set.pause_sentinel(0)?;
+    let started = Instant::now();
+    let backend = RedisBackend::connect_with(&set.url(), options()).await;
+    let took = started.elapsed();
+    set.resume_sentinel(0)?;
+    let backend = backend.context("connect with one sentinel paused")?;
+    acquired(&backend, &key(&unique("paused-sentinel"))?).await?;
+    ensure!(
+        took < Duration::from_millis(700),
+        "connect with one of three sentinels paused took {took:?}"
+    );
+    println!("connect with one sentinel paused: {took:?}");
+    Ok(())
+}
