@@ -19,8 +19,14 @@
 //!   `tls_ca=/path` (trust this CA instead of the default roots), `tls_cert=/path` and
 //!   `tls_key=/path` (client certificate), or [`RedisTls`] in the options; `#insecure` at the
 //!   end skips certificate checks (feature `tls-insecure`, for tests only);
+//! - `redis+sentinel://[user:pass@]s1:p1,s2:p2,s3:p3/<master name>[/db]` — the master a set of
+//!   sentinels monitors, followed across failovers (a [`RedisBackend`]; the sentinels' own
+//!   credentials as `sentinel_username` / `sentinel_password` parameters);
+//! - `redis+cluster://[user:pass@]h1:p1,h2:p2,…` — a Redis Cluster through seed nodes (a
+//!   [`RedisBackend`]; scripts go to the master of their keys' slot);
 //! - optional parameters on all: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,
-//!   `node_timeout_ms`; other parameters go to the `redis` crate unchanged.
+//!   `node_timeout_ms`; on one server and Sentinel `wait_replicas` and `wait_timeout_ms`
+//!   ([`RedisOptions::wait_replicas`]); other parameters go to the `redis` crate unchanged.
 //!
 //! A wrong password or user, an untrusted server certificate, a client certificate the server
 //! does not accept, or TLS spoken by one side only is `LockError::Refused`, never retried.
@@ -45,7 +51,8 @@ pub use tls::RedisTls;
 use lock_core::{LockBackend, LockError};
 use std::sync::Arc;
 
-/// Connects to a `redis://` or `redlock://` URL (see the crate docs) with default options.
+/// Connects to any URL form of the crate docs (`redis://`, `rediss://`, `redis+unix://`,
+/// `redlock://`, `redlocks://`, `redis+sentinel://`, `redis+cluster://`) with default options.
 ///
 /// Malformed URLs give `LockError::InvalidConfig`; unreachable servers give a retryable
 /// `LockError::Backend` within the connect timeout (2 s by default).

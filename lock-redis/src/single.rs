@@ -144,7 +144,9 @@ impl Cleanup {
 }
 
 impl RedisBackend {
-    /// Connects to `redis://[user:pass@]host:port[/db][?prefix=…]` with default options.
+    /// Connects to `redis://[user:pass@]host:port[/db][?prefix=…]` with default options; also
+    /// to `redis+sentinel://…` (the master the sentinels name, followed across failovers) and
+    /// `redis+cluster://…` (a Redis Cluster), see the crate docs.
     pub async fn connect(url: &str) -> Result<Self, LockError> {
         Self::connect_with(url, RedisOptions::default()).await
     }
