@@ -548,12 +548,14 @@ impl LockBackend for PostgresBackend {
         let releases = self.inner.hub.subscribe(key.as_str());
         if !self.inner.ensure_listener(deadline).await {
             tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
+            self.inner.clone().mark_late(key.as_str().to_owned());
             return Ok(releases);
         }
         // Every subscriber waits for the key's mark, also one another subscriber started:
         // a release before the mark is in place sends no NOTIFY.
         if let Err(error) = self.inner.register_waiter(key.as_str(), deadline).await {
             tracing::debug!(%error, key = %key, "waiter not marked; it falls back to polling");
+            self.inner.clone().mark_late(key.as_str().to_owned());
         }
         Ok(releases)
     }

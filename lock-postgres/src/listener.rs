@@ -467,6 +467,26 @@ impl Inner {
         )
     }
 
+    /// A subscriber whose listener or mark was not in place within [`SUBSCRIBE_BUDGET`]
+    /// polls with the client's backoff, which may be long (seconds). On a task, this waits
+    /// (up to the connect timeout) for both, then wakes the key's local waiters once: a
+    /// release before the mark sent no NOTIFY, so they try again now, and later releases
+    /// NOTIFY them. (Before, over TLS with a password in a debug build, a waiter whose two
+    /// sessions were still connecting slept through a release until its 5 s poll: conformance
+    /// case `semaphore_release_wakes_waiter`.)
+    pub(crate) fn mark_late(self: Arc<Self>, key: String) {
+        tokio::spawn(async move {
+            let deadline = Instant::now() + self.config.connect_timeout;
+            if !self.closed.load(Ordering::SeqCst)
+                && self.ensure_listener(deadline).await
+                && self.register_waiter(&key, deadline).await.is_ok()
+                && self.hub.has_waiters(&key)
+            {
+                self.hub.notify(&key);
+            }
+        });
+    }
+
     /// Marks this backend's interest in releases of `key` on the server (a shared lock on the
     /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place, also when
     /// another subscriber's mark of the key is still in flight (commands run in order), or at
