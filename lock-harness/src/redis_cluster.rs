@@ -347,6 +347,46 @@ impl RedisCluster {
         self.spawn_node(index)
     }
 
+    /// Freezes node `index` (SIGSTOP).
+    pub fn pause_node(&self, index: usize) -> Result<()> {
+        self.nodes
+            .get(index)
+            .and_then(|node| node.process.as_ref())
+            .with_context(|| format!("node {index} is not running"))?
+            .pause()
+    }
+
+    /// Resumes node `index` (SIGCONT).
+    pub fn resume_node(&self, index: usize) -> Result<()> {
+        self.nodes
+            .get(index)
+            .and_then(|node| node.process.as_ref())
+            .with_context(|| format!("node {index} is not running"))?
+            .resume()
+    }
+
+    /// The index of a replica of master `index` (from the master's `INFO replication`).
+    pub async fn replica_of(&self, index: usize) -> Result<usize> {
+        let info: String = query(
+            &self.node_client(index)?,
+            redis::cmd("INFO").arg("replication"),
+        )
+        .await?;
+        let port = info
+            .lines()
+            .filter(|line| line.starts_with("slave"))
+            .find_map(|line| {
+                line.split(',')
+                    .find_map(|field| field.strip_prefix("port="))
+                    .and_then(|port| port.parse::<u16>().ok())
+            })
+            .with_context(|| format!("node {index} has no replica:\n{info}"))?;
+        self.nodes
+            .iter()
+            .position(|node| node.port == port || node.announced().port() == port)
+            .with_context(|| format!("the replica on port {port} is none of ours"))
+    }
+
     /// Freezes every node (SIGSTOP).
     pub fn pause_all(&self) -> Result<()> {
         self.running().try_for_each(ServerProcess::pause)

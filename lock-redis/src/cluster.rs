@@ -10,6 +10,8 @@
 //! map again when a node fails or answers `MOVED`). Release announcements use classic
 //! `PUBLISH`/`SUBSCRIBE`: a cluster forwards a `PUBLISH` to every node, so the listener
 //! subscribes on one node (the seed nodes in turn, moving to the next when one fails).
+//! `wait_replicas` sends its `WAIT` to the master serving the name's slot, over the
+//! connection that carried the write.
 
 use crate::node::Nodes;
 use crate::{KeyScheme, RedisBackend, RedisOptions};
@@ -27,13 +29,6 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     let parsed = crate::options::parse_url(&format!("redlock://{rest}"), options)
         .map_err(|error| bad(&error.to_string()))?;
     let options = parsed.options;
-    if options.wait_replicas.is_some() {
-        // `WAIT` through a cluster connection goes to every master, not to the one that
-        // took the write.
-        return Err(bad(
-            "wait_replicas is for one server or Sentinel, not Cluster",
-        ));
-    }
     let seeds = parsed
         .nodes
         .iter()

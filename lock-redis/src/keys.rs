@@ -137,7 +137,7 @@ const SLOTS: u16 = 16384;
 
 /// The Redis Cluster hash slot of `name` (CRC16/XMODEM of the hash tag, or of the whole name
 /// when it has none, modulo 16384), as the cluster computes it.
-fn hash_slot(name: &[u8]) -> u16 {
+pub(crate) fn hash_slot(name: &[u8]) -> u16 {
     static CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
     let tagged = name.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &name[open + 1..];

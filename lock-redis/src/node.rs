@@ -638,25 +638,39 @@ impl Node {
     }
 
     /// `WAIT replicas ms` on the command connection: how many replicas have every write sent
-    /// on it so far (the whole call bounded by the command timeout). If the connection was
-    /// replaced since the write (the master moved), this answers for the new connection; the
-    /// write then went to a master that is gone, and the next renewal finds out.
+    /// on it so far (the whole call bounded by the command timeout). On a cluster it goes to
+    /// the master serving `key`'s slot, over the connection that carried the write there. If
+    /// the connection was replaced since the write (the master moved), this answers for the
+    /// new connection; the write then went to a master that is gone, and the next renewal
+    /// finds out.
     pub(crate) async fn wait_for_replicas(
         &self,
         replicas: u32,
         wait: Duration,
+        key: &str,
     ) -> Result<u32, LockError> {
         let (_, mut conn) = self.conn.current();
         let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let limit = self.conn.command_timeout;
-        let answer = timeout(
-            limit,
-            redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(millis)
-                .query_async::<u32>(&mut conn),
-        )
-        .await;
+        let mut command = redis::cmd("WAIT");
+        command.arg(replicas).arg(millis);
+        let query = async {
+            match &mut conn {
+                Link::Cluster(cluster) => {
+                    use redis::cluster_routing::{
+                        Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                    };
+                    let slot = crate::keys::hash_slot(key.as_bytes());
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::new(slot, SlotAddr::Master),
+                    ));
+                    let value = cluster.route_command(command, route).await?;
+                    Ok(redis::from_redis_value::<u32>(value)?)
+                }
+                server => command.query_async::<u32>(server).await,
+            }
+        };
+        let answer = timeout(limit, query).await;
         match answer {
             Ok(Ok(reached)) => Ok(reached),
             Ok(Err(error)) => {

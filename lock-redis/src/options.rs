@@ -78,7 +78,8 @@ impl RedisOptions {
         self
     }
 
-    /// One server or Sentinel: after every acquire and renew, wait (Redis `WAIT`) until
+    /// One server, Sentinel or Cluster: after every acquire and renew, wait (Redis `WAIT`,
+    /// on a cluster to the master serving the name's slot) until
     /// `replicas` replicas have the write, at most `timeout` (URL: `wait_replicas=N`,
     /// `wait_timeout_ms=T`, default 100 ms). A lock or permit whose write did not reach them
     /// in time is released at once and the attempt is a retryable `Backend` error; a renewal
@@ -86,7 +87,7 @@ impl RedisOptions {
     /// at its deadline if the replicas stay behind). So a failover to one of those replicas
     /// keeps every granted lock and its fence counter. Off by default: it costs a round trip
     /// per acquire and renew, and `WAIT` holds the backend's shared connection while it waits.
-    /// Redlock and Cluster refuse it.
+    /// Redlock refuses it (its masters have no replicas to wait for).
     pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_replicas = Some((replicas, timeout));
         self

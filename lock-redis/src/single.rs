@@ -189,11 +189,20 @@ impl RedisBackend {
 
     /// With `wait_replicas`: waits until the writes so far reached that many replicas. A
     /// shortfall is a retryable error; `undo` (a fresh grant) is then released.
-    async fn confirm_replicated(&self, undo: Option<Pending>) -> Result<(), LockError> {
+    async fn confirm_replicated(
+        &self,
+        key: &LockKey,
+        undo: Option<Pending>,
+    ) -> Result<(), LockError> {
         let Some((replicas, wait)) = self.wait_replicas else {
             return Ok(());
         };
-        let reached = self.node()?.wait_for_replicas(replicas, wait).await;
+        // Every key of a name shares the lock key's slot (a cluster routes the WAIT by it).
+        let slot_key = self.inner.scheme.lock_key(key);
+        let reached = self
+            .node()?
+            .wait_for_replicas(replicas, wait, &slot_key)
+            .await;
         if matches!(reached, Ok(reached) if reached >= replicas) {
             return Ok(());
         }
@@ -289,11 +298,14 @@ impl LockBackend for RedisBackend {
             },
         };
         if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(Some(Pending {
-                target: Target::Lock(lock_key),
-                token,
-                expires: sent_at + granted,
-            }))
+            self.confirm_replicated(
+                key,
+                Some(Pending {
+                    target: Target::Lock(lock_key),
+                    token,
+                    expires: sent_at + granted,
+                }),
+            )
             .await?;
         }
         Ok(attempt)
@@ -309,7 +321,7 @@ impl LockBackend for RedisBackend {
             .renew(self.node()?, &token, ttl_ms)
             .await?;
         if renewed {
-            self.confirm_replicated(None).await?;
+            self.confirm_replicated(key, None).await?;
             Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
         } else {
             Err(LockError::lost(
@@ -360,11 +372,14 @@ impl LockBackend for RedisBackend {
         let kind = LeaseKind::Permits { limit, count };
         let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, limit)?;
         if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(Some(Pending {
-                target: Target::Permits(keys, count),
-                token,
-                expires: sent_at + granted,
-            }))
+            self.confirm_replicated(
+                key,
+                Some(Pending {
+                    target: Target::Permits(keys, count),
+                    token,
+                    expires: sent_at + granted,
+                }),
+            )
             .await?;
         }
         Ok(attempt)
@@ -403,11 +418,14 @@ impl LockBackend for RedisBackend {
         };
         let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, 0)?;
         if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(Some(Pending {
-                target: Target::Rw(keys, mode),
-                token,
-                expires: sent_at + granted,
-            }))
+            self.confirm_replicated(
+                key,
+                Some(Pending {
+                    target: Target::Rw(keys, mode),
+                    token,
+                    expires: sent_at + granted,
+                }),
+            )
             .await?;
         }
         Ok(attempt)

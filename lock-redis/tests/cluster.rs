@@ -312,8 +312,7 @@ async fn killed_master_keeps_replicated_locks_and_the_backend_continues() -> Res
 }
 
 /// Connect errors are typed and bounded: seeds where nothing listens give a retryable error
-/// within the connect timeout; a database other than 0 and `wait_replicas` are
-/// `InvalidConfig`.
+/// within the connect timeout; a database other than 0 is `InvalidConfig`.
 #[tokio::test]
 async fn connect_errors_are_typed_and_bounded() -> Result<()> {
     let nowhere: Vec<String> = (0..3)
@@ -334,7 +333,6 @@ async fn connect_errors_are_typed_and_bounded() -> Result<()> {
     for bad in [
         "redis+cluster://127.0.0.1:1/3",
         "redis+cluster://127.0.0.1:1,,127.0.0.1:2",
-        "redis+cluster://127.0.0.1:1?wait_replicas=1",
     ] {
         ensure!(
             matches!(
@@ -344,5 +342,61 @@ async fn connect_errors_are_typed_and_bounded() -> Result<()> {
             "{bad} was not InvalidConfig"
         );
     }
+    Ok(())
+}
+
+/// `wait_replicas(1, …)` on a cluster: `WAIT` goes to the master serving the name's slot. A
+/// grant is returned while that master's replica acknowledges; with the replica frozen the
+/// acquire is refused with a retryable error and leaves no lock behind.
+#[tokio::test]
+async fn wait_replicas_waits_for_the_slots_replica() -> Result<()> {
+    let cluster = RedisCluster::builder().start().await?;
+    let backend = RedisBackend::connect_with(
+        &cluster.url(),
+        options().wait_replicas(1, Duration::from_millis(200)),
+    )
+    .await?;
+    let key = LockKey::new(unique("waited"))?;
+    let lease = acquired(&backend, &key).await?;
+    let renewed = backend.renew(&lease, TTL).await?;
+    ensure!(backend.release(&renewed).await?, "release");
+    let master = master_of(&cluster, &key).await?;
+    let replica = cluster.replica_of(master).await?;
+    cluster.pause_node(replica)?;
+    let refused = backend.try_acquire(&key, TTL).await;
+    cluster.resume_node(replica)?;
+    let Err(error) = refused else {
+        bail!("granted with the slot's replica frozen: {refused:?}");
+    };
+    ensure!(
+        error.is_retryable() && error.to_string().contains("wait_replicas"),
+        "unexpected error: {error}"
+    );
+    let mut conn = cluster
+        .node_client(master)?
+        .get_multiplexed_async_connection_with_config(&unbounded())
+        .await?;
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(scheme.lock_key(&key))
+            .query_async(&mut conn)
+            .await?;
+        if !exists {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the refused grant is still on the master"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    // With the replica back, grants go through again.
+    let (again, _) = settle(Duration::from_secs(5), || backend.try_acquire(&key, TTL)).await?;
+    ensure!(
+        matches!(again, Ok(Attempt::Acquired(_))),
+        "after the replica resumed: {again:?}"
+    );
     Ok(())
 }
