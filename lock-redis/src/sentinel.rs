@@ -255,6 +255,9 @@ async fn watch_switches(
 #[derive(Debug)]
 struct FollowState {
     looking: bool,
+    /// A sentinel announced a failover while a lookup ran (which may have read the sentinels
+    /// before they switched): look again as soon as it ends.
+    again: bool,
     not_before: Instant,
     pause: Duration,
 }
@@ -447,12 +450,12 @@ impl Follower {
     /// A call on the master at `current` failed with `error`: if that suggests the master
     /// moved, look it up again in the background (one lookup at a time, paced), and hand a
     /// new master to `repoint`. With `error` `None` (a sentinel announced a failover) the
-    /// lookup starts at once, whatever the pace.
+    /// lookup starts at once, whatever the pace, or right after the one running.
     pub(crate) fn after_error(
         self: &Arc<Self>,
         error: Option<&redis::RedisError>,
         current: String,
-        repoint: impl FnOnce(redis::Client, ConnectionManager) + Send + 'static,
+        repoint: impl Fn(redis::Client, ConnectionManager) + Send + 'static,
     ) {
         if error.is_some_and(|error| !suggests_a_move(error)) {
             return;
@@ -462,41 +465,52 @@ impl Follower {
         };
         {
             let mut state = self.state();
-            if state.looking || (error.is_some() && Instant::now() < state.not_before) {
+            if state.looking {
+                state.again |= error.is_none();
+                return;
+            }
+            if error.is_some() && Instant::now() < state.not_before {
                 return;
             }
             state.looking = true;
         }
         let follower = self.clone();
         runtime.spawn(async move {
-            let limit = follower.options.connect_timeout * 2;
-            let found = timeout(limit, follower.resolve()).await;
-            let moved = match found {
-                Ok(Ok(server)) if server.addr != current => {
-                    tracing::warn!(
-                        master = %follower.master_name,
-                        from = %current,
-                        to = %server.addr,
-                        "redis master moved (sentinel); following it"
-                    );
-                    repoint(server.client, server.manager);
-                    true
+            let mut current = current;
+            loop {
+                let limit = follower.options.connect_timeout * 2;
+                let found = timeout(limit, follower.resolve()).await;
+                let moved = match found {
+                    Ok(Ok(server)) if server.addr != current => {
+                        tracing::warn!(
+                            master = %follower.master_name,
+                            from = %current,
+                            to = %server.addr,
+                            "redis master moved (sentinel); following it"
+                        );
+                        current = server.addr.clone();
+                        repoint(server.client, server.manager);
+                        true
+                    }
+                    Ok(Ok(_)) => false,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "looking up the redis master failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                let mut state = follower.state();
+                state.pause = if moved {
+                    LOOKUP_MIN_PAUSE
+                } else {
+                    (state.pause * 2).min(LOOKUP_MAX_PAUSE)
+                };
+                state.not_before = Instant::now() + state.pause;
+                if !std::mem::take(&mut state.again) {
+                    state.looking = false;
+                    return;
                 }
-                Ok(Ok(_)) => false,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "looking up the redis master failed");
-                    false
-                }
-                Err(_) => false,
-            };
-            let mut state = follower.state();
-            state.looking = false;
-            state.pause = if moved {
-                LOOKUP_MIN_PAUSE
-            } else {
-                (state.pause * 2).min(LOOKUP_MAX_PAUSE)
-            };
-            state.not_before = Instant::now() + state.pause;
+            }
         });
     }
 
@@ -544,6 +558,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
         options: parsed.options.clone(),
         state: Mutex::new(FollowState {
             looking: false,
+            again: false,
             not_before: Instant::now(),
             pause: LOOKUP_MIN_PAUSE,
         }),
