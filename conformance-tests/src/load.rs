@@ -134,6 +134,8 @@ pub async fn hold_many(locker: &Locker, load: HeldLoad) -> Result<HeldFigures> {
             Ok(locker
                 .lock(format!("held-{:?}-{index}", load.pattern))
                 .ttl(load.ttl)
+                // A server shedding load answers with retryable errors: ride them out.
+                .wait(load.ttl)
                 .acquire()
                 .await?)
         }

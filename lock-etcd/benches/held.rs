@@ -23,26 +23,32 @@ async fn main() -> Result<()> {
     let cluster = EtcdCluster::single().await?;
     print_header(load);
     let client = cluster.client().await?;
-    let mut leases = Vec::with_capacity(load.locks);
     let mut lease_client = client.lease_client();
-    for _ in 0..load.locks {
-        leases.push(
-            lease_client
-                .grant(load.ttl.as_secs() as i64, None)
-                .await?
-                .id(),
-        );
-    }
-    let mut streams = Vec::with_capacity(STREAMS);
-    for lease in leases.iter().take(STREAMS) {
-        streams.push(Arc::new(Mutex::new(lease_client.keep_alive(*lease).await?)));
-    }
-    let (leases, streams) = (&leases, &streams);
     for pattern in patterns() {
         let load = load.with_pattern(pattern);
         let locker = lock_core::Locker::from_arc(lock_etcd::connect(&cluster.url(None)).await?);
         let figures = hold_many(&locker, load).await?;
         drop(locker);
+        // Granted just before the floor runs: they would expire while distlock's locks are
+        // held.
+        let mut leases = Vec::with_capacity(load.locks);
+        let ttl = load.ttl.as_secs() as i64;
+        while leases.len() < load.locks {
+            match lease_client.grant(ttl, None).await {
+                Ok(granted) => leases.push(granted.id()),
+                // etcd sheds load ("too many requests") while it applies the revocations of
+                // the locks just released.
+                Err(error) if error.to_string().contains("too many requests") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let mut streams = Vec::with_capacity(STREAMS);
+        for lease in leases.iter().take(STREAMS) {
+            streams.push(Arc::new(Mutex::new(lease_client.keep_alive(*lease).await?)));
+        }
+        let (leases, streams) = (&leases, &streams);
         let floor = paced_cpu_share(load, |index| async move {
             let stream = &streams[index % STREAMS];
             let mut stream = stream.lock().await;
