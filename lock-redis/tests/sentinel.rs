@@ -375,8 +375,17 @@ async fn wait_replicas_keeps_the_lock_and_fence_across_a_failover() -> Result<()
         matches!(attempt, Attempt::Held { .. }),
         "after the failover to {new} the lock was granted again: {attempt:?}"
     );
-    let (renewed, _) = settle(Duration::from_secs(10), || holder.renew(&lease, TTL)).await?;
+    // The new master's only replica is the old master, which the sentinels turn into its
+    // replica at their next INFO of it (up to 10 s): until then WAIT finds no replica and the
+    // renewal is a retryable error.
+    let failed_over_at = Instant::now();
+    let (renewed, renewed_at) =
+        settle(Duration::from_secs(20), || holder.renew(&lease, TTL)).await?;
     let renewed = renewed.context("the holder's renew after the failover")?;
+    println!(
+        "wait_replicas: the holder's first renewal after the failover went through {:?} later",
+        renewed_at - failed_over_at
+    );
     let (released, _) = settle(Duration::from_secs(10), || holder.release(&renewed)).await?;
     ensure!(released?, "the holder's release after the failover");
     let next = acquired(&other, &name).await?;
