@@ -247,7 +247,7 @@ fn rustls_refusal(
 #[cfg(feature = "tls")]
 fn default_roots() -> &'static str {
     if cfg!(feature = "tls-native-roots") {
-        "the platform's roots (feature tls-native-roots)"
+        "the platform's roots, feature tls-native-roots"
     } else {
         "the bundled Mozilla roots"
     }
