@@ -833,6 +833,67 @@ mod tests {
         }
     }
 
+    /// Records when each key was renewed.
+    #[derive(Debug, Default)]
+    struct RenewLog {
+        inner: MemoryBackend,
+        renewed: std::sync::Mutex<Vec<(String, Instant)>>,
+    }
+
+    #[async_trait]
+    impl LockBackend for RenewLog {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            self.inner.try_acquire(key, ttl).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.renewed
+                .lock()
+                .unwrap()
+                .push((lease.key().as_str().to_owned(), Instant::now()));
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            self.inner.release(lease).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    /// #13: renewals falling due close together leave together (one look of the watchdog,
+    /// so a backend can batch them), up to a tenth of the renewal period early; a lease
+    /// without auto-renew is never attended early.
+    #[tokio::test]
+    async fn renewals_due_close_together_are_sent_together() {
+        let backend = Arc::new(RenewLog::default());
+        let locker = Locker::from_arc(backend.clone());
+        let ttl = Duration::from_secs(3);
+        let first = locker.lock("first").ttl(ttl).acquire().await.unwrap();
+        // 60 ms later: within TTL/30 = 100 ms of the first one's renewal.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let asked = Instant::now();
+        let second = locker.lock("second").ttl(ttl).acquire().await.unwrap();
+        let by = Instant::now() + ttl;
+        while backend.renewed.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < by, "not renewed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let renewed = backend.renewed.lock().unwrap().clone();
+        let apart = renewed[1].1.duration_since(renewed[0].1);
+        assert!(
+            apart < Duration::from_millis(25),
+            "renewals due 60 ms apart were sent {apart:?} apart: {renewed:?}"
+        );
+        // Renewed no earlier than a tenth of the period ahead of its due time.
+        let second_at = renewed.iter().find(|(key, _)| key == "second").unwrap().1;
+        assert!(
+            second_at >= asked + ttl / 3 - ttl / 30,
+            "the second lease was renewed {:?} after it was taken, more than TTL/30 early",
+            second_at.duration_since(asked)
+        );
+        drop((first, second));
+    }
+
     /// #13: a release wakes one local lock waiter, not all of them; and the line moves on
     /// to every waiter (none is left asleep while the key is free).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,20 @@ struct State {
 /// a queue that stays empty for a whole tick lets the task sleep untimed again.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// Longest a renewal is sent before it is due so that it goes out with others (see
+/// [`renew_ahead`]).
+const MAX_RENEW_AHEAD: Duration = Duration::from_secs(1);
+
+/// How early a guard's renewal may go out to join the renewals due now: a tenth of its
+/// renewal period (TTL/30), at most [`MAX_RENEW_AHEAD`]. Renewals of locks taken one after
+/// another fall due one at a time; gathered, they leave together (one wake-up of the
+/// watchdog, and a backend can send them in one round trip: a Redis pipeline, one statement
+/// per PostgreSQL session, one etcd txn), for about 10 % more renewals. Renewing early is
+/// always safe: the lease only gets longer.
+fn renew_ahead(watched: &Watched) -> Duration {
+    (watched.ttl / 30).min(MAX_RENEW_AHEAD)
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
@@ -190,7 +204,12 @@ impl Watchdog {
         let now = Instant::now();
         let mut due = Vec::new();
         while let Some(entry) = state.queue.first_entry() {
-            if entry.key().0 > now {
+            let (due_at, watched) = (entry.key().0, entry.get());
+            // Past due, or a renewal close enough to go with the ones past due. Only
+            // renewals: a deadline (auto-renew off) is never taken early.
+            let gathered =
+                !due.is_empty() && watched.auto_renew && due_at <= now + renew_ahead(watched);
+            if due_at > now && !gathered {
                 break;
             }
             let watched = entry.remove();
