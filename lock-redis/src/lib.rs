@@ -90,6 +90,11 @@ async fn connect_followed(
         Some(sentinel::connect(url, options.clone()).await)
     } else if url.starts_with("redis+cluster://") {
         Some(cluster::connect(url, options.clone()).await)
+    } else if url.starts_with("rediss+sentinel://") || url.starts_with("rediss+cluster://") {
+        Some(Err(LockError::InvalidConfig(format!(
+            "{url:?}: TLS through Sentinel or to a Redis Cluster is not supported yet \
+             (redis+sentinel:// and redis+cluster:// are, without TLS)"
+        ))))
     } else {
         None
     }

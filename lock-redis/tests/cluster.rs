@@ -333,6 +333,8 @@ async fn connect_errors_are_typed_and_bounded() -> Result<()> {
     for bad in [
         "redis+cluster://127.0.0.1:1/3",
         "redis+cluster://127.0.0.1:1,,127.0.0.1:2",
+        "rediss+cluster://127.0.0.1:1",
+        "rediss+sentinel://127.0.0.1:1/m",
     ] {
         ensure!(
             matches!(
