@@ -98,12 +98,16 @@ impl RedisClusterBuilder {
         for index in 0..count {
             cluster.nodes.push(ClusterNode {
                 port: 0,
+                bus_port: 0,
                 process: None,
                 generation: 0,
                 proxy: None,
             });
             start_on_free_port(free_port()?, |port| {
                 cluster.nodes[index].port = port;
+                // The bus port too is below the ephemeral range (the default, port + 10000,
+                // often lands in it, where outgoing connections take ports).
+                cluster.nodes[index].bus_port = free_port()?;
                 cluster.nodes[index].proxy = if self.proxy {
                     Some(TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], port)))?)
                 } else {
@@ -184,6 +188,8 @@ impl ClusterPool {
 #[derive(Debug)]
 struct ClusterNode {
     port: u16,
+    /// The cluster bus port (`cluster-port`).
+    bus_port: u16,
     process: Option<ServerProcess>,
     generation: u32,
     proxy: Option<TcpProxy>,
@@ -478,7 +484,7 @@ impl RedisCluster {
 
     /// Joins the nodes as `redis-cli --cluster create --cluster-replicas 1` would, without
     /// its one-second polling: distinct config epochs, the slots in three ranges on nodes
-    /// 0-2, `CLUSTER MEET` with node 0, then nodes 3-5 replicate 0-2 once they know them.
+    /// 0-2, `CLUSTER MEET` with node 0 (its own bus port), then nodes 3-5 replicate 0-2 once they know them.
     async fn join(&self) -> Result<()> {
         let count = self.nodes.len();
         let mut ids = Vec::with_capacity(count);
@@ -511,7 +517,8 @@ impl RedisCluster {
                 redis::cmd("CLUSTER")
                     .arg("MEET")
                     .arg(first.ip().to_string())
-                    .arg(first.port()),
+                    .arg(first.port())
+                    .arg(self.nodes[0].bus_port),
             )
             .await
             .with_context(|| format!("CLUSTER MEET on node {index}"))?;
@@ -622,6 +629,8 @@ impl RedisCluster {
             .arg("yes")
             .arg("--cluster-config-file")
             .arg(dir.join("nodes.conf"))
+            .arg("--cluster-port")
+            .arg(node.bus_port.to_string())
             .arg("--cluster-node-timeout")
             .arg(&node_timeout)
             // A replica syncs at once instead of after the default 5 s of waiting for more.
@@ -637,7 +646,7 @@ impl RedisCluster {
                 .arg("--cluster-announce-port")
                 .arg(proxy.addr().port().to_string())
                 .arg("--cluster-announce-bus-port")
-                .arg((u32::from(node.port) + 10_000).to_string());
+                .arg(node.bus_port.to_string());
         }
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
         if let Err(error) = wait_for_ping(node.addr(), &mut process) {
