@@ -101,12 +101,16 @@ pub async fn connect_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockErro
     };
     match scheme.to_ascii_lowercase().as_str() {
         "memory" => memory_table(rest),
-        "redis" | "rediss" | "redis+unix" | "redlock" => redis_backend(url).await,
+        "redis" | "rediss" | "redis+unix" | "redlock" | "redlocks" | "redis+sentinel"
+        | "rediss+sentinel" | "redis+cluster" | "rediss+cluster" => redis_backend(url).await,
         "postgres" | "postgresql" => postgres_backend(url).await,
         "etcd" | "etcds" => etcd_backend(url).await,
         other => Err(LockError::InvalidConfig(format!(
-            "unknown lock URL scheme {other:?} in {url:?}: supported are memory, redis, rediss, \
-             redlock (feature `redis`), postgres, postgresql (feature `postgres`), etcd (feature `etcd`)"
+            "unknown lock URL scheme {other:?} in {url:?}: supported are memory, redis, \
+             redis+unix, redlock, redis+sentinel, redis+cluster (feature `redis`; with TLS \
+             rediss, redlocks, rediss+sentinel, rediss+cluster: feature `redis-tls`), postgres, \
+             postgresql (feature `postgres`; TLS by sslmode: `postgres-tls`), etcd (feature \
+             `etcd`; etcds: `etcd-tls`)"
         ))),
     }
 }

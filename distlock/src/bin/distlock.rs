@@ -4,7 +4,9 @@
 //! The lock is renewed while the command runs; if it is lost, the command is killed.
 //!
 //! Exit status: the command's own; 75 (EX_TEMPFAIL) when the lock was not acquired within
-//! `--wait` or was lost while the command ran; 64 for bad usage; 69 when the backend failed.
+//! `--wait` or was lost while the command ran; 64 for bad usage; 77 (EX_NOPERM) when the
+//! server refused the credentials or a certificate (or we refused the server's); 69 when the
+//! backend failed.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -24,15 +26,19 @@ struct Cli {
 enum Command {
     /// Runs COMMAND while holding the lock KEY (renewed meanwhile; the command is killed if the
     /// lock is lost). The command sees the fencing token in DISTLOCK_FENCE. Exits with the
-    /// command's status, 75 when the lock was not acquired or was lost, 64 on bad usage, 69
-    /// when the backend failed.
+    /// command's status, 75 when the lock was not acquired or was lost, 64 on bad usage, 77
+    /// when credentials or certificates were refused, 69 when the backend failed.
     Run(RunArgs),
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// The lock backend: memory://, redis://host:port/db, redlock://h1:p1,h2:p2,h3:p3/db,
-    /// postgres://user:pass@host:port/db, etcd://host:port[,host:port…][/prefix].
+    /// The lock backend: memory://; redis://[user:pass@]host:port/db (TLS: rediss://, with
+    /// ?tls_ca=&tls_cert=&tls_key=), redlock://h1:p1,h2:p2,h3:p3/db (TLS: redlocks://),
+    /// redis+sentinel://s1:p1,s2:p2,s3:p3/master[/db], redis+cluster://h1:p1,h2:p2;
+    /// postgres://user:pass@host:port/db[?sslmode=verify-full&sslrootcert=…];
+    /// etcd://[user:pass@]host:port[,host:port…][/prefix] (TLS: etcds://, with ?ca=&cert=&key=).
+    /// TLS needs the build's redis-tls / postgres-tls / etcd-tls feature.
     #[arg(long, env = "DISTLOCK_URL", default_value = "memory://")]
     url: String,
     /// Lease TTL, renewed while the command runs: seconds (`30`, `0.5`) or with a unit
@@ -89,6 +95,7 @@ async fn main() -> ExitCode {
                     | LockError::InvalidTtl { .. }
                     | LockError::InvalidConfig(_),
                 ) => ExitCode::from(64),
+                Some(LockError::Refused { .. }) => ExitCode::from(77),
                 _ => ExitCode::from(69),
             }
         }
