@@ -32,13 +32,28 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options for [`SentinelSet`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SentinelSetBuilder {
     down_after: Duration,
     failover_timeout: Duration,
     proxy: bool,
     wait_for_sentinels: bool,
+    tls: Option<SetTls>,
 }
+
+/// The set's TLS files: server certificate and CA for every node and sentinel, and the
+/// client certificate the harness's own clients present.
+#[cfg(feature = "redis-tls")]
+#[derive(Clone, Debug)]
+struct SetTls {
+    ca: crate::tls::PemPair,
+    server: crate::tls::PemPair,
+    client: crate::tls::PemPair,
+}
+
+/// Without TLS support a set never has TLS files.
+#[cfg(not(feature = "redis-tls"))]
+type SetTls = std::convert::Infallible;
 
 impl Default for SentinelSetBuilder {
     fn default() -> Self {
@@ -47,6 +62,7 @@ impl Default for SentinelSetBuilder {
             failover_timeout: Duration::from_millis(4000),
             proxy: false,
             wait_for_sentinels: false,
+            tls: None,
         }
     }
 }
@@ -82,6 +98,19 @@ impl SentinelSetBuilder {
         self
     }
 
+    /// TLS only, on every data node and sentinel (`--port 0 --tls-port N`, replication over
+    /// TLS), with `pki`'s server certificate; client certificates signed by its CA are
+    /// accepted, not required. [`SentinelSet::url`] is then `rediss+sentinel://`.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls(mut self, pki: &crate::tls::TestPki) -> Self {
+        self.tls = Some(SetTls {
+            ca: pki.ca.clone(),
+            server: pki.server.clone(),
+            client: pki.client.clone(),
+        });
+        self
+    }
+
     /// Starts the master, the replica (waits until it synced), then the sentinels.
     pub async fn start(self) -> Result<SentinelSet> {
         let binary = find_binary("redis-server", "redis-server", &[])?;
@@ -89,13 +118,15 @@ impl SentinelSetBuilder {
             .prefix("distlock-sentinel-")
             .tempdir()
             .context("creating a temporary directory for the sentinel set")?;
+        #[cfg(feature = "redis-tls")]
+        install_crypto_provider();
         let mut set = SentinelSet {
             binary,
             dir,
             nodes: Vec::new(),
             sentinels: Vec::new(),
             proxy: None,
-            builder: self,
+            builder: self.clone(),
         };
         set.add_node(None)?;
         let master = set.nodes[0].addr();
@@ -160,14 +191,20 @@ impl SentinelSet {
         SentinelSetBuilder::default()
     }
 
-    /// `redis+sentinel://127.0.0.1:<s1>,127.0.0.1:<s2>,127.0.0.1:<s3>/m` (database 0).
+    /// `redis+sentinel://127.0.0.1:<s1>,127.0.0.1:<s2>,127.0.0.1:<s3>/m` (database 0);
+    /// `rediss+sentinel://…` with TLS.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .sentinel_addrs()
             .iter()
             .map(ToString::to_string)
             .collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+        let scheme = if self.builder.tls.is_some() {
+            "rediss+sentinel"
+        } else {
+            "redis+sentinel"
+        };
+        format!("{scheme}://{}/{MASTER_NAME}", hosts.join(","))
     }
 
     /// The sentinels' addresses.
@@ -191,7 +228,7 @@ impl SentinelSet {
     /// A client straight to data node `index` (not through the proxy).
     pub fn node_client(&self, index: usize) -> Result<redis::Client> {
         let node = self.nodes.get(index).context("no such data node")?;
-        redis::Client::open(format!("redis://{}/0", node.addr())).context("redis client")
+        self.client_at(node.addr())
     }
 
     /// The index of the data node at `addr` (the proxy's address means node 0).
@@ -210,13 +247,14 @@ impl SentinelSet {
     pub async fn master_addr(&self) -> Result<SocketAddr> {
         let mut last = None;
         for addr in self.sentinel_addrs() {
-            match sentinel_query::<Option<(String, u16)>>(
-                addr,
-                redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(MASTER_NAME),
-            )
-            .await
+            match self
+                .sentinel_query::<Option<(String, u16)>>(
+                    addr,
+                    redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(MASTER_NAME),
+                )
+                .await
             {
                 Ok(Some((host, port))) => {
                     return format!("{host}:{port}")
@@ -236,12 +274,13 @@ impl SentinelSet {
     pub async fn failover(&self, within: Duration) -> Result<SocketAddr> {
         let old = self.master_addr().await?;
         let sentinel = *self.sentinel_addrs().first().context("no sentinel")?;
-        let _: String = sentinel_query(
-            sentinel,
-            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
-        )
-        .await
-        .context("SENTINEL FAILOVER")?;
+        let _: String = self
+            .sentinel_query(
+                sentinel,
+                redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+            )
+            .await
+            .context("SENTINEL FAILOVER")?;
         self.wait_for_new_master(old, within).await
     }
 
@@ -303,15 +342,16 @@ impl SentinelSet {
     /// from now on are not on this replica: a failover to it loses them.
     pub async fn detach_replica(&self, index: usize) -> Result<()> {
         for sentinel in self.sentinel_addrs() {
-            let _: String = sentinel_query(
-                sentinel,
-                redis::cmd("SENTINEL")
-                    .arg("SET")
-                    .arg(MASTER_NAME)
-                    .arg("failover-timeout")
-                    .arg(60_000),
-            )
-            .await?;
+            let _: String = self
+                .sentinel_query(
+                    sentinel,
+                    redis::cmd("SENTINEL")
+                        .arg("SET")
+                        .arg(MASTER_NAME)
+                        .arg("failover-timeout")
+                        .arg(60_000),
+                )
+                .await?;
         }
         let nowhere = free_port()?;
         let client = self.node_client(index)?;
@@ -335,7 +375,7 @@ impl SentinelSet {
             let mut named = Vec::new();
             for sentinel in self.sentinel_addrs() {
                 named.push(
-                    sentinel_query::<Option<(String, u16)>>(
+                    self.sentinel_query::<Option<(String, u16)>>(
                         sentinel,
                         redis::cmd("SENTINEL")
                             .arg("GET-MASTER-ADDR-BY-NAME")
@@ -366,7 +406,7 @@ impl SentinelSet {
 
     /// Whether the server at `addr` answers `ROLE` as a master.
     pub async fn is_master(&self, addr: SocketAddr) -> bool {
-        let Ok(client) = redis::Client::open(format!("redis://{addr}/0")) else {
+        let Ok(client) = self.client_at(addr) else {
             return false;
         };
         matches!(
@@ -431,12 +471,13 @@ impl SentinelSet {
         let deadline = Instant::now() + within;
         for sentinel in self.sentinel_addrs() {
             loop {
-                let fields: Vec<String> = sentinel_query(
-                    sentinel,
-                    redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
-                )
-                .await
-                .unwrap_or_default();
+                let fields: Vec<String> = self
+                    .sentinel_query(
+                        sentinel,
+                        redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
+                    )
+                    .await
+                    .unwrap_or_default();
                 let field = |name: &str| {
                     fields
                         .iter()
@@ -501,10 +542,29 @@ impl SentinelSet {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
         let node = self.nodes.get_mut(index).context("no such data node")?;
         let mut command = Command::new(&self.binary);
+        command.current_dir(&dir);
+        #[cfg(feature = "redis-tls")]
+        if let Some(tls) = &self.builder.tls {
+            command
+                .arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(node.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.server.cert_path)
+                .arg("--tls-key-file")
+                .arg(&tls.server.key_path)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca.cert_path)
+                .arg("--tls-auth-clients")
+                .arg("optional")
+                .arg("--tls-replication")
+                .arg("yes");
+        }
+        if self.builder.tls.is_none() {
+            command.arg("--port").arg(node.port.to_string());
+        }
         command
-            .current_dir(&dir)
-            .arg("--port")
-            .arg(node.port.to_string())
             .arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
@@ -529,7 +589,7 @@ impl SentinelSet {
         node.generation += 1;
         let log = dir.join(format!("redis-{}.log", node.generation));
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
-        if let Err(error) = wait_for_ping(node.addr(), &mut process) {
+        if let Err(error) = wait_for_ping(node.addr(), self.builder.tls.as_ref(), &mut process) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
         node.process = Some(process);
@@ -539,7 +599,7 @@ impl SentinelSet {
     fn add_sentinel(&mut self, index: usize, master: SocketAddr) -> Result<()> {
         let dir = self.dir.path().join(format!("sentinel-{index}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
-        let builder = self.builder;
+        let builder = self.builder.clone();
         let binary = self.binary.clone();
         let sentinel = start_on_free_port(free_port()?, |port| {
             // Sentinel rewrites its configuration file (it must be writable, and is per
@@ -561,12 +621,27 @@ impl SentinelSet {
                 ),
             )
             .with_context(|| format!("writing {conf:?}"))?;
+            #[cfg(feature = "redis-tls")]
+            if let Some(tls) = &builder.tls {
+                // TLS only: the client port is the TLS port; the sentinels talk TLS to the
+                // data nodes too.
+                let mut text = std::fs::read_to_string(&conf)?;
+                text = text.replacen(&format!("port {port}\n"), "port 0\n", 1);
+                text.push_str(&format!(
+                    "tls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                     tls-auth-clients optional\ntls-replication yes\n",
+                    tls.server.cert_path.display(),
+                    tls.server.key_path.display(),
+                    tls.ca.cert_path.display(),
+                ));
+                std::fs::write(&conf, text).with_context(|| format!("writing {conf:?}"))?;
+            }
             let mut command = Command::new(&binary);
             command.current_dir(&dir).arg(&conf).arg("--sentinel");
             let log = dir.join(format!("sentinel-{port}.log"));
             let mut process = ServerProcess::spawn("redis-sentinel", command, &log)?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if let Err(error) = wait_for_ping(addr, &mut process) {
+            if let Err(error) = wait_for_ping(addr, builder.tls.as_ref(), &mut process) {
                 bail!("{error:#}\nsentinel log:\n{}", process.log_tail());
             }
             Ok(SentinelNode { port, process })
@@ -584,15 +659,51 @@ fn unbounded() -> redis::AsyncConnectionConfig {
         .set_connection_timeout(Some(QUERY_TIMEOUT))
 }
 
-/// `cmd` on the sentinel at `addr`, bounded by [`QUERY_TIMEOUT`].
-async fn sentinel_query<T: redis::FromRedisValue>(
-    addr: SocketAddr,
-    cmd: &mut redis::Cmd,
-) -> Result<T> {
-    let client = redis::Client::open(format!("redis://{addr}")).context("sentinel client")?;
-    query(&client, cmd)
-        .await
-        .with_context(|| format!("sentinel {addr}"))
+impl SentinelSet {
+    /// `cmd` on the sentinel at `addr`, bounded by [`QUERY_TIMEOUT`].
+    async fn sentinel_query<T: redis::FromRedisValue>(
+        &self,
+        addr: SocketAddr,
+        cmd: &mut redis::Cmd,
+    ) -> Result<T> {
+        let client = self.client_at(addr)?;
+        query(&client, cmd)
+            .await
+            .with_context(|| format!("sentinel {addr}"))
+    }
+
+    /// A client of the harness's own for the node or sentinel at `addr` (database 0; with
+    /// TLS trusting the test CA and presenting the test client certificate).
+    fn client_at(&self, addr: SocketAddr) -> Result<redis::Client> {
+        client_at(addr, self.builder.tls.as_ref())
+    }
+}
+
+fn client_at(addr: SocketAddr, tls: Option<&SetTls>) -> Result<redis::Client> {
+    #[cfg(feature = "redis-tls")]
+    if let Some(tls) = tls {
+        let certificates = redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: tls.client.cert_pem.clone().into_bytes(),
+                client_key: tls.client.key_pem.clone().into_bytes(),
+            }),
+            root_cert: Some(tls.ca.cert_pem.clone().into_bytes()),
+        };
+        return redis::Client::build_with_tls(format!("rediss://{addr}/0"), certificates)
+            .context("building a TLS redis client");
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    let _ = tls;
+    redis::Client::open(format!("redis://{addr}/0")).context("building a redis client")
+}
+
+/// The redis crate's rustls takes the process's default crypto provider; pick `ring` unless
+/// something else already chose one.
+#[cfg(feature = "redis-tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`].
@@ -614,11 +725,30 @@ async fn query<T: redis::FromRedisValue>(
 
 /// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
 /// passes.
-fn wait_for_ping(addr: SocketAddr, process: &mut ServerProcess) -> Result<()> {
+fn wait_for_ping(
+    addr: SocketAddr,
+    tls: Option<&SetTls>,
+    process: &mut ServerProcess,
+) -> Result<()> {
     use std::io::{Read, Write};
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     loop {
         process.check_running()?;
+        if tls.is_some() {
+            let pong = client_at(addr, tls)
+                .and_then(|client| {
+                    Ok(client.get_connection_with_timeout(Duration::from_millis(500))?)
+                })
+                .and_then(|mut conn| Ok(redis::cmd("PING").query::<String>(&mut conn)?));
+            if matches!(pong.as_deref(), Ok("PONG")) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("{addr} did not answer PING over TLS within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         let pong = (|| -> std::io::Result<bool> {
             let mut stream =
                 std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;

@@ -21,7 +21,8 @@
 //!   end skips certificate checks (feature `tls-insecure`, for tests only);
 //! - `redis+sentinel://[user:pass@]s1:p1,s2:p2,s3:p3/<master name>[/db]` — the master a set of
 //!   sentinels monitors, followed across failovers (a [`RedisBackend`]; the sentinels' own
-//!   credentials as `sentinel_username` / `sentinel_password` parameters);
+//!   credentials as `sentinel_username` / `sentinel_password` parameters); `rediss+sentinel://`
+//!   with TLS to the sentinels and the master (feature `tls`);
 //! - `redis+cluster://[user:pass@]h1:p1,h2:p2,…` — a Redis Cluster through seed nodes (a
 //!   [`RedisBackend`]; scripts go to the master of their keys' slot);
 //! - optional parameters on all: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,
@@ -86,14 +87,14 @@ async fn connect_followed(
     url: &str,
     options: &RedisOptions,
 ) -> Option<Result<RedisBackend, LockError>> {
-    if url.starts_with("redis+sentinel://") {
+    if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
         Some(sentinel::connect(url, options.clone()).await)
     } else if url.starts_with("redis+cluster://") {
         Some(cluster::connect(url, options.clone()).await)
-    } else if url.starts_with("rediss+sentinel://") || url.starts_with("rediss+cluster://") {
+    } else if url.starts_with("rediss+cluster://") {
         Some(Err(LockError::InvalidConfig(format!(
-            "{url:?}: TLS through Sentinel or to a Redis Cluster is not supported yet \
-             (redis+sentinel:// and redis+cluster:// are, without TLS)"
+            "{url:?}: TLS to a Redis Cluster is not supported yet (redis+cluster:// is, \
+             without TLS)"
         ))))
     } else {
         None

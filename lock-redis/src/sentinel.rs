@@ -4,6 +4,8 @@
 //! URL: `redis+sentinel://[user:pass@]h1:p1,h2:p2,h3:p3/<master name>[/db][?…]`. The hosts
 //! are the sentinels; the credentials and database are the master's. Sentinels that require a
 //! password of their own take `sentinel_username` / `sentinel_password` parameters.
+//! `rediss+sentinel://` (feature `tls`): TLS to the sentinels and to the master, with the
+//! same settings (`tls_ca`, `tls_cert`, `tls_key`, `#insecure`, or `RedisOptions::tls`).
 //!
 //! The lookup follows the Sentinel client protocol: ask the sentinels for the master's
 //! address (`SENTINEL MASTER`: the address and its configuration epoch), connect, and check
@@ -54,9 +56,20 @@ struct SentinelUrl {
 /// Parses `redis+sentinel://[user:pass@]h1:p1,h2:p2/<master name>[/db][?…]`.
 fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
     let bad = |why: &str| LockError::InvalidConfig(format!("redis sentinel URL {url:?}: {why}"));
-    let rest = url
-        .strip_prefix("redis+sentinel://")
-        .ok_or_else(|| bad("expected redis+sentinel://h1:p1,h2:p2,h3:p3/<master name>[/db]"))?;
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+        (true, rest)
+    } else {
+        return Err(bad(
+            "expected redis+sentinel://h1:p1,h2:p2,h3:p3/<master name>[/db] (or rediss+sentinel://)",
+        ));
+    };
+    // `#insecure` (TLS without certificate checks) goes to every URL made from this one.
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((rest, fragment)) => (rest, format!("#{fragment}")),
+        None => (rest, String::new()),
+    };
     let (before_query, query) = match rest.split_once('?') {
         Some((before, query)) => (before, query),
         None => (rest, ""),
@@ -91,10 +104,13 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
         }
     }
     let kept = kept.finish();
+    // TLS: the master and the sentinels alike (`redlocks://` makes `rediss://` node URLs and
+    // takes the `tls_*` parameters).
+    let form = if tls { "redlocks" } else { "redlock" };
     let rewritten = if kept.is_empty() {
-        format!("redlock://{authority}/{db}")
+        format!("{form}://{authority}/{db}{fragment}")
     } else {
-        format!("redlock://{authority}/{db}?{kept}")
+        format!("{form}://{authority}/{db}?{kept}{fragment}")
     };
     let parsed =
         crate::options::parse_url(&rewritten, options).map_err(|error| bad(&error.to_string()))?;
@@ -106,9 +122,13 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
     let (Some(first_node), Some(first_host)) = (parsed.nodes.first(), hosts.first()) else {
         return Err(bad("no sentinel given"));
     };
-    // parse_url builds `redis://[userinfo@]<host>/<db>[?params]`: the master's URL is the
-    // same with the master's address in place of the first sentinel's.
-    let at = "redis://".len() + userinfo.map_or(0, |userinfo| userinfo.len() + 1);
+    // parse_url builds `redis[s]://[userinfo@]<host>/<db>[?params][#insecure]`: the master's
+    // URL is the same with the master's address in place of the first sentinel's.
+    let scheme_end = first_node
+        .find("://")
+        .map(|at| at + 3)
+        .ok_or_else(|| bad("could not place the master's address in the URL"))?;
+    let at = scheme_end + userinfo.map_or(0, |userinfo| userinfo.len() + 1);
     let master_url = match (
         first_node.get(..at),
         first_node.get(at + first_host.len()..),
@@ -126,9 +146,10 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
                 .collect::<String>()
         ),
     };
+    let scheme = if tls { "rediss" } else { "redis" };
     let sentinels = hosts
         .iter()
-        .map(|host| format!("redis://{sentinel_auth}{host}"))
+        .map(|host| format!("{scheme}://{sentinel_auth}{host}{fragment}"))
         .collect();
     Ok(SentinelUrl {
         sentinels,
@@ -305,8 +326,14 @@ impl Follower {
                         Ok(Ok(fields)) => Ok(MasterView::of(&fields)),
                         // The sentinel does not monitor a master of that name.
                         Ok(Err(error)) if error.to_string().contains("No such master") => Ok(None),
-                        Ok(Err(error)) => Err(format!("sentinel {addr}: {error}")),
-                        Err(_) => Err(format!("sentinel {addr}: no answer within {limit:?}")),
+                        // A wrong password, an untrusted certificate: retrying cannot help.
+                        Ok(Err(error)) => Err((
+                            format!("sentinel {addr}: {error}"),
+                            crate::tls::refusal(&format!("sentinel {addr}"), &error),
+                        )),
+                        Err(_) => {
+                            Err((format!("sentinel {addr}: no answer within {limit:?}"), None))
+                        }
                     }
                 }
             })
@@ -338,6 +365,7 @@ impl Follower {
         }
         let mut views: Vec<MasterView> = Vec::new();
         let mut failures = Vec::new();
+        let mut refusal = None;
         let mut answered = 0;
         for answer in asked {
             match answer {
@@ -346,8 +374,16 @@ impl Follower {
                     views.push(view);
                 }
                 Ok(None) => answered += 1,
-                Err(failure) => failures.push(failure),
+                Err((failure, refused)) => {
+                    failures.push(failure);
+                    refusal = refusal.or(refused);
+                }
             }
+        }
+        if answered == 0
+            && let Some(refusal) = refusal
+        {
+            return Err(refusal);
         }
         if answered == 0 {
             return Err(LockError::backend_msg(
@@ -546,9 +582,12 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
         .sentinels
         .iter()
         .map(|sentinel| {
-            redis::Client::open(sentinel.as_str()).map_err(|error| {
-                LockError::InvalidConfig(format!("sentinel URL {sentinel:?}: {error}"))
-            })
+            let info = redis::IntoConnectionInfo::into_connection_info(sentinel.as_str()).map_err(
+                |error| LockError::InvalidConfig(format!("sentinel URL {sentinel:?}: {error}")),
+            )?;
+            // With TLS, the sentinels are checked against the same CA and shown the same
+            // client certificate as the master.
+            crate::tls::build_client(info, &parsed.options.tls)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let follower = Arc::new(Follower {
@@ -611,6 +650,12 @@ mod tests {
         assert_eq!(
             waiting.options.wait_replicas,
             Some((1, Duration::from_millis(50)))
+        );
+        let secure = parse("rediss+sentinel://h:1,h:2/m/2", RedisOptions::default())?;
+        assert_eq!(secure.sentinels, ["rediss://h:1", "rediss://h:2"]);
+        assert_eq!(
+            format!("{}10.0.0.1:7{}", secure.master_url.0, secure.master_url.1),
+            "rediss://10.0.0.1:7/2"
         );
         let plain = parse("redis+sentinel://h:1/m", RedisOptions::default())?;
         assert_eq!(plain.db, 0);

@@ -495,3 +495,70 @@ async fn connect_errors_are_typed_and_bounded() -> Result<()> {
     println!("connect with one sentinel paused: {took:?}");
     Ok(())
 }
+
+/// `rediss+sentinel://` (feature `tls`): every data node and sentinel speaks TLS only.
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use lock_harness::tls::TestPki;
+    use lock_redis::RedisTls;
+
+    /// Through TLS sentinels to a TLS master: locks and fences work, a killed master is
+    /// followed to the promoted replica (the lock survives, the backend acquires again), and
+    /// a client that does not trust the servers' CA is refused at connect, not retried.
+    #[tokio::test]
+    async fn tls_sentinels_lock_and_follow_a_failover() -> Result<()> {
+        let pki = TestPki::generate()?;
+        let mut set = SentinelSet::builder()
+            .tls(&pki)
+            .wait_for_sentinels(true)
+            .start()
+            .await?;
+        ensure!(set.url().starts_with("rediss+sentinel://"), "{}", set.url());
+        let trusting = options().tls(RedisTls::default().ca_file(&pki.ca.cert_path));
+        let holder = RedisBackend::connect_with(&set.url(), trusting.clone()).await?;
+        let name = key(&unique("tls"))?;
+        let lease = acquired(&holder, &name).await?;
+        let fence = lease.fence().context("no fence")?;
+        // Let the replica have it, then kill the master.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !on_node(&set, 1, &name).await? {
+            ensure!(Instant::now() < deadline, "the replica never got the lock");
+            sleep(Duration::from_millis(10)).await;
+        }
+        let killed_at = Instant::now();
+        set.kill_master().await?;
+        let probe = key(&unique("tls-probe"))?;
+        let (first, first_at) =
+            settle(Duration::from_secs(30), || holder.try_acquire(&probe, TTL)).await?;
+        ensure!(
+            matches!(first, Ok(Attempt::Acquired(_))),
+            "after the failover: {first:?}"
+        );
+        let (renewed, _) = settle(Duration::from_secs(5), || holder.renew(&lease, TTL)).await?;
+        let renewed = renewed.context("renew over TLS after the failover")?;
+        ensure!(
+            holder.release(&renewed).await?,
+            "release after the failover"
+        );
+        let other = RedisBackend::connect_with(&set.url(), trusting).await?;
+        let next = acquired(&other, &name).await?;
+        ensure!(
+            next.fence().context("no fence")? > fence,
+            "fence did not increase"
+        );
+        println!(
+            "TLS: the same backend acquired on the new master {:?} after the kill",
+            first_at - killed_at
+        );
+
+        let distrusting = options().tls(RedisTls::default().ca_file(&pki.other_ca.cert_path));
+        match RedisBackend::connect_with(&set.url(), distrusting).await {
+            Err(error) if !error.is_retryable() => {
+                println!("untrusted CA: {error}");
+                Ok(())
+            }
+            other => bail!("a client with the wrong CA: {other:?}"),
+        }
+    }
+}
