@@ -440,11 +440,14 @@ impl EtcdCluster {
                 .arg("--cert-file")
                 .arg(&pki.server.cert_path)
                 .arg("--key-file")
-                .arg(&pki.server.key_path)
-                .arg("--trusted-ca-file")
-                .arg(&pki.ca.cert_path);
+                .arg(&pki.server.key_path);
+            // etcd 3.4 asks every client for a certificate once it has a trusted CA, whatever
+            // --client-cert-auth says: give it one only when client certificates are wanted.
             if self.access.client_cert_auth {
-                command.arg("--client-cert-auth");
+                command
+                    .arg("--trusted-ca-file")
+                    .arg(&pki.ca.cert_path)
+                    .arg("--client-cert-auth");
             }
         }
         if let Some(port) = member.metrics_port {
