@@ -30,8 +30,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options for [`RedisCluster`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RedisClusterBuilder {
+    tls: Option<ClusterTls>,
     node_timeout: Duration,
     replicas: bool,
     proxy: bool,
@@ -45,6 +46,7 @@ impl Default for RedisClusterBuilder {
             replicas: true,
             proxy: false,
             pooled: false,
+            tls: None,
         }
     }
 }
@@ -74,6 +76,21 @@ impl RedisClusterBuilder {
     }
 
     /// Started by a [`ClusterPool`]: nodes die with the pool's thread.
+    /// TLS only, for clients, replication and the cluster bus (`--port 0 --tls-port N
+    /// --tls-cluster yes --tls-replication yes`), with `pki`'s server certificate; client
+    /// certificates signed by its CA are accepted, not required. [`RedisCluster::url`] is then
+    /// `rediss+cluster://`. Not with [`Self::proxy`] (the nodes would announce the proxies as
+    /// plain-text ports).
+    #[cfg(feature = "redis-tls")]
+    pub fn tls(mut self, pki: &crate::tls::TestPki) -> Self {
+        self.tls = Some(ClusterTls {
+            ca: pki.ca.clone(),
+            server: pki.server.clone(),
+            client: pki.client.clone(),
+        });
+        self
+    }
+
     fn pooled(mut self, pooled: bool) -> Self {
         self.pooled = pooled;
         self
@@ -92,7 +109,7 @@ impl RedisClusterBuilder {
             binary,
             dir,
             nodes: Vec::new(),
-            builder: self,
+            builder: self.clone(),
         };
         let count = if self.replicas { 6 } else { 3 };
         for index in 0..count {
@@ -159,8 +176,9 @@ impl ClusterPool {
                     // Each start holds a slot of the channel from its beginning, so at most
                     // `ahead` clusters are starting or waiting at any time.
                     while let Ok(permit) = sender.clone().reserve_owned().await {
+                        let builder = builder.clone().pooled(true);
                         tokio::spawn(async move {
-                            permit.send(builder.pooled(true).start().await);
+                            permit.send(builder.start().await);
                         });
                     }
                 });
@@ -183,6 +201,20 @@ impl ClusterPool {
             .context("the cluster pool's thread ended")?
     }
 }
+
+/// The cluster's TLS files: server certificate and CA for every node, and the client
+/// certificate the harness's own clients present.
+#[cfg(feature = "redis-tls")]
+#[derive(Clone, Debug)]
+struct ClusterTls {
+    ca: crate::tls::PemPair,
+    server: crate::tls::PemPair,
+    client: crate::tls::PemPair,
+}
+
+/// Without TLS support a cluster never has TLS files.
+#[cfg(not(feature = "redis-tls"))]
+type ClusterTls = std::convert::Infallible;
 
 /// One `redis-server` of the cluster.
 #[derive(Debug)]
@@ -244,7 +276,12 @@ impl RedisCluster {
             .iter()
             .map(|node| node.announced().to_string())
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.builder.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", hosts.join(","))
     }
 
     /// The nodes' addresses, by index.
@@ -271,7 +308,7 @@ impl RedisCluster {
     /// A client straight to node `index`.
     pub fn node_client(&self, index: usize) -> Result<redis::Client> {
         let node = self.nodes.get(index).context("no such node")?;
-        redis::Client::open(format!("redis://{}/0", node.addr())).context("redis client")
+        client_at(node.addr(), self.builder.tls.as_ref())
     }
 
     /// `CLUSTER NODES` as node `index` sees it.
@@ -609,10 +646,31 @@ impl RedisCluster {
         } else {
             Command::new(&self.binary)
         };
+        command.current_dir(&dir);
+        #[cfg(feature = "redis-tls")]
+        if let Some(tls) = &self.builder.tls {
+            command
+                .arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(node.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.server.cert_path)
+                .arg("--tls-key-file")
+                .arg(&tls.server.key_path)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca.cert_path)
+                .arg("--tls-auth-clients")
+                .arg("optional")
+                .arg("--tls-replication")
+                .arg("yes")
+                .arg("--tls-cluster")
+                .arg("yes");
+        }
+        if self.builder.tls.is_none() {
+            command.arg("--port").arg(node.port.to_string());
+        }
         command
-            .current_dir(&dir)
-            .arg("--port")
-            .arg(node.port.to_string())
             .arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
@@ -649,12 +707,35 @@ impl RedisCluster {
                 .arg(node.bus_port.to_string());
         }
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
-        if let Err(error) = wait_for_ping(node.addr(), &mut process) {
+        if let Err(error) = wait_for_ping(node.addr(), self.builder.tls.as_ref(), &mut process) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
         node.process = Some(process);
         Ok(())
     }
+}
+
+/// A client of the harness's own for the node at `addr` (database 0; with TLS trusting the
+/// test CA and presenting the test client certificate).
+fn client_at(addr: SocketAddr, tls: Option<&ClusterTls>) -> Result<redis::Client> {
+    #[cfg(feature = "redis-tls")]
+    if let Some(tls) = tls {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: tls.client.cert_pem.clone().into_bytes(),
+                client_key: tls.client.key_pem.clone().into_bytes(),
+            }),
+            root_cert: Some(tls.ca.cert_pem.clone().into_bytes()),
+        };
+        return redis::Client::build_with_tls(format!("rediss://{addr}/0"), certificates)
+            .context("building a TLS redis client");
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    let _ = tls;
+    redis::Client::open(format!("redis://{addr}/0")).context("building a redis client")
 }
 
 /// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`] (no response timeout
@@ -680,11 +761,30 @@ async fn query<T: redis::FromRedisValue>(
 
 /// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
 /// passes.
-fn wait_for_ping(addr: SocketAddr, process: &mut ServerProcess) -> Result<()> {
+fn wait_for_ping(
+    addr: SocketAddr,
+    tls: Option<&ClusterTls>,
+    process: &mut ServerProcess,
+) -> Result<()> {
     use std::io::{Read, Write};
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     loop {
         process.check_running()?;
+        if tls.is_some() {
+            let pong = client_at(addr, tls)
+                .and_then(|client| {
+                    Ok(client.get_connection_with_timeout(Duration::from_millis(500))?)
+                })
+                .and_then(|mut conn| Ok(redis::cmd("PING").query::<String>(&mut conn)?));
+            if matches!(pong.as_deref(), Ok("PONG")) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("{addr} did not answer PING over TLS within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         let pong = (|| -> std::io::Result<bool> {
             let mut stream =
                 std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;

@@ -22,18 +22,27 @@ use tokio::time::timeout;
 /// connect timeout (the slot map is read and a connection made to each master).
 pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBackend, LockError> {
     let bad = |why: &str| LockError::InvalidConfig(format!("redis cluster URL {url:?}: {why}"));
-    let rest = url
-        .strip_prefix("redis+cluster://")
-        .ok_or_else(|| bad("expected redis+cluster://h1:p1,h2:p2,h3:p3"))?;
-    // The same shape as a Redlock URL: parse it as one for the options and the node URLs.
-    let parsed = crate::options::parse_url(&format!("redlock://{rest}"), options)
+    let (form, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redlock", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("redlocks", rest)
+    } else {
+        return Err(bad(
+            "expected redis+cluster://h1:p1,h2:p2,h3:p3 (or rediss+cluster://)",
+        ));
+    };
+    // The same shape as a Redlock URL: parse it as one for the options and the node URLs
+    // (`redlocks://`: `rediss://` nodes, the `tls_*` parameters, `#insecure`).
+    let parsed = crate::options::parse_url(&format!("{form}://{rest}"), options)
         .map_err(|error| bad(&error.to_string()))?;
     let options = parsed.options;
     let seeds = parsed
         .nodes
         .iter()
         .map(|node| {
-            redis::Client::open(node.as_str()).map_err(|error| bad(&format!("{node}: {error}")))
+            let info = redis::IntoConnectionInfo::into_connection_info(node.as_str())
+                .map_err(|error| bad(&format!("{node}: {error}")))?;
+            crate::tls::build_client(info, &options.tls)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let db = seeds
@@ -42,7 +51,15 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     if db != 0 {
         return Err(bad("a Redis Cluster has only database 0"));
     }
-    let client = redis::cluster::ClusterClientBuilder::new(parsed.nodes.clone())
+    let builder = redis::cluster::ClusterClientBuilder::new(parsed.nodes.clone());
+    // TLS: the mode comes from the seeds' `rediss://`; the CA and client certificate from
+    // the options (as for every other node URL).
+    #[cfg(feature = "tls")]
+    let builder = match options.tls.certificates()? {
+        Some(certificates) if form == "redlocks" => builder.certs(certificates),
+        _ => builder,
+    };
+    let client = builder
         .connection_timeout(options.connect_timeout)
         .response_timeout(options.command_timeout)
         // Redirections and reconnects after a node failure: short waits, since every call
@@ -53,9 +70,18 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
         .build()
         .map_err(|error| bad(&error.to_string()))?;
     let limit = options.connect_timeout;
+    let started = tokio::time::Instant::now();
     let connection = match timeout(limit, client.get_async_connection()).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
+            // The cluster client flattens what its node connections met into a message, so
+            // a wrong password or an untrusted certificate would read as an outage: ask one
+            // seed directly, which keeps the cause.
+            // Within what is left of the connect timeout.
+            let left = limit.saturating_sub(started.elapsed());
+            if let Some(refused) = refusal_of_a_seed(&seeds, left).await {
+                return Err(refused);
+            }
             return Err(crate::node::backend_error(
                 &format!("connecting to the cluster at {}", seed_list(&seeds)),
                 error,
@@ -75,6 +101,26 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     let scheme = KeyScheme::new(options.prefix.clone(), 0)?;
     let nodes = Nodes::cluster(connection, seeds, scheme, &options);
     Ok(RedisBackend::from_nodes(nodes, &options))
+}
+
+/// The refusal (credentials, certificates) the seeds answer a plain connection with, if
+/// they do; each seed bounded by `limit`, all at once.
+async fn refusal_of_a_seed(
+    seeds: &[redis::Client],
+    limit: std::time::Duration,
+) -> Option<LockError> {
+    let tries = seeds.iter().map(|seed| async move {
+        let addr = seed.get_connection_info().addr().to_string();
+        match timeout(limit, seed.get_multiplexed_async_connection()).await {
+            Ok(Err(error)) => crate::tls::refusal(&format!("cluster node {addr}"), &error),
+            _ => None,
+        }
+    });
+    futures::future::join_all(tries)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
 }
 
 fn seed_list(seeds: &[redis::Client]) -> String {

@@ -24,7 +24,8 @@
 //!   credentials as `sentinel_username` / `sentinel_password` parameters); `rediss+sentinel://`
 //!   with TLS to the sentinels and the master (feature `tls`);
 //! - `redis+cluster://[user:pass@]h1:p1,h2:p2,…` — a Redis Cluster through seed nodes (a
-//!   [`RedisBackend`]; scripts go to the master of their keys' slot);
+//!   [`RedisBackend`]; scripts go to the master of their keys' slot); `rediss+cluster://`
+//!   with TLS to every node (feature `tls`);
 //! - optional parameters on all: `prefix`, `connect_timeout_ms`, `command_timeout_ms`,
 //!   `node_timeout_ms`; on one server and Sentinel `wait_replicas` and `wait_timeout_ms`
 //!   ([`RedisOptions::wait_replicas`]); other parameters go to the `redis` crate unchanged.
@@ -89,13 +90,8 @@ async fn connect_followed(
 ) -> Option<Result<RedisBackend, LockError>> {
     if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
         Some(sentinel::connect(url, options.clone()).await)
-    } else if url.starts_with("redis+cluster://") {
+    } else if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
         Some(cluster::connect(url, options.clone()).await)
-    } else if url.starts_with("rediss+cluster://") {
-        Some(Err(LockError::InvalidConfig(format!(
-            "{url:?}: TLS to a Redis Cluster is not supported yet (redis+cluster:// is, \
-             without TLS)"
-        ))))
     } else {
         None
     }
