@@ -101,8 +101,15 @@ impl RedisClusterBuilder {
     /// and every replica synced.
     pub async fn start(self) -> Result<RedisCluster> {
         let binary = find_binary("redis-server", "redis-server", &[])?;
+        // A pooled cluster's directory names this process, so that a later pool can remove
+        // the ones a finished process left behind (it never dropped its unused clusters).
+        let prefix = if self.pooled {
+            format!("{POOL_DIR_PREFIX}{}-", std::process::id())
+        } else {
+            "distlock-cluster-".to_owned()
+        };
         let dir = tempfile::Builder::new()
-            .prefix("distlock-cluster-")
+            .prefix(&prefix)
             .tempdir()
             .context("creating a temporary directory for the cluster")?;
         let mut cluster = RedisCluster {
@@ -144,7 +151,7 @@ impl RedisClusterBuilder {
 /// (`CLUSTER_WRITABLE_DELAY`); a test suite that starts a cluster per test at two test threads
 /// spends most of its time waiting for that. Every node is started through `setpriv
 /// --pdeathsig KILL`, so clusters still waiting in the pool when the test process exits are
-/// killed with it (their temporary directories stay behind).
+/// killed with it; their temporary directories stay behind until the next pool starts.
 ///
 /// ```ignore
 /// static POOL: LazyLock<ClusterPool> = LazyLock::new(|| ClusterPool::new(RedisCluster::builder(), 4));
@@ -156,8 +163,10 @@ pub struct ClusterPool {
 }
 
 impl ClusterPool {
-    /// Starts the pool's thread: it keeps up to `ahead` clusters starting or ready.
+    /// Starts the pool's thread: it keeps up to `ahead` clusters starting or ready. Removes
+    /// the directories of clusters that earlier test processes left in their pools.
     pub fn new(builder: RedisClusterBuilder, ahead: usize) -> Self {
+        remove_dirs_of_finished_pools();
         let (sender, ready) = tokio::sync::mpsc::channel(ahead.max(1));
         let started = std::thread::Builder::new()
             .name("redis-cluster-pool".into())
@@ -215,6 +224,30 @@ struct ClusterTls {
 /// Without TLS support a cluster never has TLS files.
 #[cfg(not(feature = "redis-tls"))]
 type ClusterTls = std::convert::Infallible;
+
+/// How pooled clusters' temporary directories start: this, the process id, a dash.
+const POOL_DIR_PREFIX: &str = "distlock-cluster-pool-";
+
+/// Removes pooled clusters' directories whose process is gone (its nodes died with it).
+fn remove_dirs_of_finished_pools() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(POOL_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
 
 /// One `redis-server` of the cluster.
 #[derive(Debug)]
