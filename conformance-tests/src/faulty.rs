@@ -40,6 +40,9 @@ struct Plan {
     renew: Fault,
     release: Fault,
     renew_calls: u64,
+    acquire_calls: u64,
+    /// A delay for the next `try_acquire` only.
+    acquire_delay_once: Option<Duration>,
 }
 
 impl FaultPlan {
@@ -64,6 +67,15 @@ impl FaultPlan {
     /// How many renew calls reached the wrapper.
     pub fn renew_calls(&self) -> u64 {
         self.plan().renew_calls
+    }
+    /// Delays the next `try_acquire` call only (by `delay`, before it is passed through);
+    /// later calls follow the plan.
+    pub fn delay_next_acquire(&self, delay: Duration) {
+        self.plan().acquire_delay_once = Some(delay);
+    }
+    /// How many `try_acquire` calls reached the wrapper.
+    pub fn acquire_calls(&self) -> u64 {
+        self.plan().acquire_calls
     }
 }
 
@@ -148,6 +160,14 @@ impl FaultyBackend {
 #[async_trait]
 impl LockBackend for FaultyBackend {
     async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        let delay_once = {
+            let mut plan = self.plan.plan();
+            plan.acquire_calls += 1;
+            plan.acquire_delay_once.take()
+        };
+        if let Some(delay) = delay_once {
+            tokio::time::sleep(delay).await;
+        }
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.try_acquire(key, ttl).await;
         self.delay_answer(|plan| plan.acquire).await;

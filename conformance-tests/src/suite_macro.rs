@@ -15,10 +15,12 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(lock_all_never_deadlocks_or_overlaps [$factory] $skips);
         $crate::__conformance_case!(renew_extends_and_expired_renew_is_lost [$factory] $skips);
         $crate::__conformance_case!(abandoned_lock_expires_within_ttl [$factory] $skips);
+        $crate::__conformance_case!(long_lease_is_not_renewed_with_short_ones [$factory] $skips);
         $crate::__conformance_case!(fencing_tokens_increase [$factory] $skips);
         $crate::__conformance_case!(wait_timeout_is_bounded [$factory] $skips);
         $crate::__conformance_case!(cancelled_acquires_leave_nothing [$factory] $skips);
         $crate::__conformance_case!(handoff_wakes_waiter_fast [$factory] $skips);
+        $crate::__conformance_case!(woken_waiter_that_leaves_passes_the_wake_on [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_renew_failure [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_renew_hang [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_lost_answer [$factory] $skips);
@@ -102,6 +104,11 @@ macro_rules! __conformance_case {
         #[ignore = $reason]
         async fn abandoned_lock_expires_within_ttl() {}
     };
+    (long_lease_is_not_renewed_with_short_ones [$factory:expr] [long_lease_is_not_renewed_with_short_ones : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn long_lease_is_not_renewed_with_short_ones() {}
+    };
     (fencing_tokens_increase [$factory:expr] [fencing_tokens_increase : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]
         #[ignore = $reason]
@@ -121,6 +128,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn handoff_wakes_waiter_fast() {}
+    };
+    (woken_waiter_that_leaves_passes_the_wake_on [$factory:expr] [woken_waiter_that_leaves_passes_the_wake_on : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn woken_waiter_that_leaves_passes_the_wake_on() {}
     };
     (lost_fires_on_renew_failure [$factory:expr] [lost_fires_on_renew_failure : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

@@ -189,3 +189,38 @@ pub async fn drop_releases_in_background(factory: &dyn BackendFactory) -> Result
     next.release().await?;
     Ok(())
 }
+
+/// 37. Renewals keep their pace: a lease of a long TTL held beside one of a short TTL is not
+///     renewed along with it (the watchdog may send a renewal a little early to go with
+///     others, not whenever another lease is due).
+pub async fn long_lease_is_not_renewed_with_short_ones(factory: &dyn BackendFactory) -> Result<()> {
+    let (locker, plan) = faulty_locker(factory).await?;
+    let caps = locker.backend().capabilities();
+    let short = ttl_for(&caps, Duration::from_millis(900));
+    let long = short * 12;
+    let window = short * 2;
+    let short_guard = locker
+        .lock(unique_key("short"))
+        .ttl(short)
+        .acquire()
+        .await?;
+    let long_guard = locker.lock(unique_key("long")).ttl(long).acquire().await?;
+    let long_valid = long_guard.valid_until();
+    let before = plan.renew_calls();
+    sleep(window).await;
+    let calls = plan.renew_calls() - before;
+    // The short lease: one renewal per third of its TTL (6 in the window, and retries are
+    // not expected here); the long one: none before a third of its TTL (4 short TTLs).
+    ensure!(
+        calls <= 8,
+        "{calls} renewals in {window:?} for one lease of {short:?} and one of {long:?}: the \
+         long one is renewed with the short one"
+    );
+    ensure!(
+        long_guard.valid_until() == long_valid,
+        "the lease of {long:?} was renewed within {window:?}"
+    );
+    ensure!(!short_guard.is_lost(), "the short lease was lost");
+    drop((short_guard, long_guard));
+    Ok(())
+}

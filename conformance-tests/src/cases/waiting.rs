@@ -3,7 +3,7 @@
 use super::support::*;
 use crate::{BackendFactory, unique_key};
 use anyhow::{Context, Result, bail, ensure};
-use lock_core::{Backoff, LockError};
+use lock_core::{Backoff, LockError, Locker};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -152,5 +152,81 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
         median <= Duration::from_millis(25),
         "median hand-off {median:?} (all: {delays:?}): the waiter is polling, not woken by the release"
     );
+    Ok(())
+}
+
+/// 36. A waiter woken by a release that goes away before it got the lock (cancelled while its
+///     attempt was on the way) passes its wake-up on: another waiter of the same process,
+///     which would otherwise sleep until its backoff, gets the free lock at once. (A backend
+///     with a server-side queue: the cancelled waiter leaves the queue and the next one gets
+///     the lock.)
+pub async fn woken_waiter_that_leaves_passes_the_wake_on(
+    factory: &dyn BackendFactory,
+) -> Result<()> {
+    let (waiters, plan) = faulty_locker(factory).await?;
+    let holder = locker(factory).await?;
+    let caps = holder.backend().capabilities();
+    let ttl = ttl_for(&caps, Duration::from_secs(10));
+    let name = unique_key("pass-on");
+    let held = holder.lock(&name).ttl(ttl).acquire().await?;
+    // Backoff far beyond the case: only a release signal wakes these waiters in time.
+    let wait = |waiters: Locker, name: String| async move {
+        waiters
+            .lock(&name)
+            .ttl(ttl)
+            .wait(Duration::from_secs(30))
+            .retry_delay(Duration::from_secs(30))
+            .acquire()
+            .await
+    };
+    let calls_reach = async |count: u64, what: &str| -> Result<()> {
+        let by = Instant::now() + Duration::from_secs(5);
+        while plan.acquire_calls() < count {
+            ensure!(
+                Instant::now() < by,
+                "{what}: attempts did not reach {count}"
+            );
+            sleep(2 * MS).await;
+        }
+        Ok(())
+    };
+    let first = tokio::spawn(wait(waiters.clone(), name.clone()));
+    if caps.fair_queue {
+        sleep(300 * MS).await;
+    } else {
+        // Its attempt and its re-check after subscribing.
+        calls_reach(2, "first waiter").await?;
+    }
+    let second = tokio::spawn(wait(waiters.clone(), name.clone()));
+    if caps.fair_queue {
+        sleep(300 * MS).await;
+    } else {
+        calls_reach(4, "second waiter").await?;
+    }
+    sleep(50 * MS).await;
+    let before = plan.acquire_calls();
+    // The next attempt (the woken waiter's) is slow to leave; then the waiter is cancelled.
+    plan.delay_next_acquire(Duration::from_secs(20));
+    held.release().await?;
+    if !caps.fair_queue {
+        calls_reach(before + 1, "the woken waiter").await?;
+    }
+    let left_at = Instant::now();
+    first.abort();
+    let _ = first.await;
+    // Only one attempt so far: the release woke one waiter, which now left. (A backend that
+    // hears of one release several times, as Redlock does from each node, may wake both.)
+    let handed_over = !caps.fair_queue && plan.acquire_calls() == before + 1;
+    let guard = timeout(Duration::from_secs(3), second)
+        .await
+        .context("the other waiter did not get the lock within 3 s of the woken one leaving")???;
+    let took = left_at.elapsed();
+    guard.release().await?;
+    if handed_over || caps.fair_queue {
+        ensure!(
+            took < Duration::from_millis(1500),
+            "the other waiter got the free lock only {took:?} after the woken one left"
+        );
+    }
     Ok(())
 }
