@@ -30,6 +30,8 @@ pub enum ProxyMode {
 struct Settings {
     mode: ProxyMode,
     delay: Duration,
+    /// Client-to-server chunks wait this instead of `delay` when set (see `set_delays`).
+    upstream_delay: Option<Duration>,
     /// Connections numbered below this forward nothing, ever (see `forget_flows`).
     forgotten_below: u64,
 }
@@ -56,6 +58,7 @@ impl TcpProxy {
         let (settings, settings_rx) = watch::channel(Settings {
             mode: ProxyMode::Forward,
             delay: Duration::ZERO,
+            upstream_delay: None,
             forgotten_below: 0,
         });
         let connections = Arc::new(Mutex::new(CancellationToken::new()));
@@ -143,7 +146,20 @@ impl TcpProxy {
 
     /// Delays every forwarded chunk by `delay`.
     pub fn set_delay(&self, delay: Duration) {
-        self.settings.send_modify(|settings| settings.delay = delay);
+        self.settings.send_modify(|settings| {
+            settings.delay = delay;
+            settings.upstream_delay = None;
+        });
+    }
+
+    /// Delays client-to-server chunks by `upstream` and server-to-client chunks by
+    /// `downstream`: e.g. requests that stay outstanding while the server's pushes (pub/sub
+    /// messages) still arrive at once.
+    pub fn set_delays(&self, upstream: Duration, downstream: Duration) {
+        self.settings.send_modify(|settings| {
+            settings.delay = downstream;
+            settings.upstream_delay = Some(upstream);
+        });
     }
 }
 
@@ -189,8 +205,8 @@ async fn accept_loop(
             let _ = server.set_nodelay(true);
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
-            let up = pump(id, client_read, server_write, settings.clone());
-            let down = pump(id, server_read, client_write, settings);
+            let up = pump(id, true, client_read, server_write, settings.clone());
+            let down = pump(id, false, server_read, client_write, settings);
             tokio::select! {
                 _ = closed.cancelled() => {}
                 _ = async { tokio::join!(up, down) } => {}
@@ -221,6 +237,7 @@ async fn may_forward(id: u64, settings: &mut watch::Receiver<Settings>) -> bool 
 
 async fn pump(
     id: u64,
+    upstream: bool,
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut settings: watch::Receiver<Settings>,
@@ -238,7 +255,13 @@ async fn pump(
             }
             Ok(read) => read,
         };
-        let delay = settings.borrow().delay;
+        let delay = {
+            let current = settings.borrow();
+            match current.upstream_delay {
+                Some(delay) if upstream => delay,
+                _ => current.delay,
+            }
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

@@ -184,3 +184,215 @@ async fn fence_counters_stay_bounded_and_increase() -> Result<()> {
     ensure!(locks.is_empty(), "lock keys left behind: {locks:?}");
     Ok(())
 }
+
+// Subscriptions at scale (issue #13): the backend's one pub/sub connection must carry many
+// waiters' SUBSCRIBEs at once, answer a waiter of an already subscribed key without a round
+// trip, and keep dispatching release messages while confirmations are outstanding. The link
+// is slowed by the harness proxy, so a round trip is long against scheduling noise.
+
+/// Median of a few `PING` round trips through `url` (the proxied link as it is now).
+async fn round_trip(url: &str) -> Result<Duration> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        let sent = Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        samples.push(sent.elapsed());
+    }
+    samples.sort();
+    Ok(samples[samples.len() / 2])
+}
+
+/// How many subscribers the server counts on each of `keys`' release channels.
+async fn subscribers(server: &RedisServer, keys: &[LockKey]) -> Result<Vec<u64>> {
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    let mut command = redis::cmd("PUBSUB");
+    command.arg("NUMSUB");
+    for key in keys {
+        command.arg(scheme()?.channel(key.as_str()));
+    }
+    let answer: Vec<(String, u64)> = command.query_async(&mut conn).await?;
+    Ok(answer.into_iter().map(|(_, count)| count).collect())
+}
+
+/// `count` waiters on distinct keys subscribe at once; each one's time from its call to the
+/// confirmed subscription, sorted. The subscriptions are returned so they stay live.
+async fn subscribe_all(
+    backend: &RedisBackend,
+    keys: &[LockKey],
+) -> Result<(Vec<Duration>, Vec<lock_core::Releases>)> {
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (backend, key) = (backend.clone(), key.clone());
+            tokio::spawn(async move {
+                let called = Instant::now();
+                let releases = backend.subscribe(&key).await?;
+                anyhow::Ok((called.elapsed(), releases))
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut live = Vec::new();
+    for task in tasks {
+        let (took, releases) = task.await??;
+        times.push(took);
+        live.push(releases);
+    }
+    times.sort();
+    Ok((times, live))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_waiters_are_subscribed_within_three_round_trips() -> Result<()> {
+    const WAITERS: usize = 300;
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    // The listener connects in the background: one subscription first, so the figure below
+    // is the subscriptions', not the connect's.
+    drop(backend.subscribe(&LockKey::new("warm-up")?).await?);
+    proxy.set_delay(Duration::from_millis(4));
+    let rtt = round_trip(&server.url()).await?;
+    let keys = (0..WAITERS)
+        .map(|i| LockKey::new(format!("many:{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (times, live) = subscribe_all(&backend, &keys).await?;
+    let (median, last) = (times[WAITERS / 2], times[WAITERS - 1]);
+    eprintln!(
+        "{WAITERS} subscriptions, link 4 ms each way (PING {rtt:?}): median {median:?}, max {last:?}"
+    );
+    let slow = times.iter().filter(|took| **took > rtt * 3).count();
+    ensure!(
+        slow == 0,
+        "{slow} of {WAITERS} subscriptions took over 3 round trips ({:?}): median {median:?}, max {last:?}",
+        rtt * 3
+    );
+    // Each returned because the server confirmed it, not because the wait ran out.
+    let counts = subscribers(&server, &keys).await?;
+    let missing = counts.iter().filter(|count| **count != 1).count();
+    ensure!(
+        missing == 0,
+        "{missing} of {WAITERS} channels not subscribed"
+    );
+    drop(live);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_waiter_of_a_subscribed_key_needs_no_round_trip() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    drop(backend.subscribe(&LockKey::new("warm-up")?).await?);
+    // A round trip of at least 200 ms: anything that crosses the link shows.
+    proxy.set_delay(Duration::from_millis(100));
+    let key = LockKey::new("shared")?;
+    let first = backend.subscribe(&key).await?;
+    let keys = vec![key; 20];
+    let started = Instant::now();
+    let (times, live) = subscribe_all(&backend, &keys).await?;
+    let all = started.elapsed();
+    ensure!(
+        all < Duration::from_millis(60),
+        "20 more waiters of a subscribed key took {all:?} (slowest {:?}; a round trip is ≥ 200 ms)",
+        times[times.len() - 1]
+    );
+    drop((first, live));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_is_delivered_while_other_subscriptions_are_outstanding() -> Result<()> {
+    const OTHERS: usize = 300;
+    // Requests to the server take 400 ms, its messages come at once: the other keys'
+    // SUBSCRIBEs stay outstanding while key A's release message is already here.
+    const UP: Duration = Duration::from_millis(400);
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let waiter = RedisBackend::connect(&server.url()).await?;
+    let holder = RedisBackend::connect(&server.direct_url()).await?;
+    let a = LockKey::new("A")?;
+    let mut releases = waiter.subscribe(&a).await?;
+    let lease = acquire_free(&holder, &a).await?;
+    // The waiter's attempt marks the holder, so the release publishes.
+    let attempt = waiter.try_acquire(&a, Duration::from_secs(5)).await?;
+    ensure!(attempt.into_lease().is_none(), "A acquired twice");
+    let value = raw_value(&server, &a).await?.context("lock key missing")?;
+    ensure!(value.ends_with('+'), "the waiter did not mark the holder");
+
+    proxy.set_delays(UP, Duration::ZERO);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let others: Vec<_> = (0..OTHERS)
+        .map(|i| {
+            let (waiter, done) = (waiter.clone(), done.clone());
+            tokio::spawn(async move {
+                let releases = waiter
+                    .subscribe(&LockKey::new(format!("other:{i}"))?)
+                    .await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                anyhow::Ok(releases)
+            })
+        })
+        .collect();
+    // Let the listener take the subscriptions up and send them.
+    sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    ensure!(holder.release(&lease).await?, "release refused");
+    let wake = releases.next(released + Duration::from_secs(3)).await;
+    let took = released.elapsed();
+    let confirmed = done.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        wake == lock_core::Wake::Released,
+        "A's waiter was not woken within 3 s"
+    );
+    ensure!(
+        confirmed < OTHERS,
+        "every other subscription was confirmed before A's wake (nothing was outstanding)"
+    );
+    ensure!(
+        took < Duration::from_millis(150),
+        "A's release reached its waiter after {took:?}, behind outstanding subscriptions \
+         ({confirmed} of {OTHERS} confirmed; requests take {UP:?}, messages arrive at once)"
+    );
+    for other in others {
+        drop(other.await??);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_waiter_leaving_unsubscribes() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let keys = (0..50)
+        .map(|i| LockKey::new(format!("leave:{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (_, live) = subscribe_all(&backend, &keys).await?;
+    ensure!(
+        subscribers(&server, &keys)
+            .await?
+            .iter()
+            .all(|count| *count == 1),
+        "not every channel subscribed"
+    );
+    drop(live);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = subscribers(&server, &keys)
+            .await?
+            .iter()
+            .filter(|count| **count > 0)
+            .count();
+        if left == 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{left} channels still subscribed 3 s after their waiters left"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
