@@ -274,3 +274,115 @@ async fn pump(
         }
     }
 }
+
+/// A proxy that models a network link with a fixed latency each way: every chunk is
+/// forwarded that long after it was read, and chunks in flight overlap, as on a real link.
+/// ([`TcpProxy::set_delay`] instead delays each chunk after the one before it was written,
+/// so the delays of a burst of writes add up, as on a slow, narrow link.) For tests that
+/// count round trips.
+#[derive(Debug)]
+pub struct LinkProxy {
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl LinkProxy {
+    /// Starts a proxy to `upstream`: client-to-server bytes arrive `upstream_latency` after
+    /// they were sent, server-to-client bytes `downstream_latency` after.
+    pub fn start(
+        upstream: SocketAddr,
+        upstream_latency: Duration,
+        downstream_latency: Duration,
+    ) -> Result<Self> {
+        let std_listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the proxy port")?;
+        std_listener.set_nonblocking(true)?;
+        let listen = std_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the proxy runtime")?;
+        let thread_shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name(format!("link-{listen}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    loop {
+                        let accepted = tokio::select! {
+                            _ = thread_shutdown.cancelled() => return,
+                            accepted = listener.accept() => accepted,
+                        };
+                        let Ok((client, _)) = accepted else { continue };
+                        let shutdown = thread_shutdown.clone();
+                        tokio::spawn(async move {
+                            let Ok(server) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            let (client_read, client_write) = client.into_split();
+                            let (server_read, server_write) = server.into_split();
+                            let up = link(client_read, server_write, upstream_latency);
+                            let down = link(server_read, client_write, downstream_latency);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = async { tokio::join!(up, down) } => {}
+                            }
+                        });
+                    }
+                });
+            })
+            .context("spawning the proxy thread")?;
+        Ok(LinkProxy { listen, shutdown })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One direction of a [`LinkProxy`] connection: reads go on at once; each chunk is written
+/// `latency` after it was read, in order.
+async fn link(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    latency: Duration,
+) {
+    let (chunks, mut in_flight) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => {
+                    let due = tokio::time::Instant::now() + latency;
+                    if chunks.send((due, buffer[..read].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = in_flight.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
