@@ -805,17 +805,23 @@ async fn listen(
             }
             channels.extend(names.into_iter().zip(keys.iter().cloned()));
         }
-        let mut subs: HashMap<String, Sub> =
-            keys.into_iter().map(|key| (key, Sub::Confirmed)).collect();
+        let mut subs = Subscriptions {
+            state: keys.into_iter().map(|key| (key, Sub::Confirmed)).collect(),
+            channels,
+            requests: Requests::new(),
+            batch: Vec::new(),
+            batch_id: 0,
+            sink,
+            scheme: scheme.clone(),
+            limit: op_timeout,
+        };
         let connected_at = Instant::now();
         hub.notify_all();
         let mut ping = tokio::time::interval(Duration::from_secs(1));
         ping.tick().await;
-        // Requests sent and not yet answered. The loop never awaits one inline: it keeps
-        // reading release messages and commands while confirmations are on their way.
-        let mut requests = Requests::new();
-        let mut batch_id = 0u64;
         let mut pinging = false;
+        // No request is awaited inline: the loop keeps reading release messages and commands
+        // while confirmations are on their way (`subs.requests`).
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -824,76 +830,33 @@ async fn listen(
                     // Waiters that start together reach this queue a few microseconds
                     // apart: one yield lets them all in, so they share one SUBSCRIBE.
                     tokio::task::yield_now().await;
-                    // Every command waiting now is taken at once, so that the new keys'
-                    // SUBSCRIBEs go out as one command (one round trip for all of them).
-                    let mut batch: Vec<String> = Vec::new();
+                    // Every command waiting now is taken (bounded, so that a flood of
+                    // commands cannot keep messages waiting); the new keys' SUBSCRIBEs go
+                    // out as one command.
                     let mut next = Some(command);
                     let mut taken = 0;
                     while let Some(command) = next {
-                        match command {
-                            Command::Subscribe(key, ack) => match subs.get_mut(&key) {
-                                // Confirmed on this connection: no round trip needed.
-                                Some(Sub::Confirmed) => {
-                                    let _ = ack.send(());
-                                }
-                                // Its SUBSCRIBE is on the way: confirmed with it.
-                                Some(Sub::Pending { acks, .. }) => acks.push(ack),
-                                None => {
-                                    // Mapped now: a message can only follow the
-                                    // confirmation, which the select may see second.
-                                    channels.insert(scheme.channel(&key), key.clone());
-                                    subs.insert(
-                                        key.clone(),
-                                        Sub::Pending { batch: batch_id, acks: vec![ack] },
-                                    );
-                                    batch.push(key);
-                                }
-                            },
-                            Command::Unsubscribe(key) => {
-                                // A new waiter may have come between the hook and now: keep
-                                // it. A key never subscribed here has nothing to undo.
-                                if !hub.has_waiters(&key) && subs.remove(&key).is_some() {
-                                    // The SUBSCRIBEs taken so far go first: the server must
-                                    // see a key's SUBSCRIBE and UNSUBSCRIBE in their order.
-                                    send_subscribe(&mut requests, &sink, &scheme, &mut batch, &mut batch_id, op_timeout).await;
-                                    let channel = scheme.channel(&key);
-                                    channels.remove(&channel);
-                                    let mut sink = sink.clone();
-                                    start(&mut requests, async move { sink.unsubscribe(channel).await }, op_timeout, |ok| Done::Other { ok }).await;
-                                }
-                            }
-                        }
+                        subs.take(command, &hub).await;
                         taken += 1;
-                        // Bounded, so a flood of commands cannot keep messages waiting.
                         next = if taken < COMMAND_BATCH { commands.try_recv().ok() } else { None };
                     }
-                    send_subscribe(&mut requests, &sink, &scheme, &mut batch, &mut batch_id, op_timeout).await;
+                    subs.send_batch().await;
                 }
-                Some(done) = requests.next() => match done {
-                    Done::Subscribed { batch, keys, ok: true } => {
-                        for key in keys {
-                            // Only if no UNSUBSCRIBE (and new SUBSCRIBE) came after this one.
-                            let Some(sub) = subs.get_mut(&key) else { continue };
-                            if matches!(sub, Sub::Pending { batch: sent, .. } if *sent == batch) {
-                                if let Sub::Pending { acks, .. } = std::mem::replace(sub, Sub::Confirmed) {
-                                    for ack in acks {
-                                        let _ = ack.send(());
-                                    }
-                                }
-                            }
-                        }
-                    }
+                Some(done) = subs.requests.next() => match done {
+                    Done::Subscribed { batch, keys, ok: true } => subs.confirmed(batch, keys),
                     Done::Pong { ok: true } => pinging = false,
-                    Done::Other { ok: true } => {}
+                    Done::Unsubscribed { ok: true } => {}
                     // A refused (ACL) or unanswered request: reconnect, with backoff. The
                     // waiters still pending are answered (their acks dropped); the
                     // reconnect subscribes their keys and wakes them.
-                    Done::Subscribed { ok: false, .. } | Done::Pong { ok: false } | Done::Other { ok: false } => break,
+                    Done::Subscribed { ok: false, .. }
+                    | Done::Pong { ok: false }
+                    | Done::Unsubscribed { ok: false } => break,
                 },
                 message = stream.next() => match message {
                     None => break,
                     Some(message) => {
-                        if let Some(key) = channels.get(message.get_channel_name()) {
+                        if let Some(key) = subs.channels.get(message.get_channel_name()) {
                             hub.notify(key);
                         }
                     }
@@ -904,8 +867,7 @@ async fn listen(
                     // stream: a ping that goes unanswered makes us reconnect. One at a time.
                     if !pinging {
                         pinging = true;
-                        let mut sink = sink.clone();
-                        start(&mut requests, async move { sink.ping::<redis::Value>().await }, op_timeout, |ok| Done::Pong { ok }).await;
+                        subs.ping().await;
                     }
                 }
             }
@@ -948,10 +910,10 @@ enum Done {
         keys: Vec<String>,
         ok: bool,
     },
-    Pong {
+    Unsubscribed {
         ok: bool,
     },
-    Other {
+    Pong {
         ok: bool,
     },
 }
@@ -959,16 +921,122 @@ enum Done {
 type Requests = futures::stream::FuturesUnordered<futures::future::BoxFuture<'static, Done>>;
 
 /// At most this many commands are taken from the queue before the listener reads messages
-/// again (and at most this many channels go in one `SUBSCRIBE`).
+/// again (so also at most this many channels in one `SUBSCRIBE`).
 const COMMAND_BATCH: usize = 1024;
+
+/// The subscriptions of one pub/sub connection, and its requests in flight.
+struct Subscriptions {
+    /// Every key subscribed (or being subscribed) on this connection.
+    state: HashMap<String, Sub>,
+    /// Channel name to key, for the messages.
+    channels: HashMap<String, String>,
+    /// Sent and not yet answered, each bounded by `limit`.
+    requests: Requests,
+    /// Keys taken from the queue whose `SUBSCRIBE` is not sent yet (batch `batch_id`).
+    batch: Vec<String>,
+    batch_id: u64,
+    sink: redis::aio::PubSubSink,
+    scheme: KeyScheme,
+    limit: Duration,
+}
+
+impl Subscriptions {
+    /// One command from the queue. A new key joins the batch being gathered.
+    async fn take(&mut self, command: Command, hub: &ReleaseHub) {
+        match command {
+            Command::Subscribe(key, ack) => match self.state.get_mut(&key) {
+                // Confirmed on this connection: no round trip needed.
+                Some(Sub::Confirmed) => {
+                    let _ = ack.send(());
+                }
+                // Its SUBSCRIBE is on the way: confirmed with it.
+                Some(Sub::Pending { acks, .. }) => acks.push(ack),
+                None => {
+                    // Mapped now: a message can only follow the confirmation, but the
+                    // listener may see the confirmation second.
+                    self.channels.insert(self.scheme.channel(&key), key.clone());
+                    let pending = Sub::Pending {
+                        batch: self.batch_id,
+                        acks: vec![ack],
+                    };
+                    self.state.insert(key.clone(), pending);
+                    self.batch.push(key);
+                }
+            },
+            Command::Unsubscribe(key) => {
+                // A new waiter may have come between the hook and now: keep it. A key not
+                // subscribed on this connection has nothing to undo.
+                if hub.has_waiters(&key) || self.state.remove(&key).is_none() {
+                    return;
+                }
+                // The SUBSCRIBEs gathered so far go first: the server must see a key's
+                // SUBSCRIBE and UNSUBSCRIBE in the order they were asked for.
+                self.send_batch().await;
+                let channel = self.scheme.channel(&key);
+                self.channels.remove(&channel);
+                let mut sink = self.sink.clone();
+                let request = async move { sink.unsubscribe(channel).await };
+                start(&mut self.requests, request, self.limit, |ok| {
+                    Done::Unsubscribed { ok }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Sends one `SUBSCRIBE` for the keys gathered (if any).
+    async fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.batch);
+        let names: Vec<String> = keys.iter().map(|key| self.scheme.channel(key)).collect();
+        let batch = self.batch_id;
+        self.batch_id += 1;
+        let mut sink = self.sink.clone();
+        let request = async move { sink.subscribe(names).await };
+        start(&mut self.requests, request, self.limit, move |ok| {
+            Done::Subscribed { batch, keys, ok }
+        })
+        .await;
+    }
+
+    /// The server confirmed batch `batch`: answer its waiters.
+    fn confirmed(&mut self, batch: u64, keys: Vec<String>) {
+        for key in keys {
+            // Only if no UNSUBSCRIBE (and new SUBSCRIBE) of the key came after this one.
+            let Some(sub) = self.state.get_mut(&key) else {
+                continue;
+            };
+            if !matches!(sub, Sub::Pending { batch: sent, .. } if *sent == batch) {
+                continue;
+            }
+            if let Sub::Pending { acks, .. } = std::mem::replace(sub, Sub::Confirmed) {
+                for ack in acks {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+
+    /// Sends a `PING`; its answer comes back as [`Done::Pong`].
+    async fn ping(&mut self) {
+        let mut sink = self.sink.clone();
+        let request = async move { sink.ping::<redis::Value>().await };
+        start(&mut self.requests, request, self.limit, |ok| Done::Pong {
+            ok,
+        })
+        .await;
+    }
+}
 
 /// Sends `request` now and adds its outcome, bounded by `limit`, to `requests`.
 ///
-/// `PubSubSink` writes a command when its future is first polled: polling it here, once,
-/// rather than whenever the set gets to it, keeps the commands on the wire in the order the
-/// listener made them (a key's `UNSUBSCRIBE` must not overtake its `SUBSCRIBE`). Its
-/// confirmations are then awaited concurrently with everything else (the sink matches
-/// answers to requests in order).
+/// `PubSubSink` queues a command for the connection when its future is first polled:
+/// polling it here, once, rather than whenever the set gets to it, keeps the commands on the
+/// wire in the order the listener made them (a key's `UNSUBSCRIBE` must not overtake its
+/// `SUBSCRIBE`). The answers are then awaited concurrently with everything else (the sink
+/// matches them to requests in order).
 async fn start<T, F>(
     requests: &mut Requests,
     request: F,
@@ -986,37 +1054,6 @@ async fn start<T, F>(
         };
         done(ok)
     }));
-}
-
-/// Sends one `SUBSCRIBE` for the channels of the keys in `batch` (emptied), as batch
-/// `batch_id` (then incremented).
-async fn send_subscribe(
-    requests: &mut Requests,
-    sink: &redis::aio::PubSubSink,
-    scheme: &KeyScheme,
-    batch: &mut Vec<String>,
-    batch_id: &mut u64,
-    limit: Duration,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let keys = std::mem::take(batch);
-    let names: Vec<String> = keys.iter().map(|key| scheme.channel(key)).collect();
-    let id = *batch_id;
-    *batch_id += 1;
-    let mut sink = sink.clone();
-    start(
-        requests,
-        async move { sink.subscribe(names).await },
-        limit,
-        move |ok| Done::Subscribed {
-            batch: id,
-            keys,
-            ok,
-        },
-    )
-    .await;
 }
 
 /// Backoff of the pub/sub listener's reconnects, and how long a connection must have stayed
