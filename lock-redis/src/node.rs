@@ -686,8 +686,10 @@ impl Node {
     }
 
     /// Asks the listener to subscribe to `key`'s channel; resolves when the server confirmed
-    /// it, or when the listener is not connected (it then subscribes on reconnect and wakes
-    /// every waiter). The listener keeps the request when the caller stops waiting.
+    /// it (at once if it already had: no round trip), or when the listener is not connected
+    /// (it then subscribes on reconnect and wakes every waiter). The listener keeps the
+    /// request when the caller stops waiting (cancel safe: the key stays subscribed while it
+    /// has waiters in the hub).
     pub(crate) async fn subscribe(&self, key: &str) {
         let (ack, confirmed) = oneshot::channel();
         if self

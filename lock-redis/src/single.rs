@@ -433,9 +433,9 @@ impl LockBackend for RedisBackend {
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
         let releases = self.inner.hub.subscribe(key.as_str());
-        // Every waiter (not only a key's first) waits for a SUBSCRIBE confirmation: the
-        // listener handles commands in order, so this also covers a first waiter's SUBSCRIBE
-        // still in flight. SUBSCRIBE to a subscribed channel is a no-op on the server.
+        // Every waiter (not only a key's first) waits until its key's channel is confirmed:
+        // a later waiter of a key whose SUBSCRIBE is still in flight is answered with that
+        // confirmation, one of a key already confirmed at once, without a round trip.
         self.inner
             .subscribe(key.as_str(), 1, Duration::from_secs(1))
             .await;
