@@ -92,6 +92,10 @@ pub const SUBSCRIBE_BUDGET: Duration = Duration::from_millis(250);
 /// shorter one would end sessions between two statements of a busy client.
 pub const MIN_TTL: Duration = Duration::from_millis(500);
 
+/// `lock_timeout` of a blocker's statement (see `blocker.rs`): a blocker whose waiters all
+/// gave up is queued on the server at most this long.
+pub const BLOCKER_LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How often the reaper looks at an empty book (see [`reaper`]).
 const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
 
