@@ -54,6 +54,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+mod blocker;
 mod config;
 mod detached;
 mod errors;
@@ -65,6 +66,8 @@ mod setup;
 mod shared;
 mod tasks;
 
+pub use blocker::MAX_BLOCKERS;
+use blocker::*;
 pub use config::PostgresConfig;
 use config::*;
 use detached::*;
@@ -227,6 +230,8 @@ struct Inner {
     /// first holder session so that the first lock does not wait for a connection of its own.
     /// With the instant it was parked (its last statement).
     spare: Mutex<Option<(PgConnection, i32, Instant)>>,
+    /// Blocker connections waiting server-side for held locks to go (`blocker.rs`).
+    blockers: Mutex<Blockers>,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -246,6 +251,7 @@ impl Drop for PostgresBackend {
         self.reaper.abort();
         self.heartbeat.abort();
         self.inner.closed.store(true, Ordering::SeqCst);
+        lock(&self.inner.blockers).shut_down();
         if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
             listening.listen.abort();
             listening.waiters.abort();
@@ -305,6 +311,7 @@ impl PostgresBackend {
             key_cache: Mutex::default(),
             tables_ready: AtomicBool::new(false),
             spare: Mutex::new(None),
+            blockers: Mutex::default(),
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);

@@ -261,6 +261,10 @@ impl Inner {
         }
         let Some(fence) = fence else {
             self.forget_pending(BookKey::Lock(hash));
+            drop(state);
+            // Held by another session: if we have waiters for it, a blocker waits on the
+            // server for the holder to go, also when the server ends its session (no NOTIFY).
+            self.arm_blocker(&key, hash);
             // Another backend's deadline is known only to it; waiters hear the release.
             return Ok(Attempt::Held { expires_in: None });
         };

@@ -143,7 +143,10 @@ async fn wait_sessions_gone(
         if left == 0 {
             return Ok(Instant::now());
         }
-        ensure!(Instant::now() < deadline, "the holder's session never ended");
+        ensure!(
+            Instant::now() < deadline,
+            "the holder's session never ended"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -193,6 +196,9 @@ async fn a_waiter_that_gives_up_leaves_nothing_on_the_server() -> Result<()> {
         .bind(hash)
         .fetch_one(&mut conn)
         .await?;
-    ensure!(got, "a third party could not take the key after the release");
+    ensure!(
+        got,
+        "a third party could not take the key after the release"
+    );
     Ok(())
 }
