@@ -58,15 +58,24 @@ pub(crate) struct Arm {
     wake: Notify,
 }
 
-/// The blockers of a backend.
+/// The blockers of a backend, and which waited-for keys have no waiter mark.
 #[derive(Debug, Default)]
 pub(crate) struct Blockers {
-    /// Advisory key → the arm of the task blocking on it, and the task (aborted when the
-    /// backend is dropped: it must not keep the backend's sessions alive).
-    running: HashMap<i64, (Arc<Arm>, tokio::task::AbortHandle)>,
+    /// Key → the arm of the task blocking on it, and the task (aborted when the backend is
+    /// dropped: it must not keep the backend's sessions alive).
+    running: HashMap<String, (Arc<Arm>, tokio::task::AbortHandle)>,
     /// Connections of retired blockers, with when they last answered.
     idle: Vec<(PgConnection, Instant)>,
+    /// Keys whose last attempt here was a plain lock the server answered "held" (bounded:
+    /// emptied when full). Read by `subscribe`.
+    lock_held: std::collections::HashSet<String>,
+    /// Keys with waiters that `subscribe` left without a waiter mark (see
+    /// [`Inner::subscribe_without_mark`]); emptied of a key when its last waiter goes.
+    unmarked: std::collections::HashSet<String>,
 }
+
+/// How many keys [`Blockers::lock_held`] remembers before it starts over.
+const LOCK_HELD_CAPACITY: usize = 4096;
 
 /// What one blocking statement found.
 enum Blocked {
@@ -86,24 +95,82 @@ impl Blockers {
         }
         self.idle.clear();
     }
+
+    /// The hub's idle hook: `key` has no waiters left. Its blocker (if any) retires now
+    /// instead of holding a slot for [`BLOCKER_IDLE`].
+    pub(crate) fn key_idle(&mut self, key: &str) {
+        self.unmarked.remove(key);
+        if let Some((arm, _)) = self.running.get(key) {
+            arm.wake.notify_one();
+        }
+    }
 }
 
 impl Inner {
-    /// Called when the server answered "held" to an attempt on `key`: if the backend has
-    /// waiters for the key, have a blocker wait for the holder to go (starting one if a slot
-    /// is free). See the module docs.
-    pub(crate) fn arm_blocker(self: &Arc<Self>, key: &LockKey, hash: i64) {
-        if !self.hub.has_waiters(key.as_str()) || self.closed.load(Ordering::SeqCst) {
-            return;
+    /// Whether a new subscriber of `key` can do without the waiter mark (and so without
+    /// making every release of the key pay for a NOTIFY, which a releaser in this same
+    /// process then echoes back to us: in a loop of 8 workers on one key the echoes cost
+    /// 40 % of the rate). True when the key is a plain lock held here (our release wakes
+    /// the waiter locally) or held elsewhere with a blocker slot for it: then every attempt
+    /// the server answers "held" arms a blocker, and if none can be had the key is marked
+    /// then ([`Inner::lock_held_elsewhere`]). Semaphores and reader-writer locks always mark.
+    pub(crate) fn subscribe_without_mark(&self, key: &LockKey) -> bool {
+        let hash = self.advisory_key(key);
+        let held_here = lock(&self.book).entries.contains_key(&BookKey::Lock(hash));
+        let mut blockers = lock(&self.blockers);
+        let lock_wait = held_here || blockers.lock_held.contains(key.as_str());
+        let slot =
+            blockers.running.contains_key(key.as_str()) || blockers.running.len() < MAX_BLOCKERS;
+        if lock_wait && slot {
+            blockers.unmarked.insert(key.as_str().to_owned());
+            return true;
+        }
+        false
+    }
+
+    /// A plain-lock attempt on `key` that the server answered "held": a blocker waits for
+    /// the holder to go if the backend has waiters; a waited-for key left unmarked that gets
+    /// no blocker is marked now (and its waiters woken once, see [`Inner::mark_late`]).
+    pub(crate) fn lock_held_elsewhere(self: &Arc<Self>, key: &LockKey) {
+        {
+            let mut blockers = lock(&self.blockers);
+            if blockers.lock_held.len() >= LOCK_HELD_CAPACITY {
+                blockers.lock_held.clear();
+            }
+            if !blockers.lock_held.contains(key.as_str()) {
+                blockers.lock_held.insert(key.as_str().to_owned());
+            }
+        }
+        if !self.arm_blocker(key) {
+            self.mark_if_unmarked(key.as_str());
+        }
+    }
+
+    /// A waited-for key left unmarked by `subscribe` that nothing else covers now: mark it.
+    pub(crate) fn mark_if_unmarked(self: &Arc<Self>, key: &str) {
+        let was_unmarked = lock(&self.blockers).unmarked.remove(key);
+        if was_unmarked && self.hub.has_waiters(key) {
+            self.clone().mark_late(key.to_owned());
+        }
+    }
+
+    /// Has a blocker wait for `key`'s holder to go (starting one if a slot is free). `true`
+    /// when one does, or when nobody here waits for the key. See the module docs.
+    fn arm_blocker(self: &Arc<Self>, key: &LockKey) -> bool {
+        if !self.hub.has_waiters(key.as_str()) {
+            return true;
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
         }
         let mut blockers = lock(&self.blockers);
-        if let Some((arm, _)) = blockers.running.get(&hash) {
+        if let Some((arm, _)) = blockers.running.get(key.as_str()) {
             arm.armed.store(true, Ordering::SeqCst);
             arm.wake.notify_one();
-            return;
+            return true;
         }
         if blockers.running.len() >= MAX_BLOCKERS {
-            return;
+            return false;
         }
         let arm = Arc::new(Arm::default());
         arm.armed.store(true, Ordering::SeqCst);
@@ -114,12 +181,16 @@ impl Inner {
             .idle
             .retain(|(_, at)| now.saturating_duration_since(*at) < BLOCKER_REUSE_WITHIN);
         let conn = blockers.idle.pop().map(|(conn, _)| conn);
+        let hash = self.advisory_key(key);
         // Spawned under the lock: the task's own retirement waits for this entry.
         let task = tokio::spawn(
             self.clone()
                 .run_blocker(key.clone(), hash, arm.clone(), conn),
         );
-        blockers.running.insert(hash, (arm, task.abort_handle()));
+        blockers
+            .running
+            .insert(key.as_str().to_owned(), (arm, task.abort_handle()));
+        true
     }
 
     async fn run_blocker(
@@ -132,11 +203,18 @@ impl Inner {
         let mut failures = 0;
         loop {
             if !arm.armed.swap(false, Ordering::SeqCst) {
-                let _ = tokio::time::timeout(BLOCKER_IDLE, arm.wake.notified()).await;
+                let woken = tokio::time::timeout(BLOCKER_IDLE, arm.wake.notified())
+                    .await
+                    .is_ok();
+                // Not armed: idle for BLOCKER_IDLE, or woken because the key's last waiter
+                // went. Either way the slot goes back (a later held answer starts a new one).
+                if !arm.armed.swap(false, Ordering::SeqCst)
+                    && (!woken || !self.hub.has_waiters(key.as_str()))
+                    && self.retire_blocker(&key, &arm, &mut conn)
+                {
+                    return;
+                }
                 if !arm.armed.swap(false, Ordering::SeqCst) {
-                    if self.retire_blocker(hash, &arm, &mut conn) {
-                        return;
-                    }
                     continue;
                 }
             }
@@ -149,7 +227,7 @@ impl Inner {
                     Ok(fresh) => conn.insert(fresh),
                     Err(error) => {
                         tracing::debug!(%error, "no blocker connection; waiters poll");
-                        self.retire_blocker_now(hash, &arm);
+                        self.retire_blocker_now(&key, &arm);
                         return;
                     }
                 },
@@ -167,12 +245,13 @@ impl Inner {
                 Blocked::Failed => {
                     conn = None;
                     failures += 1;
-                    if failures >= 2 {
-                        self.retire_blocker_now(hash, &arm);
-                        return;
-                    }
                     // The holder may have gone meanwhile: let the waiter look.
                     self.hub.notify(key.as_str());
+                    if failures >= 2 {
+                        self.retire_blocker_now(&key, &arm);
+                        return;
+                    }
+                    arm.armed.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -200,7 +279,12 @@ impl Inner {
 
     /// Gives the slot up unless the blocker was armed meanwhile (then `false`: go on, with
     /// the connection). A retired blocker's connection joins the idle set.
-    fn retire_blocker(&self, hash: i64, arm: &Arc<Arm>, conn: &mut Option<PgConnection>) -> bool {
+    fn retire_blocker(
+        &self,
+        key: &LockKey,
+        arm: &Arc<Arm>,
+        conn: &mut Option<PgConnection>,
+    ) -> bool {
         let mut blockers = lock(&self.blockers);
         // Armed under this lock by `arm_blocker`: checked under it too, so an arm is never
         // left with no task to act on it.
@@ -209,10 +293,10 @@ impl Inner {
         }
         if blockers
             .running
-            .get(&hash)
+            .get(key.as_str())
             .is_some_and(|(ours, _)| Arc::ptr_eq(ours, arm))
         {
-            blockers.running.remove(&hash);
+            blockers.running.remove(key.as_str());
         }
         if let Some(conn) = conn.take()
             && blockers.idle.len() + blockers.running.len() < MAX_BLOCKERS
@@ -223,18 +307,21 @@ impl Inner {
         true
     }
 
-    /// Gives the slot up at once (the blocker cannot run); waiters keep the other paths.
-    fn retire_blocker_now(&self, hash: i64, arm: &Arc<Arm>) {
-        let mut blockers = lock(&self.blockers);
-        if blockers
-            .running
-            .get(&hash)
-            .is_some_and(|(ours, _)| Arc::ptr_eq(ours, arm))
+    /// Gives the slot up at once (the blocker cannot run): waiters of an unmarked key get
+    /// the mark instead.
+    fn retire_blocker_now(self: &Arc<Self>, key: &LockKey, arm: &Arc<Arm>) {
         {
-            blockers.running.remove(&hash);
+            let mut blockers = lock(&self.blockers);
+            if blockers
+                .running
+                .get(key.as_str())
+                .is_some_and(|(ours, _)| Arc::ptr_eq(ours, arm))
+            {
+                blockers.running.remove(key.as_str());
+            }
         }
+        self.mark_if_unmarked(key.as_str());
     }
-
     /// A new blocker connection (`<app>-blocker`): the waiter session's idle timeout and
     /// keepalives (a frozen process's queued requests go with its session) and the lock
     /// timeout that bounds each blocking statement.

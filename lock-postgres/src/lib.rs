@@ -230,8 +230,9 @@ struct Inner {
     /// first holder session so that the first lock does not wait for a connection of its own.
     /// With the instant it was parked (its last statement).
     spare: Mutex<Option<(PgConnection, i32, Instant)>>,
-    /// Blocker connections waiting server-side for held locks to go (`blocker.rs`).
-    blockers: Mutex<Blockers>,
+    /// Blocker connections waiting server-side for held locks to go (`blocker.rs`); shared
+    /// with the hub's idle hook.
+    blockers: Arc<Mutex<Blockers>>,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -287,6 +288,7 @@ impl PostgresBackend {
         );
         let waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>> =
             Arc::default();
+        let blockers: Arc<Mutex<Blockers>> = Arc::default();
         let inner = Arc::new(Inner {
             options,
             config,
@@ -295,7 +297,9 @@ impl PostgresBackend {
             sessions: Mutex::default(),
             hub: ReleaseHub::with_idle_hook({
                 let waiter_tx = waiter_tx.clone();
+                let blockers = blockers.clone();
                 move |key: &str| {
+                    lock(&blockers).key_idle(key);
                     if let Some(tx) = waiter_tx.get() {
                         let _ = tx.send(WaiterCommand::Forget(key.to_owned()));
                     }
@@ -311,7 +315,7 @@ impl PostgresBackend {
             key_cache: Mutex::default(),
             tables_ready: AtomicBool::new(false),
             spare: Mutex::new(None),
-            blockers: Mutex::default(),
+            blockers,
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);
@@ -557,6 +561,11 @@ impl LockBackend for PostgresBackend {
         // hears local releases and the client's backoff bounds the rest.
         let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.inner.config.op_timeout);
         let releases = self.inner.hub.subscribe(key.as_str());
+        // A plain lock held here, or held elsewhere with a blocker for it, needs no mark
+        // (blocker.rs): no NOTIFY per release.
+        if self.inner.subscribe_without_mark(key) {
+            return Ok(releases);
+        }
         if !self.inner.ensure_listener(deadline).await {
             tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
             self.inner.clone().mark_late(key.as_str().to_owned());

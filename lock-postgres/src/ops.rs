@@ -264,7 +264,7 @@ impl Inner {
             drop(state);
             // Held by another session: if we have waiters for it, a blocker waits on the
             // server for the holder to go, also when the server ends its session (no NOTIFY).
-            self.arm_blocker(&key, hash);
+            self.lock_held_elsewhere(&key);
             // Another backend's deadline is known only to it; waiters hear the release.
             return Ok(Attempt::Held { expires_in: None });
         };
