@@ -1,41 +1,36 @@
-//! Blockers (#13): waiting server-side for a held lock to go, on a bounded set of
-//! connections.
+//! Blockers (#13): hearing at once that the server ended a lock holder's session, on a
+//! bounded set of connections.
 //!
 //! A release NOTIFYs waiters, but a lock the *server* frees (its holder session terminated,
 //! ended by `idle_session_timeout`, its connection closed) sends nothing: waiters used to
-//! learn of it at their next backoff step, up to the backoff cap (1 s) late. A blocker asks
-//! the server instead: for a key whose last attempt from this backend found it held while
-//! the backend has waiters for it, one blocker connection runs
+//! learn of it at their next backoff step, up to the backoff cap (1 s) late. Every holder
+//! session takes its *alive key* `(HOLDER_ALIVE_CLASS, pid)` exclusively when it connects and
+//! never gives it back. For a key whose attempt the server answered "held" while this backend
+//! has waiters for it, one blocker connection runs one statement ([`BLOCK_SQL`]) that finds
+//! the holder's pid in `pg_locks` and asks for its alive key shared (given back in the same
+//! statement): it returns the moment that session ends, and the blocker then wakes the key's
+//! next local waiter through the hub, which tries at once on its holder session.
 //!
-//! ```sql
-//! SELECT pg_advisory_lock_shared(k), pg_advisory_unlock_shared(k)
-//! ```
-//!
-//! which returns the moment the exclusive holder is gone, however it went (released, session
-//! ended), and gives the shared lock back in the same statement (a shared lock held even
-//! briefly makes other processes' `pg_try_advisory_lock` fail, so it never outlives the
-//! statement). On its return the blocker wakes the key's next local waiter through the
-//! hub, which then tries at once on its holder session. The wait is level-triggered: a
-//! release between the waiter's failed attempt and the blocker's statement makes the
-//! statement return at once, so nothing is missed.
-//!
+//! - **Why the alive key, not the lock's key.** The design first suggested,
+//!   `pg_advisory_lock_shared(k), pg_advisory_unlock_shared(k)`, also returns on a release,
+//!   but the shared lock it is granted for that instant makes a `pg_try_advisory_lock(k)` sent
+//!   just after the release fail, also another process's: the conformance case
+//!   `wait_timeout_is_bounded` failed with it ("timed-out waiters left the key blocked": a
+//!   blocker still queued when the holder released). The alive key is no one's lock.
+//!   Releases keep coming by NOTIFY (the waiter mark), as before.
 //! - **Bounded.** At most [`MAX_BLOCKERS`] connections per backend (`<app>-blocker`), one key
-//!   each at a time; keys beyond that keep the NOTIFY + backoff path, which stays in place
-//!   for every key anyway (blockers add a wake-up, they replace nothing).
+//!   each at a time; keys beyond that keep the NOTIFY + backoff path.
 //! - **Armed by a held answer.** A blocker blocks once per `try_acquire` of the key that the
 //!   server answered "held" while the hub has waiters for it (the client's re-check right
-//!   after subscribing is such an attempt). After its statement returns it waits for the next
-//!   such answer, so it never spins on a free key while the woken waiter's attempt is in
-//!   flight. A key whose lock this backend holds itself needs none: the local release wakes
-//!   the waiter.
-//! - **Cancel-safe.** The statement runs under `lock_timeout` = [`BLOCKER_LOCK_TIMEOUT`], and
-//!   after a timeout the blocker blocks again only while the key still has waiters, so a
-//!   waiter that gave up leaves a queued request behind for at most that long, and never a
-//!   lock (the shared lock is given back within the statement; a statement we stop waiting
-//!   for drops its connection, which ends the session and its requests). A blocker idle for
-//!   [`BLOCKER_IDLE`] frees its slot.
-//! - **Plain locks only.** Semaphores and reader-writer locks use other advisory keys (slots,
-//!   sides) and stay on the NOTIFY + backoff path.
+//!   after subscribing is such an attempt), and again after each lock timeout while waiters
+//!   remain (the holder may have changed: the lookup is redone). A holder that is not a
+//!   distlock holder session (no alive key) is not waited on.
+//! - **Cancel-safe.** The statement runs under `lock_timeout` = [`BLOCKER_LOCK_TIMEOUT`], so a
+//!   waiter that gave up leaves a queued request (on the alive key, never on the lock) for at
+//!   most that long, and never a lock; a statement we stop waiting for drops its connection.
+//!   The hub's idle hook retires the key's blocker when its last waiter goes; a blocker idle
+//!   for [`BLOCKER_IDLE`] frees its slot; all are aborted with the backend.
+//! - **Plain locks only.** Semaphores and reader-writer locks stay on NOTIFY + backoff.
 
 use super::*;
 
@@ -49,7 +44,18 @@ pub(crate) const BLOCKER_IDLE: Duration = Duration::from_secs(1);
 /// it at [`IDLE_CONNECTION_TIMEOUT`].
 const BLOCKER_REUSE_WITHIN: Duration = Duration::from_secs(3);
 
-const BLOCK_SQL: &str = "SELECT pg_advisory_lock_shared($1)::text, pg_advisory_unlock_shared($1)";
+/// Finds the session holding advisory key `$1` and, if it is a holder session with an alive
+/// key (a distlock backend's), waits until that session ends (see [`HOLDER_ALIVE_CLASS`]),
+/// giving the shared lock on the alive key back in the same statement. No row: the key is
+/// not held. A NULL: its holder has no alive key (not a distlock holder session).
+pub(crate) const BLOCK_SQL: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks a WHERE a.locktype = 'advisory' \
+       AND a.granted AND a.objsubid = 2 AND a.classid = 1684826977::oid \
+       AND a.objid = h.pid::oid AND a.pid = h.pid) \
+     THEN pg_advisory_lock_shared(1684826977, h.pid)::text \
+       || pg_advisory_unlock_shared(1684826977, h.pid)::text END \
+     FROM (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+       AND mode = 'ExclusiveLock' AND objsubid = 1 \
+       AND ((classid::int8 << 32) | objid::int8) = $1 LIMIT 1) h";
 
 /// One key's blocker: armed by each held answer for the key.
 #[derive(Debug, Default)]
@@ -66,16 +72,10 @@ pub(crate) struct Blockers {
     running: HashMap<String, (Arc<Arm>, tokio::task::AbortHandle)>,
     /// Connections of retired blockers, with when they last answered.
     idle: Vec<(PgConnection, Instant)>,
-    /// Keys whose last attempt here was a plain lock the server answered "held" (bounded:
-    /// emptied when full). Read by `subscribe`.
-    lock_held: std::collections::HashSet<String>,
     /// Keys with waiters that `subscribe` left without a waiter mark (see
     /// [`Inner::subscribe_without_mark`]); emptied of a key when its last waiter goes.
     unmarked: std::collections::HashSet<String>,
 }
-
-/// How many keys [`Blockers::lock_held`] remembers before it starts over.
-const LOCK_HELD_CAPACITY: usize = 4096;
 
 /// What one blocking statement found.
 enum Blocked {
@@ -83,6 +83,8 @@ enum Blocked {
     Free,
     /// Still held after the lock timeout.
     StillHeld,
+    /// Held by a session without an alive key: nothing to wait on here.
+    Foreign,
     /// The connection failed or did not answer in time (dropped).
     Failed,
 }
@@ -107,43 +109,29 @@ impl Blockers {
 }
 
 impl Inner {
-    /// Whether a new subscriber of `key` can do without the waiter mark (and so without
-    /// making every release of the key pay for a NOTIFY, which a releaser in this same
-    /// process then echoes back to us: in a loop of 8 workers on one key the echoes cost
-    /// 40 % of the rate). True when the key is a plain lock held here (our release wakes
-    /// the waiter locally) or held elsewhere with a blocker slot for it: then every attempt
-    /// the server answers "held" arms a blocker, and if none can be had the key is marked
-    /// then ([`Inner::lock_held_elsewhere`]). Semaphores and reader-writer locks always mark.
+    /// Whether a new subscriber of `key` can do without the waiter mark (which makes every
+    /// release of the key pay for a NOTIFY that, from a releaser in this same process, our
+    /// own listener echoes back as a second wake-up: in a loop of 8 workers on one key the
+    /// echoes cost 40 % of the rate). True when this backend holds the key as a plain lock:
+    /// its release wakes the local waiter directly. If a later attempt finds the key held
+    /// by another session, the key is marked then ([`Inner::lock_held_elsewhere`]).
     pub(crate) fn subscribe_without_mark(&self, key: &LockKey) -> bool {
         let hash = self.advisory_key(key);
         let held_here = lock(&self.book).entries.contains_key(&BookKey::Lock(hash));
-        let mut blockers = lock(&self.blockers);
-        let lock_wait = held_here || blockers.lock_held.contains(key.as_str());
-        let slot =
-            blockers.running.contains_key(key.as_str()) || blockers.running.len() < MAX_BLOCKERS;
-        if lock_wait && slot {
-            blockers.unmarked.insert(key.as_str().to_owned());
-            return true;
+        if held_here {
+            lock(&self.blockers)
+                .unmarked
+                .insert(key.as_str().to_owned());
         }
-        false
+        held_here
     }
 
-    /// A plain-lock attempt on `key` that the server answered "held": a blocker waits for
-    /// the holder to go if the backend has waiters; a waited-for key left unmarked that gets
-    /// no blocker is marked now (and its waiters woken once, see [`Inner::mark_late`]).
+    /// A plain-lock attempt on `key` that the server answered "held": a waited-for key left
+    /// unmarked is marked now (the release will NOTIFY; its waiters are woken once, see
+    /// [`Inner::mark_late`]), and a blocker waits for the holder's session to end.
     pub(crate) fn lock_held_elsewhere(self: &Arc<Self>, key: &LockKey) {
-        {
-            let mut blockers = lock(&self.blockers);
-            if blockers.lock_held.len() >= LOCK_HELD_CAPACITY {
-                blockers.lock_held.clear();
-            }
-            if !blockers.lock_held.contains(key.as_str()) {
-                blockers.lock_held.insert(key.as_str().to_owned());
-            }
-        }
-        if !self.arm_blocker(key) {
-            self.mark_if_unmarked(key.as_str());
-        }
+        self.mark_if_unmarked(key.as_str());
+        self.arm_blocker(key);
     }
 
     /// A waited-for key left unmarked by `subscribe` that nothing else covers now: mark it.
@@ -154,8 +142,8 @@ impl Inner {
         }
     }
 
-    /// Has a blocker wait for `key`'s holder to go (starting one if a slot is free). `true`
-    /// when one does, or when nobody here waits for the key. See the module docs.
+    /// Has a blocker wait for `key`'s holder session to end (starting one if a slot is
+    /// free). `true` when one does, or when nobody here waits for the key.
     fn arm_blocker(self: &Arc<Self>, key: &LockKey) -> bool {
         if !self.hub.has_waiters(key.as_str()) {
             return true;
@@ -237,6 +225,11 @@ impl Inner {
                     failures = 0;
                     self.hub.notify(key.as_str());
                 }
+                Blocked::Foreign => {
+                    tracing::debug!(key = %key, "lock held by a session without an alive key; its waiters poll");
+                    self.retire_blocker_now(&key, &arm);
+                    return;
+                }
                 Blocked::StillHeld => {
                     failures = 0;
                     // Keep waiting while someone does (checked at the top of the loop).
@@ -259,9 +252,13 @@ impl Inner {
 
     /// One blocking statement, bounded by the lock timeout plus `op_timeout` on our side.
     async fn block_once(&self, conn: &mut PgConnection, hash: i64) -> Blocked {
-        let query = sqlx::query(BLOCK_SQL).bind(hash).execute(&mut *conn);
         let limit = BLOCKER_LOCK_TIMEOUT + self.config.op_timeout;
+        let query = sqlx::query_scalar::<_, Option<String>>(BLOCK_SQL)
+            .bind(hash)
+            .fetch_optional(&mut *conn);
         match tokio::time::timeout(limit, query).await {
+            Ok(Ok(Some(None))) => Blocked::Foreign,
+            // No row: free; a row: the holder session ended while we waited.
             Ok(Ok(_)) => Blocked::Free,
             // lock_timeout (55P03), or a role's statement_timeout (57014) shorter than it.
             Ok(Err(sqlx::Error::Database(db)))
@@ -347,5 +344,17 @@ impl Inner {
             .await
             .map_err(|_| timed_out("connecting a blocker session", timeout))?
             .map_err(|error| connect_error("connecting a blocker session", &options, error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statement spells [`HOLDER_ALIVE_CLASS`] out as a literal: they must agree.
+    #[test]
+    fn block_sql_names_the_alive_class() {
+        let literal = HOLDER_ALIVE_CLASS.to_string();
+        assert_eq!(BLOCK_SQL.matches(literal.as_str()).count(), 3);
     }
 }

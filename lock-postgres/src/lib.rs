@@ -72,7 +72,7 @@ pub use config::PostgresConfig;
 use config::*;
 use detached::*;
 use errors::*;
-pub use keys::{SETUP_LOCK, advisory_key, waiter_key};
+pub use keys::{HOLDER_ALIVE_CLASS, SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
@@ -97,7 +97,7 @@ pub const MIN_TTL: Duration = Duration::from_millis(500);
 
 /// `lock_timeout` of a blocker's statement (see `blocker.rs`): a blocker whose waiters all
 /// gave up is queued on the server at most this long.
-pub const BLOCKER_LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+pub const BLOCKER_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// How often the reaper looks at an empty book (see [`reaper`]).
 const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
@@ -561,8 +561,8 @@ impl LockBackend for PostgresBackend {
         // hears local releases and the client's backoff bounds the rest.
         let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.inner.config.op_timeout);
         let releases = self.inner.hub.subscribe(key.as_str());
-        // A plain lock held here, or held elsewhere with a blocker for it, needs no mark
-        // (blocker.rs): no NOTIFY per release.
+        // A plain lock held here needs no mark: our own release wakes the waiter (no NOTIFY
+        // per release, nor its echo). See blocker.rs.
         if self.inner.subscribe_without_mark(key) {
             return Ok(releases);
         }
