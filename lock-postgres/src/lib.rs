@@ -455,11 +455,19 @@ impl LockBackend for PostgresBackend {
                 // Ours already (or being acquired): a session would grant it again, so we
                 // answer for it, like any other holder.
                 Some(Entry::Held(held)) => {
+                    let expires_in = held.deadline.saturating_duration_since(sent_at);
+                    drop(book);
+                    // Remembered for `subscribe` (no waiter mark: blocker.rs).
+                    self.inner.lock_held_here(key);
                     return Ok(Attempt::Held {
-                        expires_in: Some(held.deadline.saturating_duration_since(sent_at)),
+                        expires_in: Some(expires_in),
                     });
                 }
-                Some(Entry::Pending) => return Ok(Attempt::Held { expires_in: None }),
+                Some(Entry::Pending) => {
+                    drop(book);
+                    self.inner.lock_held_here(key);
+                    return Ok(Attempt::Held { expires_in: None });
+                }
                 None => {
                     book.entries.insert(BookKey::Lock(hash), Entry::Pending);
                 }
