@@ -26,7 +26,11 @@
 //! - **Wake-ups.** Release is one statement that unlocks and, when some backend waits for the
 //!   key, `NOTIFY`s. A waiting backend marks its interest with a shared advisory lock on the
 //!   key's hash in the two-int keyspace (held on its waiter connection) and `LISTEN`s on one
-//!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`].
+//!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`]. A lock held
+//!   in this process takes no mark (its release wakes the local waiter). A holder session the
+//!   server ends frees its locks without a NOTIFY: up to [`MAX_BLOCKERS`] blocker connections
+//!   wait on such a session's alive key ([`HOLDER_ALIVE_CLASS`]) and wake the waiter the
+//!   moment it ends (#13, `blocker.rs`).
 //! - **Semaphores and reader-writer locks** (#14): permits are advisory slot keys derived from
 //!   the name, a semaphore's limit is agreed through an occupancy key and a limit row, reader
 //!   and writer sides are a shared or exclusive advisory lock with a writer-intent row; same
