@@ -6,7 +6,11 @@
 //! - 16 tasks on distinct keys: throughput (raw: 16 connections doing the same);
 //! - hand-off: a holder keeps the lock 5 ms, one waiter is blocked in `acquire`; time from the
 //!   release call to the waiter holding the lock (raw: unlock + `pg_notify` on one connection,
-//!   the waiter's connection `LISTEN`s and then `pg_try_advisory_lock`s).
+//!   the waiter's connection `LISTEN`s and then `pg_try_advisory_lock`s); and the server's own
+//!   queue as the floor (#13): the waiter's connection blocks in `pg_advisory_lock`;
+//! - contended (#13): 8 workers in this process on one key, acquire + release for 5 s, against
+//!   pgbench with 8 clients running blocking `pg_advisory_lock` + `pg_advisory_unlock` on the
+//!   same server for 5 s (same CPU pinning: pgbench inherits the bench's CPU).
 
 use anyhow::{Context, Result, ensure};
 use lock_core::{LockOptions, Locker};
@@ -23,6 +27,9 @@ const UNCONTENDED_ROUNDS: usize = 3000;
 const PARALLEL_TASKS: usize = 16;
 const PARALLEL_ROUNDS: usize = 300;
 const HANDOFF_ROUNDS: usize = 200;
+const CONTENDED_WORKERS: usize = 8;
+const CONTENDED_FOR: Duration = Duration::from_secs(5);
+const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -348,6 +355,121 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
     Ok(stats(samples, started.elapsed()))
 }
 
+/// The server's own queue: the waiter's connection blocks in `pg_advisory_lock` while the
+/// holder keeps the lock 5 ms; time from the unlock call to the waiter's statement returning.
+async fn queue_handoff(url: &str) -> Result<Stats> {
+    let mut holder = raw_conn(url).await?;
+    let mut waiter = Some(raw_conn(url).await?);
+    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
+    let started = Instant::now();
+    for round in 0..HANDOFF_ROUNDS + 10 {
+        let key = 7000 + round as i64;
+        sqlx::query("SELECT pg_advisory_lock($1)::text")
+            .bind(key)
+            .execute(&mut holder)
+            .await?;
+        let mut conn = waiter.take().context("waiter connection")?;
+        let waiting = tokio::spawn(async move {
+            sqlx::query("SELECT pg_advisory_lock($1)::text")
+                .bind(key)
+                .execute(&mut conn)
+                .await?;
+            let at = Instant::now();
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .execute(&mut conn)
+                .await?;
+            Ok::<_, anyhow::Error>((at, conn))
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let released_at = Instant::now();
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut holder)
+            .await?;
+        let (acquired_at, conn) = waiting.await??;
+        waiter = Some(conn);
+        if round >= 10 {
+            samples.push(acquired_at.saturating_duration_since(released_at));
+        }
+    }
+    Ok(stats(samples, started.elapsed()))
+}
+
+/// [`CONTENDED_WORKERS`] tasks sharing one `Locker`, one key: acquire (waiting) + release in a
+/// loop for [`CONTENDED_FOR`]; acquisitions per second.
+async fn distlock_contended(locker: &Locker) -> Result<f64> {
+    let stop = Instant::now() + CONTENDED_FOR;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONTENDED_WORKERS {
+        let locker = locker.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut count = 0_u64;
+            while Instant::now() < stop {
+                let guard = locker
+                    .lock("bench-contended")
+                    .wait(Duration::from_secs(10))
+                    .acquire()
+                    .await?;
+                ensure!(guard.release().await?, "release answered false");
+                count += 1;
+            }
+            Ok::<_, anyhow::Error>(count)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// pgbench with [`CONTENDED_WORKERS`] clients, each transaction a blocking
+/// `pg_advisory_lock(1)` + `pg_advisory_unlock(1)`, for [`CONTENDED_FOR`]: its tps.
+async fn pgbench_contended(server: &PostgresServer) -> Result<f64> {
+    let script = std::env::temp_dir().join(format!("distlock-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "SELECT pg_advisory_lock(1);\nSELECT pg_advisory_unlock(1);\n",
+    )?;
+    let port = server.port().to_string();
+    let secs = CONTENDED_FOR.as_secs().to_string();
+    let clients = CONTENDED_WORKERS.to_string();
+    let output = tokio::process::Command::new(PGBENCH)
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &port,
+            "-c",
+            &clients,
+        ])
+        .args(["-j", "1", "-T", &secs, "-f"])
+        .arg(&script)
+        .arg("postgres")
+        .output()
+        .await
+        .with_context(|| format!("running {PGBENCH}"))?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tps = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse::<f64>().ok())
+        .with_context(|| format!("no tps in pgbench's output: {text}"))?;
+    Ok(tps)
+}
+
 /// Semaphore (limit 3, 1 permit) acquire + release through the `Locker`, uncontended.
 async fn distlock_semaphore(locker: &Locker) -> Result<Stats> {
     timed_pairs!(async {
@@ -415,6 +537,9 @@ async fn run(server: &PostgresServer) -> Result<()> {
     let dl_par = distlock_parallel(&locker).await?;
     let raw_hand = raw_handoff(&url).await?;
     let dl_hand = distlock_handoff(&locker, &waiter).await?;
+    let queue_hand = queue_handoff(&url).await?;
+    let bench_tps = pgbench_contended(server).await?;
+    let dl_contended = distlock_contended(&locker).await?;
     let raw_sem = raw_semaphore(&url).await?;
     let dl_sem = distlock_semaphore(&locker).await?;
     let dl_read = distlock_read(&locker).await?;
@@ -477,6 +602,24 @@ async fn run(server: &PostgresServer) -> Result<()> {
         us(raw_hand.p99),
         us(dl_hand.p99),
         ratio(raw_hand.p99, dl_hand.p99)
+    );
+    println!(
+        "| hand-off median against the server's queue (waiter blocked in pg_advisory_lock) | {} | {} | {:.2}× |",
+        us(queue_hand.p50),
+        us(dl_hand.p50),
+        ratio(queue_hand.p50, dl_hand.p50)
+    );
+    println!(
+        "| hand-off p99 against the server's queue | {} | {} | {:.2}× |",
+        us(queue_hand.p99),
+        us(dl_hand.p99),
+        ratio(queue_hand.p99, dl_hand.p99)
+    );
+    println!(
+        "| contended acquisitions/s, {CONTENDED_WORKERS} workers one key (raw: pgbench -c {CONTENDED_WORKERS}, blocking pg_advisory_lock) | {:.0} | {:.0} | {:.2} of pgbench |",
+        bench_tps,
+        dl_contended,
+        dl_contended / bench_tps.max(1e-9)
     );
     println!(
         "| semaphore (limit 3, 1 permit) acquire+release p50 / p99; raw = occupancy key + limit row + slot, then both unlocked | {} / {} | {} / {} | {:.2}× |",

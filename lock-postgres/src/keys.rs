@@ -14,6 +14,15 @@ pub fn waiter_key(hash: i64) -> (i32, i32) {
 /// 2^-64 accident that would only make setup wait behind a waiter).
 pub const SETUP_LOCK: (i32, i32) = (0x6469_7374, 0x6c6f_636b);
 
+/// First int of every holder session's *alive key* `(HOLDER_ALIVE_CLASS, pg_backend_pid())`
+/// in the two-int keyspace: taken exclusively when the session connects and never given back,
+/// so it goes exactly when the session ends. A blocker (`blocker.rs`) waits for a lock's
+/// holder session to end by asking for that key shared: it meets no user key, so waiting on
+/// it never makes anyone's `pg_try_advisory_lock` of the lock fail. (A waiter key of a hash
+/// whose high 32 bits are this constant and low 32 bits a live holder's pid can meet it: a
+/// 2^-32 accident per key that only leaves that waiter on backoff.)
+pub const HOLDER_ALIVE_CLASS: i32 = 0x646c_6b61;
+
 /// The 64-bit advisory lock key for `key` in `namespace`: sqlx's [`PgAdvisoryLock::new`]
 /// (HKDF-SHA256) over `namespace + "\0" + key`, or over `key` alone when the namespace is
 /// empty (then it equals `PgAdvisoryLock::new(key)`, for interop with plain sqlx users).

@@ -26,7 +26,11 @@
 //! - **Wake-ups.** Release is one statement that unlocks and, when some backend waits for the
 //!   key, `NOTIFY`s. A waiting backend marks its interest with a shared advisory lock on the
 //!   key's hash in the two-int keyspace (held on its waiter connection) and `LISTEN`s on one
-//!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`].
+//!   connection, dispatching to its waiters through a [`lock_core::ReleaseHub`]. A lock held
+//!   in this process takes no mark (its release wakes the local waiter). A holder session the
+//!   server ends frees its locks without a NOTIFY: up to [`MAX_BLOCKERS`] blocker connections
+//!   wait on such a session's alive key ([`HOLDER_ALIVE_CLASS`]) and wake the waiter the
+//!   moment it ends (#13, `blocker.rs`).
 //! - **Semaphores and reader-writer locks** (#14): permits are advisory slot keys derived from
 //!   the name, a semaphore's limit is agreed through an occupancy key and a limit row, reader
 //!   and writer sides are a shared or exclusive advisory lock with a writer-intent row; same
@@ -54,6 +58,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+mod blocker;
 mod config;
 mod detached;
 mod errors;
@@ -65,11 +70,13 @@ mod setup;
 mod shared;
 mod tasks;
 
+pub use blocker::MAX_BLOCKERS;
+use blocker::*;
 pub use config::PostgresConfig;
 use config::*;
 use detached::*;
 use errors::*;
-pub use keys::{SETUP_LOCK, advisory_key, waiter_key};
+pub use keys::{HOLDER_ALIVE_CLASS, SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
@@ -91,6 +98,10 @@ pub const SUBSCRIBE_BUDGET: Duration = Duration::from_millis(250);
 /// Smallest TTL granted: the holder session's `idle_session_timeout` follows the TTL, and a
 /// shorter one would end sessions between two statements of a busy client.
 pub const MIN_TTL: Duration = Duration::from_millis(500);
+
+/// `lock_timeout` of a blocker's statement (see `blocker.rs`): a blocker whose waiters all
+/// gave up is queued on the server at most this long.
+pub const BLOCKER_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// How often the reaper looks at an empty book (see [`reaper`]).
 const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
@@ -223,6 +234,9 @@ struct Inner {
     /// first holder session so that the first lock does not wait for a connection of its own.
     /// With the instant it was parked (its last statement).
     spare: Mutex<Option<(PgConnection, i32, Instant)>>,
+    /// Blocker connections waiting server-side for held locks to go (`blocker.rs`); shared
+    /// with the hub's idle hook.
+    blockers: Arc<Mutex<Blockers>>,
 }
 
 /// Locks in PostgreSQL (see the crate docs). Build it with [`PostgresBackend::connect`],
@@ -242,6 +256,7 @@ impl Drop for PostgresBackend {
         self.reaper.abort();
         self.heartbeat.abort();
         self.inner.closed.store(true, Ordering::SeqCst);
+        lock(&self.inner.blockers).shut_down();
         if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
             listening.listen.abort();
             listening.waiters.abort();
@@ -277,6 +292,7 @@ impl PostgresBackend {
         );
         let waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>> =
             Arc::default();
+        let blockers: Arc<Mutex<Blockers>> = Arc::default();
         let inner = Arc::new(Inner {
             options,
             config,
@@ -285,7 +301,9 @@ impl PostgresBackend {
             sessions: Mutex::default(),
             hub: ReleaseHub::with_idle_hook({
                 let waiter_tx = waiter_tx.clone();
+                let blockers = blockers.clone();
                 move |key: &str| {
+                    lock(&blockers).key_idle(key);
                     if let Some(tx) = waiter_tx.get() {
                         let _ = tx.send(WaiterCommand::Forget(key.to_owned()));
                     }
@@ -301,6 +319,7 @@ impl PostgresBackend {
             key_cache: Mutex::default(),
             tables_ready: AtomicBool::new(false),
             spare: Mutex::new(None),
+            blockers,
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);
@@ -440,11 +459,19 @@ impl LockBackend for PostgresBackend {
                 // Ours already (or being acquired): a session would grant it again, so we
                 // answer for it, like any other holder.
                 Some(Entry::Held(held)) => {
+                    let expires_in = held.deadline.saturating_duration_since(sent_at);
+                    drop(book);
+                    // Remembered for `subscribe` (no waiter mark: blocker.rs).
+                    self.inner.lock_held_here(key);
                     return Ok(Attempt::Held {
-                        expires_in: Some(held.deadline.saturating_duration_since(sent_at)),
+                        expires_in: Some(expires_in),
                     });
                 }
-                Some(Entry::Pending) => return Ok(Attempt::Held { expires_in: None }),
+                Some(Entry::Pending) => {
+                    drop(book);
+                    self.inner.lock_held_here(key);
+                    return Ok(Attempt::Held { expires_in: None });
+                }
                 None => {
                     book.entries.insert(BookKey::Lock(hash), Entry::Pending);
                 }
@@ -546,6 +573,11 @@ impl LockBackend for PostgresBackend {
         // hears local releases and the client's backoff bounds the rest.
         let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.inner.config.op_timeout);
         let releases = self.inner.hub.subscribe(key.as_str());
+        // A plain lock held here needs no mark: our own release wakes the waiter (no NOTIFY
+        // per release, nor its echo). See blocker.rs.
+        if self.inner.subscribe_without_mark(key) {
+            return Ok(releases);
+        }
         if !self.inner.ensure_listener(deadline).await {
             tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
             self.inner.clone().mark_late(key.as_str().to_owned());

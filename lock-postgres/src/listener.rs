@@ -20,7 +20,7 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// server-side TCP keepalives (probe after 5 s of silence, every 2 s, give up after 3) so a
 /// dead peer is found even while the server has something to send it. Holder sessions get
 /// neither: their timeout is the lock TTL, and ending them sooner would lose locks early.
-fn idle_connection_settings() -> String {
+pub(crate) fn idle_connection_settings() -> String {
     format!(
         "SELECT set_config('idle_session_timeout', '{}', false), \
            set_config('tcp_keepalives_idle', '5', false), \

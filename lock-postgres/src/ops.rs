@@ -128,9 +128,17 @@ impl Inner {
         held: HeldLock,
         in_flight: Arc<AtomicBool>,
     ) -> Result<bool, LockError> {
+        // A lock's local waiters are woken after its book entry is gone (see `unlock_op`);
+        // permits and sides wake theirs in `unlock_shared` (their entries are per owner).
+        let wake_locally = |inner: &Self| {
+            if matches!(hash, BookKey::Lock(_)) {
+                inner.hub.notify(held.key.as_str());
+            }
+        };
         match self.unlock_op(hash, &held, &in_flight).await {
             Ok(unlocked) => {
                 self.forget_pending(hash);
+                wake_locally(&self);
                 Ok(unlocked)
             }
             Err(UnlockFailure::NotSent(error)) => {
@@ -139,6 +147,7 @@ impl Inner {
             }
             Err(UnlockFailure::Failed(error)) => {
                 self.forget_pending(hash);
+                wake_locally(&self);
                 Err(error)
             }
         }
@@ -261,6 +270,10 @@ impl Inner {
         }
         let Some(fence) = fence else {
             self.forget_pending(BookKey::Lock(hash));
+            drop(state);
+            // Held by another session: if we have waiters for it, a blocker waits on the
+            // server for the holder to go, also when the server ends its session (no NOTIFY).
+            self.lock_held_elsewhere(&key);
             // Another backend's deadline is known only to it; waiters hear the release.
             return Ok(Attempt::Held { expires_in: None });
         };
@@ -384,8 +397,9 @@ impl Inner {
         };
         let _flight = InFlight::start(in_flight);
         let result = state.fetch_one(query, self.config.op_timeout).await;
-        // Local waiters need not wait for the NOTIFY round trip.
-        self.hub.notify(held.key.as_str());
+        // Local waiters are woken by `release_held` once the book entry is gone (not here:
+        // a waiter woken now would find the entry still `Pending`, answer itself "held" and,
+        // with no NOTIFY to follow for a key held here, sleep until its backoff step).
         let error = match result {
             Ok(Ok(row)) => {
                 if let Some(timeout) = lower_to {

@@ -309,6 +309,16 @@ impl Inner {
             .fetch_one(&mut conn)
             .await?;
             let second = backend_pid(&mut conn).await?;
+            if first == second {
+                // The session's alive key (see HOLDER_ALIVE_CLASS): other backends' blockers
+                // wait on it to hear at once when the server ends this session. Simple
+                // protocol, like the probes (a pooler's shared prepared statements).
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "SELECT pg_advisory_lock({HOLDER_ALIVE_CLASS}, pg_backend_pid())"
+                )))
+                .execute(&mut conn)
+                .await?;
+            }
             Ok::<_, sqlx::Error>((conn, first, second))
         };
         match timeout_at(deadline, work).await {

@@ -492,6 +492,10 @@ impl Inner {
             return Err(limit_mismatch(&key, other, limit));
         }
         let Some(fence) = fence else {
+            drop(state);
+            // Left unmarked by `subscribe` (a plain lock of this name was held): these waiters
+            // need the mark, which only a lock's blocker replaces.
+            self.mark_if_unmarked(key.as_str());
             return Ok(Attempt::Held { expires_in: None });
         };
         let Ok(fence) = u64::try_from(fence) else {
