@@ -22,6 +22,8 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
+mod redis_nodes;
+#[cfg(feature = "redis")]
 pub mod redis_sentinel;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -227,23 +227,18 @@ impl RedisServer {
     fn listen_args(&self, command: &mut Command) {
         #[cfg(feature = "redis-tls")]
         if let Some(tls) = &self.tls {
-            command
-                .arg("--port")
-                .arg("0")
-                .arg("--tls-port")
-                .arg(self.port.to_string())
-                .arg("--tls-cert-file")
-                .arg(&tls.server.cert_path)
-                .arg("--tls-key-file")
-                .arg(&tls.server.key_path)
-                .arg("--tls-ca-cert-file")
-                .arg(&tls.ca.cert_path)
-                .arg("--tls-auth-clients")
-                .arg(if tls.require_client_cert {
-                    "yes"
-                } else {
-                    "optional"
-                });
+            let auth_clients = if tls.require_client_cert {
+                "yes"
+            } else {
+                "optional"
+            };
+            crate::redis_nodes::tls_server_args(
+                command,
+                self.port,
+                &tls.server,
+                &tls.ca.cert_path,
+                auth_clients,
+            );
             return;
         }
         command.arg("--port").arg(self.port.to_string());

@@ -17,17 +17,16 @@
 
 use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
 use crate::proxy::TcpProxy;
+use crate::redis_nodes::{NodeTls as ClusterTls, client_at, query, wait_for_ping};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 
 /// How long a fresh node may take to answer `PING`, and the cluster to agree on its slots.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on one query of the harness's own.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options for [`RedisCluster`].
 #[derive(Clone, Debug)]
@@ -210,20 +209,6 @@ impl ClusterPool {
             .context("the cluster pool's thread ended")?
     }
 }
-
-/// The cluster's TLS files: server certificate and CA for every node, and the client
-/// certificate the harness's own clients present.
-#[cfg(feature = "redis-tls")]
-#[derive(Clone, Debug)]
-struct ClusterTls {
-    ca: crate::tls::PemPair,
-    server: crate::tls::PemPair,
-    client: crate::tls::PemPair,
-}
-
-/// Without TLS support a cluster never has TLS files.
-#[cfg(not(feature = "redis-tls"))]
-type ClusterTls = std::convert::Infallible;
 
 /// How pooled clusters' temporary directories start: this, the process id, a dash.
 const POOL_DIR_PREFIX: &str = "distlock-cluster-pool-";
@@ -682,19 +667,14 @@ impl RedisCluster {
         command.current_dir(&dir);
         #[cfg(feature = "redis-tls")]
         if let Some(tls) = &self.builder.tls {
+            crate::redis_nodes::tls_server_args(
+                &mut command,
+                node.port,
+                &tls.server,
+                &tls.ca.cert_path,
+                "optional",
+            );
             command
-                .arg("--port")
-                .arg("0")
-                .arg("--tls-port")
-                .arg(node.port.to_string())
-                .arg("--tls-cert-file")
-                .arg(&tls.server.cert_path)
-                .arg("--tls-key-file")
-                .arg(&tls.server.key_path)
-                .arg("--tls-ca-cert-file")
-                .arg(&tls.ca.cert_path)
-                .arg("--tls-auth-clients")
-                .arg("optional")
                 .arg("--tls-replication")
                 .arg("yes")
                 .arg("--tls-cluster")
@@ -740,100 +720,15 @@ impl RedisCluster {
                 .arg(node.bus_port.to_string());
         }
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
-        if let Err(error) = wait_for_ping(node.addr(), self.builder.tls.as_ref(), &mut process) {
+        if let Err(error) = wait_for_ping(
+            node.addr(),
+            self.builder.tls.as_ref(),
+            &mut process,
+            START_TIMEOUT,
+        ) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
         node.process = Some(process);
         Ok(())
-    }
-}
-
-/// A client of the harness's own for the node at `addr` (database 0; with TLS trusting the
-/// test CA and presenting the test client certificate).
-fn client_at(addr: SocketAddr, tls: Option<&ClusterTls>) -> Result<redis::Client> {
-    #[cfg(feature = "redis-tls")]
-    if let Some(tls) = tls {
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let certificates = redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: tls.client.cert_pem.clone().into_bytes(),
-                client_key: tls.client.key_pem.clone().into_bytes(),
-            }),
-            root_cert: Some(tls.ca.cert_pem.clone().into_bytes()),
-        };
-        return redis::Client::build_with_tls(format!("rediss://{addr}/0"), certificates)
-            .context("building a TLS redis client");
-    }
-    #[cfg(not(feature = "redis-tls"))]
-    let _ = tls;
-    redis::Client::open(format!("redis://{addr}/0")).context("building a redis client")
-}
-
-/// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`] (no response timeout
-/// of the `redis` crate's own: a loaded machine answers later than its 500 ms).
-async fn query<T: redis::FromRedisValue>(
-    client: &redis::Client,
-    cmd: &mut redis::Cmd,
-) -> Result<T> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(QUERY_TIMEOUT));
-    let run = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        cmd.query_async::<T>(&mut conn).await
-    };
-    match timeout(QUERY_TIMEOUT, run).await {
-        Ok(result) => Ok(result?),
-        Err(_) => bail!("no answer within {QUERY_TIMEOUT:?}"),
-    }
-}
-
-/// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
-/// passes.
-fn wait_for_ping(
-    addr: SocketAddr,
-    tls: Option<&ClusterTls>,
-    process: &mut ServerProcess,
-) -> Result<()> {
-    use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    loop {
-        process.check_running()?;
-        if tls.is_some() {
-            let pong = client_at(addr, tls)
-                .and_then(|client| {
-                    Ok(client.get_connection_with_timeout(Duration::from_millis(500))?)
-                })
-                .and_then(|mut conn| Ok(redis::cmd("PING").query::<String>(&mut conn)?));
-            if matches!(pong.as_deref(), Ok("PONG")) {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                bail!("{addr} did not answer PING over TLS within {START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let pong = (|| -> std::io::Result<bool> {
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-            stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-            stream.write_all(b"PING\r\n")?;
-            let mut reply = [0u8; 64];
-            let read = stream.read(&mut reply)?;
-            Ok(reply[..read].starts_with(b"+PONG"))
-        })()
-        .unwrap_or(false);
-        if pong {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            bail!("{addr} did not answer PING within {START_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }

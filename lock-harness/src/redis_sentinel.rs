@@ -16,6 +16,11 @@
 
 use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
 use crate::proxy::TcpProxy;
+#[cfg(feature = "redis-tls")]
+use crate::redis_nodes::install_crypto_provider;
+use crate::redis_nodes::{
+    NodeTls as SetTls, QUERY_TIMEOUT, client_at, query, unbounded, wait_for_ping,
+};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,8 +33,6 @@ pub const MASTER_NAME: &str = "m";
 
 /// How long a fresh node or sentinel may take to answer `PING`, and the replica to sync.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Bound on one query of the harness's own.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options for [`SentinelSet`].
 #[derive(Clone, Debug)]
@@ -40,20 +43,6 @@ pub struct SentinelSetBuilder {
     wait_for_sentinels: bool,
     tls: Option<SetTls>,
 }
-
-/// The set's TLS files: server certificate and CA for every node and sentinel, and the
-/// client certificate the harness's own clients present.
-#[cfg(feature = "redis-tls")]
-#[derive(Clone, Debug)]
-struct SetTls {
-    ca: crate::tls::PemPair,
-    server: crate::tls::PemPair,
-    client: crate::tls::PemPair,
-}
-
-/// Without TLS support a set never has TLS files.
-#[cfg(not(feature = "redis-tls"))]
-type SetTls = std::convert::Infallible;
 
 impl Default for SentinelSetBuilder {
     fn default() -> Self {
@@ -545,21 +534,14 @@ impl SentinelSet {
         command.current_dir(&dir);
         #[cfg(feature = "redis-tls")]
         if let Some(tls) = &self.builder.tls {
-            command
-                .arg("--port")
-                .arg("0")
-                .arg("--tls-port")
-                .arg(node.port.to_string())
-                .arg("--tls-cert-file")
-                .arg(&tls.server.cert_path)
-                .arg("--tls-key-file")
-                .arg(&tls.server.key_path)
-                .arg("--tls-ca-cert-file")
-                .arg(&tls.ca.cert_path)
-                .arg("--tls-auth-clients")
-                .arg("optional")
-                .arg("--tls-replication")
-                .arg("yes");
+            crate::redis_nodes::tls_server_args(
+                &mut command,
+                node.port,
+                &tls.server,
+                &tls.ca.cert_path,
+                "optional",
+            );
+            command.arg("--tls-replication").arg("yes");
         }
         if self.builder.tls.is_none() {
             command.arg("--port").arg(node.port.to_string());
@@ -589,7 +571,12 @@ impl SentinelSet {
         node.generation += 1;
         let log = dir.join(format!("redis-{}.log", node.generation));
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
-        if let Err(error) = wait_for_ping(node.addr(), self.builder.tls.as_ref(), &mut process) {
+        if let Err(error) = wait_for_ping(
+            node.addr(),
+            self.builder.tls.as_ref(),
+            &mut process,
+            START_TIMEOUT,
+        ) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
         node.process = Some(process);
@@ -641,7 +628,9 @@ impl SentinelSet {
             let log = dir.join(format!("sentinel-{port}.log"));
             let mut process = ServerProcess::spawn("redis-sentinel", command, &log)?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if let Err(error) = wait_for_ping(addr, builder.tls.as_ref(), &mut process) {
+            if let Err(error) =
+                wait_for_ping(addr, builder.tls.as_ref(), &mut process, START_TIMEOUT)
+            {
                 bail!("{error:#}\nsentinel log:\n{}", process.log_tail());
             }
             Ok(SentinelNode { port, process })
@@ -649,14 +638,6 @@ impl SentinelSet {
         self.sentinels.push(sentinel);
         Ok(())
     }
-}
-
-/// Connection settings without the `redis` crate's 500 ms response timeout: `WAIT` and a
-/// loaded machine take longer; every query here has a bound of its own.
-fn unbounded() -> redis::AsyncConnectionConfig {
-    redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(QUERY_TIMEOUT))
 }
 
 impl SentinelSet {
@@ -676,95 +657,5 @@ impl SentinelSet {
     /// TLS trusting the test CA and presenting the test client certificate).
     fn client_at(&self, addr: SocketAddr) -> Result<redis::Client> {
         client_at(addr, self.builder.tls.as_ref())
-    }
-}
-
-fn client_at(addr: SocketAddr, tls: Option<&SetTls>) -> Result<redis::Client> {
-    #[cfg(feature = "redis-tls")]
-    if let Some(tls) = tls {
-        let certificates = redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: tls.client.cert_pem.clone().into_bytes(),
-                client_key: tls.client.key_pem.clone().into_bytes(),
-            }),
-            root_cert: Some(tls.ca.cert_pem.clone().into_bytes()),
-        };
-        return redis::Client::build_with_tls(format!("rediss://{addr}/0"), certificates)
-            .context("building a TLS redis client");
-    }
-    #[cfg(not(feature = "redis-tls"))]
-    let _ = tls;
-    redis::Client::open(format!("redis://{addr}/0")).context("building a redis client")
-}
-
-/// The redis crate's rustls takes the process's default crypto provider; pick `ring` unless
-/// something else already chose one.
-#[cfg(feature = "redis-tls")]
-fn install_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
-/// `cmd` on a fresh connection of `client`, bounded by [`QUERY_TIMEOUT`].
-async fn query<T: redis::FromRedisValue>(
-    client: &redis::Client,
-    cmd: &mut redis::Cmd,
-) -> Result<T> {
-    let run = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&unbounded())
-            .await?;
-        cmd.query_async::<T>(&mut conn).await
-    };
-    match timeout(QUERY_TIMEOUT, run).await {
-        Ok(result) => Ok(result?),
-        Err(_) => bail!("no answer within {QUERY_TIMEOUT:?}"),
-    }
-}
-
-/// Sends inline `PING`s until the process answers `+PONG`, exits, or [`START_TIMEOUT`]
-/// passes.
-fn wait_for_ping(
-    addr: SocketAddr,
-    tls: Option<&SetTls>,
-    process: &mut ServerProcess,
-) -> Result<()> {
-    use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    loop {
-        process.check_running()?;
-        if tls.is_some() {
-            let pong = client_at(addr, tls)
-                .and_then(|client| {
-                    Ok(client.get_connection_with_timeout(Duration::from_millis(500))?)
-                })
-                .and_then(|mut conn| Ok(redis::cmd("PING").query::<String>(&mut conn)?));
-            if matches!(pong.as_deref(), Ok("PONG")) {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                bail!("{addr} did not answer PING over TLS within {START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let pong = (|| -> std::io::Result<bool> {
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-            stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-            stream.write_all(b"PING\r\n")?;
-            let mut reply = [0u8; 64];
-            let read = stream.read(&mut reply)?;
-            Ok(reply[..read].starts_with(b"+PONG"))
-        })()
-        .unwrap_or(false);
-        if pong {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            bail!("{addr} did not answer PING within {START_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
