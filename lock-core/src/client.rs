@@ -805,11 +805,13 @@ mod tests {
         );
     }
 
-    /// Counts attempts, so a retry count can be checked exactly.
+    /// Counts attempts (so a retry count can be checked exactly) and records when each key
+    /// was renewed.
     #[derive(Debug, Default)]
     struct CountingBackend {
         inner: MemoryBackend,
         attempts: std::sync::atomic::AtomicU64,
+        renewed: std::sync::Mutex<Vec<(String, Instant)>>,
     }
 
     #[async_trait]
@@ -820,6 +822,10 @@ mod tests {
             self.inner.try_acquire(key, ttl).await
         }
         async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.renewed
+                .lock()
+                .unwrap()
+                .push((lease.key().as_str().to_owned(), Instant::now()));
             self.inner.renew(lease, ttl).await
         }
         async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
@@ -833,39 +839,12 @@ mod tests {
         }
     }
 
-    /// Records when each key was renewed.
-    #[derive(Debug, Default)]
-    struct RenewLog {
-        inner: MemoryBackend,
-        renewed: std::sync::Mutex<Vec<(String, Instant)>>,
-    }
-
-    #[async_trait]
-    impl LockBackend for RenewLog {
-        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
-            self.inner.try_acquire(key, ttl).await
-        }
-        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
-            self.renewed
-                .lock()
-                .unwrap()
-                .push((lease.key().as_str().to_owned(), Instant::now()));
-            self.inner.renew(lease, ttl).await
-        }
-        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
-            self.inner.release(lease).await
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.inner.capabilities()
-        }
-    }
-
     /// #13: renewals falling due close together leave together (one look of the watchdog,
     /// so a backend can batch them), up to a tenth of the renewal period early; a lease
     /// without auto-renew is never attended early.
     #[tokio::test]
     async fn renewals_due_close_together_are_sent_together() {
-        let backend = Arc::new(RenewLog::default());
+        let backend = Arc::new(CountingBackend::default());
         let locker = Locker::from_arc(backend.clone());
         let ttl = Duration::from_secs(3);
         let first = locker.lock("first").ttl(ttl).acquire().await.unwrap();

@@ -34,7 +34,10 @@ struct Slot {
     generation: AtomicU64,
     /// Reconnects (releases may have been missed): what every subscription watches.
     resync: AtomicU64,
+    /// Wakes plain subscriptions (releases and reconnects).
     notify: Notify,
+    /// Wakes turn-takers on a reconnect only: a release wakes one of them through its turn.
+    resynced: Notify,
     /// Subscriptions that take turns, oldest first.
     turns: Mutex<VecDeque<Arc<Turn>>>,
 }
@@ -60,6 +63,7 @@ impl Slot {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.resync.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
+        self.resynced.notify_waiters();
     }
 
     /// Hands one wake to the oldest turn-taker that is waiting and not woken already; if
@@ -263,55 +267,66 @@ impl Releases {
                 sleep_until(until).await;
                 Wake::Deadline
             }
-            Inner::Hub(sub) if sub.turn.is_some() => {
-                let Some(turn) = sub.turn.clone() else {
-                    return Wake::Deadline;
-                };
-                // Back to wait: the attempt after the last wake is over (it did not get in).
-                turn.busy.store(false, Ordering::SeqCst);
-                loop {
-                    let resynced = sub.slot.notify.notified();
-                    let my_turn = turn.notify.notified();
-                    tokio::pin!(resynced, my_turn);
-                    resynced.as_mut().enable();
-                    if turn.pending.swap(false, Ordering::SeqCst) {
-                        turn.busy.store(true, Ordering::SeqCst);
-                        return Wake::Released;
-                    }
-                    let resync = sub.slot.resync.load(Ordering::SeqCst);
-                    if resync != sub.seen {
-                        sub.seen = resync;
-                        return Wake::Released;
-                    }
-                    tokio::select! {
-                        _ = &mut resynced => continue,
-                        _ = &mut my_turn => continue,
-                        _ = sleep_until(until) => {
-                            // A turn handed over just now must not be lost with this return.
-                            if turn.pending.swap(false, Ordering::SeqCst) {
-                                turn.busy.store(true, Ordering::SeqCst);
-                                return Wake::Released;
-                            }
-                            return Wake::Deadline;
-                        }
-                    }
+            Inner::Hub(sub) => match sub.turn.clone() {
+                Some(turn) => sub.next_turn(&turn, until).await,
+                None => sub.next_release(until).await,
+            },
+        }
+    }
+}
+
+impl HubSubscription {
+    /// A turn-taker's wait: its turn, or a reconnect.
+    async fn next_turn(&mut self, turn: &Turn, until: Instant) -> Wake {
+        // Back to wait: the attempt after the last wake is over (it did not get in).
+        turn.busy.store(false, Ordering::SeqCst);
+        let take_turn = || {
+            let handed = turn.pending.swap(false, Ordering::SeqCst);
+            if handed {
+                turn.busy.store(true, Ordering::SeqCst);
+            }
+            handed
+        };
+        loop {
+            let resynced = self.slot.resynced.notified();
+            let my_turn = turn.notify.notified();
+            tokio::pin!(resynced, my_turn);
+            resynced.as_mut().enable();
+            if take_turn() {
+                return Wake::Released;
+            }
+            let resync = self.slot.resync.load(Ordering::SeqCst);
+            if resync != self.seen {
+                self.seen = resync;
+                return Wake::Released;
+            }
+            tokio::select! {
+                _ = &mut resynced => {}
+                _ = &mut my_turn => {}
+                // A turn handed over just now must not be lost with this return.
+                _ = sleep_until(until) => {
+                    return if take_turn() { Wake::Released } else { Wake::Deadline };
                 }
             }
-            Inner::Hub(sub) => loop {
-                let notified = sub.slot.notify.notified();
-                tokio::pin!(notified);
-                // Register before reading the generation so a bump in between is not lost.
-                notified.as_mut().enable();
-                let generation = sub.slot.generation.load(Ordering::SeqCst);
-                if generation != sub.seen {
-                    sub.seen = generation;
-                    return Wake::Released;
-                }
-                tokio::select! {
-                    _ = &mut notified => continue,
-                    _ = sleep_until(until) => return Wake::Deadline,
-                }
-            },
+        }
+    }
+
+    /// A plain subscription's wait: any release or reconnect.
+    async fn next_release(&mut self, until: Instant) -> Wake {
+        loop {
+            let notified = self.slot.notify.notified();
+            tokio::pin!(notified);
+            // Register before reading the generation so a bump in between is not lost.
+            notified.as_mut().enable();
+            let generation = self.slot.generation.load(Ordering::SeqCst);
+            if generation != self.seen {
+                self.seen = generation;
+                return Wake::Released;
+            }
+            tokio::select! {
+                _ = &mut notified => continue,
+                _ = sleep_until(until) => return Wake::Deadline,
+            }
         }
     }
 }
