@@ -240,7 +240,7 @@ impl Inner {
                     Ok(fresh) => conn.insert(fresh),
                     Err(error) => {
                         tracing::debug!(%error, "no blocker connection; waiters poll");
-                        self.retire_blocker_now(&key, &arm);
+                        self.retire_blocker_now(&key, &arm, None);
                         return;
                     }
                 },
@@ -252,7 +252,7 @@ impl Inner {
                 }
                 Blocked::Foreign => {
                     tracing::debug!(key = %key, "lock held by a session without an alive key; its waiters poll");
-                    self.retire_blocker_now(&key, &arm);
+                    self.retire_blocker_now(&key, &arm, conn.take());
                     return;
                 }
                 Blocked::StillHeld => {
@@ -266,7 +266,7 @@ impl Inner {
                     // The holder may have gone meanwhile: let the waiter look.
                     self.hub.notify(key.as_str());
                     if failures >= 2 {
-                        self.retire_blocker_now(&key, &arm);
+                        self.retire_blocker_now(&key, &arm, None);
                         return;
                     }
                     arm.armed.store(true, Ordering::SeqCst);
@@ -330,8 +330,14 @@ impl Inner {
     }
 
     /// Gives the slot up at once (the blocker cannot run): waiters of an unmarked key get
-    /// the mark instead.
-    fn retire_blocker_now(self: &Arc<Self>, key: &LockKey, arm: &Arc<Arm>) {
+    /// the mark instead. A connection still good (`conn`) joins the idle set, so a key held
+    /// by a foreign session does not cost a connect per attempt.
+    fn retire_blocker_now(
+        self: &Arc<Self>,
+        key: &LockKey,
+        arm: &Arc<Arm>,
+        conn: Option<PgConnection>,
+    ) {
         {
             let mut blockers = lock(&self.blockers);
             if blockers
@@ -340,6 +346,12 @@ impl Inner {
                 .is_some_and(|(ours, _)| Arc::ptr_eq(ours, arm))
             {
                 blockers.running.remove(key.as_str());
+            }
+            if let Some(conn) = conn
+                && blockers.idle.len() + blockers.running.len() < MAX_BLOCKERS
+                && !self.closed.load(Ordering::SeqCst)
+            {
+                blockers.idle.push((conn, Instant::now()));
             }
         }
         self.mark_if_unmarked(key.as_str());
@@ -356,7 +368,10 @@ impl Inner {
         let work = async {
             let mut fresh = options.connect().await?;
             let settings = format!(
-                "{}, set_config('lock_timeout', '{}', false)",
+                // statement_timeout 0: a role's shorter one would end each wait early and
+                // turn the blocker into a busy loop of pg_locks scans.
+                "{}, set_config('lock_timeout', '{}', false), \
+                 set_config('statement_timeout', '0', false)",
                 idle_connection_settings(),
                 BLOCKER_LOCK_TIMEOUT.as_millis()
             );

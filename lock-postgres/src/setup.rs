@@ -312,9 +312,12 @@ impl Inner {
             if first == second {
                 // The session's alive key (see HOLDER_ALIVE_CLASS): other backends' blockers
                 // wait on it to hear at once when the server ends this session. Simple
-                // protocol, like the probes (a pooler's shared prepared statements).
+                // protocol, like the probes (a pooler's shared prepared statements). A try,
+                // never a wait: a waiter mark or a blocker's leftover request on the same
+                // pair must not stall this connect; without the key, blockers just see a
+                // session without one and leave its waiters to NOTIFY and backoff.
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "SELECT pg_advisory_lock({HOLDER_ALIVE_CLASS}, pg_backend_pid())"
+                    "SELECT pg_try_advisory_lock({HOLDER_ALIVE_CLASS}, pg_backend_pid())"
                 )))
                 .execute(&mut conn)
                 .await?;

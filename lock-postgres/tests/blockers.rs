@@ -189,11 +189,15 @@ async fn a_waiter_that_gives_up_leaves_nothing_on_the_server() -> Result<()> {
         "the waiting backend has {waiting} lock request(s) on the key"
     );
     drop(releases);
+    // Once the waiter gave up, its blocker leaves no request queued either (on the holder
+    // session's alive key: the only thing it ever waits on).
+    let blocker_queued = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                          WHERE l.locktype = 'advisory' AND NOT l.granted \
+                          AND a.application_name LIKE $1";
     let by = Instant::now() + BLOCKER_LOCK_TIMEOUT + Duration::from_secs(2);
     loop {
-        let left: i64 = sqlx::query_scalar(queued)
+        let left: i64 = sqlx::query_scalar(blocker_queued)
             .bind(format!("{app}-%"))
-            .bind(hash)
             .fetch_one(&mut conn)
             .await?;
         if left == 0 {
