@@ -73,7 +73,7 @@ impl FaultPlan {
     pub fn delay_next_acquire(&self, delay: Duration) {
         self.plan().acquire_delay_once = Some(delay);
     }
-    /// How many `try_acquire` calls reached the wrapper.
+    /// How many attempts (`try_acquire` or `acquire_queued` calls) reached the wrapper.
     pub fn acquire_calls(&self) -> u64 {
         self.plan().acquire_calls
     }
@@ -200,6 +200,7 @@ impl LockBackend for FaultyBackend {
         ttl: Duration,
         deadline: Instant,
     ) -> Result<Option<Lease>, LockError> {
+        self.plan.plan().acquire_calls += 1;
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.acquire_queued(key, ttl, deadline).await;
         // `acquire_queued` must be cancel-safe itself (the client does not wrap it): a grant
