@@ -423,8 +423,15 @@ impl Follower {
             }
         }
         candidates.sort_by_key(|candidate| std::cmp::Reverse((candidate.2, candidate.3)));
+        // Only the newest configuration's addresses: an older one may be the demoted master,
+        // which still says "master" until the sentinels reconfigure it. If none of them
+        // answers, the lookup fails (retryable) rather than settle for an older view.
+        let newest = candidates.first().map(|candidate| candidate.2);
         let mut refused = Vec::new();
-        for (host, port, _, _) in candidates {
+        for (host, port, _, _) in candidates
+            .into_iter()
+            .take_while(|candidate| Some(candidate.2) == newest)
+        {
             let host = if host.contains(':') {
                 format!("[{host}]")
             } else {

@@ -270,9 +270,9 @@ async fn failover_to_a_replica_that_missed_the_lock_loses_it() -> Result<()> {
         first.release(&lease).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while set.node_client(1).is_ok() {
-        let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
-        let (_, fence_key) = scheme.lock_and_fence_keys(&name);
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let (_, fence_key) = scheme.lock_and_fence_keys(&name);
+    loop {
         let mut replica = set
             .node_client(1)?
             .get_multiplexed_async_connection_with_config(&unbounded())
