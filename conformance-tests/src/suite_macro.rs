@@ -21,6 +21,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(cancelled_acquires_leave_nothing [$factory] $skips);
         $crate::__conformance_case!(handoff_wakes_waiter_fast [$factory] $skips);
         $crate::__conformance_case!(woken_waiter_that_leaves_passes_the_wake_on [$factory] $skips);
+        $crate::__conformance_case!(fair_queue_serves_waiters_in_arrival_order [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_renew_failure [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_renew_hang [$factory] $skips);
         $crate::__conformance_case!(lost_fires_on_lost_answer [$factory] $skips);
@@ -133,6 +134,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn woken_waiter_that_leaves_passes_the_wake_on() {}
+    };
+    (fair_queue_serves_waiters_in_arrival_order [$factory:expr] [fair_queue_serves_waiters_in_arrival_order : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn fair_queue_serves_waiters_in_arrival_order() {}
     };
     (lost_fires_on_renew_failure [$factory:expr] [lost_fires_on_renew_failure : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

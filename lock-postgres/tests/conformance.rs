@@ -8,6 +8,7 @@ mod common;
 conformance_tests::conformance_suite! {
     factory = common::PgFactory::start(),
     skip = {
+        fair_queue_serves_waiters_in_arrival_order: "no fair queue: try-lock attempts woken by NOTIFY, whichever comes first gets the key (Capabilities::fair_queue is false; see README)",
         server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary and \
             pausing it would stall the cases beside it: this case runs on a dedicated server in \
             tests/server_pause.rs",

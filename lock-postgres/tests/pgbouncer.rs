@@ -39,6 +39,7 @@ async fn session_bouncer() -> Result<&'static PgBouncer> {
 conformance_tests::conformance_suite! {
     factory = async { common::PgFactory::start_through(session_bouncer().await?.addr()).await },
     skip = {
+        fair_queue_serves_waiters_in_arrival_order: "no fair queue: try-lock attempts woken by NOTIFY, whichever comes first gets the key (Capabilities::fair_queue is false; see README)",
         server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary and \
             pausing it would stall the cases beside it (the case runs on a dedicated server in \
             tests/server_pause.rs)",

@@ -54,7 +54,9 @@ pub async fn renew_extends_and_expired_renew_is_lost(factory: &dyn BackendFactor
 }
 
 /// 8. A holder that stops renewing (guard leaked, no watchdog) frees the lock within TTL + the
-///    backend's slack, and a waiter then gets it.
+///    backend's slack, and a waiter blocked in `acquire` gets it then: it learns of the
+///    freeing from the server (a release signal, a watch, the holder's remaining TTL), not
+///    from its backoff, which is 30 s here.
 pub async fn abandoned_lock_expires_within_ttl(factory: &dyn BackendFactory) -> Result<()> {
     let a = locker(factory).await?;
     let b = locker(factory).await?;
@@ -71,6 +73,7 @@ pub async fn abandoned_lock_expires_within_ttl(factory: &dyn BackendFactory) -> 
         .lock(&name)
         .ttl(ttl)
         .wait(limit + Duration::from_secs(2))
+        .retry_delay(Duration::from_secs(30))
         .acquire()
         .await
         .context("a waiter never got the abandoned lock")?;

@@ -247,3 +247,80 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
     );
     Ok(())
 }
+
+/// 38. A backend that says it is fair ([`lock_core::Capabilities::fair_queue`]) serves
+///     waiters in the order they came, across backend instances: eight waiters from two
+///     instances, each arriving well after the one before, get the lock in that order, with
+///     increasing fencing tokens. Backends without a fair queue list it under `skip`.
+pub async fn fair_queue_serves_waiters_in_arrival_order(
+    factory: &dyn BackendFactory,
+) -> Result<()> {
+    const WAITERS: usize = 8;
+    let holder = locker(factory).await?;
+    let caps = holder.backend().capabilities();
+    ensure!(
+        caps.fair_queue,
+        "Capabilities::fair_queue is false: list `fair_queue_serves_waiters_in_arrival_order` \
+         under skip with the reason"
+    );
+    let instances = [faulty_locker(factory).await?, faulty_locker(factory).await?];
+    let ttl = ttl_for(&caps, Duration::from_secs(10));
+    let name = unique_key("fifo");
+    let held = holder.lock(&name).ttl(ttl).acquire().await?;
+    let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for index in 0..WAITERS {
+        let (waiter, plan) = &instances[index % 2];
+        let calls = plan.acquire_calls();
+        let (waiter, name, served) = (waiter.clone(), name.clone(), served.clone());
+        tasks.push(tokio::spawn(async move {
+            // Backoff far beyond the case: only the queue moves these waiters.
+            let guard = waiter
+                .lock(&name)
+                .ttl(ttl)
+                .wait(Duration::from_secs(60))
+                .retry_delay(Duration::from_secs(60))
+                .acquire()
+                .await?;
+            served.send((index, guard.fence()))?;
+            sleep(20 * MS).await;
+            guard.release().await?;
+            anyhow::Ok(())
+        }));
+        // In line once its call reached the backend and had time to reach the server.
+        let by = Instant::now() + Duration::from_secs(5);
+        while plan.acquire_calls() <= calls {
+            ensure!(
+                Instant::now() < by,
+                "waiter {index} never called the backend"
+            );
+            sleep(2 * MS).await;
+        }
+        sleep(150 * MS).await;
+    }
+    held.release().await?;
+    let mut seen = Vec::new();
+    while seen.len() < WAITERS {
+        let next = timeout(Duration::from_secs(10), order.recv())
+            .await
+            .with_context(|| format!("served so far {seen:?}; the rest waited 10 s"))?
+            .context("every waiter ended")?;
+        seen.push(next);
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let indices: Vec<usize> = seen.iter().map(|(index, _)| *index).collect();
+    ensure!(
+        indices == (0..WAITERS).collect::<Vec<_>>(),
+        "waiters were served in the order {indices:?}, not in their arrival order"
+    );
+    let fences: Vec<_> = seen.iter().map(|(_, fence)| *fence).collect();
+    if caps.fencing {
+        ensure!(
+            fences.windows(2).all(|pair| pair[0] < pair[1]),
+            "fencing tokens in serving order do not increase: {fences:?}"
+        );
+    }
+    Ok(())
+}
