@@ -10,8 +10,8 @@
 //! map again when a node fails or answers `MOVED`). Release announcements use classic
 //! `PUBLISH`/`SUBSCRIBE`: a cluster forwards a `PUBLISH` to every node, so the listener
 //! subscribes on one node (the seed nodes in turn, moving to the next when one fails).
-//! `wait_replicas` sends its `WAIT` to the master serving the name's slot, over the
-//! connection that carried the write.
+//! `wait_replicas` sends its `WAIT` in one pipeline with the script, to the master serving
+//! the name's slot.
 
 use crate::node::Nodes;
 use crate::{KeyScheme, RedisBackend, RedisOptions};
@@ -100,7 +100,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     };
     let scheme = KeyScheme::new(options.prefix.clone(), 0)?;
     let nodes = Nodes::cluster(connection, seeds, scheme, &options);
-    Ok(RedisBackend::from_nodes(nodes, &options))
+    Ok(RedisBackend::from_nodes(nodes))
 }
 
 /// The refusal (credentials, certificates) the seeds answer a plain connection with, if

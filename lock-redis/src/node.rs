@@ -341,6 +341,68 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// `EVALSHA` of `script`, sized up front: growing the buffers argument by argument was a
+/// measurable share of the client's time per call.
+fn evalsha(script: &redis::Script, keys: &[&str], args: impl redis::ToRedisArgs) -> redis::Cmd {
+    let mut command = redis::Cmd::with_capacity(8, 160);
+    command
+        .arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+    command
+}
+
+/// What `WAIT` answered after a write, when `wait_replicas` asked for it.
+#[derive(Debug)]
+pub(crate) struct Replicated(Option<Shortfall>);
+
+#[derive(Debug)]
+struct Shortfall {
+    reached: u32,
+    replicas: u32,
+    wait: Duration,
+}
+
+impl Replicated {
+    /// A retryable error when the write reached fewer replicas than asked for: a failover
+    /// could lose it. The caller gives back a grant it made, as after a lost answer.
+    pub(crate) fn confirm(&self, context: &str) -> Result<(), LockError> {
+        match &self.0 {
+            Some(Shortfall {
+                reached,
+                replicas,
+                wait,
+            }) if reached < replicas => Err(LockError::backend_msg(
+                "redis",
+                format!(
+                    "{context}: the write reached {reached} of the {replicas} replicas asked \
+                     for within {wait:?} (wait_replicas): a failover could lose it, so it does \
+                     not count (a grant is given back)"
+                ),
+                true,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What [`Node::call`] sends: a script, or a script and `WAIT` in one pipeline.
+enum Request {
+    Script(redis::Cmd),
+    Confirmed(redis::Pipeline),
+}
+
+impl Request {
+    async fn query<T: redis::FromRedisValue>(&self, conn: &mut Link) -> redis::RedisResult<T> {
+        match self {
+            Request::Script(command) => command.query_async(conn).await,
+            Request::Confirmed(pipeline) => pipeline.query_async(conn).await,
+        }
+    }
+}
+
 /// A node's answer to the acquire script.
 #[derive(Debug, Clone)]
 pub(crate) enum NodeAcquire {
@@ -363,6 +425,9 @@ pub(crate) struct Node {
     db: i64,
     commands: mpsc::UnboundedSender<Command>,
     addr: String,
+    /// `RedisOptions::wait_replicas`: each write script is followed by `WAIT` in the same
+    /// pipeline (see [`Node::eval_write`]).
+    replicas: Option<(u32, Duration)>,
 }
 
 /// What a node needs before it connects: its client, the connection settings, its address.
@@ -493,6 +558,7 @@ impl Node {
             db,
             commands: sender,
             addr,
+            replicas: options.wait_replicas,
         }
     }
 
@@ -513,14 +579,14 @@ impl Node {
         ttl_ms: u64,
         mark_for_waiters: bool,
     ) -> Result<NodeAcquire, LockError> {
-        let answer: redis::Value = self
-            .eval(
+        let (answer, replicated): (redis::Value, _) = self
+            .eval_write(
+                "acquire",
                 &ACQUIRE,
                 &[lock_key, fence_key],
                 (token, ttl_ms, u8::from(mark_for_waiters)),
             )
-            .await
-            .map_err(|error| backend_error("acquire", error))?;
+            .await?;
         let unexpected = |answer: &redis::Value| {
             LockError::backend_msg(
                 "redis",
@@ -529,9 +595,11 @@ impl Node {
             )
         };
         match answer {
-            redis::Value::Int(fence) => u64::try_from(fence)
-                .map(NodeAcquire::Acquired)
-                .map_err(|_| unexpected(&answer)),
+            redis::Value::Int(fence) => {
+                let fence = u64::try_from(fence).map_err(|_| unexpected(&answer))?;
+                replicated.confirm("acquire")?;
+                Ok(NodeAcquire::Acquired(fence))
+            }
             redis::Value::Array(ref items) => match items.as_slice() {
                 [redis::Value::Int(pttl), holder] => {
                     let holder = redis::from_redis_value_ref::<String>(holder)
@@ -555,22 +623,65 @@ impl Node {
         keys: &[&str],
         args: impl redis::ToRedisArgs,
     ) -> redis::RedisResult<T> {
-        // Sized up front: growing the buffers argument by argument was a measurable share of
-        // the client's time per call.
-        let mut command = redis::Cmd::with_capacity(8, 160);
-        command
-            .arg("EVALSHA")
-            .arg(script.get_hash())
-            .arg(keys.len())
-            .arg(keys)
-            .arg(args);
+        self.call(script, &Request::Script(evalsha(script, keys, args)))
+            .await
+    }
+
+    /// [`Node::eval`] of a script that writes a lease (acquire, renew). With `wait_replicas`
+    /// the script and `WAIT replicas ms` go out as one pipeline on one connection, so the
+    /// count answers for the connection that carried this write. (A `WAIT` sent as a command
+    /// of its own could go out on a connection replaced meanwhile, by a reconnect or a
+    /// Sentinel switch, which wrote nothing: it would confirm a write no replica has.) The
+    /// caller checks the count with [`Replicated::confirm`] where the write matters (a grant,
+    /// a renewal), not for a refusal.
+    pub(crate) async fn eval_write<T: redis::FromRedisValue>(
+        &self,
+        context: &str,
+        script: &redis::Script,
+        keys: &[&str],
+        args: impl redis::ToRedisArgs,
+    ) -> Result<(T, Replicated), LockError> {
+        let command = evalsha(script, keys, args);
+        let Some((replicas, wait)) = self.replicas else {
+            let answer = self
+                .call(script, &Request::Script(command))
+                .await
+                .map_err(|error| backend_error(context, error))?;
+            return Ok((answer, Replicated(None)));
+        };
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(command);
+        pipeline.cmd("WAIT").arg(replicas).arg(millis);
+        // On a cluster the pipeline goes to the master of the script's key (WAIT names no
+        // key, so the script's slot routes both).
+        let (answer, reached): (T, u32) = self
+            .call(script, &Request::Confirmed(pipeline))
+            .await
+            .map_err(|error| backend_error(context, error))?;
+        Ok((
+            answer,
+            Replicated(Some(Shortfall {
+                reached,
+                replicas,
+                wait,
+            })),
+        ))
+    }
+
+    /// Sends `request` on the current connection, bounded by the command timeout.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        request: &Request,
+    ) -> redis::RedisResult<T> {
         let (_, mut conn) = self.conn.current();
         let mut in_flight = InFlight {
             conn: &self.conn,
             armed: true,
         };
         let limit = self.conn.command_timeout;
-        let result = match timeout(limit, Self::run(&mut conn, script, &command)).await {
+        let result = match timeout(limit, Self::run(&mut conn, script, request)).await {
             Ok(result) => result,
             // ConnectionManager bounds each answer, not the reconnect a call may wait for.
             Err(_) => Err(std::io::Error::new(
@@ -589,14 +700,14 @@ impl Node {
     async fn run<T: redis::FromRedisValue>(
         conn: &mut Link,
         script: &redis::Script,
-        command: &redis::Cmd,
+        request: &Request,
     ) -> redis::RedisResult<T> {
-        match command.query_async(conn).await {
+        match request.query(conn).await {
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 script.load_async(conn).await?;
-                command.query_async(conn).await
+                request.query(conn).await
             }
             other => other,
         }
@@ -608,10 +719,12 @@ impl Node {
         token: &str,
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
-        let renewed: i64 = self
-            .eval(&RENEW, &[lock_key], (token, ttl_ms))
-            .await
-            .map_err(|error| backend_error("renew", error))?;
+        let (renewed, replicated): (i64, _) = self
+            .eval_write("renew", &RENEW, &[lock_key], (token, ttl_ms))
+            .await?;
+        if renewed == 1 {
+            replicated.confirm("renew")?;
+        }
         Ok(renewed == 1)
     }
 
@@ -635,54 +748,6 @@ impl Node {
             .await
             .map_err(|error| backend_error("raise fence", error))?;
         Ok(held == 1)
-    }
-
-    /// `WAIT replicas ms` on the command connection: how many replicas have every write sent
-    /// on it so far (the whole call bounded by the command timeout). On a cluster it goes to
-    /// the master serving `key`'s slot, over the connection that carried the write there. If
-    /// the connection was replaced since the write (the master moved), this answers for the
-    /// new connection; the write then went to a master that is gone, and the next renewal
-    /// finds out.
-    pub(crate) async fn wait_for_replicas(
-        &self,
-        replicas: u32,
-        wait: Duration,
-        key: &str,
-    ) -> Result<u32, LockError> {
-        let (_, mut conn) = self.conn.current();
-        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let limit = self.conn.command_timeout;
-        let mut command = redis::cmd("WAIT");
-        command.arg(replicas).arg(millis);
-        let query = async {
-            match &mut conn {
-                Link::Cluster(cluster) => {
-                    use redis::cluster_routing::{
-                        Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-                    };
-                    let slot = crate::keys::hash_slot(key.as_bytes());
-                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                        Route::new(slot, SlotAddr::Master),
-                    ));
-                    let value = cluster.route_command(command, route).await?;
-                    Ok(redis::from_redis_value::<u32>(value)?)
-                }
-                server => command.query_async::<u32>(server).await,
-            }
-        };
-        let answer = timeout(limit, query).await;
-        match answer {
-            Ok(Ok(reached)) => Ok(reached),
-            Ok(Err(error)) => {
-                self.conn.after_error(&error);
-                Err(backend_error("WAIT", error))
-            }
-            Err(_) => Err(LockError::backend_msg(
-                "redis",
-                format!("WAIT: no answer within {limit:?}"),
-                true,
-            )),
-        }
     }
 
     /// Asks the listener to subscribe to `key`'s channel; resolves when the server confirmed

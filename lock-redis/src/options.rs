@@ -19,7 +19,7 @@ pub struct RedisOptions {
     pub(crate) command_timeout: Duration,
     pub(crate) node_timeout: Duration,
     pub(crate) tls: crate::RedisTls,
-    /// `WAIT` after every acquire and renew: (replicas, how long to wait for them).
+    /// `WAIT` with every acquire and renew: (replicas, how long to wait for them).
     pub(crate) wait_replicas: Option<(u32, Duration)>,
 }
 
@@ -78,15 +78,16 @@ impl RedisOptions {
         self
     }
 
-    /// One server, Sentinel or Cluster: after every acquire and renew, wait (Redis `WAIT`,
-    /// on a cluster to the master serving the name's slot) until
+    /// One server, Sentinel or Cluster: with every acquire and renew, wait (Redis `WAIT`, in
+    /// one pipeline with the script on one connection; on a cluster to the master serving the
+    /// name's slot) until
     /// `replicas` replicas have the write, at most `timeout` (URL: `wait_replicas=N`,
     /// `wait_timeout_ms=T`, default 100 ms). A lock or permit whose write did not reach them
     /// in time is released at once and the attempt is a retryable `Backend` error; a renewal
     /// that did not is a retryable error (the watchdog retries it, and reports the lock lost
     /// at its deadline if the replicas stay behind). So a failover to one of those replicas
-    /// keeps every granted lock and its fence counter. Off by default: it costs a round trip
-    /// per acquire and renew, and `WAIT` holds the backend's shared connection while it waits.
+    /// keeps every granted lock and its fence counter. Off by default: each acquire and renew
+    /// answers only once the replicas acknowledged, and `WAIT` holds the backend's shared connection while it waits.
     /// Redlock refuses it (its masters have no replicas to wait for).
     pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.wait_replicas = Some((replicas, timeout));

@@ -626,7 +626,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
     };
     let scheme = KeyScheme::new(parsed.options.prefix.clone(), parsed.db)?;
     let nodes = Nodes::followed(server, follower, scheme, &parsed.options);
-    Ok(RedisBackend::from_nodes(nodes, &parsed.options))
+    Ok(RedisBackend::from_nodes(nodes))
 }
 
 #[cfg(test)]

@@ -342,6 +342,18 @@ impl Target {
     }
 }
 
+/// `answer`, once a grant in it is confirmed replicated (`wait_replicas`).
+fn granted(
+    answer: SharedAcquire,
+    replicated: &crate::node::Replicated,
+    context: &str,
+) -> Result<SharedAcquire, LockError> {
+    if matches!(answer, SharedAcquire::Acquired(_)) {
+        replicated.confirm(context)?;
+    }
+    Ok(answer)
+}
+
 fn parse_acquire(answer: redis::Value) -> Result<SharedAcquire, LockError> {
     let unexpected = |answer: &redis::Value| {
         LockError::backend_msg(
@@ -386,15 +398,15 @@ impl Node {
         mark: bool,
     ) -> Result<SharedAcquire, LockError> {
         let [holders, meta, fence] = keys;
-        let answer: redis::Value = self
-            .eval(
+        let (answer, replicated): (redis::Value, _) = self
+            .eval_write(
+                "semaphore acquire",
                 &SEM_ACQUIRE,
                 &[holders, meta, fence],
                 (token, ttl_ms, limit, count, u8::from(mark)),
             )
-            .await
-            .map_err(|error| backend_error("semaphore acquire", error))?;
-        parse_acquire(answer)
+            .await?;
+        granted(parse_acquire(answer)?, &replicated, "semaphore acquire")
     }
 
     /// Renews one live member of a holders set (see [`ZSET_RENEW`]), `companion` expiring
@@ -406,10 +418,17 @@ impl Node {
         member: &str,
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
-        let renewed: i64 = self
-            .eval(&ZSET_RENEW, &[holders, companion], (member, ttl_ms))
-            .await
-            .map_err(|error| backend_error("shared renew", error))?;
+        let (renewed, replicated): (i64, _) = self
+            .eval_write(
+                "shared renew",
+                &ZSET_RENEW,
+                &[holders, companion],
+                (member, ttl_ms),
+            )
+            .await?;
+        if renewed == 1 {
+            replicated.confirm("shared renew")?;
+        }
         Ok(renewed == 1)
     }
 
@@ -452,19 +471,28 @@ impl Node {
     ) -> Result<SharedAcquire, LockError> {
         let keys = keys.each_ref().map(String::as_str);
         let mark = u8::from(mark);
-        let answer: redis::Value = match mode {
+        let (answer, replicated): (redis::Value, _) = match mode {
             RwMode::Read => {
-                self.eval(&RW_READ_ACQUIRE, &keys, (token, ttl_ms, mark))
-                    .await
+                self.eval_write(
+                    "rwlock acquire",
+                    &RW_READ_ACQUIRE,
+                    &keys,
+                    (token, ttl_ms, mark),
+                )
+                .await?
             }
             RwMode::Write => {
                 let intent = crate::node::ttl_millis(lock_core::WRITER_INTENT);
-                self.eval(&RW_WRITE_ACQUIRE, &keys, (token, ttl_ms, mark, intent))
-                    .await
+                self.eval_write(
+                    "rwlock acquire",
+                    &RW_WRITE_ACQUIRE,
+                    &keys,
+                    (token, ttl_ms, mark, intent),
+                )
+                .await?
             }
-        }
-        .map_err(|error| backend_error("rwlock acquire", error))?;
-        parse_acquire(answer)
+        };
+        granted(parse_acquire(answer)?, &replicated, "rwlock acquire")
     }
 
     /// Redlock's fence round for a reader (see [`RW_RAISE_READER_FENCE`]) or the writer.

@@ -25,8 +25,6 @@ use tokio::time::Instant;
 pub struct RedisBackend {
     inner: Arc<Nodes>,
     cleanup: Arc<Cleanup>,
-    /// `RedisOptions::wait_replicas`.
-    wait_replicas: Option<(u32, Duration)>,
 }
 
 /// The most clean-ups pending at once per backend. Beyond it a failed acquire's key (if the
@@ -174,58 +172,15 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner,
             cleanup: Arc::default(),
-            wait_replicas: options.wait_replicas,
         })
     }
 
     /// A backend over nodes connected elsewhere (Sentinel's master, a cluster).
-    pub(crate) fn from_nodes(inner: Arc<Nodes>, options: &RedisOptions) -> Self {
+    pub(crate) fn from_nodes(inner: Arc<Nodes>) -> Self {
         RedisBackend {
             inner,
             cleanup: Arc::default(),
-            wait_replicas: options.wait_replicas,
         }
-    }
-
-    /// With `wait_replicas`: waits until the writes so far reached that many replicas. A
-    /// shortfall is a retryable error; `undo` (a fresh grant) is then released.
-    async fn confirm_replicated(
-        &self,
-        key: &LockKey,
-        undo: Option<Pending>,
-    ) -> Result<(), LockError> {
-        let Some((replicas, wait)) = self.wait_replicas else {
-            return Ok(());
-        };
-        // Every key of a name shares the lock key's slot (a cluster routes the WAIT by it).
-        let slot_key = self.inner.scheme.lock_key(key);
-        let reached = self
-            .node()?
-            .wait_for_replicas(replicas, wait, &slot_key)
-            .await;
-        if matches!(reached, Ok(reached) if reached >= replicas) {
-            return Ok(());
-        }
-        let undone = undo.is_some();
-        if let Some(pending) = undo {
-            self.cleanup.push(&self.inner, pending);
-        }
-        Err(match reached {
-            Ok(reached) => LockError::backend_msg(
-                "redis",
-                format!(
-                    "the write reached {reached} of the {replicas} replicas asked for within \
-                     {wait:?} (wait_replicas): a failover could lose it{}",
-                    if undone {
-                        "; the grant was released"
-                    } else {
-                        ""
-                    }
-                ),
-                true,
-            ),
-            Err(error) => error,
-        })
     }
 
     /// How this backend names Redis keys and channels.
@@ -297,17 +252,6 @@ impl LockBackend for RedisBackend {
                 expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
             },
         };
-        if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(
-                key,
-                Some(Pending {
-                    target: Target::Lock(lock_key),
-                    token,
-                    expires: sent_at + granted,
-                }),
-            )
-            .await?;
-        }
         Ok(attempt)
     }
 
@@ -321,7 +265,6 @@ impl LockBackend for RedisBackend {
             .renew(self.node()?, &token, ttl_ms)
             .await?;
         if renewed {
-            self.confirm_replicated(key, None).await?;
             Ok(lease.renewed(Duration::from_millis(ttl_ms), sent_at))
         } else {
             Err(LockError::lost(
@@ -371,17 +314,6 @@ impl LockBackend for RedisBackend {
         };
         let kind = LeaseKind::Permits { limit, count };
         let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, limit)?;
-        if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(
-                key,
-                Some(Pending {
-                    target: Target::Permits(keys, count),
-                    token,
-                    expires: sent_at + granted,
-                }),
-            )
-            .await?;
-        }
         Ok(attempt)
     }
 
@@ -417,17 +349,6 @@ impl LockBackend for RedisBackend {
             RwMode::Write => LeaseKind::Write,
         };
         let attempt = shared_attempt(key, owner, granted, sent_at, kind, answer, 0)?;
-        if matches!(attempt, Attempt::Acquired(_)) {
-            self.confirm_replicated(
-                key,
-                Some(Pending {
-                    target: Target::Rw(keys, mode),
-                    token,
-                    expires: sent_at + granted,
-                }),
-            )
-            .await?;
-        }
         Ok(attempt)
     }
 
