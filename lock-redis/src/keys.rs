@@ -57,6 +57,21 @@ impl KeyScheme {
         (lock, fence)
     }
 
+    /// The Redis keys of the lock `key`, for its scripts: the lock key, the fence counter of
+    /// its slot, and the lock's fair queue: a sorted set of waiting owner tokens scored by
+    /// arrival (`<base>:q`) and a hash of each entry's liveness deadline and TTL with the
+    /// arrival counter (`<base>:qd`). All in the lock key's hash slot.
+    pub fn lock_keys(&self, key: &LockKey) -> [String; 4] {
+        let base = self.base(key.as_str());
+        let fence = self.fence_key_for_base(&base);
+        [
+            format!("{base}:lock"),
+            fence,
+            format!("{base}:q"),
+            format!("{base}:qd"),
+        ]
+    }
+
     /// The Redis keys of the semaphore `key`: the holders (a sorted set of `<count>:<token>`
     /// scored by expiry in server milliseconds), its meta hash (`limit`, `used`, the waiter
     /// `mark`) and the fence counter of its slot. All in the lock key's hash slot; the names
@@ -215,6 +230,13 @@ mod tests {
             );
             // Semaphore and rwlock keys share the slot; the scripts derive the channel from
             // the first of them by cutting its suffix.
+            let queue = scheme.lock_keys(&key);
+            assert_eq!(queue[0], lock);
+            assert_eq!(queue[1], fence);
+            for name in &queue {
+                assert_eq!(hash_slot(name.as_bytes()), hash_slot(lock.as_bytes()));
+            }
+            assert!(locks.insert(queue[2].clone()) && locks.insert(queue[3].clone()));
             let sem = scheme.semaphore_keys(&key);
             let rw = scheme.rw_keys(&key);
             assert_eq!(sem[2], fence);

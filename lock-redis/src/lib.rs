@@ -38,6 +38,7 @@ mod keys;
 mod link;
 mod node;
 mod options;
+mod queue;
 mod redlock;
 mod sentinel;
 mod shared;

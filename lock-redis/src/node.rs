@@ -20,16 +20,61 @@ use tokio_util::sync::CancellationToken;
 // uncontended release, and nobody listens for most releases. Tokens are hex, so the mark
 // cannot be confused with a token.
 
+/// Lua shared by the scripts of a lock's keys (KEYS: lock, fence counter, queue, queue
+/// entries; see [`KeyScheme::lock_keys`]). `hand_over(channel, caller)` gives the free lock to
+/// the first live entry of the fair queue: sets the lock key to its token with the TTL it
+/// asked for, raises the fence, and announces the grant on the lock's channel as
+/// `g:<token>:<fence>` (unless the entry is `caller`, which learns it from the answer).
+/// Entries whose liveness deadline (server time) passed are dropped on the way; at most 64
+/// per call, the next call goes on. Returns `{token, fence}`, or nil when no entry is live.
+const HAND_OVER: &str = r"
+local function hand_over(channel, caller)
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    return nil
+  end
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  for _ = 1, 64 do
+    local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    if not head then
+      return nil
+    end
+    local entry = redis.call('HGET', KEYS[4], head)
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+    if entry then
+      local sep = string.find(entry, ':', 1, true)
+      if sep and tonumber(string.sub(entry, 1, sep - 1)) >= now then
+        redis.call('SET', KEYS[1], head, 'PX', string.sub(entry, sep + 1))
+        local fence = redis.call('INCR', KEYS[2])
+        if head ~= caller then
+          redis.pcall('PUBLISH', channel, 'g:' .. head .. ':' .. fence)
+        end
+        return {head, fence}
+      end
+    end
+  end
+  return nil
+end
+local channel = string.sub(KEYS[1], 1, -5) .. 'rel:'
+";
+
 /// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
 /// integer), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
 /// out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
 /// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
-/// gets the waiter mark, so that its release publishes.
+/// gets the waiter mark, so that its release publishes. ARGV[4] is the database (channel
+/// names carry it). While the fair queue has live entries, a free lock goes to the first of
+/// them, not to this caller (no barging past the queue after a holder's TTL ran out).
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
+        "{HAND_OVER}{}",
         r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 and
+    not hand_over(channel .. ARGV[4], '') then
+  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return redis.call('INCR', KEYS[2])
+  end
 end
 local holder = redis.call('GET', KEYS[1]) or ''
 if string.sub(holder, -1) == '+' then
@@ -38,8 +83,45 @@ elseif ARGV[3] == '1' and holder ~= '' then
   redis.call('APPEND', KEYS[1], '+')
 end
 return {redis.call('PTTL', KEYS[1]), holder}
-",
-    )
+"
+    ))
+});
+
+/// A waiter's place in the fair queue (ARGV: token, TTL ms, entry liveness ms, database):
+/// joins at the tail (an arrival counter orders the queue) or refreshes its liveness
+/// deadline in place; a free lock goes to the first live entry. Answers `{1, fence, ttl}`
+/// when this call granted the lock to the caller (its TTL started now), `{2, fence, pttl}`
+/// when the lock was already handed to the caller (its grant message may be on the way), or
+/// `{0, pttl}` while it waits (the holder's remaining TTL).
+static QUEUE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{HAND_OVER}{}",
+        r"
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] or value == ARGV[1] .. '+' then
+  return {2, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('PTTL', KEYS[1])}
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local live = tonumber(ARGV[3])
+if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[4], '#seq', 1), ARGV[1])
+end
+redis.call('HSET', KEYS[4], ARGV[1], string.format('%d', now + live) .. ':' .. ARGV[2])
+for _, name in ipairs({KEYS[3], KEYS[4]}) do
+  if redis.call('PTTL', name) < 2 * live then
+    redis.call('PEXPIRE', name, 2 * live)
+  end
+end
+if not value then
+  local given = hand_over(channel .. ARGV[4], ARGV[1])
+  if given and given[1] == ARGV[1] then
+    return {1, given[2], tonumber(ARGV[2])}
+  end
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"
+    ))
 });
 
 /// Compare the owner token (marked or not), then `PEXPIRE`. An expired key reads as absent,
@@ -56,29 +138,36 @@ return 0
     )
 });
 
-/// Compare the owner token, then `DEL`; if a waiter marked the lock, announce the release on
-/// the key's channel: the lock key `<base>:lock` with `lock` replaced by `rel:<db>` (ARGV[2]
-/// is the database; [`KeyScheme::channel`] builds the same name), so the client builds no
-/// channel name for the many releases that publish nothing. The `PUBLISH` is a `pcall`: Lua
-/// does not roll the `DEL` back, so a failed announcement (an ACL user without channel rights:
-/// `NOPERM`) must not turn a done release into an error; waiters then find the lock free at
-/// their next backoff step.
+/// Compare the owner token, then `DEL`, and hand the lock to the first live entry of the
+/// fair queue if there is one (see `HAND_OVER`); else, if a waiter marked the lock, announce
+/// the release on the key's channel: the lock key `<base>:lock` with `lock` replaced by
+/// `rel:<db>` (ARGV[2] is the database; [`KeyScheme::channel`] builds the same name), so the
+/// client builds no channel name for the many releases that publish nothing. The `PUBLISH`
+/// is a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL user
+/// without channel rights: `NOPERM`) must not turn a done release into an error; waiters then
+/// find the lock free at their next backoff step. A token that is not the holder leaves the
+/// queue (a waiter that gave up).
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
+        "{HAND_OVER}{}",
         r"
 local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+if value ~= ARGV[1] and value ~= ARGV[1] .. '+' then
+  if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if hand_over(channel .. ARGV[2], ARGV[1]) then
   return 1
 end
-if value == ARGV[1] .. '+' then
-  redis.call('DEL', KEYS[1])
-  redis.pcall('PUBLISH', string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2], '1')
-  return 1
+if value ~= ARGV[1] then
+  redis.pcall('PUBLISH', channel .. ARGV[2], '1')
 end
-return 0
-",
-    )
+return 1
+"
+    ))
 });
 
 /// Redlock: while we still hold the lock on this node, raise its fence counter to at least
@@ -403,6 +492,17 @@ impl Request {
     }
 }
 
+/// A node's answer to the queue script.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum InLine {
+    /// This call granted the lock (its TTL started after the call was sent); the fence.
+    Granted(u64),
+    /// A release handed the lock over earlier; the fence and the remaining TTL in ms.
+    Handed(u64, i64),
+    /// Still waiting; the holder's remaining TTL in ms (negative: none or unknown).
+    Waiting(i64),
+}
+
 /// A node's answer to the acquire script.
 #[derive(Debug, Clone)]
 pub(crate) enum NodeAcquire {
@@ -506,6 +606,7 @@ impl Node {
         conn: ConnectionManager,
         scheme: KeyScheme,
         hub: ReleaseHub,
+        grants: crate::queue::Grants,
         commands: (
             mpsc::UnboundedSender<Command>,
             mpsc::UnboundedReceiver<Command>,
@@ -524,6 +625,7 @@ impl Node {
             addr,
             scheme,
             hub,
+            grants,
             commands,
             options,
             shutdown,
@@ -536,6 +638,7 @@ impl Node {
         addr: String,
         scheme: KeyScheme,
         hub: ReleaseHub,
+        grants: crate::queue::Grants,
         commands: (
             mpsc::UnboundedSender<Command>,
             mpsc::UnboundedReceiver<Command>,
@@ -549,6 +652,7 @@ impl Node {
             conn.clone(),
             scheme,
             hub,
+            grants,
             receiver,
             shutdown,
             options.command_timeout.min(Duration::from_secs(1)),
@@ -571,10 +675,10 @@ impl Node {
         &self.addr
     }
 
+    /// One attempt at the lock whose keys ([`KeyScheme::lock_keys`]) are `keys`.
     pub(crate) async fn acquire(
         &self,
-        lock_key: &str,
-        fence_key: &str,
+        keys: &[String; 4],
         token: &str,
         ttl_ms: u64,
         mark_for_waiters: bool,
@@ -583,8 +687,8 @@ impl Node {
             .eval_write(
                 "acquire",
                 &ACQUIRE,
-                &[lock_key, fence_key],
-                (token, ttl_ms, u8::from(mark_for_waiters)),
+                &keys.each_ref().map(String::as_str),
+                (token, ttl_ms, u8::from(mark_for_waiters), self.db),
             )
             .await?;
         let unexpected = |answer: &redis::Value| {
@@ -728,12 +832,65 @@ impl Node {
         Ok(renewed == 1)
     }
 
-    pub(crate) async fn release(&self, lock_key: &str, token: &str) -> Result<bool, LockError> {
+    /// Releases `token`'s lock (handing it to the queue's first live entry), or takes
+    /// `token` out of the queue; true when `token` held the lock.
+    pub(crate) async fn release(&self, keys: &[String; 4], token: &str) -> Result<bool, LockError> {
         let released: i64 = self
-            .eval(&RELEASE, &[lock_key], (token, self.db))
+            .eval(
+                &RELEASE,
+                &keys.each_ref().map(String::as_str),
+                (token, self.db),
+            )
             .await
             .map_err(|error| backend_error("release", error))?;
         Ok(released == 1)
+    }
+
+    /// Joins the lock's fair queue as `token`, or refreshes its place (see [`QUEUE`]);
+    /// `live_ms` is how long the entry stays without another refresh.
+    pub(crate) async fn queue(
+        &self,
+        keys: &[String; 4],
+        token: &str,
+        ttl_ms: u64,
+        live_ms: u64,
+    ) -> Result<InLine, LockError> {
+        let (answer, replicated): (Vec<i64>, _) = self
+            .eval_write(
+                "queue",
+                &QUEUE,
+                &keys.each_ref().map(String::as_str),
+                (token, ttl_ms, live_ms, self.db),
+            )
+            .await?;
+        let fence = |value: i64| {
+            u64::try_from(value).map_err(|_| {
+                LockError::backend_msg(
+                    "redis",
+                    format!("unexpected answer to the queue script: {answer:?}"),
+                    false,
+                )
+            })
+        };
+        match answer.as_slice() {
+            [1, granted, _] => {
+                let fence = fence(*granted)?;
+                replicated.confirm("queue")?;
+                Ok(InLine::Granted(fence))
+            }
+            [2, granted, pttl] => Ok(InLine::Handed(fence(*granted)?, *pttl)),
+            [0, pttl] => Ok(InLine::Waiting(*pttl)),
+            _ => Err(LockError::backend_msg(
+                "redis",
+                format!("unexpected answer to the queue script: {answer:?}"),
+                false,
+            )),
+        }
+    }
+
+    /// Whether writes wait for replicas (`RedisOptions::wait_replicas`).
+    pub(crate) fn waits_for_replicas(&self) -> bool {
+        self.replicas.is_some()
     }
 
     pub(crate) async fn raise_fence(
@@ -807,6 +964,7 @@ async fn listen(
     conn: Arc<Conn>,
     scheme: KeyScheme,
     hub: ReleaseHub,
+    grants: crate::queue::Grants,
     mut commands: mpsc::UnboundedReceiver<Command>,
     shutdown: CancellationToken,
     op_timeout: Duration,
@@ -923,7 +1081,10 @@ async fn listen(
                 message = stream.next() => match message {
                     None => break,
                     Some(message) => {
-                        if let Some(key) = subs.channels.get(message.get_channel_name()) {
+                        // A grant goes to the waiter it names; it frees nothing.
+                        if !grants.deliver(message.get_payload_bytes())
+                            && let Some(key) = subs.channels.get(message.get_channel_name())
+                        {
                             hub.notify(key);
                         }
                     }
@@ -1154,6 +1315,8 @@ pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
 pub(crate) struct Nodes {
     pub(crate) nodes: Vec<Node>,
     pub(crate) hub: ReleaseHub,
+    /// The grants this backend's queued waiters expect (fed by the listeners).
+    pub(crate) grants: crate::queue::Grants,
     pub(crate) scheme: KeyScheme,
     shutdown: CancellationToken,
 }
@@ -1232,6 +1395,7 @@ impl Nodes {
         let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
         let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
         let shutdown = CancellationToken::new();
+        let grants = crate::queue::Grants::default();
         let mut nodes = Vec::with_capacity(urls.len());
         for ((prepared, conn), channel) in prepared.into_iter().zip(conns).zip(channels) {
             let conn = match conn {
@@ -1249,6 +1413,7 @@ impl Nodes {
                 conn,
                 scheme.clone(),
                 hub.clone(),
+                grants.clone(),
                 channel,
                 options,
                 shutdown.clone(),
@@ -1257,6 +1422,7 @@ impl Nodes {
         Ok(Arc::new(Nodes {
             nodes,
             hub,
+            grants,
             scheme,
             shutdown,
         }))
@@ -1327,11 +1493,13 @@ impl Nodes {
         let channel = mpsc::unbounded_channel();
         let hub = idle_hook(vec![channel.0.clone()]);
         let shutdown = CancellationToken::new();
+        let grants = crate::queue::Grants::default();
         let node = Node::spawn(
             conn,
             addr,
             scheme.clone(),
             hub.clone(),
+            grants.clone(),
             channel,
             options,
             shutdown.clone(),
@@ -1339,6 +1507,7 @@ impl Nodes {
         Arc::new(Nodes {
             nodes: vec![node],
             hub,
+            grants,
             scheme,
             shutdown,
         })

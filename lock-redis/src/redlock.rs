@@ -403,7 +403,8 @@ impl RedlockBackend {
         let granted = Duration::from_millis(ttl_ms);
         let limit = self.node_timeout(granted);
         let scheme = &self.inner.scheme;
-        let (lock_key, fence_key) = scheme.lock_and_fence_keys(key);
+        let lock_keys = scheme.lock_keys(key);
+        let (lock_key, fence_key) = (lock_keys[0].clone(), lock_keys[1].clone());
         let owner = OwnerToken::random();
         let token = crate::node::token_hex(owner);
         // Waiters of ours subscribed before this attempt: mark the holder so its release
@@ -414,19 +415,17 @@ impl RedlockBackend {
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
 
         let outcomes = {
-            let (lock_key, fence_key, token) = (
-                Arc::<str>::from(lock_key.as_str()),
-                Arc::<str>::from(fence_key.as_str()),
+            let (keys, token) = (
+                Arc::new(lock_keys.clone()),
                 Arc::<str>::from(token.as_str()),
             );
             self.on_all(
                 limit,
                 |nodes, index| {
-                    let (lock_key, fence_key, token) =
-                        (lock_key.clone(), fence_key.clone(), token.clone());
+                    let (keys, token) = (keys.clone(), token.clone());
                     async move {
                         node(&nodes, index)?
-                            .acquire(&lock_key, &fence_key, &token, ttl_ms, mark)
+                            .acquire(&keys, &token, ttl_ms, mark)
                             .await
                     }
                 },
@@ -492,7 +491,7 @@ impl RedlockBackend {
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         held_nodes.extend(not_sent);
         self.roll_back(
-            Target::Lock(lock_key),
+            Target::Lock(lock_keys),
             &token,
             limit,
             &held_nodes,

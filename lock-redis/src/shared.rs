@@ -293,8 +293,8 @@ pub(crate) fn permit_member(count: u32, token: &str) -> String {
 /// release (of both backends, and the clean-up) pick the scripts for a lease's kind.
 #[derive(Debug)]
 pub(crate) enum Target {
-    /// A lock's key.
-    Lock(String),
+    /// A lock's keys ([`KeyScheme::lock_keys`]).
+    Lock([String; 4]),
     /// A semaphore's keys and the permits held.
     Permits([String; 3], u32),
     /// A reader-writer lock's keys and the side held.
@@ -308,7 +308,7 @@ impl Target {
             LeaseKind::Permits { count, .. } => Target::Permits(scheme.semaphore_keys(key), count),
             LeaseKind::Read => Target::Rw(scheme.rw_keys(key), RwMode::Read),
             LeaseKind::Write => Target::Rw(scheme.rw_keys(key), RwMode::Write),
-            _ => Target::Lock(scheme.lock_key(key)),
+            _ => Target::Lock(scheme.lock_keys(key)),
         }
     }
 
@@ -320,7 +320,7 @@ impl Target {
         ttl_ms: u64,
     ) -> Result<bool, LockError> {
         match self {
-            Target::Lock(lock_key) => node.renew(lock_key, token, ttl_ms).await,
+            Target::Lock(keys) => node.renew(&keys[0], token, ttl_ms).await,
             Target::Permits(keys, count) => {
                 node.renew_permits(keys, &permit_member(*count, token), ttl_ms)
                     .await
@@ -332,7 +332,7 @@ impl Target {
     /// Releases `token`'s hold on `node`; true when it was still held.
     pub(crate) async fn release(&self, node: &Node, token: &str) -> Result<bool, LockError> {
         match self {
-            Target::Lock(lock_key) => node.release(lock_key, token).await,
+            Target::Lock(keys) => node.release(keys, token).await,
             Target::Permits(keys, count) => {
                 node.release_permits(keys, &permit_member(*count, token), *count)
                     .await

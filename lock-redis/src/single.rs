@@ -190,7 +190,7 @@ impl RedisBackend {
 
     /// Compare-and-deletes `token` after a failed acquire that may have run, in the
     /// background (see [`Cleanup`]).
-    fn release_in_background(&self, target: Target, token: String, expires: Instant) {
+    pub(crate) fn release_in_background(&self, target: Target, token: String, expires: Instant) {
         self.cleanup.push(
             &self.inner,
             Pending {
@@ -199,6 +199,11 @@ impl RedisBackend {
                 expires,
             },
         );
+    }
+
+    /// The nodes, hub and grants this backend shares with its clones.
+    pub(crate) fn nodes(&self) -> &Arc<Nodes> {
+        &self.inner
     }
 
     fn node(&self) -> Result<&crate::node::Node, LockError> {
@@ -222,12 +227,8 @@ impl LockBackend for RedisBackend {
         // publishes (unmarked releases skip the PUBLISH).
         let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
-        let (lock_key, fence_key) = scheme.lock_and_fence_keys(key);
-        let answer = match self
-            .node()?
-            .acquire(&lock_key, &fence_key, &token, ttl_ms, mark)
-            .await
-        {
+        let keys = scheme.lock_keys(key);
+        let answer = match self.node()?.acquire(&keys, &token, ttl_ms, mark).await {
             Ok(answer) => answer,
             Err(error) => {
                 // The script may have run although we got no answer (a stall past the
@@ -235,7 +236,7 @@ impl LockBackend for RedisBackend {
                 // token, and the key would stay locked for the whole TTL. A refused
                 // connection sent nothing: nothing to clean up.
                 if crate::node::may_have_run(&error) {
-                    self.release_in_background(Target::Lock(lock_key), token, sent_at + granted);
+                    self.release_in_background(Target::Lock(keys), token, sent_at + granted);
                 }
                 return Err(error);
             }
@@ -352,6 +353,16 @@ impl LockBackend for RedisBackend {
         Ok(attempt)
     }
 
+    async fn acquire_queued(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        validate_ttl(ttl)?;
+        crate::queue::wait_in_line(self, key, ttl_millis(ttl), deadline).await
+    }
+
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
         let releases = self.inner.hub.subscribe(key.as_str());
         // Every waiter (not only a key's first) waits until its key's channel is confirmed:
@@ -376,6 +387,7 @@ impl LockBackend for RedisBackend {
         caps.expiry_slack = Duration::from_millis(10);
         caps.semaphores = true;
         caps.rw_locks = true;
+        caps.fair_queue = true;
         caps
     }
 }

@@ -139,9 +139,6 @@ impl ServerFaults for ClusterFactory {
 mod conformance {
     conformance_tests::conformance_suite! {
         factory = super::ClusterFactory::start(),
-        skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
-        },
     }
 }
 

@@ -118,9 +118,6 @@ impl RedisFactory {
 mod single {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(1),
-        skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
-        },
     }
 }
 
@@ -128,7 +125,7 @@ mod redlock3 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(3),
         skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
+            fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_limits_must_agree: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
@@ -142,7 +139,7 @@ mod redlock5 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(5),
         skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
+            fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_limits_must_agree: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",

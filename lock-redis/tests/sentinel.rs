@@ -103,9 +103,6 @@ impl ServerFaults for SentinelFactory {
 mod conformance {
     conformance_tests::conformance_suite! {
         factory = super::SentinelFactory::start(),
-        skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
-        },
     }
 }
 

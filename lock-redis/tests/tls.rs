@@ -162,9 +162,6 @@ impl TlsFactory {
 mod single_tls {
     conformance_tests::conformance_suite! {
         factory = super::TlsFactory::start(1),
-        skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
-        },
     }
 }
 
@@ -172,7 +169,7 @@ mod redlock3_tls {
     conformance_tests::conformance_suite! {
         factory = super::TlsFactory::start(3),
         skip = {
-            fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false; see README, How it works)",
+            fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
             semaphore_dead_holder_permit_returns: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
             semaphore_limits_must_agree: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
