@@ -87,12 +87,14 @@ return {redis.call('PTTL', KEYS[1]), holder}
     ))
 });
 
-/// A waiter's place in the fair queue (ARGV: token, TTL ms, entry liveness ms, database):
-/// joins at the tail (an arrival counter orders the queue) or refreshes its liveness
-/// deadline in place; a free lock goes to the first live entry. Answers `{1, fence, ttl}`
-/// when this call granted the lock to the caller (its TTL started now), `{2, fence, pttl}`
-/// when the lock was already handed to the caller (its grant message may be on the way), or
-/// `{0, pttl}` while it waits (the holder's remaining TTL).
+/// A waiter's place in the fair queue (ARGV: token, TTL ms, entry liveness ms, database,
+/// `1` to join or `0` to refresh): joins at the tail (an arrival counter orders the queue)
+/// or refreshes its liveness deadline in place; a free lock goes to the first live entry.
+/// Answers `{1, fence, ttl}` when this call granted the lock to the caller (its TTL started
+/// now), `{2, fence, pttl}` when the lock was already handed to the caller (its grant message
+/// may be on the way), `{0, pttl}` while it waits (the holder's remaining TTL), and `{3}`
+/// when a refresh finds the entry gone (dropped as dead, or granted and expired unnoticed): a
+/// token joins once, so a grant to it is never mistaken for one made after a later refresh.
 static QUEUE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         "{HAND_OVER}{}",
@@ -105,6 +107,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local live = tonumber(ARGV[3])
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  if ARGV[5] ~= '1' then
+    return {3}
+  end
   redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[4], '#seq', 1), ARGV[1])
 end
 redis.call('HSET', KEYS[4], ARGV[1], string.format('%d', now + live) .. ':' .. ARGV[2])
@@ -501,6 +506,8 @@ pub(crate) enum InLine {
     Handed(u64, i64),
     /// Still waiting; the holder's remaining TTL in ms (negative: none or unknown).
     Waiting(i64),
+    /// A refresh found the entry gone: join again, with a new token.
+    Gone,
 }
 
 /// A node's answer to the acquire script.
@@ -846,21 +853,22 @@ impl Node {
         Ok(released == 1)
     }
 
-    /// Joins the lock's fair queue as `token`, or refreshes its place (see [`QUEUE`]);
-    /// `live_ms` is how long the entry stays without another refresh.
+    /// Joins the lock's fair queue as `token` (`join`), or refreshes its place (see
+    /// [`QUEUE`]); `live_ms` is how long the entry stays without another refresh.
     pub(crate) async fn queue(
         &self,
         keys: &[String; 4],
         token: &str,
         ttl_ms: u64,
         live_ms: u64,
+        join: bool,
     ) -> Result<InLine, LockError> {
         let (answer, replicated): (Vec<i64>, _) = self
             .eval_write(
                 "queue",
                 &QUEUE,
                 &keys.each_ref().map(String::as_str),
-                (token, ttl_ms, live_ms, self.db),
+                (token, ttl_ms, live_ms, self.db, u8::from(join)),
             )
             .await?;
         let fence = |value: i64| {
@@ -880,6 +888,7 @@ impl Node {
             }
             [2, granted, pttl] => Ok(InLine::Handed(fence(*granted)?, *pttl)),
             [0, pttl] => Ok(InLine::Waiting(*pttl)),
+            [3] => Ok(InLine::Gone),
             _ => Err(LockError::backend_msg(
                 "redis",
                 format!("unexpected answer to the queue script: {answer:?}"),

@@ -122,7 +122,7 @@ pub(crate) async fn wait_in_line(
     let refresh = (granted / 4).clamp(MIN_REFRESH, MAX_REFRESH);
     let live = refresh * 3 + LIVE_PAD;
     let live_ms = crate::node::ttl_millis(live);
-    let owner = OwnerToken::random();
+    let mut owner = OwnerToken::random();
     let token = crate::node::token_hex(owner);
     // Grant messages: the key's channel stays subscribed while this handle lives, and the
     // subscription is confirmed before the entry exists, so no grant goes unheard. (A grant
@@ -140,9 +140,10 @@ pub(crate) async fn wait_in_line(
         expires: Instant::now() + granted.max(live),
         settled: false,
     };
-    let lease = |fence: u64, ttl: Duration, since: Instant| {
+    let lease = |owner: OwnerToken, fence: u64, ttl: Duration, since: Instant| {
         Lease::new(key.clone(), owner, Some(FencingToken(fence)), ttl, since)
     };
+    let mut join = true;
     // When the newest refresh that found us still waiting was sent: a grant pushed later
     // was made after that refresh ran, so its TTL started after this instant.
     let mut waiting_since: Option<Instant> = None;
@@ -150,22 +151,40 @@ pub(crate) async fn wait_in_line(
         let sent_at = Instant::now();
         place.expires = sent_at + granted.max(live);
         let answer = node
-            .queue(&place.keys, &place.token, ttl_ms, live_ms)
+            .queue(&place.keys, &place.token, ttl_ms, live_ms, join)
             .await?;
+        join = false;
         let next = match answer {
             InLine::Granted(fence) => {
                 place.settle();
-                return Ok(Some(lease(fence, granted, sent_at)));
+                return Ok(Some(lease(owner, fence, granted, sent_at)));
             }
             // The TTL started before this call, at the release; the remaining TTL, counted
             // from the call's sending, ends no later than the server's.
             InLine::Handed(fence, pttl) if pttl > 0 => {
-                let handed = lease(fence, Duration::from_millis(pttl.unsigned_abs()), sent_at);
+                let handed = lease(
+                    owner,
+                    fence,
+                    Duration::from_millis(pttl.unsigned_abs()),
+                    sent_at,
+                );
                 let confirmed = confirm_handed(backend, handed, granted).await?;
                 place.settle();
                 return Ok(Some(confirmed));
             }
             InLine::Handed(..) => sent_at + MIN_REFRESH,
+            // Our entry was dropped (we were late refreshing it), or a grant to it ran out
+            // unnoticed: join again under a new token, so that no grant to the old one can
+            // be taken for one made after this.
+            InLine::Gone => {
+                nodes.grants.forget(&place.token);
+                owner = OwnerToken::random();
+                place.token = crate::node::token_hex(owner);
+                grant = nodes.grants.expect(&place.token);
+                waiting_since = None;
+                join = true;
+                sent_at
+            }
             InLine::Waiting(pttl) => {
                 waiting_since = Some(sent_at);
                 let mut next = sent_at + refresh;
@@ -183,7 +202,7 @@ pub(crate) async fn wait_in_line(
             biased;
             fence = &mut grant, if waiting_since.is_some() => {
                 if let (Ok(fence), Some(since)) = (fence, waiting_since) {
-                    let handed = lease(fence, granted, since);
+                    let handed = lease(owner, fence, granted, since);
                     let confirmed = confirm_handed(backend, handed, granted).await?;
                     place.settle();
                     return Ok(Some(confirmed));

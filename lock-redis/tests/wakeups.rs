@@ -84,13 +84,15 @@ async fn waiter_marks_the_holder_and_its_release_wakes_it() -> Result<()> {
         .context("lock key missing")?;
     ensure!(!token_only.ends_with('+'), "marked before anyone waited");
 
+    // A waiter with a retry count polls instead of lining up in the fair queue (as every
+    // Redlock waiter does): it is the one that marks.
     let waiting = tokio::spawn({
         let (waiter, key) = (waiter.clone(), key.clone());
         async move {
             let guard = waiter
                 .lock(key.as_str())
                 .ttl(Duration::from_secs(30))
-                .wait(Duration::from_secs(20))
+                .retries(3)
                 .backoff(lock_core::Backoff::new(
                     Duration::from_secs(5),
                     Duration::from_secs(5),
