@@ -733,7 +733,13 @@ fn print_uncontended(title: &str, rows: &[(&str, Stats)], floor: (&str, &str, &s
 }
 
 fn main() -> Result<()> {
-    // `cargo bench` passes `--bench`; nothing else to parse.
+    // `cargo bench` passes `--bench`; nothing else to parse. `LOCK_REDIS_BENCH` picks
+    // sections (comma-separated: uncontended, semaphore, parallel, contended, handoff).
+    let only = std::env::var("LOCK_REDIS_BENCH").ok();
+    let wants = |section: &str| {
+        only.as_deref()
+            .is_none_or(|only| only.split(',').any(|wanted| wanted.trim() == section))
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -743,96 +749,106 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         println!("lock-redis benchmark: one local redis-server ({url}), tokio 2 workers");
         println!();
-        let uncontended = uncontended(&url).await?;
-        print_uncontended(
-            &format!(
-                "uncontended acquire+release, one task, fresh key each time ({} ops each)",
-                UNCONTENDED_ROUNDS * UNCONTENDED_OPS
-            ),
-            &uncontended,
-            ("raw", "raw floor", " (bar ≤ 1.15)"),
-        );
-        let semaphore = uncontended_semaphore(&url).await?;
-        print_uncontended(
-            &format!(
-                "uncontended semaphore acquire+release (1 of 2 permits), one task, fresh name each time ({} ops each)",
-                UNCONTENDED_ROUNDS * UNCONTENDED_OPS
-            ),
-            &semaphore,
-            ("raw floor", "raw semaphore floor", ""),
-        );
-        let (parallel, ratios) = parallel_all(&url).await?;
-        println!(
-            "{PARALLEL_TASKS} tasks on distinct keys, acquire+release: median of {PARALLEL_SLICES} interleaved {:?} slices per client",
-            PARALLEL_SLICE
-        );
-        println!("| client | ops/s |");
-        println!("|---|---:|");
-        for (name, ops) in &parallel {
-            println!("| {name} | {ops:.0} |");
-        }
-        for (name, slices) in &ratios {
-            let low = slices.iter().copied().fold(f64::INFINITY, f64::min);
-            let high = slices.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            println!(
-                "throughput ratio {name} / raw floor (median of per-slice ratios): {:.2} (bar ≥ 0.70; slices {low:.2}–{high:.2})",
-                median(slices.clone())
+        if wants("uncontended") {
+            let uncontended = uncontended(&url).await?;
+            print_uncontended(
+                &format!(
+                    "uncontended acquire+release, one task, fresh key each time ({} ops each)",
+                    UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+                ),
+                &uncontended,
+                ("raw", "raw floor", " (bar ≤ 1.15)"),
             );
         }
-        println!();
-        let (ours_rate, raw_rate, ratios) = contended_all(&url).await?;
-        println!(
-            "{CONTENDED_TASKS} tasks on one key, acquire (waiting) + release: median of {CONTENDED_SLICES} interleaved {CONTENDED_SLICE:?} slices per client"
-        );
-        println!("| client | ops/s |");
-        println!("|---|---:|");
-        println!("| distlock Locker, blocking acquire | {ours_rate:.0} |");
-        println!(
-            "| raw floor: redis-rs SET NX PX, retry after {RAW_RETRY:?} | {raw_rate:.0} |"
-        );
-        let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        println!(
-            "contended ratio distlock / raw floor (median of per-slice ratios): {:.2} (bar ≥ 0.90; slices {low:.2}–{high:.2})",
-            median(ratios.clone())
-        );
-        println!();
-        let floor = handoff_blpop(&url).await?;
-        let url_for_threads = url.clone();
-        let floor_threads =
-            tokio::task::spawn_blocking(move || handoff_blpop_threads(&url_for_threads)).await??;
-        let ours = handoff_distlock(&url).await?;
-        let theirs = handoff_rslock(&url).await?;
-        println!(
-            "hand-off: holder keeps the lock 5 ms, waiter blocked in acquire; release → acquisition"
-        );
-        println!("| client | hand-offs | median | p99 |");
-        println!("|---|---:|---:|---:|");
-        println!(
-            "| distlock (pub/sub wake-up) | {HANDOFFS} | {} | {} |",
-            ms(ours.p50),
-            ms(ours.p99)
-        );
-        println!(
-            "| server queue floor (BLPOP waiter, LPUSH release) | {HANDOFFS} | {} | {} |",
-            ms(floor.p50),
-            ms(floor.p99)
-        );
-        println!(
-            "| server queue floor, blocking clients on threads | {HANDOFFS} | {} | {} |",
-            ms(floor_threads.p50),
-            ms(floor_threads.p99)
-        );
-        println!(
-            "| rslock 0.10 (default retry: 3 × random 0–200 ms) | {RSLOCK_HANDOFFS} | {} | {} |",
-            ms(theirs.p50),
-            ms(theirs.p99)
-        );
-        println!(
-            "hand-off median ratio distlock / server queue floor: {:.2} against the async client, {:.2} against blocking clients (bar ≤ 1.5; earlier bar: median ≤ 1 ms)",
-            ours.p50.as_secs_f64() / floor.p50.as_secs_f64(),
-            ours.p50.as_secs_f64() / floor_threads.p50.as_secs_f64()
-        );
+        if wants("semaphore") {
+            let semaphore = uncontended_semaphore(&url).await?;
+            print_uncontended(
+                &format!(
+                    "uncontended semaphore acquire+release (1 of 2 permits), one task, fresh name each time ({} ops each)",
+                    UNCONTENDED_ROUNDS * UNCONTENDED_OPS
+                ),
+                &semaphore,
+                ("raw floor", "raw semaphore floor", ""),
+            );
+        }
+        if wants("parallel") {
+            let (parallel, ratios) = parallel_all(&url).await?;
+            println!(
+                "{PARALLEL_TASKS} tasks on distinct keys, acquire+release: median of {PARALLEL_SLICES} interleaved {:?} slices per client",
+                PARALLEL_SLICE
+            );
+            println!("| client | ops/s |");
+            println!("|---|---:|");
+            for (name, ops) in &parallel {
+                println!("| {name} | {ops:.0} |");
+            }
+            for (name, slices) in &ratios {
+                let low = slices.iter().copied().fold(f64::INFINITY, f64::min);
+                let high = slices.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                println!(
+                    "throughput ratio {name} / raw floor (median of per-slice ratios): {:.2} (bar ≥ 0.70; slices {low:.2}–{high:.2})",
+                    median(slices.clone())
+                );
+            }
+            println!();
+        }
+        if wants("contended") {
+            let (ours_rate, raw_rate, ratios) = contended_all(&url).await?;
+            println!(
+                "{CONTENDED_TASKS} tasks on one key, acquire (waiting) + release: median of {CONTENDED_SLICES} interleaved {CONTENDED_SLICE:?} slices per client"
+            );
+            println!("| client | ops/s |");
+            println!("|---|---:|");
+            println!("| distlock Locker, blocking acquire | {ours_rate:.0} |");
+            println!(
+                "| raw floor: redis-rs SET NX PX, retry after {RAW_RETRY:?} | {raw_rate:.0} |"
+            );
+            let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            println!(
+                "contended ratio distlock / raw floor (median of per-slice ratios): {:.2} (bar ≥ 0.90; slices {low:.2}–{high:.2})",
+                median(ratios.clone())
+            );
+            println!();
+        }
+        if wants("handoff") {
+            let floor = handoff_blpop(&url).await?;
+            let url_for_threads = url.clone();
+            let floor_threads =
+                tokio::task::spawn_blocking(move || handoff_blpop_threads(&url_for_threads)).await??;
+            let ours = handoff_distlock(&url).await?;
+            let theirs = handoff_rslock(&url).await?;
+            println!(
+                "hand-off: holder keeps the lock 5 ms, waiter blocked in acquire; release → acquisition"
+            );
+            println!("| client | hand-offs | median | p99 |");
+            println!("|---|---:|---:|---:|");
+            println!(
+                "| distlock (pub/sub wake-up) | {HANDOFFS} | {} | {} |",
+                ms(ours.p50),
+                ms(ours.p99)
+            );
+            println!(
+                "| server queue floor (BLPOP waiter, LPUSH release) | {HANDOFFS} | {} | {} |",
+                ms(floor.p50),
+                ms(floor.p99)
+            );
+            println!(
+                "| server queue floor, blocking clients on threads | {HANDOFFS} | {} | {} |",
+                ms(floor_threads.p50),
+                ms(floor_threads.p99)
+            );
+            println!(
+                "| rslock 0.10 (default retry: 3 × random 0–200 ms) | {RSLOCK_HANDOFFS} | {} | {} |",
+                ms(theirs.p50),
+                ms(theirs.p99)
+            );
+            println!(
+                "hand-off median ratio distlock / server queue floor: {:.2} against the async client, {:.2} against blocking clients (bar ≤ 1.5; earlier bar: median ≤ 1 ms)",
+                ours.p50.as_secs_f64() / floor.p50.as_secs_f64(),
+                ours.p50.as_secs_f64() / floor_threads.p50.as_secs_f64()
+            );
+        }
         anyhow::Ok(())
     })?;
     drop(server);

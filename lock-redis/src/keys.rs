@@ -64,12 +64,13 @@ impl KeyScheme {
     pub fn lock_keys(&self, key: &LockKey) -> [String; 4] {
         let base = self.base(key.as_str());
         let fence = self.fence_key_for_base(&base);
-        [
-            format!("{base}:lock"),
-            fence,
-            format!("{base}:q"),
-            format!("{base}:qd"),
-        ]
+        let with = |suffix: &str| {
+            let mut name = String::with_capacity(base.len() + suffix.len());
+            name.push_str(&base);
+            name.push_str(suffix);
+            name
+        };
+        [with(":lock"), fence, with(":q"), with(":qd")]
     }
 
     /// The Redis keys of the semaphore `key`: the holders (a sorted set of `<count>:<token>`

@@ -21,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 // cannot be confused with a token.
 
 /// Lua shared by the scripts of a lock's keys (KEYS: lock, fence counter, queue, queue
-/// entries; see [`KeyScheme::lock_keys`]). `hand_over(channel, caller)` gives the free lock to
-/// the first live entry of the fair queue: sets the lock key to its token with the TTL it
-/// asked for, raises the fence, and announces the grant on the lock's channel as
-/// `g:<token>:<fence>` (unless the entry is `caller`, which learns it from the answer).
-/// Entries whose liveness deadline (server time) passed are dropped on the way; at most 64
-/// per call, the next call goes on. Returns `{token, fence}`, or nil when no entry is live.
+/// entries; see [`KeyScheme::lock_keys`]), placed after a script's fast path so that the
+/// common calls do not even define it. `hand_over(channel, caller)` gives the free lock to the
+/// first live entry of the fair queue: sets the lock key to its token (with the waiter mark
+/// when more entries wait, so that its release looks at the queue) and the TTL it asked for,
+/// raises the fence, and announces the grant on `channel` as `g:<token>:<fence>` (unless the
+/// entry is `caller`, which learns it from the answer). Entries whose liveness deadline
+/// (server time) passed are dropped on the way; at most 64 per call, the next call goes on.
+/// Returns `{token, fence}`, or nil when no entry is live.
 const HAND_OVER: &str = r"
 local function hand_over(channel, caller)
   if redis.call('EXISTS', KEYS[3]) == 0 then
@@ -45,7 +47,11 @@ local function hand_over(channel, caller)
     if entry then
       local sep = string.find(entry, ':', 1, true)
       if sep and tonumber(string.sub(entry, 1, sep - 1)) >= now then
-        redis.call('SET', KEYS[1], head, 'PX', string.sub(entry, sep + 1))
+        local value = head
+        if redis.call('EXISTS', KEYS[3]) == 1 then
+          value = head .. '+'
+        end
+        redis.call('SET', KEYS[1], value, 'PX', string.sub(entry, sep + 1))
         local fence = redis.call('INCR', KEYS[2])
         if head ~= caller then
           redis.pcall('PUBLISH', channel, 'g:' .. head .. ':' .. fence)
@@ -56,25 +62,20 @@ local function hand_over(channel, caller)
   end
   return nil
 end
-local channel = string.sub(KEYS[1], 1, -5) .. 'rel:'
 ";
 
 /// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
 /// integer), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
 /// out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
 /// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
-/// gets the waiter mark, so that its release publishes. ARGV[4] is the database (channel
-/// names carry it). While the fair queue has live entries, a free lock goes to the first of
-/// them, not to this caller (no barging past the queue after a holder's TTL ran out).
+/// gets the waiter mark, so that its release publishes. (The fair queue is not consulted: a
+/// lock freed by its holder's expiry, not by a release, goes to whoever asks first, a queued
+/// waiter's refresh at the holder's expiry or another client's attempt.)
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
-        "{HAND_OVER}{}",
+    redis::Script::new(
         r"
-if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 and
-    not hand_over(channel .. ARGV[4], '') then
-  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return redis.call('INCR', KEYS[2])
-  end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
 end
 local holder = redis.call('GET', KEYS[1]) or ''
 if string.sub(holder, -1) == '+' then
@@ -83,8 +84,8 @@ elseif ARGV[3] == '1' and holder ~= '' then
   redis.call('APPEND', KEYS[1], '+')
 end
 return {redis.call('PTTL', KEYS[1]), holder}
-"
-    ))
+",
+    )
 });
 
 /// A waiter's place in the fair queue (ARGV: token, TTL ms, entry liveness ms, database,
@@ -119,10 +120,13 @@ for _, name in ipairs({KEYS[3], KEYS[4]}) do
   end
 end
 if not value then
-  local given = hand_over(channel .. ARGV[4], ARGV[1])
+  local given = hand_over(string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[4], ARGV[1])
   if given and given[1] == ARGV[1] then
     return {1, given[2], tonumber(ARGV[2])}
   end
+elseif string.sub(value, -1) ~= '+' then
+  -- The holder's release must look at the queue.
+  redis.call('APPEND', KEYS[1], '+')
 end
 return {0, redis.call('PTTL', KEYS[1])}
 "
@@ -143,33 +147,39 @@ return 0
     )
 });
 
-/// Compare the owner token, then `DEL`, and hand the lock to the first live entry of the
-/// fair queue if there is one (see `HAND_OVER`); else, if a waiter marked the lock, announce
-/// the release on the key's channel: the lock key `<base>:lock` with `lock` replaced by
+/// Compare the owner token, then `DEL`. An unmarked lock is done there: nobody waits. A
+/// marked one (a waiter of the fair queue or a polling waiter asked to hear of it) is handed
+/// to the first live entry of the queue if there is one (see `HAND_OVER`), else its release is
+/// announced on the key's channel: the lock key `<base>:lock` with `lock` replaced by
 /// `rel:<db>` (ARGV[2] is the database; [`KeyScheme::channel`] builds the same name), so the
-/// client builds no channel name for the many releases that publish nothing. The `PUBLISH`
-/// is a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL user
-/// without channel rights: `NOPERM`) must not turn a done release into an error; waiters then
-/// find the lock free at their next backoff step. A token that is not the holder leaves the
-/// queue (a waiter that gave up).
+/// client builds no channel name for the many releases that publish nothing. The `PUBLISH` is
+/// a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL user without
+/// channel rights: `NOPERM`) must not turn a done release into an error; waiters then find the
+/// lock free at their next backoff step. A token that is not the holder leaves the queue (a
+/// waiter that gave up).
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        "{HAND_OVER}{}",
+        "{}{HAND_OVER}{}",
         r"
 local value = redis.call('GET', KEYS[1])
-if value ~= ARGV[1] and value ~= ARGV[1] .. '+' then
+if value == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if value ~= ARGV[1] .. '+' then
   if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
     redis.call('HDEL', KEYS[4], ARGV[1])
   end
   return 0
 end
 redis.call('DEL', KEYS[1])
-if hand_over(channel .. ARGV[2], ARGV[1]) then
+",
+        r"
+local channel = string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2]
+if hand_over(channel, ARGV[1]) then
   return 1
 end
-if value ~= ARGV[1] then
-  redis.pcall('PUBLISH', channel .. ARGV[2], '1')
-end
+redis.pcall('PUBLISH', channel, '1')
 return 1
 "
     ))
@@ -492,7 +502,9 @@ impl Request {
     async fn query<T: redis::FromRedisValue>(&self, conn: &mut Link) -> redis::RedisResult<T> {
         match self {
             Request::Script(command) => command.query_async(conn).await,
-            Request::Confirmed(pipeline) => pipeline.query_async(conn).await,
+            // Boxed: the rare pipeline's state would otherwise enlarge every script call's
+            // future.
+            Request::Confirmed(pipeline) => Box::pin(pipeline.query_async(conn)).await,
         }
     }
 }
@@ -682,10 +694,11 @@ impl Node {
         &self.addr
     }
 
-    /// One attempt at the lock whose keys ([`KeyScheme::lock_keys`]) are `keys`.
+    /// One attempt at the lock whose key and fence counter are `lock_key` and `fence_key`.
     pub(crate) async fn acquire(
         &self,
-        keys: &[String; 4],
+        lock_key: &str,
+        fence_key: &str,
         token: &str,
         ttl_ms: u64,
         mark_for_waiters: bool,
@@ -694,8 +707,8 @@ impl Node {
             .eval_write(
                 "acquire",
                 &ACQUIRE,
-                &keys.each_ref().map(String::as_str),
-                (token, ttl_ms, u8::from(mark_for_waiters), self.db),
+                &[lock_key, fence_key],
+                (token, ttl_ms, u8::from(mark_for_waiters)),
             )
             .await?;
         let unexpected = |answer: &redis::Value| {

@@ -425,7 +425,7 @@ impl RedlockBackend {
                     let (keys, token) = (keys.clone(), token.clone());
                     async move {
                         node(&nodes, index)?
-                            .acquire(&keys, &token, ttl_ms, mark)
+                            .acquire(&keys[0], &keys[1], &token, ttl_ms, mark)
                             .await
                     }
                 },

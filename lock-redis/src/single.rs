@@ -227,8 +227,12 @@ impl LockBackend for RedisBackend {
         // publishes (unmarked releases skip the PUBLISH).
         let mark = self.inner.hub.has_waiters(key.as_str());
         let sent_at = Instant::now();
-        let keys = scheme.lock_keys(key);
-        let answer = match self.node()?.acquire(&keys, &token, ttl_ms, mark).await {
+        let (lock_key, fence_key) = scheme.lock_and_fence_keys(key);
+        let answer = match self
+            .node()?
+            .acquire(&lock_key, &fence_key, &token, ttl_ms, mark)
+            .await
+        {
             Ok(answer) => answer,
             Err(error) => {
                 // The script may have run although we got no answer (a stall past the
@@ -236,6 +240,7 @@ impl LockBackend for RedisBackend {
                 // token, and the key would stay locked for the whole TTL. A refused
                 // connection sent nothing: nothing to clean up.
                 if crate::node::may_have_run(&error) {
+                    let keys = scheme.lock_keys(key);
                     self.release_in_background(Target::Lock(keys), token, sent_at + granted);
                 }
                 return Err(error);
