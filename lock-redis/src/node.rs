@@ -617,6 +617,13 @@ impl Prepared {
     }
 }
 
+/// What a node's listener feeds: the release hub (release announcements) and the grants the
+/// backend's queued waiters expect.
+struct Feeds {
+    hub: ReleaseHub,
+    grants: crate::queue::Grants,
+}
+
 impl Node {
     /// A node over `conn` (connected or lazy); starts the pub/sub listener, which connects
     /// in the background and feeds `hub`.
@@ -624,8 +631,7 @@ impl Node {
         prepared: Prepared,
         conn: ConnectionManager,
         scheme: KeyScheme,
-        hub: ReleaseHub,
-        grants: crate::queue::Grants,
+        feeds: Feeds,
         commands: (
             mpsc::UnboundedSender<Command>,
             mpsc::UnboundedReceiver<Command>,
@@ -643,8 +649,7 @@ impl Node {
             Arc::new(conn),
             addr,
             scheme,
-            hub,
-            grants,
+            feeds,
             commands,
             options,
             shutdown,
@@ -656,8 +661,7 @@ impl Node {
         conn: Arc<Conn>,
         addr: String,
         scheme: KeyScheme,
-        hub: ReleaseHub,
-        grants: crate::queue::Grants,
+        feeds: Feeds,
         commands: (
             mpsc::UnboundedSender<Command>,
             mpsc::UnboundedReceiver<Command>,
@@ -670,8 +674,8 @@ impl Node {
         tokio::spawn(listen(
             conn.clone(),
             scheme,
-            hub,
-            grants,
+            feeds.hub,
+            feeds.grants,
             receiver,
             shutdown,
             options.command_timeout.min(Duration::from_secs(1)),
@@ -1434,8 +1438,10 @@ impl Nodes {
                 prepared,
                 conn,
                 scheme.clone(),
-                hub.clone(),
-                grants.clone(),
+                Feeds {
+                    hub: hub.clone(),
+                    grants: grants.clone(),
+                },
                 channel,
                 options,
                 shutdown.clone(),
@@ -1520,8 +1526,10 @@ impl Nodes {
             conn,
             addr,
             scheme.clone(),
-            hub.clone(),
-            grants.clone(),
+            Feeds {
+                hub: hub.clone(),
+                grants: grants.clone(),
+            },
             channel,
             options,
             shutdown.clone(),
