@@ -558,53 +558,24 @@ async fn contended_all(url: &str) -> Result<(f64, f64, Vec<f64>)> {
     Ok((median(ours), median(theirs), ratios))
 }
 
-/// The server's own queue: the waiter blocks in `BLPOP` on a list, the holder releases by
-/// `LPUSH`ing a token to it; time from the `LPUSH` call to the `BLPOP` answer.
-async fn handoff_blpop(url: &str) -> Result<Stats> {
-    let client = redis::Client::open(url)?;
-    let mut holder = client.get_multiplexed_async_connection().await?;
-    let list = "bench:handoff-blpop";
-    let mut samples = Vec::with_capacity(HANDOFFS);
-    let start = Instant::now();
-    for _ in 0..HANDOFFS {
-        let waiting = {
-            // A dedicated connection, as a blocked BLPOP holds its connection.
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            tokio::spawn(async move {
-                let popped: Option<(String, String)> = redis::cmd("BLPOP")
-                    .arg(list)
-                    .arg(10)
-                    .query_async(&mut conn)
-                    .await?;
-                let at = Instant::now();
-                popped.context("BLPOP timed out")?;
-                anyhow::Ok(at)
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let released_at = Instant::now();
-        let _: i64 = redis::cmd("LPUSH")
-            .arg(list)
-            .arg("token")
-            .query_async(&mut holder)
-            .await?;
-        let acquired_at = waiting.await??;
-        samples.push(acquired_at.saturating_duration_since(released_at));
-    }
-    Ok(stats(samples, start.elapsed()))
+/// The server's own queue, with blocking redis-rs clients on their own threads (no async
+/// runtime in the path): a holder thread that, per request, lets a waiter thread block in
+/// `BLPOP`, keeps the "lock" 5 ms, releases with `LPUSH` and reports the time from the
+/// `LPUSH` call to the `BLPOP` answer.
+struct ThreadQueue {
+    ask: std::sync::mpsc::Sender<()>,
+    samples: std::sync::mpsc::Receiver<Result<Duration>>,
 }
 
-/// The same queue with blocking redis-rs clients on their own threads (no async runtime in
-/// the path): the floor without the scheduling an async client pays.
-fn handoff_blpop_threads(url: &str) -> Result<Stats> {
-    let client = redis::Client::open(url)?;
-    let list = "bench:handoff-blpop-sync";
-    let (ask, asked) = std::sync::mpsc::channel::<()>();
-    let (answer, answers) = std::sync::mpsc::channel::<Result<std::time::Instant>>();
-    let waiter = {
+impl ThreadQueue {
+    fn start(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let list = "bench:handoff-blpop-sync";
+        let (go, went) = std::sync::mpsc::channel::<()>();
+        let (popped_at, pops) = std::sync::mpsc::channel::<Result<std::time::Instant>>();
         let mut conn = client.get_connection()?;
         std::thread::spawn(move || {
-            while asked.recv().is_ok() {
+            while went.recv().is_ok() {
                 let popped: redis::RedisResult<Option<(String, String)>> =
                     redis::cmd("BLPOP").arg(list).arg(10).query(&mut conn);
                 let at = std::time::Instant::now();
@@ -613,62 +584,114 @@ fn handoff_blpop_threads(url: &str) -> Result<Stats> {
                     Ok(None) => Err(anyhow::anyhow!("BLPOP timed out")),
                     Err(error) => Err(error.into()),
                 };
-                if answer.send(outcome).is_err() {
+                if popped_at.send(outcome).is_err() {
                     return;
                 }
             }
-        })
-    };
-    let mut holder = client.get_connection()?;
-    let mut samples = Vec::with_capacity(HANDOFFS);
-    let start = std::time::Instant::now();
-    for _ in 0..HANDOFFS {
-        ask.send(())?;
-        std::thread::sleep(Duration::from_millis(5));
-        let released_at = std::time::Instant::now();
-        let _: i64 = redis::cmd("LPUSH")
-            .arg(list)
-            .arg("token")
-            .query(&mut holder)?;
-        let acquired_at = answers.recv()??;
-        samples.push(acquired_at.saturating_duration_since(released_at));
+        });
+        let (ask, asked) = std::sync::mpsc::channel::<()>();
+        let (sample, samples) = std::sync::mpsc::channel();
+        let mut holder = client.get_connection()?;
+        std::thread::spawn(move || {
+            while asked.recv().is_ok() {
+                let one = (|| -> Result<Duration> {
+                    go.send(())?;
+                    std::thread::sleep(Duration::from_millis(5));
+                    let released_at = std::time::Instant::now();
+                    let _: i64 = redis::cmd("LPUSH")
+                        .arg(list)
+                        .arg("token")
+                        .query(&mut holder)?;
+                    let acquired_at = pops.recv()??;
+                    Ok(acquired_at.saturating_duration_since(released_at))
+                })();
+                if sample.send(one).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ThreadQueue { ask, samples })
     }
-    drop(ask);
-    waiter
-        .join()
-        .map_err(|_| anyhow::anyhow!("BLPOP thread panicked"))?;
-    Ok(stats(samples, start.elapsed()))
+
+    fn one(&self) -> Result<Duration> {
+        tokio::task::block_in_place(|| {
+            self.ask.send(())?;
+            self.samples.recv()?
+        })
+    }
 }
 
-async fn handoff_distlock(url: &str) -> Result<Stats> {
+/// Hand-offs, one of each client in turn, so that machine noise hits all alike: distlock
+/// (the holder keeps the lock 5 ms while another backend's waiter is blocked in `acquire`;
+/// release call → acquisition), the server's own queue with the async redis-rs client
+/// (`BLPOP` waiter on its own connection, `LPUSH` release), and with blocking clients on
+/// threads.
+async fn handoffs(url: &str) -> Result<(Stats, Stats, Stats)> {
     let holder = Locker::new(RedisBackend::connect(url).await?);
     let waiter = Locker::new(RedisBackend::connect(url).await?);
     let name = "bench:handoff";
-    let mut samples = Vec::with_capacity(HANDOFFS);
+    let client = redis::Client::open(url)?;
+    let mut pusher = client.get_multiplexed_async_connection().await?;
+    let list = "bench:handoff-blpop";
+    let threads = ThreadQueue::start(url)?;
+    let (mut ours, mut queue, mut queue_threads) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
-    for _ in 0..HANDOFFS {
-        let guard = holder.lock(name).ttl(TTL).acquire().await?;
-        let waiting = {
-            let waiter = waiter.clone();
-            tokio::spawn(async move {
-                let guard = waiter
-                    .lock(name)
-                    .ttl(TTL)
-                    .wait(Duration::from_secs(10))
-                    .acquire()
-                    .await?;
-                let at = Instant::now();
+    for round in 0..HANDOFFS * 3 {
+        match round % 3 {
+            0 => {
+                let guard = holder.lock(name).ttl(TTL).acquire().await?;
+                let waiting = {
+                    let waiter = waiter.clone();
+                    tokio::spawn(async move {
+                        let guard = waiter
+                            .lock(name)
+                            .ttl(TTL)
+                            .wait(Duration::from_secs(10))
+                            .acquire()
+                            .await?;
+                        let at = Instant::now();
+                        guard.release().await?;
+                        anyhow::Ok(at)
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let released_at = Instant::now();
                 guard.release().await?;
-                anyhow::Ok(at)
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let released_at = Instant::now();
-        guard.release().await?;
-        let acquired_at = waiting.await??;
-        samples.push(acquired_at.saturating_duration_since(released_at));
+                let acquired_at = waiting.await??;
+                ours.push(acquired_at.saturating_duration_since(released_at));
+            }
+            1 => {
+                // A dedicated connection, as a blocked BLPOP holds its connection.
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let waiting = tokio::spawn(async move {
+                    let popped: Option<(String, String)> = redis::cmd("BLPOP")
+                        .arg(list)
+                        .arg(10)
+                        .query_async(&mut conn)
+                        .await?;
+                    let at = Instant::now();
+                    popped.context("BLPOP timed out")?;
+                    anyhow::Ok(at)
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let released_at = Instant::now();
+                let _: i64 = redis::cmd("LPUSH")
+                    .arg(list)
+                    .arg("token")
+                    .query_async(&mut pusher)
+                    .await?;
+                let acquired_at = waiting.await??;
+                queue.push(acquired_at.saturating_duration_since(released_at));
+            }
+            _ => queue_threads.push(threads.one()?),
+        }
     }
-    Ok(stats(samples, start.elapsed()))
+    let wall = start.elapsed();
+    Ok((
+        stats(ours, wall),
+        stats(queue, wall),
+        stats(queue_threads, wall),
+    ))
 }
 
 async fn handoff_rslock(url: &str) -> Result<Stats> {
@@ -812,19 +835,15 @@ fn main() -> Result<()> {
             println!();
         }
         if wants("handoff") {
-            let floor = handoff_blpop(&url).await?;
-            let url_for_threads = url.clone();
-            let floor_threads =
-                tokio::task::spawn_blocking(move || handoff_blpop_threads(&url_for_threads)).await??;
-            let ours = handoff_distlock(&url).await?;
+            let (ours, floor, floor_threads) = handoffs(&url).await?;
             let theirs = handoff_rslock(&url).await?;
             println!(
-                "hand-off: holder keeps the lock 5 ms, waiter blocked in acquire; release → acquisition"
+                "hand-off: holder keeps the lock 5 ms, waiter blocked in acquire; release → acquisition; the first three rows interleaved"
             );
             println!("| client | hand-offs | median | p99 |");
             println!("|---|---:|---:|---:|");
             println!(
-                "| distlock (pub/sub wake-up) | {HANDOFFS} | {} | {} |",
+                "| distlock (fair queue: the release hands over, pub/sub grant) | {HANDOFFS} | {} | {} |",
                 ms(ours.p50),
                 ms(ours.p99)
             );

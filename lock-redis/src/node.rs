@@ -31,18 +31,17 @@ use tokio_util::sync::CancellationToken;
 /// Returns `{token, fence}`, or nil when no entry is live.
 const HAND_OVER: &str = r"
 local function hand_over(channel, caller)
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    return nil
-  end
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local now
   for _ = 1, 64 do
-    local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    local head = redis.call('ZPOPMIN', KEYS[3])[1]
     if not head then
       return nil
     end
+    if not now then
+      local clock = redis.call('TIME')
+      now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    end
     local entry = redis.call('HGET', KEYS[4], head)
-    redis.call('ZREM', KEYS[3], head)
     redis.call('HDEL', KEYS[4], head)
     if entry then
       local sep = string.find(entry, ':', 1, true)
