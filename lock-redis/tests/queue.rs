@@ -1,0 +1,145 @@
+//! The fair queue on a real `redis-server`: a grant pushed by a release never claims more
+//! validity than the server gives, and a waiter that went silent does not hold the line.
+
+use anyhow::{Context, Result, ensure};
+use lock_core::{LockBackend, LockKey};
+use lock_harness::proxy::{LinkProxy, TcpProxy};
+use lock_harness::redis::RedisServer;
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+fn scheme() -> Result<KeyScheme> {
+    Ok(KeyScheme::new(RedisOptions::default_prefix(), 0)?)
+}
+
+/// How many entries the key's queue has, read on the server.
+async fn queue_len(server: &RedisServer, key: &LockKey) -> Result<usize> {
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    Ok(redis::cmd("ZCARD")
+        .arg(&scheme()?.lock_keys(key)[2])
+        .query_async(&mut conn)
+        .await?)
+}
+
+async fn queue_reaches(server: &RedisServer, key: &LockKey, len: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue_len(server, key).await? != len {
+        ensure!(
+            Instant::now() < deadline,
+            "the queue of {key} did not reach {len} entries"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// The lease a release hands over is counted from before the hand-over: the waiter hears of
+/// the grant 150 ms after the server made it (its link delays answers), and the lease's
+/// validity deadline must still fall before the server's expiry of the key. A waiter that
+/// counted the TTL from the moment the message reached it would claim 150 ms the server never
+/// gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_grant_lease_never_outlives_the_server() -> Result<()> {
+    const DOWN: Duration = Duration::from_millis(150);
+    let server = RedisServer::start()?;
+    let link = LinkProxy::start(server.server_addr(), Duration::ZERO, DOWN)?;
+    let waiter = RedisBackend::connect(&format!("redis://{}/0", link.addr())).await?;
+    let holder = RedisBackend::connect(&server.direct_url()).await?;
+    let mut direct = server.client()?.get_multiplexed_async_connection().await?;
+    let ttl = Duration::from_secs(2);
+    for round in 0..3 {
+        let key = LockKey::new(format!("pushed-{round}"))?;
+        let held = holder
+            .try_acquire(&key, Duration::from_secs(30))
+            .await?
+            .into_lease()
+            .context("free key not acquired")?;
+        let waiting = tokio::spawn({
+            let (waiter, key) = (waiter.clone(), key.clone());
+            async move {
+                waiter
+                    .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
+                    .await
+            }
+        });
+        queue_reaches(&server, &key, 1).await?;
+        // Past a refresh or two, so the bound is a refresh's, not the joining call's.
+        sleep(Duration::from_millis(700)).await;
+        ensure!(holder.release(&held).await?, "release refused");
+        let lease = timeout(Duration::from_secs(5), waiting)
+            .await
+            .context("the waiter did not get the lock within 5 s of the release")???
+            .context("the wait ended without the lock")?;
+        let asked = Instant::now();
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(scheme()?.lock_key(&key))
+            .query_async(&mut direct)
+            .await?;
+        let server_expiry = asked + Duration::from_millis(u64::try_from(pttl)?);
+        ensure!(
+            lease.valid_until() <= server_expiry + Duration::from_millis(5),
+            "round {round}: the handed-over lease claims {:?} past the server's expiry",
+            lease.valid_until() - server_expiry
+        );
+        ensure!(
+            waiter.release(&lease).await?,
+            "the waiter's release refused"
+        );
+    }
+    Ok(())
+}
+
+/// A waiter that went silent (its link black-holed: no refresh, no leaving) is skipped once
+/// its entry's liveness deadline passed: the lock goes to the next waiter at the release, not
+/// to the silent one for a whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_waiter_does_not_hold_the_line() -> Result<()> {
+    let server = RedisServer::start()?;
+    let link = TcpProxy::start(server.server_addr())?;
+    let silent = RedisBackend::connect(&format!("redis://{}/0", link.addr())).await?;
+    let next = RedisBackend::connect(&server.direct_url()).await?;
+    let holder = RedisBackend::connect(&server.direct_url()).await?;
+    let key = LockKey::new("silent")?;
+    // Waiters' TTL 1 s: entries are refreshed every 250 ms and live 950 ms unrefreshed.
+    let ttl = Duration::from_secs(1);
+    let held = holder
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    let first = tokio::spawn({
+        let (silent, key) = (silent.clone(), key.clone());
+        async move {
+            silent
+                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(30))
+                .await
+        }
+    });
+    queue_reaches(&server, &key, 1).await?;
+    let second = tokio::spawn({
+        let (next, key) = (next.clone(), key.clone());
+        async move {
+            next.acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(30))
+                .await
+        }
+    });
+    queue_reaches(&server, &key, 2).await?;
+    link.blackhole();
+    sleep(Duration::from_millis(1500)).await;
+    let released = Instant::now();
+    ensure!(holder.release(&held).await?, "release refused");
+    let lease = timeout(Duration::from_secs(3), second)
+        .await
+        .context("the next waiter did not get the lock within 3 s of the release")???
+        .context("the next waiter's wait ended without the lock")?;
+    let took = released.elapsed();
+    ensure!(
+        took < Duration::from_millis(500),
+        "the next waiter got the lock {took:?} after the release (the silent one held the line)"
+    );
+    next.release(&lease).await?;
+    first.abort();
+    link.heal();
+    Ok(())
+}
