@@ -24,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 /// entries; see [`KeyScheme::lock_keys`]), placed after a script's fast path so that the
 /// common calls do not even define it. `hand_over(channel, caller)` gives the free lock to the
 /// first live entry of the fair queue: sets the lock key to its token (with the waiter mark
-/// when more entries wait, so that its release looks at the queue) and the TTL it asked for,
+/// when more entries wait, so that its release looks at the queue, or when `marked`: a
+/// released lock was marked, and a polling waiter that marked it must hear of the next
+/// release too) and the TTL it asked for,
 /// raises the fence, and announces the grant on `channel` as `g:<token>:<fence>` (unless the
 /// entry is `caller`, which learns it from the answer). Entries whose liveness deadline
 /// (server time) passed are dropped on the way; at most 64 per call, the next call goes on.
 /// Returns `{token, fence}`, or nil when no entry is live.
 const HAND_OVER: &str = r"
-local function hand_over(channel, caller)
+local function hand_over(channel, caller, marked)
   local now
   for _ = 1, 64 do
     local head = redis.call('ZPOPMIN', KEYS[3])[1]
@@ -47,13 +49,13 @@ local function hand_over(channel, caller)
       local sep = string.find(entry, ':', 1, true)
       if sep and tonumber(string.sub(entry, 1, sep - 1)) >= now then
         local value = head
-        if redis.call('EXISTS', KEYS[3]) == 1 then
+        if marked or redis.call('EXISTS', KEYS[3]) == 1 then
           value = head .. '+'
         end
         redis.call('SET', KEYS[1], value, 'PX', string.sub(entry, sep + 1))
         local fence = redis.call('INCR', KEYS[2])
         if head ~= caller then
-          redis.pcall('PUBLISH', channel, 'g:' .. head .. ':' .. fence)
+          redis.pcall('PUBLISH', channel, 'g:' .. head .. ':' .. string.format('%d', fence))
         end
         return {head, fence}
       end
@@ -119,7 +121,7 @@ for _, name in ipairs({KEYS[3], KEYS[4]}) do
   end
 end
 if not value then
-  local given = hand_over(string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[4], ARGV[1])
+  local given = hand_over(string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[4], ARGV[1], false)
   if given and given[1] == ARGV[1] then
     return {1, given[2], tonumber(ARGV[2])}
   end
@@ -175,7 +177,7 @@ redis.call('DEL', KEYS[1])
 ",
         r"
 local channel = string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2]
-if hand_over(channel, ARGV[1]) then
+if hand_over(channel, ARGV[1], true) then
   return 1
 end
 redis.pcall('PUBLISH', channel, '1')
@@ -879,14 +881,16 @@ impl Node {
         live_ms: u64,
         join: bool,
     ) -> Result<InLine, LockError> {
-        let (answer, replicated): (Vec<i64>, _) = self
-            .eval_write(
-                "queue",
+        // Not through the replica wait: most answers are "still waiting"; a grant is
+        // confirmed by the waiter (one renewal) when `wait_replicas` asks for it.
+        let answer: Vec<i64> = self
+            .eval(
                 &QUEUE,
                 &keys.each_ref().map(String::as_str),
                 (token, ttl_ms, live_ms, self.db, u8::from(join)),
             )
-            .await?;
+            .await
+            .map_err(|error| backend_error("queue", error))?;
         let fence = |value: i64| {
             u64::try_from(value).map_err(|_| {
                 LockError::backend_msg(
@@ -897,11 +901,7 @@ impl Node {
             })
         };
         match answer.as_slice() {
-            [1, granted, _] => {
-                let fence = fence(*granted)?;
-                replicated.confirm("queue")?;
-                Ok(InLine::Granted(fence))
-            }
+            [1, granted, _] => Ok(InLine::Granted(fence(*granted)?)),
             [2, granted, pttl] => Ok(InLine::Handed(fence(*granted)?, *pttl)),
             [0, pttl] => Ok(InLine::Waiting(*pttl)),
             [3] => Ok(InLine::Gone),

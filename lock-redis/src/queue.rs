@@ -127,7 +127,9 @@ pub(crate) async fn wait_in_line(
     // Grant messages: the key's channel stays subscribed while this handle lives, and the
     // subscription is confirmed before the entry exists, so no grant goes unheard. (A grant
     // missed anyway, e.g. across a reconnect of the listener, is found by the next refresh.)
-    let _listening = nodes.hub.subscribe(key.as_str());
+    // The handle also hears release announcements: a lock left free with entries waiting (a
+    // hand-over that gave up after 64 dead entries) makes the waiters refresh at once.
+    let mut releases = nodes.hub.subscribe(key.as_str());
     let wait = deadline
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(1));
@@ -137,7 +139,7 @@ pub(crate) async fn wait_in_line(
         backend,
         keys: nodes.scheme.lock_keys(key),
         token,
-        expires: Instant::now() + granted.max(live),
+        expires: Instant::now() + granted + live,
         settled: false,
     };
     let lease = |owner: OwnerToken, fence: u64, ttl: Duration, since: Instant| {
@@ -149,42 +151,25 @@ pub(crate) async fn wait_in_line(
     let mut waiting_since: Option<Instant> = None;
     loop {
         let sent_at = Instant::now();
-        place.expires = sent_at + granted.max(live);
+        // A grant can come up to `live` after this refresh and then lasts its TTL.
+        place.expires = sent_at + live + granted;
         let answer = node
             .queue(&place.keys, &place.token, ttl_ms, live_ms, join)
             .await?;
         join = false;
-        let next = match answer {
-            InLine::Granted(fence) => {
-                place.settle();
-                return Ok(Some(lease(owner, fence, granted, sent_at)));
-            }
+        let mut given = match answer {
+            InLine::Granted(fence) => Some(lease(owner, fence, granted, sent_at)),
             // The TTL started before this call, at the release; the remaining TTL, counted
             // from the call's sending, ends no later than the server's.
-            InLine::Handed(fence, pttl) if pttl > 0 => {
-                let handed = lease(
-                    owner,
-                    fence,
-                    Duration::from_millis(pttl.unsigned_abs()),
-                    sent_at,
-                );
-                let confirmed = confirm_handed(backend, handed, granted).await?;
-                place.settle();
-                return Ok(Some(confirmed));
-            }
-            InLine::Handed(..) => sent_at + MIN_REFRESH,
-            // Our entry was dropped (we were late refreshing it), or a grant to it ran out
-            // unnoticed: join again under a new token, so that no grant to the old one can
-            // be taken for one made after this.
-            InLine::Gone => {
-                nodes.grants.forget(&place.token);
-                owner = OwnerToken::random();
-                place.token = crate::node::token_hex(owner);
-                grant = nodes.grants.expect(&place.token);
-                waiting_since = None;
-                join = true;
-                sent_at
-            }
+            InLine::Handed(fence, pttl) if pttl > 0 => Some(lease(
+                owner,
+                fence,
+                Duration::from_millis(pttl.unsigned_abs()),
+                sent_at,
+            )),
+            _ => None,
+        };
+        let next = match answer {
             InLine::Waiting(pttl) => {
                 waiting_since = Some(sent_at);
                 let mut next = sent_at + refresh;
@@ -194,23 +179,58 @@ pub(crate) async fn wait_in_line(
                 }
                 next
             }
+            // Handed over, but its TTL ran out as we asked: our entry is gone.
+            InLine::Handed(..) | InLine::Granted(_) => sent_at + MIN_REFRESH,
+            InLine::Gone => sent_at,
         };
-        if sent_at >= deadline {
-            break;
-        }
-        tokio::select! {
-            biased;
-            fence = &mut grant, if waiting_since.is_some() => {
-                if let (Ok(fence), Some(since)) = (fence, waiting_since) {
-                    let handed = lease(owner, fence, granted, since);
-                    let confirmed = confirm_handed(backend, handed, granted).await?;
-                    place.settle();
-                    return Ok(Some(confirmed));
+        if given.is_none() && matches!(answer, InLine::Waiting(_)) {
+            if sent_at < deadline {
+                tokio::select! {
+                    biased;
+                    fence = &mut grant => match (fence, waiting_since) {
+                        (Ok(fence), Some(since)) => {
+                            given = Some(lease(owner, fence, granted, since));
+                        }
+                        // The registration is gone (cannot happen while we wait): refresh.
+                        _ => grant = nodes.grants.expect(&place.token),
+                    },
+                    _ = releases.next(next.min(deadline)) => {}
                 }
-                // The registration is gone (cannot happen while we wait): refresh.
-                grant = nodes.grants.expect(&place.token);
+            } else if let (Ok(fence), Some(since)) = (grant.try_recv(), waiting_since) {
+                // Out of time, but a grant already came: keep it rather than give it back.
+                given = Some(lease(owner, fence, granted, since));
             }
-            () = sleep_until(next.min(deadline)) => {}
+        }
+        if let Some(lease) = given {
+            if let Some(lease) = settle_grant(backend, lease, granted).await? {
+                place.settle();
+                return Ok(Some(lease));
+            }
+            // Renewing it found it gone (it ran out on the way, or a failover lost the
+            // hand-over): wait again under a new token.
+            rejoin(
+                &mut place,
+                &mut owner,
+                &mut grant,
+                &mut waiting_since,
+                &mut join,
+            );
+        } else if matches!(answer, InLine::Gone) {
+            // Our entry was dropped (we were late refreshing it), or a grant to it ran out
+            // unnoticed: join again under a new token, so that no grant to the old one can
+            // be taken for one made after this.
+            rejoin(
+                &mut place,
+                &mut owner,
+                &mut grant,
+                &mut waiting_since,
+                &mut join,
+            );
+        } else if !matches!(answer, InLine::Waiting(_)) {
+            sleep_until(next.min(deadline)).await;
+        }
+        if Instant::now() >= deadline && sent_at >= deadline {
+            break;
         }
     }
     // Out of time: leave the queue now; a grant that came meanwhile is released by it.
@@ -223,22 +243,53 @@ pub(crate) async fn wait_in_line(
     Ok(None)
 }
 
-/// A lease handed over by another client's release, as the caller gets it: with
-/// `wait_replicas` renewed once through the replica wait (the release's write was not waited
-/// for), which also counts its validity from now.
-async fn confirm_handed(
+/// Starts over under a new token (see [`InLine::Gone`]). The old token may hold a grant on
+/// its way out (a renewal found it gone) or nothing: either way its release in the background
+/// leaves nothing behind.
+fn rejoin(
+    place: &mut Place<'_>,
+    owner: &mut OwnerToken,
+    grant: &mut oneshot::Receiver<u64>,
+    waiting_since: &mut Option<Instant>,
+    join: &mut bool,
+) {
+    let grants = &place.backend.nodes().grants;
+    grants.forget(&place.token);
+    let old = std::mem::take(&mut place.token);
+    place
+        .backend
+        .release_in_background(Target::Lock(place.keys.clone()), old, place.expires);
+    *owner = OwnerToken::random();
+    place.token = crate::node::token_hex(*owner);
+    *grant = grants.expect(&place.token);
+    *waiting_since = None;
+    *join = true;
+}
+
+/// A granted lease as the caller gets it. Renewed once (which counts its validity from now)
+/// when writes must reach replicas (`wait_replicas`: neither the release's hand-over nor the
+/// queue call waited for replicas) or when less than half its TTL is left (with a short TTL, a
+/// grant pushed long after the last refresh would otherwise be too close to its deadline to
+/// hand out). `None` when the renewal found the lock gone.
+async fn settle_grant(
     backend: &RedisBackend,
-    handed: Lease,
+    lease: Lease,
     ttl: Duration,
-) -> Result<Lease, LockError> {
+) -> Result<Option<Lease>, LockError> {
     let waits = backend
         .nodes()
         .nodes
         .first()
         .is_some_and(crate::node::Node::waits_for_replicas);
-    if waits {
-        lock_core::LockBackend::renew(backend, &handed, ttl).await
-    } else {
-        Ok(handed)
+    let left = lease
+        .valid_until()
+        .saturating_duration_since(Instant::now());
+    if !waits && left * 2 >= ttl {
+        return Ok(Some(lease));
+    }
+    match lock_core::LockBackend::renew(backend, &lease, ttl).await {
+        Ok(renewed) => Ok(Some(renewed)),
+        Err(error) if error.is_lost() => Ok(None),
+        Err(error) => Err(error),
     }
 }

@@ -143,3 +143,48 @@ async fn silent_waiter_does_not_hold_the_line() -> Result<()> {
     link.heal();
     Ok(())
 }
+
+/// With a short TTL a grant pushed long after the waiter's last refresh would reach it with
+/// little validity left, and the client would give it back as late: the waiter renews such a
+/// grant before it returns it, so every hand-off returns a lease with at least half its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_ttl_grants_come_with_half_their_ttl() -> Result<()> {
+    let server = RedisServer::start()?;
+    let waiter = RedisBackend::connect(&server.direct_url()).await?;
+    let holder = RedisBackend::connect(&server.direct_url()).await?;
+    // Shorter than the 20 ms refresh interval: a grant pushed late in it has little left.
+    let ttl = Duration::from_millis(10);
+    for round in 0..30u64 {
+        let key = LockKey::new(format!("short-{round}"))?;
+        let held = holder
+            .try_acquire(&key, Duration::from_secs(30))
+            .await?
+            .into_lease()
+            .context("free key not acquired")?;
+        let waiting = tokio::spawn({
+            let (waiter, key) = (waiter.clone(), key.clone());
+            async move {
+                waiter
+                    .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(5))
+                    .await
+            }
+        });
+        queue_reaches(&server, &key, 1).await?;
+        // Releases spread over the refresh interval (20 ms), the latest just before a refresh.
+        sleep(Duration::from_millis(20 + round % 20)).await;
+        ensure!(holder.release(&held).await?, "release refused");
+        let lease = timeout(Duration::from_secs(3), waiting)
+            .await
+            .context("no hand-off within 3 s")???
+            .context("the wait ended without the lock")?;
+        let left = lease
+            .valid_until()
+            .saturating_duration_since(Instant::now());
+        ensure!(
+            left * 2 + Duration::from_millis(6) >= ttl,
+            "round {round}: the handed-over lease had {left:?} of its {ttl:?} left"
+        );
+        waiter.release(&lease).await?;
+    }
+    Ok(())
+}
