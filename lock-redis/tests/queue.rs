@@ -188,3 +188,71 @@ async fn short_ttl_grants_come_with_half_their_ttl() -> Result<()> {
     }
     Ok(())
 }
+
+/// A waiter cut off long enough for its entry to be dropped as dead learns so at its next
+/// refresh ("gone"), joins again under a new token and still gets the lock; the server then
+/// holds its new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_that_lost_its_place_joins_again() -> Result<()> {
+    let server = RedisServer::start()?;
+    let link = TcpProxy::start(server.server_addr())?;
+    let waiter = RedisBackend::connect(&format!("redis://{}/0", link.addr())).await?;
+    let holder = RedisBackend::connect(&server.direct_url()).await?;
+    let other = RedisBackend::connect(&server.direct_url()).await?;
+    let key = LockKey::new("lost-place")?;
+    // TTL 400 ms: refreshes every 100 ms, an entry lives 500 ms unrefreshed.
+    let ttl = Duration::from_millis(400);
+    let held = holder
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), key.clone());
+        async move {
+            waiter
+                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
+                .await
+        }
+    });
+    queue_reaches(&server, &key, 1).await?;
+    link.blackhole();
+    // Another waiter joins, so a dead entry is dropped when the queue is next handed over.
+    let behind = tokio::spawn({
+        let (other, key) = (other.clone(), key.clone());
+        async move {
+            other
+                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
+                .await
+        }
+    });
+    queue_reaches(&server, &key, 2).await?;
+    sleep(Duration::from_millis(1000)).await;
+    // The cut-off entry is past its liveness deadline: the release skips it.
+    ensure!(holder.release(&held).await?, "release refused");
+    let second = timeout(Duration::from_secs(3), behind)
+        .await
+        .context("the waiter behind did not get the lock")???
+        .context("the waiter behind ended without the lock")?;
+    link.heal();
+    // The cut-off waiter's next refresh finds its entry gone; it joins again behind the
+    // holder and gets the lock at its release.
+    queue_reaches(&server, &key, 1).await?;
+    ensure!(other.release(&second).await?, "release refused");
+    let lease = timeout(Duration::from_secs(5), waiting)
+        .await
+        .context("the cut-off waiter never got the lock after healing")???
+        .context("the cut-off waiter's wait ended without the lock")?;
+    let mut direct = server.client()?.get_multiplexed_async_connection().await?;
+    let value: Option<String> = redis::cmd("GET")
+        .arg(scheme()?.lock_key(&key))
+        .query_async(&mut direct)
+        .await?;
+    let value = value.context("the lock key is missing while the waiter holds it")?;
+    ensure!(
+        value.trim_end_matches('+') == lease.owner().to_string(),
+        "the waiter's lease names a token the server does not hold"
+    );
+    waiter.release(&lease).await?;
+    Ok(())
+}
