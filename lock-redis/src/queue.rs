@@ -73,19 +73,48 @@ impl Grants {
     }
 }
 
-/// A waiter's entry while it waits. Dropped without [`Place::settle`] (the wait was
-/// cancelled, or failed), it takes the entry out of the queue in the background, releasing
-/// the lock if a release handed it over meanwhile.
+/// A waiter's entry while it waits: its owner token and the grant it expects. Dropped without [`Place::settle`] (the
+/// wait was cancelled, or failed), it takes the entry out of the queue in the background,
+/// releasing the lock if a release handed it over meanwhile.
 struct Place<'a> {
     backend: &'a RedisBackend,
     keys: [String; 4],
+    owner: OwnerToken,
     token: String,
+    grant: oneshot::Receiver<u64>,
+    /// Whether the next queue call joins (a new token) rather than refreshes.
+    join: bool,
     /// When the entry and any grant to it have run out on the server anyway.
     expires: Instant,
     settled: bool,
 }
 
-impl Place<'_> {
+impl<'a> Place<'a> {
+    fn new(backend: &'a RedisBackend, keys: [String; 4], expires: Instant) -> Self {
+        let owner = OwnerToken::random();
+        let token = crate::node::token_hex(owner);
+        let grant = backend.nodes().grants.expect(&token);
+        Place {
+            backend,
+            keys,
+            owner,
+            token,
+            grant,
+            join: true,
+            expires,
+            settled: false,
+        }
+    }
+
+    /// Starts over under a new token (see [`InLine::Gone`]). The old token may hold a grant
+    /// on its way out (a renewal found it gone) or nothing: either way its release in the
+    /// background leaves nothing behind.
+    fn rejoin(&mut self) {
+        let fresh = Place::new(self.backend, self.keys.clone(), self.expires);
+        // Dropping the old place forgets its grant and releases its token.
+        drop(std::mem::replace(self, fresh));
+    }
+
     fn settle(&mut self) {
         self.settled = true;
     }
@@ -122,8 +151,6 @@ pub(crate) async fn wait_in_line(
     let refresh = (granted / 4).clamp(MIN_REFRESH, MAX_REFRESH);
     let live = refresh * 3 + LIVE_PAD;
     let live_ms = crate::node::ttl_millis(live);
-    let mut owner = OwnerToken::random();
-    let token = crate::node::token_hex(owner);
     // Grant messages: the key's channel stays subscribed while this handle lives, and the
     // subscription is confirmed before the entry exists, so no grant goes unheard. (A grant
     // missed anyway, e.g. across a reconnect of the listener, is found by the next refresh.)
@@ -134,100 +161,75 @@ pub(crate) async fn wait_in_line(
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(1));
     nodes.subscribe(key.as_str(), 1, wait).await;
-    let mut grant = nodes.grants.expect(&token);
-    let mut place = Place {
+    let mut place = Place::new(
         backend,
-        keys: nodes.scheme.lock_keys(key),
-        token,
-        expires: Instant::now() + granted + live,
-        settled: false,
-    };
+        nodes.scheme.lock_keys(key),
+        Instant::now() + granted + live,
+    );
     let lease = |owner: OwnerToken, fence: u64, ttl: Duration, since: Instant| {
         Lease::new(key.clone(), owner, Some(FencingToken(fence)), ttl, since)
     };
-    let mut join = true;
-    // When the newest refresh that found us still waiting was sent: a grant pushed later
-    // was made after that refresh ran, so its TTL started after this instant.
-    let mut waiting_since: Option<Instant> = None;
     loop {
         let sent_at = Instant::now();
         // A grant can come up to `live` after this refresh and then lasts its TTL.
         place.expires = sent_at + live + granted;
+        let join = std::mem::replace(&mut place.join, false);
         let answer = node
             .queue(&place.keys, &place.token, ttl_ms, live_ms, join)
             .await?;
-        join = false;
-        let mut given = match answer {
-            InLine::Granted(fence) => Some(lease(owner, fence, granted, sent_at)),
+        let mut given = None;
+        match answer {
+            InLine::Granted(fence) => given = Some(lease(place.owner, fence, granted, sent_at)),
             // The TTL started before this call, at the release; the remaining TTL, counted
             // from the call's sending, ends no later than the server's.
-            InLine::Handed(fence, pttl) if pttl > 0 => Some(lease(
-                owner,
-                fence,
-                Duration::from_millis(pttl.unsigned_abs()),
-                sent_at,
-            )),
-            _ => None,
-        };
-        let next = match answer {
+            InLine::Handed(fence, pttl) if pttl > 0 => {
+                let left = Duration::from_millis(pttl.unsigned_abs());
+                given = Some(lease(place.owner, fence, left, sent_at));
+            }
+            // Handed over, but its TTL ran out as we asked: our entry is gone.
+            InLine::Handed(..) => sleep_until((sent_at + MIN_REFRESH).min(deadline)).await,
+            // Our entry was dropped (we were late refreshing it), or a grant to it ran out
+            // unnoticed: join again under a new token, so that no grant to the old one can
+            // be taken for one made after this.
+            InLine::Gone => place.rejoin(),
             InLine::Waiting(pttl) => {
-                waiting_since = Some(sent_at);
                 let mut next = sent_at + refresh;
                 // A holder that stops renewing frees the lock at its expiry: be there.
                 if let Ok(pttl) = u64::try_from(pttl) {
                     next = next.min(sent_at + Duration::from_millis(pttl + 1));
                 }
-                next
-            }
-            // Handed over, but its TTL ran out as we asked: our entry is gone.
-            InLine::Handed(..) | InLine::Granted(_) => sent_at + MIN_REFRESH,
-            InLine::Gone => sent_at,
-        };
-        if given.is_none() && matches!(answer, InLine::Waiting(_)) {
-            if sent_at < deadline {
-                tokio::select! {
-                    biased;
-                    fence = &mut grant => match (fence, waiting_since) {
-                        (Ok(fence), Some(since)) => {
-                            given = Some(lease(owner, fence, granted, since));
-                        }
-                        // The registration is gone (cannot happen while we wait): refresh.
-                        _ => grant = nodes.grants.expect(&place.token),
-                    },
-                    _ = releases.next(next.min(deadline)) => {}
-                }
-            } else if let (Ok(fence), Some(since)) = (grant.try_recv(), waiting_since) {
-                // Out of time, but a grant already came: keep it rather than give it back.
-                given = Some(lease(owner, fence, granted, since));
+                let pushed = if sent_at < deadline {
+                    tokio::select! {
+                        biased;
+                        fence = &mut place.grant => match fence {
+                            Ok(fence) => Some(fence),
+                            // The registration is gone (cannot happen while we wait):
+                            // register again (a spent receiver must not be polled) and refresh.
+                            Err(_) => {
+                                place.grant = nodes.grants.expect(&place.token);
+                                None
+                            }
+                        },
+                        _ = releases.next(next.min(deadline)) => None,
+                    }
+                } else {
+                    // Out of time, but a grant already came: keep it rather than give it back.
+                    place.grant.try_recv().ok()
+                };
+                // A grant pushed now was made after this refresh found us waiting (a token
+                // joins once, so an earlier grant would have answered "handed" or "gone"):
+                // its TTL started after `sent_at`.
+                given = pushed.map(|fence| lease(place.owner, fence, granted, sent_at));
             }
         }
         if let Some(lease) = given {
-            if let Some(lease) = settle_grant(backend, lease, granted).await? {
+            if let Some(lease) = settle_grant(backend, node, lease, granted).await? {
                 place.settle();
                 return Ok(Some(lease));
             }
             // Renewing it found it gone (it ran out on the way, or a failover lost the
             // hand-over): wait again under a new token.
-            rejoin(
-                &mut place,
-                &mut owner,
-                &mut grant,
-                &mut waiting_since,
-                &mut join,
-            );
-        } else if matches!(answer, InLine::Gone) {
-            // Our entry was dropped (we were late refreshing it), or a grant to it ran out
-            // unnoticed: join again under a new token, so that no grant to the old one can
-            // be taken for one made after this.
-            rejoin(
-                &mut place,
-                &mut owner,
-                &mut grant,
-                &mut waiting_since,
-                &mut join,
-            );
-        } else if !matches!(answer, InLine::Waiting(_)) {
-            sleep_until(next.min(deadline)).await;
+            place.rejoin();
         }
         if Instant::now() >= deadline && sent_at >= deadline {
             break;
@@ -243,29 +245,6 @@ pub(crate) async fn wait_in_line(
     Ok(None)
 }
 
-/// Starts over under a new token (see [`InLine::Gone`]). The old token may hold a grant on
-/// its way out (a renewal found it gone) or nothing: either way its release in the background
-/// leaves nothing behind.
-fn rejoin(
-    place: &mut Place<'_>,
-    owner: &mut OwnerToken,
-    grant: &mut oneshot::Receiver<u64>,
-    waiting_since: &mut Option<Instant>,
-    join: &mut bool,
-) {
-    let grants = &place.backend.nodes().grants;
-    grants.forget(&place.token);
-    let old = std::mem::take(&mut place.token);
-    place
-        .backend
-        .release_in_background(Target::Lock(place.keys.clone()), old, place.expires);
-    *owner = OwnerToken::random();
-    place.token = crate::node::token_hex(*owner);
-    *grant = grants.expect(&place.token);
-    *waiting_since = None;
-    *join = true;
-}
-
 /// A granted lease as the caller gets it. Renewed once (which counts its validity from now)
 /// when writes must reach replicas (`wait_replicas`: neither the release's hand-over nor the
 /// queue call waited for replicas) or when less than half its TTL is left (with a short TTL, a
@@ -273,18 +252,14 @@ fn rejoin(
 /// hand out). `None` when the renewal found the lock gone.
 async fn settle_grant(
     backend: &RedisBackend,
+    node: &crate::node::Node,
     lease: Lease,
     ttl: Duration,
 ) -> Result<Option<Lease>, LockError> {
-    let waits = backend
-        .nodes()
-        .nodes
-        .first()
-        .is_some_and(crate::node::Node::waits_for_replicas);
     let left = lease
         .valid_until()
         .saturating_duration_since(Instant::now());
-    if !waits && left * 2 >= ttl {
+    if !node.waits_for_replicas() && left * 2 >= ttl {
         return Ok(Some(lease));
     }
     match lock_core::LockBackend::renew(backend, &lease, ttl).await {
