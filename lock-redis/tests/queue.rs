@@ -2,15 +2,40 @@
 //! validity than the server gives, and a waiter that went silent does not hold the line.
 
 use anyhow::{Context, Result, ensure};
-use lock_core::{LockBackend, LockKey};
+use lock_core::{Lease, LockBackend, LockError, LockKey};
 use lock_harness::proxy::{LinkProxy, TcpProxy};
 use lock_harness::redis::RedisServer;
 use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
 fn scheme() -> Result<KeyScheme> {
     Ok(KeyScheme::new(RedisOptions::default_prefix(), 0)?)
+}
+
+/// A lease on `key`, which must be free (TTL 30 s: it outlasts every case).
+async fn hold(backend: &RedisBackend, key: &LockKey) -> Result<Lease> {
+    backend
+        .try_acquire(key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("free key not acquired")
+}
+
+/// `backend` waits in `key`'s queue (TTL `ttl`) for at most `within`, in a task of its own.
+fn queue_up(
+    backend: &RedisBackend,
+    key: &LockKey,
+    ttl: Duration,
+    within: Duration,
+) -> JoinHandle<Result<Option<Lease>, LockError>> {
+    let (backend, key) = (backend.clone(), key.clone());
+    tokio::spawn(async move {
+        backend
+            .acquire_queued(&key, ttl, Instant::now() + within)
+            .await
+    })
 }
 
 /// How many entries the key's queue has, read on the server.
@@ -50,19 +75,8 @@ async fn pushed_grant_lease_never_outlives_the_server() -> Result<()> {
     let ttl = Duration::from_secs(2);
     for round in 0..3 {
         let key = LockKey::new(format!("pushed-{round}"))?;
-        let held = holder
-            .try_acquire(&key, Duration::from_secs(30))
-            .await?
-            .into_lease()
-            .context("free key not acquired")?;
-        let waiting = tokio::spawn({
-            let (waiter, key) = (waiter.clone(), key.clone());
-            async move {
-                waiter
-                    .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
-                    .await
-            }
-        });
+        let held = hold(&holder, &key).await?;
+        let waiting = queue_up(&waiter, &key, ttl, Duration::from_secs(20));
         queue_reaches(&server, &key, 1).await?;
         // Past a refresh or two, so the bound is a refresh's, not the joining call's.
         sleep(Duration::from_millis(700)).await;
@@ -103,27 +117,10 @@ async fn silent_waiter_does_not_hold_the_line() -> Result<()> {
     let key = LockKey::new("silent")?;
     // Waiters' TTL 1 s: entries are refreshed every 250 ms and live 950 ms unrefreshed.
     let ttl = Duration::from_secs(1);
-    let held = holder
-        .try_acquire(&key, Duration::from_secs(30))
-        .await?
-        .into_lease()
-        .context("free key not acquired")?;
-    let first = tokio::spawn({
-        let (silent, key) = (silent.clone(), key.clone());
-        async move {
-            silent
-                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(30))
-                .await
-        }
-    });
+    let held = hold(&holder, &key).await?;
+    let first = queue_up(&silent, &key, ttl, Duration::from_secs(30));
     queue_reaches(&server, &key, 1).await?;
-    let second = tokio::spawn({
-        let (next, key) = (next.clone(), key.clone());
-        async move {
-            next.acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(30))
-                .await
-        }
-    });
+    let second = queue_up(&next, &key, ttl, Duration::from_secs(30));
     queue_reaches(&server, &key, 2).await?;
     link.blackhole();
     sleep(Duration::from_millis(1500)).await;
@@ -156,19 +153,8 @@ async fn short_ttl_grants_come_with_half_their_ttl() -> Result<()> {
     let ttl = Duration::from_millis(10);
     for round in 0..30u64 {
         let key = LockKey::new(format!("short-{round}"))?;
-        let held = holder
-            .try_acquire(&key, Duration::from_secs(30))
-            .await?
-            .into_lease()
-            .context("free key not acquired")?;
-        let waiting = tokio::spawn({
-            let (waiter, key) = (waiter.clone(), key.clone());
-            async move {
-                waiter
-                    .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(5))
-                    .await
-            }
-        });
+        let held = hold(&holder, &key).await?;
+        let waiting = queue_up(&waiter, &key, ttl, Duration::from_secs(5));
         queue_reaches(&server, &key, 1).await?;
         // Releases spread over the refresh interval (20 ms), the latest just before a refresh.
         sleep(Duration::from_millis(20 + round % 20)).await;
@@ -202,30 +188,12 @@ async fn waiter_that_lost_its_place_joins_again() -> Result<()> {
     let key = LockKey::new("lost-place")?;
     // TTL 400 ms: refreshes every 100 ms, an entry lives 500 ms unrefreshed.
     let ttl = Duration::from_millis(400);
-    let held = holder
-        .try_acquire(&key, Duration::from_secs(30))
-        .await?
-        .into_lease()
-        .context("free key not acquired")?;
-    let waiting = tokio::spawn({
-        let (waiter, key) = (waiter.clone(), key.clone());
-        async move {
-            waiter
-                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
-                .await
-        }
-    });
+    let held = hold(&holder, &key).await?;
+    let waiting = queue_up(&waiter, &key, ttl, Duration::from_secs(20));
     queue_reaches(&server, &key, 1).await?;
     link.blackhole();
     // Another waiter joins, so a dead entry is dropped when the queue is next handed over.
-    let behind = tokio::spawn({
-        let (other, key) = (other.clone(), key.clone());
-        async move {
-            other
-                .acquire_queued(&key, ttl, Instant::now() + Duration::from_secs(20))
-                .await
-        }
-    });
+    let behind = queue_up(&other, &key, ttl, Duration::from_secs(20));
     queue_reaches(&server, &key, 2).await?;
     sleep(Duration::from_millis(1000)).await;
     // The cut-off entry is past its liveness deadline: the release skips it.
