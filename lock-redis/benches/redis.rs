@@ -344,21 +344,21 @@ async fn uncontended_semaphore(url: &str) -> Result<Vec<(&'static str, Stats)>> 
     ])
 }
 
-/// Runs `op` in [`PARALLEL_TASKS`] tasks for one slice; returns ops/s.
-async fn parallel<F, Fut>(op: Arc<F>, slice: usize) -> Result<f64>
+/// Runs `op(task, i)` in `tasks` tasks for `length`; returns completed ops/s.
+async fn rate<F, Fut>(tasks: usize, length: Duration, op: Arc<F>) -> Result<f64>
 where
-    F: Fn(usize, usize, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for task in 0..PARALLEL_TASKS {
+    let mut running = Vec::new();
+    for task in 0..tasks {
         let (op, stop, done) = (op.clone(), stop.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
+        running.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                op(slice, task, i).await?;
+                op(task, i).await?;
                 i += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -366,14 +366,24 @@ where
         }));
     }
     let start = Instant::now();
-    tokio::time::sleep(PARALLEL_SLICE).await;
+    tokio::time::sleep(length).await;
     let counted = done.load(Ordering::Relaxed);
     let elapsed = start.elapsed();
     stop.store(true, Ordering::Relaxed);
-    for task in tasks {
+    for task in running {
         task.await??;
     }
     Ok(counted as f64 / elapsed.as_secs_f64())
+}
+
+/// Runs `op` in [`PARALLEL_TASKS`] tasks for one slice; returns ops/s.
+async fn parallel<F, Fut>(op: Arc<F>, slice: usize) -> Result<f64>
+where
+    F: Fn(usize, usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let op = Arc::new(move |task, i| op(slice, task, i));
+    rate(PARALLEL_TASKS, PARALLEL_SLICE, op).await
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -467,28 +477,7 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONTENDED_TASKS {
-        let (op, stop, done) = (op.clone(), stop.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                op().await?;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-    }
-    let start = Instant::now();
-    tokio::time::sleep(CONTENDED_SLICE).await;
-    let counted = done.load(Ordering::Relaxed);
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await??;
-    }
-    Ok(counted as f64 / elapsed.as_secs_f64())
+    rate(CONTENDED_TASKS, CONTENDED_SLICE, Arc::new(move |_, _| op())).await
 }
 
 /// 8 tasks on one key: distlock `acquire` (blocking wait) + release, against a raw redis-rs
