@@ -221,13 +221,13 @@ impl Inner {
                     .is_ok();
                 // Not armed: idle for BLOCKER_IDLE, or woken because the key's last waiter
                 // went. Either way the slot goes back (a later held answer starts a new one).
-                if !arm.armed.swap(false, Ordering::SeqCst)
-                    && (!woken || !self.hub.has_waiters(key.as_str()))
-                    && self.retire_blocker(&key, &arm, &mut conn)
-                {
-                    return;
-                }
+                // (One swap: a second one would throw away the arm that woke us.)
                 if !arm.armed.swap(false, Ordering::SeqCst) {
+                    if (!woken || !self.hub.has_waiters(key.as_str()))
+                        && self.retire_blocker(&key, &arm, &mut conn)
+                    {
+                        return;
+                    }
                     continue;
                 }
             }

@@ -75,6 +75,66 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
     Ok(())
 }
 
+/// Two holders in a row, each ended by the server, with one waiter that keeps its
+/// subscription: the blocker, idle after the first freed lock, is armed again by the second
+/// holder's held answer and wakes the waiter at once the second time too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocker_serves_two_terminated_holders_in_a_row() -> Result<()> {
+    let server = Arc::new(server().await?);
+    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new(unique("twice"))?;
+    let mut releases = None;
+    for round in 0..2 {
+        let app = unique(&format!("twice-holder-{round}"));
+        let holder = backend_at(&server.url(), named(&app)).await?;
+        let _lease = holder
+            .try_acquire(&key, Duration::from_secs(30))
+            .await?
+            .into_lease()
+            .context("the key was not free")?;
+        match releases.as_mut() {
+            None => releases = Some(wait_behind(&waiter, &key).await?),
+            // The same subscription; this held answer arms the idle blocker again.
+            Some(_) => ensure!(
+                waiter
+                    .try_acquire(&key, Duration::from_secs(10))
+                    .await?
+                    .into_lease()
+                    .is_none(),
+                "round {round}: the key was free"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Round 1: a wake left over from our own release in round 0 must not count.
+        let stale = releases.as_mut().context("subscribed in round 0")?;
+        while stale.next(Instant::now() + Duration::from_millis(1)).await == Wake::Released {}
+        let name = format!("{app}-holder");
+        let server = server.clone();
+        let terminated =
+            tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
+        ensure!(terminated >= 1, "no holder session to terminate");
+        let freed = Instant::now();
+        let wake = releases
+            .as_mut()
+            .context("subscribed in round 0")?
+            .next(freed + Duration::from_secs(5))
+            .await;
+        let heard = freed.elapsed();
+        ensure!(
+            wake == Wake::Released && heard <= FREED_WITHIN,
+            "round {round}: waiter not woken within {FREED_WITHIN:?} of the holder's session \
+             ending: {wake:?} after {heard:?}"
+        );
+        let lease = waiter
+            .try_acquire(&key, Duration::from_secs(10))
+            .await?
+            .into_lease()
+            .context("woken, but the lock was still held")?;
+        ensure!(waiter.release(&lease).await?, "release answered false");
+    }
+    Ok(())
+}
+
 /// The holder process goes away without releasing (its backend is dropped, so its
 /// connections close and the server frees the lock, without a NOTIFY). A `Locker` waiting
 /// with a long backoff (its next step is seconds away) gets the lock within
