@@ -457,4 +457,19 @@ mod tests {
         drop((first, second));
         assert!(!hub.has_waiters("k"));
     }
+
+    #[tokio::test]
+    async fn a_resync_wakes_a_turn_taker_already_waiting() {
+        let hub = ReleaseHub::new();
+        let mut first = turn_taker(&hub, "k");
+        let waiting =
+            tokio::spawn(async move { first.next(Instant::now() + Duration::from_secs(5)).await });
+        // Give the task time to be parked in `next` before the resync.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let at = Instant::now();
+        hub.notify_all();
+        let wake = waiting.await.expect("the waiting task");
+        assert_eq!(wake, Wake::Released);
+        assert!(at.elapsed() < Duration::from_secs(1));
+    }
 }
