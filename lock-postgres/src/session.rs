@@ -375,11 +375,19 @@ impl Inner {
         // The server frees every lock of the session once the connection goes: the guards
         // hear it now (the lost signal), not at their next renewal.
         let old = state.disconnect();
-        let mut book = lock(&self.book);
-        book.entries.retain(|_, entry| match entry {
-            Entry::Held(held) => !(held.session.id == session.id && held.epoch == old),
-            Entry::Pending => true,
+        let mut freed = Vec::new();
+        lock(&self.book).entries.retain(|_, entry| match entry {
+            Entry::Held(held) if held.session.id == session.id && held.epoch == old => {
+                freed.push(held.key.clone());
+                false
+            }
+            _ => true,
         });
+        // Our own waiters of those keys may have left no mark (a lock held in this process
+        // needs none: its release wakes them here) and have no blocker: wake them now.
+        for key in freed {
+            self.hub.notify(key.as_str());
+        }
     }
 
     /// A statement answered from another server session than the one we opened: a pooler
