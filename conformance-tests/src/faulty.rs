@@ -43,6 +43,8 @@ struct Plan {
     acquire_calls: u64,
     /// A delay for the next `try_acquire` only.
     acquire_delay_once: Option<Duration>,
+    /// The task whose `try_acquire` took that delay.
+    delayed_task: Option<tokio::task::Id>,
 }
 
 impl FaultPlan {
@@ -72,6 +74,12 @@ impl FaultPlan {
     /// later calls follow the plan.
     pub fn delay_next_acquire(&self, delay: Duration) {
         self.plan().acquire_delay_once = Some(delay);
+    }
+    /// The tokio task whose `try_acquire` took the delay set by
+    /// [`delay_next_acquire`](Self::delay_next_acquire), once it did (the client's attempt
+    /// runs on the waiter's own task, so this tells which waiter is slow).
+    pub fn delayed_task(&self) -> Option<tokio::task::Id> {
+        self.plan().delayed_task
     }
     /// How many attempts (`try_acquire` or `acquire_queued` calls) reached the wrapper.
     pub fn acquire_calls(&self) -> u64 {
@@ -163,7 +171,11 @@ impl LockBackend for FaultyBackend {
         let delay_once = {
             let mut plan = self.plan.plan();
             plan.acquire_calls += 1;
-            plan.acquire_delay_once.take()
+            let delay = plan.acquire_delay_once.take();
+            if delay.is_some() {
+                plan.delayed_task = tokio::task::try_id();
+            }
+            delay
         };
         if let Some(delay) = delay_once {
             tokio::time::sleep(delay).await;

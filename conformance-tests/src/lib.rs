@@ -85,6 +85,13 @@ where
     C: FnOnce(Arc<dyn BackendFactory>) -> CFut,
     CFut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    // `RUST_LOG=lock_core=trace,…` shows what the backend did in a failing case.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let factory: Arc<dyn BackendFactory> = match factory.await {
         Ok(factory) => Arc::new(factory),
         Err(error) => panic!("{case_name}: could not set up the backend factory: {error:?}"),

@@ -228,15 +228,28 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
             return Ok(());
         }
     }
-    let left_at = if caps.fair_queue {
-        left_at
+    let (left_at, other) = if caps.fair_queue {
+        (left_at, second)
     } else {
+        // The release woke one waiter, not always `first`: a wake before the release (a
+        // late subscription's catch-up wake, say) may leave `first` attempting when the
+        // release comes, and the wake then goes to `second`. Cancel the one whose attempt
+        // is the slow one.
+        let slow = plan
+            .delayed_task()
+            .context("the woken waiter's attempt did not say which task it runs on")?;
+        let (woken, other) = if slow == second.id() {
+            (second, first)
+        } else {
+            ensure!(slow == first.id(), "the slow attempt runs on neither waiter's task");
+            (first, second)
+        };
         let left_at = Instant::now();
-        first.abort();
-        let _ = first.await;
-        left_at
+        woken.abort();
+        let _ = woken.await;
+        (left_at, other)
     };
-    let guard = timeout(Duration::from_secs(3), second)
+    let guard = timeout(Duration::from_secs(3), other)
         .await
         .context("the other waiter did not get the lock within 3 s of the woken one leaving")???;
     let took = left_at.elapsed();
