@@ -241,7 +241,10 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
         let (woken, other) = if slow == second.id() {
             (second, first)
         } else {
-            ensure!(slow == first.id(), "the slow attempt runs on neither waiter's task");
+            ensure!(
+                slow == first.id(),
+                "the slow attempt runs on neither waiter's task"
+            );
             (first, second)
         };
         let left_at = Instant::now();
