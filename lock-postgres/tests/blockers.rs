@@ -336,3 +336,50 @@ async fn a_release_with_only_local_waiters_sends_no_notify() -> Result<()> {
     );
     Ok(())
 }
+
+/// A lock held in this process needs no waiter mark (its release wakes the local waiters
+/// here) and gets no blocker (the held answer came from our own book). So when its holder
+/// session breaks on our side (here: a renewal finds that the server ended it), the backend
+/// itself must wake the key's local waiters: nothing else will before their backoff step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_waiters_wake_when_the_holder_session_breaks() -> Result<()> {
+    let server = server().await?;
+    let app = unique("broken-holder");
+    let backend = backend_at(&server.url(), named(&app)).await?;
+    let key = LockKey::new(unique("broken"))?;
+    let ttl = Duration::from_secs(30);
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("the key was not free")?;
+    let mut releases = wait_behind(&backend, &key).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while releases
+        .next(Instant::now() + Duration::from_millis(1))
+        .await
+        == Wake::Released
+    {}
+    let name = format!("{app}-holder");
+    let terminated =
+        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
+    ensure!(terminated >= 1, "no holder session to terminate");
+    // The renewal meets the ended session and drops it (the lease is lost).
+    let renewed = backend.renew(&lease, ttl).await;
+    ensure!(renewed.is_err(), "a renewal on an ended session succeeded");
+    let broke = Instant::now();
+    let wake = releases.next(broke + Duration::from_secs(5)).await;
+    let heard = broke.elapsed();
+    ensure!(
+        wake == Wake::Released && heard <= FREED_WITHIN,
+        "local waiter not woken within {FREED_WITHIN:?} of the holder session breaking: \
+         {wake:?} after {heard:?}"
+    );
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("woken, but the lock was still held")?;
+    ensure!(backend.release(&lease).await?, "release answered false");
+    Ok(())
+}
