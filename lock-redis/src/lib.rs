@@ -34,6 +34,7 @@
 //! does not accept, or TLS spoken by one side only is `LockError::Refused`, never retried.
 
 mod cluster;
+mod heard;
 mod keys;
 mod link;
 mod node;

@@ -151,7 +151,8 @@ return 0
 /// Compare the owner token, then `DEL`. An unmarked lock is done there: nobody waits. A
 /// marked one (a waiter of the fair queue or a polling waiter asked to hear of it) is handed
 /// to the first live entry of the queue if there is one (see `HAND_OVER`), else its release is
-/// announced on the key's channel: the lock key `<base>:lock` with `lock` replaced by
+/// announced (with the releaser's token, which names this release: Redlock's listeners hear
+/// it from every node and pass it on once, see `heard.rs`) on the key's channel: the lock key `<base>:lock` with `lock` replaced by
 /// `rel:<db>` (ARGV[2] is the database; [`KeyScheme::channel`] builds the same name), so the
 /// client builds no channel name for the many releases that publish nothing. The `PUBLISH` is
 /// a `pcall`: Lua does not roll the `DEL` back, so a failed announcement (an ACL user without
@@ -180,7 +181,7 @@ local channel = string.sub(KEYS[1], 1, -5) .. 'rel:' .. ARGV[2]
 if hand_over(channel, ARGV[1], true) then
   return 1
 end
-redis.pcall('PUBLISH', channel, '1')
+redis.pcall('PUBLISH', channel, ARGV[1])
 return 1
 "
     ))
@@ -623,6 +624,9 @@ impl Prepared {
 struct Feeds {
     hub: ReleaseHub,
     grants: crate::queue::Grants,
+    /// With several nodes (Redlock), the copies of one release each node announces pass to
+    /// the hub once.
+    heard: Option<Arc<crate::heard::Heard>>,
 }
 
 impl Node {
@@ -675,8 +679,7 @@ impl Node {
         tokio::spawn(listen(
             conn.clone(),
             scheme,
-            feeds.hub,
-            feeds.grants,
+            feeds,
             receiver,
             shutdown,
             options.command_timeout.min(Duration::from_secs(1)),
@@ -974,8 +977,14 @@ pub(crate) async fn connect_server(
 }
 
 /// The hook a hub calls when a key's last waiter leaves: unsubscribe on every node.
-fn idle_hook(senders: Vec<mpsc::UnboundedSender<Command>>) -> ReleaseHub {
+fn idle_hook(
+    senders: Vec<mpsc::UnboundedSender<Command>>,
+    heard: Option<Arc<crate::heard::Heard>>,
+) -> ReleaseHub {
     ReleaseHub::with_idle_hook(move |key| {
+        if let Some(heard) = &heard {
+            heard.forget(key);
+        }
         for sender in &senders {
             let _ = sender.send(Command::Unsubscribe(key.to_owned()));
         }
@@ -988,12 +997,12 @@ fn idle_hook(senders: Vec<mpsc::UnboundedSender<Command>>) -> ReleaseHub {
 async fn listen(
     conn: Arc<Conn>,
     scheme: KeyScheme,
-    hub: ReleaseHub,
-    grants: crate::queue::Grants,
+    feeds: Feeds,
     mut commands: mpsc::UnboundedReceiver<Command>,
     shutdown: CancellationToken,
     op_timeout: Duration,
 ) {
+    let Feeds { hub, grants, heard } = feeds;
     let mut delay = LISTEN_MIN_DELAY;
     let mut first = true;
     let mut attempt = 0usize;
@@ -1107,8 +1116,10 @@ async fn listen(
                     None => break,
                     Some(message) => {
                         // A grant goes to the waiter it names; it frees nothing.
-                        if !grants.deliver(message.get_payload_bytes())
+                        let payload = message.get_payload_bytes();
+                        if !grants.deliver(payload)
                             && let Some(key) = subs.channels.get(message.get_channel_name())
+                            && heard.as_ref().is_none_or(|heard| heard.is_news(key, payload))
                         {
                             hub.notify(key);
                         }
@@ -1418,7 +1429,11 @@ impl Nodes {
         }
         // One command channel per node; the senders also go to the hub's idle hook.
         let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
-        let hub = idle_hook(channels.iter().map(|(sender, _)| sender.clone()).collect());
+        let heard = (urls.len() > 1).then(Arc::default);
+        let hub = idle_hook(
+            channels.iter().map(|(sender, _)| sender.clone()).collect(),
+            heard.clone(),
+        );
         let shutdown = CancellationToken::new();
         let grants = crate::queue::Grants::default();
         let mut nodes = Vec::with_capacity(urls.len());
@@ -1440,6 +1455,7 @@ impl Nodes {
                 Feeds {
                     hub: hub.clone(),
                     grants: grants.clone(),
+                    heard: heard.clone(),
                 },
                 channel,
                 options,
@@ -1518,7 +1534,7 @@ impl Nodes {
         options: &crate::RedisOptions,
     ) -> Arc<Nodes> {
         let channel = mpsc::unbounded_channel();
-        let hub = idle_hook(vec![channel.0.clone()]);
+        let hub = idle_hook(vec![channel.0.clone()], None);
         let shutdown = CancellationToken::new();
         let grants = crate::queue::Grants::default();
         let node = Node::spawn(
@@ -1528,6 +1544,7 @@ impl Nodes {
             Feeds {
                 hub: hub.clone(),
                 grants: grants.clone(),
+                heard: None,
             },
             channel,
             options,

@@ -125,7 +125,6 @@ mod redlock3 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(3),
         skip = {
-            woken_waiter_that_leaves_passes_the_wake_on: "Redlock hears one release from every node, so a release can wake both waiters and the case has nothing handed over to check (it returned Ok then, counted as a pass); see README, Redlock",
             fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
@@ -140,7 +139,6 @@ mod redlock5 {
     conformance_tests::conformance_suite! {
         factory = super::RedisFactory::start(5),
         skip = {
-            woken_waiter_that_leaves_passes_the_wake_on: "Redlock hears one release from every node, so a release can wake both waiters and the case has nothing handed over to check (it returned Ok then, counted as a pass); see README, Redlock",
             fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",
             semaphore_dead_holder_permit_returns: "a semaphore with more than one permit cannot keep at most N holders with per-node majorities: on 3 nodes with 2 permits, holders on {A,B}, {B,C} and {A,C} each have a quorum while every node admits only 2 (see README, Redlock; Capabilities::semaphores is false)",

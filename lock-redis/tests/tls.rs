@@ -169,7 +169,6 @@ mod redlock3_tls {
     conformance_tests::conformance_suite! {
         factory = super::TlsFactory::start(3),
         skip = {
-            woken_waiter_that_leaves_passes_the_wake_on: "Redlock hears one release from every node, so a release can wake both waiters and the case has nothing handed over to check (it returned Ok then, counted as a pass); see README, Redlock",
             fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
             semaphore_dead_holder_permit_returns: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use lock_core::{LockBackend, LockKey, Locker};
 use lock_harness::proxy::LinkProxy;
 use lock_harness::redis::RedisServer;
-use lock_redis::{KeyScheme, RedisBackend, RedisOptions};
+use lock_redis::{KeyScheme, RedisBackend, RedisOptions, RedlockBackend};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -413,4 +413,59 @@ async fn last_waiter_leaving_unsubscribes() -> Result<()> {
         );
         sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Redlock runs a release on every node and each node announces it: the copies must count as
+/// one release, which wakes one of this process's two waiters of the key, not one per node
+/// (#13: a release wakes one local waiter per key). Before, the three copies woke both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_release_heard_from_every_node_wakes_one_waiter() -> Result<()> {
+    let servers = (0..3)
+        .map(|_| RedisServer::start())
+        .collect::<Result<Vec<_>>>()?;
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let holder = RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
+    let waiter = RedlockBackend::connect_nodes(&urls, RedisOptions::default()).await?;
+    let key = LockKey::new("redlock-one-wake")?;
+    let ttl = Duration::from_secs(30);
+    let lease = holder
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("free key not acquired")?;
+    let mut turns = Vec::new();
+    for _ in 0..2 {
+        let mut releases = waiter.subscribe(&key).await?;
+        releases.take_turns();
+        // Held: marks the holder's value on every node, so that its release announces.
+        ensure!(
+            waiter.try_acquire(&key, ttl).await?.into_lease().is_none(),
+            "the key was free"
+        );
+        turns.push(releases);
+    }
+    // Wake-ups from subscribing (a listener that came up) are not the release's.
+    sleep(Duration::from_millis(300)).await;
+    for releases in &mut turns {
+        while releases
+            .next(Instant::now() + Duration::from_millis(1))
+            .await
+            == lock_core::Wake::Released
+        {}
+    }
+    ensure!(holder.release(&lease).await?, "release answered false");
+    let (first, second) = turns.split_at_mut(1);
+    let (a, b) = tokio::join!(
+        first[0].next(Instant::now() + Duration::from_millis(500)),
+        second[0].next(Instant::now() + Duration::from_millis(500)),
+    );
+    let woken = [a, b]
+        .iter()
+        .filter(|wake| **wake == lock_core::Wake::Released)
+        .count();
+    ensure!(
+        woken == 1,
+        "one release (announced by 3 nodes) woke {woken} of 2 waiters: {a:?}, {b:?}"
+    );
+    Ok(())
 }
