@@ -298,6 +298,10 @@ impl HubSubscription {
             let resync = self.slot.resync.load(Ordering::SeqCst);
             if resync != self.seen {
                 self.seen = resync;
+                // Attempting now, like a turn-taker handed a wake: the next release goes to
+                // a waiter that is waiting, not to this one (it would hear it only after its
+                // attempt, one round trip later).
+                turn.busy.store(true, Ordering::SeqCst);
                 return Wake::Released;
             }
             tokio::select! {
@@ -471,5 +475,27 @@ mod tests {
         let wake = waiting.await.expect("the waiting task");
         assert_eq!(wake, Wake::Released);
         assert!(at.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_release_after_a_resync_goes_to_a_waiter_that_is_waiting() {
+        let hub = ReleaseHub::new();
+        let mut first = turn_taker(&hub, "k");
+        let mut second = turn_taker(&hub, "k");
+        hub.notify_all();
+        // Both hear the resync; `first` is then attempting, `second` comes back to wait.
+        let soon = || Instant::now() + Duration::from_millis(50);
+        assert_eq!(first.next(soon()).await, Wake::Released);
+        assert_eq!(second.next(soon()).await, Wake::Released);
+        let waiting =
+            tokio::spawn(async move { second.next(Instant::now() + Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.notify("k");
+        assert_eq!(
+            waiting.await.expect("the waiting task"),
+            Wake::Released,
+            "the release went to the turn-taker busy with its attempt"
+        );
+        drop(first);
     }
 }

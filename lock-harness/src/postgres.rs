@@ -49,7 +49,9 @@ fn server_dirs() -> Vec<String> {
     dirs.into_iter().map(|(_, dir)| dir).collect()
 }
 
-fn find_pg_binary(name: &str) -> Result<PathBuf> {
+/// A PostgreSQL program (`pg_ctl`, `pgbench`, …) from the newest server version installed,
+/// else from `PATH`; the error says what to install.
+pub fn find_pg_binary(name: &str) -> Result<PathBuf> {
     let dirs = server_dirs();
     let refs: Vec<&str> = dirs.iter().map(String::as_str).collect();
     // Prefer the versioned directory: Debian's /usr/bin wrappers need a cluster config.

@@ -29,7 +29,6 @@ const PARALLEL_ROUNDS: usize = 300;
 const HANDOFF_ROUNDS: usize = 200;
 const CONTENDED_WORKERS: usize = 8;
 const CONTENDED_FOR: Duration = Duration::from_secs(5);
-const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -436,7 +435,8 @@ async fn pgbench_contended(server: &PostgresServer) -> Result<f64> {
     let port = server.port().to_string();
     let secs = CONTENDED_FOR.as_secs().to_string();
     let clients = CONTENDED_WORKERS.to_string();
-    let output = tokio::process::Command::new(PGBENCH)
+    let pgbench = lock_harness::postgres::find_pg_binary("pgbench")?;
+    let output = tokio::process::Command::new(&pgbench)
         .args([
             "-n",
             "-h",
@@ -453,7 +453,7 @@ async fn pgbench_contended(server: &PostgresServer) -> Result<f64> {
         .arg("postgres")
         .output()
         .await
-        .with_context(|| format!("running {PGBENCH}"))?;
+        .with_context(|| format!("running {}", pgbench.display()))?;
     let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&output.stdout);
     ensure!(
