@@ -43,6 +43,14 @@ pub trait BackendFactory: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// How many clients hold or wait in line for `key` on the server (the holder and the
+    /// entries of the backend's fair queue), read on the server. `Ok(None)` when the factory
+    /// cannot tell: the fair-queue case then gives each waiter a fixed time to get in line.
+    async fn contenders(&self, key: &LockKey) -> anyhow::Result<Option<usize>> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// Hooks that break the server or the connection on purpose, when the factory has them.
     /// Cases that need them fail unless the backend lists them under `skip`.
     fn faults(&self) -> Option<&dyn ServerFaults> {

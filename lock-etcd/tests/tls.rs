@@ -96,6 +96,12 @@ impl BackendFactory for SecureFactory {
         ))
     }
 
+    /// The keys under the lock's range: the holder's and each waiter's.
+    async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
+        let range = lock_etcd::key_range(&self.prefix, key);
+        Ok(Some(self.cluster.keys_with_prefix(&range).await?.len()))
+    }
+
     fn faults(&self) -> Option<&dyn ServerFaults> {
         Some(self)
     }

@@ -26,6 +26,26 @@ struct ClusterFactory {
 }
 
 impl ClusterFactory {
+    /// A connection to the master that serves `redis_key`'s hash slot.
+    async fn master_of(&self, redis_key: &str) -> Result<redis::aio::MultiplexedConnection> {
+        let mut any = self.masters.first().context("no master")?.0.clone();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(redis_key)
+            .query_async(&mut any)
+            .await?;
+        let (conn, _) = self
+            .masters
+            .iter()
+            .find(|(_, ranges)| {
+                ranges
+                    .iter()
+                    .any(|(low, high)| (*low..=*high).contains(&slot))
+            })
+            .with_context(|| format!("no master serves slot {slot}"))?;
+        Ok(conn.clone())
+    }
+
     async fn start() -> Result<Self> {
         // Three masters, no replicas: the suite kills no node. Started ahead by a pool: a
         // cluster takes 2 s before it accepts writes, more than most cases take.
@@ -81,26 +101,24 @@ impl BackendFactory for ClusterFactory {
     /// Read on the master serving the key's slot, directly (not through its proxy).
     async fn is_held(&self, key: &LockKey) -> Result<Option<bool>> {
         let lock_key = self.scheme.lock_key(key);
-        let mut any = self.masters.first().context("no master")?.0.clone();
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(&lock_key)
-            .query_async(&mut any)
-            .await?;
-        let (conn, _) = self
-            .masters
-            .iter()
-            .find(|(_, ranges)| {
-                ranges
-                    .iter()
-                    .any(|(low, high)| (*low..=*high).contains(&slot))
-            })
-            .with_context(|| format!("no master serves slot {slot}"))?;
         let exists: bool = redis::cmd("EXISTS")
             .arg(&lock_key)
-            .query_async(&mut conn.clone())
+            .query_async(&mut self.master_of(&lock_key).await?)
             .await?;
         Ok(Some(exists))
+    }
+
+    /// The lock key and the fair queue's entries (one hash slot: they share the key's tag).
+    async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
+        let [lock, _, queue, _] = self.scheme.lock_keys(key);
+        let (held, waiting): (usize, usize) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(&lock)
+            .cmd("ZCARD")
+            .arg(queue)
+            .query_async(&mut self.master_of(&lock).await?)
+            .await?;
+        Ok(Some(held + waiting))
     }
 
     fn faults(&self) -> Option<&dyn ServerFaults> {

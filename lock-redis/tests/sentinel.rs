@@ -64,6 +64,19 @@ impl BackendFactory for SentinelFactory {
         Ok(Some(exists))
     }
 
+    /// The lock key and the fair queue's entries, on the master.
+    async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
+        let [lock, _, queue, _] = self.scheme.lock_keys(key);
+        let (held, waiting): (usize, usize) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(lock)
+            .cmd("ZCARD")
+            .arg(queue)
+            .query_async(&mut self.master.clone())
+            .await?;
+        Ok(Some(held + waiting))
+    }
+
     fn faults(&self) -> Option<&dyn ServerFaults> {
         Some(self)
     }

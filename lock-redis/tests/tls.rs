@@ -114,6 +114,22 @@ impl BackendFactory for TlsFactory {
         Ok(Some(holding > self.servers.len() / 2))
     }
 
+    /// One server: the lock key and the fair queue's entries (Redlock has no queue).
+    async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
+        let [client] = self.clients.as_slice() else {
+            return Ok(None);
+        };
+        let [lock, _, queue, _] = self.scheme.lock_keys(key);
+        let (held, waiting): (usize, usize) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(lock)
+            .cmd("ZCARD")
+            .arg(queue)
+            .query_async(&mut client.clone())
+            .await?;
+        Ok(Some(held + waiting))
+    }
+
     fn faults(&self) -> Option<&dyn ServerFaults> {
         Some(self)
     }

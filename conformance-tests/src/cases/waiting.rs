@@ -3,7 +3,7 @@
 use super::support::*;
 use crate::{BackendFactory, unique_key};
 use anyhow::{Context, Result, bail, ensure};
-use lock_core::{Backoff, LockError, Locker};
+use lock_core::{Backoff, LockError, LockKey, Locker};
 use std::time::Duration;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -270,6 +270,7 @@ pub async fn fair_queue_serves_waiters_in_arrival_order(
     let instances = [faulty_locker(factory).await?, faulty_locker(factory).await?];
     let ttl = ttl_for(&caps, Duration::from_secs(10));
     let name = unique_key("fifo");
+    let key = LockKey::new(&name)?;
     let held = holder.lock(&name).ttl(ttl).acquire().await?;
     let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
@@ -291,7 +292,9 @@ pub async fn fair_queue_serves_waiters_in_arrival_order(
             guard.release().await?;
             anyhow::Ok(())
         }));
-        // In line once its call reached the backend and had time to reach the server.
+        // In line once the server counts it (the holder and `index + 1` waiters), or, where
+        // the factory cannot count, once its call reached the backend and had time to reach
+        // the server.
         let by = Instant::now() + Duration::from_secs(5);
         while plan.acquire_calls() <= calls {
             ensure!(
@@ -300,7 +303,20 @@ pub async fn fair_queue_serves_waiters_in_arrival_order(
             );
             sleep(2 * MS).await;
         }
-        sleep(150 * MS).await;
+        loop {
+            match factory.contenders(&key).await? {
+                Some(count) if count >= index + 2 => break,
+                Some(count) => ensure!(
+                    Instant::now() < by,
+                    "waiter {index} not in line on the server within 5 s ({count} contenders)"
+                ),
+                None => {
+                    sleep(150 * MS).await;
+                    break;
+                }
+            }
+            sleep(2 * MS).await;
+        }
     }
     held.release().await?;
     let mut seen = Vec::new();

@@ -51,6 +51,12 @@ impl BackendFactory for EtcdFactory {
         Ok(Some(!entries.is_empty()))
     }
 
+    /// The keys under the lock's range: the holder's and each waiter's.
+    async fn contenders(&self, key: &LockKey) -> anyhow::Result<Option<usize>> {
+        let range = lock_etcd::key_range(&self.prefix, key);
+        Ok(Some(self.cluster.keys_with_prefix(&range).await?.len()))
+    }
+
     fn faults(&self) -> Option<&dyn ServerFaults> {
         Some(self)
     }
