@@ -227,6 +227,26 @@ impl LockBackend for FaultyBackend {
         answer
     }
 
+    async fn wait_on_server(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        self.plan.plan().acquire_calls += 1;
+        self.apply(|plan| plan.acquire).await?;
+        let answer = self.inner.wait_on_server(key, ttl, until).await;
+        // Cancel-safe like `acquire_queued`: a grant held back here is given back if this
+        // future is dropped meanwhile.
+        let give_back = GiveBackOnDrop {
+            backend: self.inner.clone(),
+            lease: answer.as_ref().ok().and_then(Option::clone),
+        };
+        self.delay_answer(|plan| plan.acquire).await;
+        give_back.disarm();
+        answer
+    }
+
     async fn try_acquire_permits(
         &self,
         key: &LockKey,

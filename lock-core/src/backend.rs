@@ -61,6 +61,11 @@ pub struct Capabilities {
     /// The backend queues waiters itself ([`LockBackend::acquire_queued`]), first come first
     /// served.
     pub fair_queue: bool,
+    /// A waiter can wait on the server itself ([`LockBackend::wait_on_server`]), which grants
+    /// it a lock the moment it is freed: no release signal and attempt in between. Not a
+    /// promise of order, and not for every waiter (the backend's waiting connections are
+    /// bounded): the others wait for release signals as usual.
+    pub server_wait: bool,
     /// Smallest TTL the server honours; smaller requests are raised to it (and the granted
     /// TTL is reported in the lease).
     pub min_ttl: Duration,
@@ -87,6 +92,7 @@ impl Default for Capabilities {
             fencing: false,
             release_notifications: false,
             fair_queue: false,
+            server_wait: false,
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_millis(1),
             expiry_slack: Duration::from_millis(50),
@@ -149,6 +155,26 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
         Err(LockError::InvalidConfig(
             "this backend has no fair queue (Capabilities::fair_queue is false)".into(),
         ))
+    }
+
+    /// Waits on the server for the plain lock `key` until `until` and takes it when the
+    /// server grants it. Called by the client in a wait, after an attempt was answered "held",
+    /// in place of waiting for a release signal, when [`Capabilities::server_wait`] is set.
+    /// `Ok(None)` when `until` came first, or when the backend cannot wait there now (every
+    /// waiting connection is taken): the client then waits for a release signal until
+    /// `until`. The lease's validity must count from no later than the server started its
+    /// TTL.
+    ///
+    /// Must be cancel-safe: dropping the future leaves nothing queued or held on the server
+    /// for longer than a moment.
+    async fn wait_on_server(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        let _ = (key, ttl, until);
+        Ok(None)
     }
 
     /// One attempt at `count` of the `limit` permits of the semaphore `key` (a name of its

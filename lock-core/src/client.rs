@@ -516,6 +516,7 @@ async fn wait_loop(
     // Attempts left after a wait, when counted (the re-check right after subscribing is part
     // of the first attempt, not a retry).
     let mut retries_left = options.retries;
+    let server_wait = backend.capabilities().server_wait;
     loop {
         telemetry::attempt(backend.name());
         let outcome = InFlightAttempt::start(backend, key, options.ttl, kind).await;
@@ -570,6 +571,22 @@ async fn wait_loop(
         }
         let until = until.min(deadline);
         if let Some(releases) = releases.as_mut() {
+            if server_wait && kind == LeaseKind::Lock {
+                match backend.wait_on_server(key, options.ttl, until).await {
+                    Ok(Some(lease)) if !is_late(&lease) => {
+                        releases.mark_acquired();
+                        return Ok(Some(lease.with_kind(kind)));
+                    }
+                    Ok(Some(lease)) => give_back_late(backend, lease),
+                    // Waited until `until` (the wait below then returns at once), or could
+                    // not wait on the server: wait for a release signal instead.
+                    Ok(None) => {}
+                    Err(error) if error.is_retryable() => {
+                        tracing::debug!(%error, "waiting on the server failed; waiting for a release");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
             let wake = releases.next(until).await;
             telemetry::wakeup(backend.name(), matches!(wake, crate::Wake::Released));
             tracing::trace!(?wake, "woke");

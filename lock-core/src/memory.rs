@@ -304,6 +304,7 @@ impl LockBackend for MemoryBackend {
             fencing: true,
             release_notifications: true,
             fair_queue: false,
+            server_wait: false,
             min_ttl: Duration::from_millis(1),
             ttl_granularity: Duration::from_nanos(1),
             expiry_slack: Duration::from_millis(5),

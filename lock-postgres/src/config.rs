@@ -12,6 +12,12 @@ pub struct PostgresConfig {
     pub max_sessions: usize,
     /// Holder sessions per distinct TTL; keys are spread over them by hash. Default 4.
     pub sessions_per_ttl: usize,
+    /// Most connections on which waiters of plain locks wait on the server itself
+    /// (`pg_advisory_lock`), one waiter each: the server grants such a waiter the lock the
+    /// moment it is freed, and the connection then holds it (see the README, "Waiting on the
+    /// server"). Waiters beyond these wait for release signals. Default
+    /// [`QUEUE_SESSIONS`] (4); 0 turns waiting on the server off. At most 64.
+    pub queue_sessions: usize,
     /// Bound on opening a connection. Default 5 s.
     pub connect_timeout: Duration,
     /// Bound on one statement on a holder session, waiting for the session included. A
@@ -40,6 +46,7 @@ impl Default for PostgresConfig {
             namespace: "distlock".into(),
             max_sessions: 8,
             sessions_per_ttl: 4,
+            queue_sessions: QUEUE_SESSIONS,
             connect_timeout: Duration::from_secs(5),
             op_timeout: Duration::from_secs(5),
             probe_timeout: PROBE_TIMEOUT,
@@ -74,6 +81,10 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
             }
             "sessions_per_ttl" => {
                 config.sessions_per_ttl =
+                    usize::try_from(number()?).map_err(|_| bad(&name, &value))?
+            }
+            "queue_sessions" => {
+                config.queue_sessions =
                     usize::try_from(number()?).map_err(|_| bad(&name, &value))?
             }
             "op_timeout_ms" => config.op_timeout = Duration::from_millis(number()?),
@@ -141,6 +152,12 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
         return Err(LockError::InvalidConfig(
             "max_sessions and sessions_per_ttl must be at least 1".into(),
         ));
+    }
+    if config.queue_sessions > MAX_QUEUE_SESSIONS {
+        return Err(LockError::InvalidConfig(format!(
+            "queue_sessions must be at most {MAX_QUEUE_SESSIONS}, not {}",
+            config.queue_sessions
+        )));
     }
     if config.op_timeout.is_zero()
         || config.connect_timeout.is_zero()

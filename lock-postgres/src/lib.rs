@@ -65,6 +65,7 @@ mod errors;
 mod keys;
 mod listener;
 mod ops;
+mod server_wait;
 mod session;
 mod setup;
 mod shared;
@@ -80,6 +81,7 @@ pub use keys::{HOLDER_ALIVE_CLASS, SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
+pub use server_wait::{MAX_QUEUE_SESSIONS, QUEUE_SESSIONS};
 use session::*;
 use setup::SPARE_IDLE_TIMEOUT;
 use shared::*;
@@ -107,7 +109,7 @@ pub const BLOCKER_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 const REAPER_IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// `postgres://…` (or `postgresql://…`) → a backend. Extra query parameters read here (and not
-/// passed to sqlx): `namespace`, `max_sessions`, `sessions_per_ttl`, `op_timeout_ms`,
+/// passed to sqlx): `namespace`, `max_sessions`, `sessions_per_ttl`, `queue_sessions`, `op_timeout_ms`,
 /// `probe_timeout_ms`, `connect_timeout_ms`, `application_name`, `fence_sequence`.
 pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     Ok(Arc::new(PostgresBackend::connect(url).await?))
@@ -210,6 +212,9 @@ struct Inner {
     channel: String,
     book: Mutex<Book>,
     sessions: Mutex<Vec<Arc<Session>>>,
+    /// Connections on which waiters wait on the server (`server_wait.rs`); a granted one
+    /// holds its lock like a holder session.
+    queue_sessions: Mutex<Vec<Arc<Session>>>,
     hub: ReleaseHub,
     /// Wakes the heartbeat task when a session's first lock needs a probe before the task's
     /// planned wake-up ([`Inner::heartbeat_at`]).
@@ -299,6 +304,7 @@ impl PostgresBackend {
             channel,
             book: Mutex::default(),
             sessions: Mutex::default(),
+            queue_sessions: Mutex::default(),
             hub: ReleaseHub::with_idle_hook({
                 let waiter_tx = waiter_tx.clone();
                 let blockers = blockers.clone();
@@ -342,14 +348,24 @@ impl PostgresBackend {
         &self.inner.config
     }
 
-    /// Server process ids of the holder sessions that are connected now (for tests and
-    /// monitoring: `pg_stat_activity.pid`).
+    /// Server process ids of the holder sessions that are connected now, and of the queue
+    /// sessions that hold a lock (for tests and monitoring: `pg_stat_activity.pid`).
     pub async fn holder_pids(&self) -> Vec<i32> {
         let sessions: Vec<Arc<Session>> = lock(&self.inner.sessions).clone();
         let mut pids = Vec::new();
         for session in sessions {
             let state = session.state.lock().await;
             if state.conn.is_some() {
+                pids.push(state.pid);
+            }
+        }
+        // A busy queue session is waiting, and holds nothing.
+        let queued: Vec<Arc<Session>> = lock(&self.inner.queue_sessions).clone();
+        for session in queued {
+            if let Ok(state) = session.state.try_lock()
+                && state.conn.is_some()
+                && !state.ttls.is_empty()
+            {
                 pids.push(state.pid);
             }
         }
@@ -505,6 +521,19 @@ impl LockBackend for PostgresBackend {
         .await
     }
 
+    async fn wait_on_server(
+        &self,
+        key: &LockKey,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        check_ttl(ttl)?;
+        self.inner
+            .clone()
+            .wait_on_server(key, ttl.max(MIN_TTL), until)
+            .await
+    }
+
     async fn try_acquire_permits(
         &self,
         key: &LockKey,
@@ -601,6 +630,7 @@ impl LockBackend for PostgresBackend {
         capabilities.fencing = true;
         capabilities.release_notifications = true;
         capabilities.fair_queue = false;
+        capabilities.server_wait = self.inner.config.queue_sessions > 0;
         capabilities.min_ttl = MIN_TTL;
         capabilities.ttl_granularity = Duration::from_millis(1);
         // Process alive, lease not renewed: the reaper's round trip. Process stopped or cut

@@ -182,7 +182,7 @@ pub(crate) struct Session {
 
 impl Session {
     /// A session not connected yet (its first user connects it).
-    fn new(id: usize, class_ms: u64, probe_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(id: usize, class_ms: u64, probe_timeout: Duration) -> Arc<Self> {
         let watch = Arc::new(Mutex::new(Watch::default()));
         Arc::new(Session {
             id,

@@ -60,7 +60,10 @@ pub(crate) async fn reaper(inner: Arc<Inner>) {
 pub(crate) async fn heartbeat(inner: Arc<Inner>) {
     loop {
         let now = Instant::now();
-        let sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
+        let mut sessions: Vec<Arc<Session>> = lock(&inner.sessions).clone();
+        // Queue sessions hold their locks like holder sessions (a waiting one is busy and
+        // holds nothing).
+        sessions.extend(lock(&inner.queue_sessions).iter().cloned());
         // The plan is locked through the scan, so that a first lock either is seen by the
         // scan or sees the plan it makes.
         let (next, probes, resets) = {

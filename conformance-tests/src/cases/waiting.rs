@@ -191,8 +191,15 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
         Ok(())
     };
     // Each waiter is waiting once its attempts reached the wrapper: in a server-side queue
-    // (one call), or subscribed (its attempt and the re-check after subscribing).
-    let per_waiter = if caps.fair_queue { 1 } else { 2 };
+    // (one call), or subscribed (its attempt and the re-check after subscribing), and where
+    // a waiter waits on the server, that wait too. Those are served by the server: the case
+    // then goes as for a queue.
+    let in_line = caps.fair_queue || caps.server_wait;
+    let per_waiter = match (caps.fair_queue, caps.server_wait) {
+        (true, _) => 1,
+        (false, true) => 3,
+        (false, false) => 2,
+    };
     let mut first = tokio::spawn(wait(waiters.clone(), name.clone()));
     calls_reach(per_waiter, "first waiter").await?;
     let second = tokio::spawn(wait(waiters.clone(), name.clone()));
@@ -201,7 +208,7 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
     let before = plan.acquire_calls();
     // The next attempt (the woken waiter's) is slow to leave; then the waiter is cancelled.
     plan.delay_next_acquire(Duration::from_secs(20));
-    let left_at = if caps.fair_queue {
+    let left_at = if in_line {
         // A server-side queue: the first in line leaves before the release; the second
         // must get the lock, not wait behind a cancelled entry.
         first.abort();
@@ -213,10 +220,10 @@ pub async fn woken_waiter_that_leaves_passes_the_wake_on(
         held.release().await?;
         Instant::now()
     };
-    if !caps.fair_queue {
+    if !in_line {
         calls_reach(before + 1, "the woken waiter").await?;
     }
-    let (left_at, other) = if caps.fair_queue {
+    let (left_at, other) = if in_line {
         (left_at, second)
     } else {
         // The release woke one waiter, not always `first`: a wake before the release (a

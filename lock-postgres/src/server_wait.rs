@@ -1,0 +1,272 @@
+//! Waiting on the server (#13): a waiter of a plain lock blocks in `pg_advisory_lock` on a
+//! *queue session* of its own, so the server grants it the lock the moment the holder lets go
+//! (an unlock, or the end of the holder's session), as it does for its own blocking clients:
+//! no NOTIFY, wake-up and attempt in between.
+//!
+//! - **Bounded.** At most [`PostgresConfig::queue_sessions`] connections per backend
+//!   (`<app>-holder`, with an alive key like every holder session), one waiter each. A queue
+//!   session is free while it holds nothing; once granted, it holds that lock like a holder
+//!   session (renew, release, reaper, heartbeat, lost signal: the same code, through the
+//!   lease's book entry) and is free again after its release. Waiters that find none free wait
+//!   for release signals, as before.
+//! - **Nothing else on the connection.** A session that waits holds no lock, so the wait can
+//!   be cut off at any time by dropping its connection, and it cannot deadlock.
+//! - **Bounded waits.** The statement sets `lock_timeout` to the client's wait step (the
+//!   server answers "lock not available" at its end; after each step the client tries on a
+//!   holder session, as it would after a backoff step) and the answer is awaited at most a
+//!   little longer; then the connection is dropped. A lock timeout that fires just as the
+//!   server grants the lock fails the statement with the lock held (a session lock outlives
+//!   the rollback): every such answer is followed by an unlock of the key on the session
+//!   (the conformance case `lock_all_never_deadlocks_or_overlaps` found this: a free queue
+//!   session kept the lock, and every waiter starved).
+//! - **Cancel-safe.** The connection is taken out of the session while the statement runs: a
+//!   waiter that goes away drops it, and the server, which checks a waiting client's socket
+//!   every [`CLIENT_CHECK_MS`] (`client_connection_check_interval`, set at connect), ends the
+//!   wait (or frees a lock granted just before).
+//! - **TTL from the grant.** The server starts the session's `idle_session_timeout` (the lock's
+//!   TTL) when the statement ends, which may be long after it was sent. The statement reports
+//!   how long it ran by the server's clock; the lease counts from the send plus that (or plus
+//!   the time we waited for the answer, if less: a server clock that jumped forward), which is
+//!   no later than the server's start. A process paused after the grant thus finds its lease
+//!   as old as the server's, never younger.
+
+use super::*;
+
+/// Queue sessions per backend by default ([`PostgresConfig::queue_sessions`]).
+pub const QUEUE_SESSIONS: usize = 4;
+
+/// Most queue sessions a backend may be configured with.
+pub const MAX_QUEUE_SESSIONS: usize = 64;
+
+/// `client_connection_check_interval` on queue sessions: how soon the server ends the wait of
+/// a client that went away.
+pub(crate) const CLIENT_CHECK_MS: u64 = 100;
+
+/// Queue sessions' ids start here (holder sessions count from 0): book entries name their
+/// session by id.
+const QUEUE_SESSION_IDS: usize = 1 << 20;
+
+/// How much longer than its `lock_timeout` a waiting statement's answer may take before the
+/// connection is dropped.
+const ANSWER_SLACK: Duration = Duration::from_millis(500);
+
+/// Waits for the lock (`$1`) under `lock_timeout` = `$4` ms (local to the statement), then
+/// takes a fence from the sequence `$3` and sets `idle_session_timeout` to `$2` ms, and
+/// reports how long the statement ran (µs, server clock, read after the grant). Subqueries with
+/// OFFSET 0 run in order, innermost first: the setting, the lock, the fence. The WAL flush
+/// case is the acquire's (see `ops.rs`).
+pub(crate) const WAIT_SQL: &str = "\
+SELECT f, pg_backend_pid(), CASE WHEN pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() \
+    OR current_setting('synchronous_standby_names') <> '' \
+  THEN pg_logical_emit_message(true, 'distlock', '') END, \
+  set_config('idle_session_timeout', $2, false), \
+  (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000000)::int8 \
+FROM (SELECT nextval($3::regclass) AS f FROM \
+  (SELECT pg_advisory_lock($1) FROM \
+    (SELECT set_config('lock_timeout', $4, true) OFFSET 0) t OFFSET 0) l OFFSET 0) g";
+
+/// SQLSTATEs of a wait that ended without the lock: `lock_not_available` (the lock timeout)
+/// and `query_canceled`.
+fn ended_without_lock(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")))
+}
+
+impl Inner {
+    /// A queue session that holds nothing and is not in use, locked for the caller; a new
+    /// one while fewer than the configured number exist. `None` when all are taken.
+    fn claim_queue_session(&self) -> Option<Arc<Session>> {
+        let mut sessions = lock(&self.queue_sessions);
+        for session in sessions.iter() {
+            if let Ok(state) = session.state.try_lock()
+                && state.ttls.is_empty()
+                && state.holds.is_empty()
+            {
+                drop(state);
+                return Some(session.clone());
+            }
+        }
+        if sessions.len() >= self.config.queue_sessions {
+            return None;
+        }
+        let session = Session::new(
+            QUEUE_SESSION_IDS + sessions.len(),
+            0,
+            self.config.probe_timeout,
+        );
+        sessions.push(session.clone());
+        Some(session)
+    }
+
+    /// See [`LockBackend::wait_on_server`]: waits for `key` on a queue session until `until`.
+    pub(crate) async fn wait_on_server(
+        self: Arc<Self>,
+        key: &LockKey,
+        ttl: Duration,
+        until: Instant,
+    ) -> Result<Option<Lease>, LockError> {
+        // Whole milliseconds (0 would mean no lock timeout at all).
+        let step_ms = until.saturating_duration_since(Instant::now()).as_millis();
+        if self.config.queue_sessions == 0 || step_ms < 2 {
+            return Ok(None);
+        }
+        let Some(session) = self.claim_queue_session() else {
+            return Ok(None);
+        };
+        // Claimed above, but another waiter may have taken it since: then wait for signals.
+        let Ok(mut state) = session.state.try_lock() else {
+            return Ok(None);
+        };
+        if !state.ttls.is_empty() || !state.holds.is_empty() {
+            return Ok(None);
+        }
+        if state.conn.is_none() {
+            self.connect_queue_session(&mut state).await?;
+        }
+        let hash = self.advisory_key(key);
+        let ttl_ms = ttl_ms(ttl);
+        let timeout_ms = ttl_ms + TIMEOUT_PAD.as_millis() as u64;
+        let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
+        let query = sqlx::query(WAIT_SQL)
+            .bind(hash)
+            .bind(timeout_ms.to_string())
+            .bind(fence_oid)
+            .bind(step_ms.to_string());
+        // Out of the session while the statement runs: if this future is dropped, so is the
+        // connection (see the module docs).
+        let Some(mut conn) = state.conn.take() else {
+            return Ok(None);
+        };
+        let sent_at = Instant::now();
+        let limit = Duration::from_millis(step_ms as u64) + ANSWER_SLACK;
+        let answer = tokio::time::timeout(limit, query.fetch_one(&mut conn)).await;
+        let answered_at = Instant::now();
+        let row = match answer {
+            Ok(Ok(row)) => row,
+            Ok(Err(error)) if ended_without_lock(&error) => {
+                tracing::trace!(key = %key, "wait on the server ended without the lock");
+                // A lock timeout that fires as the lock is granted still fails the statement,
+                // and the session keeps the lock (a session lock outlives the rollback): give
+                // it back, or drop the connection, before the session counts as free.
+                let undo = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(hash)
+                    .fetch_one(&mut conn);
+                match tokio::time::timeout(self.config.op_timeout, undo).await {
+                    Ok(Ok(_)) => {
+                        state.conn = Some(conn);
+                        state.answered_at = Some(Instant::now());
+                    }
+                    _ => {
+                        drop(conn);
+                        state.disconnect();
+                    }
+                }
+                return Ok(None);
+            }
+            Ok(Err(error)) => {
+                // The lock may have been granted before the statement failed (a session lock
+                // outlives the rollback): the session held nothing else, so dropping the
+                // connection gives back whatever this statement took.
+                tracing::debug!(%error, "waiting on the server failed; connection dropped");
+                drop(conn);
+                state.disconnect();
+                return if is_connection_error(&error) {
+                    Ok(None)
+                } else {
+                    Err(map_error("waiting on the server", error))
+                };
+            }
+            Err(_) => {
+                tracing::debug!(
+                    ?limit,
+                    "no answer to a wait on the server; connection dropped"
+                );
+                drop(conn);
+                state.disconnect();
+                return Ok(None);
+            }
+        };
+        state.conn = Some(conn);
+        state.answered_at = Some(answered_at);
+        let decoded = (|| {
+            let fence: i64 = row.try_get(0)?;
+            let pid: i32 = row.try_get(1)?;
+            let ran_us: i64 = row.try_get(4)?;
+            Ok::<_, sqlx::Error>((fence, pid, ran_us))
+        })();
+        let (fence, pid, ran_us) = match decoded {
+            Ok(values) => values,
+            Err(error) => {
+                self.break_session(&session, &mut state, "unexpected answer to a wait");
+                return Err(map_error("decoding the answer to a wait", error));
+            }
+        };
+        if pid != state.pid {
+            return Err(self.session_switched(&session, &mut state, pid));
+        }
+        let Ok(fence) = u64::try_from(fence) else {
+            self.break_session(
+                &session,
+                &mut state,
+                "fence sequence answered a negative value",
+            );
+            return Err(LockError::backend_msg(
+                BACKEND,
+                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
+                false,
+            ));
+        };
+        state.timeout_set_ms = timeout_ms;
+        // No later than the server's start of the TTL (see the module docs).
+        let ran = Duration::from_micros(u64::try_from(ran_us).unwrap_or(0));
+        let valid_from = sent_at + ran.min(answered_at - sent_at);
+        let owner = OwnerToken::random();
+        let held = HeldLock {
+            key: key.clone(),
+            shared: None,
+            owner,
+            session: session.clone(),
+            epoch: state.epoch,
+            ttl_ms,
+            deadline: valid_from + ttl,
+        };
+        tracing::trace!(key = %key, session = session.id, ?ran, "granted on the server");
+        let lost_signal = self.record_grant(state, BookKey::Lock(hash), held);
+        Ok(Some(
+            Lease::new(
+                key.clone(),
+                owner,
+                Some(FencingToken(fence)),
+                ttl,
+                valid_from,
+            )
+            .with_lost_signal(lost_signal),
+        ))
+    }
+
+    /// Connects a queue session: a holder session that also lets the server check, while it
+    /// waits, that we are still there.
+    async fn connect_queue_session(&self, state: &mut SessionState) -> Result<(), LockError> {
+        self.reconnect(state).await?;
+        let Some(conn) = state.conn.as_mut() else {
+            return Err(LockError::backend_msg(BACKEND, "no connection", true));
+        };
+        let set = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET client_connection_check_interval = {CLIENT_CHECK_MS}"
+        )))
+        .execute(conn);
+        match tokio::time::timeout(self.config.op_timeout, set).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                state.disconnect();
+                Err(map_error("setting up a queue session", error))
+            }
+            Err(_) => {
+                state.disconnect();
+                Err(timed_out(
+                    "setting up a queue session",
+                    self.config.op_timeout,
+                ))
+            }
+        }
+    }
+}
