@@ -572,7 +572,16 @@ async fn wait_loop(
         let until = until.min(deadline);
         if let Some(releases) = releases.as_mut() {
             if server_wait && kind == LeaseKind::Lock {
-                match backend.wait_on_server(key, options.ttl, until).await {
+                // The server grants the lock at its release: no need to poll on a jittered
+                // step. One wait per backoff ceiling still ends in an attempt (a silent
+                // waiting connection must not hide a free lock for long); a counted wait
+                // (`retries`) keeps its steps.
+                let server_until = if options.retries.is_none() {
+                    (now + options.backoff.max).min(deadline)
+                } else {
+                    until
+                };
+                match backend.wait_on_server(key, options.ttl, server_until).await {
                     Ok(Some(lease)) if !is_late(&lease) => {
                         releases.mark_acquired();
                         return Ok(Some(lease.with_kind(kind)));

@@ -172,6 +172,11 @@ fn loss_bound(min_ttl_ms: u64, probe_timeout: Duration) -> Duration {
 enum Entry {
     /// An acquire of this advisory key is in flight on one of our sessions.
     Pending,
+    /// A waiter of this backend waits for the key on a queue session (`server_wait.rs`):
+    /// no other local attempt may run meanwhile, or the grant would have to book over the
+    /// entry of an attempt still in flight, and a second attempt could then take the key
+    /// again on that attempt's (reentrant) session.
+    Waiting,
     Held(HeldLock),
 }
 
@@ -488,6 +493,9 @@ impl LockBackend for PostgresBackend {
                     self.inner.lock_held_here(key);
                     return Ok(Attempt::Held { expires_in: None });
                 }
+                // Not held here: another process's holder, which our queue session waits
+                // behind (this attempt's waiter still marks the key for its release).
+                Some(Entry::Waiting) => return Ok(Attempt::Held { expires_in: None }),
                 None => {
                     book.entries.insert(BookKey::Lock(hash), Entry::Pending);
                 }

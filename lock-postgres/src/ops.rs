@@ -87,7 +87,7 @@ pub(crate) fn begin_release(inner: &Inner, lease: &Lease) -> Option<(BookKey, He
             let still_valid = held.deadline > now;
             match std::mem::replace(entry, Entry::Pending) {
                 Entry::Held(held) => Some((hash, held, still_valid)),
-                Entry::Pending => None,
+                Entry::Pending | Entry::Waiting => None,
             }
         }
         _ => None,

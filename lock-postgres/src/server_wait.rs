@@ -71,6 +71,25 @@ fn ended_without_lock(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")))
 }
 
+/// Takes a waiter's [`Entry::Waiting`] out of the book when its wait ends, however it ends
+/// (a grant has replaced it with the lease's entry by then).
+struct WaitingEntry<'a> {
+    inner: &'a Inner,
+    hash: i64,
+}
+
+impl Drop for WaitingEntry<'_> {
+    fn drop(&mut self) {
+        let mut book = lock(&self.inner.book);
+        if matches!(
+            book.entries.get(&BookKey::Lock(self.hash)),
+            Some(Entry::Waiting)
+        ) {
+            book.entries.remove(&BookKey::Lock(self.hash));
+        }
+    }
+}
+
 impl Inner {
     /// A queue session that holds nothing and is not in use, locked for the caller; a new
     /// one while fewer than the configured number exist. `None` when all are taken.
@@ -119,10 +138,21 @@ impl Inner {
         if !state.ttls.is_empty() || !state.holds.is_empty() {
             return Ok(None);
         }
+        let hash = self.advisory_key(key);
+        // One waiter per key and backend on the server, and no local attempt of the key
+        // meanwhile (see `Entry::Waiting`); a key this backend holds or is acquiring is left
+        // to its local wake-up.
+        {
+            let mut book = lock(&self.book);
+            if book.entries.contains_key(&BookKey::Lock(hash)) {
+                return Ok(None);
+            }
+            book.entries.insert(BookKey::Lock(hash), Entry::Waiting);
+        }
+        let _waiting = WaitingEntry { inner: &self, hash };
         if state.conn.is_none() {
             self.connect_queue_session(&mut state).await?;
         }
-        let hash = self.advisory_key(key);
         let ttl_ms = ttl_ms(ttl);
         let timeout_ms = ttl_ms + TIMEOUT_PAD.as_millis() as u64;
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));

@@ -24,7 +24,7 @@ pub(crate) async fn reaper(inner: Arc<Inner>) {
                     Entry::Held(held) => {
                         next = Some(next.map_or(held.deadline, |at| at.min(held.deadline)));
                     }
-                    Entry::Pending => {}
+                    Entry::Pending | Entry::Waiting => {}
                 }
             }
             // Nothing held: wake at the idle tick anyway, so that an acquire (its deadline

@@ -1,0 +1,326 @@
+//! Waiting on the server (#13): a waiter blocks in `pg_advisory_lock` on a queue session, so
+//! the server hands it the lock at the release. Its lease must count from the grant, not from
+//! the answer; a cancelled wait must leave the server's lock queue at once; and waiters of one
+//! key in one process (some on the server, some attempting) must never hold it together.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::{advisory_held, backend_at, named, server, unique};
+use lock_core::{Backoff, LockBackend, LockKey, Locker};
+use lock_harness::postgres::PostgresServer;
+use lock_harness::proxy::LinkProxy;
+use lock_postgres::PostgresConfig;
+use sqlx::postgres::PgPoolOptions;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep, timeout};
+
+/// Requests for advisory key `hash` that wait (not granted), read from `pg_locks`.
+async fn waiting_on(pool: &sqlx::PgPool, hash: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND objsubid = 1 AND ((classid::int8 << 32) | objid::int8) = $1",
+    )
+    .bind(hash)
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn inspector(server: &PostgresServer) -> Result<sqlx::PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await?)
+}
+
+/// A waiter whose next backoff step is 30 s away: only the server (or a release signal)
+/// gets it the lock in time.
+fn patient<'a>(locker: &'a Locker, key: &str, ttl: Duration) -> lock_core::LockRequest<'a> {
+    locker
+        .lock(key)
+        .ttl(ttl)
+        .wait(Duration::from_secs(30))
+        .backoff(Backoff::new(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        ))
+}
+
+/// The waiter waits in the server's lock queue (a request in `pg_locks` that is not granted)
+/// and has the lock within a few milliseconds of the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_waits_in_the_servers_queue_and_gets_the_lock_at_the_release() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    ensure!(
+        waiter_backend.capabilities().server_wait,
+        "queue sessions are on by default"
+    );
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let name = unique("queued");
+    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let ttl = Duration::from_secs(10);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move {
+            let guard = patient(&waiter, &name, ttl).acquire().await?;
+            let at = Instant::now();
+            guard.release().await?;
+            anyhow::Ok(at)
+        }
+    });
+    let by = Instant::now() + Duration::from_secs(5);
+    while waiting_on(&pool, hash).await? == 0 {
+        ensure!(
+            Instant::now() < by,
+            "the waiter never waited in the server's lock queue"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    ensure!(guard.release().await?, "release answered false");
+    let acquired = timeout(Duration::from_secs(5), waiting).await???;
+    let hand_off = acquired.saturating_duration_since(released);
+    println!("hand-off through the server's queue: {hand_off:?}");
+    ensure!(
+        hand_off < Duration::from_millis(100),
+        "the waiter had the lock {hand_off:?} after the release"
+    );
+    Ok(())
+}
+
+/// The answer to a granted wait is slow to come back (300 ms on the way back): the lease
+/// counts from the grant (the server starts the TTL when the statement ends), not from when
+/// the answer arrived, or the waiter would believe in its lock 300 ms longer than the server
+/// keeps it for a process that stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_on_the_server_counts_from_the_grant() -> Result<()> {
+    const BACK: Duration = Duration::from_millis(300);
+    let server = server().await?;
+    let link = LinkProxy::start(server.addr(), Duration::ZERO, BACK)?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter = Locker::from_arc(
+        backend_at(
+            &PostgresServer::url_for(link.addr()),
+            PostgresConfig::default(),
+        )
+        .await?,
+    );
+    let name = unique("slow-answer");
+    let hash = lock_postgres::advisory_key(&PostgresConfig::default().namespace, &name);
+    let pool = inspector(server).await?;
+    let ttl = Duration::from_secs(5);
+    // A first wait prepares the statement on the queue session (a prepare is one more round
+    // trip before the statement, which makes the lease count from earlier still: safe, but
+    // not what this test measures).
+    let warm = unique("warm-up");
+    let warm_guard = holder.lock(&warm).ttl(ttl).acquire().await?;
+    let warm_wait = tokio::spawn({
+        let (waiter, warm) = (waiter.clone(), warm.clone());
+        async move { anyhow::Ok(patient(&waiter, &warm, ttl).acquire().await?) }
+    });
+    let warm_hash = lock_postgres::advisory_key(&PostgresConfig::default().namespace, &warm);
+    let by = Instant::now() + Duration::from_secs(20);
+    while waiting_on(&pool, warm_hash).await? == 0 {
+        ensure!(
+            Instant::now() < by,
+            "the warm-up wait never reached the server"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    warm_guard.release().await?;
+    timeout(Duration::from_secs(10), warm_wait)
+        .await???
+        .release()
+        .await?;
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move { anyhow::Ok(patient(&waiter, &name, ttl).acquire().await?) }
+    });
+    // Until the waiter waits on the server (its connections and attempts are slow: every
+    // answer takes 300 ms).
+    let by = Instant::now() + Duration::from_secs(20);
+    while waiting_on(&pool, hash).await? == 0 {
+        ensure!(Instant::now() < by, "the waiter never waited on the server");
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    ensure!(guard.release().await?, "release answered false");
+    let lease = timeout(Duration::from_secs(10), waiting)
+        .await
+        .context("the waiter did not get the lock")???;
+    let arrived = released.elapsed();
+    let valid_until = lease.valid_until();
+    let bound = released + ttl + Duration::from_millis(30);
+    println!(
+        "answer arrived {arrived:?} after the release; lease valid until release + {:?}",
+        valid_until.saturating_duration_since(released)
+    );
+    ensure!(
+        arrived >= BACK,
+        "the answer came back in {arrived:?}, faster than the link allows"
+    );
+    ensure!(
+        valid_until <= bound,
+        "the lease is valid until release + {:?}: it counts from the answer, not the grant",
+        valid_until.saturating_duration_since(released)
+    );
+    ensure!(
+        valid_until + Duration::from_millis(300) >= released + ttl,
+        "the lease is valid only until release + {:?}: far earlier than the grant allows",
+        valid_until.saturating_duration_since(released)
+    );
+    lease.release().await?;
+    Ok(())
+}
+
+/// A waiter cancelled while it waits on the server: its request leaves the server's lock
+/// queue within a few hundred milliseconds (the server checks a waiting client's socket every
+/// 100 ms), not at the end of its wait step (30 s here), and after the holder's release the
+/// lock is free, not granted to the cancelled waiter's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_leaves_the_servers_queue() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter_backend = backend_at(&server.url(), named(&unique("cancelled"))).await?;
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let name = unique("cancelled-wait");
+    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let ttl = Duration::from_secs(10);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move { anyhow::Ok(patient(&waiter, &name, ttl).acquire().await?) }
+    });
+    let by = Instant::now() + Duration::from_secs(5);
+    while waiting_on(&pool, hash).await? == 0 {
+        ensure!(Instant::now() < by, "the waiter never waited on the server");
+        sleep(Duration::from_millis(10)).await;
+    }
+    waiting.abort();
+    let _ = waiting.await;
+    let cancelled = Instant::now();
+    while waiting_on(&pool, hash).await? > 0 {
+        ensure!(
+            cancelled.elapsed() < Duration::from_secs(2),
+            "the cancelled wait was still in the server's lock queue 2 s later"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    let left = cancelled.elapsed();
+    println!("cancelled wait left the server's queue after {left:?}");
+    ensure!(
+        left < Duration::from_millis(500),
+        "the cancelled wait left the server's lock queue only {left:?} later"
+    );
+    ensure!(guard.release().await?, "release answered false");
+    sleep(Duration::from_millis(50)).await;
+    ensure!(
+        !advisory_held(&pool, hash).await?,
+        "after the release the lock is held (by the cancelled waiter's session?)"
+    );
+    ensure!(
+        waiter_backend.held_count() == 0,
+        "the waiter's books hold a lock"
+    );
+    Ok(())
+}
+
+/// Two backends, four tasks each, on one key: two of each backend's tasks wait (on the
+/// server, or for a release signal), two only try, over and over; some attempts are answered
+/// from the books. No two ever hold the key at once,
+/// fences rise in the order of the holds, and every release finds its lock. (A grant on a
+/// queue session used to take over the book entry of a local attempt still in flight; a
+/// second local attempt then took the key again on that attempt's session: two holders in
+/// one process, and a release that answered false.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_on_the_server_and_local_attempts_never_hold_together() -> Result<()> {
+    const TASKS_PER_BACKEND: usize = 4;
+    const ROUNDS: usize = 40;
+    let server = server().await?;
+    // A millisecond each way keeps attempts in flight long enough to meet the grants.
+    let link = LinkProxy::start(
+        server.addr(),
+        Duration::from_millis(1),
+        Duration::from_millis(1),
+    )?;
+    let url = PostgresServer::url_for(link.addr());
+    let lockers = [
+        Locker::from_arc(backend_at(&url, PostgresConfig::default()).await?),
+        Locker::from_arc(backend_at(&url, PostgresConfig::default()).await?),
+    ];
+    let name = unique("together");
+    let ttl = Duration::from_secs(10);
+    let holds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for task in 0..2 * TASKS_PER_BACKEND {
+        let locker = lockers[task % 2].clone();
+        let (name, holds) = (name.clone(), holds.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                // Half the tasks wait (on the server, when a queue session is free), half
+                // only try, so that attempts are often in flight when a grant comes.
+                let guard = if task % 4 < 2 {
+                    locker
+                        .lock(&name)
+                        .ttl(ttl)
+                        .wait(Duration::from_secs(30))
+                        .backoff(Backoff::new(
+                            Duration::from_millis(1),
+                            Duration::from_millis(5),
+                        ))
+                        .acquire()
+                        .await?
+                } else {
+                    let by = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        if let Some(guard) = locker.lock(&name).ttl(ttl).try_acquire().await? {
+                            break guard;
+                        }
+                        ensure!(Instant::now() < by, "a trying task never got the lock");
+                        tokio::task::yield_now().await;
+                    }
+                };
+                let start = Instant::now();
+                sleep(Duration::from_micros(200)).await;
+                let end = Instant::now();
+                holds
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((start, end, guard.fence()));
+                ensure!(guard.release().await?, "a release found its lock gone");
+            }
+            anyhow::Ok(())
+        }));
+    }
+    timeout(Duration::from_secs(120), async {
+        for task in tasks {
+            task.await??;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("the tasks did not finish within 120 s")??;
+    let mut holds = holds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    holds.sort_by_key(|(start, _, _)| *start);
+    for pair in holds.windows(2) {
+        let ((_, end, fence), (start, _, next_fence)) = (pair[0], pair[1]);
+        ensure!(
+            end <= start,
+            "two holders at once: fences {fence:?} and {next_fence:?}"
+        );
+        ensure!(
+            fence < next_fence,
+            "fences do not rise with the holds: {fence:?} then {next_fence:?}"
+        );
+    }
+    Ok(())
+}
