@@ -158,8 +158,9 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
 /// 36. A waiter woken by a release that goes away before it got the lock (cancelled while its
 ///     attempt was on the way) passes its wake-up on: another waiter of the same process,
 ///     which would otherwise sleep until its backoff, gets the free lock at once. (A backend
-///     with a server-side queue: the cancelled waiter leaves the queue and the next one gets
-///     the lock.)
+///     with a server-side queue, or whose waiters wait on the server
+///     ([`lock_core::Capabilities::server_wait`]): the first waiter is cancelled before the
+///     release, and the other one gets the lock.)
 pub async fn woken_waiter_that_leaves_passes_the_wake_on(
     factory: &dyn BackendFactory,
 ) -> Result<()> {
