@@ -271,7 +271,6 @@ impl PostgresServer {
         let user = server_user()?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
-            .disable_cleanup(true)
             .tempdir()
             .context("creating the postgres temp dir")?;
         let data = dir.path().join("data");
@@ -650,7 +649,6 @@ impl PgBouncer {
         let user = server_user()?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-bouncer-", std::process::id()))
-            .disable_cleanup(true)
             .tempdir()
             .context("creating the pgbouncer temp dir")?;
         if let Some((uid, gid)) = user {
