@@ -138,6 +138,15 @@ impl Inner {
         if !state.ttls.is_empty() || !state.holds.is_empty() {
             return Ok(None);
         }
+        // Connected before the key's book entry is taken: local attempts of the key must not
+        // be told "held" while we connect. The step is measured again after it.
+        if state.conn.is_none() {
+            self.connect_queue_session(&mut state).await?;
+        }
+        let step_ms = until.saturating_duration_since(Instant::now()).as_millis();
+        if step_ms < 2 {
+            return Ok(None);
+        }
         let hash = self.advisory_key(key);
         // One waiter per key and backend on the server, and no local attempt of the key
         // meanwhile (see `Entry::Waiting`); a key this backend holds or is acquiring is left
@@ -150,9 +159,6 @@ impl Inner {
             book.entries.insert(BookKey::Lock(hash), Entry::Waiting);
         }
         let _waiting = WaitingEntry { inner: &self, hash };
-        if state.conn.is_none() {
-            self.connect_queue_session(&mut state).await?;
-        }
         let ttl_ms = ttl_ms(ttl);
         let timeout_ms = ttl_ms + TIMEOUT_PAD.as_millis() as u64;
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
