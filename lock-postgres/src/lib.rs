@@ -64,6 +64,7 @@ mod detached;
 mod errors;
 mod keys;
 mod listener;
+#[macro_use]
 mod ops;
 mod server_wait;
 mod session;

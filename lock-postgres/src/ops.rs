@@ -28,17 +28,32 @@ pub(crate) enum UnlockFailure {
 // writes no WAL, and such a commit does not flush): its commit then waits for the flush
 // (and the standby) of everything up to its commit record, the fence's record included. On
 // a quiet server with everything flushed it costs nothing.
-macro_rules! acquire_sql {
-    ($extra:literal, $fence:literal) => {
+//
+// `grant_sql!(extra columns, subquery yielding f)`: the answer of any statement that takes a
+// lock and its fence (the acquire below, and a wait on the server in `server_wait.rs`).
+macro_rules! grant_sql {
+    ($extra:expr, $granted:expr) => {
         concat!(
             "SELECT f, pg_backend_pid(), CASE WHEN f IS NOT NULL AND \
                (pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() \
                 OR current_setting('synchronous_standby_names') <> '') \
              THEN pg_logical_emit_message(true, 'distlock', '') END",
             $extra,
-            " FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval(",
-            $fence,
-            "::regclass) END AS f OFFSET 0) l"
+            " FROM ",
+            $granted
+        )
+    };
+}
+
+macro_rules! acquire_sql {
+    ($extra:literal, $fence:literal) => {
+        grant_sql!(
+            $extra,
+            concat!(
+                "(SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval(",
+                $fence,
+                "::regclass) END AS f OFFSET 0) l"
+            )
         )
     };
 }
@@ -277,20 +292,12 @@ impl Inner {
             // Another backend's deadline is known only to it; waiters hear the release.
             return Ok(Attempt::Held { expires_in: None });
         };
-        let Ok(fence) = u64::try_from(fence) else {
-            // Granted, but the sequence answered a negative number (setup checks only that
-            // it increases; it may start below zero): dropping the session frees the lock.
-            self.break_session(
-                &session,
-                &mut state,
-                "fence sequence answered a negative value",
-            );
-            self.forget_pending(BookKey::Lock(hash));
-            return Err(LockError::backend_msg(
-                BACKEND,
-                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
-                false,
-            ));
+        let fence = match self.checked_fence(&session, &mut state, fence) {
+            Ok(fence) => fence,
+            Err(error) => {
+                self.forget_pending(BookKey::Lock(hash));
+                return Err(error);
+            }
         };
         if let Some(wanted) = set_to {
             state.timeout_set_ms = wanted;

@@ -52,18 +52,16 @@ const ANSWER_SLACK: Duration = Duration::from_millis(500);
 
 /// Waits for the lock (`$1`) under `lock_timeout` = `$4` ms (local to the statement), then
 /// takes a fence from the sequence `$3` and sets `idle_session_timeout` to `$2` ms, and
-/// reports how long the statement ran (µs, server clock, read after the grant). Subqueries with
-/// OFFSET 0 run in order, innermost first: the setting, the lock, the fence. The WAL flush
-/// case is the acquire's (see `ops.rs`).
-pub(crate) const WAIT_SQL: &str = "\
-SELECT f, pg_backend_pid(), CASE WHEN pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() \
-    OR current_setting('synchronous_standby_names') <> '' \
-  THEN pg_logical_emit_message(true, 'distlock', '') END, \
-  set_config('idle_session_timeout', $2, false), \
-  (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000000)::int8 \
-FROM (SELECT nextval($3::regclass) AS f FROM \
-  (SELECT pg_advisory_lock($1) FROM \
-    (SELECT set_config('lock_timeout', $4, true) OFFSET 0) t OFFSET 0) l OFFSET 0) g";
+/// reports how long the statement ran (µs, server clock, read after the grant). Subqueries
+/// with OFFSET 0 run in order, innermost first: the setting, the lock, the fence. The answer's
+/// first columns and the WAL flush are the acquire's (`grant_sql!` in `ops.rs`).
+pub(crate) const WAIT_SQL: &str = grant_sql!(
+    ", set_config('idle_session_timeout', $2, false), \
+     (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000000)::int8",
+    "(SELECT nextval($3::regclass) AS f FROM \
+       (SELECT pg_advisory_lock($1) FROM \
+         (SELECT set_config('lock_timeout', $4, true) OFFSET 0) t OFFSET 0) l OFFSET 0) g"
+);
 
 /// SQLSTATEs of a wait that ended without the lock: `lock_not_available` (the lock timeout)
 /// and `query_canceled`.
@@ -239,18 +237,7 @@ impl Inner {
         if pid != state.pid {
             return Err(self.session_switched(&session, &mut state, pid));
         }
-        let Ok(fence) = u64::try_from(fence) else {
-            self.break_session(
-                &session,
-                &mut state,
-                "fence sequence answered a negative value",
-            );
-            return Err(LockError::backend_msg(
-                BACKEND,
-                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
-                false,
-            ));
-        };
+        let fence = self.checked_fence(&session, &mut state, fence)?;
         state.timeout_set_ms = timeout_ms;
         // No later than the server's start of the TTL (see the module docs).
         let ran = Duration::from_micros(u64::try_from(ran_us).unwrap_or(0));

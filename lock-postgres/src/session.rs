@@ -363,6 +363,25 @@ impl Inner {
         Ok(())
     }
 
+    /// A fence the sequence answered, as a token: a negative one (setup checks only that the
+    /// sequence increases; it may start below zero) drops the session, which frees the lock
+    /// just granted on it, and is an error.
+    pub(crate) fn checked_fence(
+        &self,
+        session: &Session,
+        state: &mut SessionState,
+        fence: i64,
+    ) -> Result<u64, LockError> {
+        u64::try_from(fence).map_err(|_| {
+            self.break_session(session, state, "fence sequence answered a negative value");
+            LockError::backend_msg(
+                BACKEND,
+                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
+                false,
+            )
+        })
+    }
+
     /// Drops the session's connection: the server ends the session and frees its locks. Every
     /// lease granted on it is gone from our books, so renew answers `Lost`.
     pub(crate) fn break_session(&self, session: &Session, state: &mut SessionState, why: &str) {

@@ -498,18 +498,7 @@ impl Inner {
             self.mark_if_unmarked(key.as_str());
             return Ok(Attempt::Held { expires_in: None });
         };
-        let Ok(fence) = u64::try_from(fence) else {
-            self.break_session(
-                &session,
-                &mut state,
-                "fence sequence answered a negative value",
-            );
-            return Err(LockError::backend_msg(
-                BACKEND,
-                format!("the fence sequence answered {fence}; fencing tokens must be positive"),
-                false,
-            ));
-        };
+        let fence = self.checked_fence(&session, &mut state, fence)?;
         let mut hold = hold;
         if let Some(taken) = taken {
             hold.exclusive = taken;
