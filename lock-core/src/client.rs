@@ -334,16 +334,17 @@ impl LockRequest<'_> {
         let span = tracing::debug_span!("acquire", key = %key, ttl = ?options.ttl, wait = ?wait);
         let backend_name = backend.name();
         let fair_queue = caps.fair_queue;
+        let server_wait = caps.server_wait;
         let start = Instant::now();
         let outcome = async move {
             let deadline = wait_deadline(start, wait, options.retries);
             let waits = !wait.is_zero() || options.retries.is_some_and(|retries| retries > 0);
             let lease = if !waits {
-                wait_loop(&backend, &key, &options, kind, start).await?
+                wait_loop(&backend, &key, &options, kind, start, server_wait).await?
             } else if options.retries.is_none() && kind == LeaseKind::Lock && fair_queue {
                 queue_loop(&backend, &key, &options, deadline).await?
             } else {
-                wait_loop(&backend, &key, &options, kind, deadline).await?
+                wait_loop(&backend, &key, &options, kind, deadline, server_wait).await?
             };
             let Some(lease) = lease else {
                 tracing::debug!(waited = ?start.elapsed(), "not acquired");
@@ -509,6 +510,8 @@ async fn wait_loop(
     options: &LockOptions,
     kind: LeaseKind,
     deadline: Instant,
+    // `Capabilities::server_wait`, read once by the caller.
+    server_wait: bool,
 ) -> Result<Option<crate::Lease>, LockError> {
     let mut releases: Option<Releases> = None;
     // Built on the first wait only: an attempt that gets the lock at once needs no delays.
@@ -516,7 +519,6 @@ async fn wait_loop(
     // Attempts left after a wait, when counted (the re-check right after subscribing is part
     // of the first attempt, not a retry).
     let mut retries_left = options.retries;
-    let server_wait = backend.capabilities().server_wait;
     loop {
         telemetry::attempt(backend.name());
         let outcome = InFlightAttempt::start(backend, key, options.ttl, kind).await;
