@@ -156,6 +156,23 @@ impl Drop for GiveBackOnDrop {
 }
 
 impl FaultyBackend {
+    /// Holds back the answer of a call that may grant a lease and that the client does not
+    /// wrap (`acquire_queued`, `wait_on_server`: each must be cancel-safe itself), when the
+    /// plan says [`Fault::DelayAnswer`]; a grant held back is given back if this future is
+    /// dropped meanwhile, as a backend that delays its own answer must do.
+    async fn delay_grant(
+        &self,
+        answer: Result<Option<Lease>, LockError>,
+    ) -> Result<Option<Lease>, LockError> {
+        let give_back = GiveBackOnDrop {
+            backend: self.inner.clone(),
+            lease: answer.as_ref().ok().and_then(Option::clone),
+        };
+        self.delay_answer(|plan| plan.acquire).await;
+        give_back.disarm();
+        answer
+    }
+
     /// Holds an answer back when the plan says [`Fault::DelayAnswer`].
     async fn delay_answer(&self, which: fn(&Plan) -> Fault) {
         let fault = which(&self.plan.plan());
@@ -215,16 +232,7 @@ impl LockBackend for FaultyBackend {
         self.plan.plan().acquire_calls += 1;
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.acquire_queued(key, ttl, deadline).await;
-        // `acquire_queued` must be cancel-safe itself (the client does not wrap it): a grant
-        // held back here is given back if this future is dropped meanwhile, as a backend that
-        // delays its own answer must do.
-        let give_back = GiveBackOnDrop {
-            backend: self.inner.clone(),
-            lease: answer.as_ref().ok().and_then(Option::clone),
-        };
-        self.delay_answer(|plan| plan.acquire).await;
-        give_back.disarm();
-        answer
+        self.delay_grant(answer).await
     }
 
     async fn wait_on_server(
@@ -236,15 +244,7 @@ impl LockBackend for FaultyBackend {
         self.plan.plan().acquire_calls += 1;
         self.apply(|plan| plan.acquire).await?;
         let answer = self.inner.wait_on_server(key, ttl, until).await;
-        // Cancel-safe like `acquire_queued`: a grant held back here is given back if this
-        // future is dropped meanwhile.
-        let give_back = GiveBackOnDrop {
-            backend: self.inner.clone(),
-            lease: answer.as_ref().ok().and_then(Option::clone),
-        };
-        self.delay_answer(|plan| plan.acquire).await;
-        give_back.disarm();
-        answer
+        self.delay_grant(answer).await
     }
 
     async fn try_acquire_permits(
