@@ -2,6 +2,8 @@
 //! master, and a master killed while locks are held, on real servers (three masters, three
 //! replicas) started by `lock_harness::redis_cluster`.
 
+mod common;
+
 use anyhow::{Context, Result, bail, ensure};
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
@@ -110,15 +112,10 @@ impl BackendFactory for ClusterFactory {
 
     /// The lock key and the fair queue's entries (one hash slot: they share the key's tag).
     async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
-        let [lock, _, queue, _] = self.scheme.lock_keys(key);
-        let (held, waiting): (usize, usize) = redis::pipe()
-            .cmd("EXISTS")
-            .arg(&lock)
-            .cmd("ZCARD")
-            .arg(queue)
-            .query_async(&mut self.master_of(&lock).await?)
-            .await?;
-        Ok(Some(held + waiting))
+        let mut master = self.master_of(&self.scheme.lock_key(key)).await?;
+        Ok(Some(
+            common::contenders(&mut master, &self.scheme, key).await?,
+        ))
     }
 
     fn faults(&self) -> Option<&dyn ServerFaults> {

@@ -4,6 +4,8 @@
 //! Each test starts its own servers (redis-server starts in a few ms) on free loopback ports
 //! through `lock_harness`, and drops them when the test ends: tests never share state.
 
+mod common;
+
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{LockBackend, LockKey};
@@ -75,15 +77,9 @@ impl BackendFactory for RedisFactory {
         let [client] = self.clients.as_slice() else {
             return Ok(None);
         };
-        let [lock, _, queue, _] = self.scheme.lock_keys(key);
-        let (held, waiting): (usize, usize) = redis::pipe()
-            .cmd("EXISTS")
-            .arg(lock)
-            .cmd("ZCARD")
-            .arg(queue)
-            .query_async(&mut client.clone())
-            .await?;
-        Ok(Some(held + waiting))
+        Ok(Some(
+            common::contenders(&mut client.clone(), &self.scheme, key).await?,
+        ))
     }
 
     fn faults(&self) -> Option<&dyn ServerFaults> {

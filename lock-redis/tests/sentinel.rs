@@ -2,6 +2,8 @@
 //! locks and fences, on real servers (one master, one replica, three sentinels) started by
 //! `lock_harness::redis_sentinel`.
 
+mod common;
+
 use anyhow::{Context, Result, bail, ensure};
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
@@ -66,15 +68,9 @@ impl BackendFactory for SentinelFactory {
 
     /// The lock key and the fair queue's entries, on the master.
     async fn contenders(&self, key: &LockKey) -> Result<Option<usize>> {
-        let [lock, _, queue, _] = self.scheme.lock_keys(key);
-        let (held, waiting): (usize, usize) = redis::pipe()
-            .cmd("EXISTS")
-            .arg(lock)
-            .cmd("ZCARD")
-            .arg(queue)
-            .query_async(&mut self.master.clone())
-            .await?;
-        Ok(Some(held + waiting))
+        Ok(Some(
+            common::contenders(&mut self.master.clone(), &self.scheme, key).await?,
+        ))
     }
 
     fn faults(&self) -> Option<&dyn ServerFaults> {

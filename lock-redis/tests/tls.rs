@@ -6,6 +6,8 @@
 //! and after a password change), TLS spoken by one side only.
 #![cfg(feature = "tls")]
 
+mod common;
+
 use anyhow::{Result, bail, ensure};
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
@@ -119,15 +121,9 @@ impl BackendFactory for TlsFactory {
         let [client] = self.clients.as_slice() else {
             return Ok(None);
         };
-        let [lock, _, queue, _] = self.scheme.lock_keys(key);
-        let (held, waiting): (usize, usize) = redis::pipe()
-            .cmd("EXISTS")
-            .arg(lock)
-            .cmd("ZCARD")
-            .arg(queue)
-            .query_async(&mut client.clone())
-            .await?;
-        Ok(Some(held + waiting))
+        Ok(Some(
+            common::contenders(&mut client.clone(), &self.scheme, key).await?,
+        ))
     }
 
     fn faults(&self) -> Option<&dyn ServerFaults> {
