@@ -153,6 +153,7 @@ pub async fn stopped_holders_leases_expire_by_their_slack(
         }
     }
     faults.blackhole().await?;
+    let cut_at = Instant::now();
     let outcome = async {
         // Every key is polled on every round (directly on the server, not through the
         // cut-off link), so a key freed early with an earlier group is seen when it goes.
@@ -185,6 +186,28 @@ pub async fn stopped_holders_leases_expire_by_their_slack(
             );
             sleep(10 * MS).await;
         }
+        // On failure, every lease's times (ms from the first acquire's sending), so that a
+        // rare failure says which group and which order of events it was.
+        let origin = leases
+            .first()
+            .map_or(cut_at, |(_, lease, _)| lease.sent_at());
+        let at = |instant: Instant| instant.saturating_duration_since(origin).as_millis();
+        let timeline = format!(
+            "cut at {} ms; per lease (sent, answered, deadline, freed): {}",
+            at(cut_at),
+            leases
+                .iter()
+                .zip(&freed_at)
+                .map(|((_, lease, answered), freed)| format!(
+                    "({}, {}, {}, {})",
+                    at(lease.sent_at()),
+                    at(*answered),
+                    at(lease.sent_at() + lease.ttl()),
+                    freed.map_or_else(|| "-".to_owned(), |freed| at(freed).to_string())
+                ))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         for ((k, lease, answered), freed_at) in leases.iter().zip(freed_at) {
             let freed_at = freed_at.context("polled until every lease was freed")?;
             // The server starts the TTL after `sent_at`, so it never frees before this;
@@ -192,7 +215,7 @@ pub async fn stopped_holders_leases_expire_by_their_slack(
             let earliest = lease.sent_at() + lease.ttl();
             ensure!(
                 freed_at + 20 * MS >= earliest,
-                "{case}: {k:?} freed {:?} before its deadline",
+                "{case}: {k:?} freed {:?} before its deadline; {timeline}",
                 earliest.saturating_duration_since(freed_at)
             );
             // 150 ms: the poll's own round trip and scheduling on a loaded machine.
@@ -200,7 +223,7 @@ pub async fn stopped_holders_leases_expire_by_their_slack(
             ensure!(
                 freed_at <= latest + 150 * MS,
                 "{case}: {k:?} of a stopped holder was freed {:?} after its deadline; \
-                 Capabilities::expiry_slack_for({ttl:?}) says {slack:?}",
+                 Capabilities::expiry_slack_for({ttl:?}) says {slack:?}; {timeline}",
                 freed_at.saturating_duration_since(earliest)
             );
         }
