@@ -84,6 +84,18 @@ pub fn unique_key(case: &str) -> String {
     format!("{case}-{:016x}", rand::random::<u64>())
 }
 
+/// With `RUST_LOG` set (`RUST_LOG=lock_core=trace,…`), sends traces to the test's output, so
+/// a failing test shows what the backend did. Without it, installs nothing. Safe to call from
+/// every test: only the first call installs a subscriber.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Runs one case against the factory produced by `factory`, panicking with a readable report
 /// on failure (the `conformance_suite!` tests call this).
 pub async fn run_case<F, Fut, C, CFut>(case_name: &str, factory: Fut, case: C)
@@ -93,13 +105,7 @@ where
     C: FnOnce(Arc<dyn BackendFactory>) -> CFut,
     CFut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    // `RUST_LOG=lock_core=trace,…` shows what the backend did in a failing case.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+    init_tracing();
     let factory: Arc<dyn BackendFactory> = match factory.await {
         Ok(factory) => Arc::new(factory),
         Err(error) => panic!("{case_name}: could not set up the backend factory: {error:?}"),

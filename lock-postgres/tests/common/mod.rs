@@ -18,12 +18,7 @@ use tokio::sync::OnceCell;
 /// The test binary's server. With `RUST_LOG` set, the backend's traces go to the test's
 /// output.
 pub async fn server() -> Result<&'static PostgresServer> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+    conformance_tests::init_tracing();
     tokio::task::spawn_blocking(lock_harness::postgres::shared).await?
 }
 
