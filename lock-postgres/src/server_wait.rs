@@ -121,9 +121,10 @@ impl Inner {
         ttl: Duration,
         until: Instant,
     ) -> Result<Option<Lease>, LockError> {
-        // Whole milliseconds (0 would mean no lock timeout at all).
-        let step_ms = until.saturating_duration_since(Instant::now()).as_millis();
-        if self.config.queue_sessions == 0 || step_ms < 2 {
+        // Whole milliseconds left (0 would mean no lock timeout at all): checked before a
+        // queue session is claimed, and again after connecting it.
+        let step_ms = || until.saturating_duration_since(Instant::now()).as_millis();
+        if self.config.queue_sessions == 0 || step_ms() < 2 {
             return Ok(None);
         }
         let Some(session) = self.claim_queue_session() else {
@@ -137,11 +138,11 @@ impl Inner {
             return Ok(None);
         }
         // Connected before the key's book entry is taken: local attempts of the key must not
-        // be told "held" while we connect. The step is measured again after it.
+        // be told "held" while we connect.
         if state.conn.is_none() {
             self.connect_queue_session(&mut state).await?;
         }
-        let step_ms = until.saturating_duration_since(Instant::now()).as_millis();
+        let step_ms = step_ms();
         if step_ms < 2 {
             return Ok(None);
         }
