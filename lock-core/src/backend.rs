@@ -141,6 +141,20 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
         Ok(Releases::never())
     }
 
+    /// [`LockBackend::subscribe`] for a waiter of the plain lock `key` that will wait on the
+    /// server ([`LockBackend::wait_on_server`]; the client calls this instead of `subscribe`
+    /// when [`Capabilities::server_wait`] is set). The default is `subscribe`.
+    ///
+    /// A backend may leave out what only a waiter of release signals needs (PostgreSQL's
+    /// waiter mark, which makes every release of the key pay for a `NOTIFY`: a waiter on the
+    /// server is granted the lock by the server itself), provided that its `wait_on_server`,
+    /// whenever it returns without having waited on the server (every waiting connection
+    /// taken, a failure), first puts that in place and then looks at the lock once more (a
+    /// release in between sent no signal), returning the lock if it got it.
+    async fn subscribe_server_waiter(&self, key: &LockKey) -> Result<Releases, LockError> {
+        self.subscribe(key).await
+    }
+
     /// Waits in the backend's own fair queue until the lock is granted or `deadline`
     /// passes (`Ok(None)`). Called only when [`Capabilities::fair_queue`] is set.
     ///

@@ -554,7 +554,11 @@ async fn wait_loop(
         if releases.is_none() {
             // Subscribe, then try again at once: a release between the failed attempt and
             // the subscription would otherwise be missed.
-            let mut subscription = backend.subscribe(key).await?;
+            let mut subscription = if server_wait && kind == LeaseKind::Lock {
+                backend.subscribe_server_waiter(key).await?
+            } else {
+                backend.subscribe(key).await?
+            };
             if kind == LeaseKind::Lock {
                 // One release lets one lock holder in: wake one local waiter per release,
                 // not all of them (each would spend a round trip to find it taken).

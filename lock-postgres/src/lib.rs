@@ -48,7 +48,7 @@ use sqlx::postgres::{
     PgAdvisoryLock, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgSslMode,
 };
 use sqlx::{ConnectOptions, Row};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,6 +82,7 @@ pub use keys::{HOLDER_ALIVE_CLASS, SETUP_LOCK, advisory_key, waiter_key};
 use listener::*;
 pub use listener::{IDLE_CONNECTION_TIMEOUT, WAITER_PING_EVERY};
 use ops::*;
+use server_wait::ServerWait;
 pub use server_wait::{MAX_QUEUE_SESSIONS, QUEUE_SESSIONS};
 use session::*;
 use setup::SPARE_IDLE_TIMEOUT;
@@ -221,6 +222,10 @@ struct Inner {
     /// Connections on which waiters wait on the server (`server_wait.rs`); a granted one
     /// holds its lock like a holder session.
     queue_sessions: Mutex<Vec<Arc<Session>>>,
+    /// Keys with a waiter subscribed to wait on the server without a waiter mark
+    /// ([`LockBackend::subscribe_server_waiter`]): one that cannot wait there marks the key
+    /// first (`server_wait.rs`).
+    unmarked_server_waiters: Mutex<HashSet<String>>,
     hub: ReleaseHub,
     /// Wakes the heartbeat task when a session's first lock needs a probe before the task's
     /// planned wake-up ([`Inner::heartbeat_at`]).
@@ -311,6 +316,7 @@ impl PostgresBackend {
             book: Mutex::default(),
             sessions: Mutex::default(),
             queue_sessions: Mutex::default(),
+            unmarked_server_waiters: Mutex::default(),
             hub: ReleaseHub::with_idle_hook({
                 let waiter_tx = waiter_tx.clone();
                 let blockers = blockers.clone();
@@ -537,10 +543,32 @@ impl LockBackend for PostgresBackend {
         until: Instant,
     ) -> Result<Option<Lease>, LockError> {
         check_ttl(ttl)?;
-        self.inner
+        let waited = self
+            .inner
             .clone()
             .wait_on_server(key, ttl.max(MIN_TTL), until)
-            .await
+            .await;
+        let failure = match waited {
+            Ok(ServerWait::Granted(lease)) => return Ok(Some(lease)),
+            Ok(ServerWait::Waited | ServerWait::Local) => return Ok(None),
+            Ok(ServerWait::NotThere) => None,
+            Err(error) if error.is_retryable() => Some(error),
+            Err(error) => return Err(error),
+        };
+        // This waiter waits for release signals after all. If its subscription left the
+        // waiter mark out, put it in place and look at the lock once more: a release before
+        // the mark sent no NOTIFY.
+        if !self.inner.take_unmarked_server_waiter(key) {
+            return failure.map_or(Ok(None), Err);
+        }
+        if let Some(error) = failure {
+            tracing::debug!(%error, key = %key, "waiting on the server failed; marking the key");
+        }
+        self.inner.mark_for_signals(key).await;
+        match self.try_acquire(key, ttl).await? {
+            Attempt::Acquired(lease) => Ok(Some(lease)),
+            _ => Ok(None),
+        }
     }
 
     async fn try_acquire_permits(
@@ -606,27 +634,29 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
-        // The client subscribes before each attempt, under its own wait deadline, which we do
-        // not see: never spend more than a short budget here. Past it, the subscription still
-        // hears local releases and the client's backoff bounds the rest.
-        let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.inner.config.op_timeout);
         let releases = self.inner.hub.subscribe(key.as_str());
         // A plain lock held here needs no mark: our own release wakes the waiter (no NOTIFY
         // per release, nor its echo). See blocker.rs.
         if self.inner.subscribe_without_mark(key) {
             return Ok(releases);
         }
-        if !self.inner.ensure_listener(deadline).await {
-            tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
-            self.inner.clone().mark_late(key.as_str().to_owned());
+        self.inner.mark_for_signals(key).await;
+        Ok(releases)
+    }
+
+    async fn subscribe_server_waiter(&self, key: &LockKey) -> Result<Releases, LockError> {
+        if self.inner.config.queue_sessions == 0 {
+            return self.subscribe(key).await;
+        }
+        // No waiter mark: the server grants a waiter on a queue session the lock itself, and
+        // a mark would make every release of the key pay for a NOTIFY (and its commit) that
+        // nobody needs. One that cannot wait there marks the key then (`wait_on_server`).
+        let releases = self.inner.hub.subscribe(key.as_str());
+        if self.inner.subscribe_without_mark(key) {
             return Ok(releases);
         }
-        // Every subscriber waits for the key's mark, also one another subscriber started:
-        // a release before the mark is in place sends no NOTIFY.
-        if let Err(error) = self.inner.register_waiter(key.as_str(), deadline).await {
-            tracing::debug!(%error, key = %key, "waiter not marked; it falls back to polling");
-            self.inner.clone().mark_late(key.as_str().to_owned());
-        }
+        // After subscribing: the set forgets keys nobody is subscribed to.
+        self.inner.note_unmarked_server_waiter(key);
         Ok(releases)
     }
 

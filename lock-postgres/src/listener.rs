@@ -493,6 +493,26 @@ impl Inner {
         });
     }
 
+    /// What a waiter of release signals needs (see `subscribe`): the listener up and `key`
+    /// marked, waited for under a short budget; past it, in the background (the waiter then
+    /// hears local releases, and its backoff bounds the rest).
+    pub(crate) async fn mark_for_signals(self: &Arc<Self>, key: &LockKey) {
+        // The client subscribes before each attempt, under its own wait deadline, which we do
+        // not see: never spend more than a short budget here.
+        let deadline = Instant::now() + SUBSCRIBE_BUDGET.min(self.config.op_timeout);
+        if !self.ensure_listener(deadline).await {
+            tracing::debug!(key = %key, "release listener not up yet; this waiter polls");
+            self.clone().mark_late(key.as_str().to_owned());
+            return;
+        }
+        // Every subscriber waits for the key's mark, also one another subscriber started:
+        // a release before the mark is in place sends no NOTIFY.
+        if let Err(error) = self.register_waiter(key.as_str(), deadline).await {
+            tracing::debug!(%error, key = %key, "waiter not marked; it falls back to polling");
+            self.clone().mark_late(key.as_str().to_owned());
+        }
+    }
+
     /// Marks this backend's interest in releases of `key` on the server (a shared lock on the
     /// waiter key), so releasers send a NOTIFY. Resolves once the mark is in place, also when
     /// another subscriber's mark of the key is still in flight (commands run in order), or at

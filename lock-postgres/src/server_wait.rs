@@ -23,6 +23,15 @@
 //!   waiter that goes away drops it, and the server, which checks a waiting client's socket
 //!   every [`CLIENT_CHECK_MS`] (`client_connection_check_interval`, set at connect), ends the
 //!   wait (or frees a lock granted just before).
+//! - **No waiter mark.** A waiter that will wait here subscribes without marking the key
+//!   ([`LockBackend::subscribe_server_waiter`]), so its holder's release sends no NOTIFY:
+//!   the NOTIFY's commit and the listeners it wakes cost a hand-off about as much again as
+//!   the server's own queue. A waiter that finds no queue session to wait on (all taken, a
+//!   failure) marks the key
+//!   then and tries once more before it waits for release signals
+//!   ([`PostgresBackend`]'s `wait_on_server`); a key held, being acquired or waited for on
+//!   the server in this process needs no mark (the local release wakes its waiters), as in
+//!   `subscribe`.
 //! - **TTL from the grant.** The server starts the session's `idle_session_timeout` (the lock's
 //!   TTL) when the statement ends, which may be long after it was sent. The statement reports
 //!   how long it ran by the server's clock; the lease counts from the send plus that (or plus
@@ -69,6 +78,24 @@ fn ended_without_lock(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")))
 }
 
+/// How a wait on the server ended (see [`Inner::wait_on_server`]).
+pub(crate) enum ServerWait {
+    /// The server granted the lock.
+    Granted(Lease),
+    /// Waited until the step's end (or too little of the step was left to wait): the client
+    /// tries again next.
+    Waited,
+    /// The key is held, being acquired or waited for on the server by this process: what
+    /// comes of that wakes the waiter (a release here wakes the local waiters).
+    Local,
+    /// Could not wait on the server: the waiter waits for release signals.
+    NotThere,
+}
+
+/// Most keys remembered in [`Inner::unmarked_server_waiters`] before the ones nobody waits
+/// for any more are dropped.
+const UNMARKED_CAPACITY: usize = 1024;
+
 /// Takes a waiter's [`Entry::Waiting`] out of the book when its wait ends, however it ends
 /// (a grant has replaced it with the lease's entry by then).
 struct WaitingEntry<'a> {
@@ -89,6 +116,20 @@ impl Drop for WaitingEntry<'_> {
 }
 
 impl Inner {
+    /// A waiter of `key` subscribed without a waiter mark.
+    pub(crate) fn note_unmarked_server_waiter(&self, key: &LockKey) {
+        let mut keys = lock(&self.unmarked_server_waiters);
+        if keys.len() >= UNMARKED_CAPACITY {
+            keys.retain(|key| self.hub.has_waiters(key));
+        }
+        keys.insert(key.as_str().to_owned());
+    }
+
+    /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it).
+    pub(crate) fn take_unmarked_server_waiter(&self, key: &LockKey) -> bool {
+        lock(&self.unmarked_server_waiters).remove(key.as_str())
+    }
+
     /// A queue session that holds nothing and is not in use, locked for the caller; a new
     /// one while fewer than the configured number exist. `None` when all are taken.
     fn claim_queue_session(&self) -> Option<Arc<Session>> {
@@ -120,22 +161,25 @@ impl Inner {
         key: &LockKey,
         ttl: Duration,
         until: Instant,
-    ) -> Result<Option<Lease>, LockError> {
+    ) -> Result<ServerWait, LockError> {
         // Whole milliseconds left (0 would mean no lock timeout at all): checked before a
         // queue session is claimed, and again after connecting it.
         let step_ms = || until.saturating_duration_since(Instant::now()).as_millis();
-        if self.config.queue_sessions == 0 || step_ms() < 2 {
-            return Ok(None);
+        if self.config.queue_sessions == 0 {
+            return Ok(ServerWait::NotThere);
+        }
+        if step_ms() < 2 {
+            return Ok(ServerWait::Waited);
         }
         let Some(session) = self.claim_queue_session() else {
-            return Ok(None);
+            return Ok(ServerWait::NotThere);
         };
         // Claimed above, but another waiter may have taken it since: then wait for signals.
         let Ok(mut state) = session.state.try_lock() else {
-            return Ok(None);
+            return Ok(ServerWait::NotThere);
         };
         if !state.ttls.is_empty() || !state.holds.is_empty() {
-            return Ok(None);
+            return Ok(ServerWait::NotThere);
         }
         // Connected before the key's book entry is taken: local attempts of the key must not
         // be told "held" while we connect.
@@ -144,16 +188,16 @@ impl Inner {
         }
         let step_ms = step_ms();
         if step_ms < 2 {
-            return Ok(None);
+            return Ok(ServerWait::Waited);
         }
         let hash = self.advisory_key(key);
         // One waiter per key and backend on the server, and no local attempt of the key
-        // meanwhile (see `Entry::Waiting`); a key this backend holds or is acquiring is left
-        // to its local wake-up.
+        // meanwhile (see `Entry::Waiting`); a key this backend holds, is acquiring or waits
+        // for on the server is left to its local wake-up (as `subscribe` leaves it unmarked).
         {
             let mut book = lock(&self.book);
             if book.entries.contains_key(&BookKey::Lock(hash)) {
-                return Ok(None);
+                return Ok(ServerWait::Local);
             }
             book.entries.insert(BookKey::Lock(hash), Entry::Waiting);
         }
@@ -169,7 +213,7 @@ impl Inner {
         // Out of the session while the statement runs: if this future is dropped, so is the
         // connection (see the module docs).
         let Some(mut conn) = state.conn.take() else {
-            return Ok(None);
+            return Ok(ServerWait::NotThere);
         };
         let sent_at = Instant::now();
         let limit = Duration::from_millis(step_ms as u64) + ANSWER_SLACK;
@@ -195,7 +239,7 @@ impl Inner {
                         state.disconnect();
                     }
                 }
-                return Ok(None);
+                return Ok(ServerWait::Waited);
             }
             Ok(Err(error)) => {
                 // The lock may have been granted before the statement failed (a session lock
@@ -205,7 +249,7 @@ impl Inner {
                 drop(conn);
                 state.disconnect();
                 return if is_connection_error(&error) {
-                    Ok(None)
+                    Ok(ServerWait::NotThere)
                 } else {
                     Err(map_error("waiting on the server", error))
                 };
@@ -217,7 +261,7 @@ impl Inner {
                 );
                 drop(conn);
                 state.disconnect();
-                return Ok(None);
+                return Ok(ServerWait::NotThere);
             }
         };
         state.conn = Some(conn);
@@ -255,7 +299,7 @@ impl Inner {
         };
         tracing::trace!(key = %key, session = session.id, ?ran, "granted on the server");
         let lost_signal = self.record_grant(state, BookKey::Lock(hash), held);
-        Ok(Some(
+        Ok(ServerWait::Granted(
             Lease::new(
                 key.clone(),
                 owner,

@@ -327,3 +327,119 @@ async fn waiters_on_the_server_and_local_attempts_never_hold_together() -> Resul
     }
     Ok(())
 }
+
+/// Shared locks on `hash`'s waiter key (the waiter mark that makes releases NOTIFY).
+async fn marks_on(pool: &sqlx::PgPool, hash: i64) -> Result<i64> {
+    let (high, low) = lock_postgres::waiter_key(hash);
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' \
+         AND objsubid = 2 AND classid::int8 = ($1::int8 & 4294967295) \
+         AND objid::int8 = ($2::int8 & 4294967295)",
+    )
+    .bind(i64::from(high))
+    .bind(i64::from(low))
+    .fetch_one(pool)
+    .await?)
+}
+
+/// A waiter on the server needs no waiter mark: the server grants it the lock, and a mark
+/// would make its holder's release pay for a NOTIFY and its commit (about as much again as
+/// the server's own hand-off). Before this, every waiter marked its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_the_server_leaves_its_key_unmarked() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let name = unique("unmarked");
+    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let ttl = Duration::from_secs(10);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let waiting = tokio::spawn({
+        let (waiter, name) = (waiter.clone(), name.clone());
+        async move {
+            let guard = patient(&waiter, &name, ttl).acquire().await?;
+            guard.release().await?;
+            anyhow::Ok(())
+        }
+    });
+    until_in_queue(&pool, hash, Duration::from_secs(5), "the waiter").await?;
+    // A mark taken in the background would show within a few round trips.
+    sleep(Duration::from_millis(200)).await;
+    let marks = marks_on(&pool, hash).await?;
+    ensure!(
+        marks == 0,
+        "the waiter on the server marked its key ({marks} marks)"
+    );
+    ensure!(guard.release().await?, "release answered false");
+    timeout(Duration::from_secs(5), waiting).await???;
+    Ok(())
+}
+
+/// A waiter that finds no queue session free (one per backend here, taken by a waiter of
+/// another key) marks its key after all, so its holder's release wakes it at once, not at
+/// its next backoff step 30 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_without_a_queue_session_marks_its_key_and_is_woken() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter_backend = backend_at(
+        &server.url(),
+        PostgresConfig {
+            queue_sessions: 1,
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let (first, second) = (unique("first-in-line"), unique("no-session-left"));
+    let first_hash = waiter_backend.advisory_key(&LockKey::new(&first)?);
+    let second_hash = waiter_backend.advisory_key(&LockKey::new(&second)?);
+    let ttl = Duration::from_secs(10);
+    let first_guard = holder.lock(&first).ttl(ttl).acquire().await?;
+    let second_guard = holder.lock(&second).ttl(ttl).acquire().await?;
+    let spawn_waiter = |name: String| {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = patient(&waiter, &name, ttl).acquire().await?;
+            let at = Instant::now();
+            guard.release().await?;
+            anyhow::Ok(at)
+        })
+    };
+    let first_waiting = spawn_waiter(first.clone());
+    until_in_queue(
+        &pool,
+        first_hash,
+        Duration::from_secs(5),
+        "the first waiter",
+    )
+    .await?;
+    let second_waiting = spawn_waiter(second.clone());
+    let by = Instant::now() + Duration::from_secs(5);
+    while marks_on(&pool, second_hash).await? == 0 {
+        ensure!(
+            Instant::now() < by,
+            "the waiter without a queue session never marked its key"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(
+        waiting_on(&pool, second_hash).await? == 0,
+        "the second waiter found a queue session after all"
+    );
+    let released = Instant::now();
+    ensure!(second_guard.release().await?, "release answered false");
+    let acquired = timeout(Duration::from_secs(5), second_waiting).await???;
+    let woken = acquired.saturating_duration_since(released);
+    println!("waiter without a queue session had the lock {woken:?} after the release");
+    ensure!(
+        woken < Duration::from_secs(1),
+        "the waiter had the lock {woken:?} after the release"
+    );
+    ensure!(first_guard.release().await?, "release answered false");
+    timeout(Duration::from_secs(5), first_waiting).await???;
+    Ok(())
+}
