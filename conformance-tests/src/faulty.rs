@@ -223,6 +223,10 @@ impl LockBackend for FaultyBackend {
         self.inner.subscribe(key).await
     }
 
+    // `subscribe_server_waiter` is left to its default (`subscribe`): a waiter subscribed
+    // without what signal waiters need relies on the inner `wait_on_server` to put it in place
+    // when it cannot wait on the server, and a failure injected here would skip that.
+
     async fn acquire_queued(
         &self,
         key: &LockKey,
