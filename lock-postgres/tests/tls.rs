@@ -6,7 +6,7 @@
 //! and
 //! - the conformance suite over `sslmode=verify-full` + `sslrootcert` + a password, through a
 //!   proxy so the cut / black-hole cases run;
-//! - holder, listener and waiter sessions all on TLS (read from `pg_stat_ssl`), by password
+//! - holder, queue, listener and waiter sessions all on TLS (read from `pg_stat_ssl`), by password
 //!   and by client certificate;
 //! - refusals, each a non-retryable `LockError::Refused` well within the connect timeout: an
 //!   untrusted server certificate, a wrong password, an unknown user, a certificate user
@@ -343,30 +343,34 @@ mod with_tls {
         .await?)
     }
 
-    /// Holder, listener and waiter sessions all run over TLS: a lock held by one backend,
-    /// waited for by another (which opens its listener and waiter sessions), handed over.
+    /// Holder, queue, listener and waiter sessions all run over TLS: a lock held by one
+    /// backend (a), waited for by a backend that waits for release signals (b, no queue
+    /// sessions: it opens its listener and waiter sessions) and by one that waits on the
+    /// server (c, on a queue session), handed over twice.
     async fn every_session_on_tls(url: &str, app: &str, client_dn: Option<&str>) -> Result<()> {
         let tls = tls_server().await?;
         let inspector = tls.inspector().await?;
-        let holder = lock_core::Locker::new(
-            PostgresBackend::connect(&format!("{url}&application_name={app}-a")).await?,
-        );
-        let waiter = lock_core::Locker::new(
-            PostgresBackend::connect(&format!("{url}&application_name={app}-b")).await?,
-        );
+        let backend = async |suffix: &str| -> Result<lock_core::Locker> {
+            Ok(lock_core::Locker::new(
+                PostgresBackend::connect(&format!("{url}&application_name={app}-{suffix}")).await?,
+            ))
+        };
+        let holder = backend("a").await?;
         let key = common::unique("tls-handoff");
         let guard = holder.lock(&key).acquire().await?;
-        let waiting = tokio::spawn({
+        let wait = |locker: lock_core::Locker| {
             let key = key.clone();
-            async move {
-                waiter
+            tokio::spawn(async move {
+                locker
                     .lock(&key)
                     .wait(Duration::from_secs(10))
                     .acquire()
                     .await
-            }
-        });
-        // Until the waiter's listener and waiter sessions are up.
+            })
+        };
+        let on_signals = wait(backend("b&queue_sessions=0").await?);
+        let on_server = wait(backend("c").await?);
+        // Until b's listener and waiter sessions are up and c waits on the server.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let names: Vec<String> = sessions(&inspector, app)
@@ -374,23 +378,39 @@ mod with_tls {
                 .into_iter()
                 .map(|(name, _, _)| name)
                 .collect();
+            let waiting_on_server: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event_type = 'Lock'",
+            )
+            .bind(format!("{app}-c-holder"))
+            .fetch_one(&inspector)
+            .await?;
             if names.iter().any(|name| name.ends_with("b-listener"))
                 && names.iter().any(|name| name.ends_with("b-waiter"))
+                && waiting_on_server > 0
             {
                 break;
             }
             ensure!(
                 Instant::now() < deadline,
-                "no listener/waiter session: {names:?}"
+                "no listener/waiter session of b, or c not waiting on the server: {names:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let seen = sessions(&inspector, app).await?;
         let fence = guard.fence();
         drop(guard);
-        let handed = waiting.await??;
-        ensure!(handed.fence() > fence, "fences did not increase over TLS");
-        for kind in ["a-holder", "b-listener", "b-waiter"] {
+        // The server hands the lock to c's queue session; b gets it after c lets go.
+        let first = on_server.await??;
+        ensure!(first.fence() > fence, "fences did not increase over TLS");
+        let first_fence = first.fence();
+        drop(first);
+        let second = on_signals.await??;
+        ensure!(
+            second.fence() > first_fence,
+            "fences did not increase over TLS"
+        );
+        for kind in ["a-holder", "b-listener", "b-waiter", "c-holder"] {
             ensure!(
                 seen.iter().any(|(name, _, _)| name.ends_with(kind)),
                 "no {kind} session among {seen:?}"
