@@ -634,30 +634,13 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn subscribe(&self, key: &LockKey) -> Result<Releases, LockError> {
-        let releases = self.inner.hub.subscribe(key.as_str());
-        // A plain lock held here needs no mark: our own release wakes the waiter (no NOTIFY
-        // per release, nor its echo). See blocker.rs.
-        if self.inner.subscribe_without_mark(key) {
-            return Ok(releases);
-        }
-        self.inner.mark_for_signals(key).await;
-        Ok(releases)
+        Ok(self.inner.subscribe_waiter(key, true).await)
     }
 
     async fn subscribe_server_waiter(&self, key: &LockKey) -> Result<Releases, LockError> {
-        if self.inner.config.queue_sessions == 0 {
-            return self.subscribe(key).await;
-        }
-        // No waiter mark: the server grants a waiter on a queue session the lock itself, and
-        // a mark would make every release of the key pay for a NOTIFY (and its commit) that
-        // nobody needs. One that cannot wait there marks the key then (`wait_on_server`).
-        let releases = self.inner.hub.subscribe(key.as_str());
-        if self.inner.subscribe_without_mark(key) {
-            return Ok(releases);
-        }
-        // After subscribing: the set forgets keys nobody is subscribed to.
-        self.inner.note_unmarked_server_waiter(key);
-        Ok(releases)
+        // Marked now only if it cannot wait on the server at all (no queue sessions).
+        let mark = self.inner.config.queue_sessions == 0;
+        Ok(self.inner.subscribe_waiter(key, mark).await)
     }
 
     fn name(&self) -> &'static str {

@@ -493,6 +493,26 @@ impl Inner {
         });
     }
 
+    /// A waiter's subscription to `key`'s releases. A plain lock held here needs no mark: our
+    /// own release wakes the waiter (no NOTIFY per release, nor its echo; see blocker.rs).
+    /// Otherwise the key is marked now (`mark`), or, for a waiter that will wait on the
+    /// server, left unmarked: the server grants it the lock itself, and a mark would make
+    /// every release of the key pay for a NOTIFY (and its commit) that nobody needs; one that
+    /// cannot wait there marks the key then (`PostgresBackend`'s `wait_on_server`).
+    pub(crate) async fn subscribe_waiter(self: &Arc<Self>, key: &LockKey, mark: bool) -> Releases {
+        let releases = self.hub.subscribe(key.as_str());
+        if self.subscribe_without_mark(key) {
+            return releases;
+        }
+        if mark {
+            self.mark_for_signals(key).await;
+        } else {
+            // After subscribing: the set forgets keys nobody is subscribed to.
+            self.note_unmarked_server_waiter(key);
+        }
+        releases
+    }
+
     /// What a waiter of release signals needs (see `subscribe`): the listener up and `key`
     /// marked, waited for under a short budget; past it, in the background (the waiter then
     /// hears local releases, and its backoff bounds the rest).

@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{Context, Result, ensure};
-use common::{advisory_held, backend_at, named, server, unique};
+use common::{advisory_held, backend_at, named, server, unique, waiter_marks};
 use lock_core::{Backoff, LockBackend, LockKey, Locker};
 use lock_harness::postgres::PostgresServer;
 use lock_harness::proxy::LinkProxy;
@@ -65,6 +65,21 @@ fn patient<'a>(locker: &'a Locker, key: &str, ttl: Duration) -> lock_core::LockR
         ))
 }
 
+/// A task that waits patiently for `name`, releases it at once and returns when it had it.
+fn hand_off_to(
+    waiter: &Locker,
+    name: &str,
+    ttl: Duration,
+) -> tokio::task::JoinHandle<Result<Instant>> {
+    let (waiter, name) = (waiter.clone(), name.to_owned());
+    tokio::spawn(async move {
+        let guard = patient(&waiter, &name, ttl).acquire().await?;
+        let at = Instant::now();
+        guard.release().await?;
+        anyhow::Ok(at)
+    })
+}
+
 /// The waiter waits in the server's lock queue (a request in `pg_locks` that is not granted)
 /// and has the lock within a few milliseconds of the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,15 +97,7 @@ async fn a_waiter_waits_in_the_servers_queue_and_gets_the_lock_at_the_release() 
     let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
-    let waiting = tokio::spawn({
-        let (waiter, name) = (waiter.clone(), name.clone());
-        async move {
-            let guard = patient(&waiter, &name, ttl).acquire().await?;
-            let at = Instant::now();
-            guard.release().await?;
-            anyhow::Ok(at)
-        }
-    });
+    let waiting = hand_off_to(&waiter, &name, ttl);
     until_in_queue(&pool, hash, Duration::from_secs(5), "the waiter").await?;
     let released = Instant::now();
     ensure!(guard.release().await?, "release answered false");
@@ -328,20 +335,6 @@ async fn waiters_on_the_server_and_local_attempts_never_hold_together() -> Resul
     Ok(())
 }
 
-/// Shared locks on `hash`'s waiter key (the waiter mark that makes releases NOTIFY).
-async fn marks_on(pool: &sqlx::PgPool, hash: i64) -> Result<i64> {
-    let (high, low) = lock_postgres::waiter_key(hash);
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' \
-         AND objsubid = 2 AND classid::int8 = ($1::int8 & 4294967295) \
-         AND objid::int8 = ($2::int8 & 4294967295)",
-    )
-    .bind(i64::from(high))
-    .bind(i64::from(low))
-    .fetch_one(pool)
-    .await?)
-}
-
 /// A waiter on the server needs no waiter mark: the server grants it the lock, and a mark
 /// would make its holder's release pay for a NOTIFY and its commit (about as much again as
 /// the server's own hand-off). Before this, every waiter marked its key.
@@ -356,18 +349,11 @@ async fn a_waiter_on_the_server_leaves_its_key_unmarked() -> Result<()> {
     let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
-    let waiting = tokio::spawn({
-        let (waiter, name) = (waiter.clone(), name.clone());
-        async move {
-            let guard = patient(&waiter, &name, ttl).acquire().await?;
-            guard.release().await?;
-            anyhow::Ok(())
-        }
-    });
+    let waiting = hand_off_to(&waiter, &name, ttl);
     until_in_queue(&pool, hash, Duration::from_secs(5), "the waiter").await?;
     // A mark taken in the background would show within a few round trips.
     sleep(Duration::from_millis(200)).await;
-    let marks = marks_on(&pool, hash).await?;
+    let marks = waiter_marks(&pool, hash).await?;
     ensure!(
         marks == 0,
         "the waiter on the server marked its key ({marks} marks)"
@@ -400,16 +386,7 @@ async fn a_waiter_without_a_queue_session_marks_its_key_and_is_woken() -> Result
     let ttl = Duration::from_secs(10);
     let first_guard = holder.lock(&first).ttl(ttl).acquire().await?;
     let second_guard = holder.lock(&second).ttl(ttl).acquire().await?;
-    let spawn_waiter = |name: String| {
-        let waiter = waiter.clone();
-        tokio::spawn(async move {
-            let guard = patient(&waiter, &name, ttl).acquire().await?;
-            let at = Instant::now();
-            guard.release().await?;
-            anyhow::Ok(at)
-        })
-    };
-    let first_waiting = spawn_waiter(first.clone());
+    let first_waiting = hand_off_to(&waiter, &first, ttl);
     until_in_queue(
         &pool,
         first_hash,
@@ -417,9 +394,9 @@ async fn a_waiter_without_a_queue_session_marks_its_key_and_is_woken() -> Result
         "the first waiter",
     )
     .await?;
-    let second_waiting = spawn_waiter(second.clone());
+    let second_waiting = hand_off_to(&waiter, &second, ttl);
     let by = Instant::now() + Duration::from_secs(5);
-    while marks_on(&pool, second_hash).await? == 0 {
+    while waiter_marks(&pool, second_hash).await? == 0 {
         ensure!(
             Instant::now() < by,
             "the waiter without a queue session never marked its key"

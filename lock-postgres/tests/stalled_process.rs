@@ -10,7 +10,7 @@ use common::{backend_at, named, server, unique};
 use lock_core::{LockBackend, LockKey, Locker};
 use lock_harness::TcpProxy;
 use lock_harness::postgres::PostgresServer;
-use lock_postgres::{IDLE_CONNECTION_TIMEOUT, PostgresBackend, PostgresConfig, waiter_key};
+use lock_postgres::{IDLE_CONNECTION_TIMEOUT, PostgresBackend, PostgresConfig};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use std::time::Duration;
@@ -36,16 +36,7 @@ async fn sessions_of(inspector: &PgPool, app: &str) -> Result<Vec<String>> {
 
 /// Whether some session holds the waiter mark (a shared lock on the pair) of `key`.
 async fn marked(inspector: &PgPool, backend: &PostgresBackend, key: &LockKey) -> Result<bool> {
-    let (high, low) = waiter_key(backend.advisory_key(key));
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND objsubid = 2 AND classid::int8 = ($1::int8 & 4294967295) \
-         AND objid::int8 = ($2::int8 & 4294967295))",
-    )
-    .bind(i64::from(high))
-    .bind(i64::from(low))
-    .fetch_one(inspector)
-    .await?)
+    Ok(common::waiter_marks(inspector, backend.advisory_key(key)).await? > 0)
 }
 
 /// A waiting process is cut off (black hole: as far as the server knows, it is frozen): its

@@ -54,6 +54,21 @@ pub async fn advisory_held(pool: &PgPool, hash: i64) -> Result<bool> {
     .await?)
 }
 
+/// Granted locks on the waiter key of advisory key `hash` (a backend's waiter mark, a shared
+/// lock on the pair, which makes releases of the key NOTIFY), read from `pg_locks`.
+pub async fn waiter_marks(pool: &PgPool, hash: i64) -> Result<i64> {
+    let (high, low) = lock_postgres::waiter_key(hash);
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 2 AND classid::int8 = ($1::int8 & 4294967295) \
+         AND objid::int8 = ($2::int8 & 4294967295)",
+    )
+    .bind(i64::from(high))
+    .bind(i64::from(low))
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Makes the URL backends connect with from the proxy's address.
 pub type ClientUrl = Box<dyn Fn(std::net::SocketAddr) -> String + Send + Sync>;
 
