@@ -109,6 +109,13 @@ pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> R
 
 /// 12. Hand-off: a waiter blocked in `acquire` wakes within a few ms of release, far below its
 ///     polling interval.
+///
+///     "Of release" means of the release's answer: the waiter cannot be woken before the
+///     server applied the release, and how long that takes is the engine's and the machine's,
+///     not the client's. On a machine whose threads wake slowly after an idle spell, one etcd
+///     write after 300 ms idle took 12-16 ms and after 1 s 20-40 ms (back to back: 1 ms), so
+///     a fixed bar from the release call failed there with a waiter that was woken, not
+///     polling. So each round counts from the release call's return: 25 ms at the median.
 pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<()> {
     let a = locker(factory).await?;
     let b = locker(factory).await?;
@@ -121,6 +128,7 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
     // A polling client with this backoff would take ~100 ms or more per hand-off.
     let slow_polling = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut delays = Vec::new();
+    let mut beyond_release = Vec::new();
     for _ in 0..10 {
         let name = unique_key("handoff");
         let guard = a.lock(&name).ttl(ttl).acquire().await?;
@@ -143,14 +151,20 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
         sleep(Duration::from_millis(300)).await;
         let released_at = Instant::now();
         ensure!(guard.release().await?, "release returned false");
+        let release_answered_at = Instant::now();
         let acquired_at = waiter.await??;
         delays.push(acquired_at.saturating_duration_since(released_at));
+        // A polling waiter (first step up to 200 ms, then 400 ms) lands on average ~100 ms or
+        // more after the release, whatever the release call took.
+        beyond_release.push(acquired_at.saturating_duration_since(release_answered_at));
     }
     delays.sort();
-    let median = delays[delays.len() / 2];
+    beyond_release.sort();
+    let median = beyond_release[beyond_release.len() / 2];
     ensure!(
         median <= Duration::from_millis(25),
-        "median hand-off {median:?} (all: {delays:?}): the waiter is polling, not woken by the release"
+        "median hand-off {median:?} after the release's answer (all: {beyond_release:?}; from \
+         the release call: {delays:?}): the waiter is polling, not woken by the release"
     );
     Ok(())
 }
