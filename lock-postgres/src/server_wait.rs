@@ -98,19 +98,33 @@ const UNMARKED_CAPACITY: usize = 1024;
 
 /// Takes a waiter's [`Entry::Waiting`] out of the book when its wait ends, however it ends
 /// (a grant has replaced it with the lease's entry by then).
+///
+/// A wait that ends without the lock (cancelled, timed out, its connection lost) wakes the
+/// key's other local waiters: they waited for signals because this one was on the server
+/// ([`ServerWait::Local`]), their key is unmarked, so no NOTIFY will come; woken, one of
+/// them takes the place on the server (or marks the key) instead of sleeping until its
+/// next backoff step.
 struct WaitingEntry<'a> {
     inner: &'a Inner,
+    key: &'a LockKey,
     hash: i64,
 }
 
 impl Drop for WaitingEntry<'_> {
     fn drop(&mut self) {
-        let mut book = lock(&self.inner.book);
-        if matches!(
-            book.entries.get(&BookKey::Lock(self.hash)),
-            Some(Entry::Waiting)
-        ) {
-            book.entries.remove(&BookKey::Lock(self.hash));
+        let ended_without_lock = {
+            let mut book = lock(&self.inner.book);
+            let waiting = matches!(
+                book.entries.get(&BookKey::Lock(self.hash)),
+                Some(Entry::Waiting)
+            );
+            if waiting {
+                book.entries.remove(&BookKey::Lock(self.hash));
+            }
+            waiting
+        };
+        if ended_without_lock {
+            self.inner.hub.notify(self.key.as_str());
         }
     }
 }
@@ -201,7 +215,11 @@ impl Inner {
             }
             book.entries.insert(BookKey::Lock(hash), Entry::Waiting);
         }
-        let _waiting = WaitingEntry { inner: &self, hash };
+        let _waiting = WaitingEntry {
+            inner: &self,
+            key,
+            hash,
+        };
         let ttl_ms = ttl_ms(ttl);
         let timeout_ms = ttl_ms + TIMEOUT_PAD.as_millis() as u64;
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));

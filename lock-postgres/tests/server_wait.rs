@@ -420,3 +420,63 @@ async fn a_waiter_without_a_queue_session_marks_its_key_and_is_woken() -> Result
     timeout(Duration::from_secs(5), first_waiting).await???;
     Ok(())
 }
+
+/// Two waiters of one key in one backend: the first waits on the server, so the second waits
+/// for a local signal and the key stays unmarked (its holder's release sends no NOTIFY). The
+/// first is cancelled: the second must take its place (woken at once, not at its backoff
+/// step up to 30 s later) and get the lock at the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_waiter_on_the_server_passes_its_place_on() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let name = unique("place-passed-on");
+    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let ttl = Duration::from_secs(10);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let first = hand_off_to(&waiter, &name, ttl);
+    until_in_queue(&pool, hash, Duration::from_secs(5), "the first waiter").await?;
+    let second = hand_off_to(&waiter, &name, ttl);
+    // The second waiter's attempt and subscription stay in this process (the key is waited
+    // for here): nothing to see on the server, so give it time to settle.
+    sleep(Duration::from_millis(300)).await;
+    ensure!(
+        waiter_marks(&pool, hash).await? == 0,
+        "the key was marked: the second waiter would be woken by a NOTIFY anyway"
+    );
+    first.abort();
+    ensure!(
+        matches!(first.await, Err(error) if error.is_cancelled()),
+        "the first waiter was not cancelled"
+    );
+    // The second waiter is in the server's queue within a few round trips if it was woken.
+    let by = Instant::now() + Duration::from_secs(3);
+    loop {
+        // The first waiter's request leaves the queue within ~100 ms of its connection going
+        // (client_connection_check_interval); the second's replaces it.
+        sleep(Duration::from_millis(200)).await;
+        if waiting_on(&pool, hash).await? > 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < by,
+            "the second waiter did not take the first one's place on the server within 3 s"
+        );
+    }
+    let released = Instant::now();
+    ensure!(guard.release().await?, "release answered false");
+    let acquired = timeout(Duration::from_secs(5), second).await;
+    let acquired = match acquired {
+        Ok(joined) => joined??,
+        Err(_) => anyhow::bail!("the second waiter did not have the lock 5 s after the release"),
+    };
+    let woken = acquired.saturating_duration_since(released);
+    println!("second waiter had the lock {woken:?} after the release");
+    ensure!(
+        woken < Duration::from_secs(1),
+        "the second waiter had the lock {woken:?} after the release"
+    );
+    Ok(())
+}
