@@ -480,10 +480,20 @@ where
     rate(CONTENDED_TASKS, CONTENDED_SLICE, Arc::new(move |_, _| op())).await
 }
 
+/// The contended section's medians (ops/s) and per-slice ratios against the raw loop.
+struct Contended {
+    ours: f64,
+    raw: f64,
+    fenced: f64,
+    ratios: Vec<f64>,
+    fenced_ratios: Vec<f64>,
+}
+
 /// 8 tasks on one key: distlock `acquire` (blocking wait) + release, against a raw redis-rs
-/// loop (`SET NX PX`, on refusal sleep 10 ms and retry; compare-and-delete), in interleaved
-/// slices. Returns (distlock, raw) medians and the per-slice ratios.
-async fn contended_all(url: &str) -> Result<(f64, f64, Vec<f64>)> {
+/// loop (`SET NX PX`, on refusal sleep 10 ms and retry; compare-and-delete), and the same
+/// loop with a fencing token (one script: `SET NX PX`, then `INCR` of a counter), in
+/// interleaved slices (the order rotates).
+async fn contended_all(url: &str) -> Result<Contended> {
     let locker = Locker::new(RedisBackend::connect(url).await?);
     let locker_op = Arc::new(move || {
         let locker = locker.clone();
@@ -528,23 +538,68 @@ async fn contended_all(url: &str) -> Result<(f64, f64, Vec<f64>)> {
             Ok(())
         }
     });
-    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    // Slice 0 warms up; the order alternates.
+    let fenced = Arc::new(Raw::new(url).await?);
+    let fenced_acquire = Arc::new(redis::Script::new(
+        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
+           return redis.call('INCR', KEYS[2]) end return 0",
+    ));
+    let fenced_op = Arc::new(move || {
+        let (raw, acquire) = (fenced.clone(), fenced_acquire.clone());
+        async move {
+            let token = lock_core::OwnerToken::random().to_string();
+            let mut conn = raw.conn.clone();
+            loop {
+                let fence: i64 = acquire
+                    .key("bench:contended-fenced")
+                    .key("bench:contended-fenced:fence")
+                    .arg(&token)
+                    .arg(10_000)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if fence > 0 {
+                    break;
+                }
+                tokio::time::sleep(RAW_RETRY).await;
+            }
+            let deleted: i64 = raw
+                .cad
+                .key("bench:contended-fenced")
+                .arg(&token)
+                .invoke_async(&mut conn)
+                .await?;
+            anyhow::ensure!(deleted == 1, "raw fenced: release refused");
+            Ok(())
+        }
+    });
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let (mut ratios, mut fenced_ratios) = (Vec::new(), Vec::new());
+    // Slice 0 warms up; the order rotates.
     for slice in 0..=CONTENDED_SLICES {
-        let (a, b) = if slice % 2 == 0 {
-            let a = contended(locker_op.clone()).await?;
-            (a, contended(raw_op.clone()).await?)
-        } else {
-            let b = contended(raw_op.clone()).await?;
-            (contended(locker_op.clone()).await?, b)
-        };
+        let mut got = [0.0; 3];
+        for turn in 0..3 {
+            let client = (slice + turn) % 3;
+            got[client] = match client {
+                0 => contended(locker_op.clone()).await?,
+                1 => contended(raw_op.clone()).await?,
+                _ => contended(fenced_op.clone()).await?,
+            };
+        }
         if slice > 0 {
-            ours.push(a);
-            theirs.push(b);
-            ratios.push(a / b);
+            for (rate, all) in got.iter().zip(rates.iter_mut()) {
+                all.push(*rate);
+            }
+            ratios.push(got[0] / got[1]);
+            fenced_ratios.push(got[2] / got[1]);
         }
     }
-    Ok((median(ours), median(theirs), ratios))
+    let [ours, raw, fenced] = rates;
+    Ok(Contended {
+        ours: median(ours),
+        raw: median(raw),
+        fenced: median(fenced),
+        ratios,
+        fenced_ratios,
+    })
 }
 
 /// The server's own queue, with blocking redis-rs clients on their own threads (no async
@@ -805,7 +860,13 @@ fn main() -> Result<()> {
             println!();
         }
         if wants("contended") {
-            let (ours_rate, raw_rate, ratios) = contended_all(&url).await?;
+            let Contended {
+                ours: ours_rate,
+                raw: raw_rate,
+                fenced: fenced_rate,
+                ratios,
+                fenced_ratios,
+            } = contended_all(&url).await?;
             println!(
                 "{CONTENDED_TASKS} tasks on one key, acquire (waiting) + release: median of {CONTENDED_SLICES} interleaved {CONTENDED_SLICE:?} slices per client"
             );
@@ -815,11 +876,18 @@ fn main() -> Result<()> {
             println!(
                 "| raw floor: redis-rs SET NX PX, retry after {RAW_RETRY:?} | {raw_rate:.0} |"
             );
+            println!(
+                "| raw fenced: one script SET NX PX + INCR fence, retry after {RAW_RETRY:?} | {fenced_rate:.0} |"
+            );
             let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
             let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             println!(
                 "contended ratio distlock / raw floor (median of per-slice ratios): {:.2} (bar ≥ 0.90; slices {low:.2}–{high:.2})",
                 median(ratios.clone())
+            );
+            println!(
+                "raw fenced / raw floor (median of per-slice ratios): {:.2}: what a fencing token alone costs",
+                median(fenced_ratios.clone())
             );
             println!();
         }
