@@ -7,7 +7,8 @@
 //! - hand-off: a holder keeps the lock 5 ms, one waiter is blocked in `acquire`; time from the
 //!   release call to the waiter holding the lock (raw: unlock + `pg_notify` on one connection,
 //!   the waiter's connection `LISTEN`s and then `pg_try_advisory_lock`s); and the server's own
-//!   queue as the floor (#13): the waiter's connection blocks in `pg_advisory_lock`;
+//!   queue as the floor (#13): the waiter's connection blocks in `pg_advisory_lock`; the
+//!   three interleaved round by round in rotating order (since 2026-12-02);
 //! - contended (#13): 8 workers in this process on one key, acquire + release for 5 s, against
 //!   pgbench with 8 clients running blocking `pg_advisory_lock` + `pg_advisory_unlock` on the
 //!   same server for 5 s (same CPU pinning: pgbench inherits the bench's CPU).
@@ -16,8 +17,8 @@ use anyhow::{Context, Result, ensure};
 use lock_core::{LockOptions, Locker};
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::PostgresBackend;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener};
-use sqlx::{ConnectOptions, Connection};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -274,53 +275,60 @@ async fn distlock_parallel(locker: &Locker) -> Result<Stats> {
     gather(tasks, started).await
 }
 
-async fn distlock_handoff(holder: &Locker, waiter: &Locker) -> Result<Stats> {
-    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
-    let started = Instant::now();
-    for round in 0..HANDOFF_ROUNDS + 10 {
-        let key = format!("bench-handoff-{round}");
-        let guard = holder.acquire(key.as_str()).await?;
-        let waiting = tokio::spawn({
-            let waiter = waiter.clone();
-            async move {
-                let guard = waiter
-                    .lock(key)
-                    .wait(Duration::from_secs(5))
-                    .acquire()
-                    .await?;
-                let at = Instant::now();
-                guard.release().await?;
-                Ok::<_, anyhow::Error>(at)
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let released_at = Instant::now();
-        guard.release().await?;
-        let acquired_at = waiting.await??;
-        if round >= 10 {
-            samples.push(acquired_at.saturating_duration_since(released_at));
+/// One distlock hand-off on a fresh key: the waiter blocks in `acquire` while the holder
+/// keeps the lock 5 ms; time from the release call to the waiter's `acquire` returning.
+async fn distlock_handoff(holder: &Locker, waiter: &Locker, round: usize) -> Result<Duration> {
+    let key = format!("bench-handoff-{round}");
+    let guard = holder.acquire(key.as_str()).await?;
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            let guard = waiter
+                .lock(key)
+                .wait(Duration::from_secs(5))
+                .acquire()
+                .await?;
+            let at = Instant::now();
+            guard.release().await?;
+            Ok::<_, anyhow::Error>(at)
         }
-    }
-    Ok(stats(samples, started.elapsed()))
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let released_at = Instant::now();
+    guard.release().await?;
+    let acquired_at = waiting.await??;
+    Ok(acquired_at.saturating_duration_since(released_at))
 }
 
-async fn raw_handoff(url: &str) -> Result<Stats> {
-    let mut holder = raw_conn(url).await?;
-    let mut waiter = raw_conn(url).await?;
-    let mut listener = PgListener::connect(url).await?;
-    listener.listen("bench_raw").await?;
-    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
-    let started = Instant::now();
-    for round in 0..HANDOFF_ROUNDS + 10 {
+/// The raw signal path: holder and waiter connections, the unlock NOTIFYs, a listener hears
+/// it and the waiter tries again.
+struct RawHandoff {
+    holder: PgConnection,
+    waiter: PgConnection,
+    listener: PgListener,
+}
+
+impl RawHandoff {
+    async fn connect(url: &str) -> Result<Self> {
+        let mut listener = PgListener::connect(url).await?;
+        listener.listen("bench_raw").await?;
+        Ok(RawHandoff {
+            holder: raw_conn(url).await?,
+            waiter: raw_conn(url).await?,
+            listener,
+        })
+    }
+
+    async fn once(&mut self, round: usize) -> Result<Duration> {
         let key = 5000 + round as i64;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
-            .fetch_one(&mut holder)
+            .fetch_one(&mut self.holder)
             .await?;
         ensure!(got);
         let busy: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
-            .fetch_one(&mut waiter)
+            .fetch_one(&mut self.waiter)
             .await?;
         ensure!(!busy);
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -328,46 +336,50 @@ async fn raw_handoff(url: &str) -> Result<Stats> {
         sqlx::query("SELECT pg_advisory_unlock($1), pg_notify('bench_raw', $2)::text")
             .bind(key)
             .bind(key.to_string())
-            .execute(&mut holder)
+            .execute(&mut self.holder)
             .await?;
         loop {
-            let note = listener.recv().await?;
+            let note = self.listener.recv().await?;
             if note.payload() == key.to_string() {
                 break;
             }
         }
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
-            .fetch_one(&mut waiter)
+            .fetch_one(&mut self.waiter)
             .await?;
         ensure!(got, "raw waiter did not get the lock");
         let acquired_at = Instant::now();
         sqlx::query("SELECT pg_advisory_unlock($1)")
             .bind(key)
-            .execute(&mut waiter)
+            .execute(&mut self.waiter)
             .await?;
-        if round >= 10 {
-            samples.push(acquired_at - released_at);
-        }
+        Ok(acquired_at - released_at)
     }
-    waiter.close().await?;
-    Ok(stats(samples, started.elapsed()))
 }
 
 /// The server's own queue: the waiter's connection blocks in `pg_advisory_lock` while the
 /// holder keeps the lock 5 ms; time from the unlock call to the waiter's statement returning.
-async fn queue_handoff(url: &str) -> Result<Stats> {
-    let mut holder = raw_conn(url).await?;
-    let mut waiter = Some(raw_conn(url).await?);
-    let mut samples = Vec::with_capacity(HANDOFF_ROUNDS);
-    let started = Instant::now();
-    for round in 0..HANDOFF_ROUNDS + 10 {
+struct QueueHandoff {
+    holder: PgConnection,
+    waiter: Option<PgConnection>,
+}
+
+impl QueueHandoff {
+    async fn connect(url: &str) -> Result<Self> {
+        Ok(QueueHandoff {
+            holder: raw_conn(url).await?,
+            waiter: Some(raw_conn(url).await?),
+        })
+    }
+
+    async fn once(&mut self, round: usize) -> Result<Duration> {
         let key = 7000 + round as i64;
         sqlx::query("SELECT pg_advisory_lock($1)::text")
             .bind(key)
-            .execute(&mut holder)
+            .execute(&mut self.holder)
             .await?;
-        let mut conn = waiter.take().context("waiter connection")?;
+        let mut conn = self.waiter.take().context("waiter connection")?;
         let waiting = tokio::spawn(async move {
             sqlx::query("SELECT pg_advisory_lock($1)::text")
                 .bind(key)
@@ -384,15 +396,45 @@ async fn queue_handoff(url: &str) -> Result<Stats> {
         let released_at = Instant::now();
         sqlx::query("SELECT pg_advisory_unlock($1)")
             .bind(key)
-            .execute(&mut holder)
+            .execute(&mut self.holder)
             .await?;
         let (acquired_at, conn) = waiting.await??;
-        waiter = Some(conn);
+        self.waiter = Some(conn);
+        Ok(acquired_at.saturating_duration_since(released_at))
+    }
+}
+
+/// The three hand-offs (raw signal path, distlock, the server's queue) interleaved round by
+/// round in rotating order, so the machine's drift over the run hits all three alike; 10
+/// warm-up rounds. Returns (raw, distlock, queue).
+async fn handoffs(url: &str, holder: &Locker, waiter: &Locker) -> Result<(Stats, Stats, Stats)> {
+    let mut raw = RawHandoff::connect(url).await?;
+    let mut queue = QueueHandoff::connect(url).await?;
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let started = Instant::now();
+    for round in 0..HANDOFF_ROUNDS + 10 {
+        let mut got = [Duration::ZERO; 3];
+        for turn in 0..3 {
+            let which = (round + turn) % 3;
+            got[which] = match which {
+                0 => raw.once(round).await?,
+                1 => distlock_handoff(holder, waiter, round).await?,
+                _ => queue.once(round).await?,
+            };
+        }
         if round >= 10 {
-            samples.push(acquired_at.saturating_duration_since(released_at));
+            for (sample, all) in got.into_iter().zip(samples.iter_mut()) {
+                all.push(sample);
+            }
         }
     }
-    Ok(stats(samples, started.elapsed()))
+    let elapsed = started.elapsed();
+    let [raw, ours, queue] = samples;
+    Ok((
+        stats(raw, elapsed),
+        stats(ours, elapsed),
+        stats(queue, elapsed),
+    ))
 }
 
 /// [`CONTENDED_WORKERS`] tasks sharing one `Locker`, one key: acquire (waiting) + release in a
@@ -535,9 +577,7 @@ async fn run(server: &PostgresServer) -> Result<()> {
     let (raw_mixed, dl_mixed) = interleaved_uncontended(&url, &locker).await?;
     let raw_par = raw_parallel(&url).await?;
     let dl_par = distlock_parallel(&locker).await?;
-    let raw_hand = raw_handoff(&url).await?;
-    let dl_hand = distlock_handoff(&locker, &waiter).await?;
-    let queue_hand = queue_handoff(&url).await?;
+    let (raw_hand, dl_hand, queue_hand) = handoffs(&url, &locker, &waiter).await?;
     let bench_tps = pgbench_contended(server).await?;
     let dl_contended = distlock_contended(&locker).await?;
     let raw_sem = raw_semaphore(&url).await?;
