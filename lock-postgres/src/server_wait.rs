@@ -139,6 +139,12 @@ impl Inner {
         keys.insert(key.as_str().to_owned());
     }
 
+    /// Whether a waiter of `key` subscribed to wait on the server (and has not fallen back
+    /// to release signals).
+    pub(crate) fn has_unmarked_server_waiter(&self, key: &LockKey) -> bool {
+        lock(&self.unmarked_server_waiters).contains(key.as_str())
+    }
+
     /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it).
     pub(crate) fn take_unmarked_server_waiter(&self, key: &LockKey) -> bool {
         lock(&self.unmarked_server_waiters).remove(key.as_str())

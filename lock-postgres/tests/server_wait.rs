@@ -480,3 +480,55 @@ async fn a_cancelled_waiter_on_the_server_passes_its_place_on() -> Result<()> {
     );
     Ok(())
 }
+
+/// A waiter on the server needs no blocker: the server grants it the lock the moment the
+/// holder's session ends. No `<app>-blocker` connection is opened for it (before, each held
+/// answer armed one, which scanned `pg_locks` and waited on the holder's alive key), and
+/// after the holder's session is terminated the waiter has the lock at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_the_server_needs_no_blocker_to_take_over_a_dead_holder() -> Result<()> {
+    let server = server().await?;
+    let pool = inspector(server).await?;
+    let holder_app = unique("dead-holder");
+    let holder = Locker::from_arc(backend_at(&server.url(), named(&holder_app)).await?);
+    let waiter_app = unique("no-blocker");
+    let waiter_backend = backend_at(&server.url(), named(&waiter_app)).await?;
+    let waiter = Locker::from_arc(waiter_backend.clone());
+    let name = unique("taken-over");
+    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let ttl = Duration::from_secs(30);
+    let guard = holder.lock(&name).ttl(ttl).acquire().await?;
+    let waiting = hand_off_to(&waiter, &name, ttl);
+    until_in_queue(&pool, hash, Duration::from_secs(5), "the waiter").await?;
+    // A blocker armed by the waiter's held answers would have connected by now.
+    sleep(Duration::from_millis(300)).await;
+    let blockers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(format!("{waiter_app}-blocker"))
+            .fetch_one(&pool)
+            .await?;
+    ensure!(
+        blockers == 0,
+        "the waiter on the server opened {blockers} blocker connection(s)"
+    );
+    let holder_sessions = format!("{holder_app}-holder");
+    // Timed from the call: the terminate (through psql) returns after the session ended, by
+    // when the waiter may have the lock already.
+    let freed = Instant::now();
+    let terminated =
+        tokio::task::spawn_blocking(move || server.terminate_sessions(&holder_sessions)).await??;
+    ensure!(terminated >= 1, "no holder session to terminate");
+    let acquired = match timeout(Duration::from_secs(5), waiting).await {
+        Ok(joined) => joined??,
+        Err(_) => anyhow::bail!("the waiter did not have the lock 5 s after the holder died"),
+    };
+    let took = acquired.saturating_duration_since(freed);
+    println!("waiter on the server had the dead holder's lock {took:?} after the terminate");
+    ensure!(
+        took < Duration::from_secs(1),
+        "the waiter had the dead holder's lock {took:?} after the terminate"
+    );
+    // The dead holder's guard finds its lock lost; dropping it must not free the new holder's.
+    drop(guard);
+    Ok(())
+}
