@@ -8,7 +8,8 @@
 //!   release call to the waiter holding the lock (raw: unlock + `pg_notify` on one connection,
 //!   the waiter's connection `LISTEN`s and then `pg_try_advisory_lock`s); and the server's own
 //!   queue as the floor (#13): the waiter's connection blocks in `pg_advisory_lock`; the
-//!   three interleaved round by round in rotating order (since 2026-12-02);
+//!   three interleaved round by round in rotating order (since 2026-12-02), also against the
+//!   second server on the other CPU;
 //! - contended (#13): 8 workers in this process on one key, acquire + release for 5 s, against
 //!   pgbench with 8 clients running blocking `pg_advisory_lock` + `pg_advisory_unlock` on the
 //!   same server for 5 s (same CPU pinning: pgbench inherits the bench's CPU).
@@ -734,11 +735,14 @@ fn main() -> Result<()> {
     result
 }
 
-/// The interleaved uncontended measurement against a server pinned to another CPU.
+/// The interleaved uncontended measurement and the interleaved hand-offs against a server
+/// pinned to another CPU.
 async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize) -> Result<()> {
     let url = server.url();
     let locker = locker_at(&url).await?;
+    let waiter = locker_at(&url).await?;
     let (raw, ours) = interleaved_uncontended(&url, &locker).await?;
+    let (raw_hand, dl_hand, queue_hand) = handoffs(&url, &locker, &waiter).await?;
     println!();
     println!(
         "server on CPU {server_cpu}, client on CPU {client_cpu} (cross-CPU wake-up per message):"
@@ -746,5 +750,18 @@ async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize
     println!("| measure | raw floor | distlock | ratio |");
     println!("|---|---|---|---|");
     println!("{}", interleaved_row(&raw, &ours));
+    let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
+    println!(
+        "| hand-off median, raw NOTIFY path (interleaved) | {} | {} | {:.2}× |",
+        us(raw_hand.p50),
+        us(dl_hand.p50),
+        ratio(raw_hand.p50, dl_hand.p50)
+    );
+    println!(
+        "| hand-off median against the server's queue (interleaved) | {} | {} | {:.2}× |",
+        us(queue_hand.p50),
+        us(dl_hand.p50),
+        ratio(queue_hand.p50, dl_hand.p50)
+    );
     Ok(())
 }
