@@ -24,7 +24,9 @@
 //!   server answered "held" while the hub has waiters for it (the client's re-check right
 //!   after subscribing is such an attempt), and again after each lock timeout while waiters
 //!   remain (the holder may have changed: the lookup is redone). A holder that is not a
-//!   distlock holder session (no alive key) is not waited on.
+//!   distlock holder session (no alive key) is not waited on, and a key with a waiter that
+//!   waits on the server (`server_wait.rs`) arms none: the server grants that waiter the
+//!   lock when the holder's session ends.
 //! - **Cancel-safe.** The statement runs under `lock_timeout` = [`BLOCKER_LOCK_TIMEOUT`], so a
 //!   waiter that gave up leaves a queued request (on the alive key, never on the lock) for at
 //!   most that long, and never a lock; a statement we stop waiting for drops its connection.
@@ -154,7 +156,8 @@ impl Inner {
     /// unmarked is marked now (the release will NOTIFY; its waiters are woken once, see
     /// [`Inner::mark_late`]), and a blocker waits for the holder's session to end.
     ///
-    /// Not for a key whose waiter waits on the server (`server_wait.rs`): the server grants
+    /// Not for a key with a waiter subscribed to wait on the server that has not fallen back
+    /// to release signals (`Inner::unmarked_server_waiters`, `server_wait.rs`): the server grants
     /// it the lock when the holder's session ends, so a blocker only adds a connection and a
     /// `pg_locks` scan per held answer, and its blocked statement sits on the server for up
     /// to [`BLOCKER_LOCK_TIMEOUT`] after the hand-off (the interleaved hand-off bench read

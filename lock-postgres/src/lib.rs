@@ -210,7 +210,16 @@ struct Book {
     entries: HashMap<BookKey, Entry>,
     /// When the reaper plans to wake next.
     reaper_at: Option<Instant>,
+    /// Advisory keys whose `Pending` entry a waiter found on its way to the server, so that
+    /// it waits for a local signal instead (`ServerWait::Local`): if that attempt ends without
+    /// the lock, nothing else would wake it (no mark, no blocker, nobody on the server), so
+    /// `forget_pending` wakes the key's waiters. Bounded: emptied when full (a lost entry
+    /// costs that waiter its backoff step, a stale one an extra wake-up).
+    waited_behind: HashMap<i64, LockKey>,
 }
+
+/// Most keys in [`Book::waited_behind`] before it starts over.
+const WAITED_BEHIND_CAPACITY: usize = 1024;
 
 #[derive(Debug)]
 struct Inner {
@@ -700,6 +709,45 @@ mod tests {
             .await?
             .into_lease()
             .context("the key is held")
+    }
+
+    /// A waiter on its way to the server that finds an attempt of its key in flight here
+    /// waits for a local signal (`ServerWait::Local`). When that attempt ends without the
+    /// lock, the waiter must be woken: its key is unmarked, it armed no blocker and nobody
+    /// waits on the server, so otherwise it sleeps until its backoff step. (The attempt is
+    /// stood in for by its `Pending` book entry: the window between a waiter's last attempt
+    /// and its wait is too short to hit from outside.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_behind_an_attempt_in_flight_is_woken_when_it_fails() -> Result<()> {
+        let backend = one_session_backend().await?;
+        let key = LockKey::new(format!("behind-{:x}", rand::random::<u64>()))?;
+        let hash = backend.advisory_key(&key);
+        let mut releases = backend.subscribe_server_waiter(&key).await?;
+        releases.take_turns();
+        lock(&backend.inner.book)
+            .entries
+            .insert(BookKey::Lock(hash), Entry::Pending);
+        let waited = backend
+            .inner
+            .clone()
+            .wait_on_server(
+                &key,
+                Duration::from_secs(10),
+                Instant::now() + Duration::from_secs(5),
+            )
+            .await?;
+        ensure!(
+            matches!(waited, server_wait::ServerWait::Local),
+            "the waiter did not wait behind the attempt in flight"
+        );
+        // The attempt is answered "held" by the server.
+        backend.inner.forget_pending(BookKey::Lock(hash));
+        let wake = releases.next(Instant::now() + Duration::from_secs(1)).await;
+        ensure!(
+            wake == lock_core::Wake::Released,
+            "the waiter behind the failed attempt was not woken ({wake:?})"
+        );
+        Ok(())
     }
 
     /// The cache in front of the HKDF answers exactly what the hash does, in the backend's

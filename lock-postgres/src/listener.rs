@@ -501,6 +501,13 @@ impl Inner {
     /// cannot wait there marks the key then (`PostgresBackend`'s `wait_on_server`).
     pub(crate) async fn subscribe_waiter(self: &Arc<Self>, key: &LockKey, mark: bool) -> Releases {
         let releases = self.hub.subscribe(key.as_str());
+        if mark {
+            // A waiter of release signals needs a blocker for a holder session the server
+            // ends: a key left in the set by an earlier waiter on the server would suppress
+            // it. (A waiter on the server still subscribed then arms blockers it does not
+            // need; this waiter's mark covers its fallback.)
+            self.forget_unmarked_server_waiter(key);
+        }
         if self.subscribe_without_mark(key) {
             return releases;
         }

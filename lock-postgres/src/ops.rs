@@ -168,10 +168,22 @@ impl Inner {
         }
     }
 
+    /// Takes a `Pending` entry out of the book (its attempt or release ended), and wakes the
+    /// key's waiters if one found it on its way to the server (see [`Book::waited_behind`]).
     pub(crate) fn forget_pending(&self, hash: BookKey) {
-        let mut book = lock(&self.book);
-        if matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+        let waited_behind = {
+            let mut book = lock(&self.book);
+            if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+                return;
+            }
             book.entries.remove(&hash);
+            match hash {
+                BookKey::Lock(hash) => book.waited_behind.remove(&hash),
+                BookKey::Shared(_) => None,
+            }
+        };
+        if let Some(key) = waited_behind {
+            self.hub.notify(key.as_str());
         }
     }
 
@@ -337,6 +349,10 @@ impl Inner {
         {
             let mut book = lock(&self.book);
             book.entries.insert(book_key, Entry::Held(held));
+            // A waiter behind the attempt is woken by this lock's release now.
+            if let BookKey::Lock(hash) = book_key {
+                book.waited_behind.remove(&hash);
+            }
             if book.reaper_at.is_none_or(|at| deadline < at) {
                 book.reaper_at = Some(deadline);
                 self.reaper_wake.notify_one();

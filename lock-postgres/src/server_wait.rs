@@ -30,8 +30,11 @@
 //!   failure) marks the key
 //!   then and tries once more before it waits for release signals
 //!   ([`PostgresBackend`]'s `wait_on_server`); a key held, being acquired or waited for on
-//!   the server in this process needs no mark (the local release wakes its waiters), as in
-//!   `subscribe`.
+//!   the server in this process needs no mark, as in `subscribe`: what comes of that wakes
+//!   the waiter (the local release; an attempt or a wait on the server that ends without the
+//!   lock wakes the key's waiters too, see `Book::waited_behind` and [`WaitingEntry`]).
+//! - **No blocker.** The server grants a queued waiter the lock when the holder's session
+//!   ends, so a key with a waiter subscribed to wait here arms no blocker (`blocker.rs`).
 //! - **TTL from the grant.** The server starts the session's `idle_session_timeout` (the lock's
 //!   TTL) when the statement ends, which may be long after it was sent. The statement reports
 //!   how long it ran by the server's clock; the lease counts from the send plus that (or plus
@@ -86,7 +89,8 @@ pub(crate) enum ServerWait {
     /// tries again next.
     Waited,
     /// The key is held, being acquired or waited for on the server by this process: what
-    /// comes of that wakes the waiter (a release here wakes the local waiters).
+    /// comes of that wakes the waiter (a release here, or that attempt or wait ending
+    /// without the lock, wakes the local waiters).
     Local,
     /// Could not wait on the server: the waiter waits for release signals.
     NotThere,
@@ -148,6 +152,11 @@ impl Inner {
     /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it).
     pub(crate) fn take_unmarked_server_waiter(&self, key: &LockKey) -> bool {
         lock(&self.unmarked_server_waiters).remove(key.as_str())
+    }
+
+    /// Forgets `key` in [`Inner::unmarked_server_waiters`] (a waiter that marks it came).
+    pub(crate) fn forget_unmarked_server_waiter(&self, key: &LockKey) {
+        lock(&self.unmarked_server_waiters).remove(key.as_str());
     }
 
     /// A queue session that holds nothing and is not in use, locked for the caller; a new
@@ -216,8 +225,17 @@ impl Inner {
         // for on the server is left to its local wake-up (as `subscribe` leaves it unmarked).
         {
             let mut book = lock(&self.book);
-            if book.entries.contains_key(&BookKey::Lock(hash)) {
-                return Ok(ServerWait::Local);
+            match book.entries.get(&BookKey::Lock(hash)) {
+                // An attempt in flight: if it ends without the lock, `forget_pending` wakes us.
+                Some(Entry::Pending) => {
+                    if book.waited_behind.len() >= WAITED_BEHIND_CAPACITY {
+                        book.waited_behind.clear();
+                    }
+                    book.waited_behind.insert(hash, key.clone());
+                    return Ok(ServerWait::Local);
+                }
+                Some(_) => return Ok(ServerWait::Local),
+                None => {}
             }
             book.entries.insert(BookKey::Lock(hash), Entry::Waiting);
         }

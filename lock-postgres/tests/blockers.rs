@@ -383,3 +383,63 @@ async fn local_waiters_wake_when_the_holder_session_breaks() -> Result<()> {
     ensure!(backend.release(&lease).await?, "release answered false");
     Ok(())
 }
+
+/// A waiter that waited on the server leaves its key in the backend's set of server waiters
+/// (such keys arm no blocker: the server grants them the lock when the holder's session
+/// ends). A later waiter of the same key that waits for release signals must still get a
+/// blocker, and so hear at once that the next holder's session was terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_waiter() -> Result<()>
+{
+    let server = server().await?;
+    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let name = unique("once-on-the-server");
+    let key = LockKey::new(&name)?;
+    let ttl = Duration::from_secs(30);
+    // First a waiter on the server, handed the lock by a release.
+    let first_holder =
+        Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
+    let guard = first_holder.lock(&name).ttl(ttl).acquire().await?;
+    let queued = tokio::spawn({
+        let (waiter, name) = (Locker::from_arc(waiter.clone()), name.clone());
+        async move {
+            let guard = waiter
+                .lock(&name)
+                .ttl(ttl)
+                .wait(Duration::from_secs(10))
+                .backoff(Backoff::new(
+                    Duration::from_secs(20),
+                    Duration::from_secs(20),
+                ))
+                .acquire()
+                .await?;
+            guard.release().await?;
+            anyhow::Ok(())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(guard.release().await?, "release answered false");
+    tokio::time::timeout(Duration::from_secs(5), queued).await???;
+    // Then a holder whose session the server ends, and a waiter of release signals.
+    let app = unique("later-holder");
+    let holder = backend_at(&server.url(), named(&app)).await?;
+    let _lease = holder
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("the key was not free")?;
+    let mut releases = wait_behind(&waiter, &key).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let name = format!("{app}-holder");
+    let terminated =
+        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
+    ensure!(terminated >= 1, "no holder session to terminate");
+    let freed = Instant::now();
+    let wake = releases.next(freed + Duration::from_secs(5)).await;
+    let heard = freed.elapsed();
+    ensure!(
+        wake == Wake::Released && heard <= FREED_WITHIN,
+        "waiter not woken within {FREED_WITHIN:?} of the holder's session ending: {wake:?} after {heard:?}"
+    );
+    Ok(())
+}

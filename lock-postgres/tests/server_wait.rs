@@ -528,7 +528,7 @@ async fn a_waiter_on_the_server_needs_no_blocker_to_take_over_a_dead_holder() ->
         took < Duration::from_secs(1),
         "the waiter had the dead holder's lock {took:?} after the terminate"
     );
-    // The dead holder's guard finds its lock lost; dropping it must not free the new holder's.
+    // The dead holder's guard: its session is gone, dropping it sends nothing that matters.
     drop(guard);
     Ok(())
 }
