@@ -68,6 +68,16 @@ async fn locker_at(url: &str) -> Result<Locker> {
     Ok(Locker::from_arc(Arc::new(PostgresBackend::connect(url).await?)).with_defaults(options))
 }
 
+/// A table row: `label`, the floor's and distlock's time, distlock's over the floor's.
+fn ratio_row(label: &str, floor: Duration, ours: Duration) -> String {
+    format!(
+        "| {label} | {} | {} | {:.2}× |",
+        us(floor),
+        us(ours),
+        ours.as_secs_f64() / floor.as_secs_f64().max(1e-9)
+    )
+}
+
 /// The table row of [`interleaved_uncontended`].
 fn interleaved_row(raw: &Stats, ours: &Stats) -> String {
     format!(
@@ -632,30 +642,26 @@ async fn run(server: &PostgresServer) -> Result<()> {
         us(dl_par.p50),
         us(dl_par.p99)
     );
-    println!(
-        "| hand-off median (5 ms hold, 1 waiter) | {} | {} | {:.2}× |",
-        us(raw_hand.p50),
-        us(dl_hand.p50),
-        ratio(raw_hand.p50, dl_hand.p50)
-    );
-    println!(
-        "| hand-off p99 | {} | {} | {:.2}× |",
-        us(raw_hand.p99),
-        us(dl_hand.p99),
-        ratio(raw_hand.p99, dl_hand.p99)
-    );
-    println!(
-        "| hand-off median against the server's queue (waiter blocked in pg_advisory_lock) | {} | {} | {:.2}× |",
-        us(queue_hand.p50),
-        us(dl_hand.p50),
-        ratio(queue_hand.p50, dl_hand.p50)
-    );
-    println!(
-        "| hand-off p99 against the server's queue | {} | {} | {:.2}× |",
-        us(queue_hand.p99),
-        us(dl_hand.p99),
-        ratio(queue_hand.p99, dl_hand.p99)
-    );
+    for (label, floor, ours) in [
+        (
+            "hand-off median (5 ms hold, 1 waiter)",
+            raw_hand.p50,
+            dl_hand.p50,
+        ),
+        ("hand-off p99", raw_hand.p99, dl_hand.p99),
+        (
+            "hand-off median against the server's queue (waiter blocked in pg_advisory_lock)",
+            queue_hand.p50,
+            dl_hand.p50,
+        ),
+        (
+            "hand-off p99 against the server's queue",
+            queue_hand.p99,
+            dl_hand.p99,
+        ),
+    ] {
+        println!("{}", ratio_row(label, floor, ours));
+    }
     println!(
         "| contended acquisitions/s, {CONTENDED_WORKERS} workers one key (raw: pgbench -c {CONTENDED_WORKERS}, blocking pg_advisory_lock) | {:.0} | {:.0} | {:.2} of pgbench |",
         bench_tps,
@@ -750,18 +756,21 @@ async fn run_apart(server: &PostgresServer, client_cpu: usize, server_cpu: usize
     println!("| measure | raw floor | distlock | ratio |");
     println!("|---|---|---|---|");
     println!("{}", interleaved_row(&raw, &ours));
-    let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
     println!(
-        "| hand-off median, raw NOTIFY path (interleaved) | {} | {} | {:.2}× |",
-        us(raw_hand.p50),
-        us(dl_hand.p50),
-        ratio(raw_hand.p50, dl_hand.p50)
+        "{}",
+        ratio_row(
+            "hand-off median, raw NOTIFY path (interleaved)",
+            raw_hand.p50,
+            dl_hand.p50
+        )
     );
     println!(
-        "| hand-off median against the server's queue (interleaved) | {} | {} | {:.2}× |",
-        us(queue_hand.p50),
-        us(dl_hand.p50),
-        ratio(queue_hand.p50, dl_hand.p50)
+        "{}",
+        ratio_row(
+            "hand-off median against the server's queue (interleaved)",
+            queue_hand.p50,
+            dl_hand.p50
+        )
     );
     Ok(())
 }

@@ -506,7 +506,7 @@ impl Inner {
             // ends: a key left in the set by an earlier waiter on the server would suppress
             // it. (A waiter on the server still subscribed then arms blockers it does not
             // need; this waiter's mark covers its fallback.)
-            self.forget_unmarked_server_waiter(key);
+            self.take_unmarked_server_waiter(key);
         }
         if self.subscribe_without_mark(key) {
             return releases;

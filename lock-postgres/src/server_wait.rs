@@ -27,8 +27,7 @@
 //!   ([`LockBackend::subscribe_server_waiter`]), so its holder's release sends no NOTIFY:
 //!   the NOTIFY's commit and the listeners it wakes cost a hand-off about as much again as
 //!   the server's own queue. A waiter that finds no queue session to wait on (all taken, a
-//!   failure) marks the key
-//!   then and tries once more before it waits for release signals
+//!   failure) marks the key then and tries once more before it waits for release signals
 //!   ([`PostgresBackend`]'s `wait_on_server`); a key held, being acquired or waited for on
 //!   the server in this process needs no mark, as in `subscribe`: what comes of that wakes
 //!   the waiter (the local release; an attempt or a wait on the server that ends without the
@@ -149,14 +148,10 @@ impl Inner {
         lock(&self.unmarked_server_waiters).contains(key.as_str())
     }
 
-    /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it).
+    /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it,
+    /// or is a waiter that marks it anyway).
     pub(crate) fn take_unmarked_server_waiter(&self, key: &LockKey) -> bool {
         lock(&self.unmarked_server_waiters).remove(key.as_str())
-    }
-
-    /// Forgets `key` in [`Inner::unmarked_server_waiters`] (a waiter that marks it came).
-    pub(crate) fn forget_unmarked_server_waiter(&self, key: &LockKey) {
-        lock(&self.unmarked_server_waiters).remove(key.as_str());
     }
 
     /// A queue session that holds nothing and is not in use, locked for the caller; a new

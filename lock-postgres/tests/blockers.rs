@@ -9,7 +9,8 @@ mod common;
 
 use anyhow::{Context, Result, ensure};
 use common::{backend_at, named, server, unique};
-use lock_core::{Backoff, LockBackend, LockKey, Locker, Wake};
+use lock_core::{Backoff, LockBackend, LockKey, Locker, Releases, Wake};
+use lock_harness::postgres::PostgresServer;
 use lock_postgres::{BLOCKER_LOCK_TIMEOUT, PostgresBackend, PostgresConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ const FREED_WITHIN: Duration = Duration::from_millis(300);
 
 /// `waiter` tries `key` (held), subscribes, tries again (held), then waits on the
 /// subscription alone: no backoff step can wake it. Returns the subscription.
-async fn wait_behind(waiter: &PostgresBackend, key: &LockKey) -> Result<lock_core::Releases> {
+async fn wait_behind(waiter: &PostgresBackend, key: &LockKey) -> Result<Releases> {
     let ttl = Duration::from_secs(10);
     ensure!(
         waiter.try_acquire(key, ttl).await?.into_lease().is_none(),
@@ -34,6 +35,37 @@ async fn wait_behind(waiter: &PostgresBackend, key: &LockKey) -> Result<lock_cor
         "the key was free after subscribing"
     );
     Ok(releases)
+}
+
+/// Terminates `app`'s holder sessions (`<app>-holder`, at least one must be there) and returns
+/// the instant after the call.
+async fn terminate_holders(server: &'static PostgresServer, app: &str) -> Result<Instant> {
+    let name = format!("{app}-holder");
+    let terminated =
+        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
+    ensure!(terminated >= 1, "no holder session to terminate");
+    Ok(Instant::now())
+}
+
+/// Throws away wake-ups already delivered (a release seen earlier must not count).
+async fn drain_wakes(releases: &mut Releases) {
+    while releases
+        .next(Instant::now() + Duration::from_millis(1))
+        .await
+        == Wake::Released
+    {}
+}
+
+/// Waits up to 5 s after `since` for `releases` to wake; fails, naming `what`, unless a
+/// release was heard within [`FREED_WITHIN`]. Returns how long it took.
+async fn expect_woken(releases: &mut Releases, since: Instant, what: &str) -> Result<Duration> {
+    let wake = releases.next(since + Duration::from_secs(5)).await;
+    let heard = since.elapsed();
+    ensure!(
+        wake == Wake::Released && heard <= FREED_WITHIN,
+        "{what} not woken within {FREED_WITHIN:?}: {wake:?} after {heard:?}"
+    );
+    Ok(heard)
 }
 
 /// The holder's session is terminated (`pg_terminate_backend`): the server frees the lock
@@ -54,18 +86,14 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
     let mut releases = wait_behind(&waiter, &key).await?;
     // Let the waiter settle into its wait (and any blocker reach the server).
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let name = format!("{app}-holder");
-    let terminated =
-        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
-    ensure!(terminated >= 1, "no holder session to terminate");
-    let freed = Instant::now();
-    let wake = releases.next(freed + Duration::from_secs(5)).await;
-    let heard = freed.elapsed();
-    println!("terminated holder: waiter woken {heard:?} after the terminate ({wake:?})");
-    ensure!(
-        wake == Wake::Released && heard <= FREED_WITHIN,
-        "waiter not woken within {FREED_WITHIN:?} of the holder's session ending: {wake:?} after {heard:?}"
-    );
+    let freed = terminate_holders(server, &app).await?;
+    let heard = expect_woken(
+        &mut releases,
+        freed,
+        "waiter (after the holder's session ended)",
+    )
+    .await?;
+    println!("terminated holder: waiter woken {heard:?} after the terminate");
     let lease = waiter
         .try_acquire(&key, Duration::from_secs(10))
         .await?
@@ -80,7 +108,7 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
 /// holder's held answer and wakes the waiter at once the second time too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocker_serves_two_terminated_holders_in_a_row() -> Result<()> {
-    let server = Arc::new(server().await?);
+    let server = server().await?;
     let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
     let key = LockKey::new(unique("twice"))?;
     let mut releases = None;
@@ -105,26 +133,16 @@ async fn a_blocker_serves_two_terminated_holders_in_a_row() -> Result<()> {
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let subscribed = releases.as_mut().context("subscribed in round 0")?;
         // Round 1: a wake left over from our own release in round 0 must not count.
-        let stale = releases.as_mut().context("subscribed in round 0")?;
-        while stale.next(Instant::now() + Duration::from_millis(1)).await == Wake::Released {}
-        let name = format!("{app}-holder");
-        let server = server.clone();
-        let terminated =
-            tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
-        ensure!(terminated >= 1, "no holder session to terminate");
-        let freed = Instant::now();
-        let wake = releases
-            .as_mut()
-            .context("subscribed in round 0")?
-            .next(freed + Duration::from_secs(5))
-            .await;
-        let heard = freed.elapsed();
-        ensure!(
-            wake == Wake::Released && heard <= FREED_WITHIN,
-            "round {round}: waiter not woken within {FREED_WITHIN:?} of the holder's session \
-             ending: {wake:?} after {heard:?}"
-        );
+        drain_wakes(subscribed).await;
+        let freed = terminate_holders(server, &app).await?;
+        expect_woken(
+            subscribed,
+            freed,
+            &format!("round {round}: waiter (after the holder's session ended)"),
+        )
+        .await?;
         let lease = waiter
             .try_acquire(&key, Duration::from_secs(10))
             .await?
@@ -355,26 +373,18 @@ async fn local_waiters_wake_when_the_holder_session_breaks() -> Result<()> {
         .context("the key was not free")?;
     let mut releases = wait_behind(&backend, &key).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    while releases
-        .next(Instant::now() + Duration::from_millis(1))
-        .await
-        == Wake::Released
-    {}
-    let name = format!("{app}-holder");
-    let terminated =
-        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
-    ensure!(terminated >= 1, "no holder session to terminate");
+    drain_wakes(&mut releases).await;
+    terminate_holders(server, &app).await?;
     // The renewal meets the ended session and drops it (the lease is lost).
     let renewed = backend.renew(&lease, ttl).await;
     ensure!(renewed.is_err(), "a renewal on an ended session succeeded");
     let broke = Instant::now();
-    let wake = releases.next(broke + Duration::from_secs(5)).await;
-    let heard = broke.elapsed();
-    ensure!(
-        wake == Wake::Released && heard <= FREED_WITHIN,
-        "local waiter not woken within {FREED_WITHIN:?} of the holder session breaking: \
-         {wake:?} after {heard:?}"
-    );
+    expect_woken(
+        &mut releases,
+        broke,
+        "local waiter (after the holder session broke)",
+    )
+    .await?;
     let lease = backend
         .try_acquire(&key, ttl)
         .await?
@@ -430,16 +440,12 @@ async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_w
         .context("the key was not free")?;
     let mut releases = wait_behind(&waiter, &key).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let name = format!("{app}-holder");
-    let terminated =
-        tokio::task::spawn_blocking(move || server.terminate_sessions(&name)).await??;
-    ensure!(terminated >= 1, "no holder session to terminate");
-    let freed = Instant::now();
-    let wake = releases.next(freed + Duration::from_secs(5)).await;
-    let heard = freed.elapsed();
-    ensure!(
-        wake == Wake::Released && heard <= FREED_WITHIN,
-        "waiter not woken within {FREED_WITHIN:?} of the holder's session ending: {wake:?} after {heard:?}"
-    );
+    let freed = terminate_holders(server, &app).await?;
+    expect_woken(
+        &mut releases,
+        freed,
+        "waiter (after the holder's session ended)",
+    )
+    .await?;
     Ok(())
 }

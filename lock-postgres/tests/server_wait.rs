@@ -52,6 +52,46 @@ async fn inspector(server: &PostgresServer) -> Result<sqlx::PgPool> {
         .await?)
 }
 
+/// One contested key on the shared server: a holder `Locker` on a backend of its own, a
+/// waiter backend and its `Locker`, the key's name and advisory key, and a pool to read
+/// `pg_locks` with.
+struct Contest {
+    server: &'static PostgresServer,
+    pool: sqlx::PgPool,
+    holder: Locker,
+    waiter_backend: Arc<lock_postgres::PostgresBackend>,
+    waiter: Locker,
+    name: String,
+    hash: i64,
+}
+
+impl Contest {
+    /// `name` made unique; the holder and the waiter backend configured as given.
+    async fn new(name: &str, holder: PostgresConfig, waiter: PostgresConfig) -> Result<Self> {
+        let server = server().await?;
+        let pool = inspector(server).await?;
+        let holder = Locker::from_arc(backend_at(&server.url(), holder).await?);
+        let waiter_backend = backend_at(&server.url(), waiter).await?;
+        let waiter = Locker::from_arc(waiter_backend.clone());
+        let name = unique(name);
+        let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+        Ok(Contest {
+            server,
+            pool,
+            holder,
+            waiter_backend,
+            waiter,
+            name,
+            hash,
+        })
+    }
+
+    /// Both backends with the default configuration.
+    async fn plain(name: &str) -> Result<Self> {
+        Contest::new(name, PostgresConfig::default(), PostgresConfig::default()).await
+    }
+}
+
 /// A waiter whose next backoff step is 30 s away: only the server (or a release signal)
 /// gets it the lock in time.
 fn patient<'a>(locker: &'a Locker, key: &str, ttl: Duration) -> lock_core::LockRequest<'a> {
@@ -84,17 +124,19 @@ fn hand_off_to(
 /// and has the lock within a few milliseconds of the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_waits_in_the_servers_queue_and_gets_the_lock_at_the_release() -> Result<()> {
-    let server = server().await?;
-    let pool = inspector(server).await?;
-    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
-    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let Contest {
+        pool,
+        holder,
+        waiter_backend,
+        waiter,
+        name,
+        hash,
+        ..
+    } = Contest::plain("queued").await?;
     ensure!(
         waiter_backend.capabilities().server_wait,
         "queue sessions are on by default"
     );
-    let waiter = Locker::from_arc(waiter_backend.clone());
-    let name = unique("queued");
-    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let waiting = hand_off_to(&waiter, &name, ttl);
@@ -198,13 +240,20 @@ async fn a_lease_granted_on_the_server_counts_from_the_grant() -> Result<()> {
 /// lock is free, not granted to the cancelled waiter's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_wait_leaves_the_servers_queue() -> Result<()> {
-    let server = server().await?;
-    let pool = inspector(server).await?;
-    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
-    let waiter_backend = backend_at(&server.url(), named(&unique("cancelled"))).await?;
-    let waiter = Locker::from_arc(waiter_backend.clone());
-    let name = unique("cancelled-wait");
-    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let Contest {
+        pool,
+        holder,
+        waiter_backend,
+        waiter,
+        name,
+        hash,
+        ..
+    } = Contest::new(
+        "cancelled-wait",
+        PostgresConfig::default(),
+        named(&unique("cancelled")),
+    )
+    .await?;
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let waiting = tokio::spawn({
@@ -340,13 +389,14 @@ async fn waiters_on_the_server_and_local_attempts_never_hold_together() -> Resul
 /// the server's own hand-off). Before this, every waiter marked its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_the_server_leaves_its_key_unmarked() -> Result<()> {
-    let server = server().await?;
-    let pool = inspector(server).await?;
-    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
-    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
-    let waiter = Locker::from_arc(waiter_backend.clone());
-    let name = unique("unmarked");
-    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let Contest {
+        pool,
+        holder,
+        waiter,
+        name,
+        hash,
+        ..
+    } = Contest::plain("unmarked").await?;
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let waiting = hand_off_to(&waiter, &name, ttl);
@@ -427,13 +477,14 @@ async fn a_waiter_without_a_queue_session_marks_its_key_and_is_woken() -> Result
 /// step up to 30 s later) and get the lock at the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_waiter_on_the_server_passes_its_place_on() -> Result<()> {
-    let server = server().await?;
-    let pool = inspector(server).await?;
-    let holder = Locker::from_arc(backend_at(&server.url(), PostgresConfig::default()).await?);
-    let waiter_backend = backend_at(&server.url(), PostgresConfig::default()).await?;
-    let waiter = Locker::from_arc(waiter_backend.clone());
-    let name = unique("place-passed-on");
-    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let Contest {
+        pool,
+        holder,
+        waiter,
+        name,
+        hash,
+        ..
+    } = Contest::plain("place-passed-on").await?;
     let ttl = Duration::from_secs(10);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let first = hand_off_to(&waiter, &name, ttl);
@@ -487,15 +538,16 @@ async fn a_cancelled_waiter_on_the_server_passes_its_place_on() -> Result<()> {
 /// after the holder's session is terminated the waiter has the lock at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_the_server_needs_no_blocker_to_take_over_a_dead_holder() -> Result<()> {
-    let server = server().await?;
-    let pool = inspector(server).await?;
-    let holder_app = unique("dead-holder");
-    let holder = Locker::from_arc(backend_at(&server.url(), named(&holder_app)).await?);
-    let waiter_app = unique("no-blocker");
-    let waiter_backend = backend_at(&server.url(), named(&waiter_app)).await?;
-    let waiter = Locker::from_arc(waiter_backend.clone());
-    let name = unique("taken-over");
-    let hash = waiter_backend.advisory_key(&LockKey::new(&name)?);
+    let (holder_app, waiter_app) = (unique("dead-holder"), unique("no-blocker"));
+    let Contest {
+        server,
+        pool,
+        holder,
+        waiter,
+        name,
+        hash,
+        ..
+    } = Contest::new("taken-over", named(&holder_app), named(&waiter_app)).await?;
     let ttl = Duration::from_secs(30);
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let waiting = hand_off_to(&waiter, &name, ttl);

@@ -39,6 +39,8 @@ const RSLOCK_HANDOFFS: usize = 500;
 struct Raw {
     conn: ConnectionManager,
     cad: redis::Script,
+    /// `SET NX PX`, then `INCR` of a fence counter: a raw lock with a fencing token.
+    fenced: redis::Script,
 }
 
 impl Raw {
@@ -47,7 +49,53 @@ impl Raw {
         let cad = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         );
-        Ok(Raw { conn, cad })
+        let fenced = redis::Script::new(
+            "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
+               return redis.call('INCR', KEYS[2]) end return 0",
+        );
+        Ok(Raw { conn, cad, fenced })
+    }
+
+    /// One turn of the contended loop: take `key` (`SET NX PX`, or with a fencing token from
+    /// `fence` when given), sleeping [`RAW_RETRY`] after each refusal, then compare-and-delete.
+    async fn take_in_turn(&self, key: &str, fence: Option<&str>) -> Result<()> {
+        let token = lock_core::OwnerToken::random().to_string();
+        let mut conn = self.conn.clone();
+        loop {
+            let taken = match fence {
+                None => redis::cmd("SET")
+                    .arg(key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(10_000)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await?
+                    .is_some(),
+                Some(fence) => {
+                    self.fenced
+                        .key(key)
+                        .key(fence)
+                        .arg(&token)
+                        .arg(10_000)
+                        .invoke_async::<i64>(&mut conn)
+                        .await?
+                        > 0
+                }
+            };
+            if taken {
+                break;
+            }
+            tokio::time::sleep(RAW_RETRY).await;
+        }
+        let deleted: i64 = self
+            .cad
+            .key(key)
+            .arg(&token)
+            .invoke_async(&mut conn)
+            .await?;
+        anyhow::ensure!(deleted == 1, "raw ({key}): release refused");
+        Ok(())
     }
 
     async fn acquire_release(&self, key: &str, token: &str) -> Result<()> {
@@ -511,64 +559,18 @@ async fn contended_all(url: &str) -> Result<Contended> {
     let raw = Arc::new(Raw::new(url).await?);
     let raw_op = Arc::new(move || {
         let raw = raw.clone();
-        async move {
-            let token = lock_core::OwnerToken::random().to_string();
-            let mut conn = raw.conn.clone();
-            loop {
-                let set: Option<String> = redis::cmd("SET")
-                    .arg("bench:contended-raw")
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(10_000)
-                    .query_async(&mut conn)
-                    .await?;
-                if set.is_some() {
-                    break;
-                }
-                tokio::time::sleep(RAW_RETRY).await;
-            }
-            let deleted: i64 = raw
-                .cad
-                .key("bench:contended-raw")
-                .arg(&token)
-                .invoke_async(&mut conn)
-                .await?;
-            anyhow::ensure!(deleted == 1, "raw: release refused");
-            Ok(())
-        }
+        async move { raw.take_in_turn("bench:contended-raw", None).await }
     });
     let fenced = Arc::new(Raw::new(url).await?);
-    let fenced_acquire = Arc::new(redis::Script::new(
-        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then \
-           return redis.call('INCR', KEYS[2]) end return 0",
-    ));
     let fenced_op = Arc::new(move || {
-        let (raw, acquire) = (fenced.clone(), fenced_acquire.clone());
+        let fenced = fenced.clone();
         async move {
-            let token = lock_core::OwnerToken::random().to_string();
-            let mut conn = raw.conn.clone();
-            loop {
-                let fence: i64 = acquire
-                    .key("bench:contended-fenced")
-                    .key("bench:contended-fenced:fence")
-                    .arg(&token)
-                    .arg(10_000)
-                    .invoke_async(&mut conn)
-                    .await?;
-                if fence > 0 {
-                    break;
-                }
-                tokio::time::sleep(RAW_RETRY).await;
-            }
-            let deleted: i64 = raw
-                .cad
-                .key("bench:contended-fenced")
-                .arg(&token)
-                .invoke_async(&mut conn)
-                .await?;
-            anyhow::ensure!(deleted == 1, "raw fenced: release refused");
-            Ok(())
+            fenced
+                .take_in_turn(
+                    "bench:contended-fenced",
+                    Some("bench:contended-fenced:fence"),
+                )
+                .await
         }
     });
     let mut rates: [Vec<f64>; 3] = Default::default();
