@@ -35,6 +35,7 @@
 
 mod cluster;
 mod heard;
+mod in_flight;
 mod keys;
 mod link;
 mod node;

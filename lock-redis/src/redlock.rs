@@ -1,5 +1,6 @@
 //! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
 
+use crate::in_flight::CallsInFlight;
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
 use crate::shared::{SharedAcquire, Target};
 use crate::{KeyScheme, RedisOptions};
@@ -36,6 +37,8 @@ pub struct RedlockBackend {
     node_timeout: Duration,
     /// Bound on renew and release calls per node: the command timeout.
     release_timeout: Duration,
+    /// Acquire calls still running after their acquire returned (see `in_flight.rs`).
+    in_flight: Arc<CallsInFlight>,
 }
 
 /// The smallest TTL granted: smaller requests are raised to it (the lease reports it), as
@@ -184,6 +187,7 @@ impl RedlockBackend {
             quorum,
             node_timeout: options.node_timeout,
             release_timeout: options.command_timeout,
+            in_flight: Arc::default(),
         })
     }
 
@@ -414,16 +418,21 @@ impl RedlockBackend {
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
 
+        let shared_token = Arc::<str>::from(token.as_str());
+        let flight = self.in_flight.start(&shared_token, self.inner.nodes.len());
         let outcomes = {
-            let (keys, token) = (
+            let (keys, target) = (
                 Arc::new(lock_keys.clone()),
-                Arc::<str>::from(token.as_str()),
+                Arc::new(Target::Lock(lock_keys.clone())),
             );
             self.on_all(
                 limit,
                 |nodes, index| {
-                    let (keys, token) = (keys.clone(), token.clone());
+                    let (keys, token) = (keys.clone(), shared_token.clone());
+                    let call =
+                        flight.guard(nodes.clone(), index, target.clone(), self.release_timeout);
                     async move {
+                        let _call = call;
                         node(&nodes, index)?
                             .acquire(&keys[0], &keys[1], &token, ttl_ms, mark)
                             .await
@@ -487,7 +496,9 @@ impl RedlockBackend {
             ));
         }
 
-        // Not granted: roll back (a node that timed out may have set the key).
+        // Not granted: roll back (a node that timed out may have set the key), calls still
+        // on their way included.
+        flight.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         held_nodes.extend(not_sent);
         self.roll_back(
@@ -535,12 +546,17 @@ impl RedlockBackend {
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
         let (quorum, spare) = (self.quorum, self.inner.nodes.len() - self.quorum);
+        let flight = self.in_flight.start(&token, self.inner.nodes.len());
+        let target = Arc::new(Target::Rw((*keys).clone(), mode));
         let outcomes = self
             .on_all(
                 limit,
                 |nodes, index| {
                     let (keys, token) = (keys.clone(), token.clone());
+                    let call =
+                        flight.guard(nodes.clone(), index, target.clone(), self.release_timeout);
                     async move {
+                        let _call = call;
                         node(&nodes, index)?
                             .acquire_rw(&keys, mode, &token, ttl_ms, mark)
                             .await
@@ -615,7 +631,9 @@ impl RedlockBackend {
             errors.push("a quorum said yes, but only after the validity had run out".into());
         }
         // Not granted: roll our side back everywhere it may be (not where it was refused:
-        // the script is atomic), waiting only for the nodes that admitted us.
+        // the script is atomic), waiting only for the nodes that admitted us; calls still on
+        // their way release it when they land.
+        flight.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         self.roll_back(
             Target::Rw((*keys).clone(), mode),
@@ -739,6 +757,9 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        // Acquire calls of this lease still on their way release it when they land.
+        self.in_flight
+            .give_back(&crate::node::token_hex(lease.owner()));
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;
         let (released, _, errors) = self.on_all_for_lease(lease, None, limit).await;

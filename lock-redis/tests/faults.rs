@@ -873,3 +873,133 @@ async fn timed_out_acquires_keep_cleanup_bounded() -> Result<()> {
     );
     Ok(())
 }
+
+/// Makes `server`'s next acquire script call late against a release sent after it: the
+/// script cache is flushed, then only the release script of leases of `kind` is loaded again
+/// (a release of a lease nobody holds, through `backend`). An acquire then needs `NOSCRIPT`, `SCRIPT LOAD`
+/// and a second call there (three round trips through the delayed proxy), while a release
+/// sent after it needs one and overtakes it.
+async fn acquire_script_late_on(
+    server: &RedisServer,
+    backend: &RedlockBackend,
+    kind: lock_core::LeaseKind,
+) -> Result<()> {
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await?;
+    let nobody = lock_core::Lease::new(
+        LockKey::new(unique("nobody"))?,
+        lock_core::OwnerToken::random(),
+        None,
+        Duration::from_secs(1),
+        Instant::now(),
+    )
+    .with_kind(kind);
+    backend.release(&nobody).await?;
+    // That release returned at a quorum; its call to `server` (a reload there too) lands
+    // within three delayed round trips.
+    sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Whether the Redis key `name` is absent from `server` once the calls through its delayed
+/// proxy have landed (the acquire call there takes three delayed round trips, ~30 ms).
+async fn gone_after_settling(server: &RedisServer, name: &str) -> Result<bool> {
+    sleep(Duration::from_millis(500)).await;
+    let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(name)
+        .query_async(&mut conn)
+        .await?;
+    Ok(!exists)
+}
+
+/// Finding: Redlock's acquire returns at a quorum while its call to the remaining node runs
+/// on in its own task. A release sent right after could reach that node first (here the
+/// acquire's call needs a script reload there), and the node then kept the released lock
+/// until its TTL: every later acquirer needed all the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_release_covers_an_acquire_call_still_on_its_way() -> Result<()> {
+    let (servers, urls) = redlock_nodes(3, true)?;
+    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    servers[2]
+        .proxy()
+        .context("no proxy")?
+        .set_delay(Duration::from_millis(5));
+    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Lock).await?;
+    let key = LockKey::new(unique("straggler"))?;
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    ensure!(backend.release(&lease).await?, "release returned false");
+    ensure!(
+        gone_after_settling(&servers[2], &scheme.lock_key(&key)).await?,
+        "the slow node kept the released lock (its acquire call landed after the release)"
+    );
+    Ok(())
+}
+
+/// As above, for an acquire that is refused (another owner holds two of three nodes): its
+/// roll-back must also cover the call still on its way to the third node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_roll_back_covers_an_acquire_call_still_on_its_way() -> Result<()> {
+    let (servers, urls) = redlock_nodes(3, true)?;
+    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    servers[2]
+        .proxy()
+        .context("no proxy")?
+        .set_delay(Duration::from_millis(5));
+    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Lock).await?;
+    let key = LockKey::new(unique("straggler-refused"))?;
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    for server in &servers[..2] {
+        let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+        let _: () = redis::cmd("SET")
+            .arg(scheme.lock_key(&key))
+            .arg("another-owner")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut conn)
+            .await?;
+    }
+    let attempt = backend.try_acquire(&key, Duration::from_secs(30)).await?;
+    ensure!(
+        matches!(attempt, Attempt::Held { .. }),
+        "acquired while another owner holds a quorum"
+    );
+    ensure!(
+        gone_after_settling(&servers[2], &scheme.lock_key(&key)).await?,
+        "the slow node kept the refused attempt's key (its acquire call landed after the roll-back)"
+    );
+    Ok(())
+}
+
+/// As above, for a reader-writer lock's writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_rw_release_covers_an_acquire_call_still_on_its_way() -> Result<()> {
+    let (servers, urls) = redlock_nodes(3, true)?;
+    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    servers[2]
+        .proxy()
+        .context("no proxy")?
+        .set_delay(Duration::from_millis(5));
+    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Write).await?;
+    let key = LockKey::new(unique("straggler-writer"))?;
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let lease = backend
+        .try_acquire_rw(&key, lock_core::RwMode::Write, Duration::from_secs(30))
+        .await?
+        .into_lease()
+        .context("writer not acquired")?;
+    ensure!(backend.release(&lease).await?, "release returned false");
+    ensure!(
+        gone_after_settling(&servers[2], &scheme.rw_keys(&key)[1]).await?,
+        "the slow node kept the released writer (its acquire call landed after the release)"
+    );
+    Ok(())
+}
