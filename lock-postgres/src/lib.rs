@@ -750,6 +750,38 @@ mod tests {
         Ok(())
     }
 
+    /// A waiter that found a *release* of its key in flight (recorded in
+    /// `Book::waited_behind`) is woken by that release once: one release, one local waiter
+    /// woken (waiters take turns). Before, `forget_pending` woke one for the record and the
+    /// release woke another, which then spent an attempt to find the lock taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_wakes_one_waiter_even_with_one_waiting_behind_it() -> Result<()> {
+        let backend = one_session_backend().await?;
+        let key = LockKey::new(format!("behind-release-{:x}", rand::random::<u64>()))?;
+        let hash = backend.advisory_key(&key);
+        let lease = acquire_free(&backend, &key, Duration::from_secs(10)).await?;
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let mut releases = backend.subscribe(&key).await?;
+            releases.take_turns();
+            waiters.push(releases);
+        }
+        // A waiter met the release's `Pending` entry on its way to the server.
+        lock(&backend.inner.book)
+            .waited_behind
+            .insert(hash, key.clone());
+        ensure!(backend.release(&lease).await?, "the release did not unlock");
+        let mut woken = 0;
+        for releases in &mut waiters {
+            let until = Instant::now() + Duration::from_millis(300);
+            if releases.next(until).await == lock_core::Wake::Released {
+                woken += 1;
+            }
+        }
+        ensure!(woken == 1, "one release woke {woken} waiters");
+        Ok(())
+    }
+
     /// The cache in front of the HKDF answers exactly what the hash does, in the backend's
     /// namespace, and starts over instead of growing past its capacity.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,11 @@ impl Inner {
         }
         let deadline = held.deadline;
         book.entries.insert(hash, Entry::Held(held));
+        // Held again: its later release wakes the key's waiters, including one that found
+        // this release in flight.
+        if let BookKey::Lock(hash) = hash {
+            book.waited_behind.remove(&hash);
+        }
         if book.reaper_at.is_none_or(|at| deadline < at) {
             book.reaper_at = Some(deadline);
             self.reaper_wake.notify_one();
@@ -150,9 +155,11 @@ impl Inner {
                 inner.hub.notify(held.key.as_str());
             }
         };
+        // The release's own wake-up covers a waiter that found it in flight (see
+        // [`Book::waited_behind`]): one release, one wake-up, so the entry is only taken out.
         match self.unlock_op(hash, &held, &in_flight).await {
             Ok(unlocked) => {
-                self.forget_pending(hash);
+                self.take_pending(hash);
                 wake_locally(&self);
                 Ok(unlocked)
             }
@@ -161,7 +168,7 @@ impl Inner {
                 Err(error)
             }
             Err(UnlockFailure::Failed(error)) => {
-                self.forget_pending(hash);
+                self.take_pending(hash);
                 wake_locally(&self);
                 Err(error)
             }
@@ -171,19 +178,22 @@ impl Inner {
     /// Takes a `Pending` entry out of the book (its attempt or release ended), and wakes the
     /// key's waiters if one found it on its way to the server (see [`Book::waited_behind`]).
     pub(crate) fn forget_pending(&self, hash: BookKey) {
-        let waited_behind = {
-            let mut book = lock(&self.book);
-            if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
-                return;
-            }
-            book.entries.remove(&hash);
-            match hash {
-                BookKey::Lock(hash) => book.waited_behind.remove(&hash),
-                BookKey::Shared(_) => None,
-            }
-        };
-        if let Some(key) = waited_behind {
+        if let Some(key) = self.take_pending(hash) {
             self.hub.notify(key.as_str());
+        }
+    }
+
+    /// [`Inner::forget_pending`] without the wake-up: returns the key whose waiter found the
+    /// entry on its way to the server, if one did.
+    fn take_pending(&self, hash: BookKey) -> Option<LockKey> {
+        let mut book = lock(&self.book);
+        if !matches!(book.entries.get(&hash), Some(Entry::Pending)) {
+            return None;
+        }
+        book.entries.remove(&hash);
+        match hash {
+            BookKey::Lock(hash) => book.waited_behind.remove(&hash),
+            BookKey::Shared(_) => None,
         }
     }
 
