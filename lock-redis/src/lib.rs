@@ -35,8 +35,8 @@
 
 mod cluster;
 mod heard;
-mod in_flight;
 mod keys;
+mod late_calls;
 mod link;
 mod node;
 mod options;

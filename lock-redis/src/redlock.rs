@@ -1,6 +1,6 @@
 //! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
 
-use crate::in_flight::CallsInFlight;
+use crate::late_calls::LateCalls;
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
 use crate::shared::{SharedAcquire, Target};
 use crate::{KeyScheme, RedisOptions};
@@ -37,8 +37,8 @@ pub struct RedlockBackend {
     node_timeout: Duration,
     /// Bound on renew and release calls per node: the command timeout.
     release_timeout: Duration,
-    /// Acquire calls still running after their acquire returned (see `in_flight.rs`).
-    in_flight: Arc<CallsInFlight>,
+    /// Acquire calls still running after their acquire returned (see `late_calls.rs`).
+    late_calls: Arc<LateCalls>,
 }
 
 /// The smallest TTL granted: smaller requests are raised to it (the lease reports it), as
@@ -58,6 +58,15 @@ enum Round {
     Done(Attempt),
     /// No owner has a quorum (contenders split the nodes): worth another round.
     Split(Attempt),
+}
+
+/// Whether a node call's `answer` says it set nothing there: `refused` by the script, or
+/// never sent (a refused connection). See `late_calls.rs`.
+fn set_nothing<T>(answer: &Result<T, LockError>, refused: impl Fn(&T) -> bool) -> bool {
+    match answer {
+        Ok(answer) => refused(answer),
+        Err(error) => !crate::node::may_have_run(error),
+    }
 }
 
 fn node(nodes: &Nodes, index: usize) -> Result<&Node, LockError> {
@@ -187,7 +196,7 @@ impl RedlockBackend {
             quorum,
             node_timeout: options.node_timeout,
             release_timeout: options.command_timeout,
-            in_flight: Arc::default(),
+            late_calls: Arc::default(),
         })
     }
 
@@ -410,7 +419,7 @@ impl RedlockBackend {
         let lock_keys = scheme.lock_keys(key);
         let (lock_key, fence_key) = (lock_keys[0].clone(), lock_keys[1].clone());
         let owner = OwnerToken::random();
-        let token = crate::node::token_hex(owner);
+        let token = Arc::<str>::from(crate::node::token_hex(owner));
         // Waiters of ours subscribed before this attempt: mark the holder so its release
         // publishes.
         let mark = self.inner.hub.has_waiters(key.as_str());
@@ -418,24 +427,27 @@ impl RedlockBackend {
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
 
-        let shared_token = Arc::<str>::from(token.as_str());
-        let flight = self.in_flight.start(&shared_token, self.inner.nodes.len());
+        let mut calls = self.late_calls.start(
+            &token,
+            self.inner.clone(),
+            Arc::new(Target::Lock(lock_keys.clone())),
+            self.release_timeout,
+        );
         let outcomes = {
-            let (keys, target) = (
-                Arc::new(lock_keys.clone()),
-                Arc::new(Target::Lock(lock_keys.clone())),
-            );
+            let keys = Arc::new(lock_keys.clone());
             self.on_all(
                 limit,
                 |nodes, index| {
-                    let (keys, token) = (keys.clone(), shared_token.clone());
-                    let call =
-                        flight.guard(nodes.clone(), index, target.clone(), self.release_timeout);
+                    let (keys, token) = (keys.clone(), token.clone());
+                    let mut guard = calls.guard(index);
                     async move {
-                        let _call = call;
-                        node(&nodes, index)?
+                        let answer = node(&nodes, index)?
                             .acquire(&keys[0], &keys[1], &token, ttl_ms, mark)
-                            .await
+                            .await;
+                        if set_nothing(&answer, |answer| matches!(answer, NodeAcquire::Held(..))) {
+                            guard.set_nothing();
+                        }
+                        answer
                     }
                 },
                 self.acquire_decided(),
@@ -489,6 +501,7 @@ impl RedlockBackend {
                     sent_at,
                 )
                 .with_valid_until(valid_until);
+                calls.keep();
                 return Ok(Round::Done(Attempt::Acquired(lease)));
             }
             errors.push(format!(
@@ -498,7 +511,7 @@ impl RedlockBackend {
 
         // Not granted: roll back (a node that timed out may have set the key), calls still
         // on their way included.
-        flight.give_back();
+        calls.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         held_nodes.extend(not_sent);
         self.roll_back(
@@ -546,20 +559,28 @@ impl RedlockBackend {
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
         let (quorum, spare) = (self.quorum, self.inner.nodes.len() - self.quorum);
-        let flight = self.in_flight.start(&token, self.inner.nodes.len());
-        let target = Arc::new(Target::Rw((*keys).clone(), mode));
+        let mut calls = self.late_calls.start(
+            &token,
+            self.inner.clone(),
+            Arc::new(Target::Rw((*keys).clone(), mode)),
+            self.release_timeout,
+        );
         let outcomes = self
             .on_all(
                 limit,
                 |nodes, index| {
                     let (keys, token) = (keys.clone(), token.clone());
-                    let call =
-                        flight.guard(nodes.clone(), index, target.clone(), self.release_timeout);
+                    let mut guard = calls.guard(index);
                     async move {
-                        let _call = call;
-                        node(&nodes, index)?
+                        let answer = node(&nodes, index)?
                             .acquire_rw(&keys, mode, &token, ttl_ms, mark)
-                            .await
+                            .await;
+                        if set_nothing(&answer, |answer| {
+                            !matches!(answer, SharedAcquire::Acquired(_))
+                        }) {
+                            guard.set_nothing();
+                        }
+                        answer
                     }
                 },
                 move |outcomes| {
@@ -622,6 +643,7 @@ impl RedlockBackend {
                 )
                 .with_valid_until(valid_until)
                 .with_kind(kind);
+                calls.keep();
                 return Ok(Round::Done(Attempt::Acquired(lease)));
             }
             errors.push(format!(
@@ -633,7 +655,7 @@ impl RedlockBackend {
         // Not granted: roll our side back everywhere it may be (not where it was refused:
         // the script is atomic), waiting only for the nodes that admitted us; calls still on
         // their way release it when they land.
-        flight.give_back();
+        calls.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         self.roll_back(
             Target::Rw((*keys).clone(), mode),
@@ -758,7 +780,7 @@ impl LockBackend for RedlockBackend {
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
         // Acquire calls of this lease still on their way release it when they land.
-        self.in_flight
+        self.late_calls
             .give_back(&crate::node::token_hex(lease.owner()));
         // No validity is at stake here, so a loaded node gets the longer command timeout.
         let limit = self.release_timeout;

@@ -875,10 +875,10 @@ async fn timed_out_acquires_keep_cleanup_bounded() -> Result<()> {
 }
 
 /// Makes `server`'s next acquire script call late against a release sent after it: the
-/// script cache is flushed, then only the release script of leases of `kind` is loaded again
-/// (a release of a lease nobody holds, through `backend`). An acquire then needs `NOSCRIPT`, `SCRIPT LOAD`
-/// and a second call there (three round trips through the delayed proxy), while a release
-/// sent after it needs one and overtakes it.
+/// script cache is flushed, then only the release script of leases of `kind` is loaded
+/// again (a release of a lease nobody holds, through `backend`). An acquire then needs
+/// `NOSCRIPT`, `SCRIPT LOAD` and a second call there (three round trips through the delayed
+/// proxy), while a release sent after it needs one and overtakes it.
 async fn acquire_script_late_on(
     server: &RedisServer,
     backend: &RedlockBackend,
@@ -1001,5 +1001,43 @@ async fn redlock_rw_release_covers_an_acquire_call_still_on_its_way() -> Result<
         gone_after_settling(&servers[2], &scheme.rw_keys(&key)[1]).await?,
         "the slow node kept the released writer (its acquire call landed after the release)"
     );
+    Ok(())
+}
+
+/// A Redlock acquire round dropped midway by a direct caller of the backend (the `Locker`
+/// finishes dropped attempts itself) leaves no key behind: not on the node that already said
+/// yes, nor on the nodes whose calls were still on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_acquire_cancelled_midway_leaves_no_key() -> Result<()> {
+    let servers = (0..3)
+        .map(|i| RedisServer::builder().proxy(i > 0).start())
+        .collect::<Result<Vec<_>>>()?;
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let options = RedisOptions::default().node_timeout(Duration::from_secs(1));
+    let backend = RedlockBackend::connect_nodes(&urls, options).await?;
+    for server in &servers[1..] {
+        server
+            .proxy()
+            .context("no proxy")?
+            .set_delay(Duration::from_millis(150));
+    }
+    let key = LockKey::new(unique("cancelled-midway"))?;
+    let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
+    let attempt = timeout(
+        Duration::from_millis(100),
+        backend.try_acquire(&key, Duration::from_secs(30)),
+    )
+    .await;
+    ensure!(
+        attempt.is_err(),
+        "the round finished within 100 ms: nothing was cancelled"
+    );
+    sleep(Duration::from_millis(1000)).await;
+    for (index, server) in servers.iter().enumerate() {
+        ensure!(
+            gone_after_settling(server, &scheme.lock_key(&key)).await?,
+            "node {index} kept the cancelled round's key"
+        );
+    }
     Ok(())
 }

@@ -247,14 +247,17 @@ async fn redlock_rw_fences_increase_across_quorums() -> Result<()> {
     backend.release(&first).await?;
     // Release returns once a quorum answered; the third node's release may still be on its
     // way (in the background) and would make that node refuse the reader below: wait until
-    // no node has the writer key. (The acquire also returned at a quorum, and its call to the
-    // third node may land after the release's; that call then releases the writer itself,
-    // see lock-redis's `in_flight.rs`. Until 2026-12-02 it did not, and this test released
-    // again after a CI run found the writer on a node 5 s later.)
+    // no node has the writer key. The acquire also returned at a quorum, and its call to the
+    // third node may land after the release's; since 2026-12-02 that call releases the writer
+    // itself (`late_calls.rs`; tested in `faults.rs`). Before, a CI run (loaded machine) found
+    // the writer on a node 5 s later. One case stays uncovered there (a call cut off by the
+    // node timeout whose connection was replaced before the release), so this test still
+    // releases again now and then rather than fail on it.
     let writer_key = scheme()?.rw_keys(&key)[1].clone();
     for server in &servers {
         let mut conn = server.client()?.get_multiplexed_async_connection().await?;
         let gone = async {
+            let mut checks = 0_u32;
             loop {
                 let exists: bool = redis::cmd("EXISTS")
                     .arg(&writer_key)
@@ -262,6 +265,10 @@ async fn redlock_rw_fences_increase_across_quorums() -> Result<()> {
                     .await?;
                 if !exists {
                     return anyhow::Ok(());
+                }
+                checks += 1;
+                if checks.is_multiple_of(50) {
+                    backend.release(&first).await?;
                 }
                 sleep(Duration::from_millis(10)).await;
             }
