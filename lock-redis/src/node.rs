@@ -6,7 +6,7 @@ use futures::StreamExt;
 use lock_core::{LockError, ReleaseHub};
 use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -540,13 +540,68 @@ enum Command {
     Unsubscribe(String),
 }
 
+/// Keys whose channel the listener has confirmed on its current connection. A waiter of such
+/// a key needs no message to the listener (`Node::subscribe`): in a busy loop on one key that
+/// message and its answer were two task wake-ups per acquisition. Cleared when the
+/// connection is lost. Why a key found here stays subscribed: a waiter joins the hub before
+/// it looks here, and the listener, before it sends a key's `UNSUBSCRIBE`, takes the key out
+/// of this set and only then checks that the hub has no waiter of it (only the listener's
+/// own task puts keys in); so a waiter that found the key is seen by that check.
+#[derive(Clone, Debug, Default)]
+struct ConfirmedKeys(Arc<Mutex<HashSet<String>>>);
+
+impl ConfirmedKeys {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.set().contains(key)
+    }
+
+    fn insert(&self, key: &str) {
+        let mut set = self.set();
+        if !set.contains(key) {
+            set.insert(key.to_owned());
+        }
+    }
+
+    fn remove(&self, key: &str) {
+        self.set().remove(key);
+    }
+
+    fn clear(&self) {
+        self.set().clear();
+    }
+}
+
+/// What a node and the hub's idle hook hold of a listener: its command queue and the keys it
+/// has confirmed.
+#[derive(Clone, Debug)]
+struct ListenerLink {
+    commands: mpsc::UnboundedSender<Command>,
+    confirmed: ConfirmedKeys,
+}
+
+/// A listener's link and the receiving end of its command queue.
+fn listener_channel() -> (ListenerLink, mpsc::UnboundedReceiver<Command>) {
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let link = ListenerLink {
+        commands,
+        confirmed: ConfirmedKeys::default(),
+    };
+    (link, receiver)
+}
+
 /// One Redis server.
 #[derive(Debug)]
 pub(crate) struct Node {
     conn: Arc<Conn>,
     /// The database (release announcements name it: pub/sub ignores databases).
     db: i64,
-    commands: mpsc::UnboundedSender<Command>,
+    listener: ListenerLink,
     addr: String,
     /// `RedisOptions::wait_replicas`: each write script is followed by `WAIT` in the same
     /// pipeline (see [`Node::eval_write`]).
@@ -639,10 +694,7 @@ impl Node {
         conn: ConnectionManager,
         scheme: KeyScheme,
         feeds: Feeds,
-        commands: (
-            mpsc::UnboundedSender<Command>,
-            mpsc::UnboundedReceiver<Command>,
-        ),
+        commands: (ListenerLink, mpsc::UnboundedReceiver<Command>),
         options: &crate::RedisOptions,
         shutdown: CancellationToken,
     ) -> Node {
@@ -669,27 +721,24 @@ impl Node {
         addr: String,
         scheme: KeyScheme,
         feeds: Feeds,
-        commands: (
-            mpsc::UnboundedSender<Command>,
-            mpsc::UnboundedReceiver<Command>,
-        ),
+        commands: (ListenerLink, mpsc::UnboundedReceiver<Command>),
         options: &crate::RedisOptions,
         shutdown: CancellationToken,
     ) -> Node {
-        let (sender, receiver) = commands;
+        let (link, receiver) = commands;
         let db = scheme.db();
         tokio::spawn(listen(
             conn.clone(),
             scheme,
             feeds,
-            receiver,
+            (receiver, link.confirmed.clone()),
             shutdown,
             options.command_timeout.min(Duration::from_secs(1)),
         ));
         Node {
             conn,
             db,
-            commands: sender,
+            listener: link,
             addr,
             replicas: options.wait_replicas,
         }
@@ -943,8 +992,12 @@ impl Node {
     /// request when the caller stops waiting (cancel safe: the key stays subscribed while it
     /// has waiters in the hub).
     pub(crate) async fn subscribe(&self, key: &str) {
+        if self.listener.confirmed.contains(key) {
+            return;
+        }
         let (ack, confirmed) = oneshot::channel();
         if self
+            .listener
             .commands
             .send(Command::Subscribe(key.to_owned(), ack))
             .is_ok()
@@ -979,16 +1032,16 @@ pub(crate) async fn connect_server(
 }
 
 /// The hook a hub calls when a key's last waiter leaves: unsubscribe on every node.
-fn idle_hook(
-    senders: Vec<mpsc::UnboundedSender<Command>>,
-    heard: Option<Arc<crate::heard::Heard>>,
-) -> ReleaseHub {
+fn idle_hook(links: Vec<ListenerLink>, heard: Option<Arc<crate::heard::Heard>>) -> ReleaseHub {
     ReleaseHub::with_idle_hook(move |key| {
         if let Some(heard) = &heard {
             heard.forget(key);
         }
-        for sender in &senders {
-            let _ = sender.send(Command::Unsubscribe(key.to_owned()));
+        for link in &links {
+            // Before the request: a new waiter must not take the key for confirmed while its
+            // UNSUBSCRIBE is on the way (the listener keeps the key if it has waiters again).
+            link.confirmed.remove(key);
+            let _ = link.commands.send(Command::Unsubscribe(key.to_owned()));
         }
     })
 }
@@ -1000,7 +1053,7 @@ async fn listen(
     conn: Arc<Conn>,
     scheme: KeyScheme,
     feeds: Feeds,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    (mut commands, confirmed): (mpsc::UnboundedReceiver<Command>, ConfirmedKeys),
     shutdown: CancellationToken,
     op_timeout: Duration,
 ) {
@@ -1010,6 +1063,8 @@ async fn listen(
     let mut attempt = 0usize;
     let mut moved = conn.moved.subscribe();
     loop {
+        // Nothing is confirmed on a connection that is not there (yet, or any more).
+        confirmed.clear();
         if !first {
             // Every reconnect waits its backoff step, whatever failed (connect, SUBSCRIBE
             // refused by an ACL, a dropped link), so a failure that repeats at once cannot
@@ -1078,6 +1133,9 @@ async fn listen(
             }
             channels.extend(names.into_iter().zip(keys.iter().cloned()));
         }
+        for key in &keys {
+            confirmed.insert(key);
+        }
         let mut subs = Subscriptions {
             state: keys.into_iter().map(|key| (key, Sub::Confirmed)).collect(),
             channels,
@@ -1087,6 +1145,7 @@ async fn listen(
             sink,
             scheme: scheme.clone(),
             limit: op_timeout,
+            confirmed: confirmed.clone(),
         };
         let connected_at = Instant::now();
         hub.notify_all();
@@ -1264,6 +1323,8 @@ struct Subscriptions {
     sink: redis::aio::MultiplexedConnection,
     scheme: KeyScheme,
     limit: Duration,
+    /// The keys in `state` that are `Confirmed`, for waiters to read.
+    confirmed: ConfirmedKeys,
 }
 
 impl Subscriptions {
@@ -1273,6 +1334,8 @@ impl Subscriptions {
             Command::Subscribe(key, ack) => match self.state.get_mut(&key) {
                 // Confirmed on this connection: no round trip needed.
                 Some(Sub::Confirmed) => {
+                    // Out of the shared set only if the idle hook took it out meanwhile.
+                    self.confirmed.insert(&key);
                     let _ = ack.send(());
                 }
                 // Its SUBSCRIBE is on the way: confirmed with it.
@@ -1290,9 +1353,18 @@ impl Subscriptions {
                 }
             },
             Command::Unsubscribe(key) => {
+                // Out of the shared set before the look at the hub: a waiter that still finds
+                // it there is in the hub already, so it is seen below and the key is kept.
+                self.confirmed.remove(&key);
                 // A new waiter may have come between the hook and now: keep it. A key not
                 // subscribed on this connection has nothing to undo.
-                if hub.has_waiters(&key) || self.state.remove(&key).is_none() {
+                if hub.has_waiters(&key) {
+                    if matches!(self.state.get(&key), Some(Sub::Confirmed)) {
+                        self.confirmed.insert(&key);
+                    }
+                    return;
+                }
+                if self.state.remove(&key).is_none() {
                     return;
                 }
                 // The SUBSCRIBEs gathered so far go first: the server must see a key's
@@ -1337,6 +1409,7 @@ impl Subscriptions {
             if !matches!(sub, Sub::Pending { batch: sent, .. } if *sent == batch) {
                 continue;
             }
+            self.confirmed.insert(&key);
             if let Sub::Pending { acks, .. } = std::mem::replace(sub, Sub::Confirmed) {
                 for ack in acks {
                     let _ = ack.send(());
@@ -1494,10 +1567,10 @@ impl Nodes {
             ));
         }
         // One command channel per node; the senders also go to the hub's idle hook.
-        let channels: Vec<_> = urls.iter().map(|_| mpsc::unbounded_channel()).collect();
+        let channels: Vec<_> = urls.iter().map(|_| listener_channel()).collect();
         let heard = (urls.len() > 1).then(Arc::default);
         let hub = idle_hook(
-            channels.iter().map(|(sender, _)| sender.clone()).collect(),
+            channels.iter().map(|(link, _)| link.clone()).collect(),
             heard.clone(),
         );
         let shutdown = CancellationToken::new();
@@ -1599,7 +1672,7 @@ impl Nodes {
         scheme: KeyScheme,
         options: &crate::RedisOptions,
     ) -> Arc<Nodes> {
-        let channel = mpsc::unbounded_channel();
+        let channel = listener_channel();
         let hub = idle_hook(vec![channel.0.clone()], None);
         let shutdown = CancellationToken::new();
         let grants = crate::queue::Grants::default();
@@ -1629,6 +1702,15 @@ impl Nodes {
     /// connected, see [`Node::subscribe`]), or after `wait`. The other subscriptions go on in
     /// the listeners.
     pub(crate) async fn subscribe(&self, key: &str, needed: usize, wait: Duration) {
+        // The common case in a busy loop: confirmed already, nothing to wait for.
+        let confirmed = self
+            .nodes
+            .iter()
+            .filter(|node| node.listener.confirmed.contains(key))
+            .count();
+        if confirmed >= needed {
+            return;
+        }
         let mut pending: futures::stream::FuturesUnordered<_> =
             self.nodes.iter().map(|node| node.subscribe(key)).collect();
         let _ = timeout(wait, async {

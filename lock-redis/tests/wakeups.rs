@@ -415,6 +415,33 @@ async fn last_waiter_leaving_unsubscribes() -> Result<()> {
     }
 }
 
+/// A waiter of a key whose channel is confirmed returns without asking the listener (since
+/// 2026-12-02: a shared set of confirmed keys). The set must never answer for a channel that
+/// is not subscribed: here a key's last waiter leaves (its UNSUBSCRIBE is asked for) and a new
+/// waiter comes right after, 200 times, sometimes with a third waiter in between; each time a
+/// subscribe has returned, the server must count a subscriber on the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_right_after_the_last_one_left_is_subscribed() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let key = LockKey::new("leave-and-come-back")?;
+    let mut waiter = backend.subscribe(&key).await?;
+    for round in 0..200 {
+        drop(waiter);
+        if round % 3 == 0 {
+            // Another waiter comes and goes while the UNSUBSCRIBE may be on its way.
+            drop(backend.subscribe(&key).await?);
+        }
+        waiter = backend.subscribe(&key).await?;
+        let counted = subscribers(&server, std::slice::from_ref(&key)).await?;
+        ensure!(
+            counted == [1],
+            "round {round}: a waiter's subscribe returned, but the server counts {counted:?} subscribers"
+        );
+    }
+    Ok(())
+}
+
 /// Redlock runs a release on every node and each node announces it: the copies must count as
 /// one release, which wakes one of this process's two waiters of the key, not one per node
 /// (#13: a release wakes one local waiter per key). Before, the three copies woke both.
