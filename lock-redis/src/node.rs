@@ -546,7 +546,8 @@ enum Command {
 /// connection is lost. Why a key found here stays subscribed: a waiter joins the hub before
 /// it looks here, and the listener, before it sends a key's `UNSUBSCRIBE`, takes the key out
 /// of this set and only then checks that the hub has no waiter of it (only the listener's
-/// own task puts keys in); so a waiter that found the key is seen by that check.
+/// own task puts keys in, and never between those two steps); so a waiter that found the key
+/// is seen by that check.
 #[derive(Clone, Debug, Default)]
 struct ConfirmedKeys(Arc<Mutex<HashSet<String>>>);
 
@@ -574,6 +575,14 @@ impl ConfirmedKeys {
 
     fn clear(&self) {
         self.set().clear();
+    }
+
+    /// Before a key's `UNSUBSCRIBE` is decided: takes `key` out, and only then asks
+    /// `has_waiters`. A waiter that still found the key here had joined the hub before, so
+    /// `has_waiters` sees it (see the type's docs).
+    fn take_out_then_check(&self, key: &str, has_waiters: impl FnOnce(&str) -> bool) -> bool {
+        self.remove(key);
+        has_waiters(key)
     }
 }
 
@@ -1038,9 +1047,8 @@ fn idle_hook(links: Vec<ListenerLink>, heard: Option<Arc<crate::heard::Heard>>) 
             heard.forget(key);
         }
         for link in &links {
-            // Before the request: a new waiter must not take the key for confirmed while its
-            // UNSUBSCRIBE is on the way (the listener keeps the key if it has waiters again).
-            link.confirmed.remove(key);
+            // The listener takes the key out of its confirmed set itself (see
+            // `ConfirmedKeys`), and keeps it if a waiter came back meanwhile.
             let _ = link.commands.send(Command::Unsubscribe(key.to_owned()));
         }
     })
@@ -1353,12 +1361,12 @@ impl Subscriptions {
                 }
             },
             Command::Unsubscribe(key) => {
-                // Out of the shared set before the look at the hub: a waiter that still finds
-                // it there is in the hub already, so it is seen below and the key is kept.
-                self.confirmed.remove(&key);
                 // A new waiter may have come between the hook and now: keep it. A key not
                 // subscribed on this connection has nothing to undo.
-                if hub.has_waiters(&key) {
+                if self
+                    .confirmed
+                    .take_out_then_check(&key, |key| hub.has_waiters(key))
+                {
                     if matches!(self.state.get(&key), Some(Sub::Confirmed)) {
                         self.confirmed.insert(&key);
                     }
@@ -1702,13 +1710,14 @@ impl Nodes {
     /// connected, see [`Node::subscribe`]), or after `wait`. The other subscriptions go on in
     /// the listeners.
     pub(crate) async fn subscribe(&self, key: &str, needed: usize, wait: Duration) {
-        // The common case in a busy loop: confirmed already, nothing to wait for.
-        let confirmed = self
+        // The common case in a busy loop: confirmed already on every node, nothing to ask.
+        // (Not when only `needed` nodes are: the others must still be asked, or a node that
+        // unsubscribed the key would stay unsubscribed while it stays busy.)
+        if self
             .nodes
             .iter()
-            .filter(|node| node.listener.confirmed.contains(key))
-            .count();
-        if confirmed >= needed {
+            .all(|node| node.listener.confirmed.contains(key))
+        {
             return;
         }
         let mut pending: futures::stream::FuturesUnordered<_> =
@@ -1728,6 +1737,27 @@ impl Nodes {
 
 #[cfg(test)]
 mod tests {
+    use super::ConfirmedKeys;
+
+    /// The order that keeps a key found in the set subscribed: out of the set first, then
+    /// the look at the hub (a waiter joins the hub, then reads the set).
+    #[test]
+    fn a_key_leaves_the_confirmed_set_before_its_waiters_are_counted() {
+        let confirmed = ConfirmedKeys::default();
+        confirmed.insert("k");
+        let mut looked = false;
+        let waited = confirmed.take_out_then_check("k", |key| {
+            looked = true;
+            // A waiter reading the set now must not find the key.
+            !confirmed.contains(key)
+        });
+        assert!(
+            looked && waited,
+            "the key was still in the set when the hub was asked"
+        );
+        assert!(!confirmed.contains("k"));
+    }
+
     #[test]
     fn token_hex_matches_display() {
         for _ in 0..100 {

@@ -416,28 +416,46 @@ async fn last_waiter_leaving_unsubscribes() -> Result<()> {
 }
 
 /// A waiter of a key whose channel is confirmed returns without asking the listener (since
-/// 2026-12-02: a shared set of confirmed keys). The set must never answer for a channel that
-/// is not subscribed: here a key's last waiter leaves (its UNSUBSCRIBE is asked for) and a new
-/// waiter comes right after, 200 times, sometimes with a third waiter in between; each time a
-/// subscribe has returned, the server must count a subscriber on the channel.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiter_right_after_the_last_one_left_is_subscribed() -> Result<()> {
+/// 2026-12-02: a set of confirmed keys the listener shares). The set must never answer for a
+/// channel that is not, or soon will not be, subscribed: here four tasks of one backend
+/// subscribe to one key and leave again, 150 times each, so the key's last waiter leaves
+/// (and its UNSUBSCRIBE is decided) while others come; each time a subscribe has returned,
+/// with its waiter still there, the server must count a subscriber on the channel once the
+/// listener has done what it had queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_coming_and_going_keep_the_channel_subscribed() -> Result<()> {
     let server = RedisServer::start()?;
     let backend = RedisBackend::connect(&server.url()).await?;
-    let key = LockKey::new("leave-and-come-back")?;
-    let mut waiter = backend.subscribe(&key).await?;
-    for round in 0..200 {
-        drop(waiter);
-        if round % 3 == 0 {
-            // Another waiter comes and goes while the UNSUBSCRIBE may be on its way.
-            drop(backend.subscribe(&key).await?);
-        }
-        waiter = backend.subscribe(&key).await?;
-        let counted = subscribers(&server, std::slice::from_ref(&key)).await?;
-        ensure!(
-            counted == [1],
-            "round {round}: a waiter's subscribe returned, but the server counts {counted:?} subscribers"
-        );
+    let key = LockKey::new("come-and-go")?;
+    let channel = scheme()?.channel(key.as_str());
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let (backend, key, channel) = (backend.clone(), key.clone(), channel.clone());
+        let mut conn = server.client()?.get_multiplexed_async_connection().await?;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..150 {
+                let waiter = backend.subscribe(&key).await?;
+                // Whatever the listener had queued (another waiter's leaving) is done by now.
+                sleep(Duration::from_millis(3)).await;
+                let counted: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut conn)
+                    .await?;
+                ensure!(
+                    counted.first().map(|(_, count)| *count) == Some(1),
+                    "task {task}, round {round}: a waiter's subscribe returned, but the server counts {counted:?}"
+                );
+                drop(waiter);
+                if round % 2 == task % 2 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
     }
     Ok(())
 }
