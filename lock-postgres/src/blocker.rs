@@ -80,6 +80,10 @@ pub(crate) struct Blockers {
     /// Keys with waiters that `subscribe` left without a waiter mark (see
     /// [`Inner::subscribe_without_mark`]); emptied of a key when its last waiter goes.
     unmarked: std::collections::HashSet<String>,
+    /// Keys with a waiter of release signals (`subscribe`, not a waiter on the server):
+    /// their "held" answers arm a blocker even when a waiter on the server subscribed to the
+    /// key later (`Inner::lock_held_elsewhere`). Emptied of a key when its last waiter goes.
+    signal_waited: std::collections::HashSet<String>,
 }
 
 /// How many keys [`Blockers::held_here`] remembers before it starts over.
@@ -110,6 +114,7 @@ impl Blockers {
     /// instead of holding a slot for [`BLOCKER_IDLE`].
     pub(crate) fn key_idle(&mut self, key: &str) {
         self.unmarked.remove(key);
+        self.signal_waited.remove(key);
         if let Some((arm, _)) = self.running.get(key) {
             arm.wake.notify_one();
         }
@@ -165,11 +170,24 @@ impl Inner {
     /// If that waiter cannot wait on the server, it forgets the key first and its next held
     /// answer arms one.
     pub(crate) fn lock_held_elsewhere(self: &Arc<Self>, key: &LockKey) {
-        lock(&self.blockers).held_here.remove(key.as_str());
+        let signal_waited = {
+            let mut blockers = lock(&self.blockers);
+            blockers.held_here.remove(key.as_str());
+            blockers.signal_waited.contains(key.as_str())
+        };
         self.mark_if_unmarked(key.as_str());
-        if !self.has_unmarked_server_waiter(key) {
+        // A waiter of release signals needs the blocker whatever waits on the server: a
+        // server waiter that subscribed after it left the key in the set, and may be gone.
+        if signal_waited || !self.has_unmarked_server_waiter(key) {
             self.arm_blocker(key);
         }
+    }
+
+    /// A waiter of release signals subscribed to `key` (see [`Blockers::signal_waited`]).
+    pub(crate) fn note_signal_waiter(&self, key: &LockKey) {
+        lock(&self.blockers)
+            .signal_waited
+            .insert(key.as_str().to_owned());
     }
 
     /// A waited-for key left unmarked by `subscribe` that nothing else covers now: mark it.

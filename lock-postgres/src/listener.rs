@@ -504,9 +504,11 @@ impl Inner {
         if mark {
             // A waiter of release signals needs a blocker for a holder session the server
             // ends: a key left in the set by an earlier waiter on the server would suppress
-            // it. (A waiter on the server still subscribed then arms blockers it does not
-            // need; this waiter's mark covers its fallback.)
+            // it, and so would one a later waiter on the server leaves (`signal_waited`). (A
+            // waiter on the server still subscribed then arms blockers it does not need;
+            // this waiter's mark covers its fallback.)
             self.take_unmarked_server_waiter(key);
+            self.note_signal_waiter(key);
         }
         if self.subscribe_without_mark(key) {
             return releases;

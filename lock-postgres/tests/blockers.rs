@@ -449,3 +449,48 @@ async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_w
     .await?;
     Ok(())
 }
+
+/// The other order: a waiter of release signals first, then a waiter on the server of the
+/// same key that leaves again. The key stayed in the backend's set of server waiters, so the
+/// signal waiter's "held" answers about the next holder armed no blocker, and it did not hear
+/// that this holder's session was terminated (until its backoff step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signal_waiter_keeps_its_blocker_after_a_server_waiter_came_and_left() -> Result<()> {
+    let server = server().await?;
+    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let name = unique("signal-then-server");
+    let key = LockKey::new(&name)?;
+    let ttl = Duration::from_secs(30);
+    let first = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let lease = first
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("the key was not free")?;
+    let mut releases = wait_behind(&waiter, &key).await?;
+    // A waiter on the server comes and goes.
+    drop(waiter.subscribe_server_waiter(&key).await?);
+    ensure!(first.release(&lease).await?, "release answered false");
+    // The next holder, whose session the server will end.
+    let app = unique("signal-then-server-holder");
+    let holder = backend_at(&server.url(), named(&app)).await?;
+    let _lease = holder
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("the key was not free after the release")?;
+    ensure!(
+        waiter.try_acquire(&key, ttl).await?.into_lease().is_none(),
+        "the key was free"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drain_wakes(&mut releases).await;
+    let freed = terminate_holders(server, &app).await?;
+    expect_woken(
+        &mut releases,
+        freed,
+        "signal waiter (after a server waiter came and left, the next holder's session ended)",
+    )
+    .await?;
+    Ok(())
+}
