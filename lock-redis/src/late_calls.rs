@@ -26,26 +26,19 @@
 use crate::node::Nodes;
 use crate::shared::Target;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::task::JoinHandle;
 
-/// One acquire round's token: whether its lease was given back, and how many holders (the
-/// round itself and its node calls) have not ended.
-#[derive(Debug)]
-struct Calls {
-    given_back: AtomicBool,
-    pending: AtomicUsize,
-}
-
-/// A backend's acquire rounds with node calls still running, by owner token (hex). An entry
-/// lives until its round and the round's last call ended, at most the node timeout after
-/// the round returned.
+/// A backend's acquire rounds with node calls still running: owner token (hex) → whether
+/// the round's lease was given back. An entry lives as long as its round or one of the
+/// round's calls does (at most the node timeout after the round returned).
 #[derive(Debug, Default)]
-pub(crate) struct LateCalls(Mutex<HashMap<Arc<str>, Arc<Calls>>>);
+pub(crate) struct LateCalls(Mutex<HashMap<Arc<str>, Arc<AtomicBool>>>);
 
 impl LateCalls {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Calls>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<AtomicBool>>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -60,18 +53,18 @@ impl LateCalls {
         target: Arc<Target>,
         limit: Duration,
     ) -> AcquireCalls {
-        let calls = Arc::new(Calls {
-            given_back: AtomicBool::new(false),
-            pending: AtomicUsize::new(1),
-        });
-        self.map().insert(token.clone(), calls.clone());
-        AcquireCalls {
+        let given_back = Arc::new(AtomicBool::new(false));
+        self.map().insert(token.clone(), given_back.clone());
+        let round = Round {
             registry: self.clone(),
             token: token.clone(),
-            calls,
+            given_back,
             nodes,
             target,
             limit,
+        };
+        AcquireCalls {
+            round: Arc::new(round),
             kept: false,
         }
     }
@@ -79,21 +72,31 @@ impl LateCalls {
     /// Marks `token`'s lease as given back: its calls still running release it on their node
     /// when they end. Call before sending the release.
     pub(crate) fn give_back(&self, token: &str) {
-        if let Some(calls) = self.map().get(token) {
-            calls.given_back.store(true, Ordering::SeqCst);
+        if let Some(given_back) = self.map().get(token) {
+            given_back.store(true, Ordering::SeqCst);
         }
     }
+}
 
-    /// One holder of `token`'s entry ended: the last one takes the entry out.
-    fn end(&self, token: &Arc<str>, calls: &Arc<Calls>) {
-        if calls.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut map = self.map();
-            if map
-                .get(token)
-                .is_some_and(|registered| Arc::ptr_eq(registered, calls))
-            {
-                map.remove(token);
-            }
+/// What a round and its calls share. Its registry entry goes with the last of them.
+#[derive(Debug)]
+struct Round {
+    registry: Arc<LateCalls>,
+    token: Arc<str>,
+    given_back: Arc<AtomicBool>,
+    nodes: Arc<Nodes>,
+    target: Arc<Target>,
+    limit: Duration,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        let mut map = self.registry.map();
+        if map
+            .get(&self.token)
+            .is_some_and(|registered| Arc::ptr_eq(registered, &self.given_back))
+        {
+            map.remove(&self.token);
         }
     }
 }
@@ -103,27 +106,16 @@ impl LateCalls {
 /// it gives the lease back and releases it on every node in the background.
 #[derive(Debug)]
 pub(crate) struct AcquireCalls {
-    registry: Arc<LateCalls>,
-    token: Arc<str>,
-    calls: Arc<Calls>,
-    nodes: Arc<Nodes>,
-    target: Arc<Target>,
-    limit: Duration,
+    round: Arc<Round>,
     kept: bool,
 }
 
 impl AcquireCalls {
     /// The guard the call to node `index` holds until it ends.
     pub(crate) fn guard(&self, index: usize) -> NodeCallGuard {
-        self.calls.pending.fetch_add(1, Ordering::AcqRel);
         NodeCallGuard {
-            registry: self.registry.clone(),
-            token: self.token.clone(),
-            calls: self.calls.clone(),
-            nodes: self.nodes.clone(),
-            target: self.target.clone(),
+            round: self.round.clone(),
             index,
-            limit: self.limit,
             key_possible: true,
         }
     }
@@ -135,33 +127,34 @@ impl AcquireCalls {
 
     /// The round was not granted: marks the lease given back before its roll-back is sent.
     pub(crate) fn give_back(&self) {
-        self.calls.given_back.store(true, Ordering::SeqCst);
+        self.round.given_back.store(true, Ordering::SeqCst);
     }
 }
 
 impl Drop for AcquireCalls {
     fn drop(&mut self) {
-        if !self.kept && !self.calls.given_back.swap(true, Ordering::SeqCst) {
+        let round = &self.round;
+        if !self.kept && !round.given_back.swap(true, Ordering::SeqCst) {
             // Cancelled midway: nothing was rolled back. Calls that already answered "yes"
             // set the key; those still running see the mark when they end.
-            for index in 0..self.nodes.nodes.len() {
-                release_in_background(&self.nodes, &self.target, &self.token, index, self.limit);
+            for index in 0..round.nodes.nodes.len() {
+                release_on_node(
+                    &round.nodes,
+                    &round.target,
+                    &round.token,
+                    index,
+                    round.limit,
+                );
             }
         }
-        self.registry.end(&self.token, &self.calls);
     }
 }
 
 /// Held by one node call of an acquire round; see the module docs.
 #[derive(Debug)]
 pub(crate) struct NodeCallGuard {
-    registry: Arc<LateCalls>,
-    token: Arc<str>,
-    calls: Arc<Calls>,
-    nodes: Arc<Nodes>,
-    target: Arc<Target>,
+    round: Arc<Round>,
     index: usize,
-    limit: Duration,
     /// False once the call's answer says it set nothing (the node refused: another holder).
     key_possible: bool,
 }
@@ -176,34 +169,34 @@ impl NodeCallGuard {
 
 impl Drop for NodeCallGuard {
     fn drop(&mut self) {
-        if self.key_possible && self.calls.given_back.load(Ordering::SeqCst) {
-            release_in_background(
-                &self.nodes,
-                &self.target,
-                &self.token,
+        let round = &self.round;
+        if self.key_possible && round.given_back.load(Ordering::SeqCst) {
+            release_on_node(
+                &round.nodes,
+                &round.target,
+                &round.token,
                 self.index,
-                self.limit,
+                round.limit,
             );
         }
-        self.registry.end(&self.token, &self.calls);
     }
 }
 
-/// Releases `token` on node `index` in a task, bounded by `limit`; failures are logged (the
-/// key's TTL frees it). Outside a runtime (it is shutting down), nothing is sent.
-fn release_in_background(
+/// Releases `token` on node `index` in a task, bounded by `limit`; a failure is logged (the
+/// key's TTL frees it). Outside a runtime (it is shutting down) nothing is sent: `None`.
+pub(crate) fn release_on_node(
     nodes: &Arc<Nodes>,
     target: &Arc<Target>,
     token: &Arc<str>,
     index: usize,
     limit: Duration,
-) {
+) -> Option<JoinHandle<()>> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::debug!("no runtime to release a late acquire call on; its TTL frees the key");
-        return;
+        tracing::debug!("no runtime to release a Redlock token on; its TTL frees the key");
+        return None;
     };
     let (nodes, target, token) = (nodes.clone(), target.clone(), token.clone());
-    runtime.spawn(async move {
+    Some(runtime.spawn(async move {
         let Some(node) = nodes.nodes.get(index) else {
             return;
         };
@@ -211,12 +204,12 @@ fn release_in_background(
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::debug!(
                 %error, node = node.addr(),
-                "releasing a late acquire call failed; its TTL frees the key"
+                "releasing a Redlock token failed; its TTL frees the key"
             ),
             Err(_) => tracing::debug!(
                 node = node.addr(),
-                "releasing a late acquire call timed out; its TTL frees the key"
+                "releasing a Redlock token timed out; its TTL frees the key"
             ),
         }
-    });
+    }))
 }

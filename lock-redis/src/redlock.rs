@@ -1,6 +1,6 @@
 //! `RedlockBackend`: the Redlock algorithm over N independent Redis masters.
 
-use crate::late_calls::LateCalls;
+use crate::late_calls::{LateCalls, release_on_node};
 use crate::node::{Node, NodeAcquire, Nodes, ttl_millis};
 use crate::shared::{SharedAcquire, Target};
 use crate::{KeyScheme, RedisOptions};
@@ -311,22 +311,16 @@ impl RedlockBackend {
     /// second node timeout per attempt.
     async fn roll_back(
         &self,
-        target: Target,
-        token: &str,
+        target: &Arc<Target>,
+        token: &Arc<str>,
         limit: Duration,
         held: &[usize],
         wait_for: &[usize],
     ) {
-        let target = Arc::new(target);
-        let token = Arc::<str>::from(token);
         let mut waits = Vec::with_capacity(wait_for.len());
         for index in (0..self.inner.nodes.len()).filter(|index| !held.contains(index)) {
-            let (nodes, target, token) = (self.inner.clone(), target.clone(), token.clone());
-            let task = tokio::spawn(async move {
-                let release = async { target.release(node(&nodes, index)?, &token).await };
-                timeout(limit, release).await
-            });
-            if wait_for.contains(&index) {
+            let task = release_on_node(&self.inner, target, token, index, limit);
+            if let Some(task) = task.filter(|_| wait_for.contains(&index)) {
                 waits.push(task);
             }
         }
@@ -427,10 +421,11 @@ impl RedlockBackend {
         // Redlock validity: TTL − elapsed − drift, i.e. sent_at + TTL − drift.
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
 
+        let target = Arc::new(Target::Lock(lock_keys.clone()));
         let mut calls = self.late_calls.start(
             &token,
             self.inner.clone(),
-            Arc::new(Target::Lock(lock_keys.clone())),
+            target.clone(),
             self.release_timeout,
         );
         let outcomes = {
@@ -514,14 +509,8 @@ impl RedlockBackend {
         calls.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         held_nodes.extend(not_sent);
-        self.roll_back(
-            Target::Lock(lock_keys),
-            &token,
-            limit,
-            &held_nodes,
-            &acquired_nodes,
-        )
-        .await;
+        self.roll_back(&target, &token, limit, &held_nodes, &acquired_nodes)
+            .await;
         // The nodes we rolled back are free; a quorum is free once enough of the holders'
         // keys expire too.
         let expires_in = self.free_in(
@@ -559,10 +548,11 @@ impl RedlockBackend {
         let sent_at = Instant::now();
         let valid_until = sent_at + granted.saturating_sub(drift(granted));
         let (quorum, spare) = (self.quorum, self.inner.nodes.len() - self.quorum);
+        let target = Arc::new(Target::Rw((*keys).clone(), mode));
         let mut calls = self.late_calls.start(
             &token,
             self.inner.clone(),
-            Arc::new(Target::Rw((*keys).clone(), mode)),
+            target.clone(),
             self.release_timeout,
         );
         let outcomes = self
@@ -658,7 +648,7 @@ impl RedlockBackend {
         calls.give_back();
         let acquired_nodes: Vec<usize> = acquired.iter().map(|(index, _)| *index).collect();
         self.roll_back(
-            Target::Rw((*keys).clone(), mode),
+            &target,
             &token,
             limit,
             &[refused.as_slice(), &not_sent].concat(),
