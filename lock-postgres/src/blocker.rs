@@ -81,8 +81,10 @@ pub(crate) struct Blockers {
     /// [`Inner::subscribe_without_mark`]); emptied of a key when its last waiter goes.
     unmarked: std::collections::HashSet<String>,
     /// Keys with a waiter of release signals (`subscribe`, not a waiter on the server):
-    /// their "held" answers arm a blocker even when a waiter on the server subscribed to the
-    /// key later (`Inner::lock_held_elsewhere`). Emptied of a key when its last waiter goes.
+    /// their "held" answers arm a blocker even when the key is also in
+    /// `Inner::unmarked_server_waiters` (a waiter on the server subscribed before or after,
+    /// and may be gone: `Inner::lock_held_elsewhere`). Emptied of a key when its last waiter
+    /// goes.
     signal_waited: std::collections::HashSet<String>,
 }
 
@@ -177,7 +179,7 @@ impl Inner {
         };
         self.mark_if_unmarked(key.as_str());
         // A waiter of release signals needs the blocker whatever waits on the server: a
-        // server waiter that subscribed after it left the key in the set, and may be gone.
+        // waiter on the server leaves the key in that set, and may be gone.
         if signal_waited || !self.has_unmarked_server_waiter(key) {
             self.arm_blocker(key);
         }

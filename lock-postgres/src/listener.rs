@@ -503,11 +503,7 @@ impl Inner {
         let releases = self.hub.subscribe(key.as_str());
         if mark {
             // A waiter of release signals needs a blocker for a holder session the server
-            // ends: a key left in the set by an earlier waiter on the server would suppress
-            // it, and so would one a later waiter on the server leaves (`signal_waited`). (A
-            // waiter on the server still subscribed then arms blockers it does not need;
-            // this waiter's mark covers its fallback.)
-            self.take_unmarked_server_waiter(key);
+            // ends, whatever waits on the server (before or after it): see `signal_waited`.
             self.note_signal_waiter(key);
         }
         if self.subscribe_without_mark(key) {

@@ -148,8 +148,7 @@ impl Inner {
         lock(&self.unmarked_server_waiters).contains(key.as_str())
     }
 
-    /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it,
-    /// or is a waiter that marks it anyway).
+    /// Whether `key` may have a waiter without its mark (forgotten here: the caller marks it).
     pub(crate) fn take_unmarked_server_waiter(&self, key: &LockKey) -> bool {
         lock(&self.unmarked_server_waiters).remove(key.as_str())
     }

@@ -1342,8 +1342,6 @@ impl Subscriptions {
             Command::Subscribe(key, ack) => match self.state.get_mut(&key) {
                 // Confirmed on this connection: no round trip needed.
                 Some(Sub::Confirmed) => {
-                    // Out of the shared set only if the idle hook took it out meanwhile.
-                    self.confirmed.insert(&key);
                     let _ = ack.send(());
                 }
                 // Its SUBSCRIBE is on the way: confirmed with it.
