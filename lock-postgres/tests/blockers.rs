@@ -47,6 +47,31 @@ async fn terminate_holders(server: &'static PostgresServer, app: &str) -> Result
     Ok(Instant::now())
 }
 
+/// Waits until a blocker of the backend named `app` waits on the server for a holder's
+/// session (a session `<app>-blocker` in a lock wait).
+async fn blocker_waiting(server: &'static PostgresServer, app: &str) -> Result<()> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server.url()).await?;
+    let name = format!("{app}-blocker");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await?;
+        if waiting > 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no blocker of {app} waited on the server within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Throws away wake-ups already delivered (a release seen earlier must not count).
 async fn drain_wakes(releases: &mut Releases) {
     while releases
@@ -76,7 +101,8 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
     let server = server().await?;
     let app = unique("term-holder");
     let holder = backend_at(&server.url(), named(&app)).await?;
-    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter_app = unique("term-waiter");
+    let waiter = backend_at(&server.url(), named(&waiter_app)).await?;
     let key = LockKey::new(unique("terminated"))?;
     let _lease = holder
         .try_acquire(&key, Duration::from_secs(30))
@@ -84,8 +110,7 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
         .into_lease()
         .context("the key was not free")?;
     let mut releases = wait_behind(&waiter, &key).await?;
-    // Let the waiter settle into its wait (and any blocker reach the server).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker_waiting(server, &waiter_app).await?;
     let freed = terminate_holders(server, &app).await?;
     let heard = expect_woken(
         &mut releases,
@@ -109,7 +134,8 @@ async fn waiter_gets_a_lock_freed_by_a_terminated_session_at_once() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blocker_serves_two_terminated_holders_in_a_row() -> Result<()> {
     let server = server().await?;
-    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter_app = unique("twice-waiter");
+    let waiter = backend_at(&server.url(), named(&waiter_app)).await?;
     let key = LockKey::new(unique("twice"))?;
     let mut releases = None;
     for round in 0..2 {
@@ -132,7 +158,7 @@ async fn a_blocker_serves_two_terminated_holders_in_a_row() -> Result<()> {
                 "round {round}: the key was free"
             ),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        blocker_waiting(server, &waiter_app).await?;
         let subscribed = releases.as_mut().context("subscribed in round 0")?;
         // Round 1: a wake left over from our own release in round 0 must not count.
         drain_wakes(subscribed).await;
@@ -402,7 +428,8 @@ async fn local_waiters_wake_when_the_holder_session_breaks() -> Result<()> {
 async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_waiter() -> Result<()>
 {
     let server = server().await?;
-    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter_app = unique("once-waiter");
+    let waiter = backend_at(&server.url(), named(&waiter_app)).await?;
     let name = unique("once-on-the-server");
     let key = LockKey::new(&name)?;
     let ttl = Duration::from_secs(30);
@@ -439,7 +466,7 @@ async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_w
         .into_lease()
         .context("the key was not free")?;
     let mut releases = wait_behind(&waiter, &key).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker_waiting(server, &waiter_app).await?;
     let freed = terminate_holders(server, &app).await?;
     expect_woken(
         &mut releases,
@@ -457,7 +484,8 @@ async fn a_key_once_waited_for_on_the_server_still_arms_a_blocker_for_a_signal_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_signal_waiter_keeps_its_blocker_after_a_server_waiter_came_and_left() -> Result<()> {
     let server = server().await?;
-    let waiter = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let waiter_app = unique("signal-waiter");
+    let waiter = backend_at(&server.url(), named(&waiter_app)).await?;
     let name = unique("signal-then-server");
     let key = LockKey::new(&name)?;
     let ttl = Duration::from_secs(30);
@@ -483,7 +511,7 @@ async fn a_signal_waiter_keeps_its_blocker_after_a_server_waiter_came_and_left()
         waiter.try_acquire(&key, ttl).await?.into_lease().is_none(),
         "the key was free"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker_waiting(server, &waiter_app).await?;
     drain_wakes(&mut releases).await;
     let freed = terminate_holders(server, &app).await?;
     expect_woken(

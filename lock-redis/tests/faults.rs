@@ -876,14 +876,11 @@ async fn timed_out_acquires_keep_cleanup_bounded() -> Result<()> {
 
 /// Makes `server`'s next acquire script call late against a release sent after it: the
 /// script cache is flushed, then only the release script of leases of `kind` is loaded
-/// again (a release of a lease nobody holds, through `backend`). An acquire then needs
-/// `NOSCRIPT`, `SCRIPT LOAD` and a second call there (three round trips through the delayed
-/// proxy), while a release sent after it needs one and overtakes it.
-async fn acquire_script_late_on(
-    server: &RedisServer,
-    backend: &RedlockBackend,
-    kind: lock_core::LeaseKind,
-) -> Result<()> {
+/// again (a release of a lease nobody holds, through a backend on that server alone, which
+/// returns once the server answered). An acquire then needs `NOSCRIPT`, `SCRIPT LOAD` and a
+/// second call there (three round trips through the delayed proxy), while a release sent
+/// after it needs one and overtakes it.
+async fn acquire_script_late_on(server: &RedisServer, kind: lock_core::LeaseKind) -> Result<()> {
     let mut conn = server.client()?.get_multiplexed_async_connection().await?;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -897,23 +894,52 @@ async fn acquire_script_late_on(
         Instant::now(),
     )
     .with_kind(kind);
-    backend.release(&nobody).await?;
-    // That release returned at a quorum; its call to `server` (a reload there too) lands
-    // within three delayed round trips.
-    sleep(Duration::from_millis(200)).await;
+    RedisBackend::connect(&server.url())
+        .await?
+        .release(&nobody)
+        .await?;
     Ok(())
 }
 
-/// Whether the Redis key `name` is absent from `server` once the calls through its delayed
-/// proxy have landed (the acquire call there takes three delayed round trips, ~30 ms).
-async fn gone_after_settling(server: &RedisServer, name: &str) -> Result<bool> {
-    sleep(Duration::from_millis(500)).await;
+/// Three Redlock nodes, the third 5 ms away behind the proxy, its next acquire call of a
+/// lease of `kind` late against a release (see [`acquire_script_late_on`]).
+async fn redlock_with_a_late_third_node(
+    kind: lock_core::LeaseKind,
+) -> Result<(Vec<RedisServer>, RedlockBackend)> {
+    let (servers, urls) = redlock_nodes(3, true)?;
+    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    servers[2]
+        .proxy()
+        .context("no proxy")?
+        .set_delay(Duration::from_millis(5));
+    acquire_script_late_on(&servers[2], kind).await?;
+    Ok((servers, backend))
+}
+
+/// Waits until an acquire call has run on `server` (it raised the fence counter
+/// `fence_key`, in the script that sets the lock), then answers whether the Redis key
+/// `name` is gone from there within 1 s.
+async fn gone_once_the_call_ran(server: &RedisServer, fence_key: &str, name: &str) -> Result<bool> {
     let mut conn = server.client()?.get_multiplexed_async_connection().await?;
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(name)
-        .query_async(&mut conn)
-        .await?;
-    Ok(!exists)
+    let mut exists = async |key: &str| -> Result<bool> {
+        Ok(redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?)
+    };
+    let ran_by = Instant::now() + Duration::from_secs(5);
+    while !exists(fence_key).await? {
+        ensure!(
+            Instant::now() < ran_by,
+            "the acquire call never ran on the node within 5 s"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+    let gone_by = Instant::now() + Duration::from_secs(1);
+    while exists(name).await? {
+        if Instant::now() >= gone_by {
+            return Ok(false);
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+    Ok(true)
 }
 
 /// Finding: Redlock's acquire returns at a quorum while its call to the remaining node runs
@@ -922,13 +948,7 @@ async fn gone_after_settling(server: &RedisServer, name: &str) -> Result<bool> {
 /// until its TTL: every later acquirer needed all the other nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_release_covers_an_acquire_call_still_on_its_way() -> Result<()> {
-    let (servers, urls) = redlock_nodes(3, true)?;
-    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
-    servers[2]
-        .proxy()
-        .context("no proxy")?
-        .set_delay(Duration::from_millis(5));
-    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Lock).await?;
+    let (servers, backend) = redlock_with_a_late_third_node(lock_core::LeaseKind::Lock).await?;
     let key = LockKey::new(unique("straggler"))?;
     let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
     let lease = backend
@@ -938,7 +958,12 @@ async fn redlock_release_covers_an_acquire_call_still_on_its_way() -> Result<()>
         .context("not acquired")?;
     ensure!(backend.release(&lease).await?, "release returned false");
     ensure!(
-        gone_after_settling(&servers[2], &scheme.lock_key(&key)).await?,
+        gone_once_the_call_ran(
+            &servers[2],
+            &scheme.lock_keys(&key)[1],
+            &scheme.lock_key(&key)
+        )
+        .await?,
         "the slow node kept the released lock (its acquire call landed after the release)"
     );
     Ok(())
@@ -948,13 +973,7 @@ async fn redlock_release_covers_an_acquire_call_still_on_its_way() -> Result<()>
 /// roll-back must also cover the call still on its way to the third node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_roll_back_covers_an_acquire_call_still_on_its_way() -> Result<()> {
-    let (servers, urls) = redlock_nodes(3, true)?;
-    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
-    servers[2]
-        .proxy()
-        .context("no proxy")?
-        .set_delay(Duration::from_millis(5));
-    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Lock).await?;
+    let (servers, backend) = redlock_with_a_late_third_node(lock_core::LeaseKind::Lock).await?;
     let key = LockKey::new(unique("straggler-refused"))?;
     let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
     for server in &servers[..2] {
@@ -973,7 +992,12 @@ async fn redlock_roll_back_covers_an_acquire_call_still_on_its_way() -> Result<(
         "acquired while another owner holds a quorum"
     );
     ensure!(
-        gone_after_settling(&servers[2], &scheme.lock_key(&key)).await?,
+        gone_once_the_call_ran(
+            &servers[2],
+            &scheme.lock_keys(&key)[1],
+            &scheme.lock_key(&key)
+        )
+        .await?,
         "the slow node kept the refused attempt's key (its acquire call landed after the roll-back)"
     );
     Ok(())
@@ -982,13 +1006,7 @@ async fn redlock_roll_back_covers_an_acquire_call_still_on_its_way() -> Result<(
 /// As above, for a reader-writer lock's writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_rw_release_covers_an_acquire_call_still_on_its_way() -> Result<()> {
-    let (servers, urls) = redlock_nodes(3, true)?;
-    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
-    servers[2]
-        .proxy()
-        .context("no proxy")?
-        .set_delay(Duration::from_millis(5));
-    acquire_script_late_on(&servers[2], &backend, lock_core::LeaseKind::Write).await?;
+    let (servers, backend) = redlock_with_a_late_third_node(lock_core::LeaseKind::Write).await?;
     let key = LockKey::new(unique("straggler-writer"))?;
     let scheme = KeyScheme::new(RedisOptions::default_prefix(), 0)?;
     let lease = backend
@@ -998,7 +1016,12 @@ async fn redlock_rw_release_covers_an_acquire_call_still_on_its_way() -> Result<
         .context("writer not acquired")?;
     ensure!(backend.release(&lease).await?, "release returned false");
     ensure!(
-        gone_after_settling(&servers[2], &scheme.rw_keys(&key)[1]).await?,
+        gone_once_the_call_ran(
+            &servers[2],
+            &scheme.rw_keys(&key)[4],
+            &scheme.rw_keys(&key)[1]
+        )
+        .await?,
         "the slow node kept the released writer (its acquire call landed after the release)"
     );
     Ok(())
@@ -1032,10 +1055,10 @@ async fn redlock_acquire_cancelled_midway_leaves_no_key() -> Result<()> {
         attempt.is_err(),
         "the round finished within 100 ms: nothing was cancelled"
     );
-    sleep(Duration::from_millis(1000)).await;
     for (index, server) in servers.iter().enumerate() {
         ensure!(
-            gone_after_settling(server, &scheme.lock_key(&key)).await?,
+            gone_once_the_call_ran(server, &scheme.lock_keys(&key)[1], &scheme.lock_key(&key))
+                .await?,
             "node {index} kept the cancelled round's key"
         );
     }
