@@ -93,9 +93,11 @@ pub async fn connect(url: &str) -> Result<Locker, LockError> {
 /// with different defaults).
 pub async fn connect_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
     let url = url.trim();
+    // What messages show: never the password.
+    let shown = lock_core::redact_url(url);
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(LockError::InvalidConfig(format!(
-            "{url:?} is not a lock URL: expected scheme://…, e.g. memory://, redis://127.0.0.1:6379/0, \
+            "{shown:?} is not a lock URL: expected scheme://…, e.g. memory://, redis://127.0.0.1:6379/0, \
              postgres://user@127.0.0.1/db, etcd://127.0.0.1:2379"
         )));
     };
@@ -106,7 +108,7 @@ pub async fn connect_backend(url: &str) -> Result<Arc<dyn LockBackend>, LockErro
         "postgres" | "postgresql" => postgres_backend(url).await,
         "etcd" | "etcds" => etcd_backend(url).await,
         other => Err(LockError::InvalidConfig(format!(
-            "unknown lock URL scheme {other:?} in {url:?}: supported are memory, redis, \
+            "unknown lock URL scheme {other:?} in {shown:?}: supported are memory, redis, \
              redis+unix, redlock, redis+sentinel, redis+cluster (feature `redis`; with TLS \
              rediss, redlocks, rediss+sentinel, rediss+cluster: feature `redis-tls`), postgres, \
              postgresql (feature `postgres`; TLS by sslmode: `postgres-tls`), etcd (feature \
@@ -130,6 +132,7 @@ fn memory_table(name: &str) -> Result<Arc<dyn LockBackend>, LockError> {
 
 #[cfg(not(all(feature = "redis", feature = "postgres", feature = "etcd")))]
 fn feature_off(feature: &str, url: &str) -> LockError {
+    let url = lock_core::redact_url(url);
     LockError::InvalidConfig(format!(
         "{url:?} needs the `{feature}` backend, which this build of distlock does not include: \
          enable the Cargo feature `{feature}` (e.g. `distlock = {{ features = [\"{feature}\"] }}`, \
@@ -187,6 +190,29 @@ mod tests {
                 Err(LockError::InvalidConfig(message)) => assert!(!message.is_empty()),
                 other => panic!("{url:?}: expected InvalidConfig, got {other:?}"),
             }
+        }
+    }
+
+    /// No message repeats a URL's password (the CLI prints them, and the URL usually comes
+    /// from `DISTLOCK_URL` precisely to keep the password out of sight).
+    #[tokio::test]
+    async fn errors_never_show_the_password() {
+        for url in [
+            "app:s3cret@127.0.0.1:6379",
+            "postgress://app:s3cret@127.0.0.1/x",
+            "redis://app:s3cret@127.0.0.1:1/abc",
+            "redis://app:s3cret@127.0.0.1:1/0?bogus=1",
+            "redlock://app:s3cret@127.0.0.1:1/0?prefix=",
+            "redis+sentinel://app:s3cret@127.0.0.1:1",
+            "redis+cluster://app:s3cret@",
+            "postgres://app:s3cret@127.0.0.1:1/x?sslmode=bogus",
+            "etcd://app:s3cret@127.0.0.1:1/p?bogus=1",
+        ] {
+            let message = match connect(url).await {
+                Err(error) => format!("{error} / {error:?}"),
+                Ok(_) => panic!("{url:?} connected"),
+            };
+            assert!(!message.contains("s3cret"), "{url:?}: {message}");
         }
     }
 

@@ -290,3 +290,115 @@ fn cli_permits_run_n_at_once() {
         );
     }
 }
+
+/// SIGTERM to `distlock run` reaches the command, and the lock is released once the command
+/// has exited: the next run starts at once. (Killed by the signal instead, `distlock` would
+/// leave the command running unlocked and the lock held until its TTL.)
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_passes_sigterm_on_and_releases_after_the_command() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let pid_file = std::env::temp_dir().join(format!("distlock-cli-term-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pid_file);
+    let mut runner = Command::new(exe)
+        .args(["run", "--url", &server.url(), "--ttl", "20", "term-job"])
+        .args(["--", "sh", "-c"])
+        .arg(format!("echo $$ > {}; exec sleep 30", pid_file.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let command_pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    let alive = |pid: u32| {
+        Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &runner.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = runner.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "distlock did not exit within 5 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let command_left = alive(command_pid);
+    if command_left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &command_pid.to_string()])
+            .status();
+    }
+    assert!(!command_left, "the command ran on after distlock exited");
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "distlock exits as its command did (killed by SIGTERM): {status:?}"
+    );
+    let next = Command::new(exe)
+        .args(["run", "--url", &server.url(), "term-job", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        next.status.code(),
+        Some(0),
+        "the lock was not released when the command ended: {}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+}
+
+/// A command that cannot be started leaves no lock behind (status 69, and the next run
+/// starts at once, not after the 30 s TTL).
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_releases_when_the_command_cannot_start() {
+    use std::process::Command;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let failed = Command::new(exe)
+        .args(["run", "--url", &server.url(), "--ttl", "30", "start-job"])
+        .args(["--", "/nonexistent/distlock-no-such-command"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("distlock-no-such-command"), "{stderr}");
+    let next = Command::new(exe)
+        .args(["run", "--url", &server.url(), "start-job", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        next.status.code(),
+        Some(0),
+        "the lock outlived the failed start: {}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+}

@@ -325,6 +325,10 @@ impl LockRequest<'_> {
             }
             _ => {}
         }
+        // A year at most between attempts: `Instant + Duration::MAX` would panic, and no wait
+        // lasts longer than a year anyway.
+        options.backoff.max = options.backoff.max.min(crate::MAX_TTL);
+        options.backoff.min = options.backoff.min.min(options.backoff.max);
         if kind == LeaseKind::Write {
             // A waiting writer's mark must not lapse between two of its attempts.
             options.backoff.max = options.backoff.max.min(crate::WRITER_INTENT / 2);
@@ -492,15 +496,7 @@ fn give_back_late(backend: &Arc<dyn LockBackend>, lease: crate::Lease) {
         late_by = ?Instant::now().saturating_duration_since(lost_deadline(&lease)),
         "a grant arrived too close to or past its validity deadline; giving it back"
     );
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let backend = backend.clone();
-    runtime.spawn(async move {
-        if let Err(error) = backend.release(&lease).await {
-            tracing::debug!(key = %lease.key(), %error, "giving back a late grant failed; TTL will free it");
-        }
-    });
+    crate::detached::release_detached(backend.clone(), lease, "late_grant");
 }
 
 /// subscribe → try → wait for a release or the next backoff step → try again.
@@ -667,11 +663,9 @@ impl Drop for InFlightAttempt {
         let Some(attempt) = self.attempt.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let backend = self.backend.clone();
-        runtime.spawn(async move {
+        // Outside a runtime, on a thread of its own: the attempt may be on the wire.
+        crate::detached::run_detached(async move {
             if let Ok(Attempt::Acquired(lease)) = attempt.await {
                 tracing::debug!(key = %lease.key(), "releasing a lease granted to a cancelled acquire");
                 let _ = backend.release(&lease).await;

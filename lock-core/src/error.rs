@@ -174,3 +174,49 @@ impl std::fmt::Display for RefusalKind {
         })
     }
 }
+
+/// `url` with the password of its user info replaced by `***`, for error messages and logs
+/// (`redis://app:s3cret@h:6379/0` reads `redis://app:***@h:6379/0`). Everything else is kept,
+/// several hosts included; a URL without a password is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // Not a URL at all (a scheme forgotten): hide whatever comes before an `@`.
+        return match url.rsplit_once('@') {
+            Some((_, hosts)) => format!("***@{hosts}"),
+            None => url.to_owned(),
+        };
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{hosts}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_hidden_and_the_rest_kept() {
+        for (url, shown) in [
+            ("redis://app:s3cret@h:6379/0", "redis://app:***@h:6379/0"),
+            ("redis://:s3cret@h:6379", "redis://:***@h:6379"),
+            (
+                "redlock://u:p%40ss@h1:1,h2:2/0?prefix=x",
+                "redlock://u:***@h1:1,h2:2/0?prefix=x",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+            ("etcd://h:2379/p?a=b@c", "etcd://h:2379/p?a=b@c"),
+            ("nope", "nope"),
+            ("app:s3cret@h:6379", "***@h:6379"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+}

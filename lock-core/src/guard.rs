@@ -93,8 +93,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// While it lives (and auto-renew is on) a watchdog renews the lease at TTL/3. If renewal is
 /// refused, or cannot be confirmed before the lease's local validity deadline, the guard's
 /// lost signal fires: stop the critical section. Release it with [`LockGuard::release`];
-/// dropping it releases in the background when a Tokio runtime is there, otherwise the TTL
-/// frees the lock.
+/// dropping it releases in the background: on the current Tokio runtime, or, outside one (or
+/// on one shutting down), on a short-lived thread of its own.
 #[derive(Debug)]
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
@@ -197,21 +197,10 @@ impl Drop for LockGuard {
         }
         self.watchdog.unwatch(&self.watched);
         self.count_end(self.watched.backend.name());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::debug!(key = %self.key, "guard dropped outside a runtime; TTL will free it");
-            return;
-        };
-        let backend = self.watched.backend.clone();
-        let lease = self.watched.guard.lease();
-        runtime.spawn(async move {
-            let result = backend.release(&lease).await;
-            telemetry::release(backend.name(), telemetry::release_outcome(&result), "drop");
-            match result {
-                Ok(released) => tracing::debug!(key = %lease.key(), released, "released on drop"),
-                Err(error) => {
-                    tracing::warn!(key = %lease.key(), %error, "release on drop failed; TTL will free it")
-                }
-            }
-        });
+        crate::detached::release_detached(
+            self.watched.backend.clone(),
+            self.watched.guard.lease(),
+            "drop",
+        );
     }
 }

@@ -25,6 +25,7 @@
 
 mod backend;
 mod client;
+mod detached;
 mod error;
 mod guard;
 mod key;
@@ -38,7 +39,7 @@ mod watchdog;
 
 pub use backend::{Attempt, Capabilities, LockBackend, RwMode, WRITER_INTENT};
 pub use client::{LockOptions, LockRequest, Locker, RwLockName};
-pub use error::{BoxError, LockError, RefusalKind};
+pub use error::{BoxError, LockError, RefusalKind, redact_url};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};
 pub use lease::{FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, drift, validate_ttl};

@@ -241,8 +241,13 @@ impl LockBackend for MemoryBackend {
         } else if semaphore.limit != limit {
             return Err(limit_mismatch(key, semaphore.limit, limit));
         }
-        let used: u32 = semaphore.holders.values().map(|(count, _)| count).sum();
-        if used + count > limit {
+        // Summed in u64: permits near u32::MAX must not wrap (and let one more holder in).
+        let used: u64 = semaphore
+            .holders
+            .values()
+            .map(|(count, _)| u64::from(*count))
+            .sum();
+        if used + u64::from(count) > u64::from(limit) {
             let expires_in = semaphore
                 .holders
                 .values()
@@ -415,6 +420,26 @@ mod tests {
         fn entries(&self) -> usize {
             self.state().holders.len()
         }
+    }
+
+    /// Permits near `u32::MAX` are counted without wrapping: with every permit of a
+    /// `u32::MAX` limit held, one more is refused (it used to wrap the sum to 0 and get in, or
+    /// panic in a debug build).
+    #[tokio::test]
+    async fn permits_near_u32_max_never_exceed_the_limit() {
+        let backend = MemoryBackend::new();
+        let key = LockKey::new("huge").unwrap();
+        let ttl = Duration::from_secs(30);
+        let all = backend
+            .try_acquire_permits(&key, u32::MAX, u32::MAX, ttl)
+            .await
+            .unwrap();
+        assert!(matches!(all, Attempt::Acquired(_)), "{all:?}");
+        let one_more = backend
+            .try_acquire_permits(&key, u32::MAX, 1, ttl)
+            .await
+            .unwrap();
+        assert!(matches!(one_more, Attempt::Held { .. }), "{one_more:?}");
     }
 
     /// Locking a fresh key per order id must not grow the table for good: released keys

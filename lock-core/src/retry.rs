@@ -41,8 +41,9 @@ impl Backoff {
 
     /// An endless sequence of jittered delays.
     pub fn delays(&self) -> Delays {
-        let min = self.min.max(Duration::from_micros(100));
-        let max = self.max.max(min);
+        // At most a year (no wait is longer): later `Instant + delay` must not overflow.
+        let min = self.min.clamp(Duration::from_micros(100), crate::MAX_TTL);
+        let max = self.max.clamp(min, crate::MAX_TTL);
         let base = backon::ExponentialBuilder::default()
             .with_min_delay(min)
             .with_max_delay(max)

@@ -75,8 +75,9 @@ struct State {
     /// How many times the task has looked at the queue (for tests: it must not be woken per
     /// acquire).
     looks: u64,
-    /// One task per runtime that has queued a guard.
-    tasks: HashMap<runtime::Id, JoinHandle<()>>,
+    /// One task per runtime that has queued a guard, each woken through its own `Notify`
+    /// (see [`Watchdog::schedule`]).
+    tasks: HashMap<runtime::Id, Task>,
 }
 
 /// How long the task keeps a planned wake-up when its queue runs empty while guards keep
@@ -103,7 +104,13 @@ fn renew_ahead(watched: &Watched) -> Duration {
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
-    wake: Notify,
+}
+
+/// A runtime's watchdog task and its wake-up.
+#[derive(Debug)]
+struct Task {
+    handle: JoinHandle<()>,
+    wake: Arc<Notify>,
 }
 
 /// The per-`Locker` watchdog. Cheap to clone.
@@ -160,15 +167,28 @@ impl Watchdog {
         *lock(&watched.slot) = Some(key);
         if state.planned_wake.is_none_or(|planned| due < planned) {
             state.planned_wake = Some(due);
-            self.shared.wake.notify_one();
+            // Every runtime's task, each through its own `Notify` (a waiting task is woken, one
+            // between two looks keeps a permit). One `Notify` shared by all woke only its oldest
+            // waiter, which may be the task of a runtime that is alive but no longer driven (a
+            // current-thread runtime after its `block_on` returned): the task that runs slept
+            // on, and this guard was neither renewed nor told it was lost.
+            for task in state.tasks.values() {
+                task.wake.notify_one();
+            }
         }
         // A task on this runtime too, if it has none (or its task ended with an earlier
         // shutdown of a runtime that had the same id).
         if let Ok(runtime) = Handle::try_current() {
             let id = runtime.id();
-            if state.tasks.get(&id).is_none_or(JoinHandle::is_finished) {
-                state.tasks.retain(|_, task| !task.is_finished());
-                state.tasks.insert(id, runtime.spawn(run(self.clone())));
+            if state
+                .tasks
+                .get(&id)
+                .is_none_or(|task| task.handle.is_finished())
+            {
+                state.tasks.retain(|_, task| !task.handle.is_finished());
+                let wake = Arc::new(Notify::new());
+                let handle = runtime.spawn(run(self.clone(), wake.clone()));
+                state.tasks.insert(id, Task { handle, wake });
             }
         }
     }
@@ -176,10 +196,12 @@ impl Watchdog {
     /// Wakes every task now (not one): used when a runtime stops, so that a task on another
     /// runtime looks at the queue even if the one a single wake-up would reach is gone.
     fn wake_all(&self) {
-        lock(&self.shared.state).planned_wake = None;
-        self.shared.wake.notify_waiters();
-        // And a permit for a task that is between two looks.
-        self.shared.wake.notify_one();
+        let mut state = lock(&self.shared.state);
+        state.planned_wake = None;
+        for task in state.tasks.values() {
+            // A permit for a task that is between two looks, or its wake-up.
+            task.wake.notify_one();
+        }
     }
 
     /// Puts back a guard whose attendance was dropped unfinished (its runtime stopped), due
@@ -247,7 +269,7 @@ impl Drop for WakeOthersOnDrop {
     }
 }
 
-async fn run(watchdog: Watchdog) {
+async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
     let _wake_others = WakeOthersOnDrop(watchdog.clone());
     loop {
         let (due, next) = watchdog.take_due();
@@ -259,10 +281,10 @@ async fn run(watchdog: Watchdog) {
             Some(at) => {
                 tokio::select! {
                     _ = sleep_until(at) => {}
-                    _ = watchdog.shared.wake.notified() => {}
+                    _ = wake.notified() => {}
                 }
             }
-            None => watchdog.shared.wake.notified().await,
+            None => wake.notified().await,
         }
     }
 }
@@ -317,6 +339,11 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
     let mut retry_delay = (granted / 50).max(Duration::from_millis(5));
     loop {
         if state.is_stopped() {
+            return;
+        }
+        if state.lost_token().is_cancelled() {
+            // The backend said the lease is gone (or a loss fired already): renewing it now
+            // would keep a key alive for a holder that was told to stop.
             return;
         }
         if Instant::now() >= lost_at {

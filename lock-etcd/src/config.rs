@@ -253,6 +253,17 @@ impl EtcdConfig {
         {
             return Err("an empty user name".into());
         }
+        // Deadlines are `Instant + timeout`: a `Duration::MAX` would overflow.
+        for (name, value) in [
+            ("connect timeout", self.connect_timeout),
+            ("request timeout", self.request_timeout),
+        ] {
+            if value.is_zero() || value > lock_core::MAX_TTL {
+                return Err(format!(
+                    "the {name} must be more than zero and at most a year, not {value:?}"
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -165,5 +165,23 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
     {
         return Err(LockError::InvalidConfig("timeouts must not be zero".into()));
     }
+    // Deadlines are `Instant + timeout`: a `Duration::MAX` would overflow.
+    if [
+        config.op_timeout,
+        config.connect_timeout,
+        config.probe_timeout,
+    ]
+    .iter()
+    .any(|timeout| *timeout > lock_core::MAX_TTL)
+    {
+        return Err(LockError::InvalidConfig(
+            "timeouts must be at most a year".into(),
+        ));
+    }
+    if config.application_name.contains('\0') {
+        return Err(LockError::InvalidConfig(
+            "the application_name must not contain NUL".into(),
+        ));
+    }
     Ok(())
 }

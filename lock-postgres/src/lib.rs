@@ -118,8 +118,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn LockBackend>, LockError> {
 }
 
 /// Largest TTL granted: `idle_session_timeout`, which enforces the TTL when the process stops,
-/// is an `int` of milliseconds (2^31 − 1 ms, about 24.8 days).
-pub const MAX_TTL: Duration = Duration::from_millis(i32::MAX as u64);
+/// is an `int` of milliseconds (2^31 − 1 ms, about 24.8 days), less a second for the padding
+/// added to the timeout set with it.
+pub const MAX_TTL: Duration = Duration::from_millis(i32::MAX as u64 - 1_000);
 
 /// [`validate_ttl`] plus this backend's own ceiling, [`MAX_TTL`].
 fn check_ttl(ttl: Duration) -> Result<(), LockError> {
@@ -129,7 +130,7 @@ fn check_ttl(ttl: Duration) -> Result<(), LockError> {
             ttl,
             reason: format!(
                 "the postgres backend enforces TTLs with idle_session_timeout, at most \
-                 {MAX_TTL:?} (2^31 - 1 ms)"
+                 {MAX_TTL:?} (2^31 - 1 ms, less 1 s for the padding it adds)"
             ),
         });
     }

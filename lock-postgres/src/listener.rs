@@ -37,6 +37,18 @@ pub(crate) async fn connect_listener(
     channel: &str,
     timeout: Duration,
 ) -> Result<PgListener, sqlx::Error> {
+    // The whole of it, `LISTEN` included, within the timeout: a server that accepts and then
+    // goes silent must not stall the listener's task (and its reconnects) until TCP gives up.
+    tokio::time::timeout(timeout, connect_listener_now(options, channel, timeout))
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+}
+
+async fn connect_listener_now(
+    options: PgConnectOptions,
+    channel: &str,
+    timeout: Duration,
+) -> Result<PgListener, sqlx::Error> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .min_connections(0)

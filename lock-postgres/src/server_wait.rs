@@ -209,7 +209,9 @@ impl Inner {
         if state.conn.is_none() {
             self.connect_queue_session(&mut state).await?;
         }
-        let step_ms = step_ms();
+        // At most what `lock_timeout` takes (2^31 - 1 ms): a longer wait ends in an attempt
+        // and another wait.
+        let step_ms = step_ms().min(i32::MAX as u128);
         if step_ms < 2 {
             return Ok(ServerWait::Waited);
         }

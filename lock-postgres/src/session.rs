@@ -148,7 +148,8 @@ impl SessionState {
     pub(crate) fn timeout_for(&self, extra: Option<Instant>, now: Instant) -> Option<u64> {
         let latest = self.deadlines.keys().next_back().copied().max(extra)?;
         // Rounded up; never 0, which means off.
-        Some(ttl_ms(latest.saturating_duration_since(now) + TIMEOUT_PAD))
+        // At most what the setting takes (2^31 - 1 ms; MAX_TTL leaves room for the pad).
+        Some(ttl_ms(latest.saturating_duration_since(now) + TIMEOUT_PAD).min(i32::MAX as u64))
     }
 
     /// Whether the timeout set now is too short for `wanted` (a lock could be freed before

@@ -265,6 +265,23 @@ async fn ttl_above_idle_session_timeout_range_is_invalid() -> Result<()> {
     }
     let lease = backend.renew(&lease, 24 * day).await?;
     ensure!(backend.release(&lease).await?, "release answered false");
+    // The documented ceiling itself works (before, the timeout set with it, the TTL plus
+    // its padding, overflowed the setting: a retryable error on every attempt), and a
+    // millisecond more is refused.
+    let lease = backend
+        .try_acquire(&key, lock_postgres::MAX_TTL)
+        .await?
+        .into_lease()
+        .context("a TTL of MAX_TTL not granted")?;
+    let lease = backend.renew(&lease, lock_postgres::MAX_TTL).await?;
+    ensure!(backend.release(&lease).await?, "release answered false");
+    match backend
+        .try_acquire(&key, lock_postgres::MAX_TTL + Duration::from_millis(1))
+        .await
+    {
+        Err(LockError::InvalidTtl { .. }) => {}
+        other => bail!("MAX_TTL + 1 ms: expected InvalidTtl, got {other:?}"),
+    }
     Ok(())
 }
 

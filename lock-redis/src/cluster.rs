@@ -21,7 +21,10 @@ use tokio::time::timeout;
 /// Connects to the cluster whose seed nodes a `redis+cluster://` URL lists, within the
 /// connect timeout (the slot map is read and a connection made to each master).
 pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBackend, LockError> {
-    let bad = |why: &str| LockError::InvalidConfig(format!("redis cluster URL {url:?}: {why}"));
+    let bad = |why: &str| {
+        let url = lock_core::redact_url(url);
+        LockError::InvalidConfig(format!("redis cluster URL {url:?}: {why}"))
+    };
     let (form, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
         ("redlock", rest)
     } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {

@@ -243,8 +243,10 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client for `url` (with the TLS settings `tls`) whose TCP connections use keepalive and a
 /// user timeout.
 fn open_client(url: &str, tls: &crate::RedisTls) -> Result<redis::Client, LockError> {
-    let bad =
-        |error: redis::RedisError| LockError::InvalidConfig(format!("redis URL {url:?}: {error}"));
+    let bad = |error: redis::RedisError| {
+        let url = lock_core::redact_url(url);
+        LockError::InvalidConfig(format!("redis URL {url:?}: {error}"))
+    };
     let info = url.into_connection_info().map_err(bad)?;
     let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -1520,7 +1522,10 @@ impl Nodes {
     ) -> Result<Arc<Nodes>, LockError> {
         let db = match urls.first() {
             Some(url) => redis::Client::open(url.as_str())
-                .map_err(|error| LockError::InvalidConfig(format!("redis URL {url:?}: {error}")))?
+                .map_err(|error| {
+                    let url = lock_core::redact_url(url);
+                    LockError::InvalidConfig(format!("redis URL {url:?}: {error}"))
+                })?
                 .get_connection_info()
                 .redis_settings()
                 .db(),

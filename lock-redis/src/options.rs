@@ -117,6 +117,12 @@ impl RedisOptions {
             if value.is_zero() {
                 return Err(LockError::InvalidConfig(format!("{name} must not be zero")));
             }
+            // Deadlines are `Instant + timeout` (and twice it for Sentinel lookups).
+            if value > lock_core::MAX_TTL {
+                return Err(LockError::InvalidConfig(format!(
+                    "{name} must be at most a year, not {value:?}"
+                )));
+            }
         }
         crate::KeyScheme::new(self.prefix.clone(), 0).map(|_| ())
     }
@@ -137,7 +143,10 @@ pub(crate) struct ParsedUrl {
 /// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` (TLS: `rediss://`,
 /// `redlocks://`, with `tls_ca`, `tls_cert`, `tls_key` and an optional `#insecure`).
 pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUrl, LockError> {
-    let bad = |why: &str| LockError::InvalidConfig(format!("redis URL {url:?}: {why}"));
+    let bad = |why: &str| {
+        let url = lock_core::redact_url(url);
+        LockError::InvalidConfig(format!("redis URL {url:?}: {why}"))
+    };
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected redis://host:port/db or redlock://h1:p1,h2:p2,h3:p3/db"))?;

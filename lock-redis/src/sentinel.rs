@@ -55,7 +55,10 @@ struct SentinelUrl {
 
 /// Parses `redis+sentinel://[user:pass@]h1:p1,h2:p2/<master name>[/db][?…]`.
 fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
-    let bad = |why: &str| LockError::InvalidConfig(format!("redis sentinel URL {url:?}: {why}"));
+    let bad = |why: &str| {
+        let url = lock_core::redact_url(url);
+        LockError::InvalidConfig(format!("redis sentinel URL {url:?}: {why}"))
+    };
     let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
         (false, rest)
     } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {

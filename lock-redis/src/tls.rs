@@ -160,6 +160,7 @@ pub(crate) fn is_tls(info: &redis::ConnectionInfo) -> bool {
 
 /// The error for a TLS URL in a build without TLS.
 pub(crate) fn tls_not_built(url: &str) -> LockError {
+    let url = lock_core::redact_url(url);
     LockError::InvalidConfig(format!(
         "redis URL {url:?} asks for TLS, but lock-redis was built without its `tls` feature \
          (enable `lock-redis/tls`, or `redis-tls` on the distlock crate)"

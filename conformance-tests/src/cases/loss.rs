@@ -209,7 +209,9 @@ pub async fn late_grant_is_never_handed_out(factory: &dyn BackendFactory) -> Res
 ///      guard whose renewal is in flight on a runtime that shuts down is attended again
 ///      (renewed, or told it is lost) once the `Locker` is used on another runtime; (2) when
 ///      the runtime of a `Locker`'s first acquire shuts down, guards acquired on another
-///      runtime are still renewed, or their `lost()` fires.
+///      runtime are still renewed, or their `lost()` fires; (3) a runtime that is alive but
+///      no longer driven (a current-thread runtime after its `block_on` returned) does not
+///      swallow the wake-up meant for the watchdog task of a runtime that runs.
 pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> Result<()> {
     let caps = factory.backend().await?.capabilities();
     let ttl = ttl_for(&caps, 900 * MS);
@@ -255,7 +257,78 @@ pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> R
     // Renewed, or lost with the signal: a backend whose connections belong to the runtime
     // that opened them (PostgreSQL sessions) may lose the lock there, but must say so.
     drop((from_b, from_here));
-    Ok(())
+
+    // (3) This runtime's watchdog task exists and plans to wake when "warm" is due; then a
+    // current-thread runtime takes and releases a lock and is left alive, undriven, its task
+    // still waiting for a wake-up. This runtime's task then wakes on its timer, finds nothing
+    // and waits with no timer, registered after the idle one: a wake-up that reaches only the
+    // oldest waiter reaches the idle runtime, and a guard taken now is never renewed.
+    let (locker, _plan) = faulty_locker(factory).await?;
+    locker
+        .lock(unique_key("warm"))
+        .ttl(ttl)
+        .acquire()
+        .await?
+        .release()
+        .await?;
+    let idle = IdleRuntime::after_a_hold(&locker, unique_key("idle"), ttl * 20).await?;
+    // "warm" was due at a third of its TTL: by then this runtime's task waits untimed.
+    sleep(ttl / 3 + 200 * MS).await;
+    let woken = locker.lock(unique_key("woken")).ttl(ttl).acquire().await?;
+    sleep(ttl * 2 + caps.expiry_slack + 100 * MS).await;
+    let attended = expect_attended(
+        &woken,
+        "a runtime left alive but undriven held the watchdog's wake-up",
+    );
+    drop(woken);
+    idle.stop().await?;
+    attended
+}
+
+/// A current-thread runtime on its own thread that acquired and released a lock, then stays
+/// alive without being driven until [`IdleRuntime::stop`].
+struct IdleRuntime {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl IdleRuntime {
+    async fn after_a_hold(
+        locker: &lock_core::Locker,
+        name: String,
+        ttl: Duration,
+    ) -> Result<IdleRuntime> {
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let locker = locker.clone();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let held = runtime.block_on(async move {
+                let guard = locker.lock(&name).ttl(ttl).acquire().await?;
+                // Lets this runtime's watchdog task run and wait for a wake-up.
+                sleep(50 * MS).await;
+                guard.release().await
+            });
+            let _ = held_tx.send(held);
+            let _ = stop_rx.recv();
+            drop(runtime);
+            Ok(())
+        });
+        held_rx
+            .await
+            .context("the idle runtime's thread ended early")??;
+        Ok(IdleRuntime { stop, thread })
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the idle runtime's thread panicked"))?
+    }
 }
 
 type GuardFromRuntime =

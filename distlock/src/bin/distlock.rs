@@ -3,14 +3,23 @@
 //! The cron use case: put the same line on every host and exactly one runs the job at a time.
 //! The lock is renewed while the command runs; if it is lost, the command is killed.
 //!
-//! Exit status: the command's own; 75 (EX_TEMPFAIL) when the lock was not acquired within
-//! `--wait` or was lost while the command ran; 64 for bad usage; 77 (EX_NOPERM) when the
-//! server refused the credentials or a certificate (or we refused the server's); 69 when the
-//! backend failed.
+//! Exit status: the command's own (128 + N when a signal N ended it, as shells report it); 75
+//! (EX_TEMPFAIL) when the lock was not acquired within `--wait` or was lost while the command
+//! ran; 64 for bad usage; 77 (EX_NOPERM) when the server refused the credentials or a
+//! certificate (or we refused the server's); 69 when the backend failed or the command could
+//! not be started.
+//!
+//! While the command runs, SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to `distlock` are passed
+//! on to the command, and the lock stays held (and renewed) until the command has exited:
+//! dying at once would leave the command running unlocked, and another host's run could start
+//! beside it once the lease ran out. When stdin is not a terminal (cron, systemd, CI), the
+//! command runs in a process group of its own, so that a lost lock kills the whole group,
+//! its own children included, not the command alone.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use distlock::LockError;
+use nix::sys::signal::Signal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -103,6 +112,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
+    if args.url.starts_with("memory:") {
+        eprintln!(
+            "distlock: warning: {:?} locks only within this process; set DISTLOCK_URL (or \
+             --url) to a shared server to keep other hosts out",
+            args.url
+        );
+    }
     let locker = distlock::connect(&args.url).await?;
     let request = match args.permits {
         Some(permits) => locker.semaphore(&args.key, permits),
@@ -113,7 +129,10 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         request = request.retries(retries);
     }
     let guard = request.acquire().await?;
-    let mut child = tokio::process::Command::new(&args.command[0])
+    // Before the command starts: a signal from then on is passed on, never fatal to us.
+    let mut signals = Signals::new()?;
+    let mut command = tokio::process::Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env(
             "DISTLOCK_FENCE",
@@ -122,23 +141,96 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 .map(|fence| fence.to_string())
                 .unwrap_or_default(),
         )
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {:?}", args.command[0]))?;
-    let status = tokio::select! {
-        biased;
-        _ = guard.lost() => {
-            let _ = child.kill().await;
-            let reason = guard.lost_reason().unwrap_or_default();
-            return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
+        .kill_on_drop(true);
+    let own_group = !std::io::IsTerminal::is_terminal(&std::io::stdin());
+    if own_group {
+        command.process_group(0);
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            // Released now, not left to its TTL: the next run need not wait for nothing.
+            let _ = guard.release().await;
+            return Err(anyhow!(error).context(format!("starting {:?}", args.command[0])));
         }
-        status = child.wait() => status?,
+    };
+    let pid = child.id();
+    let status = loop {
+        tokio::select! {
+            biased;
+            _ = guard.lost() => {
+                if let (true, Some(pid)) = (own_group, pid) {
+                    signal_group(pid, Signal::SIGKILL);
+                }
+                let _ = child.kill().await;
+                let reason = guard.lost_reason().unwrap_or_default();
+                return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
+            }
+            signal = signals.next() => {
+                if let Some(pid) = pid {
+                    if own_group {
+                        signal_group(pid, signal);
+                    } else {
+                        // A pid we started and have not reaped yet: it names our command.
+                        let _ = nix::sys::signal::kill(as_pid(pid), signal);
+                    }
+                }
+            }
+            status = child.wait() => break status,
+        }
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(error) => {
+            let _ = guard.release().await;
+            return Err(anyhow!(error).context("waiting for the command"));
+        }
     };
     guard.release().await?;
+    let code = status.code().or_else(|| {
+        std::os::unix::process::ExitStatusExt::signal(&status).map(|signal| 128 + signal)
+    });
     Ok(ExitCode::from(
-        status
-            .code()
-            .and_then(|code| u8::try_from(code).ok())
-            .unwrap_or(1),
+        code.and_then(|code| u8::try_from(code).ok()).unwrap_or(1),
     ))
+}
+
+/// Sends `signal` to the process group led by `pid` (the command started with its own group).
+fn signal_group(pid: u32, signal: Signal) {
+    let _ = nix::sys::signal::killpg(as_pid(pid), signal);
+}
+
+fn as_pid(pid: u32) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// The termination signals `distlock` passes on to the command instead of dying of them.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handler = |kind| signal(kind).context("installing a signal handler");
+        Ok(Signals {
+            terminate: handler(SignalKind::terminate())?,
+            interrupt: handler(SignalKind::interrupt())?,
+            hangup: handler(SignalKind::hangup())?,
+            quit: handler(SignalKind::quit())?,
+        })
+    }
+
+    /// The next signal received (its number).
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.terminate.recv() => Signal::SIGTERM,
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.hangup.recv() => Signal::SIGHUP,
+            _ = self.quit.recv() => Signal::SIGQUIT,
+        }
+    }
 }
