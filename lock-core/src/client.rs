@@ -313,6 +313,20 @@ impl LockRequest<'_> {
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
         let caps = &self.locker.caps;
+        // A lease's validity is its TTL less the clock-drift allowance, and the lost signal
+        // fires a margin before that: a TTL (as the backend grants it, raised to its minimum)
+        // that leaves nothing would be granted and given back as late on every attempt.
+        let granted = options.ttl.max(caps.min_ttl);
+        let reserved = crate::drift(granted) + crate::watchdog::lost_margin(granted);
+        if granted <= reserved {
+            return Err(LockError::InvalidTtl {
+                ttl: options.ttl,
+                reason: format!(
+                    "too short to use: the clock-drift allowance and the lost margin take \
+                     {reserved:?} of it (at least 5 ms)"
+                ),
+            });
+        }
         match kind {
             LeaseKind::Permits { limit, count } => {
                 if !caps.semaphores {
@@ -708,6 +722,32 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
+    }
+
+    /// A TTL that clock drift and the lost margin would use up entirely is refused, not
+    /// granted and given back as late on every attempt until the wait ends.
+    #[tokio::test]
+    async fn a_ttl_too_short_to_use_is_invalid() {
+        let locker = Locker::new(MemoryBackend::new());
+        for ttl in [1, 3, 4] {
+            let outcome = locker
+                .lock("short")
+                .ttl(Duration::from_millis(ttl))
+                .wait(Duration::from_millis(50))
+                .acquire()
+                .await;
+            assert!(
+                matches!(outcome, Err(LockError::InvalidTtl { .. })),
+                "{ttl} ms: {outcome:?}"
+            );
+        }
+        let guard = locker
+            .lock("short")
+            .ttl(Duration::from_millis(20))
+            .acquire()
+            .await
+            .unwrap();
+        guard.release().await.unwrap();
     }
 
     // Paused clock: the loop never idles, so time stands still and the idle tick cannot add

@@ -33,7 +33,7 @@ pub enum LockError {
     /// The key is not acceptable (empty, too long, contains NUL).
     #[error("invalid lock key: {0}")]
     InvalidKey(String),
-    /// The TTL is not acceptable (zero, or too large to represent).
+    /// The TTL is not acceptable (zero, too large to represent, or too short to use).
     #[error("invalid TTL {ttl:?}: {reason}")]
     InvalidTtl {
         /// The TTL that was given.

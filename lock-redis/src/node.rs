@@ -1557,8 +1557,12 @@ impl Nodes {
                             *slot = Some(conn);
                         }
                     }
-                    // A refusal (credentials, certificates) is not an outage: say so at once.
-                    Err(error) if must_answer || error.is_refused() => return Err(error),
+                    // A refusal (credentials, certificates) or a configuration a node rejects
+                    // (a database number out of its range) is not an outage: say so at once,
+                    // not as "only 0 of N nodes answered", which callers retry.
+                    Err(error) if must_answer || error.is_refused() || !error.is_retryable() => {
+                        return Err(error);
+                    }
                     Err(error) => failures.push(error.to_string()),
                 }
                 if connected >= min_connected || failures.len() > urls.len() - min_connected {

@@ -95,3 +95,32 @@ async fn wrong_password_is_not_retryable() -> Result<()> {
     );
     Ok(())
 }
+
+/// A database number the servers do not have is a configuration error, on one server and on
+/// Redlock alike: not retryable, and not reported as an outage ("only 0 of 3 nodes
+/// answered", retryable, as Redlock said before).
+#[tokio::test]
+async fn database_out_of_range_is_not_retryable_on_redlock_either() -> Result<()> {
+    let servers = [
+        RedisServer::start()?,
+        RedisServer::start()?,
+        RedisServer::start()?,
+    ];
+    let one = format!("redis://{}/99", servers[0].server_addr());
+    let all = servers
+        .iter()
+        .map(|server| server.server_addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let redlock = format!("redlock://{all}/99");
+    for url in [one, redlock] {
+        match lock_redis::connect(&url).await {
+            Err(error) => ensure!(
+                !error.is_retryable(),
+                "{url}: database 99 reported as retryable: {error}"
+            ),
+            Ok(_) => bail!("{url}: connected to database 99 of 16"),
+        }
+    }
+    Ok(())
+}
