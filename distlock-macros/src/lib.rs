@@ -92,7 +92,7 @@ impl Options {
         let duplicate = || syn::Error::new(name.span(), format!("option `{name}` given twice"));
         match name.to_string().as_str() {
             "key" => replace_once(&mut self.key, input.parse()?, duplicate),
-            "ttl" => replace_once(&mut self.ttl, duration(input)?, duplicate),
+            "ttl" => replace_once(&mut self.ttl, ttl(input)?, duplicate),
             "wait" => replace_once(&mut self.wait, duration(input)?, duplicate),
             "retry_delay" => replace_once(&mut self.retry_delay, duration(input)?, duplicate),
             "retries" => replace_once(&mut self.retries, input.parse()?, duplicate),
@@ -133,6 +133,30 @@ fn replace_once<T>(
         return Err(duplicate());
     }
     Ok(())
+}
+
+/// The `ttl` option: as [`duration`], and a literal must also be a TTL a lock can use:
+/// more than 4.05 ms (the clock-drift allowance and the lost margin take that much of any
+/// lease) and at most a year.
+fn ttl(input: ParseStream) -> syn::Result<TokenStream2> {
+    if input.peek(LitStr) {
+        let literal: LitStr = input.fork().parse()?;
+        let nanos = parse_duration(&literal.value())
+            .map_err(|reason| syn::Error::new(literal.span(), reason))?;
+        const USABLE_FROM: u64 = 4_050_000;
+        const YEAR: u64 = 365 * 24 * 3600 * 1_000_000_000;
+        if nanos <= USABLE_FROM || nanos > YEAR {
+            return Err(syn::Error::new(
+                literal.span(),
+                format!(
+                    "ttl {:?} cannot be used: a TTL must be more than 4.05 ms (clock drift and \
+                     the lost margin take that much of every lease) and at most a year",
+                    literal.value()
+                ),
+            ));
+        }
+    }
+    duration(input)
 }
 
 /// A duration option: a string with units, checked at compile time (`"10s"`, `"100ms"`,

@@ -20,7 +20,7 @@ use std::time::Duration;
 /// | `DISTLOCK_RETRIES` | `retries` | unset | at most this many further attempts ([`LockOptions::retries`]) |
 /// | `DISTLOCK_RETRY_DELAY` | `retry_delay` | `10ms` | first delay between attempts (then doubling up to 1 s or the delay) |
 /// | `DISTLOCK_AUTO_RENEW` | `auto_renew` | `true` | renew leases in the background while held |
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[cfg_attr(
     feature = "serde",
     derive(serde::Deserialize, serde::Serialize),
@@ -42,6 +42,20 @@ pub struct Config {
     pub retry_delay: Duration,
     /// Renew leases in the background while they are held.
     pub auto_renew: bool,
+}
+
+/// The URL's password is hidden (`Config` is often logged at start-up).
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("url", &lock_core::redact_url(&self.url))
+            .field("ttl", &self.ttl)
+            .field("wait", &self.wait)
+            .field("retries", &self.retries)
+            .field("retry_delay", &self.retry_delay)
+            .field("auto_renew", &self.auto_renew)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -104,6 +118,7 @@ impl Config {
                 "DISTLOCK_TTL" => {
                     config.ttl = env_duration(&name, text)?;
                     crate::validate_ttl(config.ttl)
+                        .and_then(|()| lock_core::check_usable_ttl(config.ttl, Duration::ZERO))
                         .map_err(|error| invalid(&name, text, &error.to_string()))?;
                 }
                 "DISTLOCK_WAIT" => config.wait = env_duration(&name, text)?,
@@ -128,9 +143,12 @@ impl Config {
     }
 
     /// Checks the values the way a lock would, so a bad TTL fails at start-up, not at the
-    /// first lock.
+    /// first lock (a TTL the clock-drift allowance and the lost margin would use up is
+    /// refused here too; a backend may raise a short TTL to its minimum, but one that short
+    /// is a mistake on any backend).
     pub fn validate(&self) -> Result<(), LockError> {
-        crate::validate_ttl(self.ttl)
+        crate::validate_ttl(self.ttl)?;
+        lock_core::check_usable_ttl(self.ttl, Duration::ZERO)
     }
 
     /// The lock defaults this configuration describes.
@@ -166,16 +184,23 @@ fn env_duration(name: &str, text: &str) -> Result<Duration, LockError> {
     parse_duration(text).map_err(|why| invalid(name, text, &why))
 }
 
-/// `"30s"`, `"100ms"`, `"1m30s"`, `"1h"`, or a bare number of milliseconds (`"30000"`, as
-/// other lock libraries' settings are written).
+/// `"30s"`, `"100ms"`, `"1m30s"`, `"1h"`, or `"0"`. A bare number other than 0 is refused:
+/// `distlock run --ttl 30` reads it as seconds, and this function read it as milliseconds
+/// until 2026-12-02, so the same `DISTLOCK_TTL=30` meant 30 s to the CLI and 30 ms here.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    const HINT: &str = "not a duration (e.g. 30s, 100ms, 1m30s, or milliseconds)";
+    const HINT: &str = "not a duration (e.g. 30s, 100ms, 1m30s)";
     let text = text.trim();
     if text.is_empty() {
         return Err(HINT.into());
     }
-    if let Ok(millis) = text.parse::<u64>() {
-        return Ok(Duration::from_millis(millis));
+    if let Ok(number) = text.parse::<f64>() {
+        if number == 0.0 {
+            return Ok(Duration::ZERO);
+        }
+        return Err(format!(
+            "a bare number is ambiguous: write {text}s or {text}ms (the CLI's flags read a \
+             bare number as seconds)"
+        ));
     }
     let mut rest = text;
     let mut total = Duration::ZERO;
@@ -279,7 +304,7 @@ mod tests {
     fn reads_every_variable() {
         let config = vars(&[
             ("DISTLOCK_URL", "redis://127.0.0.1:6379/0"),
-            ("DISTLOCK_TTL", "30000"),
+            ("DISTLOCK_TTL", "30000ms"),
             ("DISTLOCK_WAIT", "5s"),
             ("DISTLOCK_RETRIES", "3"),
             ("DISTLOCK_RETRY_DELAY", "100ms"),
@@ -297,6 +322,8 @@ mod tests {
         assert_eq!(options.backoff.min, Duration::from_millis(100));
         assert_eq!(options.retries, Some(3));
         assert_eq!(vars(&[]).unwrap(), Config::default());
+        let secret = vars(&[("DISTLOCK_URL", "redis://app:s3cret@h:6379/0")]).unwrap();
+        assert!(!format!("{secret:?}").contains("s3cret"), "{secret:?}");
     }
 
     #[test]
@@ -304,6 +331,9 @@ mod tests {
         for (name, value) in [
             ("DISTLOCK_TTL", "abc"),
             ("DISTLOCK_TTL", "0"),
+            ("DISTLOCK_TTL", "30"),
+            ("DISTLOCK_TTL", "2ms"),
+            ("DISTLOCK_WAIT", "5"),
             ("DISTLOCK_TTL", "1000000h"),
             ("DISTLOCK_WAIT", "5 parsecs"),
             ("DISTLOCK_RETRIES", "-1"),
@@ -329,7 +359,8 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("250").is_err(), "a bare number is ambiguous");
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 fortnights").is_err());
     }

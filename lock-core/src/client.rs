@@ -313,20 +313,7 @@ impl LockRequest<'_> {
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
         let caps = &self.locker.caps;
-        // A lease's validity is its TTL less the clock-drift allowance, and the lost signal
-        // fires a margin before that: a TTL (as the backend grants it, raised to its minimum)
-        // that leaves nothing would be granted and given back as late on every attempt.
-        let granted = options.ttl.max(caps.min_ttl);
-        let reserved = crate::drift(granted) + crate::watchdog::lost_margin(granted);
-        if granted <= reserved {
-            return Err(LockError::InvalidTtl {
-                ttl: options.ttl,
-                reason: format!(
-                    "too short to use: the clock-drift allowance and the lost margin take \
-                     {reserved:?} of it (at least 5 ms)"
-                ),
-            });
-        }
+        crate::lease::check_usable_ttl(options.ttl, caps.min_ttl)?;
         match kind {
             LeaseKind::Permits { limit, count } => {
                 if !caps.semaphores {

@@ -34,6 +34,25 @@ pub fn drift(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
 }
 
+/// Refuses a TTL too short to use: a lease's validity is its TTL less the clock-drift
+/// allowance ([`drift`]), and the lost signal fires a margin ([`crate::lost_margin`]) before
+/// that, so a TTL of about 4.05 ms or less (as granted: raised to `min_ttl`, the backend's
+/// minimum) leaves nothing, and every grant would be given back as late.
+pub fn check_usable_ttl(ttl: Duration, min_ttl: Duration) -> Result<(), LockError> {
+    let granted = ttl.max(min_ttl);
+    let reserved = drift(granted) + crate::lost_margin(granted);
+    if granted <= reserved {
+        return Err(LockError::InvalidTtl {
+            ttl,
+            reason: format!(
+                "too short to use: the clock-drift allowance and the lost margin take {reserved:?} \
+                 of it (a TTL must be more than about 4.05 ms)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A random 128-bit token that names one holder; renew and release compare it on the server.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerToken(u128);

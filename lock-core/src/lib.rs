@@ -42,7 +42,9 @@ pub use client::{LockOptions, LockRequest, Locker, RwLockName};
 pub use error::{BoxError, LockError, RefusalKind, redact_url};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};
-pub use lease::{FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, drift, validate_ttl};
+pub use lease::{
+    FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, check_usable_ttl, drift, validate_ttl,
+};
 pub use memory::{MemoryBackend, check_permits, limit_mismatch};
 pub use multi::{MultiGuard, MultiLockRequest};
 pub use releases::{ReleaseHub, Releases, Wake};

@@ -225,7 +225,10 @@ async fn give_back(held: Vec<(usize, LockGuard)>) {
 pub struct MultiGuard {
     guards: Vec<LockGuard>,
     lost: CancellationToken,
-    /// Fires `lost` when any guard's signal fires; aborted with the guard.
+    /// Fires `lost` when any guard's signal fires; aborted with the guard. It runs on the
+    /// runtime that acquired: if that runtime stops (or, current-thread, is no longer
+    /// driven) while the guard lives, `lost()` may not fire; `is_lost()` still reads every
+    /// guard, and each guard is still renewed by the watchdog.
     watcher: Option<JoinHandle<()>>,
 }
 

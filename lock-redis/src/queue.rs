@@ -124,7 +124,7 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         self.backend.nodes().grants.forget(&self.token);
         if !self.settled {
-            self.backend.release_in_background(
+            self.backend.leave_queue_in_background(
                 Target::Lock(self.keys.clone()),
                 self.token.clone(),
                 self.expires,

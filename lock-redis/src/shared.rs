@@ -45,15 +45,21 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 else
   local meta = redis.call('HMGET', KEYS[2], 'limit', 'used')
   local held = tonumber(meta[1])
-  if held and held ~= limit then
-    return {{'limit', held}}
-  end
   if meta[2] then
     used = tonumber(meta[2])
     for _, member in ipairs(expired) do
       used = used - tonumber(string.match(member, '^(%d+):'))
     end
-  else
+    if #expired > 0 then
+      -- Written back on every path: the expired holders are gone from the set now, so
+      -- a refusal below (another limit) must not leave their permits counted for good.
+      redis.call('HSET', KEYS[2], 'used', used)
+    end
+  end
+  if held and held ~= limit then
+    return {{'limit', held}}
+  end
+  if not meta[2] then
     -- No counter (should not happen): count the live holders.
     for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
       used = used + tonumber(string.match(member, '^(%d+):'))

@@ -65,13 +65,16 @@ impl Cleanup {
 
     /// Queues `pending`; starts the worker if none runs. The first attempt goes out at
     /// once on the same connection as the acquire, so it runs after the acquire if that ever
-    /// arrives.
-    fn push(self: &Arc<Self>, nodes: &Arc<Nodes>, pending: Pending) {
+    /// arrives. `always`: queued even beyond [`CLEANUP_CAPACITY`] (a waiter leaving the fair
+    /// queue: dropped, its entry would be handed the lock by the next release, and nobody
+    /// would hold it for its whole TTL; there is one per cancelled waiter, not one per failed
+    /// attempt of an outage).
+    fn push(self: &Arc<Self>, nodes: &Arc<Nodes>, pending: Pending, always: bool) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let mut state = self.state();
-        if state.queue.len() >= CLEANUP_CAPACITY {
+        if state.queue.len() >= CLEANUP_CAPACITY && !always {
             tracing::debug!("clean-up queue full; the failed acquire's key expires by its TTL");
             return;
         }
@@ -198,6 +201,26 @@ impl RedisBackend {
                 token,
                 expires,
             },
+            false,
+        );
+    }
+
+    /// [`Self::release_in_background`] for a waiter leaving the fair queue: never dropped
+    /// for a full clean-up queue.
+    pub(crate) fn leave_queue_in_background(
+        &self,
+        target: Target,
+        token: String,
+        expires: Instant,
+    ) {
+        self.cleanup.push(
+            &self.inner,
+            Pending {
+                target,
+                token,
+                expires,
+            },
+            true,
         );
     }
 

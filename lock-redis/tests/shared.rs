@@ -450,3 +450,42 @@ async fn redlock_rw_with_every_node_down_is_an_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// A caller with another limit, arriving after a holder expired, must not leave the expired
+/// holder's permits counted: the script drops expired holders before it compares limits,
+/// and it used to return the mismatch without writing the lowered count back, so those
+/// permits were lost for as long as the semaphore had any holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_mismatch_after_an_expiry_leaks_no_permits() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let key = LockKey::new("mismatch-after-expiry")?;
+    // A: 3 of 5, abandoned (short TTL, never renewed); B: 1 of 5, held.
+    let short = Duration::from_millis(200);
+    let long = Duration::from_secs(30);
+    let _abandoned = backend
+        .try_acquire_permits(&key, 5, 3, short)
+        .await?
+        .into_lease()
+        .context("3 free permits refused")?;
+    let held = backend
+        .try_acquire_permits(&key, 5, 1, long)
+        .await?
+        .into_lease()
+        .context("a 4th free permit refused")?;
+    sleep(short + Duration::from_millis(100)).await;
+    // C asks with another limit: refused, and it removes A's expired entry on the way.
+    match backend.try_acquire_permits(&key, 4, 1, long).await {
+        Err(LockError::InvalidConfig(_)) => {}
+        other => anyhow::bail!("limit 4 against 5: expected InvalidConfig, got {other:?}"),
+    }
+    // 1 of 5 is in use: 4 more must be free.
+    let more = backend
+        .try_acquire_permits(&key, 5, 4, long)
+        .await?
+        .into_lease()
+        .context("4 of the 5 permits refused while only 1 is held: the expired holder's 3 stayed counted")?;
+    backend.release(&more).await?;
+    backend.release(&held).await?;
+    Ok(())
+}

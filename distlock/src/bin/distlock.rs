@@ -112,7 +112,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
-    if args.url.starts_with("memory:") {
+    if args.url.trim().to_ascii_lowercase().starts_with("memory:") {
         eprintln!(
             "distlock: warning: {:?} locks only within this process; set DISTLOCK_URL (or \
              --url) to a shared server to keep other hosts out",

@@ -1,0 +1,6 @@
+#[distlock::locked("job", ttl = "2ms")]
+async fn job() -> Result<(), distlock::LockError> {
+    Ok(())
+}
+
+fn main() {}
