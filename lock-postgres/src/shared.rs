@@ -441,8 +441,21 @@ impl Inner {
         let row = match result {
             Ok(Ok(row)) => row,
             Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42501") => {
-                // A privilege error on the intent table comes before any lock is taken (or
-                // after the function gave its lock back): the session's locks are intact.
+                // A privilege error on the limit or intent table comes before any lock is
+                // taken (or after the function gave its lock back): the session's locks are
+                // intact. One on the fence sequence or the WAL message (a right revoked while
+                // running) comes after the function took its session locks: only dropping the
+                // session frees them.
+                let message = db.message();
+                let on_tables = message.contains("distlock_semaphore_limit")
+                    || message.contains("distlock_rw_intent");
+                if !on_tables {
+                    if state.ttls.is_empty() {
+                        state.disconnect();
+                    } else {
+                        self.break_session(&session, &mut state, "privilege refused after locking");
+                    }
+                }
                 return Err(LockError::InvalidConfig(format!(
                     "semaphores and reader-writer locks need SELECT, INSERT, UPDATE and DELETE \
                      on {} and {}: {db}",

@@ -530,3 +530,55 @@ async fn server_restart_loses_permits_then_recovers() -> Result<()> {
     writer.release().await?;
     Ok(())
 }
+
+/// A right revoked while the backend runs (USAGE on the fence sequence) fails a permit
+/// attempt after its function took the session locks: the session is dropped, so the
+/// semaphore is not left occupied by a refused attempt. (A 42501 used to be taken for one
+/// on the limit table, which comes before any lock: the session and its locks were kept.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
+    let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let ttl = Duration::from_secs(10);
+    let dba = backend_at(&server.url(), PostgresConfig::default()).await?;
+    // The DBA's first reader creates the fence sequence, the tables and the functions.
+    let setup = LockKey::new("setup")?;
+    let lease = acquired(
+        dba.try_acquire_rw(&setup, RwMode::Read, ttl).await?,
+        "setup",
+    )?;
+    dba.release(&lease).await?;
+    server.sql(
+        "CREATE ROLE runner LOGIN; \
+         GRANT USAGE ON SEQUENCE public.distlock_fence_seq TO runner; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON public.distlock_semaphore_limit, \
+         public.distlock_rw_intent TO runner",
+    )?;
+    let runner_url = format!(
+        "postgres://runner@127.0.0.1:{}/postgres?sslmode=disable",
+        server.port()
+    );
+    let one_session = PostgresConfig {
+        max_sessions: 1,
+        sessions_per_ttl: 1,
+        ..PostgresConfig::default()
+    };
+    let runner = backend_at(&runner_url, one_session).await?;
+    let key = LockKey::new(unique("revoked"))?;
+    let first = acquired(
+        runner.try_acquire_permits(&key, 1, 1, ttl).await?,
+        "the runner's first permit",
+    )?;
+    runner.release(&first).await?;
+    server.sql("REVOKE USAGE ON SEQUENCE public.distlock_fence_seq FROM runner")?;
+    match runner.try_acquire_permits(&key, 1, 1, ttl).await {
+        Err(lock_core::LockError::InvalidConfig(_)) => {}
+        other => bail!("a permit without the sequence right gave {other:?}"),
+    }
+    // The semaphore's one permit must be free.
+    let permit = acquired(
+        dba.try_acquire_permits(&key, 1, 1, ttl).await?,
+        "the only permit, after the runner's refused attempt,",
+    )?;
+    dba.release(&permit).await?;
+    Ok(())
+}
