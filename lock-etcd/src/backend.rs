@@ -20,7 +20,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::{Instant, sleep, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
 mod shared;
 
@@ -818,12 +818,20 @@ impl EtcdBackend {
                 .watcher
                 .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1)
                 .await;
-            if wakeup.wait().await == Woken::Interrupted {
-                sleep(Duration::from_millis(20)).await;
+            // A bounded wait, then a fresh look: a watch stream that went silent (a
+            // blackholed connection, a NAT that dropped the flow) delivers no delete and no
+            // error until HTTP/2 keep-alive gives up (~15 s); a look per second bounds what a
+            // missed wake-up costs, as the backoff ceiling does for the other waiters.
+            match timeout(QUEUE_RECHECK, wakeup.wait()).await {
+                Ok(Woken::Interrupted) => sleep(Duration::from_millis(20)).await,
+                Ok(Woken::Deleted) | Err(_) => {}
             }
         }
     }
 }
+
+/// Longest a queued waiter trusts its predecessor's watch before it looks again.
+const QUEUE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Keeps a queued entry's lease alive at TTL/3 over the renewer's shared streams, recording
 /// each confirmed refresh in `refreshed`. Returns only when etcd says the lease is gone.

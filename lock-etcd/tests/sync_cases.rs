@@ -57,7 +57,11 @@ fn slow_polling_waiter(
         let permit = waiter
             .semaphore(name, 2)
             .ttl(ttl)
-            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)))
+            // A poll of a jittered 60 s step lands near the release in under 1 % of runs.
+            .backoff(Backoff::new(
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            ))
             .wait(wait)
             .acquire()
             .await?;

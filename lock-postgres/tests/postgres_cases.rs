@@ -202,11 +202,21 @@ async fn five_hundred_keys_leave_a_pool_of_ten_alone() -> Result<()> {
                 .await?,
         );
     }
-    // Held across at least one renewal round.
+    let all_acquired = tokio::time::Instant::now();
+    // Held across at least one renewal round: each lease must have been renewed since the
+    // last acquire (a 2 s lease taken quickly would otherwise still be valid unrenewed).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ensure!(
         guards.iter().all(|guard| !guard.is_lost()),
         "a lock was lost while held"
+    );
+    let unrenewed = guards
+        .iter()
+        .filter(|guard| guard.lease().sent_at() <= all_acquired)
+        .count();
+    ensure!(
+        unrenewed == 0,
+        "{unrenewed} of 500 leases were never renewed"
     );
     ensure!(
         pool.size() == size_before,
@@ -339,6 +349,14 @@ async fn silent_partition_frees_lock_within_ttl() -> Result<()> {
     let key = unique("blackhole");
     let ttl = Duration::from_secs(2);
     let guard = locker.lock(&key).ttl(ttl).acquire().await?;
+    // When the signal fires, not whether the guard reads lost afterwards (`is_lost()` is
+    // also true once the deadline passed, which it always has by the time another client
+    // gets the lock).
+    let signal = guard.lost();
+    let told = tokio::spawn(async move {
+        signal.await;
+        Instant::now()
+    });
     let cut_at = Instant::now();
     proxy.blackhole();
     let taken = other
@@ -348,14 +366,22 @@ async fn silent_partition_frees_lock_within_ttl() -> Result<()> {
         .acquire()
         .await
         .context("the lock of a partitioned holder was never freed")?;
+    let taken_at = Instant::now();
     let freed_after = cut_at.elapsed();
     ensure!(
         freed_after <= ttl + slack + Duration::from_millis(1100),
         "freed {freed_after:?} after the partition (TTL {ttl:?}; backoff cap 1 s adds up to 1 s)"
     );
+    let told_at = tokio::time::timeout(Duration::from_secs(1), told)
+        .await
+        .context("the partitioned holder's lost() never fired")??;
     ensure!(
-        guard.is_lost(),
-        "the partitioned holder did not report lost"
+        told_at < guard.valid_until() && told_at < taken_at,
+        "lost() fired at +{:?}, after the deadline (+{:?}) or after another client took the \
+         lock (+{:?})",
+        told_at - cut_at,
+        guard.valid_until().saturating_duration_since(cut_at),
+        taken_at - cut_at
     );
     taken.release().await?;
     proxy.heal();

@@ -66,7 +66,7 @@ end
 ";
 
 /// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
-/// integer), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
+/// integer; also when the holder is this token already: the same attempt sent twice), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
 /// out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
 /// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
 /// gets the waiter mark, so that its release publishes. (The fair queue is not consulted: a
@@ -79,9 +79,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 local holder = redis.call('GET', KEYS[1]) or ''
-if string.sub(holder, -1) == '+' then
+local marked = string.sub(holder, -1) == '+'
+if marked then
   holder = string.sub(holder, 1, -2)
-elseif ARGV[3] == '1' and holder ~= '' then
+end
+if holder == ARGV[1] then
+  -- This very attempt ran before (a client that re-sends a call whose connection dropped,
+  -- as the Cluster client does): it holds the lock. The fence counter has not gone back.
+  return tonumber(redis.call('GET', KEYS[2]) or '1')
+end
+if ARGV[3] == '1' and holder ~= '' and not marked then
   redis.call('APPEND', KEYS[1], '+')
 end
 return {redis.call('PTTL', KEYS[1]), holder}
@@ -1745,6 +1752,41 @@ impl Nodes {
 #[cfg(test)]
 mod tests {
     use super::ConfirmedKeys;
+
+    /// The lock's acquire script run twice with the same token (a re-sent call) answers
+    /// "acquired" both times; before, the second run found itself holding and answered
+    /// "held", and the caller left the lock to its TTL.
+    #[tokio::test]
+    async fn the_acquire_script_sent_twice_holds_once() {
+        let server = lock_harness::redis::RedisServer::start().unwrap();
+        let mut conn = server
+            .client()
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for (run, mark) in [(0, "0"), (1, "1")] {
+            let answer: redis::Value = super::ACQUIRE
+                .key("l:lock")
+                .key("l:fence")
+                .arg("token1")
+                .arg(30_000)
+                .arg(mark)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                matches!(answer, redis::Value::Int(_)),
+                "run {run}: {answer:?}"
+            );
+        }
+        let value: String = redis::cmd("GET")
+            .arg("l:lock")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(value, "token1", "the holder marked itself");
+    }
 
     /// The order that keeps a key found in the set subscribed: out of the set first, then
     /// the look at the hub (a waiter joins the hub, then reads the set).

@@ -40,6 +40,11 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
+if redis.call('ZSCORE', KEYS[1], ARGV[4] .. ':' .. ARGV[1]) then
+  -- This very attempt ran before (re-sent after its connection dropped, as the Cluster
+  -- client does): it holds its permits; counting them again would lose them for good.
+  return tonumber(redis.call('GET', KEYS[3]) or '1')
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
 else
@@ -209,6 +214,10 @@ static RW_WRITE_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local writer = redis.call('PTTL', KEYS[2])
 if writer ~= -2 or redis.call('EXISTS', KEYS[1]) == 1 then
+  if writer ~= -2 and redis.call('GET', KEYS[2]) == ARGV[1] then
+    -- This very attempt ran before (re-sent): it is the writer.
+    return tonumber(redis.call('GET', KEYS[5]) or '1')
+  end
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
   return refused(now, writer, ARGV[3])
 end
@@ -564,5 +573,88 @@ impl Node {
         }
         .map_err(|error| backend_error("rwlock release", error))?;
         Ok(released == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RW_WRITE_ACQUIRE, SEM_ACQUIRE};
+    use lock_harness::redis::RedisServer;
+
+    /// An acquire script run twice with the same token (the Cluster client re-sends a call
+    /// whose connection dropped after sending) answers "acquired" both times and counts the
+    /// permits once; before, the second run counted them again (lost for good) or, for a
+    /// writer, found itself holding and answered "held" (the lock stuck for its TTL).
+    #[tokio::test]
+    async fn acquire_scripts_sent_twice_hold_once() {
+        let server = RedisServer::start().unwrap();
+        let mut conn = server
+            .client()
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let sem = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                SEM_ACQUIRE
+                    .key("s:holders")
+                    .key("s:meta")
+                    .key("s:fence")
+                    .arg("token1")
+                    .arg(30_000)
+                    .arg(5)
+                    .arg(3)
+                    .arg("0")
+                    .invoke_async::<redis::Value>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        for run in 0..2 {
+            let answer = sem(&mut conn).await;
+            assert!(
+                matches!(answer, redis::Value::Int(_)),
+                "run {run}: {answer:?}"
+            );
+        }
+        let used: i64 = redis::cmd("HGET")
+            .arg("s:meta")
+            .arg("used")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(used, 3, "the permits were counted twice");
+        let write = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                RW_WRITE_ACQUIRE
+                    .key("w:readers")
+                    .key("w:writer")
+                    .key("w:intent")
+                    .key("w:mark")
+                    .key("w:fence")
+                    .arg("token2")
+                    .arg(30_000)
+                    .arg("0")
+                    .arg(2_000)
+                    .invoke_async::<redis::Value>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        for run in 0..2 {
+            let answer = write(&mut conn).await;
+            assert!(
+                matches!(answer, redis::Value::Int(_)),
+                "writer run {run}: {answer:?}"
+            );
+        }
+        let intent: bool = redis::cmd("EXISTS")
+            .arg("w:intent")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!intent, "the second run set a writer intent against itself");
     }
 }
