@@ -253,7 +253,11 @@ impl Inner {
 
     /// Makes sure both tables exist (created if missing, serialized like the fence
     /// sequence's creation; needs CREATE on the schema only then).
-    async fn ensure_tables(&self, state: &mut SessionState) -> Result<(), LockError> {
+    async fn ensure_tables(
+        &self,
+        session: &Session,
+        state: &mut SessionState,
+    ) -> Result<(), LockError> {
         if self.tables_ready.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -263,6 +267,7 @@ impl Inner {
         let Some(conn) = state.conn.as_mut() else {
             return Err(LockError::backend_msg(BACKEND, "no holder session", true));
         };
+        let op_timeout_ms = self.config.op_timeout.as_millis().max(1).to_string();
         let work = async {
             let exists: bool = sqlx::query_scalar(
                 "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
@@ -273,6 +278,13 @@ impl Inner {
             .await?;
             if !exists {
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                // This is a holder session, which may hold locks: a process stopped inside
+                // this transaction would leave it idle in a transaction, where
+                // `idle_session_timeout` does not apply and its locks would stay. This one does.
+                sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+                    .bind(&op_timeout_ms)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
                     .bind(SETUP_LOCK.0)
                     .bind(SETUP_LOCK.1)
@@ -314,10 +326,14 @@ impl Inner {
                 "creating the semaphore and reader-writer tables",
                 error,
             )),
-            Err(_) => Err(timed_out(
-                "creating the semaphore and reader-writer tables",
-                self.config.op_timeout,
-            )),
+            Err(_) => {
+                // Perhaps inside the transaction: the session cannot be trusted to be idle.
+                self.break_session(session, state, "creating the tables timed out");
+                Err(timed_out(
+                    "creating the semaphore and reader-writer tables",
+                    self.config.op_timeout,
+                ))
+            }
         }
     }
 
@@ -335,7 +351,7 @@ impl Inner {
         let ttl_ms = ttl_ms(ttl);
         let namespace = self.config.namespace.clone();
         let mut state = self.session_conn(&session).await?;
-        self.ensure_tables(&mut state).await?;
+        self.ensure_tables(&session, &mut state).await?;
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
         let owner = OwnerToken::random();
         let deadline = sent_at + ttl;

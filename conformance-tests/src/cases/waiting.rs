@@ -52,10 +52,14 @@ pub async fn wait_timeout_is_bounded(factory: &dyn BackendFactory) -> Result<()>
 /// 11. Cancel safety: dropping `acquire` futures mid-wait, at random points, leaves nothing held.
 pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> Result<()> {
     let holder = locker(factory).await?;
-    // Answers come back 60 ms after the grant, so many cancels fall in between.
+    // Answers come back 60 ms after the grant, so many cancels fall in between (that
+    // wrapper gives back what it granted itself); and plain lockers, so that the backend's
+    // own cancel paths (a fair queue's place, a wait on the server) meet the cancels too.
     let waiters = [
         slow_answer_locker(factory, 60 * MS).await?,
         slow_answer_locker(factory, 60 * MS).await?,
+        locker(factory).await?,
+        locker(factory).await?,
     ];
     let caps = holder.backend().capabilities();
     // Long TTL: a leaked lease would block the key far longer than the check below allows.
@@ -65,7 +69,7 @@ pub async fn cancelled_acquires_leave_nothing(factory: &dyn BackendFactory) -> R
         let guard = holder.lock(&name).ttl(ttl).acquire().await?;
         let mut tasks = Vec::new();
         for task in 0..16 {
-            let locker = waiters[task % 2].clone();
+            let locker = waiters[task % waiters.len()].clone();
             let name = name.clone();
             let give_up = Duration::from_micros(rand::random_range(0..250_000));
             tasks.push(tokio::spawn(async move {
