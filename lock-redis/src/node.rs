@@ -215,6 +215,50 @@ return 1
     )
 });
 
+/// Warns (once per connected node, in the background) when the server may evict lock keys:
+/// with a `maxmemory` and any policy but `noeviction`, every lock key is a candidate (each
+/// has a TTL, which the `volatile-*` policies pick from), and an evicted lock is free for the
+/// next client while its holder, until its next renewal, believes it holds it.
+fn warn_if_locks_may_be_evicted(mut conn: ConnectionManager, addr: String) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let info = timeout(
+            Duration::from_secs(2),
+            redis::cmd("INFO")
+                .arg("memory")
+                .query_async::<String>(&mut conn),
+        )
+        .await;
+        if let Ok(Ok(info)) = info
+            && let Some(policy) = eviction_policy(&info)
+        {
+            tracing::warn!(
+                server = %addr,
+                policy,
+                "this redis server may evict keys under memory pressure (maxmemory is set and \
+                 maxmemory-policy is not noeviction): an evicted lock is free for another \
+                 client while its holder still believes it holds it; use a server (or \
+                 database instance) with maxmemory-policy noeviction for locks"
+            );
+        }
+    });
+}
+
+/// The eviction policy from an `INFO memory` answer, when it can evict keys (a `maxmemory`
+/// is set and the policy is not `noeviction`).
+pub(crate) fn eviction_policy(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let maxmemory: u64 = field("maxmemory:")?.parse().ok()?;
+    let policy = field("maxmemory_policy:")?;
+    (maxmemory > 0 && policy != "noeviction").then(|| policy.to_owned())
+}
+
 /// Maps a redis error to a [`LockError::Backend`], keeping it as the source.
 pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockError {
     // redis marks a failed AUTH "reconnect", but a wrong password, a missing ACL right or an
@@ -1559,6 +1603,9 @@ impl Nodes {
             while let Some((index, result)) = pending.next().await {
                 match result {
                     Ok(conn) => {
+                        if let Some(node) = prepared.get(index) {
+                            warn_if_locks_may_be_evicted(conn.clone(), node.addr.clone());
+                        }
                         connected += 1;
                         if let Some(slot) = conns.get_mut(index) {
                             *slot = Some(conn);
@@ -1752,6 +1799,26 @@ impl Nodes {
 #[cfg(test)]
 mod tests {
     use super::ConfirmedKeys;
+
+    #[test]
+    fn an_evicting_server_is_recognised() {
+        let info = |maxmemory: &str, policy: &str| {
+            format!(
+                "# Memory\r\nused_memory:1000\r\nmaxmemory:{maxmemory}\r\nmaxmemory_policy:{policy}\r\n"
+            )
+        };
+        assert_eq!(super::eviction_policy(&info("0", "noeviction")), None);
+        assert_eq!(super::eviction_policy(&info("0", "allkeys-lru")), None);
+        assert_eq!(
+            super::eviction_policy(&info("100000000", "noeviction")),
+            None
+        );
+        assert_eq!(
+            super::eviction_policy(&info("100000000", "volatile-lru")).as_deref(),
+            Some("volatile-lru")
+        );
+        assert_eq!(super::eviction_policy("garbage"), None);
+    }
 
     /// The lock's acquire script run twice with the same token (a re-sent call) answers
     /// "acquired" both times; before, the second run found itself holding and answered

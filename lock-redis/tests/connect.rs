@@ -124,3 +124,73 @@ async fn database_out_of_range_is_not_retryable_on_redlock_either() -> Result<()
     }
     Ok(())
 }
+
+/// Captures what a `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// A server that may evict lock keys (a `maxmemory` with a `volatile-*` policy picks among
+/// keys with a TTL, which every lock key has) is named in a warning when the backend
+/// connects; the default server (no `maxmemory`) is not.
+#[tokio::test]
+async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Current-thread runtime: the check's task runs on this thread, under this subscriber.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let plain = RedisServer::start()?;
+    let _backend = lock_redis::connect(&plain.url()).await?;
+    let evicting = RedisServer::start()?;
+    let mut admin = evicting
+        .client()?
+        .get_multiplexed_async_connection()
+        .await?;
+    for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut admin)
+            .await?;
+    }
+    let _evicting_backend = lock_redis::connect(&evicting.url()).await?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !captured.text().contains("may evict") {
+        ensure!(
+            Instant::now() < deadline,
+            "no warning about an evicting server: {:?}",
+            captured.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = captured.text();
+    ensure!(
+        text.matches("may evict").count() == 1
+            && text.contains(&evicting.server_addr().port().to_string()),
+        "the warning must name the evicting server only: {text}"
+    );
+    Ok(())
+}
