@@ -106,6 +106,10 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
     let stop = Arc::new(AtomicBool::new(false));
     let writer_in = Arc::new(AtomicBool::new(false));
     let overlap = Arc::new(AtomicBool::new(false));
+    // Readers holding now, read by the writer at both ends of its hold: a reader whose hold
+    // spans the writer's whole window is seen there (the readers' own checks at their two
+    // ends would miss it).
+    let readers_in = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Six readers in a loop, each holding 120 ms, started 20 ms apart: several readers hold at
     // every instant (even on a loaded machine), so a writer that only got in between readers
     // would never get in.
@@ -113,6 +117,7 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
     for reader in 0..6u32 {
         let (readers, name, stop) = (readers.clone(), name.clone(), stop.clone());
         let (writer_in, overlap) = (writer_in.clone(), overlap.clone());
+        let readers_in = readers_in.clone();
         stream.push(tokio::spawn(async move {
             sleep(20 * MS * reader).await;
             while !stop.load(Ordering::SeqCst) {
@@ -123,6 +128,7 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
                     .wait(Duration::from_secs(30))
                     .acquire()
                     .await?;
+                readers_in.fetch_add(1, Ordering::SeqCst);
                 if writer_in.load(Ordering::SeqCst) {
                     overlap.store(true, Ordering::SeqCst);
                 }
@@ -130,6 +136,7 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
                 if writer_in.load(Ordering::SeqCst) {
                     overlap.store(true, Ordering::SeqCst);
                 }
+                readers_in.fetch_sub(1, Ordering::SeqCst);
                 guard.release().await?;
                 sleep(4 * MS).await;
             }
@@ -154,7 +161,9 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
         }
     };
     writer_in.store(true, Ordering::SeqCst);
+    let readers_at_start = readers_in.load(Ordering::SeqCst);
     sleep(30 * MS).await;
+    let readers_at_end = readers_in.load(Ordering::SeqCst);
     writer_in.store(false, Ordering::SeqCst);
     guard.release().await?;
     stop.store(true, Ordering::SeqCst);
@@ -162,8 +171,9 @@ pub async fn rwlock_writer_not_starved(factory: &dyn BackendFactory) -> Result<(
         reader.await??;
     }
     ensure!(
-        !overlap.load(Ordering::SeqCst),
-        "a reader held while the writer did"
+        !overlap.load(Ordering::SeqCst) && readers_at_start == 0 && readers_at_end == 0,
+        "a reader held while the writer did ({readers_at_start} readers in as the writer \
+         began, {readers_at_end} as it ended)"
     );
     ensure!(
         waited < Duration::from_secs(3),
