@@ -402,3 +402,80 @@ fn cli_releases_when_the_command_cannot_start() {
         String::from_utf8_lossy(&next.stderr)
     );
 }
+
+/// A lost lock kills the command's whole process group when stdin is not a terminal (cron,
+/// systemd): its children too, not the command alone. The lock is lost here by emptying the
+/// server under the holder; distlock hears it at its next renewal.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_loss_kills_the_commands_children_too() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let exe = env!("CARGO_BIN_EXE_distlock");
+    let pid_file = std::env::temp_dir().join(format!("distlock-cli-lost-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pid_file);
+    let mut runner = Command::new(exe)
+        .args(["run", "--url", &server.url(), "--ttl", "1.5", "lost-job"])
+        .args(["--", "sh", "-c"])
+        .arg(format!("sleep 30 & echo $! > {}; wait", pid_file.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let grandchild = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the command never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    // Running, not a zombie: an orphan killed here is reparented to PID 1, which may never
+    // reap it (it does not in this sandbox).
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
+    let flushed = Command::new("redis-cli")
+        .args(["-u", &server.direct_url(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(flushed.status.success(), "{flushed:?}");
+    let lost_at = Instant::now();
+    let status = loop {
+        if let Some(status) = runner.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(5),
+            "distlock did not end within 5 s of losing its lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let gone_by = Instant::now() + Duration::from_secs(1);
+    while alive(grandchild) && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = alive(grandchild);
+    if left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &grandchild.to_string()])
+            .status();
+    }
+    let mut stderr = String::new();
+    if let Some(mut pipe) = runner.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    assert!(!left, "the command's child ran on after the lock was lost");
+}
