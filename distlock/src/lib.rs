@@ -206,6 +206,7 @@ mod tests {
             "redis+sentinel://app:s3cret@127.0.0.1:1",
             "redis+cluster://app:s3cret@",
             "postgres://app:s3cret@127.0.0.1:1/x?sslmode=bogus",
+            "postgres://app@127.0.0.1:1/x?password=s3cret&sslmode=bogus",
             "etcd://app:s3cret@127.0.0.1:1/p?bogus=1",
         ] {
             let message = match connect(url).await {

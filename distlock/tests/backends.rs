@@ -415,7 +415,10 @@ fn cli_loss_kills_the_commands_children_too() {
     let exe = env!("CARGO_BIN_EXE_distlock");
     let pid_file = std::env::temp_dir().join(format!("distlock-cli-lost-{}", std::process::id()));
     let _ = std::fs::remove_file(&pid_file);
-    let mut runner = Command::new(exe)
+    // In a session of its own (`setsid`): no controlling terminal, as under cron, also when
+    // the tests run from one.
+    let mut runner = Command::new("setsid")
+        .args(["-w", exe])
         .args(["run", "--url", &server.url(), "--ttl", "1.5", "lost-job"])
         .args(["--", "sh", "-c"])
         .arg(format!("sleep 30 & echo $! > {}; wait", pid_file.display()))

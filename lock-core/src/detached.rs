@@ -1,19 +1,51 @@
 //! Work that must finish after its caller is gone: a guard's release on drop, a grant given
-//! back. It runs on the current Tokio runtime; outside any runtime (a guard dropped after
-//! `block_on` returned), or when the runtime drops it unrun (it was shutting down), it runs on
-//! a short-lived thread of its own, so that a lock is released now rather than at its TTL.
+//! back, a cancelled attempt's grant. It runs on the current Tokio runtime; outside any
+//! runtime (a guard dropped after `block_on` returned), on one background runtime of this
+//! process, started on first use (one thread); and a release that its runtime drops unrun (it
+//! was shutting down) is sent again there. So a lock is released now rather than at its TTL,
+//! and what the backend spawns on the way (a clean-up worker, a connection probe) keeps
+//! running afterwards. Not covered: a cancelled attempt's in-flight call that a shutting-down
+//! runtime drops unrun (the call cannot be re-created; a grant it got runs out by its TTL).
 
 use crate::telemetry;
 use crate::{Lease, LockBackend};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Longest a fallback thread waits for its work: a backend whose connections belong to a
-/// runtime that no longer runs cannot answer, and the TTL frees the lock then anyway.
-const THREAD_BOUND: Duration = Duration::from_secs(10);
+/// Longest background work may take there: a backend whose connections belong to a runtime
+/// that no longer runs cannot answer, and the TTL frees the lock then anyway.
+const BACKGROUND_BOUND: Duration = Duration::from_secs(10);
 
-/// Runs `work` in the background: on the current runtime, or on a thread of its own.
+/// The process's background runtime: one worker thread, started on first use, never shut
+/// down (it lives as long as the process, as a global executor does).
+fn background() -> Option<&'static tokio::runtime::Handle> {
+    static BACKGROUND: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
+    BACKGROUND
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("distlock-background")
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => {
+                    let handle = runtime.handle().clone();
+                    // Never dropped: its worker runs what is spawned on it for good.
+                    std::mem::forget(runtime);
+                    Some(handle)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "no background runtime; TTLs will free locks dropped outside a runtime");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Runs `work` in the background: on the current runtime, or on the background runtime
+/// (bounded by [`BACKGROUND_BOUND`]).
 pub(crate) fn run_detached<F>(work: F)
 where
     F: Future<Output = ()> + Send + 'static,
@@ -22,36 +54,24 @@ where
         Ok(runtime) => {
             runtime.spawn(work);
         }
-        Err(_) => on_own_thread(work),
+        Err(_) => on_background(work),
     }
 }
 
-/// Runs `work` on a new thread with a current-thread runtime, at most [`THREAD_BOUND`].
-fn on_own_thread<F>(work: F)
+fn on_background<F>(work: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let spawned = std::thread::Builder::new()
-        .name("distlock-release".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(async move {
-                    let _ = tokio::time::timeout(THREAD_BOUND, work).await;
-                }),
-                Err(error) => tracing::warn!(%error, "no runtime for a background release"),
-            }
+    if let Some(background) = background() {
+        background.spawn(async move {
+            let _ = tokio::time::timeout(BACKGROUND_BOUND, work).await;
         });
-    if let Err(error) = spawned {
-        tracing::warn!(%error, "no thread for a background release; TTL will free the lock");
     }
 }
 
 /// Releases `lease` in the background (`why`: the metric label, e.g. `"drop"`). If the
-/// runtime drops the release unfinished (it was shutting down), it is sent again from a
-/// thread of its own: a release is idempotent (it compares the owner token).
+/// runtime drops the release unfinished (it was shutting down), it is sent again on the
+/// background runtime: a release is idempotent (it compares the owner token).
 pub(crate) fn release_detached(backend: Arc<dyn LockBackend>, lease: Lease, why: &'static str) {
     let release = Release {
         backend,
@@ -68,7 +88,7 @@ struct Release {
     lease: Lease,
     why: &'static str,
     done: bool,
-    /// False on the fallback thread: one retry, never a chain of them.
+    /// False for the second sending: once again at most, never a chain.
     again_on_drop: bool,
 }
 
@@ -104,7 +124,7 @@ impl Drop for Release {
             done: false,
             again_on_drop: false,
         };
-        on_own_thread(again.run());
+        on_background(again.run());
     }
 }
 

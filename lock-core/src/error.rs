@@ -186,15 +186,37 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         };
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    // The user info ends at the last `@` before the query: a password may hold a `/` that
+    // should have been percent-encoded.
+    let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (head, query) = rest.split_at(query_at);
+    let head = match head.rsplit_once('@') {
         Some((userinfo, hosts)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{hosts}{tail}"),
-            None => url.to_owned(),
+            Some((user, _password)) => format!("{user}:***@{hosts}"),
+            None => format!("{userinfo}@{hosts}"),
         },
-        None => url.to_owned(),
+        None => head.to_owned(),
+    };
+    format!("{scheme}://{head}{}", redact_password_parameter(query))
+}
+
+/// `?…&password=secret&…` with the value hidden (PostgreSQL URLs may carry it there).
+fn redact_password_parameter(query: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    let mut rest = query;
+    while let Some(at) = rest.find("password=") {
+        let starts_parameter = at == 0 || matches!(rest.as_bytes()[at - 1], b'?' | b'&');
+        let value_at = at + "password=".len();
+        out.push_str(&rest[..value_at]);
+        rest = &rest[value_at..];
+        if starts_parameter {
+            let end = rest.find(['&', '#']).unwrap_or(rest.len());
+            out.push_str("***");
+            rest = &rest[end..];
+        }
     }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -215,6 +237,15 @@ mod redact_tests {
             ("etcd://h:2379/p?a=b@c", "etcd://h:2379/p?a=b@c"),
             ("nope", "nope"),
             ("app:s3cret@h:6379", "***@h:6379"),
+            ("redis://u:a/b@h:1/0", "redis://u:***@h:1/0"),
+            (
+                "postgres://u@db/x?password=s3cret&sslmode=require",
+                "postgres://u@db/x?password=***&sslmode=require",
+            ),
+            (
+                "postgres://db/x?sslmode=require&password=s3cret",
+                "postgres://db/x?sslmode=require&password=***",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

@@ -94,7 +94,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// refused, or cannot be confirmed before the lease's local validity deadline, the guard's
 /// lost signal fires: stop the critical section. Release it with [`LockGuard::release`];
 /// dropping it releases in the background: on the current Tokio runtime, or, outside one (or
-/// on one shutting down), on a short-lived thread of its own.
+/// on one shutting down), on a background runtime of the process.
 #[derive(Debug)]
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {

@@ -814,17 +814,37 @@ impl EtcdBackend {
             let Some(predecessor) = range_answer(&answer, 0).into_iter().next() else {
                 return Ok(());
             };
+            let watched = predecessor.key().to_vec();
             let mut wakeup = inner
                 .watcher
-                .on_delete(predecessor.key().to_vec(), revision(&answer)? + 1)
+                .on_delete(watched.clone(), revision(&answer)? + 1)
                 .await;
-            // A bounded wait, then a fresh look: a watch stream that went silent (a
-            // blackholed connection, a NAT that dropped the flow) delivers no delete and no
-            // error until HTTP/2 keep-alive gives up (~15 s); a look per second bounds what a
-            // missed wake-up costs, as the backoff ceiling does for the other waiters.
-            match timeout(QUEUE_RECHECK, wakeup.wait()).await {
-                Ok(Woken::Interrupted) => sleep(Duration::from_millis(20)).await,
-                Ok(Woken::Deleted) | Err(_) => {}
+            // Bounded waits, each followed by a look at the predecessor's key: a watch stream
+            // that went silent (a blackholed connection, a NAT that dropped the flow) delivers
+            // no delete and no error until HTTP/2 keep-alive gives up (~15 s). The look is one
+            // keys-only get; the watch stays (re-creating it each second would cost the watch
+            // task a scan of every watch per waiter).
+            loop {
+                match timeout(QUEUE_RECHECK, wakeup.wait()).await {
+                    Ok(Woken::Interrupted) => {
+                        sleep(Duration::from_millis(20)).await;
+                        break;
+                    }
+                    Ok(Woken::Deleted) => break,
+                    Err(_) => {
+                        let look = Txn::new().and_then([TxnOp::get(
+                            watched.clone(),
+                            Some(GetOptions::new().with_keys_only()),
+                        )]);
+                        // Gone: look at the queue again. Still there, or the look failed:
+                        // keep waiting on the watch.
+                        if let Ok(answer) = inner.txn("queue predecessor look", look).await
+                            && range_answer(&answer, 0).is_empty()
+                        {
+                            break;
+                        }
+                    }
+                }
             }
         }
     }

@@ -267,7 +267,13 @@ impl Inner {
         let Some(conn) = state.conn.as_mut() else {
             return Err(LockError::backend_msg(BACKEND, "no holder session", true));
         };
-        let op_timeout_ms = self.config.op_timeout.as_millis().max(1).to_string();
+        // The setting takes at most 2^31 - 1 ms.
+        let op_timeout_ms = self
+            .config
+            .op_timeout
+            .as_millis()
+            .clamp(1, i32::MAX as u128)
+            .to_string();
         let work = async {
             let exists: bool = sqlx::query_scalar(
                 "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",

@@ -1590,6 +1590,7 @@ impl Nodes {
         let must_answer = min_connected >= urls.len();
         let mut conns: Vec<Option<ConnectionManager>> = vec![None; urls.len()];
         let mut failures = Vec::new();
+        let mut not_retryable = None;
         let mut connected = 0;
         {
             let mut pending: futures::stream::FuturesUnordered<_> =
@@ -1611,13 +1612,17 @@ impl Nodes {
                             *slot = Some(conn);
                         }
                     }
-                    // A refusal (credentials, certificates) or a configuration a node rejects
-                    // (a database number out of its range) is not an outage: say so at once,
-                    // not as "only 0 of N nodes answered", which callers retry.
-                    Err(error) if must_answer || error.is_refused() || !error.is_retryable() => {
-                        return Err(error);
+                    // A refusal (credentials, certificates) is not an outage: say so at once.
+                    Err(error) if must_answer || error.is_refused() => return Err(error),
+                    Err(error) => {
+                        failures.push(error.to_string());
+                        // A configuration the nodes reject (a database number out of their
+                        // range) is not an outage either: when it leaves too few nodes, it is
+                        // the error, not a retryable "only 0 of N nodes answered".
+                        if !error.is_retryable() {
+                            not_retryable.get_or_insert(error);
+                        }
                     }
-                    Err(error) => failures.push(error.to_string()),
                 }
                 if connected >= min_connected || failures.len() > urls.len() - min_connected {
                     break;
@@ -1625,6 +1630,9 @@ impl Nodes {
             }
         }
         if connected < min_connected {
+            if let Some(error) = not_retryable {
+                return Err(error);
+            }
             return Err(LockError::backend_msg(
                 "redis",
                 format!(

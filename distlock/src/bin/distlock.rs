@@ -12,9 +12,11 @@
 //! While the command runs, SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to `distlock` are passed
 //! on to the command, and the lock stays held (and renewed) until the command has exited:
 //! dying at once would leave the command running unlocked, and another host's run could start
-//! beside it once the lease ran out. When stdin is not a terminal (cron, systemd, CI), the
+//! beside it once the lease ran out. Without a controlling terminal (cron, systemd, CI), the
 //! command runs in a process group of its own, so that a lost lock kills the whole group,
-//! its own children included, not the command alone.
+//! its own children included, not the command alone. From a terminal it stays in the
+//! terminal's group, and Ctrl-C / Ctrl-\\ (which reach it there already) are not passed on
+//! a second time.
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
@@ -142,7 +144,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
         )
         .kill_on_drop(true);
-    let own_group = !std::io::IsTerminal::is_terminal(&std::io::stdin());
+    // Without a controlling terminal (cron, systemd, CI) the command gets a group of its own.
+    // With one, it stays in ours (the terminal's foreground group), even with stdin
+    // redirected: a background group reading the terminal would be stopped (SIGTTIN), and
+    // Ctrl-Z would stop us but not it.
+    let own_group = std::fs::File::open("/dev/tty").is_err();
     if own_group {
         command.process_group(0);
     }
@@ -167,10 +173,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
             }
             signal = signals.next() => {
+                // In the terminal's group, Ctrl-C and Ctrl-\ reached the command already:
+                // passed on again, a second SIGINT reads as "force quit" to many tools.
+                let from_terminal = matches!(signal, Signal::SIGINT | Signal::SIGQUIT);
                 if let Some(pid) = pid {
                     if own_group {
                         signal_group(pid, signal);
-                    } else {
+                    } else if !from_terminal {
                         // A pid we started and have not reaped yet: it names our command.
                         let _ = nix::sys::signal::kill(as_pid(pid), signal);
                     }
