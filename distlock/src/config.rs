@@ -117,8 +117,7 @@ impl Config {
                 }
                 "DISTLOCK_TTL" => {
                     config.ttl = env_duration(&name, text)?;
-                    crate::validate_ttl(config.ttl)
-                        .and_then(|()| lock_core::check_usable_ttl(config.ttl, Duration::ZERO))
+                    check_ttl(config.ttl)
                         .map_err(|error| invalid(&name, text, &error.to_string()))?;
                 }
                 "DISTLOCK_WAIT" => config.wait = env_duration(&name, text)?,
@@ -147,8 +146,7 @@ impl Config {
     /// refused here too; a backend may raise a short TTL to its minimum, but one that short
     /// is a mistake on any backend).
     pub fn validate(&self) -> Result<(), LockError> {
-        crate::validate_ttl(self.ttl)?;
-        lock_core::check_usable_ttl(self.ttl, Duration::ZERO)
+        check_ttl(self.ttl)
     }
 
     /// The lock defaults this configuration describes.
@@ -178,6 +176,12 @@ impl Config {
 
 fn invalid(name: &str, value: &str, why: &str) -> LockError {
     LockError::InvalidConfig(format!("{name}={value:?}: {why}"))
+}
+
+/// A TTL a lock can use, whatever the backend: in range and not used up by the margins.
+fn check_ttl(ttl: Duration) -> Result<(), LockError> {
+    crate::validate_ttl(ttl)?;
+    lock_core::check_usable_ttl(ttl, Duration::ZERO)
 }
 
 fn env_duration(name: &str, text: &str) -> Result<Duration, LockError> {

@@ -665,7 +665,7 @@ impl Drop for InFlightAttempt {
             return;
         };
         let backend = self.backend.clone();
-        // Outside a runtime, on a thread of its own: the attempt may be on the wire.
+        // Finished in the background (outside a runtime too): the attempt may be on the wire.
         crate::detached::run_detached(async move {
             if let Ok(Attempt::Acquired(lease)) = attempt.await {
                 tracing::debug!(key = %lease.key(), "releasing a lease granted to a cancelled acquire");

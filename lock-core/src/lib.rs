@@ -43,7 +43,8 @@ pub use error::{BoxError, LockError, RefusalKind, redact_url};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};
 pub use lease::{
-    FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, check_usable_ttl, drift, validate_ttl,
+    FencingToken, Lease, LeaseKind, MAX_TTL, OwnerToken, check_usable_ttl, drift, timeout_problem,
+    validate_ttl,
 };
 pub use memory::{MemoryBackend, check_permits, limit_mismatch};
 pub use multi::{MultiGuard, MultiLockRequest};

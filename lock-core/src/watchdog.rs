@@ -80,6 +80,15 @@ struct State {
     tasks: HashMap<runtime::Id, Task>,
 }
 
+impl State {
+    /// Wakes every runtime's task (one between two looks keeps a permit).
+    fn wake_tasks(&self) {
+        for task in self.tasks.values() {
+            task.wake.notify_one();
+        }
+    }
+}
+
 /// How long the task keeps a planned wake-up when its queue runs empty while guards keep
 /// coming. Without it, a lock taken and released between two looks at the queue leaves no
 /// planned wake-up behind, so the next acquire had to wake the task again: one wake-up (and
@@ -172,9 +181,7 @@ impl Watchdog {
             // waiter, which may be the task of a runtime that is alive but no longer driven (a
             // current-thread runtime after its `block_on` returned): the task that runs slept
             // on, and this guard was neither renewed nor told it was lost.
-            for task in state.tasks.values() {
-                task.wake.notify_one();
-            }
+            state.wake_tasks();
         }
         // A task on this runtime too, if it has none (or its task ended with an earlier
         // shutdown of a runtime that had the same id).
@@ -198,10 +205,7 @@ impl Watchdog {
     fn wake_all(&self) {
         let mut state = lock(&self.shared.state);
         state.planned_wake = None;
-        for task in state.tasks.values() {
-            // A permit for a task that is between two looks, or its wake-up.
-            task.wake.notify_one();
-        }
+        state.wake_tasks();
     }
 
     /// Puts back a guard whose attendance was dropped unfinished (its runtime stopped), due

@@ -152,7 +152,7 @@ impl EtcdConfig {
     /// option, a TLS option on `etcd://`, or `etcds://` in a build without `tls` is
     /// `LockError::InvalidConfig`.
     pub fn from_url(url: &str) -> Result<Self, LockError> {
-        let shown = redact(url);
+        let shown = lock_core::redact_url(url);
         let invalid = |why: &str| LockError::InvalidConfig(format!("etcd URL {shown:?}: {why}"));
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             invalid("expected etcd[s]://[user:password@]host:port[,host:port…][/prefix][?options]")
@@ -253,34 +253,15 @@ impl EtcdConfig {
         {
             return Err("an empty user name".into());
         }
-        // Deadlines are `Instant + timeout`: a `Duration::MAX` would overflow.
         for (name, value) in [
             ("connect timeout", self.connect_timeout),
             ("request timeout", self.request_timeout),
         ] {
-            if value.is_zero() || value > lock_core::MAX_TTL {
-                return Err(format!(
-                    "the {name} must be more than zero and at most a year, not {value:?}"
-                ));
+            if let Some(why) = lock_core::timeout_problem(name, value) {
+                return Err(why);
             }
         }
         Ok(())
-    }
-}
-
-/// The URL with its password replaced, for error messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{hosts}{tail}")
-        }
-        None => url.to_owned(),
     }
 }
 

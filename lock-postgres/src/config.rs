@@ -159,24 +159,14 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
             config.queue_sessions
         )));
     }
-    if config.op_timeout.is_zero()
-        || config.connect_timeout.is_zero()
-        || config.probe_timeout.is_zero()
-    {
-        return Err(LockError::InvalidConfig("timeouts must not be zero".into()));
-    }
-    // Deadlines are `Instant + timeout`: a `Duration::MAX` would overflow.
-    if [
-        config.op_timeout,
-        config.connect_timeout,
-        config.probe_timeout,
-    ]
-    .iter()
-    .any(|timeout| *timeout > lock_core::MAX_TTL)
-    {
-        return Err(LockError::InvalidConfig(
-            "timeouts must be at most a year".into(),
-        ));
+    for (name, value) in [
+        ("op_timeout", config.op_timeout),
+        ("connect_timeout", config.connect_timeout),
+        ("probe_timeout", config.probe_timeout),
+    ] {
+        if let Some(why) = lock_core::timeout_problem(name, value) {
+            return Err(LockError::InvalidConfig(why));
+        }
     }
     if config.application_name.contains('\0') {
         return Err(LockError::InvalidConfig(

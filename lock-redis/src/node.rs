@@ -66,8 +66,8 @@ end
 ";
 
 /// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
-/// integer; also when the holder is this token already: the same attempt sent twice), else `{PTTL, holder token}` so the caller knows when the holder's lease runs
-/// out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
+/// integer; also when the holder is this token already: the same attempt sent twice), else
+/// `{PTTL, holder token}` so the caller knows when the holder's lease runs out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
 /// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
 /// gets the waiter mark, so that its release publishes. (The fair queue is not consulted: a
 /// lock freed by its holder's expiry, not by a release, goes to whoever asks first, a queued
@@ -1805,8 +1805,23 @@ impl Nodes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::ConfirmedKeys;
+
+    /// A server of its own and a connection to it, to run a script on directly.
+    pub(crate) async fn script_server() -> (
+        lock_harness::redis::RedisServer,
+        redis::aio::MultiplexedConnection,
+    ) {
+        let server = lock_harness::redis::RedisServer::start().unwrap();
+        let conn = server
+            .client()
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        (server, conn)
+    }
 
     #[test]
     fn an_evicting_server_is_recognised() {
@@ -1833,13 +1848,7 @@ mod tests {
     /// "held", and the caller left the lock to its TTL.
     #[tokio::test]
     async fn the_acquire_script_sent_twice_holds_once() {
-        let server = lock_harness::redis::RedisServer::start().unwrap();
-        let mut conn = server
-            .client()
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let (_server, mut conn) = script_server().await;
         for (run, mark) in [(0, "0"), (1, "1")] {
             let answer: redis::Value = super::ACQUIRE
                 .key("l:lock")

@@ -114,14 +114,8 @@ impl RedisOptions {
             ("command_timeout", self.command_timeout),
             ("node_timeout", self.node_timeout),
         ] {
-            if value.is_zero() {
-                return Err(LockError::InvalidConfig(format!("{name} must not be zero")));
-            }
-            // Deadlines are `Instant + timeout` (and twice it for Sentinel lookups).
-            if value > lock_core::MAX_TTL {
-                return Err(LockError::InvalidConfig(format!(
-                    "{name} must be at most a year, not {value:?}"
-                )));
+            if let Some(why) = lock_core::timeout_problem(name, value) {
+                return Err(LockError::InvalidConfig(why));
             }
         }
         crate::KeyScheme::new(self.prefix.clone(), 0).map(|_| ())

@@ -579,7 +579,6 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::{RW_WRITE_ACQUIRE, SEM_ACQUIRE};
-    use lock_harness::redis::RedisServer;
 
     /// An acquire script run twice with the same token (the Cluster client re-sends a call
     /// whose connection dropped after sending) answers "acquired" both times and counts the
@@ -587,13 +586,7 @@ mod tests {
     /// writer, found itself holding and answered "held" (the lock stuck for its TTL).
     #[tokio::test]
     async fn acquire_scripts_sent_twice_hold_once() {
-        let server = RedisServer::start().unwrap();
-        let mut conn = server
-            .client()
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let (_server, mut conn) = crate::node::tests::script_server().await;
         let sem = |conn: &mut redis::aio::MultiplexedConnection| {
             let mut conn = conn.clone();
             async move {

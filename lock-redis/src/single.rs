@@ -194,15 +194,7 @@ impl RedisBackend {
     /// Compare-and-deletes `token` after a failed acquire that may have run, in the
     /// background (see [`Cleanup`]).
     pub(crate) fn release_in_background(&self, target: Target, token: String, expires: Instant) {
-        self.cleanup.push(
-            &self.inner,
-            Pending {
-                target,
-                token,
-                expires,
-            },
-            false,
-        );
+        self.clean_up(target, token, expires, false);
     }
 
     /// [`Self::release_in_background`] for a waiter leaving the fair queue: never dropped
@@ -213,15 +205,16 @@ impl RedisBackend {
         token: String,
         expires: Instant,
     ) {
-        self.cleanup.push(
-            &self.inner,
-            Pending {
-                target,
-                token,
-                expires,
-            },
-            true,
-        );
+        self.clean_up(target, token, expires, true);
+    }
+
+    fn clean_up(&self, target: Target, token: String, expires: Instant, always: bool) {
+        let pending = Pending {
+            target,
+            token,
+            expires,
+        };
+        self.cleanup.push(&self.inner, pending, always);
     }
 
     /// The nodes, hub and grants this backend shares with its clones.
