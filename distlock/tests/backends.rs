@@ -291,6 +291,96 @@ fn cli_permits_run_n_at_once() {
     }
 }
 
+/// Helpers of the CLI tests below: the command's pid, written by the command itself; whether
+/// a process still runs; distlock's exit within a bound; a next run of the same key.
+#[cfg(all(feature = "cli", feature = "redis"))]
+mod cli {
+    use std::path::Path;
+    use std::process::{Child, Command, ExitStatus};
+    use std::time::{Duration, Instant};
+
+    pub const EXE: &str = env!("CARGO_BIN_EXE_distlock");
+
+    /// A fresh path for the command to write a pid to.
+    pub fn pid_file(name: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("distlock-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// The pid the command wrote to `path` (within 10 s of its start).
+    pub fn pid_written(path: &Path) -> u32 {
+        let started = Instant::now();
+        loop {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+            {
+                let _ = std::fs::remove_file(path);
+                return pid;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the command never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Running, not a zombie: an orphan killed here is reparented to PID 1, which may never
+    /// reap it (it does not in this sandbox).
+    pub fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    }
+
+    /// Whether `pid` still runs `within` from now; killed if so, so that no test leaves it.
+    pub fn still_running_after(pid: u32, within: Duration) -> bool {
+        let by = Instant::now() + within;
+        while running(pid) && Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = running(pid);
+        if left {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        left
+    }
+
+    /// `child`'s exit, which must come within `bound` (`what` names the event awaited).
+    pub fn exit_within(child: &mut Child, bound: Duration, what: &str) -> ExitStatus {
+        let since = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                since.elapsed() < bound,
+                "distlock did not exit within {bound:?} {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A next run of `key` with `--wait 0` runs its command at once: the lock is free.
+    pub fn next_run_gets(url: &str, key: &str, why: &str) {
+        let next = Command::new(EXE)
+            .args(["run", "--url", url, key, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            next.status.code(),
+            Some(0),
+            "{why}: {}",
+            String::from_utf8_lossy(&next.stderr)
+        );
+    }
+}
+
 /// SIGTERM to `distlock run` reaches the command, and the lock is released once the command
 /// has exited: the next run starts at once. (Killed by the signal instead, `distlock` would
 /// leave the command running unlocked and the lock held until its TTL.)
@@ -298,41 +388,16 @@ fn cli_permits_run_n_at_once() {
 #[test]
 fn cli_passes_sigterm_on_and_releases_after_the_command() {
     use std::process::{Command, Stdio};
-    use std::time::Instant;
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let exe = env!("CARGO_BIN_EXE_distlock");
-    let pid_file = std::env::temp_dir().join(format!("distlock-cli-term-{}", std::process::id()));
-    let _ = std::fs::remove_file(&pid_file);
-    let mut runner = Command::new(exe)
+    let pid_file = cli::pid_file("term");
+    let mut runner = Command::new(cli::EXE)
         .args(["run", "--url", &server.url(), "--ttl", "20", "term-job"])
         .args(["--", "sh", "-c"])
         .arg(format!("echo $$ > {}; exec sleep 30", pid_file.display()))
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let command_pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|text| text.trim().parse::<u32>().ok())
-        {
-            break pid;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the command never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = std::fs::remove_file(&pid_file);
-    let alive = |pid: u32| {
-        Command::new("kill")
-            .args(["-0", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    };
+    let command_pid = cli::pid_written(&pid_file);
     assert!(
         Command::new("kill")
             .args(["-TERM", &runner.id().to_string()])
@@ -340,38 +405,20 @@ fn cli_passes_sigterm_on_and_releases_after_the_command() {
             .unwrap()
             .success()
     );
-    let sent = Instant::now();
-    let status = loop {
-        if let Some(status) = runner.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(5),
-            "distlock did not exit within 5 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let command_left = alive(command_pid);
-    if command_left {
-        let _ = Command::new("kill")
-            .args(["-KILL", &command_pid.to_string()])
-            .status();
-    }
-    assert!(!command_left, "the command ran on after distlock exited");
+    let status = cli::exit_within(&mut runner, Duration::from_secs(5), "of SIGTERM");
+    assert!(
+        !cli::still_running_after(command_pid, Duration::ZERO),
+        "the command ran on after distlock exited"
+    );
     assert_eq!(
         status.code(),
         Some(128 + 15),
         "distlock exits as its command did (killed by SIGTERM): {status:?}"
     );
-    let next = Command::new(exe)
-        .args(["run", "--url", &server.url(), "term-job", "--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        next.status.code(),
-        Some(0),
-        "the lock was not released when the command ended: {}",
-        String::from_utf8_lossy(&next.stderr)
+    cli::next_run_gets(
+        &server.url(),
+        "term-job",
+        "the lock was not released when the command ended",
     );
 }
 
@@ -382,8 +429,7 @@ fn cli_passes_sigterm_on_and_releases_after_the_command() {
 fn cli_releases_when_the_command_cannot_start() {
     use std::process::Command;
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let exe = env!("CARGO_BIN_EXE_distlock");
-    let failed = Command::new(exe)
+    let failed = Command::new(cli::EXE)
         .args(["run", "--url", &server.url(), "--ttl", "30", "start-job"])
         .args(["--", "/nonexistent/distlock-no-such-command"])
         .output()
@@ -391,34 +437,26 @@ fn cli_releases_when_the_command_cannot_start() {
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert_eq!(failed.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("distlock-no-such-command"), "{stderr}");
-    let next = Command::new(exe)
-        .args(["run", "--url", &server.url(), "start-job", "--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        next.status.code(),
-        Some(0),
-        "the lock outlived the failed start: {}",
-        String::from_utf8_lossy(&next.stderr)
+    cli::next_run_gets(
+        &server.url(),
+        "start-job",
+        "the lock outlived the failed start",
     );
 }
 
-/// A lost lock kills the command's whole process group when stdin is not a terminal (cron,
-/// systemd): its children too, not the command alone. The lock is lost here by emptying the
-/// server under the holder; distlock hears it at its next renewal.
+/// A lost lock kills the command's whole process group when there is no controlling
+/// terminal (cron, systemd): its children too, not the command alone. The lock is lost here
+/// by emptying the server under the holder; distlock hears it at its next renewal.
 #[cfg(all(feature = "cli", feature = "redis"))]
 #[test]
 fn cli_loss_kills_the_commands_children_too() {
     use std::process::{Command, Stdio};
-    use std::time::Instant;
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let exe = env!("CARGO_BIN_EXE_distlock");
-    let pid_file = std::env::temp_dir().join(format!("distlock-cli-lost-{}", std::process::id()));
-    let _ = std::fs::remove_file(&pid_file);
+    let pid_file = cli::pid_file("lost");
     // In a session of its own (`setsid`): no controlling terminal, as under cron, also when
     // the tests run from one.
     let mut runner = Command::new("setsid")
-        .args(["-w", exe])
+        .args(["-w", cli::EXE])
         .args(["run", "--url", &server.url(), "--ttl", "1.5", "lost-job"])
         .args(["--", "sh", "-c"])
         .arg(format!("sleep 30 & echo $! > {}; wait", pid_file.display()))
@@ -426,55 +464,14 @@ fn cli_loss_kills_the_commands_children_too() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let grandchild = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|text| text.trim().parse::<u32>().ok())
-        {
-            break pid;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the command never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = std::fs::remove_file(&pid_file);
-    // Running, not a zombie: an orphan killed here is reparented to PID 1, which may never
-    // reap it (it does not in this sandbox).
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-    };
+    let grandchild = cli::pid_written(&pid_file);
     let flushed = Command::new("redis-cli")
         .args(["-u", &server.direct_url(), "FLUSHALL"])
         .output()
         .unwrap();
     assert!(flushed.status.success(), "{flushed:?}");
-    let lost_at = Instant::now();
-    let status = loop {
-        if let Some(status) = runner.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            lost_at.elapsed() < Duration::from_secs(5),
-            "distlock did not end within 5 s of losing its lock"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let gone_by = Instant::now() + Duration::from_secs(1);
-    while alive(grandchild) && Instant::now() < gone_by {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let left = alive(grandchild);
-    if left {
-        let _ = Command::new("kill")
-            .args(["-KILL", &grandchild.to_string()])
-            .status();
-    }
+    let status = cli::exit_within(&mut runner, Duration::from_secs(5), "of losing its lock");
+    let left = cli::still_running_after(grandchild, Duration::from_secs(1));
     let mut stderr = String::new();
     if let Some(mut pipe) = runner.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);

@@ -116,8 +116,8 @@ async fn database_out_of_range_is_not_retryable_on_redlock_either() -> Result<()
     for url in [one, redlock] {
         match lock_redis::connect(&url).await {
             Err(error) => ensure!(
-                !error.is_retryable(),
-                "{url}: database 99 reported as retryable: {error}"
+                !error.is_retryable() && error.to_string().contains("database"),
+                "{url}: database 99 reported as retryable, or not named: {error}"
             ),
             Ok(_) => bail!("{url}: connected to database 99 of 16"),
         }
@@ -189,7 +189,7 @@ async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
     let text = captured.text();
     ensure!(
         text.matches("may evict").count() == 1
-            && text.contains(&evicting.server_addr().port().to_string()),
+            && text.contains(&evicting.server_addr().to_string()),
         "the warning must name the evicting server only: {text}"
     );
     Ok(())

@@ -1064,13 +1064,19 @@ async fn redlock_acquire_cancelled_midway_leaves_no_key() -> Result<()> {
         gone_once_the_call_ran(&servers[0], fence_key, &lock_key).await?,
         "node 0 kept the cancelled round's key"
     );
-    sleep(Duration::from_millis(500)).await;
     for (index, server) in servers.iter().enumerate().skip(1) {
         let mut conn = server.client()?.get_multiplexed_async_connection().await?;
-        let ran: bool = redis::cmd("EXISTS")
-            .arg(fence_key)
-            .query_async(&mut conn)
-            .await?;
+        // A call that left runs 150 ms after it was sent; wait well past that for its
+        // fence before taking "no fence" for "never left".
+        let mut ran = false;
+        let by = Instant::now() + Duration::from_secs(2);
+        while !ran && Instant::now() < by {
+            ran = redis::cmd("EXISTS")
+                .arg(fence_key)
+                .query_async(&mut conn)
+                .await?;
+            sleep(Duration::from_millis(20)).await;
+        }
         if ran {
             ensure!(
                 gone_once_the_call_ran(server, fence_key, &lock_key).await?,

@@ -31,13 +31,19 @@ async fn lost_before_contender(
     let outcome = timeout(ttl + Duration::from_secs(2), guard.lost()).await;
     let lost_at = Instant::now();
     let valid_until = guard.valid_until();
+    // The server's own TTL started after the lease's request was sent: a read answered
+    // before `sent_at + ttl` saw the key while the server could not yet have freed it by
+    // expiry. A later answer (a slow machine) proves nothing either way.
+    let lease = guard.lease();
+    let server_expiry_floor = lease.sent_at() + lease.ttl();
     let held_when_told = if server_still_holds && outcome.is_ok() {
         let key = lock_core::LockKey::new(name.clone())?;
-        timeout(Duration::from_secs(2), factory.is_held(&key))
+        let read = timeout(Duration::from_secs(2), factory.is_held(&key))
             .await
             .ok()
             .transpose()?
-            .flatten()
+            .flatten();
+        read.filter(|_| Instant::now() < server_expiry_floor)
     } else {
         None
     };

@@ -263,7 +263,7 @@ pub async fn guards_outlive_a_stopped_runtime(factory: &dyn BackendFactory) -> R
     // still waiting for a wake-up. This runtime's task then wakes on its timer, finds nothing
     // and waits with no timer, registered after the idle one: a wake-up that reaches only the
     // oldest waiter reaches the idle runtime, and a guard taken now is never renewed.
-    let (locker, _plan) = faulty_locker(factory).await?;
+    let locker = self::locker(factory).await?;
     locker
         .lock(unique_key("warm"))
         .ttl(ttl)
