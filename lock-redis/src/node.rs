@@ -20,6 +20,31 @@ use tokio_util::sync::CancellationToken;
 // uncontended release, and nobody listens for most releases. Tokens are hex, so the mark
 // cannot be confused with a token.
 
+/// Lua for every script that grants: `next_fence(counter, clock)` raises the fence counter and
+/// returns the new fence. With `clock` (an answer of `TIME`) the fence is also at least the
+/// server's time in microseconds: a counter that went back (a restart without persistence, an
+/// `appendfsync everysec` crash, a failover to a replica that had not received the last
+/// increments) then still gives fences above every one handed out before, as long as fewer
+/// than a million were handed out per second and the server's clock did not step back by more
+/// than the outage lasted. Without `clock` (Redlock: the quorum's largest counter is the fence,
+/// and nodes whose clocks differ would need the fence round on every acquire) it is `INCR`.
+/// Lua numbers are doubles: microseconds since 1970 stay exact until the year 2255.
+pub(crate) const NEXT_FENCE: &str = r"
+local function next_fence(counter, clock)
+  if not clock then
+    return redis.call('INCR', counter)
+  end
+  local current = redis.call('GET', counter)
+  local fence = (tonumber(current or '0') or error('fence counter ' .. counter .. ' holds ' .. current)) + 1
+  local floor = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  if fence < floor then
+    fence = floor
+  end
+  redis.call('SET', counter, string.format('%d', fence))
+  return fence
+end
+";
+
 /// Lua shared by the scripts of a lock's keys (KEYS: lock, fence counter, queue, queue
 /// entries; see [`KeyScheme::lock_keys`]), placed after a script's fast path so that the
 /// common calls do not even define it. `hand_over(channel, caller)` gives the free lock to the
@@ -33,14 +58,14 @@ use tokio_util::sync::CancellationToken;
 /// Returns `{token, fence}`, or nil when no entry is live.
 const HAND_OVER: &str = r"
 local function hand_over(channel, caller, marked)
-  local now
+  local clock, now
   for _ = 1, 64 do
     local head = redis.call('ZPOPMIN', KEYS[3])[1]
     if not head then
       return nil
     end
     if not now then
-      local clock = redis.call('TIME')
+      clock = redis.call('TIME')
       now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
     end
     local entry = redis.call('HGET', KEYS[4], head)
@@ -53,7 +78,7 @@ local function hand_over(channel, caller, marked)
           value = head .. '+'
         end
         redis.call('SET', KEYS[1], value, 'PX', string.sub(entry, sep + 1))
-        local fence = redis.call('INCR', KEYS[2])
+        local fence = next_fence(KEYS[2], clock)
         if head ~= caller then
           redis.pcall('PUBLISH', channel, 'g:' .. head .. ':' .. string.format('%d', fence))
         end
@@ -65,18 +90,20 @@ local function hand_over(channel, caller, marked)
 end
 ";
 
-/// `SET lock token NX PX ttl`; on success `INCR` the fence counter and return it (an
+/// `SET lock token NX PX ttl`; on success raise the fence counter and return it (an
 /// integer; also when the holder is this token already: the same attempt sent twice), else
 /// `{PTTL, holder token}` so the caller knows when the holder's lease runs out (and, for Redlock, whether one holder has a quorum or the vote split). With ARGV[3] =
 /// `1` (the caller has waiters for this key, subscribed before this call) the holder's value
 /// gets the waiter mark, so that its release publishes. (The fair queue is not consulted: a
 /// lock freed by its holder's expiry, not by a release, goes to whoever asks first, a queued
-/// waiter's refresh at the holder's expiry or another client's attempt.)
+/// waiter's refresh at the holder's expiry or another client's attempt.) ARGV[4] = `1`: fences
+/// follow the server clock too (see [`NEXT_FENCE`]).
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
+        "{NEXT_FENCE}{}",
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+  return next_fence(KEYS[2], ARGV[4] == '1' and redis.call('TIME') or nil)
 end
 local holder = redis.call('GET', KEYS[1]) or ''
 local marked = string.sub(holder, -1) == '+'
@@ -92,8 +119,8 @@ if ARGV[3] == '1' and holder ~= '' and not marked then
   redis.call('APPEND', KEYS[1], '+')
 end
 return {redis.call('PTTL', KEYS[1]), holder}
-",
-    )
+"
+    ))
 });
 
 /// A waiter's place in the fair queue (ARGV: token, TTL ms, entry liveness ms, database,
@@ -106,7 +133,7 @@ return {redis.call('PTTL', KEYS[1]), holder}
 /// token joins once, so a grant to it is never mistaken for one made after a later refresh.
 static QUEUE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        "{HAND_OVER}{}",
+        "{NEXT_FENCE}{HAND_OVER}{}",
         r"
 local value = redis.call('GET', KEYS[1])
 if value == ARGV[1] or value == ARGV[1] .. '+' then
@@ -170,7 +197,7 @@ return 0
 /// waiter that gave up).
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        "{}{HAND_OVER}{}",
+        "{}{NEXT_FENCE}{HAND_OVER}{}",
         r"
 local value = redis.call('GET', KEYS[1])
 if value == ARGV[1] then
@@ -668,6 +695,8 @@ pub(crate) struct Node {
     /// `RedisOptions::wait_replicas`: each write script is followed by `WAIT` in the same
     /// pipeline (see [`Node::eval_write`]).
     replicas: Option<(u32, Duration)>,
+    /// Whether fences also follow the server clock ([`NEXT_FENCE`]): yes but on Redlock.
+    pub(crate) clock_fences: bool,
 }
 
 /// What a node needs before it connects: its client, the connection settings, its address.
@@ -803,6 +832,7 @@ impl Node {
             listener: link,
             addr,
             replicas: options.wait_replicas,
+            clock_fences: true,
         }
     }
 
@@ -829,7 +859,12 @@ impl Node {
                 "acquire",
                 &ACQUIRE,
                 &[lock_key, fence_key],
-                (token, ttl_ms, u8::from(mark_for_waiters)),
+                (
+                    token,
+                    ttl_ms,
+                    u8::from(mark_for_waiters),
+                    u8::from(self.clock_fences),
+                ),
             )
             .await?;
         let unexpected = |answer: &redis::Value| {
@@ -1678,6 +1713,12 @@ impl Nodes {
                 shutdown.clone(),
             ));
         }
+        if urls.len() > 1 {
+            // Redlock: the fence is the quorum's largest counter (see `NEXT_FENCE`).
+            for node in &mut nodes {
+                node.clock_fences = false;
+            }
+        }
         Ok(Arc::new(Nodes {
             nodes,
             hub,
@@ -1870,6 +1911,53 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(value, "token1", "the holder marked itself");
+    }
+
+    /// A fence counter that went back (here: set back by hand, as a restart without
+    /// persistence or a failover to a lagging replica does) still gives a fence above the
+    /// last one with clock fences; without (Redlock) the script is a plain `INCR`.
+    #[tokio::test]
+    async fn fences_stay_above_a_counter_that_went_back() {
+        let (_server, mut conn) = script_server().await;
+        async fn acquire(
+            conn: &mut redis::aio::MultiplexedConnection,
+            key: &str,
+            clocked: &str,
+        ) -> redis::RedisResult<i64> {
+            super::ACQUIRE
+                .key(key)
+                .key("f:fence")
+                .arg("token1")
+                .arg(30_000)
+                .arg("0")
+                .arg(clocked)
+                .invoke_async(conn)
+                .await
+        }
+        async fn set_counter(conn: &mut redis::aio::MultiplexedConnection, value: &str) {
+            let _: () = redis::cmd("SET")
+                .arg("f:fence")
+                .arg(value)
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+        let first = acquire(&mut conn, "a:lock", "1").await.unwrap();
+        let second = acquire(&mut conn, "b:lock", "1").await.unwrap();
+        assert!(second > first, "{first} then {second}");
+        set_counter(&mut conn, "3").await;
+        let third = acquire(&mut conn, "c:lock", "1").await.unwrap();
+        assert!(
+            third > second,
+            "after the counter went back: {second} then {third}"
+        );
+        set_counter(&mut conn, "3").await;
+        let plain = acquire(&mut conn, "d:lock", "0").await.unwrap();
+        assert_eq!(plain, 4, "without clock fences: INCR");
+        set_counter(&mut conn, "x").await;
+        let refused = acquire(&mut conn, "e:lock", "1").await;
+        let error = refused.expect_err("a counter that holds no number");
+        assert!(error.to_string().contains("holds x"), "{error}");
     }
 
     /// The order that keeps a key found in the set subscribed: out of the set first, then

@@ -12,7 +12,7 @@
 //! again, and one that is refused again sets the mark again.
 
 use crate::KeyScheme;
-use crate::node::{Node, backend_error};
+use crate::node::{NEXT_FENCE, Node, backend_error};
 use lock_core::{LeaseKind, LockError, LockKey, RwMode};
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -31,7 +31,7 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 /// so an abandoned semaphore leaves nothing behind.
 static SEM_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{NOW}
+        r"{NOW}{NEXT_FENCE}
 local ttl = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local count = tonumber(ARGV[4])
@@ -85,7 +85,7 @@ if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-return redis.call('INCR', KEYS[3])
+return next_fence(KEYS[3], clock)
 "
     ))
 });
@@ -185,11 +185,12 @@ end
 ";
 
 /// Reader acquire. KEYS: readers (zset of tokens scored by expiry), writer (token, `PX`),
-/// writer intent (`PX`), waiter mark, fence counter. ARGV: token, ttl ms, mark. Refused while
-/// a writer holds or a refused writer's intent lives.
+/// writer intent (`PX`), waiter mark, fence counter. ARGV: token, ttl ms, mark, `1` when
+/// fences follow the server clock too ([`NEXT_FENCE`]). Refused while a writer holds or a
+/// refused writer's intent lives.
 static RW_READ_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{NOW}{RW_REFUSED}
+        r"{NOW}{NEXT_FENCE}{RW_REFUSED}
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local writer = redis.call('PTTL', KEYS[2])
 if writer ~= -2 or redis.call('EXISTS', KEYS[3]) == 1 then
@@ -200,17 +201,18 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
-return redis.call('INCR', KEYS[5])
+return next_fence(KEYS[5], ARGV[4] == '1' and clock or nil)
 "
     ))
 });
 
-/// Writer acquire. KEYS as for a reader. ARGV: token, ttl ms, mark, intent ms. Refused while
+/// Writer acquire. KEYS as for a reader. ARGV: token, ttl ms, mark, intent ms, clock fences.
+/// Refused while
 /// a writer or a live reader holds; a refused writer sets the intent, which keeps new readers
 /// out; the writer that gets in clears it.
 static RW_WRITE_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{NOW}{RW_REFUSED}
+        r"{NOW}{NEXT_FENCE}{RW_REFUSED}
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local writer = redis.call('PTTL', KEYS[2])
 if writer ~= -2 or redis.call('EXISTS', KEYS[1]) == 1 then
@@ -223,7 +225,7 @@ if writer ~= -2 or redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[3])
-return redis.call('INCR', KEYS[5])
+return next_fence(KEYS[5], ARGV[5] == '1' and clock or nil)
 "
     ))
 });
@@ -492,7 +494,7 @@ impl Node {
                     "rwlock acquire",
                     &RW_READ_ACQUIRE,
                     &keys,
-                    (token, ttl_ms, mark),
+                    (token, ttl_ms, mark, u8::from(self.clock_fences)),
                 )
                 .await?
             }
@@ -502,7 +504,7 @@ impl Node {
                     "rwlock acquire",
                     &RW_WRITE_ACQUIRE,
                     &keys,
-                    (token, ttl_ms, mark, intent),
+                    (token, ttl_ms, mark, intent, u8::from(self.clock_fences)),
                 )
                 .await?
             }
