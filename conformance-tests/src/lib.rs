@@ -77,6 +77,15 @@ pub trait ServerFaults: Send + Sync {
     /// Makes every connection open now silent for good (nothing forwarded, nothing closed),
     /// while new connections work once healed: a NAT or firewall that lost its flow state.
     async fn forget_connections(&self) -> anyhow::Result<()>;
+    /// Crashes the server (killed, no clean shutdown) and starts it again on the same address
+    /// with whatever it had made durable; returns once it serves again. The default says the
+    /// factory cannot: a case that needs it then fails unless the backend lists it under
+    /// `skip`.
+    async fn restart(&self) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "this factory cannot restart its server: implement ServerFaults::restart, or list the case under skip with the reason"
+        )
+    }
 }
 
 /// A fresh key name for one case, so cases on a shared server never meet.

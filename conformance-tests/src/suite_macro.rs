@@ -17,6 +17,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(abandoned_lock_expires_within_ttl [$factory] $skips);
         $crate::__conformance_case!(long_lease_is_not_renewed_with_short_ones [$factory] $skips);
         $crate::__conformance_case!(fencing_tokens_increase [$factory] $skips);
+        $crate::__conformance_case!(fences_increase_across_a_server_restart [$factory] $skips);
         $crate::__conformance_case!(wait_timeout_is_bounded [$factory] $skips);
         $crate::__conformance_case!(cancelled_acquires_leave_nothing [$factory] $skips);
         $crate::__conformance_case!(handoff_wakes_waiter_fast [$factory] $skips);
@@ -114,6 +115,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn fencing_tokens_increase() {}
+    };
+    (fences_increase_across_a_server_restart [$factory:expr] [fences_increase_across_a_server_restart : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn fences_increase_across_a_server_restart() {}
     };
     (wait_timeout_is_bounded [$factory:expr] [wait_timeout_is_bounded : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

@@ -30,6 +30,7 @@ conformance_tests::conformance_suite! {
     skip = {
         fair_queue_serves_waiters_in_arrival_order: "no fair queue: a released key goes to whichever waiter asks first (Capabilities::fair_queue is false)",
         server_pause_fires_lost: "in-process table: there is no server to pause",
+        fences_increase_across_a_server_restart: "in-process table: there is no server to restart (its fences live and end with the process)",
         connection_cut_fires_lost_and_recovers: "in-process table: there is no connection to cut",
         connection_blackhole_fires_lost_and_recovers: "in-process table: there is no connection to cut",
         stopped_holders_leases_expire_by_their_slack: "in-process table: a holder cannot be cut off from it (a leaked guard's expiry is abandoned_lock_expires_within_ttl)",

@@ -91,7 +91,7 @@ async fn fifo_order_of_eight_waiters() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_killed_while_held_keeps_lock_and_renewals() -> Result<()> {
-    let mut factory = EtcdFactory::start(3).await?;
+    let factory = EtcdFactory::start(3).await?;
     let holder = locker(&factory).await?;
     let other = locker(&factory).await?;
     let ttl = Duration::from_secs(2);

@@ -367,7 +367,7 @@ fn subscription_outlives_the_runtime_of_the_first_subscriber() -> Result<()> {
 /// still enforced, a writer is still refused, and after the releases both are free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_killed_while_permits_and_a_reader_are_held() -> Result<()> {
-    let mut factory = EtcdFactory::start(3).await?;
+    let factory = EtcdFactory::start(3).await?;
     let holder = Locker::from_arc(factory.backend().await?);
     let other = Locker::from_arc(factory.backend().await?);
     let ttl = Duration::from_secs(2);

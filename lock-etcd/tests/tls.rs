@@ -133,6 +133,12 @@ impl ServerFaults for SecureFactory {
         self.cluster.members()[0].proxy().forget_flows();
         Ok(())
     }
+
+    /// Every member killed and started again on its data directory (a crash of the whole
+    /// cluster: what raft committed survives).
+    async fn restart(&self) -> anyhow::Result<()> {
+        self.cluster.restart_all().await
+    }
 }
 
 /// The whole suite over TLS + client certificate + password, through the proxy.

@@ -150,7 +150,8 @@ pub struct EtcdMember {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
-    process: Option<ServerProcess>,
+    /// Behind a mutex so that a shared cluster's members can be killed and restarted.
+    process: std::sync::Mutex<Option<ServerProcess>>,
     proxy: TcpProxy,
     /// A plain-HTTP port for `/metrics` (TLS clusters only; otherwise the client port).
     metrics_port: Option<u16>,
@@ -174,12 +175,18 @@ impl EtcdMember {
 
     /// Whether the process is running (not killed).
     pub fn is_running(&self) -> bool {
-        self.process.is_some()
+        self.process().is_some()
     }
 
-    /// The process, while it runs.
-    pub fn process(&self) -> Option<&ServerProcess> {
-        self.process.as_ref()
+    /// The process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process().as_ref().and_then(ServerProcess::pid)
+    }
+
+    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
+        self.process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -363,7 +370,7 @@ impl EtcdCluster {
                 name,
                 client_port,
                 peer_port,
-                process: None,
+                process: std::sync::Mutex::new(None),
                 proxy,
                 metrics_port: if tls { Some(free_port()?) } else { None },
             });
@@ -373,7 +380,7 @@ impl EtcdCluster {
             .map(|member| format!("{}=http://127.0.0.1:{}", member.name, member.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = EtcdCluster {
+        let cluster = EtcdCluster {
             members,
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
@@ -388,7 +395,7 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
-    fn spawn_member(&mut self, binary: &Path, index: usize) -> Result<()> {
+    fn spawn_member(&self, binary: &Path, index: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
         let extra_args = self.extra_args.clone();
         // One token for the whole cluster (members with different tokens form different
@@ -399,7 +406,7 @@ impl EtcdCluster {
         );
         let member = self
             .members
-            .get_mut(index)
+            .get(index)
             .with_context(|| format!("no member {index}"))?;
         let client_url = self
             .access
@@ -457,19 +464,19 @@ impl EtcdCluster {
         }
         // A restarted member finds its data directory and ignores the initial-cluster flags.
         let process = ServerProcess::spawn(&format!("etcd {}", member.name), command, &member.log)?;
-        member.process = Some(process);
+        *member.process() = Some(process);
         Ok(())
     }
 
     /// Waits until every running member answers a linearizable read.
-    pub async fn wait_ready(&mut self, within: Duration) -> Result<()> {
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         for index in 0..self.members.len() {
             if !self.members[index].is_running() {
                 continue;
             }
             loop {
-                if let Some(process) = self.members[index].process.as_mut() {
+                if let Some(process) = self.members[index].process().as_mut() {
                     process.check_running()?;
                 }
                 let endpoint = self.members[index].client_addr().to_string();
@@ -482,7 +489,7 @@ impl EtcdCluster {
                     Ok(Ok(())) => break,
                     _ if Instant::now() >= deadline => {
                         let tail = self.members[index]
-                            .process
+                            .process()
                             .as_ref()
                             .map(ServerProcess::log_tail)
                             .unwrap_or_default();
@@ -611,7 +618,7 @@ impl EtcdCluster {
     /// Freezes member `index` (SIGSTOP).
     pub fn pause(&self, index: usize) -> Result<()> {
         self.member(index)?
-            .process
+            .process()
             .as_ref()
             .context("member is not running")?
             .pause()
@@ -620,19 +627,16 @@ impl EtcdCluster {
     /// Resumes member `index` (SIGCONT).
     pub fn resume(&self, index: usize) -> Result<()> {
         self.member(index)?
-            .process
+            .process()
             .as_ref()
             .context("member is not running")?
             .resume()
     }
 
     /// Kills member `index` (SIGKILL). Its data directory stays for [`EtcdCluster::restart`].
-    pub fn kill(&mut self, index: usize) -> Result<()> {
-        let member = self
-            .members
-            .get_mut(index)
-            .with_context(|| format!("no etcd member {index}"))?;
-        if let Some(mut process) = member.process.take() {
+    pub fn kill(&self, index: usize) -> Result<()> {
+        let process = self.member(index)?.process().take();
+        if let Some(mut process) = process {
             process.kill()?;
         }
         Ok(())
@@ -640,7 +644,7 @@ impl EtcdCluster {
 
     /// Restarts a killed member on the same ports and data directory and waits until it
     /// serves again.
-    pub async fn restart(&mut self, index: usize) -> Result<()> {
+    pub async fn restart(&self, index: usize) -> Result<()> {
         if self.member(index)?.is_running() {
             bail!("member {index} is still running; kill it first");
         }
@@ -694,8 +698,21 @@ impl EtcdCluster {
         bail!("no running etcd member knows a leader")
     }
 
+    /// Kills every member (SIGKILL), then starts them all again on their ports and data
+    /// directories and waits until they serve: a crash of the whole cluster.
+    pub async fn restart_all(&self) -> Result<()> {
+        for index in 0..self.members.len() {
+            self.kill(index)?;
+        }
+        let binary = etcd_binary()?;
+        for index in 0..self.members.len() {
+            self.spawn_member(&binary, index)?;
+        }
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
     /// Kills the current leader; returns its index.
-    pub async fn kill_leader(&mut self) -> Result<usize> {
+    pub async fn kill_leader(&self) -> Result<usize> {
         let leader = self.leader().await?;
         self.kill(leader)?;
         Ok(leader)
@@ -811,7 +828,7 @@ mod tests {
         let cluster = EtcdCluster::single().await?;
         let mut client = cluster.client().await?;
         client.put("k", "v", None).await?;
-        let pid = cluster.members()[0].process().and_then(ServerProcess::pid);
+        let pid = cluster.members()[0].pid();
         drop(client);
         drop(cluster);
         if let Some(pid) = pid {
@@ -828,7 +845,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn three_members_elect_and_survive_leader_kill() -> Result<()> {
-        let mut cluster = EtcdCluster::start(3).await?;
+        let cluster = EtcdCluster::start(3).await?;
         let old = cluster.kill_leader().await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let new = loop {

@@ -17,6 +17,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a fresh (or restarted) server may take to answer `PING`.
@@ -125,9 +127,9 @@ impl RedisServerBuilder {
             auth: self.auth,
             #[cfg(feature = "redis-tls")]
             tls: self.tls,
-            process: None,
+            process: Mutex::new(None),
             proxy: None,
-            generation: 0,
+            generation: AtomicU32::new(0),
         };
         start_on_free_port(port, |port| {
             server.port = port;
@@ -150,9 +152,10 @@ pub struct RedisServer {
     auth: Option<Credentials>,
     #[cfg(feature = "redis-tls")]
     tls: Option<ServerTls>,
-    process: Option<ServerProcess>,
+    /// Behind a mutex so that a shared server can be killed and restarted (`&self`).
+    process: Mutex<Option<ServerProcess>>,
     proxy: Option<TcpProxy>,
-    generation: u32,
+    generation: AtomicU32,
 }
 
 impl RedisServer {
@@ -166,7 +169,7 @@ impl RedisServer {
         Self::builder().start()
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    fn spawn(&self) -> Result<()> {
         let mut command = Command::new(&self.binary);
         command.current_dir(self.dir.path());
         self.listen_args(&mut command);
@@ -210,16 +213,13 @@ impl RedisServer {
         } else {
             command.arg("--appendonly").arg("no");
         }
-        self.generation += 1;
-        let log = self
-            .dir
-            .path()
-            .join(format!("redis-{}.log", self.generation));
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let log = self.dir.path().join(format!("redis-{generation}.log"));
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
         if let Err(error) = wait_for_pong(|| self.ping(), self.server_addr(), &mut process) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
-        self.process = Some(process);
+        *self.process() = Some(process);
         Ok(())
     }
 
@@ -361,17 +361,24 @@ impl RedisServer {
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) -> Result<()> {
-        self.running()?.pause()
+        self.process()
+            .as_ref()
+            .context("redis-server is not running (killed)")?
+            .pause()
     }
 
     /// Resumes a paused server (SIGCONT).
     pub fn resume(&self) -> Result<()> {
-        self.running()?.resume()
+        self.process()
+            .as_ref()
+            .context("redis-server is not running (killed)")?
+            .resume()
     }
 
     /// Kills the server (SIGKILL). Without AOF its data is gone.
-    pub fn kill(&mut self) -> Result<()> {
-        if let Some(mut process) = self.process.take() {
+    pub fn kill(&self) -> Result<()> {
+        let process = self.process().take();
+        if let Some(mut process) = process {
             process.kill()?;
         }
         Ok(())
@@ -379,23 +386,24 @@ impl RedisServer {
 
     /// Kills the server if it runs, then starts it again on the same port with the same data
     /// directory (so an AOF file is replayed).
-    pub fn restart(&mut self) -> Result<()> {
+    pub fn restart(&self) -> Result<()> {
         self.kill()?;
         self.spawn()
     }
 
     /// The server's log so far.
     pub fn log_tail(&self) -> String {
-        self.process
+        self.process()
             .as_ref()
             .map(ServerProcess::log_tail)
             .unwrap_or_default()
     }
 
-    fn running(&self) -> Result<&ServerProcess> {
+    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
+        // A panic while holding it leaves the process handle intact.
         self.process
-            .as_ref()
-            .context("redis-server is not running (killed)")
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -145,13 +145,29 @@ struct DataNode {
     port: u16,
     /// `--replicaof` at start; `None` for the first master.
     replica_of: Option<SocketAddr>,
-    process: Option<ServerProcess>,
-    generation: u32,
+    /// Behind a mutex so that a shared set's nodes can be killed and restarted (`&self`).
+    process: std::sync::Mutex<Option<ServerProcess>>,
+    generation: std::sync::atomic::AtomicU32,
 }
 
 impl DataNode {
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
+        self.process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Kills the node's process if it runs (SIGKILL).
+    fn kill(&self) -> Result<()> {
+        let process = self.process().take();
+        if let Some(mut process) = process {
+            process.kill()?;
+        }
+        Ok(())
     }
 }
 
@@ -279,31 +295,25 @@ impl SentinelSet {
         let index = self
             .node_index(master)
             .with_context(|| format!("the master {master} is none of ours"))?;
-        if let Some(mut process) = self.nodes[index].process.take() {
-            process.kill()?;
-        }
+        self.nodes[index].kill()?;
         Ok(master)
     }
 
     /// Starts data node `index` again on its port (after [`SentinelSet::kill_master`]); the
     /// sentinels then turn it into a replica of the current master.
-    pub fn restart_node(&mut self, index: usize) -> Result<()> {
-        if let Some(node) = self.nodes.get_mut(index)
-            && let Some(mut process) = node.process.take()
-        {
-            process.kill()?;
-        }
+    pub fn restart_node(&self, index: usize) -> Result<()> {
+        self.nodes.get(index).context("no such data node")?.kill()?;
         self.spawn_node(index)
     }
 
     /// Freezes data node `index` (SIGSTOP).
     pub fn pause_node(&self, index: usize) -> Result<()> {
-        self.running(index)?.pause()
+        self.running(index, ServerProcess::pause)
     }
 
     /// Resumes data node `index` (SIGCONT).
     pub fn resume_node(&self, index: usize) -> Result<()> {
-        self.running(index)?.resume()
+        self.running(index, ServerProcess::resume)
     }
 
     /// Freezes sentinel `index` (SIGSTOP): it keeps its connections and answers nothing.
@@ -504,19 +514,22 @@ impl SentinelSet {
             .join("\n")
     }
 
-    fn running(&self, index: usize) -> Result<&ServerProcess> {
-        self.nodes
-            .get(index)
-            .and_then(|node| node.process.as_ref())
-            .with_context(|| format!("data node {index} is not running"))
+    fn running(&self, index: usize, action: fn(&ServerProcess) -> Result<()>) -> Result<()> {
+        let node = self.nodes.get(index).context("no such data node")?;
+        let process = node.process();
+        action(
+            process
+                .as_ref()
+                .with_context(|| format!("data node {index} is not running"))?,
+        )
     }
 
     fn add_node(&mut self, replica_of: Option<SocketAddr>) -> Result<()> {
         self.nodes.push(DataNode {
             port: free_port()?,
             replica_of,
-            process: None,
-            generation: 0,
+            process: std::sync::Mutex::new(None),
+            generation: std::sync::atomic::AtomicU32::new(0),
         });
         let index = self.nodes.len() - 1;
         let first = self.nodes[index].port;
@@ -526,10 +539,10 @@ impl SentinelSet {
         })
     }
 
-    fn spawn_node(&mut self, index: usize) -> Result<()> {
+    fn spawn_node(&self, index: usize) -> Result<()> {
         let dir = self.dir.path().join(format!("node-{index}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
-        let node = self.nodes.get_mut(index).context("no such data node")?;
+        let node = self.nodes.get(index).context("no such data node")?;
         let mut command = Command::new(&self.binary);
         command.current_dir(&dir);
         #[cfg(feature = "redis-tls")]
@@ -568,8 +581,11 @@ impl SentinelSet {
                 .arg(master.ip().to_string())
                 .arg(master.port().to_string());
         }
-        node.generation += 1;
-        let log = dir.join(format!("redis-{}.log", node.generation));
+        let generation = node
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let log = dir.join(format!("redis-{generation}.log"));
         let mut process = ServerProcess::spawn("redis-server", command, &log)?;
         if let Err(error) = wait_for_ping(
             node.addr(),
@@ -579,7 +595,7 @@ impl SentinelSet {
         ) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
-        node.process = Some(process);
+        *node.process() = Some(process);
         Ok(())
     }
 

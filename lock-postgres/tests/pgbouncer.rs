@@ -40,9 +40,12 @@ conformance_tests::conformance_suite! {
     factory = async { common::PgFactory::start_through(session_bouncer().await?.addr()).await },
     skip = {
         fair_queue_serves_waiters_in_arrival_order: "no fair queue: try-lock attempts woken by NOTIFY, whichever comes first gets the key (Capabilities::fair_queue is false; see README)",
+        fences_increase_across_a_server_restart: "one PostgreSQL server is shared by every case of this binary and \
+            crashing it would fail the cases beside it (the case runs on a dedicated server in \
+            tests/dedicated.rs)",
         server_pause_fires_lost: "one PostgreSQL server is shared by every case of this binary and \
             pausing it would stall the cases beside it (the case runs on a dedicated server in \
-            tests/server_pause.rs)",
+            tests/dedicated.rs)",
     },
 }
 

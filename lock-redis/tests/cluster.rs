@@ -154,6 +154,9 @@ impl ServerFaults for ClusterFactory {
 mod conformance {
     conformance_tests::conformance_suite! {
         factory = super::ClusterFactory::start(),
+        skip = {
+            fences_increase_across_a_server_restart: "not built for Cluster: the suite's clusters come from a pool the binary's tests share, and a crash of every node would have to re-form the cluster before the next test takes it. The mechanism is the one server's (fences follow the server clock), checked by the redis and redis-sentinel suites; a master's crash with its replica promoted is killed_master_keeps_replicated_locks_and_the_backend_continues",
+        },
     }
 }
 

@@ -87,7 +87,7 @@ impl BackendFactory for RedisFactory {
     }
 }
 
-/// Faults hit every node: "the server" of a Redlock is all its masters.
+/// Faults hit every node: "the server" of a Redlock is all its masters (but `restart`).
 #[async_trait]
 impl ServerFaults for RedisFactory {
     async fn pause(&self) -> anyhow::Result<()> {
@@ -112,6 +112,16 @@ impl ServerFaults for RedisFactory {
 
     async fn forget_connections(&self) -> anyhow::Result<()> {
         self.each_proxy(lock_harness::TcpProxy::forget_flows)
+    }
+
+    /// One server: killed and started again without persistence (its data gone). Redlock:
+    /// one node, a minority, as Redlock's model allows to fail; all of them at once without
+    /// persistence loses what a quorum remembers (README, "Persistence and restarts").
+    async fn restart(&self) -> anyhow::Result<()> {
+        self.servers
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no server"))?
+            .restart()
     }
 }
 

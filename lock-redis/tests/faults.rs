@@ -166,7 +166,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_without_persistence_loses_locks_cleanly() -> Result<()> {
-    let mut server = RedisServer::start()?;
+    let server = RedisServer::start()?;
     let backend = RedisBackend::connect(&server.url()).await?;
     let key = LockKey::new(unique("restart"))?;
     let ttl = Duration::from_secs(30);
@@ -211,7 +211,7 @@ async fn restart_without_persistence_loses_locks_cleanly() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_with_aof_keeps_fences_increasing() -> Result<()> {
-    let mut server = RedisServer::builder().aof(true).start()?;
+    let server = RedisServer::builder().aof(true).start()?;
     let backend = RedisBackend::connect(&server.url()).await?;
     let key = LockKey::new(unique("aof"))?;
     let ttl = Duration::from_secs(30);
@@ -271,7 +271,7 @@ fn redlock_options() -> RedisOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_minority_down_still_acquires() -> Result<()> {
-    let (mut servers, urls) = redlock_nodes(5, false)?;
+    let (servers, urls) = redlock_nodes(5, false)?;
     let locker = Locker::new(RedlockBackend::connect_nodes(&urls, redlock_options()).await?);
     // Two of five down: one killed, one paused (silent).
     servers[0].kill()?;
@@ -310,7 +310,7 @@ async fn redlock_paused_minority_still_acquires_fast() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_majority_down_refuses_and_leaves_nothing() -> Result<()> {
-    let (mut servers, urls) = redlock_nodes(3, false)?;
+    let (servers, urls) = redlock_nodes(3, false)?;
     let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     servers[0].kill()?;
     servers[1].pause()?;
@@ -723,7 +723,7 @@ async fn command_calls(server: &RedisServer, command: &str) -> Result<u64> {
 /// 234–344 ms) and `expires_in` lost, where one round answers `Held`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redlock_held_with_a_dead_node_answers_in_one_round() -> Result<()> {
-    let (mut servers, urls) = redlock_nodes(3, false)?;
+    let (servers, urls) = redlock_nodes(3, false)?;
     let holder = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     let contender = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
     let key = LockKey::new(unique("held-dead-node"))?;
@@ -808,7 +808,7 @@ async fn redlock_connects_and_locks_fast_with_a_paused_node() -> Result<()> {
 /// server came back. Only an acquire that may have reached the server needs a clean-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_acquires_leave_no_cleanup_behind() -> Result<()> {
-    let mut server = RedisServer::start()?;
+    let server = RedisServer::start()?;
     let options = RedisOptions::default().command_timeout(Duration::from_millis(500));
     let backend = RedisBackend::connect_with(&server.url(), options).await?;
     works_again(&backend, Duration::from_secs(2)).await?;

@@ -176,7 +176,7 @@ async fn forged_shared_leases_free_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_without_persistence_loses_shared_holders_cleanly() -> Result<()> {
-    let mut server = RedisServer::start()?;
+    let server = RedisServer::start()?;
     let backend = RedisBackend::connect(&server.url()).await?;
     let key = LockKey::new("restarted-shared")?;
     let ttl = Duration::from_secs(10);

@@ -131,7 +131,7 @@ impl BackendFactory for TlsFactory {
     }
 }
 
-/// Faults hit every node; the proxies forward the TLS bytes unchanged.
+/// Faults hit every node (but `restart`); the proxies forward the TLS bytes unchanged.
 #[async_trait]
 impl ServerFaults for TlsFactory {
     async fn pause(&self) -> Result<()> {
@@ -156,6 +156,15 @@ impl ServerFaults for TlsFactory {
 
     async fn forget_connections(&self) -> Result<()> {
         self.each_proxy(lock_harness::TcpProxy::forget_flows)
+    }
+
+    /// One server (Redlock: one node, a minority), killed and started again without
+    /// persistence.
+    async fn restart(&self) -> Result<()> {
+        self.servers
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no server"))?
+            .restart()
     }
 }
 

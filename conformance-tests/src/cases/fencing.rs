@@ -58,3 +58,109 @@ pub async fn fencing_tokens_increase(factory: &dyn BackendFactory) -> Result<()>
     other.release().await?;
     Ok(())
 }
+
+/// What [`fences_increase_across_a_server_restart`] takes a fence of.
+#[derive(Clone, Copy, Debug)]
+enum Fenced {
+    Lock,
+    Permits,
+    Writer,
+}
+
+/// One fence of `what` on `name`, waiting (and, while the server comes back, retrying
+/// retryable errors) up to 60 s.
+async fn fence_of(
+    locker: &lock_core::Locker,
+    what: Fenced,
+    name: &str,
+    ttl: Duration,
+) -> Result<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = match what {
+            Fenced::Lock => locker.lock(name),
+            Fenced::Permits => locker.semaphore(name, 2),
+            Fenced::Writer => locker.rwlock(name).write(),
+        };
+        match request
+            .ttl(ttl)
+            .wait(Duration::from_secs(10))
+            .acquire()
+            .await
+        {
+            Ok(guard) => {
+                let fence = guard
+                    .fence()
+                    .with_context(|| format!("no fence for a {what:?}"))?;
+                guard.release().await?;
+                return Ok(fence.0);
+            }
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("{what:?} on {name:?}"));
+            }
+        }
+    }
+}
+
+/// Fences keep increasing across a crash of the server (killed, then started again with
+/// whatever it had made durable, as after a power cut or an OOM kill): a fence counter the
+/// server lost, or that fell behind what it had handed out, must not hand out a fence below
+/// one handed out before. Checked for the backend that lived through the restart and for a
+/// new one, for locks and, where the backend has them, semaphores and writers. Each kind is
+/// used once first (a backend may create what it needs then, and such a step may flush
+/// whatever the server had not), and the last kind drawn before the crash, locks, draws 40
+/// fences: a counter that reserves values ahead in batches (PostgreSQL logs a sequence 32
+/// values ahead) must reserve again after the last such flush.
+pub async fn fences_increase_across_a_server_restart(factory: &dyn BackendFactory) -> Result<()> {
+    let case = "fences_increase_across_a_server_restart";
+    let faults = super::support::faults_of(factory, case)?;
+    let before = locker(factory).await?;
+    let caps = before.backend().capabilities();
+    ensure!(
+        caps.fencing,
+        "backend declares no fencing tokens: list `{case}` under skip with the reason"
+    );
+    let ttl = ttl_for(&caps, Duration::from_secs(10));
+    let mut kinds = Vec::new();
+    if caps.semaphores {
+        kinds.push(Fenced::Permits);
+    }
+    if caps.rw_locks {
+        kinds.push(Fenced::Writer);
+    }
+    kinds.push(Fenced::Lock);
+    let names: Vec<String> = kinds
+        .iter()
+        .map(|kind| unique_key(&format!("restart-{kind:?}")))
+        .collect();
+    for (kind, name) in kinds.iter().zip(&names) {
+        fence_of(&before, *kind, name, ttl).await?;
+    }
+    let mut last = Vec::new();
+    for (kind, name) in kinds.iter().zip(&names) {
+        let draws = if matches!(kind, Fenced::Lock) { 40 } else { 5 };
+        let mut fence = 0;
+        for _ in 0..draws {
+            fence = fence_of(&before, *kind, name, ttl).await?;
+        }
+        last.push(fence);
+    }
+    faults.restart().await?;
+    let after = locker(factory).await?;
+    for ((kind, name), last) in kinds.iter().zip(&names).zip(&last) {
+        for (who, locker) in [
+            ("the backend from before the restart", &before),
+            ("a new backend", &after),
+        ] {
+            let fence = fence_of(locker, *kind, name, ttl).await?;
+            ensure!(
+                fence > *last,
+                "{kind:?}: {who} got fence {fence} after the server restarted, not above {last} from before it"
+            );
+        }
+    }
+    Ok(())
+}

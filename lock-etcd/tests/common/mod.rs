@@ -91,4 +91,10 @@ impl ServerFaults for EtcdFactory {
         }
         Ok(())
     }
+
+    /// Every member killed and started again on its data directory (a crash of the whole
+    /// cluster: what raft committed survives).
+    async fn restart(&self) -> anyhow::Result<()> {
+        self.cluster.restart_all().await
+    }
 }
