@@ -695,7 +695,8 @@ pub(crate) struct Node {
     /// `RedisOptions::wait_replicas`: each write script is followed by `WAIT` in the same
     /// pipeline (see [`Node::eval_write`]).
     replicas: Option<(u32, Duration)>,
-    /// Whether fences also follow the server clock ([`NEXT_FENCE`]): yes but on Redlock.
+    /// Whether fences also follow the server clock ([`NEXT_FENCE`]): yes but on a Redlock of
+    /// more than one node.
     pub(crate) clock_fences: bool,
 }
 

@@ -15,12 +15,14 @@ use tokio::time::Instant;
 /// Locks on one Redis server (or a primary with its replicas: only the primary is used).
 ///
 /// Acquire, renew and release are each one Lua script (EVALSHA) over one multiplexed
-/// [`redis::aio::ConnectionManager`]: `SET NX PX` + `INCR` of the fence counter,
+/// [`redis::aio::ConnectionManager`]: `SET NX PX` + the next fence (the slot's counter + 1 or
+/// the server clock in µs, whichever is larger),
 /// compare-and-`PEXPIRE`, compare-and-`DEL` + `PUBLISH` (only when a waiter marked the lock).
 /// Waiters share one pub/sub connection. Cheap to clone (shared connections).
 ///
-/// Fencing tokens survive a server restart only with persistence (AOF `appendfsync always`):
-/// without it the counters restart from 1 and a restarted server forgets every held lock.
+/// Held locks survive a server restart only with persistence (AOF `appendfsync always`);
+/// fences keep increasing without it too, since they follow the server clock (the crate
+/// README, "Fences follow the server clock too").
 #[derive(Clone, Debug)]
 pub struct RedisBackend {
     inner: Arc<Nodes>,

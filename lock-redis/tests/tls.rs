@@ -131,7 +131,7 @@ impl BackendFactory for TlsFactory {
     }
 }
 
-/// Faults hit every node (but `restart`); the proxies forward the TLS bytes unchanged.
+/// Faults hit every node; the proxies forward the TLS bytes unchanged.
 #[async_trait]
 impl ServerFaults for TlsFactory {
     async fn pause(&self) -> Result<()> {
@@ -158,13 +158,13 @@ impl ServerFaults for TlsFactory {
         self.each_proxy(lock_harness::TcpProxy::forget_flows)
     }
 
-    /// One server (Redlock: one node, a minority), killed and started again without
-    /// persistence.
+    /// One server, killed and started again without persistence. Not for Redlock (its suite
+    /// skips the case, with the reason).
     async fn restart(&self) -> Result<()> {
-        self.servers
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no server"))?
-            .restart()
+        match self.servers.as_slice() {
+            [server] => server.restart(),
+            _ => bail!("Redlock's suite skips the restart case"),
+        }
     }
 }
 
@@ -190,6 +190,7 @@ mod redlock3_tls {
     conformance_tests::conformance_suite! {
         factory = super::TlsFactory::start(3),
         skip = {
+            fences_increase_across_a_server_restart: "Redlock fences need the nodes to keep their counters (README, Fencing tokens on Redlock): a node restarted without persistence, in the next quorum with a node that lagged behind the last grant, can repeat a fence; run Redlock nodes with persistence",
             fair_queue_serves_waiters_in_arrival_order: "Redlock has no fair queue: a queue on each node cannot agree on one order (Capabilities::fair_queue is false; see README, Redlock)",
             semaphore_never_exceeds_permits: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
             semaphore_dead_holder_permit_returns: "Redlock offers no semaphores (Capabilities::semaphores is false; see README, Redlock)",
