@@ -422,6 +422,53 @@ fn cli_passes_sigterm_on_and_releases_after_the_command() {
     );
 }
 
+/// `distlock` alone stopped (SIGSTOP to its pid) past the TTL: the lease runs out on the
+/// server and another run gets the lock while the command runs on (the documented limit: only
+/// the fence protects the resource then); once `distlock` resumes it finds the lease past its
+/// deadline, kills the command and exits 75, at once rather than at its next renewal.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_stopped_supervisor_kills_the_command_when_it_resumes() {
+    use std::process::{Command, Stdio};
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let pid_file = cli::pid_file("stopped");
+    let mut runner = Command::new(cli::EXE)
+        .args(["run", "--url", &server.url(), "--ttl", "2", "stopped-job"])
+        .args(["--", "sh", "-c"])
+        .arg(format!("echo $$ > {}; exec sleep 60", pid_file.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let command_pid = cli::pid_written(&pid_file);
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, &runner.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(3));
+    cli::next_run_gets(
+        &server.url(),
+        "stopped-job",
+        "the lease of a stopped distlock outlived its TTL",
+    );
+    assert!(
+        cli::running(command_pid),
+        "the command ended while distlock was stopped"
+    );
+    signal("-CONT");
+    let status = cli::exit_within(&mut runner, Duration::from_secs(2), "after it resumed");
+    assert_eq!(status.code(), Some(75), "a lost lock exits 75: {status:?}");
+    assert!(
+        !cli::still_running_after(command_pid, Duration::from_millis(500)),
+        "the command ran on after distlock resumed past its lease"
+    );
+}
+
 /// A command that cannot be started leaves no lock behind (status 69, and the next run
 /// starts at once, not after the 30 s TTL).
 #[cfg(all(feature = "cli", feature = "redis"))]
