@@ -366,12 +366,43 @@ mod cli {
         }
     }
 
-    /// A next run of `key` with `--wait 0` runs its command at once: the lock is free.
-    pub fn next_run_gets(url: &str, key: &str, why: &str) {
-        let next = Command::new(EXE)
-            .args(["run", "--url", url, key, "--", "true"])
-            .output()
+    /// `distlock run --url url --ttl ttl key -- <a shell that writes its pid and sleeps 60 s>`,
+    /// stdin closed; the runner and the command's pid once it runs.
+    pub fn start(url: &str, ttl: &str, key: &str) -> (Child, u32) {
+        let pid_file = pid_file(key);
+        let runner = Command::new(EXE)
+            .args(["run", "--url", url, "--ttl", ttl, key])
+            .args(["--", "sh", "-c"])
+            .arg(format!("echo $$ > {}; exec sleep 60", pid_file.display()))
+            .stdin(std::process::Stdio::null())
+            .spawn()
             .unwrap();
+        let command_pid = pid_written(&pid_file);
+        (runner, command_pid)
+    }
+
+    /// Sends `signal` (`-TERM`, `-STOP`, …) to `pid`.
+    pub fn signal(pid: u32, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} {pid}: {sent:?}");
+    }
+
+    /// A next run of `key` without a wait runs its command at once: the lock is free.
+    pub fn next_run_gets(url: &str, key: &str, why: &str) {
+        next_run_gets_within(url, key, None, why);
+    }
+
+    /// A next run of `key` runs its command, waiting up to `wait` (`--wait`) for the lock.
+    pub fn next_run_gets_within(url: &str, key: &str, wait: Option<&str>, why: &str) {
+        let mut next = Command::new(EXE);
+        next.args(["run", "--url", url]);
+        if let Some(wait) = wait {
+            next.args(["--wait", wait]);
+        }
+        let next = next.args([key, "--", "true"]).output().unwrap();
         assert_eq!(
             next.status.code(),
             Some(0),
@@ -387,24 +418,9 @@ mod cli {
 #[cfg(all(feature = "cli", feature = "redis"))]
 #[test]
 fn cli_passes_sigterm_on_and_releases_after_the_command() {
-    use std::process::{Command, Stdio};
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let pid_file = cli::pid_file("term");
-    let mut runner = Command::new(cli::EXE)
-        .args(["run", "--url", &server.url(), "--ttl", "20", "term-job"])
-        .args(["--", "sh", "-c"])
-        .arg(format!("echo $$ > {}; exec sleep 30", pid_file.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let command_pid = cli::pid_written(&pid_file);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &runner.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let (mut runner, command_pid) = cli::start(&server.url(), "20", "term-job");
+    cli::signal(runner.id(), "-TERM");
     let status = cli::exit_within(&mut runner, Duration::from_secs(5), "of SIGTERM");
     assert!(
         !cli::still_running_after(command_pid, Duration::ZERO),
@@ -429,38 +445,21 @@ fn cli_passes_sigterm_on_and_releases_after_the_command() {
 #[cfg(all(feature = "cli", feature = "redis"))]
 #[test]
 fn cli_stopped_supervisor_kills_the_command_when_it_resumes() {
-    use std::process::{Command, Stdio};
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let pid_file = cli::pid_file("stopped");
-    let mut runner = Command::new(cli::EXE)
-        .args(["run", "--url", &server.url(), "--ttl", "2", "stopped-job"])
-        .args(["--", "sh", "-c"])
-        .arg(format!("echo $$ > {}; exec sleep 60", pid_file.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let command_pid = cli::pid_written(&pid_file);
-    let signal = |name: &str| {
-        assert!(
-            Command::new("kill")
-                .args([name, &runner.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    signal("-STOP");
-    std::thread::sleep(Duration::from_secs(3));
-    cli::next_run_gets(
+    let (mut runner, command_pid) = cli::start(&server.url(), "2", "stopped-job");
+    cli::signal(runner.id(), "-STOP");
+    // The next run waits for the lease to run out on the server (2 s TTL), not a fixed time.
+    cli::next_run_gets_within(
         &server.url(),
         "stopped-job",
+        Some("10s"),
         "the lease of a stopped distlock outlived its TTL",
     );
     assert!(
         cli::running(command_pid),
         "the command ended while distlock was stopped"
     );
-    signal("-CONT");
+    cli::signal(runner.id(), "-CONT");
     let status = cli::exit_within(&mut runner, Duration::from_secs(2), "after it resumed");
     assert_eq!(status.code(), Some(75), "a lost lock exits 75: {status:?}");
     assert!(

@@ -53,14 +53,18 @@ pub fn check_usable_ttl(ttl: Duration, min_ttl: Duration) -> Result<(), LockErro
     Ok(())
 }
 
-/// What is wrong with a backend's timeout setting `name`, if anything: zero (nothing could
-/// ever answer in time) or more than a year (deadlines are `Instant + timeout`, and
-/// `Duration::MAX` overflows). Every backend checks its timeouts with this at construction.
-pub fn timeout_problem(name: &str, value: Duration) -> Option<String> {
-    if value.is_zero() {
-        return Some(format!("{name} must not be zero"));
-    }
-    (value > MAX_TTL).then(|| format!("{name} must be at most a year, not {value:?}"))
+/// What is wrong with the first of a backend's timeout settings (`(name, value)`) that has a
+/// problem, if any: zero (nothing could ever answer in time) or more than a year (deadlines
+/// are `Instant + timeout`, and `Duration::MAX` overflows). Every backend checks its timeouts
+/// with this at construction.
+pub fn timeout_problem(timeouts: &[(&str, Duration)]) -> Option<String> {
+    timeouts.iter().find_map(|&(name, value)| {
+        if value.is_zero() {
+            Some(format!("{name} must not be zero"))
+        } else {
+            (value > MAX_TTL).then(|| format!("{name} must be at most a year, not {value:?}"))
+        }
+    })
 }
 
 /// A random 128-bit token that names one holder; renew and release compare it on the server.

@@ -253,13 +253,11 @@ impl EtcdConfig {
         {
             return Err("an empty user name".into());
         }
-        for (name, value) in [
+        if let Some(why) = lock_core::timeout_problem(&[
             ("connect timeout", self.connect_timeout),
             ("request timeout", self.request_timeout),
-        ] {
-            if let Some(why) = lock_core::timeout_problem(name, value) {
-                return Err(why);
-            }
+        ]) {
+            return Err(why);
         }
         Ok(())
     }

@@ -17,7 +17,7 @@
 //! when it exists: fsync is then nearly free and tests stay fast. Everything is killed and
 //! deleted on drop.
 
-use crate::process::{START_ATTEMPTS, is_port_clash};
+use crate::process::{ProcessSlot, START_ATTEMPTS, is_port_clash};
 use crate::{ServerProcess, TcpProxy, find_binary, free_port};
 use anyhow::{Context, Result, bail};
 use etcd_client::{Client, ConnectOptions, GetOptions};
@@ -150,8 +150,7 @@ pub struct EtcdMember {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
-    /// Behind a mutex so that a shared cluster's members can be killed and restarted.
-    process: std::sync::Mutex<Option<ServerProcess>>,
+    process: ProcessSlot,
     proxy: TcpProxy,
     /// A plain-HTTP port for `/metrics` (TLS clusters only; otherwise the client port).
     metrics_port: Option<u16>,
@@ -175,18 +174,12 @@ impl EtcdMember {
 
     /// Whether the process is running (not killed).
     pub fn is_running(&self) -> bool {
-        self.process().is_some()
+        self.process.lock().is_some()
     }
 
     /// The process's id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.process().as_ref().and_then(ServerProcess::pid)
-    }
-
-    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
-        self.process
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.process.lock().as_ref().and_then(ServerProcess::pid)
     }
 }
 
@@ -370,7 +363,7 @@ impl EtcdCluster {
                 name,
                 client_port,
                 peer_port,
-                process: std::sync::Mutex::new(None),
+                process: ProcessSlot::default(),
                 proxy,
                 metrics_port: if tls { Some(free_port()?) } else { None },
             });
@@ -464,7 +457,7 @@ impl EtcdCluster {
         }
         // A restarted member finds its data directory and ignores the initial-cluster flags.
         let process = ServerProcess::spawn(&format!("etcd {}", member.name), command, &member.log)?;
-        *member.process() = Some(process);
+        *member.process.lock() = Some(process);
         Ok(())
     }
 
@@ -476,7 +469,7 @@ impl EtcdCluster {
                 continue;
             }
             loop {
-                if let Some(process) = self.members[index].process().as_mut() {
+                if let Some(process) = self.members[index].process.lock().as_mut() {
                     process.check_running()?;
                 }
                 let endpoint = self.members[index].client_addr().to_string();
@@ -489,7 +482,8 @@ impl EtcdCluster {
                     Ok(Ok(())) => break,
                     _ if Instant::now() >= deadline => {
                         let tail = self.members[index]
-                            .process()
+                            .process
+                            .lock()
                             .as_ref()
                             .map(ServerProcess::log_tail)
                             .unwrap_or_default();
@@ -618,7 +612,8 @@ impl EtcdCluster {
     /// Freezes member `index` (SIGSTOP).
     pub fn pause(&self, index: usize) -> Result<()> {
         self.member(index)?
-            .process()
+            .process
+            .lock()
             .as_ref()
             .context("member is not running")?
             .pause()
@@ -627,7 +622,8 @@ impl EtcdCluster {
     /// Resumes member `index` (SIGCONT).
     pub fn resume(&self, index: usize) -> Result<()> {
         self.member(index)?
-            .process()
+            .process
+            .lock()
             .as_ref()
             .context("member is not running")?
             .resume()
@@ -635,11 +631,7 @@ impl EtcdCluster {
 
     /// Kills member `index` (SIGKILL). Its data directory stays for [`EtcdCluster::restart`].
     pub fn kill(&self, index: usize) -> Result<()> {
-        let process = self.member(index)?.process().take();
-        if let Some(mut process) = process {
-            process.kill()?;
-        }
-        Ok(())
+        self.member(index)?.process.kill()
     }
 
     /// Restarts a killed member on the same ports and data directory and waits until it

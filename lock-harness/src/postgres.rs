@@ -18,7 +18,9 @@
 //! login roles. Such a server's own administration (`sql`, readiness checks) goes over its
 //! Unix socket as `postgres` with trust, so the TCP rules are exactly the ones given.
 
-use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port, wait_for_port};
+use crate::process::{
+    ProcessSlot, ServerProcess, find_binary, free_port, start_on_free_port, wait_for_port,
+};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -234,7 +236,7 @@ pub struct PostgresServer {
     user: Option<(u32, u32)>,
     postgres: PathBuf,
     psql: PathBuf,
-    process: Mutex<Option<ServerProcess>>,
+    process: ProcessSlot,
     extra_settings: Vec<(String, String)>,
     /// `pg_hba.conf` was replaced: the harness reaches the server over its Unix socket.
     own_hba: bool,
@@ -317,7 +319,7 @@ impl PostgresServer {
             user,
             postgres,
             psql,
-            process: Mutex::new(None),
+            process: ProcessSlot::default(),
             extra_settings,
             own_hba,
             tls: built.tls.is_some(),
@@ -339,16 +341,10 @@ impl PostgresServer {
         Ok(server)
     }
 
-    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
-        self.process
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Starts the server again on the same port and data directory (after [`Self::stop`] or
     /// [`Self::kill`]); a no-op if it runs.
     pub fn start_again(&self) -> Result<()> {
-        let mut process = self.process();
+        let mut process = self.process.lock();
         if process.is_some() {
             return Ok(());
         }
@@ -407,7 +403,7 @@ impl PostgresServer {
 
     /// Sends `how` to the postmaster and waits up to `grace` for it to exit, then kills it.
     fn shut_down(&self, how: Signal, grace: Duration) -> Result<()> {
-        let Some(mut child) = self.process().take() else {
+        let Some(mut child) = self.process.lock().take() else {
             return Ok(());
         };
         signal(&child, how)?;
@@ -431,7 +427,7 @@ impl PostgresServer {
     /// Freezes the whole server (SIGSTOP to the postmaster and every backend process): open
     /// sessions stop answering too, as when the host freezes.
     pub fn pause(&self) -> Result<()> {
-        match self.process().as_ref() {
+        match self.process.lock().as_ref() {
             Some(child) => child.pause_tree(),
             None => bail!("postgres is not running"),
         }
@@ -440,7 +436,7 @@ impl PostgresServer {
     /// Pins the server (postmaster and its processes, and the backends it forks later) to
     /// `cpu`, for benchmarks that want the client and the server on known CPUs.
     pub fn pin_to_cpu(&self, cpu: usize) -> Result<()> {
-        match self.process().as_ref() {
+        match self.process.lock().as_ref() {
             Some(child) => child.pin_tree_to_cpu(cpu),
             None => bail!("postgres is not running"),
         }
@@ -448,7 +444,7 @@ impl PostgresServer {
 
     /// Resumes a paused server.
     pub fn resume(&self) -> Result<()> {
-        match self.process().as_ref() {
+        match self.process.lock().as_ref() {
             Some(child) => child.resume_tree(),
             None => bail!("postgres is not running"),
         }

@@ -348,3 +348,26 @@ mod tests {
         assert!(!is_port_clash(&anyhow::anyhow!("initdb failed")));
     }
 }
+
+/// A server's process, or none while it is killed: behind a mutex, so that a server shared
+/// by a test's tasks can be killed and started again through `&self`.
+#[derive(Debug, Default)]
+pub(crate) struct ProcessSlot(Mutex<Option<ServerProcess>>);
+
+impl ProcessSlot {
+    /// The slot (a panic while it was held leaves the process handle intact).
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Kills the process if it runs (SIGKILL) and waits for it; the slot is empty after.
+    pub(crate) fn kill(&self) -> Result<()> {
+        let process = self.lock().take();
+        if let Some(mut process) = process {
+            process.kill()?;
+        }
+        Ok(())
+    }
+}

@@ -10,14 +10,13 @@
 //! server.proxy().unwrap().cut();   // the client sees its connection reset
 //! ```
 
-use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
+use crate::process::{ProcessSlot, ServerProcess, find_binary, free_port, start_on_free_port};
 use crate::proxy::TcpProxy;
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -127,7 +126,7 @@ impl RedisServerBuilder {
             auth: self.auth,
             #[cfg(feature = "redis-tls")]
             tls: self.tls,
-            process: Mutex::new(None),
+            process: ProcessSlot::default(),
             proxy: None,
             generation: AtomicU32::new(0),
         };
@@ -152,8 +151,7 @@ pub struct RedisServer {
     auth: Option<Credentials>,
     #[cfg(feature = "redis-tls")]
     tls: Option<ServerTls>,
-    /// Behind a mutex so that a shared server can be killed and restarted (`&self`).
-    process: Mutex<Option<ServerProcess>>,
+    process: ProcessSlot,
     proxy: Option<TcpProxy>,
     generation: AtomicU32,
 }
@@ -219,7 +217,7 @@ impl RedisServer {
         if let Err(error) = wait_for_pong(|| self.ping(), self.server_addr(), &mut process) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
-        *self.process() = Some(process);
+        *self.process.lock() = Some(process);
         Ok(())
     }
 
@@ -361,7 +359,8 @@ impl RedisServer {
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) -> Result<()> {
-        self.process()
+        self.process
+            .lock()
             .as_ref()
             .context("redis-server is not running (killed)")?
             .pause()
@@ -369,7 +368,8 @@ impl RedisServer {
 
     /// Resumes a paused server (SIGCONT).
     pub fn resume(&self) -> Result<()> {
-        self.process()
+        self.process
+            .lock()
             .as_ref()
             .context("redis-server is not running (killed)")?
             .resume()
@@ -377,11 +377,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL). Without AOF its data is gone.
     pub fn kill(&self) -> Result<()> {
-        let process = self.process().take();
-        if let Some(mut process) = process {
-            process.kill()?;
-        }
-        Ok(())
+        self.process.kill()
     }
 
     /// Kills the server if it runs, then starts it again on the same port with the same data
@@ -393,17 +389,11 @@ impl RedisServer {
 
     /// The server's log so far.
     pub fn log_tail(&self) -> String {
-        self.process()
+        self.process
+            .lock()
             .as_ref()
             .map(ServerProcess::log_tail)
             .unwrap_or_default()
-    }
-
-    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
-        // A panic while holding it leaves the process handle intact.
-        self.process
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -14,7 +14,7 @@
 //! let new = set.wait_for_new_master(old, Duration::from_secs(20)).await?;
 //! ```
 
-use crate::process::{ServerProcess, find_binary, free_port, start_on_free_port};
+use crate::process::{ProcessSlot, ServerProcess, find_binary, free_port, start_on_free_port};
 use crate::proxy::TcpProxy;
 #[cfg(feature = "redis-tls")]
 use crate::redis_nodes::install_crypto_provider;
@@ -145,29 +145,13 @@ struct DataNode {
     port: u16,
     /// `--replicaof` at start; `None` for the first master.
     replica_of: Option<SocketAddr>,
-    /// Behind a mutex so that a shared set's nodes can be killed and restarted (`&self`).
-    process: std::sync::Mutex<Option<ServerProcess>>,
+    process: ProcessSlot,
     generation: std::sync::atomic::AtomicU32,
 }
 
 impl DataNode {
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn process(&self) -> std::sync::MutexGuard<'_, Option<ServerProcess>> {
-        self.process
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Kills the node's process if it runs (SIGKILL).
-    fn kill(&self) -> Result<()> {
-        let process = self.process().take();
-        if let Some(mut process) = process {
-            process.kill()?;
-        }
-        Ok(())
     }
 }
 
@@ -295,14 +279,18 @@ impl SentinelSet {
         let index = self
             .node_index(master)
             .with_context(|| format!("the master {master} is none of ours"))?;
-        self.nodes[index].kill()?;
+        self.nodes[index].process.kill()?;
         Ok(master)
     }
 
     /// Starts data node `index` again on its port (after [`SentinelSet::kill_master`]); the
     /// sentinels then turn it into a replica of the current master.
     pub fn restart_node(&self, index: usize) -> Result<()> {
-        self.nodes.get(index).context("no such data node")?.kill()?;
+        self.nodes
+            .get(index)
+            .context("no such data node")?
+            .process
+            .kill()?;
         self.spawn_node(index)
     }
 
@@ -516,7 +504,7 @@ impl SentinelSet {
 
     fn running(&self, index: usize, action: fn(&ServerProcess) -> Result<()>) -> Result<()> {
         let node = self.nodes.get(index).context("no such data node")?;
-        let process = node.process();
+        let process = node.process.lock();
         action(
             process
                 .as_ref()
@@ -528,7 +516,7 @@ impl SentinelSet {
         self.nodes.push(DataNode {
             port: free_port()?,
             replica_of,
-            process: std::sync::Mutex::new(None),
+            process: ProcessSlot::default(),
             generation: std::sync::atomic::AtomicU32::new(0),
         });
         let index = self.nodes.len() - 1;
@@ -595,7 +583,7 @@ impl SentinelSet {
         ) {
             bail!("{error:#}\nredis-server log:\n{}", process.log_tail());
         }
-        *node.process() = Some(process);
+        *node.process.lock() = Some(process);
         Ok(())
     }
 

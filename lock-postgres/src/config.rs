@@ -159,14 +159,12 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
             config.queue_sessions
         )));
     }
-    for (name, value) in [
+    if let Some(why) = lock_core::timeout_problem(&[
         ("op_timeout", config.op_timeout),
         ("connect_timeout", config.connect_timeout),
         ("probe_timeout", config.probe_timeout),
-    ] {
-        if let Some(why) = lock_core::timeout_problem(name, value) {
-            return Err(LockError::InvalidConfig(why));
-        }
+    ]) {
+        return Err(LockError::InvalidConfig(why));
     }
     if config.application_name.contains('\0') {
         return Err(LockError::InvalidConfig(

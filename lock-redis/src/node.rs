@@ -1700,7 +1700,7 @@ impl Nodes {
                     }
                 },
             };
-            nodes.push(Node::start(
+            let mut node = Node::start(
                 prepared,
                 conn,
                 scheme.clone(),
@@ -1712,13 +1712,10 @@ impl Nodes {
                 channel,
                 options,
                 shutdown.clone(),
-            ));
-        }
-        if urls.len() > 1 {
+            );
             // Redlock: the fence is the quorum's largest counter (see `NEXT_FENCE`).
-            for node in &mut nodes {
-                node.clock_fences = false;
-            }
+            node.clock_fences = urls.len() == 1;
+            nodes.push(node);
         }
         Ok(Arc::new(Nodes {
             nodes,

@@ -109,14 +109,12 @@ impl RedisOptions {
             }
         }
         self.tls.validate()?;
-        for (name, value) in [
+        if let Some(why) = lock_core::timeout_problem(&[
             ("connect_timeout", self.connect_timeout),
             ("command_timeout", self.command_timeout),
             ("node_timeout", self.node_timeout),
-        ] {
-            if let Some(why) = lock_core::timeout_problem(name, value) {
-                return Err(LockError::InvalidConfig(why));
-            }
+        ]) {
+            return Err(LockError::InvalidConfig(why));
         }
         crate::KeyScheme::new(self.prefix.clone(), 0).map(|_| ())
     }
