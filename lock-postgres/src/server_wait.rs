@@ -282,15 +282,17 @@ impl Inner {
             Ok(Err(error)) => {
                 // The lock may have been granted before the statement failed (a session lock
                 // outlives the rollback): the session held nothing else, so dropping the
-                // connection gives back whatever this statement took.
-                tracing::debug!(%error, "waiting on the server failed; connection dropped");
-                drop(conn);
-                state.disconnect();
-                return if is_connection_error(&error) {
-                    Ok(ServerWait::NotThere)
-                } else {
-                    Err(map_error("waiting on the server", error))
-                };
+                // connection gives back whatever this statement took. Unless the connection
+                // failed, unlocking everything on it does so at once.
+                if is_connection_error(&error) {
+                    tracing::debug!(%error, "waiting on the server failed; connection dropped");
+                    drop(conn);
+                    state.disconnect();
+                    return Ok(ServerWait::NotThere);
+                }
+                state.conn = Some(conn);
+                state.unlock_all_or_disconnect(self.config.op_timeout).await;
+                return Err(map_error("waiting on the server", error));
             }
             Err(_) => {
                 tracing::debug!(

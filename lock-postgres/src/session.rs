@@ -88,6 +88,29 @@ impl SessionState {
         self.epoch - 1
     }
 
+    /// After a statement failed on a session that holds no lease: gives back every session
+    /// lock the statement may have taken before it failed (a session lock outlives the
+    /// rollback) and keeps the session, or drops the connection when that fails. Unlocking
+    /// frees them before the caller's error returns; a dropped connection frees them only
+    /// once the server has noticed and ended the session, so a retry right after the error
+    /// could still find them taken.
+    pub(crate) async fn unlock_all_or_disconnect(&mut self, limit: Duration) {
+        debug_assert!(self.ttls.is_empty(), "the session holds leases");
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(conn);
+        match tokio::time::timeout(limit, unlock).await {
+            Ok(Ok(_)) => {
+                self.holds.clear();
+                self.answered_at = Some(Instant::now());
+            }
+            _ => {
+                self.disconnect();
+            }
+        }
+    }
+
     pub(crate) fn add_ttl(&mut self, ttl: u64) {
         *self.ttls.entry(ttl).or_insert(0) += 1;
     }

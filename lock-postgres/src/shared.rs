@@ -466,14 +466,14 @@ impl Inner {
                 // A privilege error on the limit or intent table comes before any lock is
                 // taken (or after the function gave its lock back): the session's locks are
                 // intact. One on the fence sequence or the WAL message (a right revoked while
-                // running) comes after the function took its session locks: only dropping the
-                // session frees them.
+                // running) comes after the function took its session locks: a lease-free
+                // session gives back all its locks, one with other leases is dropped.
                 let message = db.message();
                 let on_tables = message.contains("distlock_semaphore_limit")
                     || message.contains("distlock_rw_intent");
                 if !on_tables {
                     if state.ttls.is_empty() {
-                        state.disconnect();
+                        state.unlock_all_or_disconnect(self.config.op_timeout).await;
                     } else {
                         self.break_session(&session, &mut state, "privilege refused after locking");
                     }
@@ -487,11 +487,12 @@ impl Inner {
             }
             Ok(Err(error)) => {
                 // The statement may have taken locks before it failed (session locks survive
-                // the rollback): only dropping the session frees them for sure.
+                // the rollback): a session with other leases is dropped (only that frees them
+                // for sure); a lease-free one gives back all its locks.
                 if !state.ttls.is_empty() || is_connection_error(&error) {
                     self.break_session(&session, &mut state, "semaphore/rwlock attempt failed");
                 } else {
-                    state.disconnect();
+                    state.unlock_all_or_disconnect(self.config.op_timeout).await;
                 }
                 return Err(map_error("acquire", error));
             }
