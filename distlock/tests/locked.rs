@@ -167,9 +167,3 @@ async fn free_functions_use_the_process_default() {
     assert_eq!(cron_job("backup").await, None);
     held.release().await.unwrap();
 }
-
-/// Misuse is a compile error that names the problem (see `tests/ui/*.stderr`).
-#[test]
-fn misuse_is_a_clear_compile_error() {
-    trybuild::TestCases::new().compile_fail("tests/ui/*.rs");
-}
