@@ -130,6 +130,7 @@ fn cli_runs_one_command_at_a_time() {
     use std::process::Command;
     let server = lock_harness::redis::RedisServer::start().unwrap();
     let exe = env!("CARGO_BIN_EXE_distlock");
+    let started = cli::pid_file("one-at-a-time");
     let first = Command::new(exe)
         .args([
             "run",
@@ -142,11 +143,15 @@ fn cli_runs_one_command_at_a_time() {
             "sh",
             "-c",
         ])
-        .arg("echo fence=$DISTLOCK_FENCE; sleep 1")
+        .arg(format!(
+            "echo fence=$DISTLOCK_FENCE; echo $$ > {}; sleep 3",
+            started.display()
+        ))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // The command runs, so the lock is held (a fixed sleep raced a slow start).
+    cli::pid_written(&started);
     let second = Command::new(exe)
         .args(["run", "--url", &server.url(), "cron-job", "--", "true"])
         .output()
@@ -243,7 +248,7 @@ fn cli_permits_run_n_at_once() {
     use std::process::{Command, Stdio};
     let server = lock_harness::redis::RedisServer::start().unwrap();
     let exe = env!("CARGO_BIN_EXE_distlock");
-    let start = |permits: &str| {
+    let start = |permits: &str, started: &std::path::Path| {
         Command::new(exe)
             .args([
                 "run",
@@ -255,13 +260,18 @@ fn cli_permits_run_n_at_once() {
                 "5",
                 "export",
             ])
-            .args(["--", "sleep", "1"])
+            .args(["--", "sh", "-c"])
+            .arg(format!("echo $$ > {}; sleep 3", started.display()))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let (first, second) = (start("2"), start("2"));
-    std::thread::sleep(Duration::from_millis(400));
+    let started = [cli::pid_file("permits-1"), cli::pid_file("permits-2")];
+    let (first, second) = (start("2", &started[0]), start("2", &started[1]));
+    // Both commands run, so both permits are held (a fixed sleep raced a slow start).
+    for path in &started {
+        cli::pid_written(path);
+    }
     let third = Command::new(exe)
         .args([
             "run",
