@@ -268,7 +268,12 @@ async fn pool_user_is_unaffected() -> Result<()> {
         .min_connections(3)
         .connect_with(PgConnectOptions::from_str(&server.url())?)
         .await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // sqlx opens the minimum in the background: wait for it rather than a fixed 100 ms.
+    let opened_by = Instant::now() + Duration::from_secs(5);
+    while pool.size() < 3 {
+        ensure!(Instant::now() < opened_by, "the pool never opened its 3 connections");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let size_before = pool.size();
     let a = Locker::from_arc(Arc::new(
         PostgresBackend::from_pool(&pool, PostgresConfig::default()).await?,
@@ -294,12 +299,16 @@ async fn pool_user_is_unaffected() -> Result<()> {
         "pool size changed: {size_before} → {}",
         pool.size()
     );
-    // sqlx hands a connection back to the pool in the background after a query.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ensure!(
-        pool.num_idle() == size_before as usize,
-        "a pool connection is still checked out"
-    );
+    // sqlx hands a connection back to the pool in the background after a query: all are
+    // idle again soon, unless the backend kept one.
+    let returned_by = Instant::now() + Duration::from_secs(2);
+    while pool.num_idle() != size_before as usize {
+        ensure!(
+            Instant::now() < returned_by,
+            "a pool connection is still checked out 2 s after the last query"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     guard.release().await?;
     Ok(())
 }

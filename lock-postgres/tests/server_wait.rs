@@ -146,8 +146,10 @@ async fn a_waiter_waits_in_the_servers_queue_and_gets_the_lock_at_the_release() 
     let acquired = timeout(Duration::from_secs(5), waiting).await???;
     let hand_off = acquired.saturating_duration_since(released);
     println!("hand-off through the server's queue: {hand_off:?}");
+    // Proof of the server's queue is the request in `pg_locks` above; the bound only says
+    // that nothing slow (a 30 s backoff step) came between, with room for a loaded machine.
     ensure!(
-        hand_off < Duration::from_millis(100),
+        hand_off < Duration::from_millis(500),
         "the waiter had the lock {hand_off:?} after the release"
     );
     Ok(())
@@ -199,19 +201,27 @@ async fn a_lease_granted_on_the_server_counts_from_the_grant() -> Result<()> {
     let guard = holder.lock(&name).ttl(ttl).acquire().await?;
     let waiting = tokio::spawn({
         let (waiter, name) = (waiter.clone(), name.clone());
-        async move { anyhow::Ok(patient(&waiter, &name, ttl).acquire().await?) }
+        async move {
+            let guard = patient(&waiter, &name, ttl).acquire().await?;
+            anyhow::Ok((guard, Instant::now()))
+        }
     });
     // Until the waiter waits on the server (its connections and attempts are slow: every
     // answer takes 300 ms).
     until_in_queue(&pool, hash, Duration::from_secs(20), "the waiter").await?;
     let released = Instant::now();
     ensure!(guard.release().await?, "release answered false");
-    let lease = timeout(Duration::from_secs(10), waiting)
+    let (lease, arrived_at) = timeout(Duration::from_secs(10), waiting)
         .await
         .context("the waiter did not get the lock")???;
-    let arrived = released.elapsed();
+    let arrived = arrived_at.saturating_duration_since(released);
     let valid_until = lease.valid_until();
-    let bound = released + ttl + Duration::from_millis(30);
+    // The server granted the lock soon after the release, and no later than the answer's
+    // arrival less its 300 ms on the way back (a waiting server process woken late by a
+    // loaded machine grants later than the release): a lease counted from the answer's
+    // arrival overshoots both by about 300 ms.
+    let granted_by = released.max(arrived_at.checked_sub(BACK).unwrap_or(released));
+    let bound = granted_by + ttl + Duration::from_millis(30);
     println!(
         "answer arrived {arrived:?} after the release; lease valid until release + {:?}",
         valid_until.saturating_duration_since(released)
