@@ -271,7 +271,10 @@ async fn pool_user_is_unaffected() -> Result<()> {
     // sqlx opens the minimum in the background: wait for it rather than a fixed 100 ms.
     let opened_by = Instant::now() + Duration::from_secs(5);
     while pool.size() < 3 {
-        ensure!(Instant::now() < opened_by, "the pool never opened its 3 connections");
+        ensure!(
+            Instant::now() < opened_by,
+            "the pool never opened its 3 connections"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let size_before = pool.size();
