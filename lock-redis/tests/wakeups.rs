@@ -307,8 +307,9 @@ async fn second_waiter_of_a_subscribed_key_needs_no_round_trip() -> Result<()> {
     let (times, live) = subscribe_all(&backend, &keys).await?;
     let all = started.elapsed();
     eprintln!("20 more waiters of a subscribed key (link 100 ms each way): all back in {all:?}");
+    // Under one round trip (200 ms), with room for a loaded machine's scheduling.
     ensure!(
-        all < Duration::from_millis(60),
+        all < Duration::from_millis(150),
         "20 more waiters of a subscribed key took {all:?} (slowest {:?}; a round trip is ≥ 200 ms)",
         times[times.len() - 1]
     );
@@ -370,8 +371,10 @@ async fn release_is_delivered_while_other_subscriptions_are_outstanding() -> Res
         wake == lock_core::Wake::Released,
         "A's waiter was not woken within 3 s"
     );
+    // Behind the outstanding subscriptions it would wait for a request's 400 ms; 300 ms
+    // leaves room for a loaded machine's scheduling.
     ensure!(
-        took < Duration::from_millis(150),
+        took < UP - Duration::from_millis(100),
         "A's release reached its waiter after {took:?}, behind outstanding subscriptions \
          ({confirmed} of {OTHERS} other subscribes returned; requests take {UP:?}, messages arrive at once)"
     );
