@@ -640,6 +640,22 @@ pub struct PgBouncer {
 impl PgBouncer {
     /// Starts PgBouncer in `mode` with at most `pool_size` server connections to `upstream`.
     pub fn start(upstream: &PostgresServer, mode: PoolMode, pool_size: u32) -> Result<Self> {
+        Self::start_with_reset(upstream, mode, pool_size, None)
+    }
+
+    /// [`PgBouncer::start`] with `server_reset_query` set to `reset` (`Some("")`: none, so a
+    /// server connection goes back to the pool with the session state, advisory locks
+    /// included, that its last client left; `None`: PgBouncer's default, `DISCARD ALL`).
+    pub fn start_with_reset(
+        upstream: &PostgresServer,
+        mode: PoolMode,
+        pool_size: u32,
+        reset: Option<&str>,
+    ) -> Result<Self> {
+        let reset_line = match reset {
+            Some(query) => format!("server_reset_query = {query}\n"),
+            None => String::new(),
+        };
         remove_stale_dirs();
         let binary = find_binary("pgbouncer", "pgbouncer", &["/usr/sbin"])?;
         let user = server_user()?;
@@ -671,7 +687,8 @@ impl PgBouncer {
                      default_pool_size = {pool_size}\n\
                      max_client_conn = 500\n\
                      server_round_robin = 0\n\
-                     ignore_startup_parameters = extra_float_digits,options\n",
+                     ignore_startup_parameters = extra_float_digits,options\n\
+                     {reset_line}",
                     upstream_port = upstream.port(),
                     users = users.display(),
                     mode = mode.as_str(),

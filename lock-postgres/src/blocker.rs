@@ -400,6 +400,7 @@ impl Inner {
         let timeout = self.config.connect_timeout;
         let work = async {
             let mut fresh = options.connect().await?;
+            discard_leftovers(&mut fresh).await?;
             let settings = format!(
                 // statement_timeout 0: a role's shorter one would end each wait early and
                 // turn the blocker into a busy loop of pg_locks scans.

@@ -58,6 +58,7 @@ async fn connect_listener_now(
         // Also when the listener reconnects.
         .after_connect(|conn, _| {
             Box::pin(async move {
+                discard_leftovers(conn).await?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
                     .execute(conn)
                     .await
@@ -254,6 +255,7 @@ async fn open_waiter_session(
 ) -> Result<PgConnection, LockError> {
     let work = async {
         let mut fresh = options.connect().await?;
+        discard_leftovers(&mut fresh).await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
             .execute(&mut fresh)
             .await?;

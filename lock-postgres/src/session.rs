@@ -3,6 +3,39 @@
 
 use super::*;
 
+/// Gives back what a previous client left on this server session. A pooler that puts server
+/// connections back without resetting them (PgBouncer in session mode with an empty
+/// `server_reset_query`; its default, `DISCARD ALL`, resets them) hands the next client the
+/// advisory locks its last client held when it disconnected, and its prepared statements.
+/// Kept, such a lock could be taken by nobody else while this connection lives, and our own
+/// acquire of its key would succeed without excluding anyone. Every connection the backend
+/// opens runs this first (simple query protocol: sqlx's prepared statements would collide
+/// with the leftovers); a clean session costs one round trip, a used one also a warning and
+/// `DISCARD ALL`.
+pub(crate) async fn discard_leftovers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let row = sqlx::raw_sql(
+        "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND pid = pg_backend_pid()), (SELECT count(*) FROM pg_prepared_statements)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let locks: i64 = row.try_get(0)?;
+    let prepared: i64 = row.try_get(1)?;
+    if locks == 0 && prepared == 0 {
+        return Ok(());
+    }
+    tracing::warn!(
+        locks,
+        prepared,
+        "a new connection came with an earlier client's advisory locks or prepared \
+         statements: a connection pooler in front of PostgreSQL hands server connections on \
+         without resetting them (PgBouncer: set server_reset_query to DISCARD ALL, its \
+         default); discarding them"
+    );
+    sqlx::raw_sql("DISCARD ALL").execute(conn).await?;
+    Ok(())
+}
+
 /// `pg_backend_pid()` through the simple query protocol (no prepared statement).
 pub(crate) async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
     sqlx::raw_sql("SELECT pg_backend_pid()")

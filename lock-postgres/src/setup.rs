@@ -297,6 +297,7 @@ impl Inner {
             .application_name(&format!("{}-holder", self.config.application_name));
         let work = async {
             let mut conn = options.connect().await?;
+            discard_leftovers(&mut conn).await?;
             // `synchronous_commit = off` (server, database or role setting) would let a
             // fence's WAL sit unflushed after its answer: a crash then hands it out again. A
             // session-level setting outranks those, also after a configuration reload; other

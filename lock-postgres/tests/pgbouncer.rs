@@ -9,7 +9,7 @@
 
 mod common;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use lock_core::LockError;
 use lock_harness::postgres::{PgBouncer, PoolMode};
 use lock_postgres::PostgresBackend;
@@ -98,4 +98,80 @@ async fn transaction_pooling_is_refused_with_several_server_connections() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_pooling_is_refused() -> Result<()> {
     assert_refused(PoolMode::Statement, 4).await
+}
+
+/// A pooler that puts a server connection back without resetting it (PgBouncer with an empty
+/// `server_reset_query`; its default `DISCARD ALL` releases advisory locks) hands the next
+/// client the advisory locks the last one held when it disconnected, and its prepared
+/// statements. Had a holder session kept such a lock, nobody else could take it while that
+/// client lived, and its own acquire would succeed without excluding anyone; sqlx's prepared
+/// statements would collide with the leftover ones ("sqlx_s_1 already exists"). Every
+/// connection the backend opens discards them first, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_session_left_with_locks_gives_them_back() -> Result<()> {
+    for leftover_statement in [false, true] {
+        session_left_with_a_lock(leftover_statement).await?;
+    }
+    Ok(())
+}
+
+async fn session_left_with_a_lock(leftover_statement: bool) -> Result<()> {
+    use sqlx::Connection;
+    let server = common::server().await?;
+    let bouncer = tokio::task::spawn_blocking(move || {
+        PgBouncer::start_with_reset(server, PoolMode::Session, 4, Some(""))
+    })
+    .await??;
+    let direct = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await?;
+    let key = common::unique("left-by-a-pooler");
+    let namespace = lock_postgres::PostgresConfig::default().namespace;
+    let hash = lock_postgres::advisory_key(&namespace, &key);
+    // A client that held the lock and disconnected: its server connection, the only one
+    // the pooler has opened, goes back to the pool still holding it.
+    let mut gone = sqlx::PgConnection::connect(&bouncer.url()).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_lock({hash})"
+    )))
+    .execute(&mut gone)
+    .await?;
+    if leftover_statement {
+        // A named prepared statement (`sqlx_s_1`), as every sqlx client leaves one.
+        sqlx::query("SELECT $1::int4")
+            .bind(1)
+            .execute(&mut gone)
+            .await?;
+    }
+    gone.close().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        common::advisory_held(&direct, hash).await?,
+        "the pooler reset the server connection after all: this test shows nothing"
+    );
+    // The next client of the pooler gets that server connection first.
+    let next = PostgresBackend::connect(&bouncer.url())
+        .await
+        .with_context(|| {
+            format!("connecting after a client left (statement left: {leftover_statement})")
+        })?;
+    let elsewhere = PostgresBackend::connect(&server.url()).await?;
+    let lock_key = lock_core::LockKey::new(key.clone())?;
+    let ttl = Duration::from_secs(30);
+    let attempt = lock_core::LockBackend::try_acquire(&elsewhere, &lock_key, ttl).await?;
+    let lock_core::Attempt::Acquired(lease) = attempt else {
+        bail!(
+            "a lock left on a pooled server session stayed held after the next client \
+             connected (statement left: {leftover_statement}): {attempt:?}"
+        );
+    };
+    // And the next client is excluded while it is held elsewhere.
+    let theirs = lock_core::LockBackend::try_acquire(&next, &lock_key, ttl).await?;
+    ensure!(
+        matches!(theirs, lock_core::Attempt::Held { .. }),
+        "the pooler's next client took a lock held elsewhere: {theirs:?}"
+    );
+    lock_core::LockBackend::release(&elsewhere, &lease).await?;
+    Ok(())
 }
