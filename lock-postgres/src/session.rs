@@ -129,18 +129,37 @@ impl SessionState {
     /// could still find them taken.
     pub(crate) async fn unlock_all_or_disconnect(&mut self, limit: Duration) {
         debug_assert!(self.ttls.is_empty(), "the session holds leases");
-        let Some(conn) = self.conn.as_mut() else {
+        // Out of the state while the statement runs: a caller dropped meanwhile (a waiter's
+        // acquire is cancellable) drops the connection, never leaves one that may still hold
+        // a lock looking free.
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(conn);
-        match tokio::time::timeout(limit, unlock).await {
-            Ok(Ok(_)) => {
-                self.holds.clear();
-                self.answered_at = Some(Instant::now());
+        // `unlock_all` also gives back the session's alive key (see HOLDER_ALIVE_CLASS), which
+        // other backends' blockers wait on: take it again, after the unlock (a FROM subquery
+        // with a volatile call is run first, never folded into the outer select). The pid
+        // proves the statement ran in this session (an undetected pooler could have run it
+        // in another client's). Simple protocol: no prepare round trip to be cancelled in.
+        let statement = format!(
+            "SELECT pg_try_advisory_lock({HOLDER_ALIVE_CLASS}, s.pid), s.pid FROM \
+             (SELECT pg_advisory_unlock_all(), pg_backend_pid() AS pid) s"
+        );
+        let unlock = sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).fetch_one(&mut conn);
+        let answer = tokio::time::timeout(limit, unlock).await;
+        let alive_again = match answer {
+            Ok(Ok(row)) => {
+                row.try_get::<bool, _>(0).unwrap_or(false)
+                    && row.try_get::<i32, _>(1).ok() == Some(self.pid)
             }
-            _ => {
-                self.disconnect();
-            }
+            _ => false,
+        };
+        if alive_again {
+            self.conn = Some(conn);
+            self.holds.clear();
+            self.answered_at = Some(Instant::now());
+        } else {
+            drop(conn);
+            self.disconnect();
         }
     }
 

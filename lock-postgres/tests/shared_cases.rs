@@ -536,6 +536,7 @@ async fn server_restart_loses_permits_then_recovers() -> Result<()> {
 /// attempt after its function took the session locks: the session is dropped, so the
 /// semaphore is not left occupied by a refused attempt. (A 42501 used to be taken for one
 /// on the limit table, which comes before any lock: the session and its locks were kept.)
+/// The session itself is kept with its locks given back, its alive key taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
     let server = tokio::task::spawn_blocking(PostgresServer::start).await??;
@@ -575,6 +576,25 @@ async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
         Err(lock_core::LockError::InvalidConfig(_)) => {}
         other => bail!("a permit without the sequence right gave {other:?}"),
     }
+    // A session kept after the refusal (its locks given back) still has its alive key, which
+    // other backends' blockers wait on to hear at once when it ends.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?;
+    let without_alive_key: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity a WHERE a.usename = 'runner' \
+         AND a.application_name LIKE '%-holder' AND NOT EXISTS (SELECT 1 FROM pg_locks l \
+         WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+         AND l.classid::int8 = $1 AND l.objid::int8 = a.pid)",
+    )
+    .bind(i64::from(lock_postgres::HOLDER_ALIVE_CLASS))
+    .fetch_one(&pool)
+    .await?;
+    ensure!(
+        without_alive_key == 0,
+        "{without_alive_key} holder session(s) kept after the refusal lost their alive key"
+    );
     // The semaphore's one permit must be free.
     let permit = acquired(
         dba.try_acquire_permits(&key, 1, 1, ttl).await?,
