@@ -72,6 +72,24 @@ impl Default for Config {
     }
 }
 
+/// Whether `name` is in distlock's `DISTLOCK_` namespace without being one of its variables
+/// ([`ENV_VARS`], `DISTLOCK_FENCE` that `distlock run` gives its command, the benchmarks'
+/// `DISTLOCK_BENCH_*`).
+fn is_unknown_variable(name: &str) -> bool {
+    name.starts_with("DISTLOCK_")
+        && !ENV_VARS.contains(&name)
+        && name != "DISTLOCK_FENCE"
+        && !name.starts_with("DISTLOCK_BENCH_")
+}
+
+fn unknown_variable(name: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "unknown environment variable {name} (distlock reads {}; DISTLOCK_FENCE is set by \
+         `distlock run`)",
+        ENV_VARS.join(", ")
+    ))
+}
+
 /// The environment variables [`Config::from_env`] reads, in the order of the table above.
 pub const ENV_VARS: [&str; 6] = [
     "DISTLOCK_URL",
@@ -86,16 +104,21 @@ impl Config {
     /// Reads the `DISTLOCK_*` variables (see the table on [`Config`]); unset ones keep their
     /// defaults. A value that does not parse is [`LockError::InvalidConfig`] naming the
     /// variable and the value.
+    ///
+    /// Any other `DISTLOCK_*` variable (a misspelt `DISTLOCK_TLL` would otherwise leave the
+    /// default TTL in force without a word) is `InvalidConfig` too, except `DISTLOCK_FENCE`,
+    /// which `distlock run` sets for its command, and `DISTLOCK_BENCH_*`, the benchmarks'.
     pub fn from_env() -> Result<Config, LockError> {
-        Self::from_vars(
-            ENV_VARS
-                .iter()
-                .filter_map(|name| std::env::var_os(name).map(|value| (name.to_string(), value))),
-        )
+        Self::from_vars(std::env::vars_os().filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            name.starts_with("DISTLOCK_").then_some((name, value))
+        }))
     }
 
-    /// Like [`from_env`](Self::from_env), from given `(name, value)` pairs (other names are
-    /// ignored), so configuration can be tested without touching the process environment.
+    /// Like [`from_env`](Self::from_env), from given `(name, value)` pairs (names outside the
+    /// `DISTLOCK_` namespace, `DISTLOCK_FENCE` and `DISTLOCK_BENCH_*` are ignored; other
+    /// `DISTLOCK_*` names are refused), so configuration can be tested without touching the
+    /// process environment.
     pub fn from_vars<I, V>(vars: I) -> Result<Config, LockError>
     where
         I: IntoIterator<Item = (String, V)>,
@@ -134,6 +157,7 @@ impl Config {
                         _ => return Err(invalid(&name, text, "not a boolean (true or false)")),
                     };
                 }
+                unknown if is_unknown_variable(unknown) => return Err(unknown_variable(unknown)),
                 _ => {}
             }
         }
@@ -357,6 +381,21 @@ mod tests {
                 other => panic!("{name}={value:?}: expected InvalidConfig, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn unknown_distlock_variables_are_refused() {
+        for name in ["DISTLOCK_TLL", "DISTLOCK_URLS", "DISTLOCK_"] {
+            match vars(&[(name, "5s")]) {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(message.contains(name), "{message}");
+                    assert!(message.contains("DISTLOCK_TTL"), "{message}");
+                }
+                other => panic!("{name}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        // Set by `distlock run` for its command, and the benchmarks' own.
+        vars(&[("DISTLOCK_FENCE", "42"), ("DISTLOCK_BENCH_HELD", "10")]).unwrap();
     }
 
     #[test]

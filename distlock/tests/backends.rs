@@ -198,7 +198,13 @@ fn cli_usage_errors_are_clear() {
     let help = Command::new(exe).args(["run", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(help.status.success(), "{text}");
-    for needed in ["DISTLOCK_URL", "DISTLOCK_TTL", "DISTLOCK_WAIT", "--retries"] {
+    for needed in [
+        "DISTLOCK_URL",
+        "DISTLOCK_TTL",
+        "DISTLOCK_WAIT",
+        "--retries",
+        "DISTLOCK_RETRY_DELAY",
+    ] {
         assert!(
             text.contains(needed),
             "--help does not mention {needed}:\n{text}"
@@ -227,6 +233,26 @@ fn cli_usage_errors_are_clear() {
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nope"));
+    // A misspelt variable, and auto-renew turned off, are usage errors naming them; the
+    // retry delay is read from the environment.
+    for (name, value) in [
+        ("DISTLOCK_TLL", "5s"),
+        ("DISTLOCK_AUTO_RENEW", "false"),
+        ("DISTLOCK_RETRY_DELAY", "soon"),
+    ] {
+        let output = Command::new(exe)
+            .args(["run", "k", "--", "true"])
+            .env_remove("DISTLOCK_URL")
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{name}={value}: {stderr}");
+        assert!(
+            stderr.contains(name) || stderr.contains(value),
+            "{name}={value}: {stderr}"
+        );
+    }
     // Human durations work, and the memory backend runs the command.
     let output = Command::new(exe)
         .args(["run", "--ttl", "2s", "--wait", "100ms", "k", "--", "true"])

@@ -176,46 +176,65 @@ impl std::fmt::Display for RefusalKind {
 }
 
 /// `url` with the password of its user info replaced by `***`, for error messages and logs
-/// (`redis://app:s3cret@h:6379/0` reads `redis://app:***@h:6379/0`). Everything else is kept,
-/// several hosts included; a URL without a password is returned as it is.
+/// (`redis://app:s3cret@h:6379/0` reads `redis://app:***@h:6379/0`), and the value of every
+/// query parameter named `pass` or ending in `password` (`?password=`, `sentinel_password=`)
+/// too. Everything else is kept, several hosts included; a URL without a password is
+/// returned as it is.
+///
+/// The user info ends at the *last* `@`: a password may hold a `/`, `?` or `#` that should
+/// have been percent-encoded, and which a parser would take for the path, query or fragment.
+/// An `@` in a query value then hides what comes before it too: hiding too much beats
+/// showing a password.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL at all (a scheme forgotten): hide whatever comes before an `@`.
         return match url.rsplit_once('@') {
-            Some((_, hosts)) => format!("***@{hosts}"),
-            None => url.to_owned(),
+            Some((_, hosts)) => format!("***@{}", redact_password_parameters(hosts)),
+            None => redact_password_parameters(url),
         };
     };
-    // The user info ends at the last `@` before the query: a password may hold a `/` that
-    // should have been percent-encoded.
-    let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (head, query) = rest.split_at(query_at);
-    let head = match head.rsplit_once('@') {
-        Some((userinfo, hosts)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{hosts}"),
-            None => format!("{userinfo}@{hosts}"),
+    let shown = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{after}"),
+            None => format!("{userinfo}@{after}"),
         },
-        None => head.to_owned(),
+        None => rest.to_owned(),
     };
-    format!("{scheme}://{head}{}", redact_password_parameter(query))
+    format!("{scheme}://{}", redact_password_parameters(&shown))
 }
 
-/// `?…&password=secret&…` with the value hidden (PostgreSQL URLs may carry it there).
-fn redact_password_parameter(query: &str) -> String {
-    let mut out = String::with_capacity(query.len());
-    let mut rest = query;
-    while let Some(at) = rest.find("password=") {
-        let starts_parameter = at == 0 || matches!(rest.as_bytes()[at - 1], b'?' | b'&');
-        let value_at = at + "password=".len();
-        out.push_str(&rest[..value_at]);
-        rest = &rest[value_at..];
-        if starts_parameter {
-            let end = rest.find(['&', '#']).unwrap_or(rest.len());
-            out.push_str("***");
-            rest = &rest[end..];
+/// Whether a query parameter named `name` carries a password.
+fn is_password_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "pass" || name.ends_with("password")
+}
+
+/// `…?a=b&password=secret&…` with the values of password parameters hidden. Every `?`, `&`
+/// and `#` after the first `?` starts a new parameter, so that a value cannot carry a second
+/// query past the check.
+fn redact_password_parameters(text: &str) -> String {
+    let Some(start) = text.find('?') else {
+        return text.to_owned();
+    };
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..=start]);
+    let mut rest = &text[start + 1..];
+    loop {
+        let end = rest.find(['&', '?', '#']).unwrap_or(rest.len());
+        let (parameter, tail) = rest.split_at(end);
+        match parameter.split_once('=') {
+            Some((name, _)) if is_password_parameter(name) => {
+                out.push_str(name);
+                out.push_str("=***");
+            }
+            _ => out.push_str(parameter),
         }
+        let Some(separator) = tail.chars().next() else {
+            break;
+        };
+        out.push(separator);
+        rest = &tail[separator.len_utf8()..];
     }
-    out.push_str(rest);
     out
 }
 
@@ -234,7 +253,25 @@ mod redact_tests {
             ),
             ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
             ("postgres://u@db/x", "postgres://u@db/x"),
-            ("etcd://h:2379/p?a=b@c", "etcd://h:2379/p?a=b@c"),
+            // An `@` in a query value: what precedes it could be user info.
+            ("etcd://h:2379/p?a=b@c", "etcd://h:***@c"),
+            ("etcd://h:2379/p?a=b", "etcd://h:2379/p?a=b"),
+            // Unescaped `#`, `?`, `/` in a password.
+            ("redis://app:pa#ss@h:6379/0", "redis://app:***@h:6379/0"),
+            ("redis://app:pa?ss@h:6379/0", "redis://app:***@h:6379/0"),
+            ("etcd://u:pa#ss@h:2379/p", "etcd://u:***@h:2379/p"),
+            (
+                "redis+sentinel://h:1/m?sentinel_password=s3cret&prefix=x",
+                "redis+sentinel://h:1/m?sentinel_password=***&prefix=x",
+            ),
+            (
+                "redis+unix:///r.sock?db=1&pass=s3cret",
+                "redis+unix:///r.sock?db=1&pass=***",
+            ),
+            (
+                "postgres://db/x?a=1?password=s3cret",
+                "postgres://db/x?a=1?password=***",
+            ),
             ("nope", "nope"),
             ("app:s3cret@h:6379", "***@h:6379"),
             ("redis://u:a/b@h:1/0", "redis://u:***@h:1/0"),

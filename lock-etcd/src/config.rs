@@ -189,9 +189,24 @@ impl EtcdConfig {
             ),
             None => (None, authority),
         };
+        // A password with an unescaped '/' or '?' splits the URL there: what the parse takes
+        // for a host is then part of the password, and must not be echoed.
+        let password_split = matches!(
+            url.split_once("://").and_then(|(_, rest)| rest.rsplit_once('@')),
+            Some((before, _)) if before.contains(['/', '?'])
+        );
         let mut endpoints = Vec::new();
         for host in hosts.split(',') {
-            endpoints.push(parse_endpoint(host).map_err(|why| invalid(&why))?);
+            endpoints.push(parse_endpoint(host).map_err(|why| {
+                if password_split {
+                    invalid(
+                        "a host is not host:port; if the password holds '/', '?' or '#', \
+                         percent-encode them (%2F, %3F, %23)",
+                    )
+                } else {
+                    invalid(&why)
+                }
+            })?);
         }
         // The prefix is taken as written (as before credentials and options existed).
         let prefix = if prefix.is_empty() {
@@ -386,6 +401,20 @@ mod tests {
         };
         assert!(!message.contains("secret"), "{message}");
         assert!(message.contains("app:***@a:1"), "{message}");
+        // Unescaped '/', '?' or '#' in a password: no part of it is shown.
+        for url in [
+            "etcd://u:s3/cret@a:1",
+            "etcd://u:s3?cret@a:1",
+            "etcd://u:s3#cret@a:1",
+        ] {
+            let Err(LockError::InvalidConfig(message)) = EtcdConfig::from_url(url) else {
+                panic!("{url} accepted");
+            };
+            assert!(
+                !message.contains("s3") && !message.contains("cret"),
+                "{url}: {message}"
+            );
+        }
     }
 
     #[test]

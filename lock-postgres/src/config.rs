@@ -104,7 +104,37 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
                 ssl_mode = Some(value.to_string());
                 kept.push((name.to_string(), value.to_string()))
             }
-            _ => kept.push((name.to_string(), value.to_string())),
+            // What sqlx itself reads. It ignores anything else with only a log line, so a
+            // typo (`namespce`, which would put these locks in another namespace than their
+            // peers') or a libpq parameter sqlx does not know (`connect_timeout`,
+            // `target_session_attrs`) is refused rather than silently dropped.
+            "statement-cache-capacity"
+            | "host"
+            | "hostaddr"
+            | "port"
+            | "dbname"
+            | "user"
+            | "password"
+            | "options" => kept.push((name.to_string(), value.to_string())),
+            known if known.starts_with("options[") && known.ends_with(']') => {
+                kept.push((name.to_string(), value.to_string()))
+            }
+            "connect_timeout" => {
+                return Err(LockError::InvalidConfig(
+                    "URL parameter connect_timeout (libpq's, in seconds) is not read here: use \
+                     connect_timeout_ms"
+                        .into(),
+                ));
+            }
+            unknown => {
+                return Err(LockError::InvalidConfig(format!(
+                    "unknown URL parameter {unknown:?} (known: namespace, max_sessions, \
+                     sessions_per_ttl, queue_sessions, op_timeout_ms, probe_timeout_ms, \
+                     connect_timeout_ms, application_name, fence_sequence, sslmode, \
+                     sslrootcert, sslcert, sslkey, statement-cache-capacity, host, hostaddr, \
+                     port, dbname, user, password, options)"
+                )));
+            }
         }
     }
     if system_roots {
@@ -123,8 +153,17 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
     } else {
         parsed.query_pairs_mut().clear().extend_pairs(kept);
     }
-    let options = PgConnectOptions::from_str(parsed.as_str())
+    let mut options = PgConnectOptions::from_str(parsed.as_str())
         .map_err(|error| LockError::InvalidConfig(format!("invalid postgres URL: {error}")))?;
+    // sqlx keeps an IPv6 host in its URL brackets (`[::1]`), which no resolver takes.
+    let host = options.get_host();
+    if let Some(bare) = host
+        .strip_prefix('[')
+        .and_then(|host| host.strip_suffix(']'))
+    {
+        let bare = bare.to_owned();
+        options = options.host(&bare);
+    }
     Ok((options, config))
 }
 
@@ -135,11 +174,19 @@ fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
     if value.trim_start().starts_with("-----BEGIN") {
         return Ok(());
     }
-    std::fs::File::open(value).map(drop).map_err(|error| {
+    let contents = std::fs::read(value).map_err(|error| {
         LockError::InvalidConfig(format!(
             "URL parameter {name}: cannot read {value:?}: {error}"
         ))
-    })
+    })?;
+    // sqlx parses the file only at the first TLS handshake, where garbage would read as a
+    // failed connection: a PEM file has a BEGIN line.
+    if !contents.windows(10).any(|window| window == b"-----BEGIN") {
+        return Err(LockError::InvalidConfig(format!(
+            "URL parameter {name}: {value:?} holds no PEM data (no -----BEGIN line)"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
@@ -172,4 +219,19 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_loses_its_brackets() -> Result<(), LockError> {
+        let (options, _) = parse_url("postgres://u@[::1]:5433/db")?;
+        assert_eq!(options.get_host(), "::1");
+        assert_eq!(options.get_port(), 5433);
+        let (options, _) = parse_url("postgres://u@127.0.0.1:5433/db")?;
+        assert_eq!(options.get_host(), "127.0.0.1");
+        Ok(())
+    }
 }

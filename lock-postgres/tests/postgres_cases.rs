@@ -417,6 +417,11 @@ async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
         "not a url",
         "redis://127.0.0.1/",
         "postgres://127.0.0.1:5432/db?max_sessions=x",
+        // Parameters sqlx would drop with only a log line.
+        "postgres://127.0.0.1:5432/db?namespce=billing",
+        "postgres://127.0.0.1:5432/db?ssl=true",
+        "postgres://127.0.0.1:5432/db?connect_timeout=10",
+        "postgres://127.0.0.1:5432/db?target_session_attrs=read-write",
     ] {
         match lock_postgres::connect(url).await {
             Err(LockError::InvalidConfig(_)) => {}

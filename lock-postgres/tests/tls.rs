@@ -70,11 +70,24 @@ async fn tls_url_without_the_feature_is_invalid_config() -> Result<()> {
 /// `sslrootcert=system` needs `verify-full`: both `InvalidConfig` before any connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_certificate_files_and_weak_system_roots_are_invalid_config() -> Result<()> {
+    let garbage = tempfile::NamedTempFile::new()?;
+    std::fs::write(garbage.path(), "not a certificate\n")?;
+    let directory = tempfile::tempdir()?;
+    let not_a_file = format!(
+        "sslmode=verify-full&sslrootcert={}",
+        directory.path().display()
+    );
+    let not_pem = format!(
+        "sslmode=verify-full&sslrootcert={}",
+        garbage.path().display()
+    );
     let cases = [
         (
             "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
             "sslrootcert",
         ),
+        (not_a_file.as_str(), "sslrootcert"),
+        (not_pem.as_str(), "no PEM data"),
         (
             "sslmode=verify-full&sslcert=/nonexistent/c.crt&sslkey=/nonexistent/c.key",
             "sslcert",

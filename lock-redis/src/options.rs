@@ -131,6 +131,20 @@ pub(crate) struct ParsedUrl {
     pub(crate) options: RedisOptions,
 }
 
+/// Refuses an `@` after a `/`, `?` or `#` (`rest` is the URL after its scheme): either a
+/// password holds one of those unescaped, and the host, database or parameters would be
+/// read out of it (and echoed in errors), or a parameter value holds an `@`. The message
+/// repeats nothing of the URL.
+pub(crate) fn check_userinfo(rest: &str) -> Result<(), &'static str> {
+    match rest.rsplit_once('@') {
+        Some((before, _)) if before.contains(['/', '?', '#']) => Err(
+            "an '@' follows a '/', '?' or '#': percent-encode those in the user name and \
+             password (%2F, %3F, %23) and an '@' in a parameter value (%40)",
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Parses `redis://[user:pass@]host:port[/db][?prefix=…]` or
 /// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` (TLS: `rediss://`,
 /// `redlocks://`, with `tls_ca`, `tls_cert`, `tls_key` and an optional `#insecure`).
@@ -142,6 +156,7 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected redis://host:port/db or redlock://h1:p1,h2:p2,h3:p3/db"))?;
+    check_userinfo(rest).map_err(bad)?;
     let (redlock, node_scheme) = match scheme {
         "redis" | "rediss" => (false, scheme),
         "redis+unix" | "unix" => (false, scheme),
@@ -228,11 +243,28 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
                 "tls_ca" => options.tls.set_ca_file(&value),
                 "tls_cert" => options.tls.set_client_cert_file(&value),
                 "tls_key" => options.tls.set_client_key_file(&value),
-                _ => passthrough.push(format!(
-                    "{}={}",
-                    url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>(),
-                    url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
-                )),
+                // What the redis crate itself reads: `protocol`, and on a socket `db`,
+                // `user` and `pass`. It ignores anything else without a word, so a typo
+                // (`prefx`, which would put these locks in another namespace than their
+                // peers') or a parameter of another client (`tls=true`, `db=3`) is refused.
+                known
+                    if known == "protocol" || (unix && matches!(known, "db" | "user" | "pass")) =>
+                {
+                    passthrough.push(format!(
+                        "{}={}",
+                        url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>(),
+                        url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>()
+                    ))
+                }
+                unknown => {
+                    return Err(bad(&format!(
+                        "unknown parameter {unknown:?} (known: prefix, connect_timeout_ms, \
+                         command_timeout_ms, node_timeout_ms, wait_replicas, wait_timeout_ms, \
+                         tls_ca, tls_cert, tls_key, protocol{}; Sentinel URLs also \
+                         sentinel_username, sentinel_password)",
+                        if unix { ", db, user, pass" } else { "" },
+                    )));
+                }
             }
         }
     }
@@ -324,6 +356,31 @@ mod tests {
         )?;
         assert_eq!(unix.nodes, ["redis+unix:///tmp/r.sock?db=2"]);
         assert_eq!(unix.options.prefix, "u:");
+        let escaped = parse_url(
+            "redis://u:a%2Fb@h:1/0?prefix=a%40b",
+            RedisOptions::default(),
+        )?;
+        assert_eq!(escaped.nodes, ["redis://u:a%2Fb@h:1/0"]);
+        assert_eq!(escaped.options.prefix, "a@b");
+        // No part of a password with an unescaped '/', '?' or '#' reaches the message.
+        for leaky in [
+            "redis://u:s3/cret@h:1/0",
+            "redis://u:s3?cret@h:1/0",
+            "redis://u:s3#cret@h:1/0",
+            "redlock://u:s3/cret@h:1,h:2,h:3/0",
+        ] {
+            match parse_url(leaky, RedisOptions::default()) {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(
+                        !message.contains("cret") && !message.contains("s3"),
+                        "{leaky}: {message}"
+                    )
+                }
+                other => panic!("{leaky}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        let resp3 = parse_url("redis://h:1/0?protocol=resp3", RedisOptions::default())?;
+        assert_eq!(resp3.nodes, ["redis://h:1/0?protocol=resp3"]);
         for bad in [
             "redis//x",
             "http://h:1",
@@ -337,6 +394,16 @@ mod tests {
             "redlock://h1:1,h2:2,h3:3/0?tls_cert=/c.crt&tls_key=/c.key",
             "rediss://h:1/0?tls_cert=/c.crt",
             "rediss://h:1/0#secure",
+            // Parameters the redis crate would ignore without a word.
+            "redis://h:1/0?prefx=billing:",
+            "redis://u:a/b@h:1/0",
+            "redis://u:a?b@h:1/0",
+            "redis://u:a#b@h:1/0",
+            "redis://h:1/0?prefix=a@b",
+            "redis://h:1/0?tls=true",
+            "redis://h:1/?db=3",
+            "redis://h:1/0?password=x",
+            "redlock://h1:1,h2:2,h3:3/0?bogus=1",
         ] {
             assert!(
                 matches!(

@@ -163,6 +163,36 @@ impl<'a> Votes<'a> {
     }
 }
 
+/// Refuses a server listed twice (same host and port, or socket path; databases aside): its
+/// answers would count as several votes, so it alone could make a quorum and its restart
+/// without persistence would let a second holder in: no longer Redlock.
+fn reject_repeated_nodes(urls: &[String]) -> Result<(), LockError> {
+    let mut seen = std::collections::HashSet::new();
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).map_err(|error| {
+            LockError::InvalidConfig(format!(
+                "Redlock node {:?}: {error}",
+                lock_core::redact_url(url)
+            ))
+        })?;
+        let server = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{}:{port}", host.to_ascii_lowercase())
+            }
+            redis::ConnectionAddr::Unix(path) => path.display().to_string(),
+            other => format!("{other}"),
+        };
+        if !seen.insert(server.clone()) {
+            return Err(LockError::InvalidConfig(format!(
+                "Redlock node {server} is listed twice: one server's answers would count as \
+                 several votes toward the quorum; list each independent master once"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl RedlockBackend {
     /// Connects to `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]`.
     pub async fn connect(url: &str) -> Result<Self, LockError> {
@@ -189,6 +219,7 @@ impl RedlockBackend {
                 "Redlock needs at least one node".into(),
             ));
         }
+        reject_repeated_nodes(urls)?;
         let quorum = urls.len() / 2 + 1;
         let inner = Nodes::connect(urls, &options, quorum).await?;
         Ok(RedlockBackend {
@@ -823,5 +854,28 @@ impl LockBackend for RedlockBackend {
         // sound. A semaphore with N > 1 permits is not offered: see the crate README.
         caps.rw_locks = true;
         caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checked before any connection: no server is needed (the ports are never dialled).
+    #[tokio::test]
+    async fn a_node_listed_twice_is_refused() {
+        for url in [
+            "redlock://127.0.0.1:1,127.0.0.1:1,127.0.0.1:2/0",
+            "redlock://Example.COM:7,example.com:7,127.0.0.1:2",
+            "redlock://example.com,example.com:6379,127.0.0.1:2",
+        ] {
+            match RedlockBackend::connect(url).await {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(message.contains("listed twice"), "{url}: {message}")
+                }
+                Err(other) => panic!("{url}: expected InvalidConfig, got {other}"),
+                Ok(_) => panic!("{url}: connected"),
+            }
+        }
     }
 }

@@ -53,6 +53,16 @@ struct SentinelUrl {
     db: i64,
 }
 
+/// `part` escaped for a URL's user info, as the redis crate reads it back (percent-decoding
+/// only: form encoding's `+` for a space would reach the sentinel as a `+`).
+fn userinfo_escape(part: &str) -> String {
+    // Form encoding escapes every byte but `A-Za-z0-9*-._`, and a literal `+` as `%2B`:
+    // each `+` it writes is a space.
+    url::form_urlencoded::byte_serialize(part.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
 /// Parses `redis+sentinel://[user:pass@]h1:p1,h2:p2/<master name>[/db][?…]`.
 fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
     let bad = |why: &str| {
@@ -68,6 +78,7 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
             "expected redis+sentinel://h1:p1,h2:p2,h3:p3/<master name>[/db] (or rediss+sentinel://)",
         ));
     };
+    crate::options::check_userinfo(rest).map_err(bad)?;
     // `#insecure` (TLS without certificate checks) goes to every URL made from this one.
     let (rest, fragment) = match rest.split_once('#') {
         Some((rest, fragment)) => (rest, format!("#{fragment}")),
@@ -143,10 +154,8 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
         (None, None) => String::new(),
         (user, password) => format!(
             "{}:{}@",
-            url::form_urlencoded::byte_serialize(user.as_deref().unwrap_or("").as_bytes())
-                .collect::<String>(),
-            url::form_urlencoded::byte_serialize(password.as_deref().unwrap_or("").as_bytes())
-                .collect::<String>()
+            userinfo_escape(user.as_deref().unwrap_or("")),
+            userinfo_escape(password.as_deref().unwrap_or(""))
         ),
     };
     let scheme = if tls { "rediss" } else { "redis" };
@@ -667,6 +676,16 @@ mod tests {
             format!("{}10.0.0.1:7{}", secure.master_url.0, secure.master_url.1),
             "rediss://10.0.0.1:7/2"
         );
+        // A space in the sentinels' password reaches them as a space.
+        let spaced = parse(
+            "redis+sentinel://h:1/m?sentinel_username=a%2Bb&sentinel_password=p%20w%2Bx",
+            RedisOptions::default(),
+        )?;
+        let client = redis::Client::open(spaced.sentinels[0].as_str())
+            .map_err(|error| LockError::InvalidConfig(error.to_string()))?;
+        let info = client.get_connection_info().redis_settings();
+        assert_eq!(info.username(), Some("a+b"));
+        assert_eq!(info.password(), Some("p w+x"));
         let plain = parse("redis+sentinel://h:1/m", RedisOptions::default())?;
         assert_eq!(plain.db, 0);
         assert_eq!(plain.sentinels, ["redis://h:1"]);
@@ -679,6 +698,8 @@ mod tests {
             "redis+sentinel://h:1/m?wait_timeout_ms=50",
             "redis+sentinel://h:1/m?wait_replicas=0",
             "redis+sentinel://h:1/m?wait_replicas=1&wait_timeout_ms=5000",
+            "redis+sentinel://h:1/m?tls=true",
+            "redis+sentinel://h:1/m?sentinel_pasword=x",
         ] {
             assert!(
                 matches!(

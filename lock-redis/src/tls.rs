@@ -18,15 +18,27 @@ enum Pem {
 impl Pem {
     #[cfg(feature = "tls")]
     fn read(&self, what: &str) -> Result<Vec<u8>, LockError> {
-        match self {
-            Pem::Inline(pem) => Ok(pem.clone()),
+        let pem = match self {
+            Pem::Inline(pem) => pem.clone(),
             Pem::File(path) => std::fs::read(path).map_err(|error| {
                 LockError::InvalidConfig(format!(
                     "redis TLS: cannot read the {what} file {}: {error}",
                     path.display()
                 ))
-            }),
+            })?,
+        };
+        // The redis crate takes a CA file without a certificate in it for an empty trust
+        // store, and every handshake then fails as "certificate not accepted".
+        if !pem.windows(10).any(|window| window == b"-----BEGIN") {
+            let source = match self {
+                Pem::File(path) => format!("the {what} file {}", path.display()),
+                Pem::Inline(_) => format!("the {what} given"),
+            };
+            return Err(LockError::InvalidConfig(format!(
+                "redis TLS: {source} holds no PEM data (no -----BEGIN line)"
+            )));
         }
+        Ok(pem)
     }
 }
 

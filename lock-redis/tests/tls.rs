@@ -12,6 +12,7 @@ use anyhow::{Result, bail, ensure};
 use async_trait::async_trait;
 use conformance_tests::{BackendFactory, ServerFaults};
 use lock_core::{LockBackend, LockError, LockKey, Locker, RefusalKind};
+use lock_harness::TcpProxy;
 use lock_harness::redis::RedisServer;
 use lock_harness::tls::TestPki;
 use lock_redis::{KeyScheme, RedisOptions, RedisTls, RedlockBackend};
@@ -256,8 +257,11 @@ async fn untrusted_server_certificate_is_refused() -> Result<()> {
         within,
     )
     .await?;
+    // Redlock refuses a server listed twice: two more addresses for the same one.
+    let (second, third) = (TcpProxy::start(addr)?, TcpProxy::start(addr)?);
+    let (second, third) = (second.addr(), third.addr());
     expect_refused(
-        &format!("redlocks://{addr},{addr},{addr}/0?connect_timeout_ms=1000"),
+        &format!("redlocks://{addr},{second},{third}/0?connect_timeout_ms=1000"),
         RedisOptions::default().tls(RedisTls::default().ca_pem(pki.other_ca.cert_pem.clone())),
         RefusalKind::Certificate,
         within,
@@ -326,6 +330,9 @@ async fn wrong_password_is_refused_and_not_retried() -> Result<()> {
         tls_params(&pki, &pki.ca.cert_path, false)
     );
     let within = Duration::from_secs(1);
+    // Redlock refuses a server listed twice: two more addresses for the same one.
+    let (second, third) = (TcpProxy::start(addr)?, TcpProxy::start(addr)?);
+    let (second, third) = (second.addr(), third.addr());
     let message = expect_refused(
         &format!("rediss://{USER}:wrong@{addr}/0?{params}"),
         RedisOptions::default(),
@@ -341,7 +348,7 @@ async fn wrong_password_is_refused_and_not_retried() -> Result<()> {
     for url in [
         format!("rediss://nobody:{PASSWORD}@{addr}/0?{params}"),
         format!("rediss://{addr}/0?{params}"),
-        format!("redlocks://{USER}:wrong@{addr},{addr},{addr}/0?{params}"),
+        format!("redlocks://{USER}:wrong@{addr},{second},{third}/0?{params}"),
         format!(
             "redis://:wrong@{}/0?connect_timeout_ms=1000",
             plain.server_addr()
@@ -504,7 +511,16 @@ async fn tls_settings_are_checked() -> Result<()> {
     let pki = TestPki::generate()?;
     let ca = pki.ca.cert_path.display();
     let cert = pki.client.cert_path.display();
+    // A CA file without a certificate in it (the redis crate would make it an empty trust
+    // store and fail every handshake as "certificate not accepted").
+    let garbage = pki.ca.cert_path.with_file_name("not-a-certificate.pem");
+    std::fs::write(&garbage, "not a certificate\n")?;
+    let garbage = garbage.display();
     for (url, options) in [
+        (
+            format!("rediss://127.0.0.1:1/0?tls_ca={garbage}"),
+            RedisOptions::default(),
+        ),
         (
             format!("redis://127.0.0.1:1/0?tls_ca={ca}"),
             RedisOptions::default(),

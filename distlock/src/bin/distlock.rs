@@ -63,6 +63,9 @@ struct RunArgs {
     /// bounds the wait).
     #[arg(long, env = "DISTLOCK_RETRIES")]
     retries: Option<u32>,
+    /// The first pause between attempts (it grows from there); seconds or with a unit.
+    #[arg(long, env = "DISTLOCK_RETRY_DELAY", value_parser = duration)]
+    retry_delay: Option<Duration>,
     /// Run at most N copies at once across every host (a counting semaphore of N permits
     /// named KEY) instead of one. Every runner of KEY must give the same N.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -72,6 +75,37 @@ struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
+}
+
+/// The `DISTLOCK_*` variables the options above do not read: a misspelt one (`DISTLOCK_TLL`)
+/// would leave a default in force without a word, and `DISTLOCK_AUTO_RENEW=false` cannot
+/// apply to a lock held while a command runs. `DISTLOCK_FENCE` (set by an outer `distlock
+/// run`) and the benchmarks' `DISTLOCK_BENCH_*` are left alone.
+fn check_environment() -> Result<(), String> {
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("DISTLOCK_")
+            || name == "DISTLOCK_FENCE"
+            || name.starts_with("DISTLOCK_BENCH_")
+        {
+            continue;
+        }
+        if name == "DISTLOCK_AUTO_RENEW" {
+            let value = value.to_string_lossy().trim().to_ascii_lowercase();
+            if !matches!(value.as_str(), "1" | "true" | "yes" | "on") {
+                return Err(format!(
+                    "DISTLOCK_AUTO_RENEW={value:?}: `distlock run` always renews the lock while \
+                     the command runs; unset it for this command"
+                ));
+            }
+        } else if !distlock::ENV_VARS.contains(&name) {
+            return Err(format!(
+                "unknown environment variable {name} (distlock reads {})",
+                distlock::ENV_VARS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A bare number is seconds (as the first versions of this tool took); otherwise a duration
@@ -94,6 +128,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Err(why) = check_environment() {
+        eprintln!("distlock: {why}");
+        return ExitCode::from(64);
+    }
     let Command::Run(args) = cli.command;
     match run(args).await {
         Ok(code) => code,
@@ -129,6 +167,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut request = request.ttl(args.ttl).wait(args.wait);
     if let Some(retries) = args.retries {
         request = request.retries(retries);
+    }
+    if let Some(delay) = args.retry_delay {
+        request = request.retry_delay(delay);
     }
     let guard = request.acquire().await?;
     // Before the command starts: a signal from then on is passed on, never fatal to us.
