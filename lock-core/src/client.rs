@@ -398,13 +398,19 @@ where
         return Err(guard.into_lost_error());
     }
     let outcome = {
-        let lost = guard.lost_signal();
-        let work = work(&guard);
-        tokio::select! {
-            biased;
-            _ = lost => None,
-            output = work => Some(output),
-        }
+        let mut lost = std::pin::pin!(guard.lost_signal());
+        let mut work = std::pin::pin!(work(&guard));
+        // The deadline is checked before every poll of the work, not left to the lost signal
+        // alone: that comes from the watchdog's timer, which a busy runtime handles late (a
+        // current-thread runtime whose tasks keep waking each other polls its timers only
+        // every few dozen polls), and the work must not run past it meanwhile.
+        std::future::poll_fn(|cx| {
+            if lost.as_mut().poll(cx).is_ready() || Instant::now() >= guard.stop_at() {
+                return std::task::Poll::Ready(None);
+            }
+            work.as_mut().poll(cx).map(Some)
+        })
+        .await
     };
     match outcome {
         None => Err(guard.into_lost_error()),
@@ -420,6 +426,8 @@ where
 /// What [`supervise`] needs of a guard (one key or several).
 pub(crate) trait Supervised {
     fn is_lost(&self) -> bool;
+    /// When the work must stop: the lost signal's deadline for the current lease(s).
+    fn stop_at(&self) -> Instant;
     fn lost_signal(&self) -> tokio_util::sync::WaitForCancellationFutureOwned;
     /// Drops the guard (releasing in the background) and says why it was lost.
     fn into_lost_error(self) -> LockError;
@@ -429,6 +437,9 @@ pub(crate) trait Supervised {
 impl Supervised for LockGuard {
     fn is_lost(&self) -> bool {
         LockGuard::is_lost(self)
+    }
+    fn stop_at(&self) -> Instant {
+        self.lost_deadline()
     }
     fn lost_signal(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.lost()

@@ -136,6 +136,14 @@ impl LockGuard {
         self.watched.guard.lease().valid_until()
     }
 
+    /// When the lost signal fires unless a renewal is confirmed first (the current lease's
+    /// deadline less [`crate::lost_margin`]).
+    pub(crate) fn lost_deadline(&self) -> Instant {
+        self.watched
+            .guard
+            .with_lease(crate::watchdog::lost_deadline)
+    }
+
     /// Whether the lock is lost (signal fired, or validity deadline passed).
     pub fn is_lost(&self) -> bool {
         self.watched.guard.lost_token().is_cancelled() || self.watched.guard.lease().is_expired()

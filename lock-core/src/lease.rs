@@ -254,13 +254,27 @@ impl Lease {
     }
 
     /// Until when the holder may act, unless renewed.
+    ///
+    /// A lease whose request was sent before the machine was suspended (see
+    /// [`Lease::voided_by_suspension`]) is valid until its sending: already over.
     pub fn valid_until(&self) -> Instant {
+        if self.voided_by_suspension() {
+            return self.sent_at.min(self.valid_until);
+        }
         self.valid_until
+    }
+
+    /// Whether the machine was found suspended after this lease's request was sent (Linux:
+    /// `CLOCK_BOOTTIME` ran ahead of `CLOCK_MONOTONIC`, which `Instant` reads and which stops
+    /// during suspension). The server's clock ran on meanwhile, so nothing local tells how
+    /// much of the lease is left: it counts as expired.
+    pub fn voided_by_suspension(&self) -> bool {
+        crate::suspend::suspended_since(self.sent_at)
     }
 
     /// Whether the local validity deadline has passed.
     pub fn is_expired(&self) -> bool {
-        Instant::now() >= self.valid_until
+        Instant::now() >= self.valid_until()
     }
 
     /// Backend-private data attached with [`Lease::with_backend_data`], if it has type `T`.

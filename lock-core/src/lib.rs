@@ -34,6 +34,7 @@ mod memory;
 mod multi;
 mod releases;
 mod retry;
+mod suspend;
 mod telemetry;
 mod watchdog;
 
@@ -50,6 +51,8 @@ pub use memory::{MemoryBackend, check_permits, limit_mismatch};
 pub use multi::{MultiGuard, MultiLockRequest};
 pub use releases::{ReleaseHub, Releases, Wake};
 pub use retry::{Backoff, Delays};
+#[doc(hidden)]
+pub use suspend::simulate_suspension;
 pub use watchdog::lost_margin;
 
 pub use async_trait::async_trait;

@@ -349,6 +349,13 @@ impl Supervised for MultiGuard {
     fn is_lost(&self) -> bool {
         MultiGuard::is_lost(self)
     }
+    fn stop_at(&self) -> Instant {
+        self.guards
+            .iter()
+            .map(LockGuard::lost_deadline)
+            .min()
+            .unwrap_or_else(Instant::now)
+    }
     fn lost_signal(&self) -> WaitForCancellationFutureOwned {
         self.lost()
     }

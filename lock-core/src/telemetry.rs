@@ -11,7 +11,7 @@
 //! | `distlock_late_grants_total` | counter | backend | grants that came back too late to use and were given back |
 //! | `distlock_renewals_total` | counter | backend, outcome = `renewed`, `failed`, `lost`, `timeout` | renew calls by the watchdog |
 //! | `distlock_renewal_seconds` | histogram (s) | backend | latency of renew calls that answered |
-//! | `distlock_losses_total` | counter | backend, reason = `renew_refused`, `renew_unconfirmed`, `renew_timeout`, `deadline`, `backend_signal` | locks lost while held |
+//! | `distlock_losses_total` | counter | backend, reason = `renew_refused`, `renew_unconfirmed`, `renew_timeout`, `deadline`, `suspended`, `backend_signal` | locks lost while held |
 //! | `distlock_releases_total` | counter | backend, outcome = `released`, `not_ours`, `error`, how = `explicit`, `drop`, `late_grant` (a grant that came too late, given back) | releases |
 //! | `distlock_held_locks` | gauge | backend | guards alive now |
 

@@ -78,6 +78,10 @@ struct State {
     /// One task per runtime that has queued a guard, each woken through its own `Notify`
     /// (see [`Watchdog::schedule`]).
     tasks: HashMap<runtime::Id, Task>,
+    /// Whether the suspension watch knows this watchdog (see [`crate::suspend`]).
+    watching_suspension: bool,
+    /// How many host suspensions had been found when the task last looked.
+    suspensions_seen: u64,
 }
 
 impl State {
@@ -113,6 +117,15 @@ fn renew_ahead(watched: &Watched) -> Duration {
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
+}
+
+impl crate::suspend::SuspensionWake for Shared {
+    /// Every queued guard was sent before the suspension: the tasks look at once.
+    fn woken_by_suspension(&self) {
+        let mut state = lock(&self.state);
+        state.planned_wake = None;
+        state.wake_tasks();
+    }
 }
 
 /// A runtime's watchdog task and its wake-up.
@@ -169,6 +182,13 @@ impl Watchdog {
         if watched.guard.is_stopped() {
             return;
         }
+        // Registered after our lock is dropped: finding a suspension wakes watchdogs, which
+        // takes their locks.
+        let register = !state.watching_suspension;
+        if register {
+            state.watching_suspension = true;
+            state.suspensions_seen = crate::suspend::suspensions();
+        }
         let key = (due, state.next_seq);
         state.next_seq += 1;
         state.queue.insert(key, watched.clone());
@@ -197,6 +217,11 @@ impl Watchdog {
                 let handle = runtime.spawn(run(self.clone(), wake.clone()));
                 state.tasks.insert(id, Task { handle, wake });
             }
+        }
+        drop(state);
+        if register {
+            let shared: Arc<dyn crate::suspend::SuspensionWake> = self.shared.clone();
+            crate::suspend::watch_for_suspension(Arc::downgrade(&shared));
         }
     }
 
@@ -229,6 +254,18 @@ impl Watchdog {
         state.looks += 1;
         let now = Instant::now();
         let mut due = Vec::new();
+        // After a host suspension every queued lease may have run out on the server: all are
+        // attended now (each is found void and told it is lost, or renewed if it was sent
+        // after the suspension).
+        let suspensions = crate::suspend::suspensions();
+        if suspensions != state.suspensions_seen {
+            state.suspensions_seen = suspensions;
+            while let Some(entry) = state.queue.first_entry() {
+                let watched = entry.remove();
+                *lock(&watched.slot) = None;
+                due.push(watched);
+            }
+        }
         while let Some(entry) = state.queue.first_entry() {
             let (due_at, watched) = (entry.key().0, entry.get());
             // Past due, or a renewal close enough to go with the ones past due. Only
@@ -324,6 +361,15 @@ impl Drop for Attending {
 async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
     let state = &watched.guard;
     let lease = state.lease();
+    if lease.voided_by_suspension() {
+        watched.lose(
+            "suspended",
+            "the machine was suspended while the lock was held: the lease may have run out on \
+             the server meanwhile"
+                .into(),
+        );
+        return;
+    }
     let lost_at = lost_deadline(&lease);
     if !watched.auto_renew {
         if Instant::now() >= lost_at {

@@ -49,6 +49,9 @@ struct Held {
     lease_id: i64,
     /// The TTL etcd granted (whole seconds, at least the requested TTL).
     granted: Duration,
+    /// Whose lease this is: a lease copied under another owner (`Lease::with_owner`) shares
+    /// this record but must never revoke the etcd lease.
+    owner: OwnerToken,
 }
 
 struct Inner {
@@ -469,6 +472,7 @@ fn lease_for(
         entry,
         lease_id,
         granted,
+        owner,
     })))
 }
 
@@ -989,16 +993,31 @@ impl LockBackend for EtcdBackend {
                 Some(GetOptions::new().with_keys_only()),
             )]);
         let mut tries = 0_usize;
-        let client = self.inner.connection.client().await?;
-        let answer = self
-            .inner
-            .call("release txn", || {
-                tries += 1;
-                let mut kv = client.kv_client();
-                let release = release.clone();
-                async move { kv.txn(release).await }
-            })
-            .await?;
+        let attempt = async {
+            let client = self.inner.connection.client().await?;
+            self.inner
+                .call("release txn", || {
+                    tries += 1;
+                    let mut kv = client.kv_client();
+                    let release = release.clone();
+                    async move { kv.txn(release).await }
+                })
+                .await
+        };
+        let answer = match attempt.await {
+            Ok(answer) => answer,
+            Err(error) => {
+                // No answer (a silent member, an election longer than the request timeout):
+                // the entry would stay until the lease's TTL ran out, blocking every waiter.
+                // Revoking our own lease ends the entry with it, and the revoke keeps
+                // retrying in the background. Never for a lease copied under another owner:
+                // that etcd lease is someone else's hold.
+                if held.owner == lease.owner() {
+                    drop(RevokeOnDrop::new(&self.inner, held.lease_id));
+                }
+                return Err(error);
+            }
+        };
         if !answer.succeeded() {
             let retried = tries > 1;
             let entry_gone = range_answer(&answer, 0).is_empty();

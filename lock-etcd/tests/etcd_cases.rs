@@ -682,3 +682,48 @@ async fn queued_lease_is_handed_out_with_a_fresh_validity() -> Result<()> {
     );
     Ok(())
 }
+
+/// A release that gets no answer (a silent member, an election longer than the request
+/// timeout) used to return its error and leave the entry until the lease's TTL ran out,
+/// blocking every waiter for up to the whole TTL. The backend now revokes its own lease in
+/// the background (retrying until the member answers again), which ends the entry with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_without_an_answer_frees_the_lock_soon_after() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = factory.backend().await?;
+    let other = direct_backend(&factory).await?;
+    let key = LockKey::new("unanswered-release")?;
+    let ttl = Duration::from_secs(60);
+    let lock_core::Attempt::Acquired(lease) = holder.try_acquire(&key, ttl).await? else {
+        bail!("the first try did not acquire");
+    };
+    let proxy = factory.cluster.members()[0].proxy();
+    proxy.blackhole();
+    let started = Instant::now();
+    let released = timeout(Duration::from_secs(20), holder.release(&lease))
+        .await
+        .context("release hung past 20 s")?;
+    ensure!(
+        released.is_err(),
+        "a release through a silent member answered: {released:?}"
+    );
+    println!("release failed after {:?}: {released:?}", started.elapsed());
+    proxy.heal();
+    // The lock is free well before its 60 s TTL.
+    let freed = Instant::now() + Duration::from_secs(15);
+    loop {
+        match other.try_acquire(&key, Duration::from_secs(5)).await? {
+            lock_core::Attempt::Acquired(next) => {
+                other.release(&next).await?;
+                break;
+            }
+            lock_core::Attempt::Held { .. } => ensure!(
+                Instant::now() < freed,
+                "the lock stayed held 15 s after the failed release was followed by a healed \
+                 link (its TTL is {ttl:?})"
+            ),
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

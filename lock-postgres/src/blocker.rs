@@ -400,7 +400,6 @@ impl Inner {
         let timeout = self.config.connect_timeout;
         let work = async {
             let mut fresh = options.connect().await?;
-            discard_leftovers(&mut fresh).await?;
             let settings = format!(
                 // statement_timeout 0: a role's shorter one would end each wait early and
                 // turn the blocker into a busy loop of pg_locks scans.
@@ -409,9 +408,7 @@ impl Inner {
                 idle_connection_settings(),
                 BLOCKER_LOCK_TIMEOUT.as_millis()
             );
-            sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
-                .execute(&mut fresh)
-                .await?;
+            first_settings(&mut fresh, &settings).await?;
             Ok::<_, sqlx::Error>(fresh)
         };
         tokio::time::timeout(timeout, work)

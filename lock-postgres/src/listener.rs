@@ -57,13 +57,7 @@ async fn connect_listener_now(
         .max_lifetime(None)
         // Also when the listener reconnects.
         .after_connect(|conn, _| {
-            Box::pin(async move {
-                discard_leftovers(conn).await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
-            })
+            Box::pin(async move { first_settings(conn, &idle_connection_settings()).await })
         })
         .connect_with(options)
         .await?;
@@ -255,10 +249,7 @@ async fn open_waiter_session(
 ) -> Result<PgConnection, LockError> {
     let work = async {
         let mut fresh = options.connect().await?;
-        discard_leftovers(&mut fresh).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(idle_connection_settings()))
-            .execute(&mut fresh)
-            .await?;
+        first_settings(&mut fresh, &idle_connection_settings()).await?;
         Ok::<_, sqlx::Error>(fresh)
     };
     timeout_at(deadline, work)

@@ -3,26 +3,29 @@
 
 use super::*;
 
-/// Gives back what a previous client left on this server session. A pooler that puts server
-/// connections back without resetting them (PgBouncer in session mode with an empty
-/// `server_reset_query`; its default, `DISCARD ALL`, resets them) hands the next client the
-/// advisory locks its last client held when it disconnected, and its prepared statements.
-/// Kept, such a lock could be taken by nobody else while this connection lives, and our own
-/// acquire of its key would succeed without excluding anyone. Every connection the backend
-/// opens runs this first (simple query protocol: sqlx's prepared statements would collide
-/// with the leftovers); a clean session costs one round trip, a used one also a warning and
-/// `DISCARD ALL`.
-pub(crate) async fn discard_leftovers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let row = sqlx::raw_sql(
-        "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-         AND pid = pg_backend_pid()), (SELECT count(*) FROM pg_prepared_statements)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    let locks: i64 = row.try_get(0)?;
-    let prepared: i64 = row.try_get(1)?;
+/// The columns that count what a previous client left on this server session: its advisory
+/// locks and prepared statements (append to a first statement's select list, so that a clean
+/// session costs no round trip of its own).
+pub(crate) const LEFTOVER_COUNTS: &str = "(SELECT count(*) FROM pg_locks WHERE locktype = \
+     'advisory' AND pid = pg_backend_pid()), (SELECT count(*) FROM pg_prepared_statements)";
+
+/// Whether a session's first answer (`row`, with [`LEFTOVER_COUNTS`] from column `first`)
+/// shows leftovers, after which the caller runs `DISCARD ALL` ([`discard_leftovers`]) and
+/// its settings again.
+///
+/// A pooler that puts server connections back without resetting them (PgBouncer in session
+/// mode with an empty `server_reset_query`; its default, `DISCARD ALL`, resets them) hands the
+/// next client the advisory locks its last client held when it disconnected, and its prepared
+/// statements. Kept, such a lock could be taken by nobody else while this connection lives,
+/// and our own acquire of its key would succeed without excluding anyone.
+pub(crate) fn has_leftovers(
+    row: &sqlx::postgres::PgRow,
+    first: usize,
+) -> Result<bool, sqlx::Error> {
+    let locks: i64 = row.try_get(first)?;
+    let prepared: i64 = row.try_get(first + 1)?;
     if locks == 0 && prepared == 0 {
-        return Ok(());
+        return Ok(false);
     }
     tracing::warn!(
         locks,
@@ -32,7 +35,32 @@ pub(crate) async fn discard_leftovers(conn: &mut PgConnection) -> Result<(), sql
          without resetting them (PgBouncer: set server_reset_query to DISCARD ALL, its \
          default); discarding them"
     );
+    Ok(true)
+}
+
+/// `DISCARD ALL`: gives back every session lock and prepared statement, resets settings.
+pub(crate) async fn discard_leftovers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("DISCARD ALL").execute(conn).await?;
+    Ok(())
+}
+
+/// Runs `settings` (a `SELECT` of `set_config` calls, simple protocol) as a connection's first
+/// statement, with the leftover check in the same round trip; on a session that came with
+/// leftovers, discards them and runs `settings` again.
+pub(crate) async fn first_settings(
+    conn: &mut PgConnection,
+    settings: &str,
+) -> Result<(), sqlx::Error> {
+    let checked = format!("SELECT {LEFTOVER_COUNTS} FROM ({settings}) AS settings");
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(checked))
+        .fetch_one(&mut *conn)
+        .await?;
+    if has_leftovers(&row, 0)? {
+        discard_leftovers(conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(settings.to_owned()))
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 

@@ -297,18 +297,25 @@ impl Inner {
             .application_name(&format!("{}-holder", self.config.application_name));
         let work = async {
             let mut conn = options.connect().await?;
-            discard_leftovers(&mut conn).await?;
             // `synchronous_commit = off` (server, database or role setting) would let a
             // fence's WAL sit unflushed after its answer: a crash then hands it out again. A
             // session-level setting outranks those, also after a configuration reload; other
             // values (local, remote_write, on, remote_apply) all flush locally and are kept.
-            let first: i32 = sqlx::query_scalar(
-                "SELECT pg_backend_pid() FROM (SELECT set_config('idle_session_timeout', '0', \
-                 false), set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
-                 WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)) s",
-            )
+            // Simple protocol: a session a pooler handed on unreset may hold prepared
+            // statements whose names sqlx's would collide with (see `has_leftovers`).
+            let settings = "SELECT set_config('idle_session_timeout', '0', false), \
+                 set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
+                 WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)";
+            let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_backend_pid(), {LEFTOVER_COUNTS} FROM ({settings}) s"
+            )))
             .fetch_one(&mut conn)
             .await?;
+            let first: i32 = row.try_get(0)?;
+            if has_leftovers(&row, 1)? {
+                discard_leftovers(&mut conn).await?;
+                sqlx::raw_sql(settings).execute(&mut conn).await?;
+            }
             let second = backend_pid(&mut conn).await?;
             if first == second {
                 // The session's alive key (see HOLDER_ALIVE_CLASS): other backends' blockers
