@@ -203,10 +203,11 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{}", redact_password_parameters(&shown))
 }
 
-/// Whether a query parameter named `name` carries a password.
+/// Whether a query parameter named `name` carries a password (a name with a percent escape
+/// may spell one: hidden too).
 fn is_password_parameter(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    name == "pass" || name.ends_with("password")
+    name == "pass" || name.ends_with("password") || name.contains('%')
 }
 
 /// `…?a=b&password=secret&…` with the values of password parameters hidden. Every `?`, `&`
@@ -220,7 +221,13 @@ fn redact_password_parameters(text: &str) -> String {
     out.push_str(&text[..=start]);
     let mut rest = &text[start + 1..];
     loop {
-        let end = rest.find(['&', '?', '#']).unwrap_or(rest.len());
+        let mut end = rest.find(['&', '?', '#']).unwrap_or(rest.len());
+        // A password's value runs to the next '&': an unescaped '?' or '#' may be part of it.
+        if let Some((name, _)) = rest[..end].split_once('=')
+            && is_password_parameter(name)
+        {
+            end = rest.find('&').unwrap_or(rest.len());
+        }
         let (parameter, tail) = rest.split_at(end);
         match parameter.split_once('=') {
             Some((name, _)) if is_password_parameter(name) => {
@@ -271,6 +278,14 @@ mod redact_tests {
             (
                 "postgres://db/x?a=1?password=s3cret",
                 "postgres://db/x?a=1?password=***",
+            ),
+            (
+                "postgres://db/x?password=s3#cret&a=1",
+                "postgres://db/x?password=***&a=1",
+            ),
+            (
+                "postgres://db/x?pass%77ord=s3cret",
+                "postgres://db/x?pass%77ord=***",
             ),
             ("nope", "nope"),
             ("app:s3cret@h:6379", "***@h:6379"),

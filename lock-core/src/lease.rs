@@ -293,7 +293,7 @@ impl fmt::Debug for Lease {
             .field("ttl", &self.ttl)
             .field(
                 "valid_for",
-                &self.valid_until.saturating_duration_since(Instant::now()),
+                &self.valid_until().saturating_duration_since(Instant::now()),
             )
             .finish()
     }

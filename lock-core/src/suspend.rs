@@ -51,26 +51,46 @@ fn since_anchor(at: Instant) -> u64 {
 }
 
 #[cfg(target_os = "linux")]
-fn clock_ns(clock: nix::time::ClockId) -> i64 {
-    // Both clocks exist on every Linux since 2.6.39; a failure reads 0, and the bounds then
-    // never show a suspension.
-    nix::time::clock_gettime(clock).map_or(0, |now| {
-        now.tv_sec()
+fn clock_ns(clock: nix::time::ClockId) -> Option<i64> {
+    // Both clocks exist on every Linux since 2.6.39; a failed read makes no sample.
+    let now = nix::time::clock_gettime(clock).ok()?;
+    // `i64::from`: the fields are 32-bit on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    Some(
+        i64::from(now.tv_sec())
             .saturating_mul(1_000_000_000)
-            .saturating_add(now.tv_nsec())
-    })
+            .saturating_add(i64::from(now.tv_nsec())),
+    )
 }
+
+/// A sample whose two monotonic reads lie further apart than this (the thread was preempted
+/// between them) is taken again: its upper bound would raise the baseline for good and hide
+/// later, shorter suspensions.
+#[cfg(target_os = "linux")]
+const TIGHT_NS: i64 = 50_000;
 
 /// Bounds of `CLOCK_BOOTTIME - CLOCK_MONOTONIC` now (monotonic read before and after the
 /// boot-time clock), plus any simulated suspension.
 #[cfg(target_os = "linux")]
 fn gap_bounds() -> Option<(i64, i64)> {
     use nix::time::ClockId;
-    let before = clock_ns(ClockId::CLOCK_MONOTONIC);
-    let boot = clock_ns(ClockId::CLOCK_BOOTTIME);
-    let after = clock_ns(ClockId::CLOCK_MONOTONIC);
     let simulated = SIMULATED_NS.load(Ordering::Relaxed);
-    Some((boot - after + simulated, boot - before + simulated))
+    let mut tries = 0;
+    loop {
+        let before = clock_ns(ClockId::CLOCK_MONOTONIC)?;
+        let boot = clock_ns(ClockId::CLOCK_BOOTTIME)?;
+        let after = clock_ns(ClockId::CLOCK_MONOTONIC)?;
+        tries += 1;
+        if after - before <= TIGHT_NS || tries == 3 {
+            if after - before > TIGHT_NS {
+                return None;
+            }
+            return Some((
+                boot.saturating_sub(after).saturating_add(simulated),
+                boot.saturating_sub(before).saturating_add(simulated),
+            ));
+        }
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -85,10 +105,19 @@ fn sample() {
     let Some((lower, upper)) = gap_bounds() else {
         return;
     };
-    let previous = LAST_GAP_UPPER.fetch_max(upper, Ordering::AcqRel);
-    if previous != i64::MIN && lower.saturating_sub(previous) > TOLERANCE_NS {
+    let previous = LAST_GAP_UPPER.load(Ordering::Acquire);
+    // The finding is published before the baseline moves: a look at a lease between the two
+    // must not take the new baseline for "no suspension".
+    let found = previous != i64::MIN && lower.saturating_sub(previous) > TOLERANCE_NS;
+    if found {
         SUSPENSION_FOUND_AT.fetch_max(since_anchor(Instant::now()), Ordering::AcqRel);
         SUSPENSIONS.fetch_add(1, Ordering::AcqRel);
+    }
+    // Written only when it grows (the common sample writes nothing shared).
+    if upper > previous {
+        LAST_GAP_UPPER.fetch_max(upper, Ordering::AcqRel);
+    }
+    if found {
         tracing::warn!(
             asleep = ?Duration::from_nanos(u64::try_from(lower - previous).unwrap_or(0)),
             "the machine was suspended: leases sent before count as expired"

@@ -117,6 +117,9 @@ fn renew_ahead(watched: &Watched) -> Duration {
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
+    /// Woken when a host suspension is found: renewals in flight and retry pauses, timed on
+    /// the clock that stood still, look again at once.
+    suspended: Notify,
 }
 
 impl crate::suspend::SuspensionWake for Shared {
@@ -125,6 +128,8 @@ impl crate::suspend::SuspensionWake for Shared {
         let mut state = lock(&self.state);
         state.planned_wake = None;
         state.wake_tasks();
+        drop(state);
+        self.suspended.notify_waiters();
     }
 }
 
@@ -361,13 +366,16 @@ impl Drop for Attending {
 async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
     let state = &watched.guard;
     let lease = state.lease();
-    if lease.voided_by_suspension() {
+    let lose_to_suspension = || {
         watched.lose(
             "suspended",
             "the machine was suspended while the lock was held: the lease may have run out on \
              the server meanwhile"
                 .into(),
-        );
+        )
+    };
+    if lease.voided_by_suspension() {
+        lose_to_suspension();
         return;
     }
     let lost_at = lost_deadline(&lease);
@@ -396,6 +404,12 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
             // would keep a key alive for a holder that was told to stop.
             return;
         }
+        // Made before the look below, so a suspension found after it still wakes the waits.
+        let suspension = watchdog.shared.suspended.notified();
+        if lease.voided_by_suspension() {
+            lose_to_suspension();
+            return;
+        }
         if Instant::now() >= lost_at {
             watched.lose(
                 "renew_unconfirmed",
@@ -406,6 +420,8 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
         let sent = Instant::now();
         let renewal = tokio::select! {
             _ = state.stopped() => return,
+            // `lost_at` is on the clock that stood still: look again.
+            _ = suspension => continue,
             renewal = timeout_at(lost_at, watched.backend.renew(&lease, ttl)) => renewal,
         };
         let backend = watched.backend.name();
@@ -435,7 +451,15 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
             Ok(Err(error)) => {
                 telemetry::renewal(backend, "failed", took);
                 tracing::debug!(key = %lease.key(), %error, "renew failed; retrying");
-                sleep_until((Instant::now() + retry_delay).min(lost_at)).await;
+                let suspension = watchdog.shared.suspended.notified();
+                if lease.voided_by_suspension() {
+                    lose_to_suspension();
+                    return;
+                }
+                tokio::select! {
+                    _ = sleep_until((Instant::now() + retry_delay).min(lost_at)) => {}
+                    _ = suspension => {}
+                }
                 retry_delay = (retry_delay * 2).min((granted / 10).max(Duration::from_millis(5)));
             }
         }

@@ -7,7 +7,12 @@
 //! clock does not: a lease with 20 s left locally may have run out on the server long ago and
 //! the lock may have a new holder.
 
-use lock_core::{Lease, LockKey, Locker, MemoryBackend, OwnerToken, simulate_suspension};
+use lock_core::{
+    Attempt, Capabilities, Lease, LockBackend, LockError, LockKey, Locker, MemoryBackend,
+    OwnerToken, simulate_suspension,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::{Instant, timeout};
 
@@ -23,6 +28,19 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
         .acquire()
         .await
         .unwrap();
+    // A guard whose renewal is in flight (it hangs) when the machine sleeps: its wait is timed
+    // on the clock that stood still.
+    let hanging = Arc::new(HangingRenewals {
+        inner: MemoryBackend::new(),
+        hang: AtomicBool::new(false),
+    });
+    let hung = Locker::from_arc(hanging.clone())
+        .lock("renewal-in-flight")
+        .ttl(Duration::from_secs(6))
+        .acquire()
+        .await
+        .unwrap();
+    hanging.hang.store(true, Ordering::SeqCst);
     let work = {
         let locker = locker.clone();
         tokio::spawn(async move {
@@ -41,8 +59,10 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
         ttl,
         Instant::now(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!renewed.is_lost() && !unrenewed.is_lost());
+    // Its renewal (due at TTL/3 = 2 s) is in flight; without the suspension it would be cut
+    // off at its lost deadline, 5.7 s after the acquire.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert!(!renewed.is_lost() && !unrenewed.is_lost() && !hung.is_lost());
 
     simulate_suspension(Duration::from_secs(60));
     let woke = Instant::now();
@@ -56,7 +76,7 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
     assert!(in_flight.is_expired() && in_flight.voided_by_suspension());
     // ...and lost() fires within about the sampling period, not at the next renewal (10 s
     // away on the stopped clock) or the deadline (30 s).
-    for guard in [&renewed, &unrenewed] {
+    for guard in [&renewed, &unrenewed, &hung] {
         timeout(Duration::from_secs(2), guard.lost())
             .await
             .expect("lost() did not fire after the suspension");
@@ -82,4 +102,30 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
         !after.is_lost(),
         "a lease taken after the suspension was voided"
     );
+}
+
+/// The memory backend, with renewals that hang once `hang` is set.
+#[derive(Debug)]
+struct HangingRenewals {
+    inner: MemoryBackend,
+    hang: AtomicBool,
+}
+
+#[lock_core::async_trait]
+impl LockBackend for HangingRenewals {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        self.inner.try_acquire(key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        self.inner.release(lease).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
 }

@@ -172,6 +172,15 @@ impl EtcdConfig {
         if rest.contains('#') {
             return Err(invalid("fragments are not supported"));
         }
+        // An '@' after a '/' or '?': a password holding one of those unescaped (the parse
+        // would take part of it for an endpoint, the key prefix or an option, and echo it),
+        // or an '@' in the prefix or an option. Refused without repeating the URL's parts.
+        if matches!(rest.rsplit_once('@'), Some((before, _)) if before.contains(['/', '?'])) {
+            return Err(invalid(
+                "an '@' follows a '/' or '?': percent-encode '/', '?' and '#' in the user name \
+                 and password (%2F, %3F, %23); a key prefix or option cannot hold an '@'",
+            ));
+        }
         let (rest, query) = match rest.split_once('?') {
             Some((rest, query)) => (rest, Some(query)),
             None => (rest, None),
@@ -189,24 +198,9 @@ impl EtcdConfig {
             ),
             None => (None, authority),
         };
-        // A password with an unescaped '/' or '?' splits the URL there: what the parse takes
-        // for a host is then part of the password, and must not be echoed.
-        let password_split = matches!(
-            url.split_once("://").and_then(|(_, rest)| rest.rsplit_once('@')),
-            Some((before, _)) if before.contains(['/', '?'])
-        );
         let mut endpoints = Vec::new();
         for host in hosts.split(',') {
-            endpoints.push(parse_endpoint(host).map_err(|why| {
-                if password_split {
-                    invalid(
-                        "a host is not host:port; if the password holds '/', '?' or '#', \
-                         percent-encode them (%2F, %3F, %23)",
-                    )
-                } else {
-                    invalid(&why)
-                }
-            })?);
+            endpoints.push(parse_endpoint(host).map_err(|why| invalid(&why))?);
         }
         // The prefix is taken as written (as before credentials and options existed).
         let prefix = if prefix.is_empty() {
@@ -406,6 +400,8 @@ mod tests {
             "etcd://u:s3/cret@a:1",
             "etcd://u:s3?cret@a:1",
             "etcd://u:s3#cret@a:1",
+            "etcd://root:2024/s3cret@h:2379",
+            "etcd://u:s3?x=cret@a:1",
         ] {
             let Err(LockError::InvalidConfig(message)) = EtcdConfig::from_url(url) else {
                 panic!("{url} accepted");

@@ -163,6 +163,9 @@ impl SessionState {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        // Both outcomes clear them; cleared now, a caller cancelled during the statement
+        // leaves no hold counted on a session without a connection.
+        self.holds.clear();
         // `unlock_all` also gives back the session's alive key (see HOLDER_ALIVE_CLASS), which
         // other backends' blockers wait on: take it again, after the unlock (a FROM subquery
         // with a volatile call is run first, never folded into the outer select). The pid
@@ -449,7 +452,8 @@ impl Inner {
         let (conn, pid, timeout_set_ms) = match spare {
             Some((conn, pid, _)) => (conn, pid, SPARE_IDLE_TIMEOUT.as_millis() as u64),
             None => {
-                let (conn, pid) = self.open_session(deadline).await?;
+                // Setup's pooler probe passed on this URL: a session is a client's own.
+                let (conn, pid, _) = self.open_session(deadline, true).await?;
                 (conn, pid, 0)
             }
         };

@@ -10,18 +10,52 @@ const POOLER_PROBE_PATIENCE: Duration = Duration::from_millis(500);
 /// long without a statement (the waiter and listener sessions' [`IDLE_CONNECTION_TIMEOUT`]).
 pub(crate) const SPARE_IDLE_TIMEOUT: Duration = IDLE_CONNECTION_TIMEOUT;
 
+/// A holder session's settings. `synchronous_commit = off` (server, database or role setting)
+/// would let a fence's WAL sit unflushed after its answer: a crash then hands it out again. A
+/// session-level setting outranks those, also after a configuration reload; other values
+/// (local, remote_write, on, remote_apply) all flush locally and are kept.
+/// `idle_session_timeout` is off until a lock is held. Simple protocol (see `has_leftovers`).
+const HOLDER_SETTINGS: &str = "SELECT set_config('idle_session_timeout', '0', false), \
+     set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
+     WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)";
+
+/// Takes the session's alive key (see HOLDER_ALIVE_CLASS): other backends' blockers wait on it
+/// to hear at once when the server ends this session. Simple protocol, like the probes (a
+/// pooler's shared prepared statements). A try, never a wait: a waiter mark or a blocker's
+/// leftover request on the same pair must not stall this connect; without the key, blockers
+/// just see a session without one and leave its waiters to NOTIFY and backoff.
+async fn take_alive_key(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_try_advisory_lock({HOLDER_ALIVE_CLASS}, pg_backend_pid())"
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 impl Inner {
     /// Checks the server with a throw-away connection (version 14+, no transaction pooler) and
     /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
     pub(crate) async fn setup(&self) -> Result<Oid, LockError> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let (mut conn, pid) = self.open_session(deadline).await?;
+        let (mut conn, pid, leftovers) = self.open_session(deadline, false).await?;
         let checks = async {
             // The pooler check first: the statements after it use named prepared statements,
             // which a transaction pooler breaks with errors that would not name it.
             // (The version needs no query of its own: `open_session` sets
             // idle_session_timeout, which a server before 14 does not know.)
             self.check_no_pooler(&mut conn, pid).await?;
+            // No transaction pooler: the session is ours alone and can be cleaned.
+            if leftovers {
+                let cleaned = async {
+                    discard_leftovers(&mut conn).await?;
+                    sqlx::raw_sql(HOLDER_SETTINGS).execute(&mut conn).await?;
+                    take_alive_key(&mut conn).await
+                };
+                cleaned
+                    .await
+                    .map_err(|error| map_error("cleaning a session a pooler handed on", error))?;
+            }
             self.fence_sequence(&mut conn).await
         };
         let fence = match timeout_at(deadline, checks).await {
@@ -287,50 +321,41 @@ impl Inner {
     /// Opens a holder-style connection: checks that session state survives between
     /// transactions (it does not behind a transaction-pooling PgBouncer) and turns
     /// `idle_session_timeout` off until a lock is held.
+    ///
+    /// A session that came with an earlier client's advisory locks or prepared statements
+    /// (see [`has_leftovers`]) is cleaned with `DISCARD ALL` when `discard` is set. `setup`
+    /// passes false and cleans only after its pooler probe: behind a transaction pooler the
+    /// server connection is shared, and wiping its state would break other clients' (the
+    /// pooler's own prepared statements); the third value says it is still to be done.
     pub(crate) async fn open_session(
         &self,
         deadline: Instant,
-    ) -> Result<(PgConnection, i32), LockError> {
+        discard: bool,
+    ) -> Result<(PgConnection, i32, bool), LockError> {
         let options = self
             .options
             .clone()
             .application_name(&format!("{}-holder", self.config.application_name));
         let work = async {
             let mut conn = options.connect().await?;
-            // `synchronous_commit = off` (server, database or role setting) would let a
-            // fence's WAL sit unflushed after its answer: a crash then hands it out again. A
-            // session-level setting outranks those, also after a configuration reload; other
-            // values (local, remote_write, on, remote_apply) all flush locally and are kept.
-            // Simple protocol: a session a pooler handed on unreset may hold prepared
-            // statements whose names sqlx's would collide with (see `has_leftovers`).
-            let settings = "SELECT set_config('idle_session_timeout', '0', false), \
-                 set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
-                 WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)";
+            // Settings and the leftover counts in one round trip.
             let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "SELECT pg_backend_pid(), {LEFTOVER_COUNTS} FROM ({settings}) s"
+                "SELECT pg_backend_pid(), {LEFTOVER_COUNTS} FROM ({HOLDER_SETTINGS}) s"
             )))
             .fetch_one(&mut conn)
             .await?;
             let first: i32 = row.try_get(0)?;
-            if has_leftovers(&row, 1)? {
-                discard_leftovers(&mut conn).await?;
-                sqlx::raw_sql(settings).execute(&mut conn).await?;
-            }
+            let mut leftovers = has_leftovers(&row, 1)?;
             let second = backend_pid(&mut conn).await?;
             if first == second {
-                // The session's alive key (see HOLDER_ALIVE_CLASS): other backends' blockers
-                // wait on it to hear at once when the server ends this session. Simple
-                // protocol, like the probes (a pooler's shared prepared statements). A try,
-                // never a wait: a waiter mark or a blocker's leftover request on the same
-                // pair must not stall this connect; without the key, blockers just see a
-                // session without one and leave its waiters to NOTIFY and backoff.
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "SELECT pg_try_advisory_lock({HOLDER_ALIVE_CLASS}, pg_backend_pid())"
-                )))
-                .execute(&mut conn)
-                .await?;
+                if leftovers && discard {
+                    discard_leftovers(&mut conn).await?;
+                    sqlx::raw_sql(HOLDER_SETTINGS).execute(&mut conn).await?;
+                    leftovers = false;
+                }
+                take_alive_key(&mut conn).await?;
             }
-            Ok::<_, sqlx::Error>((conn, first, second))
+            Ok::<_, sqlx::Error>((conn, first, second, leftovers))
         };
         match timeout_at(deadline, work).await {
             Err(_) => Err(timed_out(
@@ -350,11 +375,11 @@ impl Inner {
             }
             Ok(Err(error)) if is_pooler_error(&error) => Err(pooler_refusal(&error.to_string())),
             Ok(Err(error)) => Err(connect_error("connecting to postgres", &options, error)),
-            Ok(Ok((_, first, second))) if first != second => Err(pooler_refusal(&format!(
+            Ok(Ok((_, first, second, _))) if first != second => Err(pooler_refusal(&format!(
                 "two statements on one connection ran in different server sessions (pid \
                  {first}, then {second})"
             ))),
-            Ok(Ok((conn, first, _))) => Ok((conn, first)),
+            Ok(Ok((conn, first, _, leftovers))) => Ok((conn, first, leftovers)),
         }
     }
 }
