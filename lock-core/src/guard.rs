@@ -162,12 +162,14 @@ impl LockGuard {
     /// A future that resolves when the lock is lost. It is `'static`: move it into a task or a
     /// `select!`.
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        self.watchdog.attend_from_current_runtime();
         self.watched.guard.lost_token().clone().cancelled_owned()
     }
 
     /// A token cancelled when the lock is lost (a child of the guard's own token, so
     /// cancelling it does not fire the guard's signal).
     pub fn lost_token(&self) -> CancellationToken {
+        self.watchdog.attend_from_current_runtime();
         self.watched.guard.lost_token().child_token()
     }
 

@@ -208,8 +208,17 @@ impl Watchdog {
             // on, and this guard was neither renewed nor told it was lost.
             state.wake_tasks();
         }
-        // A task on this runtime too, if it has none (or its task ended with an earlier
-        // shutdown of a runtime that had the same id).
+        self.ensure_task(&mut state);
+        drop(state);
+        if register {
+            let shared: Arc<dyn crate::suspend::SuspensionWake> = self.shared.clone();
+            crate::suspend::watch_for_suspension(Arc::downgrade(&shared));
+        }
+    }
+
+    /// A task on the current runtime, if it has none (or its task ended with an earlier
+    /// shutdown of a runtime that had the same id).
+    fn ensure_task(&self, state: &mut State) {
         if let Ok(runtime) = Handle::try_current() {
             let id = runtime.id();
             if state
@@ -223,10 +232,25 @@ impl Watchdog {
                 state.tasks.insert(id, Task { handle, wake });
             }
         }
-        drop(state);
-        if register {
-            let shared: Arc<dyn crate::suspend::SuspensionWake> = self.shared.clone();
-            crate::suspend::watch_for_suspension(Arc::downgrade(&shared));
+    }
+
+    /// Makes sure the runtime the caller runs on has a watchdog task, woken now when it is
+    /// new. Called by whoever waits for a guard's lost signal: the guard may have come from
+    /// a runtime that is alive but no longer driven (a current-thread runtime after its
+    /// `block_on` returned), whose task would renew it and fire the signal never; the task
+    /// here does both.
+    pub(crate) fn attend_from_current_runtime(&self) {
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        let mut state = lock(&self.shared.state);
+        let running = state
+            .tasks
+            .get(&runtime.id())
+            .is_some_and(|task| !task.handle.is_finished());
+        if !running {
+            // The new task looks at the whole queue when it starts.
+            self.ensure_task(&mut state);
         }
     }
 
