@@ -203,6 +203,14 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{}", redact_password_parameters(&shown))
 }
 
+/// Whether `bytes` look like PEM (a `-----BEGIN ` line somewhere): the check every backend
+/// makes of a certificate or key file when its URL is read, since the TLS libraries read such
+/// files only at the first handshake, where garbage looks like a refused connection or an
+/// empty trust store.
+pub fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|window| window == b"-----BEGIN ")
+}
+
 /// Whether a query parameter named `name` carries a password (a name with a percent escape
 /// may spell one: hidden too).
 fn is_password_parameter(name: &str) -> bool {

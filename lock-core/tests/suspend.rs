@@ -33,6 +33,7 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
     let hanging = Arc::new(HangingRenewals {
         inner: MemoryBackend::new(),
         hang: AtomicBool::new(false),
+        renewing: tokio::sync::Notify::new(),
     });
     let hung = Locker::from_arc(hanging.clone())
         .lock("renewal-in-flight")
@@ -61,7 +62,9 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
     );
     // Its renewal (due at TTL/3 = 2 s) is in flight; without the suspension it would be cut
     // off at its lost deadline, 5.7 s after the acquire.
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    timeout(Duration::from_secs(5), hanging.renewing.notified())
+        .await
+        .expect("the hanging guard's renewal was never sent");
     assert!(!renewed.is_lost() && !unrenewed.is_lost() && !hung.is_lost());
 
     simulate_suspension(Duration::from_secs(60));
@@ -109,6 +112,8 @@ async fn leases_sent_before_a_suspension_count_as_expired() {
 struct HangingRenewals {
     inner: MemoryBackend,
     hang: AtomicBool,
+    /// Told when a renewal starts hanging.
+    renewing: tokio::sync::Notify,
 }
 
 #[lock_core::async_trait]
@@ -118,6 +123,7 @@ impl LockBackend for HangingRenewals {
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
         if self.hang.load(Ordering::SeqCst) {
+            self.renewing.notify_one();
             std::future::pending::<()>().await;
         }
         self.inner.renew(lease, ttl).await

@@ -101,7 +101,7 @@ fn read_pem(path: &std::path::Path, option: &str) -> Result<Vec<u8>, LockError> 
     let pem = std::fs::read(path).map_err(|error| {
         LockError::InvalidConfig(format!("etcd {option}= file {}: {error}", path.display()))
     })?;
-    if !pem.windows(11).any(|window| window == b"-----BEGIN ") {
+    if !lock_core::looks_like_pem(&pem) {
         return Err(LockError::InvalidConfig(format!(
             "etcd {option}= file {} is not PEM (no -----BEGIN line)",
             path.display()

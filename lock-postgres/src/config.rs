@@ -181,7 +181,7 @@ fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
     })?;
     // sqlx parses the file only at the first TLS handshake, where garbage would read as a
     // failed connection: a PEM file has a BEGIN line.
-    if !contents.windows(10).any(|window| window == b"-----BEGIN") {
+    if !lock_core::looks_like_pem(&contents) {
         return Err(LockError::InvalidConfig(format!(
             "URL parameter {name}: {value:?} holds no PEM data (no -----BEGIN line)"
         )));

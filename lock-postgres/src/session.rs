@@ -186,7 +186,6 @@ impl SessionState {
         };
         if alive_again {
             self.conn = Some(conn);
-            self.holds.clear();
             self.answered_at = Some(Instant::now());
         } else {
             drop(conn);

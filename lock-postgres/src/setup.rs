@@ -33,6 +33,14 @@ async fn take_alive_key(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// A holder session that came with leftovers, cleaned: `DISCARD ALL` (which also resets its
+/// settings and gives back its alive key), then both again.
+async fn clean_holder_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    discard_leftovers(conn).await?;
+    sqlx::raw_sql(HOLDER_SETTINGS).execute(&mut *conn).await?;
+    take_alive_key(conn).await
+}
+
 impl Inner {
     /// Checks the server with a throw-away connection (version 14+, no transaction pooler) and
     /// finds the fence sequence, creating it if missing. Returns the sequence's OID.
@@ -47,12 +55,7 @@ impl Inner {
             self.check_no_pooler(&mut conn, pid).await?;
             // No transaction pooler: the session is ours alone and can be cleaned.
             if leftovers {
-                let cleaned = async {
-                    discard_leftovers(&mut conn).await?;
-                    sqlx::raw_sql(HOLDER_SETTINGS).execute(&mut conn).await?;
-                    take_alive_key(&mut conn).await
-                };
-                cleaned
+                clean_holder_session(&mut conn)
                     .await
                     .map_err(|error| map_error("cleaning a session a pooler handed on", error))?;
             }
@@ -349,11 +352,11 @@ impl Inner {
             let second = backend_pid(&mut conn).await?;
             if first == second {
                 if leftovers && discard {
-                    discard_leftovers(&mut conn).await?;
-                    sqlx::raw_sql(HOLDER_SETTINGS).execute(&mut conn).await?;
+                    clean_holder_session(&mut conn).await?;
                     leftovers = false;
+                } else {
+                    take_alive_key(&mut conn).await?;
                 }
-                take_alive_key(&mut conn).await?;
             }
             Ok::<_, sqlx::Error>((conn, first, second, leftovers))
         };

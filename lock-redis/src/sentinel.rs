@@ -56,11 +56,7 @@ struct SentinelUrl {
 /// `part` escaped for a URL's user info, as the redis crate reads it back (percent-decoding
 /// only: form encoding's `+` for a space would reach the sentinel as a `+`).
 fn userinfo_escape(part: &str) -> String {
-    // Form encoding escapes every byte but `A-Za-z0-9*-._`, and a literal `+` as `%2B`:
-    // each `+` it writes is a space.
-    url::form_urlencoded::byte_serialize(part.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
+    percent_encoding::utf8_percent_encode(part, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// Parses `redis+sentinel://[user:pass@]h1:p1,h2:p2/<master name>[/db][?…]`.

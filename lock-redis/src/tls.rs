@@ -29,7 +29,7 @@ impl Pem {
         };
         // The redis crate takes a CA file without a certificate in it for an empty trust
         // store, and every handshake then fails as "certificate not accepted".
-        if !pem.windows(10).any(|window| window == b"-----BEGIN") {
+        if !lock_core::looks_like_pem(&pem) {
             let source = match self {
                 Pem::File(path) => format!("the {what} file {}", path.display()),
                 Pem::Inline(_) => format!("the {what} given"),

@@ -77,33 +77,31 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-/// The `DISTLOCK_*` variables the options above do not read: a misspelt one (`DISTLOCK_TLL`)
-/// would leave a default in force without a word, and `DISTLOCK_AUTO_RENEW=false` cannot
-/// apply to a lock held while a command runs. `DISTLOCK_FENCE` (set by an outer `distlock
-/// run`) and the benchmarks' `DISTLOCK_BENCH_*` are left alone.
-fn check_environment() -> Result<(), String> {
-    for (name, value) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if !name.starts_with("DISTLOCK_")
-            || name == "DISTLOCK_FENCE"
-            || name.starts_with("DISTLOCK_BENCH_")
-        {
-            continue;
-        }
-        if name == "DISTLOCK_AUTO_RENEW" {
-            let value = value.to_string_lossy().trim().to_ascii_lowercase();
-            if !matches!(value.as_str(), "1" | "true" | "yes" | "on") {
-                return Err(format!(
-                    "DISTLOCK_AUTO_RENEW={value:?}: `distlock run` always renews the lock while \
-                     the command runs; unset it for this command"
-                ));
-            }
-        } else if !distlock::ENV_VARS.contains(&name) {
-            return Err(format!(
-                "unknown environment variable {name} (distlock reads {})",
-                distlock::ENV_VARS.join(", ")
-            ));
-        }
+/// The `DISTLOCK_*` variables the options above read themselves (a bare number is seconds
+/// here, while the library refuses it as ambiguous).
+const READ_BY_OPTIONS: [&str; 5] = [
+    "DISTLOCK_URL",
+    "DISTLOCK_TTL",
+    "DISTLOCK_WAIT",
+    "DISTLOCK_RETRIES",
+    "DISTLOCK_RETRY_DELAY",
+];
+
+/// The other `DISTLOCK_*` variables, read as the library reads them: a misspelt one
+/// (`DISTLOCK_TLL`) is refused rather than leaving a default in force without a word, and
+/// `DISTLOCK_AUTO_RENEW=false` cannot apply to a lock held while a command runs.
+fn check_environment() -> Result<(), LockError> {
+    let others = std::env::vars_os().filter_map(|(name, value)| {
+        let name = name.into_string().ok()?;
+        (name.starts_with("DISTLOCK_") && !READ_BY_OPTIONS.contains(&name.as_str()))
+            .then_some((name, value))
+    });
+    if !distlock::Config::from_vars(others)?.auto_renew {
+        return Err(LockError::InvalidConfig(
+            "DISTLOCK_AUTO_RENEW is false: `distlock run` always renews the lock while the \
+             command runs; unset it for this command"
+                .into(),
+        ));
     }
     Ok(())
 }
