@@ -580,8 +580,11 @@ async fn wait_loop(
             .next()
             .unwrap_or(options.backoff.max);
         let mut until = now + step;
-        if let Some(remaining) = expires_in {
-            until = until.min(now + remaining + Duration::from_millis(1));
+        // A backend may answer `Duration::MAX` for a holder without expiry.
+        if let Some(free_at) = expires_in.and_then(|remaining| {
+            now.checked_add(remaining.saturating_add(Duration::from_millis(1)))
+        }) {
+            until = until.min(free_at);
         }
         let until = until.min(deadline);
         if let Some(releases) = releases.as_mut() {

@@ -19,7 +19,7 @@ const BACKGROUND_BOUND: Duration = Duration::from_secs(10);
 
 /// The process's background runtime: one worker thread, started on first use, never shut
 /// down (it lives as long as the process, as a global executor does).
-fn background() -> Option<&'static tokio::runtime::Handle> {
+pub(crate) fn background() -> Option<&'static tokio::runtime::Handle> {
     static BACKGROUND: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
     BACKGROUND
         .get_or_init(|| {

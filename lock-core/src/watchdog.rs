@@ -17,7 +17,7 @@
 use crate::guard::GuardState;
 use crate::telemetry;
 use crate::{Lease, LockBackend};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::runtime::{self, Handle};
@@ -64,9 +64,19 @@ impl Watched {
 
 type QueueKey = (Instant, u64);
 
+/// A guard in the queue.
+#[derive(Debug)]
+struct Entry {
+    watched: Arc<Watched>,
+    /// Left at the guard's lost deadline while a task attends it. The attending task may
+    /// stop being driven mid-renewal (a current-thread runtime whose `block_on` returned):
+    /// the task of any runtime then still takes the guard by its deadline and tells it.
+    backstop: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    queue: BTreeMap<QueueKey, Arc<Watched>>,
+    queue: BTreeMap<QueueKey, Entry>,
     next_seq: u64,
     /// When the task plans to wake next (`None`: only on notification).
     planned_wake: Option<Instant>,
@@ -80,6 +90,8 @@ struct State {
     tasks: HashMap<runtime::Id, Task>,
     /// Whether the suspension watch knows this watchdog (see [`crate::suspend`]).
     watching_suspension: bool,
+    /// Runtimes built without timers: their guards are watched from the background runtime.
+    untimed: HashSet<runtime::Id>,
     /// How many host suspensions had been found when the task last looked.
     suspensions_seen: u64,
 }
@@ -196,9 +208,18 @@ impl Watchdog {
         }
         let key = (due, state.next_seq);
         state.next_seq += 1;
-        state.queue.insert(key, watched.clone());
+        state.queue.insert(
+            key,
+            Entry {
+                watched: watched.clone(),
+                backstop: false,
+            },
+        );
         state.queued_since_wake = true;
-        *lock(&watched.slot) = Some(key);
+        // Replaces a backstop left while the guard was attended (see [`Entry::backstop`]).
+        if let Some(old) = lock(&watched.slot).replace(key) {
+            state.queue.remove(&old);
+        }
         if state.planned_wake.is_none_or(|planned| due < planned) {
             state.planned_wake = Some(due);
             // Every runtime's task, each through its own `Notify` (a waiting task is woken, one
@@ -217,20 +238,24 @@ impl Watchdog {
     }
 
     /// A task on the current runtime, if it has none (or its task ended with an earlier
-    /// shutdown of a runtime that had the same id).
+    /// shutdown of a runtime that had the same id). Outside any Tokio runtime (another
+    /// executor), or on one built without timers, where the task could not sleep, the task
+    /// runs on the process's background runtime instead: a guard is watched wherever it was
+    /// acquired.
     fn ensure_task(&self, state: &mut State) {
-        if let Ok(runtime) = Handle::try_current() {
-            let id = runtime.id();
-            if state
-                .tasks
-                .get(&id)
-                .is_none_or(|task| task.handle.is_finished())
-            {
-                state.tasks.retain(|_, task| !task.handle.is_finished());
-                let wake = Arc::new(Notify::new());
-                let handle = runtime.spawn(run(self.clone(), wake.clone()));
-                state.tasks.insert(id, Task { handle, wake });
-            }
+        let Some(runtime) = task_runtime(state) else {
+            return;
+        };
+        let id = runtime.id();
+        if state
+            .tasks
+            .get(&id)
+            .is_none_or(|task| task.handle.is_finished())
+        {
+            state.tasks.retain(|_, task| !task.handle.is_finished());
+            let wake = Arc::new(Notify::new());
+            let handle = runtime.spawn(run(self.clone(), wake.clone()));
+            state.tasks.insert(id, Task { handle, wake });
         }
     }
 
@@ -240,17 +265,16 @@ impl Watchdog {
     /// `block_on` returned), whose task would renew it and fire the signal never; the task
     /// here does both.
     pub(crate) fn attend_from_current_runtime(&self) {
-        let Ok(runtime) = Handle::try_current() else {
-            return;
-        };
         let mut state = lock(&self.shared.state);
-        let running = state
-            .tasks
-            .get(&runtime.id())
-            .is_some_and(|task| !task.handle.is_finished());
-        if !running {
-            // The new task looks at the whole queue when it starts.
-            self.ensure_task(&mut state);
+        // The new task (if one is needed) looks at the whole queue when it starts.
+        self.ensure_task(&mut state);
+    }
+
+    /// Takes the guard's entry (a backstop) out of the queue: it was told it is lost.
+    fn unqueue(&self, watched: &Watched) {
+        let mut state = lock(&self.shared.state);
+        if let Some(key) = lock(&watched.slot).take() {
+            state.queue.remove(&key);
         }
     }
 
@@ -287,25 +311,39 @@ impl Watchdog {
         // attended now (each is found void and told it is lost, or renewed if it was sent
         // after the suspension).
         let suspensions = crate::suspend::suspensions();
-        if suspensions != state.suspensions_seen {
-            state.suspensions_seen = suspensions;
-            while let Some(entry) = state.queue.first_entry() {
-                let watched = entry.remove();
-                *lock(&watched.slot) = None;
-                due.push(watched);
-            }
-        }
+        let take_all = suspensions != state.suspensions_seen;
+        state.suspensions_seen = suspensions;
+        let mut taken = Vec::new();
         while let Some(entry) = state.queue.first_entry() {
-            let (due_at, watched) = (entry.key().0, entry.get());
+            let (due_at, queued) = (entry.key().0, entry.get());
             // Past due, or a renewal close enough to go with the ones past due. Only
-            // renewals: a deadline (auto-renew off) is never taken early.
-            let gathered =
-                !due.is_empty() && watched.auto_renew && due_at <= now + renew_ahead(watched);
-            if due_at > now && !gathered {
+            // renewals: a deadline (auto-renew off) or a backstop is never taken early.
+            let gathered = !taken.is_empty()
+                && !queued.backstop
+                && queued.watched.auto_renew
+                && due_at <= now + renew_ahead(&queued.watched);
+            if !take_all && due_at > now && !gathered {
                 break;
             }
-            let watched = entry.remove();
-            *lock(&watched.slot) = None;
+            taken.push(entry.remove().watched);
+        }
+        for watched in taken {
+            let mut slot = lock(&watched.slot);
+            *slot = None;
+            let lost_at = watched.guard.with_lease(lost_deadline);
+            if lost_at > now && !watched.guard.is_stopped() {
+                let key = (lost_at, state.next_seq);
+                state.next_seq += 1;
+                state.queue.insert(
+                    key,
+                    Entry {
+                        watched: watched.clone(),
+                        backstop: true,
+                    },
+                );
+                *slot = Some(key);
+            }
+            drop(slot);
             due.push(watched);
         }
         let mut next = state.queue.keys().next().map(|key| key.0);
@@ -315,6 +353,37 @@ impl Watchdog {
         state.queued_since_wake = false;
         state.planned_wake = next;
         (due, next)
+    }
+}
+
+/// The runtime a watchdog task for the caller's context runs on: the current one, or the
+/// background runtime outside Tokio or on a runtime without timers (found once per runtime:
+/// making a timer there panics, which Tokio reports with what to enable).
+fn task_runtime(state: &mut State) -> Option<Handle> {
+    let Ok(current) = Handle::try_current() else {
+        return crate::detached::background().cloned();
+    };
+    let id = current.id();
+    if state.untimed.contains(&id) {
+        return crate::detached::background().cloned();
+    }
+    if state
+        .tasks
+        .get(&id)
+        .is_some_and(|task| !task.handle.is_finished())
+    {
+        return Some(current);
+    }
+    let timed = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
+    if timed {
+        Some(current)
+    } else {
+        tracing::warn!(
+            "this Tokio runtime has no timers (enable_time or enable_all): distlock watches its \
+             guards from a background runtime"
+        );
+        state.untimed.insert(id);
+        crate::detached::background().cloned()
     }
 }
 
@@ -344,7 +413,14 @@ async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
     loop {
         let (due, next) = watchdog.take_due();
         for watched in due {
-            tokio::spawn(attend(watchdog.clone(), watched));
+            // Built before the spawn: a task dropped unpolled (its runtime shutting down)
+            // still puts the guard back.
+            let attending = Attending {
+                watchdog: watchdog.clone(),
+                watched,
+                done: false,
+            };
+            tokio::spawn(attending.run());
         }
         // A notification that arrived after take_due is kept as a permit, so none is missed.
         match next {
@@ -359,24 +435,26 @@ async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
     }
 }
 
-/// One due guard: renew it (retrying errors until the lost deadline, cutting off a hung call
-/// there) and queue it again, or fire its lost signal.
-async fn attend(watchdog: Watchdog, watched: Arc<Watched>) {
-    let mut attending = Attending {
-        watchdog,
-        watched,
-        done: false,
-    };
-    attend_once(&attending.watchdog, &attending.watched).await;
-    attending.done = true;
-}
-
-/// Rescues the guard if its attendance is dropped before it finished: the runtime running it
-/// shut down mid-renewal.
+/// One due guard. Rescues the guard if its attendance is dropped before it finished: the
+/// runtime running it shut down mid-renewal, or before it ever ran.
 struct Attending {
     watchdog: Watchdog,
     watched: Arc<Watched>,
     done: bool,
+}
+
+impl Attending {
+    /// Renews the guard (retrying errors until the lost deadline, cutting off a hung call
+    /// there) and queues it again, or fires its lost signal.
+    async fn run(mut self) {
+        attend_once(&self.watchdog, &self.watched).await;
+        self.done = true;
+        let guard = &self.watched.guard;
+        if guard.is_stopped() || guard.lost_token().is_cancelled() {
+            // Nothing more to do for it: its backstop goes too.
+            self.watchdog.unqueue(&self.watched);
+        }
+    }
 }
 
 impl Drop for Attending {

@@ -4,7 +4,9 @@
 //! `lost()` (only `is_lost()` turned true at the deadline). Waiting for `lost()` now starts a
 //! watchdog task on the waiter's runtime, which renews the guard (or fires its signal).
 
-use lock_core::{Locker, MemoryBackend};
+use lock_core::{
+    Attempt, Capabilities, Lease, LockBackend, LockError, LockKey, Locker, MemoryBackend,
+};
 use std::time::Duration;
 
 #[test]
@@ -38,4 +40,156 @@ fn a_guard_watched_from_another_runtime_is_renewed_there() {
         );
     });
     drop(acquiring);
+}
+
+/// The memory backend, with renewals that take `renew_delay` to answer.
+#[derive(Debug)]
+struct SlowRenewals {
+    inner: MemoryBackend,
+    renew_delay: Duration,
+}
+
+#[lock_core::async_trait]
+impl LockBackend for SlowRenewals {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        self.inner.try_acquire(key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        tokio::time::sleep(self.renew_delay).await;
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        self.inner.release(lease).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// The renewal is in flight on the acquiring current-thread runtime when its `block_on`
+/// returns: that runtime never finishes it. The guard was out of the watchdog's queue while
+/// attended, so the task another runtime starts for `lost()` did not see it: never renewed,
+/// never told, while another holder took the key.
+#[test]
+fn a_renewal_stranded_on_an_undriven_runtime_still_ends_in_a_signal() {
+    let memory = MemoryBackend::new();
+    let backend = SlowRenewals {
+        inner: memory.clone(),
+        renew_delay: Duration::from_millis(300),
+    };
+    let locker = Locker::new(backend);
+    let acquiring = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ttl = Duration::from_millis(600);
+    let guard = acquiring
+        .block_on(locker.lock("stranded").ttl(ttl).acquire())
+        .unwrap();
+    // Renewal due at ttl/3 = 200 ms, answered at ~500 ms: in flight at 250 ms, when the
+    // acquiring runtime stops being driven.
+    acquiring.block_on(async { tokio::time::sleep(Duration::from_millis(250)).await });
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    other.block_on(async {
+        let waited = tokio::time::timeout(ttl * 3, guard.lost()).await;
+        let contender = Locker::new(memory.clone());
+        let taken = contender.lock("stranded").try_acquire().await.unwrap();
+        assert!(
+            waited.is_ok() || taken.is_none(),
+            "another holder took the key while lost() never fired (is_lost: {})",
+            guard.is_lost()
+        );
+    });
+    drop(acquiring);
+}
+
+/// A runtime built without timers: the watchdog's task there could not sleep (Tokio panics
+/// in it), so the guard was neither renewed nor told, and the key went to another holder.
+#[test]
+fn a_guard_from_a_runtime_without_timers_is_still_watched() {
+    let memory = MemoryBackend::new();
+    let locker = Locker::new(memory.clone());
+    let no_timers = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ttl = Duration::from_millis(300);
+    let guard = no_timers
+        .block_on(locker.lock("untimed").ttl(ttl).acquire())
+        .unwrap();
+    std::thread::sleep(ttl * 3);
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let taken = other.block_on(async {
+        let contender = Locker::new(memory.clone());
+        contender.lock("untimed").try_acquire().await.unwrap()
+    });
+    assert!(
+        guard.is_lost() || taken.is_none(),
+        "another holder took the key of a guard that was neither renewed nor lost"
+    );
+    assert!(
+        taken.is_none(),
+        "the guard was not renewed: {:?}",
+        guard.lost_reason()
+    );
+    drop(no_timers);
+}
+
+/// Outside any Tokio runtime (another executor) the guard is renewed too.
+#[test]
+fn a_guard_acquired_outside_tokio_is_renewed() {
+    let memory = MemoryBackend::new();
+    let locker = Locker::new(memory.clone());
+    let ttl = Duration::from_millis(300);
+    let guard = futures::executor::block_on(locker.lock("elsewhere").ttl(ttl).acquire()).unwrap();
+    std::thread::sleep(ttl * 3);
+    let contender = Locker::new(memory.clone());
+    let taken = futures::executor::block_on(contender.lock("elsewhere").try_acquire()).unwrap();
+    assert!(
+        taken.is_none() && !guard.is_lost(),
+        "the guard was not renewed: lost {:?}",
+        guard.lost_reason()
+    );
+}
+
+/// A backend may answer "held, for ever" with `Duration::MAX`: the wait must not overflow.
+#[test]
+fn a_holder_without_expiry_does_not_overflow_the_wait() {
+    #[derive(Debug)]
+    struct HeldForEver;
+    #[lock_core::async_trait]
+    impl LockBackend for HeldForEver {
+        async fn try_acquire(&self, _key: &LockKey, _ttl: Duration) -> Result<Attempt, LockError> {
+            Ok(Attempt::Held {
+                expires_in: Some(Duration::MAX),
+            })
+        }
+        async fn renew(&self, _lease: &Lease, _ttl: Duration) -> Result<Lease, LockError> {
+            unreachable!()
+        }
+        async fn release(&self, _lease: &Lease) -> Result<bool, LockError> {
+            Ok(false)
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let locker = Locker::new(HeldForEver);
+    let result = runtime.block_on(
+        locker
+            .lock("for-ever")
+            .wait(Duration::from_millis(100))
+            .acquire(),
+    );
+    assert!(result.is_err(), "acquired a lock held for ever");
 }
