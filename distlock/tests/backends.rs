@@ -561,3 +561,203 @@ fn cli_loss_kills_the_commands_children_too() {
     assert_eq!(status.code(), Some(75), "{stderr}");
     assert!(!left, "the command's child ran on after the lock was lost");
 }
+
+/// A command that ends while processes it started run on (a worker finishing gracefully
+/// after SIGTERM, a job put in the background): the lock stays held until the last of them
+/// ends. Before, distlock released it as soon as the command itself exited, and the next
+/// host's run started beside the survivor.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_holds_the_lock_until_the_commands_children_end() {
+    use std::process::{Command, Stdio};
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let pid_file = cli::pid_file("children");
+    let mut runner = Command::new("setsid")
+        .args(["-w", cli::EXE])
+        .args(["run", "--url", &server.url(), "--ttl", "2", "children-job"])
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "(trap '' TERM; exec sleep 30) & echo $! > {}; wait",
+            pid_file.display()
+        ))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let survivor = cli::pid_written(&pid_file);
+    cli::signal(runner.id(), "-TERM");
+    // The shell dies of the SIGTERM passed on; its child ignores it and runs on.
+    std::thread::sleep(Duration::from_millis(500));
+    let next = Command::new(cli::EXE)
+        .args(["run", "--url", &server.url(), "children-job", "--", "true"])
+        .output()
+        .unwrap();
+    let runner_alive = runner.try_wait().unwrap().is_none();
+    let survivor_alive = cli::running(survivor);
+    // Past the TTL too: the lock is renewed meanwhile.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = Command::new(cli::EXE)
+        .args(["run", "--url", &server.url(), "children-job", "--", "true"])
+        .output()
+        .unwrap();
+    cli::signal(survivor, "-KILL");
+    let status = cli::exit_within(
+        &mut runner,
+        Duration::from_secs(3),
+        "after the last child ended",
+    );
+    assert!(
+        survivor_alive,
+        "the test's premise: the child survived the SIGTERM"
+    );
+    assert!(
+        runner_alive,
+        "distlock exited while the command's child still ran"
+    );
+    assert_eq!(
+        (next.status.code(), later.status.code()),
+        (Some(75), Some(75)),
+        "another run got the lock while the command's child still ran"
+    );
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the command's own status: {status:?}"
+    );
+    cli::next_run_gets(
+        &server.url(),
+        "children-job",
+        "not released after the last child",
+    );
+}
+
+/// The command's status is what the caller acts on. A release that fails after the command
+/// succeeded (the server went away as it ended) used to turn exit 0 into 69 ("backend
+/// failed"), and a wrapper that retries on 69 ran a finished job again; a release that finds
+/// the lock gone (emptied under us between renewals) was silent. Both are warnings now.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_keeps_the_commands_status_when_the_release_fails() {
+    use std::process::{Command, Stdio};
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let gone = Command::new(cli::EXE)
+        .args(["run", "--url", &server.url(), "--ttl", "10", "flushed-job"])
+        .args(["--", "sh", "-c", "sleep 1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let flushed = Command::new("redis-cli")
+        .args(["-u", &server.direct_url(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(flushed.status.success(), "{flushed:?}");
+    let gone = gone.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert_eq!(gone.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("no longer held"), "no warning: {stderr}");
+
+    let failed = Command::new(cli::EXE)
+        .args(["run", "--url", &server.url(), "--ttl", "10", "release-job"])
+        .args(["--", "sh", "-c", "sleep 1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill().unwrap();
+    let failed = failed.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("releasing the lock failed"),
+        "no warning: {stderr}"
+    );
+}
+
+/// Signals other than the four passed on before (SIGUSR1 from `pkill -USR1 -f worker`, a
+/// stray SIGALRM) used to kill distlock by their default action, leaving the command running
+/// without a lock. They are passed on to the command now.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_passes_other_signals_on_instead_of_dying() {
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let (mut runner, command_pid) = cli::start(&server.url(), "20", "usr1-job");
+    cli::signal(runner.id(), "-USR1");
+    let status = cli::exit_within(&mut runner, Duration::from_secs(5), "of SIGUSR1");
+    let left = cli::still_running_after(command_pid, Duration::ZERO);
+    assert!(
+        !left,
+        "distlock died and left its command running unlocked: {status:?}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(128 + 10),
+        "distlock exits as its command did (killed by SIGUSR1): {status:?}"
+    );
+    cli::next_run_gets(&server.url(), "usr1-job", "not released after the command");
+}
+
+/// A signal ignored by whoever started distlock (`nohup` ignores SIGHUP) stays ignored in the
+/// command: installing a handler for it used to reset it to its default at the exec.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_leaves_ignored_signals_ignored() {
+    use std::process::Command;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let out = cli::pid_file("ignored");
+    let ran = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' HUP; exec {} run --url {} ignored-job -- sh -c 'grep SigIgn /proc/self/status > {}'",
+            cli::EXE,
+            server.url(),
+            out.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{ran:?}");
+    let line = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
+    assert!(
+        mask & 1 == 1,
+        "SIGHUP is no longer ignored in the command: {line}"
+    );
+}
+
+/// A bad key or TTL is a usage error (64) at once, before any connection: checked after
+/// connecting, an unreachable server first made it a backend failure (69) after the connect
+/// timeout, which a wrapper retries.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_bad_key_or_ttl_fails_before_connecting() {
+    use std::process::Command;
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let proxy = lock_harness::TcpProxy::start(server.server_addr()).unwrap();
+    proxy.blackhole();
+    let unreachable = format!("redis://{}/0", proxy.addr());
+    for args in [
+        vec!["--ttl", "30", ""],
+        vec!["--ttl", "0.002", "job"],
+        vec!["--ttl", "0", "job"],
+    ] {
+        let started = std::time::Instant::now();
+        let ran = Command::new(cli::EXE)
+            .args(["run", "--url", &unreachable])
+            .args(&args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            ran.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}

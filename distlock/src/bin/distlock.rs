@@ -9,10 +9,14 @@
 //! certificate (or we refused the server's); 69 when the backend failed or the command could
 //! not be started.
 //!
-//! While the command runs, SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to `distlock` are passed
-//! on to the command, and the lock stays held (and renewed) until the command has exited:
-//! dying at once would leave the command running unlocked, and another host's run could start
-//! beside it once the lease ran out. Without a controlling terminal (cron, systemd, CI), the
+//! While the command runs, every signal whose default would end `distlock` (SIGTERM, SIGINT,
+//! SIGHUP, SIGQUIT, SIGUSR1/2, SIGALRM…; realtime signals are caught and not passed on) is
+//! passed on to the command, and the lock stays held (and renewed) until the command and every
+//! process it started have exited (`distlock` is their subreaper): dying at once would leave
+//! them running unlocked, and another host's run could start beside them once the lease ran
+//! out. A signal ignored when `distlock` started (`nohup`) stays ignored, in the command too.
+//! A release that fails, or finds the lock gone, after the command ended is a warning: the
+//! exit status stays the command's. Without a controlling terminal (cron, systemd, CI), the
 //! command runs in a process group of its own, so that a lost lock kills the whole group,
 //! its own children included, not the command alone. From a terminal it stays in the
 //! terminal's group, and Ctrl-C / Ctrl-\\ (which reach it there already) are not passed on
@@ -157,6 +161,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             args.url
         );
     }
+    // Bad input is a usage error at once, not a backend failure after a connect timeout.
+    distlock::LockKey::new(args.key.as_str())?;
+    distlock::check_usable_ttl(args.ttl, Duration::ZERO)?;
+    // Orphaned descendants of the command are re-parented to us, so we can wait for them.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a subreaper")?;
     let locker = distlock::connect(&args.url).await?;
     let request = match args.permits {
         Some(permits) => locker.semaphore(&args.key, permits),
@@ -208,14 +217,15 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                     signal_group(pid, Signal::SIGKILL);
                 }
                 let _ = child.kill().await;
+                kill_leftovers().await;
                 let reason = guard.lost_reason().unwrap_or_default();
                 return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
             }
             signal = signals.next() => {
                 // In the terminal's group, Ctrl-C and Ctrl-\ reached the command already:
                 // passed on again, a second SIGINT reads as "force quit" to many tools.
-                let from_terminal = matches!(signal, Signal::SIGINT | Signal::SIGQUIT);
-                if let Some(pid) = pid {
+                let from_terminal = matches!(signal, Some(Signal::SIGINT | Signal::SIGQUIT));
+                if let (Some(pid), Some(signal)) = (pid, signal) {
                     if own_group {
                         signal_group(pid, signal);
                     } else if !from_terminal {
@@ -234,7 +244,61 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             return Err(anyhow!(error).context("waiting for the command"));
         }
     };
-    guard.release().await?;
+    // Processes the command started may run on after it (a worker finishing its job after
+    // SIGTERM, a job put in the background): the lock stays held until the last one ends.
+    let mut told = false;
+    loop {
+        if reap_all() {
+            break;
+        }
+        let leftovers = children();
+        if !told && !leftovers.is_empty() {
+            eprintln!(
+                "distlock: the command exited; {} process(es) it started still run: the lock \
+                 stays held until they end",
+                leftovers.len()
+            );
+            told = true;
+        }
+        tokio::select! {
+            biased;
+            _ = guard.lost() => {
+                if let (true, Some(pid)) = (own_group, pid) {
+                    signal_group(pid, Signal::SIGKILL);
+                }
+                kill_leftovers().await;
+                let reason = guard.lost_reason().unwrap_or_default();
+                return Err(LockError::lost(
+                    args.key,
+                    format!("{reason}; the processes the command left running were killed"),
+                )
+                .into());
+            }
+            signal = signals.next() => {
+                if let Some(signal) = signal {
+                    if let (true, Some(pid)) = (own_group, pid) {
+                        signal_group(pid, signal);
+                    }
+                    for leftover in leftovers {
+                        let _ = nix::sys::signal::kill(leftover, signal);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    // The command's outcome is what the caller acts on: a release that fails is left to the
+    // TTL, and one that finds the lock gone says so (exclusion may have been broken).
+    match guard.release().await {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "distlock: warning: the lock was no longer held when the command ended (expired or \
+             removed on the server between renewals): another run may have overlapped it"
+        ),
+        Err(error) => {
+            eprintln!("distlock: warning: releasing the lock failed ({error}); its TTL frees it")
+        }
+    }
     let code = status.code().or_else(|| {
         std::os::unix::process::ExitStatusExt::signal(&status).map(|signal| 128 + signal)
     });
@@ -252,33 +316,133 @@ fn as_pid(pid: u32) -> nix::unistd::Pid {
     nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
 
-/// The termination signals `distlock` passes on to the command instead of dying of them.
+/// The direct children we have (the command, or what it left behind: we are a subreaper).
+fn children() -> Vec<nix::unistd::Pid> {
+    let me = std::process::id().to_string();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(nix::unistd::Pid::from_raw)
+        .filter(|pid| pid.to_string() != me)
+        .collect()
+}
+
+/// Reaps every child that has ended; `true` once we have none left.
+fn reap_all() -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return false,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // ECHILD: none left.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Kills what the command left running (re-parented to us), for up to 2 s.
+async fn kill_leftovers() {
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        if reap_all() {
+            return;
+        }
+        for leftover in children() {
+            let _ = nix::sys::signal::kill(leftover, Signal::SIGKILL);
+        }
+        reap_all();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The signals whose default action would end `distlock` (and leave the command running
+/// without a lock): passed on to the command instead. SIGKILL cannot be caught; fault
+/// signals (SIGSEGV, SIGBUS…) are not sent by others.
+const PASSED_ON: [Signal; 14] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGIO,
+    Signal::SIGPWR,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+    Signal::SIGSTKFLT,
+];
+
+/// The realtime signals (their default ends the process too): caught, not passed on (the
+/// signal type we forward with names only the standard ones).
+const REALTIME: std::ops::RangeInclusive<i32> = 34..=64;
+
+/// Signals received while the command runs, from one task per signal. A signal that was
+/// ignored when `distlock` started (`nohup`, a shell's background job) gets no handler: it
+/// stays ignored, in the command too (a handler would reset it to its default at the exec).
 struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
+    received: tokio::sync::mpsc::UnboundedReceiver<Option<Signal>>,
 }
 
 impl Signals {
     fn new() -> Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        let handler = |kind| signal(kind).context("installing a signal handler");
-        Ok(Signals {
-            terminate: handler(SignalKind::terminate())?,
-            interrupt: handler(SignalKind::interrupt())?,
-            hangup: handler(SignalKind::hangup())?,
-            quit: handler(SignalKind::quit())?,
-        })
+        let ignored = ignored_signals();
+        let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+        let standard = PASSED_ON
+            .iter()
+            .map(|signal| (*signal as i32, Some(*signal)));
+        let realtime = REALTIME.map(|number| (number, None));
+        for (number, named) in standard.chain(realtime) {
+            if ignored & (1u64 << (number - 1)) != 0 {
+                continue;
+            }
+            let mut stream = signal(SignalKind::from_raw(number))
+                .with_context(|| format!("installing a handler for signal {number}"))?;
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if named.is_none() {
+                        eprintln!("distlock: signal {number} received and not passed on");
+                    }
+                    if sender.send(named).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Signals { received })
     }
 
-    /// The next signal received (its number).
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.terminate.recv() => Signal::SIGTERM,
-            _ = self.interrupt.recv() => Signal::SIGINT,
-            _ = self.hangup.recv() => Signal::SIGHUP,
-            _ = self.quit.recv() => Signal::SIGQUIT,
+    /// The next signal received (`None`: one that is not passed on).
+    async fn next(&mut self) -> Option<Signal> {
+        match self.received.recv().await {
+            Some(signal) => signal,
+            None => std::future::pending().await,
         }
     }
+}
+
+/// The signals ignored when we started (`SigIgn` in `/proc/self/status`, bit N-1 for signal N).
+fn ignored_signals() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
