@@ -190,10 +190,13 @@ fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
 }
 
 pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
-    if config.namespace.contains('\0') {
-        return Err(LockError::InvalidConfig(
-            "the namespace must not contain NUL".into(),
-        ));
+    // Internal key spaces are the namespace plus a control character and a suffix
+    // (`billing\u{1}semaphore`): a namespace with one could name another's semaphores.
+    if config.namespace.chars().any(char::is_control) {
+        return Err(LockError::InvalidConfig(format!(
+            "the namespace {:?} must not contain control characters",
+            config.namespace
+        )));
     }
     if config.max_sessions == 0 || config.sessions_per_ttl == 0 {
         return Err(LockError::InvalidConfig(
@@ -233,5 +236,22 @@ mod tests {
         let (options, _) = parse_url("postgres://u@127.0.0.1:5433/db")?;
         assert_eq!(options.get_host(), "127.0.0.1");
         Ok(())
+    }
+
+    /// `billing\u{1}semaphore` would share its lock keys with namespace `billing`'s
+    /// semaphores.
+    #[test]
+    fn a_namespace_with_control_characters_is_refused() {
+        for namespace in ["billing\u{1}semaphore", "a\0b", "tab\there", "line\n"] {
+            let config = PostgresConfig {
+                namespace: namespace.into(),
+                ..PostgresConfig::default()
+            };
+            assert!(
+                matches!(check_config(&config), Err(LockError::InvalidConfig(_))),
+                "{namespace:?} accepted"
+            );
+        }
+        assert!(check_config(&PostgresConfig::default()).is_ok());
     }
 }

@@ -64,10 +64,52 @@ impl<T: Send + 'static> Drop for Detached<T> {
             drop(work);
             return;
         };
-        runtime.spawn(async move {
-            if let Ok(orphan) = work.await {
-                on_orphan(orphan);
-            }
+        // A runtime shutting down drops its tasks in its own context: this spawn then lands
+        // on a closed runtime and is dropped unrun, or the rest is dropped mid-way. The
+        // orphan settles what it leaves behind then, as above.
+        runtime.spawn(Orphan {
+            work: Some(work),
+            on_orphan: Some(on_orphan),
+            on_abandon: self.on_abandon.take(),
         });
+    }
+}
+
+/// The rest of a dropped operation, run on a task; `on_abandon` if the task is dropped
+/// before the work finishes.
+struct Orphan<T: Send + 'static> {
+    work: Option<OpFuture<T>>,
+    on_orphan: Option<Box<dyn FnOnce(T) + Send>>,
+    on_abandon: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<T: Send + 'static> std::future::Future for Orphan<T> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let Some(work) = self.work.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        if let (Ok(orphan), Some(on_orphan)) = (output, self.on_orphan.take()) {
+            on_orphan(orphan);
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+impl<T: Send + 'static> Drop for Orphan<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        // Settled while the work (and its in-flight mark) still exists, then dropped.
+        if let Some(on_abandon) = self.on_abandon.take() {
+            on_abandon();
+        }
+        drop(work);
     }
 }

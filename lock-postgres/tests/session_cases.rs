@@ -200,33 +200,75 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
     drop(pending);
     drop(side);
     proxy.set_delay(Duration::ZERO);
-    main.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            match backend.try_acquire(&key, Duration::from_secs(5)).await {
-                Ok(attempt) => {
-                    if let Some(lease) = attempt.into_lease() {
-                        ensure!(backend.release(&lease).await?, "release answered false");
-                        let inspector = PgPoolOptions::new()
-                            .max_connections(1)
-                            .connect_with(PgConnectOptions::from_str(&server().await?.url())?)
-                            .await?;
-                        let hash = advisory_key("distlock", key.as_str());
-                        ensure!(
-                            !advisory_held(&inspector, hash).await?,
-                            "an orphan lock stayed on the server"
-                        );
-                        return Ok(());
-                    }
+    main.block_on(key_becomes_usable(&backend, &key))
+}
+
+/// The same with the acquire running on a task of a runtime that shuts down while its
+/// statement is in flight: the runtime drops the task in its own context, so the cancel-safe
+/// wrapper found a runtime, spawned the rest of the work on it, and the closing runtime
+/// dropped that unrun, without settling the `Pending` entry: the key answered `Held` for good.
+#[test]
+fn acquire_dropped_by_a_closing_runtime_leaves_the_key_usable() -> Result<()> {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (backend, proxy) = main.block_on(async {
+        let server = server().await?;
+        let proxy = TcpProxy::start(server.addr())?;
+        let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
+        let warm = LockKey::new(unique("warm"))?;
+        let lease = backend
+            .try_acquire(&warm, Duration::from_secs(5))
+            .await?
+            .into_lease()
+            .context("warm-up key not free")?;
+        backend.release(&lease).await?;
+        Ok::<_, anyhow::Error>((backend, proxy))
+    })?;
+    proxy.set_delay(Duration::from_millis(50));
+    let key = LockKey::new(unique("closing"))?;
+    let side = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    side.block_on(async {
+        let (backend, key) = (backend.clone(), key.clone());
+        tokio::spawn(async move { backend.try_acquire(&key, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    });
+    // Shuts down with the acquire's statement in flight.
+    drop(side);
+    proxy.set_delay(Duration::ZERO);
+    main.block_on(key_becomes_usable(&backend, &key))
+}
+
+/// Within 3 s the key can be taken and released, and no orphan lock stays on the server.
+async fn key_becomes_usable(backend: &PostgresBackend, key: &LockKey) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match backend.try_acquire(key, Duration::from_secs(5)).await {
+            Ok(attempt) => {
+                if let Some(lease) = attempt.into_lease() {
+                    ensure!(backend.release(&lease).await?, "release answered false");
+                    let inspector = PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(PgConnectOptions::from_str(&server().await?.url())?)
+                        .await?;
+                    let hash = advisory_key("distlock", key.as_str());
+                    ensure!(
+                        !advisory_held(&inspector, hash).await?,
+                        "an orphan lock stayed on the server"
+                    );
+                    return Ok(());
                 }
-                Err(error) => tracing::debug!(%error, "retrying"),
             }
-            if Instant::now() >= deadline {
-                bail!("the key stayed held after the abandoned acquire");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(error) => tracing::debug!(%error, "retrying"),
         }
-    })
+        if Instant::now() >= deadline {
+            bail!("the key stayed held after the abandoned acquire");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls a future once; `Some` if it finished.
