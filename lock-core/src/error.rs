@@ -211,6 +211,23 @@ pub fn looks_like_pem(bytes: &[u8]) -> bool {
     bytes.windows(11).any(|window| window == b"-----BEGIN ")
 }
 
+/// What is wrong with a PEM file given for a TLS option, if anything: no PEM at all, or not
+/// the kind asked for (a certificate where a private key belongs, or the other way round). A
+/// TLS stack finds that only when it builds its configuration, where the error reads like a
+/// failed connection.
+pub fn pem_problem(bytes: &[u8], private_key: bool) -> Option<&'static str> {
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|window| window == needle);
+    if !looks_like_pem(bytes) {
+        Some("holds no PEM data (no -----BEGIN line)")
+    } else if private_key && !has(b"PRIVATE KEY-----") {
+        Some("holds no private key (no -----BEGIN …PRIVATE KEY----- block)")
+    } else if !private_key && !has(b"-----BEGIN CERTIFICATE-----") {
+        Some("holds no certificate (no -----BEGIN CERTIFICATE----- block)")
+    } else {
+        None
+    }
+}
+
 /// Whether a query parameter named `name` carries a password (a name with a percent escape
 /// may spell one: hidden too).
 fn is_password_parameter(name: &str) -> bool {

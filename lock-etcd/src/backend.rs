@@ -363,7 +363,10 @@ impl Inner {
             })
             .await;
         let granted_seconds = match answer {
-            Ok(Ok(granted)) => granted.ttl().max(seconds),
+            // Not the answer's TTL: the answering member raised it to its own minimum, but
+            // the leader expires the lease by the leader's, which may be shorter. Every member
+            // keeps at least what was asked for.
+            Ok(Ok(_)) => seconds,
             Ok(Err(error)) if is_lease_exists(&error) && tries > 1 => seconds,
             Ok(Err(error)) if is_lease_exists(&error) => {
                 return Ok(Granted::Collision(backend_error(

@@ -101,9 +101,9 @@ fn read_pem(path: &std::path::Path, option: &str) -> Result<Vec<u8>, LockError> 
     let pem = std::fs::read(path).map_err(|error| {
         LockError::InvalidConfig(format!("etcd {option}= file {}: {error}", path.display()))
     })?;
-    if !lock_core::looks_like_pem(&pem) {
+    if let Some(problem) = lock_core::pem_problem(&pem, option == "key") {
         return Err(LockError::InvalidConfig(format!(
-            "etcd {option}= file {} is not PEM (no -----BEGIN line)",
+            "etcd {option}= file {} {problem}",
             path.display()
         )));
     }

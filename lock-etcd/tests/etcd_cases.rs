@@ -727,3 +727,36 @@ async fn a_release_without_an_answer_frees_the_lock_soon_after() -> Result<()> {
     }
     Ok(())
 }
+
+/// Each member raises a lease's TTL to its own minimum (1.5 × its election timeout) and
+/// answers with that figure, but only the leader expires leases, by its own minimum. A client
+/// that believed the answering member's raised TTL (4 s here, for 2 s asked) would, behind a
+/// follower with a longer election timeout than the leader's, count on seconds the leader
+/// never gives: the lease gone, another holder in, while its guard still looked valid. The
+/// lease counts the TTL asked for (raised only to the backend's own 2 s minimum), which every
+/// member keeps at least.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_counts_the_ttl_asked_for_not_a_members_raised_one() -> Result<()> {
+    let cluster = lock_harness::etcd::EtcdCluster::start_with_args(
+        1,
+        &["--heartbeat-interval=250", "--election-timeout=2500"],
+    )
+    .await?;
+    let backend = lock_etcd::connect(&cluster.url(Some("raised"))).await?;
+    let key = LockKey::new("raised")?;
+    let ttl = Duration::from_secs(2);
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    ensure!(
+        lease.ttl() == ttl,
+        "the lease counts {:?} (the member's raised TTL), not the {ttl:?} asked for",
+        lease.ttl()
+    );
+    let renewed = backend.renew(&lease, ttl).await?;
+    ensure!(renewed.ttl() == ttl, "renewed for {:?}", renewed.ttl());
+    backend.release(&renewed).await?;
+    Ok(())
+}

@@ -274,6 +274,21 @@ async fn refusals_are_typed_clear_and_fast() -> Result<()> {
     )
     .await?;
     ensure!(message.contains("etcds://"), "{message}");
+
+    // A certificate given as the key: a usage error naming key=, not a retryable failure
+    // to reach etcd (tonic found it only when building the endpoint).
+    let url = format!(
+        "etcds://{LOCKER}:{LOCKER_PASSWORD}@{hosts}/{prefix}?ca={0}&cert={1}&key={1}",
+        pki.ca.cert_path.display(),
+        pki.client.cert_path.display()
+    );
+    match lock_etcd::connect(&url).await {
+        Err(LockError::InvalidConfig(message)) => {
+            ensure!(message.contains("key="), "{message}")
+        }
+        Err(other) => bail!("a certificate as key= is not InvalidConfig: {other}"),
+        Ok(_) => bail!("connected with a certificate as key="),
+    }
     Ok(())
 }
 

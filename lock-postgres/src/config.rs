@@ -181,9 +181,9 @@ fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
     })?;
     // sqlx parses the file only at the first TLS handshake, where garbage would read as a
     // failed connection: a PEM file has a BEGIN line.
-    if !lock_core::looks_like_pem(&contents) {
+    if let Some(problem) = lock_core::pem_problem(&contents, matches!(name, "sslkey" | "ssl-key")) {
         return Err(LockError::InvalidConfig(format!(
-            "URL parameter {name}: {value:?} holds no PEM data (no -----BEGIN line)"
+            "URL parameter {name}: {value:?} {problem}"
         )));
     }
     Ok(())

@@ -81,7 +81,24 @@ async fn unreadable_certificate_files_and_weak_system_roots_are_invalid_config()
         "sslmode=verify-full&sslrootcert={}",
         garbage.path().display()
     );
+    let certificate = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        certificate.path(),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )?;
+    let key = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        key.path(),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )?;
+    let certificate_as_key = format!(
+        "sslmode=verify-full&sslcert={0}&sslkey={0}",
+        certificate.path().display()
+    );
+    let key_as_root = format!("sslmode=verify-full&sslrootcert={}", key.path().display());
     let cases = [
+        (certificate_as_key.as_str(), "no private key"),
+        (key_as_root.as_str(), "no certificate"),
         (
             "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
             "sslrootcert",

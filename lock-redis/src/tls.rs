@@ -29,13 +29,13 @@ impl Pem {
         };
         // The redis crate takes a CA file without a certificate in it for an empty trust
         // store, and every handshake then fails as "certificate not accepted".
-        if !lock_core::looks_like_pem(&pem) {
+        if let Some(problem) = lock_core::pem_problem(&pem, what == "tls_key") {
             let source = match self {
                 Pem::File(path) => format!("the {what} file {}", path.display()),
                 Pem::Inline(_) => format!("the {what} given"),
             };
             return Err(LockError::InvalidConfig(format!(
-                "redis TLS: {source} holds no PEM data (no -----BEGIN line)"
+                "redis TLS: {source} {problem}"
             )));
         }
         Ok(pem)

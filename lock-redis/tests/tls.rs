@@ -525,6 +525,18 @@ async fn tls_settings_are_checked() -> Result<()> {
             format!("redis://127.0.0.1:1/0?tls_ca={ca}"),
             RedisOptions::default(),
         ),
+        // A certificate where the key belongs, and a key where the CA belongs.
+        (
+            format!("rediss://127.0.0.1:1/0?tls_ca={ca}&tls_cert={cert}&tls_key={cert}"),
+            RedisOptions::default(),
+        ),
+        (
+            format!(
+                "rediss://127.0.0.1:1/0?tls_ca={}",
+                pki.client.key_path.display()
+            ),
+            RedisOptions::default(),
+        ),
         (
             "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/0".to_string(),
             RedisOptions::default().tls(RedisTls::default().ca_file("/x")),
