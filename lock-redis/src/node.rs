@@ -297,8 +297,20 @@ pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockErro
         || error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
-        || error.is_connection_refusal();
+        || error.is_connection_refusal()
+        || refuses_writes_for_a_while(&error);
     LockError::backend("redis", format!("{context}: {error}"), retryable, error)
+}
+
+/// A server that refuses writes until something changes on its side: too few replicas
+/// (`min-replicas-to-write`, e.g. just after a failover), full under `noeviction`, busy with
+/// a long script, or failing to persist. redis-rs reads these codes as final; a waiting
+/// acquire (and the watchdog) should wait them out instead.
+fn refuses_writes_for_a_while(error: &redis::RedisError) -> bool {
+    matches!(
+        error.code(),
+        Some("NOREPLICAS" | "OOM" | "BUSY" | "MISCONF" | "CLUSTERDOWN")
+    )
 }
 
 /// Whether a command that failed with `error` may have run on the server: false only when it

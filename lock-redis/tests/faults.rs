@@ -1110,3 +1110,44 @@ async fn redlock_acquire_cancelled_midway_leaves_no_key() -> Result<()> {
     }
     Ok(())
 }
+
+/// A server that refuses writes for a while (`NOREPLICAS` under the `min-replicas-to-write`
+/// the README recommends against Sentinel splits, the ~10 s after a failover; `OOM` when full
+/// under `noeviction`) is waited out by a waiting acquire, as a server that is loading or
+/// read-only is: before, those codes read as final and `.wait(10s)` failed in milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_writes_for_a_while_is_waited_out() -> Result<()> {
+    let server = RedisServer::start()?;
+    let backend = RedisBackend::connect(&server.url()).await?;
+    let locker = Locker::new(backend);
+    let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+    for (setting, value, normal) in [
+        ("min-replicas-to-write", "1", "0"),
+        ("maxmemory", "1", "0"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .query_async(&mut admin)
+            .await?;
+        let name = unique("refusing");
+        let waiting = tokio::spawn({
+            let locker = locker.clone();
+            async move { locker.lock(&name).wait(Duration::from_secs(10)).acquire().await }
+        });
+        sleep(Duration::from_millis(500)).await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(normal)
+            .query_async(&mut admin)
+            .await?;
+        let guard = timeout(Duration::from_secs(5), waiting)
+            .await
+            .context("the waiting acquire did not finish")??
+            .with_context(|| format!("{setting} {value}: the waiting acquire gave up"))?;
+        guard.release().await?;
+    }
+    Ok(())
+}
