@@ -710,6 +710,43 @@ pub(crate) struct Node {
     /// Whether fences also follow the server clock ([`NEXT_FENCE`]): yes but on a Redlock of
     /// more than one node.
     pub(crate) clock_fences: bool,
+    /// Redlock: the servers of all nodes, and whether this node's was found to be another
+    /// node's too (checked before its first vote; see [`DistinctServers`]).
+    distinct: Option<(Arc<DistinctServers>, DistinctVerdict)>,
+}
+
+/// Whether a node's server is no other node's, once asked (`Err`: why it never votes).
+type DistinctVerdict = std::sync::OnceLock<Result<(), String>>;
+
+/// Redlock: which server each node turned out to be (`run_id` from `INFO server`). One server
+/// listed under two names (a host name and its address, two of its interfaces) would cast two
+/// votes: with 3 nodes it alone would be a quorum, and its restart would let a second holder
+/// in. The first node to name a server keeps its vote; a later one never votes.
+#[derive(Debug, Default)]
+pub(crate) struct DistinctServers {
+    /// run_id → the address of the node that reached it first.
+    seen: Mutex<HashMap<String, String>>,
+}
+
+impl DistinctServers {
+    /// Registers `addr`'s server; `Err` naming the other node if that server was another's.
+    fn register(&self, run_id: &str, addr: &str) -> Result<(), String> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match seen.get(run_id) {
+            Some(first) if first != addr => Err(format!(
+                "redlock nodes {first} and {addr} are the same redis server (run_id {run_id}): \
+                 it would count twice towards the quorum; list each server once"
+            )),
+            Some(_) => Ok(()),
+            None => {
+                seen.insert(run_id.to_owned(), addr.to_owned());
+                Ok(())
+            }
+        }
+    }
 }
 
 /// What a node needs before it connects: its client, the connection settings, its address.
@@ -846,7 +883,54 @@ impl Node {
             addr,
             replicas: options.wait_replicas,
             clock_fences: true,
+            distinct: None,
         }
+    }
+
+    /// Redlock: whether this node's server is no other node's. Asked once (`INFO server`),
+    /// before the node's first vote.
+    pub(crate) async fn check_distinct(&self) -> redis::RedisResult<()> {
+        let Some((servers, verdict)) = &self.distinct else {
+            return Ok(());
+        };
+        let verdict = match verdict.get() {
+            Some(verdict) => verdict.clone(),
+            None => {
+                let (_, mut conn) = self.conn.current();
+                let limit = self.conn.command_timeout;
+                let info = timeout(
+                    limit,
+                    redis::cmd("INFO")
+                        .arg("server")
+                        .query_async::<String>(&mut conn),
+                )
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer to INFO server within {limit:?}"),
+                    ))
+                })??;
+                let run_id = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("run_id:"))
+                    .map(str::trim)
+                    .unwrap_or_default();
+                if run_id.is_empty() {
+                    // A server (or proxy) that does not say: nothing to compare.
+                    return Ok(());
+                }
+                let found = servers.register(run_id, &self.addr);
+                verdict.get_or_init(|| found).clone()
+            }
+        };
+        verdict.map_err(|message| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "repeated redlock server",
+                message,
+            ))
+        })
     }
 
     /// The database number (release channels name it).
@@ -968,6 +1052,7 @@ impl Node {
         script: &redis::Script,
         request: &Request,
     ) -> redis::RedisResult<T> {
+        self.check_distinct().await?;
         let (_, mut conn) = self.conn.current();
         let mut in_flight = InFlight {
             conn: &self.conn,
@@ -1700,6 +1785,8 @@ impl Nodes {
         );
         let shutdown = CancellationToken::new();
         let grants = crate::queue::Grants::default();
+        let distinct = (urls.len() > 1).then(|| Arc::new(DistinctServers::default()));
+        let connected_now: Vec<bool> = conns.iter().map(Option::is_some).collect();
         let mut nodes = Vec::with_capacity(urls.len());
         for ((prepared, conn), channel) in prepared.into_iter().zip(conns).zip(channels) {
             let conn = match conn {
@@ -1727,7 +1814,32 @@ impl Nodes {
             );
             // Redlock: the fence is the quorum's largest counter (see `NEXT_FENCE`).
             node.clock_fences = urls.len() == 1;
+            if let Some(servers) = &distinct {
+                node.distinct = Some((servers.clone(), std::sync::OnceLock::new()));
+            }
             nodes.push(node);
+        }
+        // The nodes that answered are checked now: a server listed twice is a configuration
+        // error at connect. A node connected later is checked before its first vote.
+        if distinct.is_some() {
+            let checks = nodes
+                .iter()
+                .zip(&connected_now)
+                .filter(|(_, connected)| **connected)
+                .map(|(node, _)| node.check_distinct());
+            for checked in futures::future::join_all(checks).await {
+                if let Err(error) = checked
+                    && error.kind() == redis::ErrorKind::InvalidClientConfig
+                {
+                    shutdown.cancel();
+                    return Err(LockError::InvalidConfig(
+                        error
+                            .detail()
+                            .unwrap_or("repeated redlock server")
+                            .to_owned(),
+                    ));
+                }
+            }
         }
         Ok(Arc::new(Nodes {
             nodes,
