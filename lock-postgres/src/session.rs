@@ -113,6 +113,16 @@ pub(crate) struct SessionState {
     pub(crate) shared_ready: bool,
 }
 
+/// A statement awaited on a holder session (see [`SessionState::expect_answer`]); the mark
+/// goes when it drops.
+pub(crate) struct ExpectedAnswer(Arc<Mutex<Watch>>);
+
+impl Drop for ExpectedAnswer {
+    fn drop(&mut self) {
+        lock(&self.0).answer_by = None;
+    }
+}
+
 /// What the heartbeat may see of a session busy with a statement without waiting for it.
 #[derive(Debug, Default)]
 pub(crate) struct Watch {
@@ -204,23 +214,12 @@ impl SessionState {
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
         limit: Duration,
     ) -> Result<Result<sqlx::postgres::PgRow, sqlx::Error>, tokio::time::error::Elapsed> {
+        let expecting = self.expect_answer();
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Err(sqlx::Error::PoolClosed));
         };
-        // A session holding locks whose statement stays unanswered is treated like one whose
-        // probe does (the heartbeat skips busy sessions): see `Watch`.
-        if let Some(&min_ttl) = self.ttls.keys().next() {
-            let now = Instant::now();
-            let since = self.answered_at.unwrap_or(now);
-            // At least a probe's time from now: after a stall of this process (the heartbeat
-            // could not probe meanwhile) the last answer is old, and a statement answered at
-            // once must not count as unanswered.
-            let by =
-                (since + loss_bound(min_ttl, self.probe_timeout)).max(now + self.probe_timeout);
-            lock(&self.watch).answer_by = Some(by);
-        }
         let result = tokio::time::timeout(limit, query.fetch_one(conn)).await;
-        lock(&self.watch).answer_by = None;
+        drop(expecting);
         if self.lost.is_cancelled() {
             // The heartbeat gave up on this session meanwhile and told its guards: whatever
             // the answer, the session must go (the caller drops it on this error).
@@ -232,6 +231,25 @@ impl SessionState {
             self.answered_at = Some(Instant::now());
         }
         result
+    }
+
+    /// Marks a statement about to be sent on this session as awaited until the guard drops.
+    /// A session holding locks whose statement stays unanswered is treated like one whose
+    /// probe does (the heartbeat skips busy sessions): see `Watch`. Every statement on a
+    /// holder session goes out under one, or a silent link would be heard only at the
+    /// statement's own timeout.
+    pub(crate) fn expect_answer(&self) -> ExpectedAnswer {
+        if let Some(&min_ttl) = self.ttls.keys().next() {
+            let now = Instant::now();
+            let since = self.answered_at.unwrap_or(now);
+            // At least a probe's time from now: after a stall of this process (the heartbeat
+            // could not probe meanwhile) the last answer is old, and a statement answered at
+            // once must not count as unanswered.
+            let by =
+                (since + loss_bound(min_ttl, self.probe_timeout)).max(now + self.probe_timeout);
+            lock(&self.watch).answer_by = Some(by);
+        }
+        ExpectedAnswer(self.watch.clone())
     }
 
     pub(crate) fn add_deadline(&mut self, deadline: Instant) {
@@ -540,6 +558,7 @@ impl Inner {
         session: &Session,
         state: &mut SessionState,
     ) -> Result<(), LockError> {
+        let _expecting = state.expect_answer();
         let Some(conn) = state.conn.as_mut() else {
             return Ok(());
         };

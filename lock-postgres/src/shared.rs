@@ -229,6 +229,7 @@ impl Inner {
             .replace("{intent}", &self.table("distlock_rw_intent"))
             .replace("{limits}", &self.table("distlock_semaphore_limit"))
             .replace("{intent_ms}", &WRITER_INTENT.as_millis().to_string());
+        let expecting = state.expect_answer();
         let Some(conn) = state.conn.as_mut() else {
             return Err(sqlx::Error::PoolClosed);
         };
@@ -238,6 +239,12 @@ impl Inner {
         )
         .await
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        drop(expecting);
+        if state.lost.is_cancelled() {
+            return Err(sqlx::Error::Protocol(
+                "the holder session did not answer in time; its locks were reported lost".into(),
+            ));
+        }
         state.shared_ready = true;
         Ok(())
     }
@@ -264,6 +271,7 @@ impl Inner {
         let intent = self.table("distlock_rw_intent");
         let limits = self.table("distlock_semaphore_limit");
         let table = format!("{intent} / {limits}");
+        let expecting = state.expect_answer();
         let Some(conn) = state.conn.as_mut() else {
             return Err(LockError::backend_msg(BACKEND, "no holder session", true));
         };
@@ -316,7 +324,19 @@ impl Inner {
             }
             Ok::<_, sqlx::Error>(())
         };
-        match tokio::time::timeout(self.config.op_timeout, work).await {
+        let outcome = tokio::time::timeout(self.config.op_timeout, work).await;
+        drop(expecting);
+        if state.lost.is_cancelled() {
+            // The heartbeat gave up on this session meanwhile and told its guards.
+            self.break_session(session, state, "the holder session did not answer in time");
+            return Err(LockError::backend_msg(
+                BACKEND,
+                "creating the semaphore and reader-writer tables: the holder session did not \
+                 answer in time",
+                true,
+            ));
+        }
+        match outcome {
             Ok(Ok(())) => {
                 self.tables_ready.store(true, Ordering::Relaxed);
                 Ok(())
@@ -328,10 +348,16 @@ impl Inner {
                      lock-postgres README) and grant SELECT, INSERT, UPDATE, DELETE on them"
                 )))
             }
-            Ok(Err(error)) => Err(map_error(
-                "creating the semaphore and reader-writer tables",
-                error,
-            )),
+            Ok(Err(error)) => {
+                if is_connection_error(&error) {
+                    // Its guards hear it now, not at the next probe.
+                    self.break_session(session, state, "creating the tables failed");
+                }
+                Err(map_error(
+                    "creating the semaphore and reader-writer tables",
+                    error,
+                ))
+            }
             Err(_) => {
                 // Perhaps inside the transaction: the session cannot be trusted to be idle.
                 self.break_session(session, state, "creating the tables timed out");

@@ -253,6 +253,53 @@ async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()
     Ok(())
 }
 
+/// As above, but the statement in flight is the first semaphore call of a fresh backend: it
+/// looks for the semaphore tables and creates the session's functions with statements of its
+/// own, which went out without the "awaited" mark; the heartbeat skipped the busy session and
+/// the guard heard only when that statement's `op_timeout` (5 s) ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holder_busy_with_its_first_semaphore_call_hears_within_the_bound() -> Result<()> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let app = unique("first-permits");
+    let backend = backend_at(
+        &PostgresServer::url_for(proxy.addr()),
+        PostgresConfig {
+            application_name: app.clone(),
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let holder = Locker::from_arc(backend.clone());
+    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
+    let key = LockKey::new(unique("first-permits-held"))?;
+    let ttl = Duration::from_secs(30);
+    let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
+    let lost = lost_at(&guard);
+    proxy.blackhole();
+    let stuck = tokio::spawn({
+        let backend = backend.clone();
+        let key = LockKey::new(unique("first-permits-sem"))?;
+        async move { backend.try_acquire_permits(&key, 3, 1, ttl).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    terminate_and_check_notice(
+        server,
+        &app,
+        &other,
+        &key,
+        ttl,
+        lost,
+        "holder black-holed in its first semaphore call",
+    )
+    .await?;
+    proxy.heal();
+    let _ = timeout(Duration::from_secs(10), stuck).await;
+    Ok(())
+}
+
 /// The process stalls (a GC pause, a descheduled VM; here the whole runtime is blocked)
 /// for longer than the loss bound while the server and the connection stay fine. The first
 /// statement after the stall is answered at once, so the lock must not be reported lost:
