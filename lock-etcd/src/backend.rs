@@ -241,7 +241,8 @@ impl Drop for RevokeOnDrop {
         let Some((inner, lease_id)) = self.armed.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // On the driver runtime: it runs even when the caller's runtime is shutting down.
+        let Ok(runtime) = crate::driver::handle() else {
             return;
         };
         let dropped_at = Instant::now();
@@ -568,8 +569,14 @@ impl EtcdBackend {
             error => security::refusal(config, &error)
                 .unwrap_or_else(|| unreachable(security::error_chain(&error))),
         };
-        let mut connected =
-            timeout_at(deadline, Client::connect(endpoints, Some(options.clone()))).await;
+        // Built on the driver runtime, so its channel outlives the caller's runtime.
+        let connect = |options: ConnectOptions| {
+            let endpoints = endpoints.to_vec();
+            crate::driver::run(async move {
+                timeout_at(deadline, Client::connect(endpoints, Some(options))).await
+            })
+        };
+        let mut connected = connect(options.clone()).await?;
         if let Ok(Err(error)) = &connected
             && config.credentials.is_some()
             && security::error_chain(error).contains("authentication is not enabled")
@@ -584,8 +591,7 @@ impl EtcdBackend {
                 credentials: None,
                 ..config.clone()
             })?;
-            connected =
-                timeout_at(deadline, Client::connect(endpoints, Some(options.clone()))).await;
+            connected = connect(options.clone()).await?;
         }
         let client = match connected {
             Ok(Ok(client)) => client,

@@ -34,8 +34,13 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// A task that ends only with the runtime the client was built on (the driver runtime, see
+/// [`crate::driver`]; the current one if that could not start).
 fn sentinel() -> JoinHandle<()> {
-    tokio::spawn(std::future::pending())
+    match crate::driver::handle() {
+        Ok(driver) => driver.spawn(std::future::pending()),
+        Err(_) => tokio::spawn(std::future::pending()),
+    }
 }
 
 impl Connection {
@@ -73,8 +78,14 @@ impl Connection {
         tracing::debug!("the runtime that built the etcd client has shut down; rebuilding it");
         // Connecting sets up the (lazy) channel, and logs in if credentials are configured:
         // one round trip then, bounded by the connect timeout.
-        let connecting = Client::connect(&self.endpoints, Some(self.options.clone()));
-        let client = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+        let connecting = {
+            let (endpoints, options) = (self.endpoints.clone(), self.options.clone());
+            let limit = self.config.connect_timeout;
+            crate::driver::run(async move {
+                tokio::time::timeout(limit, Client::connect(endpoints, Some(options))).await
+            })
+        };
+        let client = match connecting.await? {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
                 return Err(security::refusal(&self.config, &error).unwrap_or_else(|| {

@@ -22,6 +22,7 @@
 mod backend;
 mod config;
 mod connection;
+mod driver;
 mod keys;
 mod renewer;
 mod security;

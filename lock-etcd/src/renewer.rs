@@ -113,8 +113,8 @@ impl Renewer {
         self.shared.batch_limit.load(Ordering::Relaxed)
     }
 
-    /// The task handles, (re)starting the tasks on the current runtime if they are not
-    /// running: a backend built on one runtime keeps working on another.
+    /// The task handles, (re)starting the tasks on the driver runtime (see [`crate::driver`])
+    /// if they are not running.
     async fn tasks(&self) -> Result<(mpsc::UnboundedSender<Check>, KeepAliveQueues), LockError> {
         if let Some(running) = lock(&self.shared.tasks)
             .as_ref()
@@ -127,8 +127,7 @@ impl Renewer {
         if let Some(running) = tasks.as_ref().filter(|t| !t.batcher.is_finished()) {
             return Ok((running.checks.clone(), running.keep_alives.clone()));
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| LockError::backend_msg("etcd", "renewal needs a tokio runtime", false))?;
+        let runtime = crate::driver::handle()?;
         let shared = &self.shared;
         let keep_alives: KeepAliveQueues = (0..KEEP_ALIVE_STREAMS)
             .map(|_| {

@@ -302,14 +302,16 @@ pub(crate) async fn diagnose(
         return Some(LockError::refused(BACKEND, RefusalKind::Tls, message, None));
     }
     let text = failure.to_string();
+    // hyper says "stream closed because of a broken pipe", the OS "Broken pipe".
+    let lowered = text.to_lowercase();
     let closed = [
         "connection closed",
         "tls handshake eof",
         "reset by peer",
-        "Broken pipe",
+        "broken pipe",
     ]
     .iter()
-    .any(|sign| text.contains(sign));
+    .any(|sign| lowered.contains(sign));
     let tls_servers: Vec<&str> = answers
         .iter()
         .filter(|(_, answer)| *answer == Some(false))

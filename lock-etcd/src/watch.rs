@@ -86,8 +86,8 @@ impl Watcher {
         }
     }
 
-    /// The request queue of the running task, (re)started on the current runtime if it is
-    /// not running.
+    /// The request queue of the running task, (re)started on the driver runtime (see
+    /// [`crate::driver`]) if it is not running.
     async fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
         let running = || {
             lock(&self.task)
@@ -105,7 +105,7 @@ impl Watcher {
         {
             return Some(requests.clone());
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let runtime = crate::driver::handle().ok()?;
         let (requests, receiver) = mpsc::unbounded_channel();
         let mut next_id: i64 = 0;
         let ids = move || {

@@ -760,3 +760,90 @@ async fn a_lease_counts_the_ttl_asked_for_not_a_members_raised_one() -> Result<(
     backend.release(&renewed).await?;
     Ok(())
 }
+
+/// A multi-thread runtime of one worker, for the runtime tests below.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+/// The backend connected on one runtime, its first renewal made on a second, then the first
+/// shut down: the renewal tasks (started on the second) kept the first runtime's client,
+/// whose channel died with it, so every renewal failed and every guard was lost.
+#[test]
+fn renewals_outlive_the_runtime_that_connected() -> Result<()> {
+    let harness = runtime()?;
+    let cluster = harness.block_on(lock_harness::etcd::EtcdCluster::single())?;
+    let url = cluster.url(Some("outlive"));
+    let connecting = runtime()?;
+    let backend = connecting.block_on(lock_etcd::connect(&url))?;
+    let using = runtime()?;
+    using.block_on(async move {
+        let locker = Locker::from_arc(backend);
+        let ttl = Duration::from_secs(2);
+        let guard = locker.lock("outlive").ttl(ttl).acquire().await?;
+        // The first renewal (at a third of the TTL) starts the renewal tasks.
+        sleep(Duration::from_secs(1)).await;
+        connecting.shutdown_background();
+        sleep(ttl * 2).await;
+        ensure!(
+            !guard.is_lost(),
+            "lost after the connecting runtime shut down: {:?}",
+            guard.lost_reason()
+        );
+        guard.release().await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(cluster);
+    Ok(())
+}
+
+/// A current-thread runtime made the backend's first renewal, then stopped being driven
+/// (kept alive): the renewal tasks lived there and never ran again, so the renewals of every
+/// other runtime queued into them and every guard was lost.
+#[test]
+fn renewals_outlive_a_runtime_left_undriven() -> Result<()> {
+    let harness = runtime()?;
+    let cluster = harness.block_on(lock_harness::etcd::EtcdCluster::single())?;
+    let url = cluster.url(Some("undriven"));
+    let main = runtime()?;
+    let backend = main.block_on(lock_etcd::connect(&url))?;
+    let side = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    side.block_on({
+        let locker = Locker::from_arc(backend.clone());
+        async move {
+            let guard = locker
+                .lock("undriven-side")
+                .ttl(Duration::from_secs(2))
+                .acquire()
+                .await?;
+            sleep(Duration::from_millis(800)).await;
+            guard.release().await?;
+            Ok::<_, anyhow::Error>(())
+        }
+    })?;
+    // `side` stays alive, undriven.
+    main.block_on(async {
+        let locker = Locker::from_arc(backend);
+        let guard = locker
+            .lock("undriven-main")
+            .ttl(Duration::from_secs(2))
+            .acquire()
+            .await?;
+        sleep(Duration::from_secs(5)).await;
+        ensure!(
+            !guard.is_lost(),
+            "lost while another runtime was left undriven: {:?}",
+            guard.lost_reason()
+        );
+        guard.release().await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(side);
+    drop(cluster);
+    Ok(())
+}

@@ -281,7 +281,10 @@ impl EtcdBackend {
         };
         let mut followers = lock(&inner.followers);
         if !running(&followers) {
-            let follower = tokio::spawn(follow_releases(inner.clone(), key.clone(), from));
+            let follower = match crate::driver::handle() {
+                Ok(driver) => driver.spawn(follow_releases(inner.clone(), key.clone(), from)),
+                Err(_) => tokio::spawn(follow_releases(inner.clone(), key.clone(), from)),
+            };
             followers.insert(name.to_owned(), follower);
         }
         Ok(releases)
