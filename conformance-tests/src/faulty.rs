@@ -210,7 +210,11 @@ impl LockBackend for FaultyBackend {
                 Err(LockError::lost(lease.key().as_str(), reason))
             }
             Err(error) => Err(error),
-            Ok(()) => self.inner.renew(lease, ttl).await,
+            Ok(()) => {
+                let answer = self.inner.renew(lease, ttl).await;
+                self.delay_answer(|plan| plan.renew).await;
+                answer
+            }
         }
     }
 

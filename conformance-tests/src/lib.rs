@@ -86,6 +86,15 @@ pub trait ServerFaults: Send + Sync {
             "this factory cannot restart its server: implement ServerFaults::restart, or list the case under skip with the reason"
         )
     }
+    /// Holds back every answer on the factory's connections by `delay` (requests still go
+    /// out at once): a slow return path. `Duration::ZERO` undoes it. The default says the
+    /// factory cannot, as for [`Self::restart`].
+    async fn delay_answers(&self, delay: std::time::Duration) -> anyhow::Result<()> {
+        let _ = delay;
+        anyhow::bail!(
+            "this factory cannot delay answers: implement ServerFaults::delay_answers, or list the case under skip with the reason"
+        )
+    }
 }
 
 /// A fresh key name for one case, so cases on a shared server never meet.

@@ -28,6 +28,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(lost_fires_on_lost_answer [$factory] $skips);
         $crate::__conformance_case!(with_lock_drops_work_on_loss [$factory] $skips);
         $crate::__conformance_case!(late_grant_is_never_handed_out [$factory] $skips);
+        $crate::__conformance_case!(late_renewal_counts_from_its_sending [$factory] $skips);
         $crate::__conformance_case!(guards_outlive_a_stopped_runtime [$factory] $skips);
         $crate::__conformance_case!(drop_releases_in_background [$factory] $skips);
         $crate::__conformance_case!(bad_input_is_rejected [$factory] $skips);
@@ -170,6 +171,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn late_grant_is_never_handed_out() {}
+    };
+    (late_renewal_counts_from_its_sending [$factory:expr] [late_renewal_counts_from_its_sending : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn late_renewal_counts_from_its_sending() {}
     };
     (guards_outlive_a_stopped_runtime [$factory:expr] [guards_outlive_a_stopped_runtime : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

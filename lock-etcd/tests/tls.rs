@@ -129,6 +129,13 @@ impl ServerFaults for SecureFactory {
         self.cluster.heal(0)
     }
 
+    async fn delay_answers(&self, delay: Duration) -> Result<()> {
+        for member in self.cluster.members() {
+            member.proxy().set_delays(Duration::ZERO, delay);
+        }
+        Ok(())
+    }
+
     async fn forget_connections(&self) -> Result<()> {
         self.cluster.members()[0].proxy().forget_flows();
         Ok(())

@@ -82,7 +82,7 @@ impl ClusterFactory {
         })
     }
 
-    fn each_proxy(&self, action: fn(&lock_harness::TcpProxy)) -> Result<()> {
+    fn each_proxy(&self, action: impl Fn(&lock_harness::TcpProxy)) -> Result<()> {
         let proxies = self.cluster.proxies();
         ensure!(!proxies.is_empty(), "started without proxies");
         proxies.into_iter().for_each(action);
@@ -144,6 +144,10 @@ impl ServerFaults for ClusterFactory {
 
     async fn heal(&self) -> Result<()> {
         self.each_proxy(lock_harness::TcpProxy::heal)
+    }
+
+    async fn delay_answers(&self, delay: std::time::Duration) -> Result<()> {
+        self.each_proxy(|proxy| proxy.set_delays(std::time::Duration::ZERO, delay))
     }
 
     async fn forget_connections(&self) -> Result<()> {

@@ -110,6 +110,10 @@ impl ServerFaults for RedisFactory {
         self.each_proxy(lock_harness::TcpProxy::heal)
     }
 
+    async fn delay_answers(&self, delay: std::time::Duration) -> anyhow::Result<()> {
+        self.each_proxy(|proxy| proxy.set_delays(std::time::Duration::ZERO, delay))
+    }
+
     async fn forget_connections(&self) -> anyhow::Result<()> {
         self.each_proxy(lock_harness::TcpProxy::forget_flows)
     }
@@ -125,7 +129,7 @@ impl ServerFaults for RedisFactory {
 }
 
 impl RedisFactory {
-    fn each_proxy(&self, action: fn(&lock_harness::TcpProxy)) -> anyhow::Result<()> {
+    fn each_proxy(&self, action: impl Fn(&lock_harness::TcpProxy)) -> anyhow::Result<()> {
         for server in &self.servers {
             let proxy = server
                 .proxy()

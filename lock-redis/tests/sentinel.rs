@@ -98,6 +98,11 @@ impl ServerFaults for SentinelFactory {
         Ok(())
     }
 
+    async fn delay_answers(&self, delay: std::time::Duration) -> Result<()> {
+        self.proxy()?.set_delays(std::time::Duration::ZERO, delay);
+        Ok(())
+    }
+
     async fn heal(&self) -> Result<()> {
         self.proxy()?.heal();
         Ok(())

@@ -155,6 +155,10 @@ impl ServerFaults for TlsFactory {
         self.each_proxy(lock_harness::TcpProxy::heal)
     }
 
+    async fn delay_answers(&self, delay: std::time::Duration) -> Result<()> {
+        self.each_proxy(|proxy| proxy.set_delays(std::time::Duration::ZERO, delay))
+    }
+
     async fn forget_connections(&self) -> Result<()> {
         self.each_proxy(lock_harness::TcpProxy::forget_flows)
     }
@@ -170,7 +174,7 @@ impl ServerFaults for TlsFactory {
 }
 
 impl TlsFactory {
-    fn each_proxy(&self, action: fn(&lock_harness::TcpProxy)) -> Result<()> {
+    fn each_proxy(&self, action: impl Fn(&lock_harness::TcpProxy)) -> Result<()> {
         for server in &self.servers {
             match server.proxy() {
                 Some(proxy) => action(proxy),

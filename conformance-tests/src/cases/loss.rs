@@ -124,6 +124,51 @@ pub async fn with_lock_drops_work_on_loss(factory: &dyn BackendFactory) -> Resul
     Ok(())
 }
 
+/// A renewal's lease counts from when the renewal was sent, not from its answer: a renewal
+/// answered late (a slow return path) extends the lock on the server from the moment the
+/// server ran it, so a lease counted from the answer would outlive the server's by the delay,
+/// and its holder would act while another client holds the key. The watchdog takes the
+/// lease a backend returns as it is, so each backend proves it here.
+pub async fn late_renewal_counts_from_its_sending(factory: &dyn BackendFactory) -> Result<()> {
+    let faults = faults_of(factory, "late_renewal_counts_from_its_sending")?;
+    let backend = factory.backend().await?;
+    let caps = backend.capabilities();
+    let ttl = ttl_for(&caps, 2000 * MS);
+    // Shorter than any backend's own silence bounds (a heartbeat probe, a request timeout),
+    // long beside a lease's clock-drift allowance.
+    let delay = 200 * MS;
+    let key = lock_core::LockKey::new(unique_key("late-renew"))?;
+    let lease = backend
+        .try_acquire(&key, ttl)
+        .await?
+        .into_lease()
+        .context("a fresh key was not free")?;
+    faults.delay_answers(delay).await?;
+    let sent = Instant::now();
+    let renewed = backend.renew(&lease, ttl).await;
+    let answered = Instant::now();
+    faults.delay_answers(Duration::ZERO).await?;
+    let renewed = renewed.context("the renewal with delayed answers failed")?;
+    ensure!(
+        answered >= sent + delay,
+        "the premise: the answer came back {:?} after the renewal was sent",
+        answered - sent
+    );
+    // The backend's own work before it sends the request may take a little; a lease counted
+    // from the answer would be a whole delay later.
+    let latest = sent + renewed.ttl() + delay / 4;
+    ensure!(
+        renewed.valid_until() <= latest,
+        "a renewal answered {:?} after it was sent counts its lease until {:?} after the \
+         sending, past the {:?} the server gives it",
+        answered - sent,
+        renewed.valid_until().saturating_duration_since(sent),
+        renewed.ttl()
+    );
+    backend.release(&renewed).await?;
+    Ok(())
+}
+
 /// 13e. A grant whose answer arrives after the lease's validity deadline (a slow link, a
 ///      paused client) is never handed out: `try_acquire` does not return it, `with_lock`
 ///      never runs its work on it while another client holds the key, and the stale grant

@@ -85,6 +85,13 @@ impl ServerFaults for EtcdFactory {
         (0..self.cluster.size()).try_for_each(|member| self.cluster.heal(member))
     }
 
+    async fn delay_answers(&self, delay: std::time::Duration) -> anyhow::Result<()> {
+        for member in self.cluster.members() {
+            member.proxy().set_delays(std::time::Duration::ZERO, delay);
+        }
+        Ok(())
+    }
+
     async fn forget_connections(&self) -> anyhow::Result<()> {
         for member in self.cluster.members() {
             member.proxy().forget_flows();
