@@ -576,8 +576,9 @@ fn cli_holds_the_lock_until_the_commands_children_end() {
         .args(["-w", cli::EXE])
         .args(["run", "--url", &server.url(), "--ttl", "2", "children-job"])
         .args(["--", "sh", "-c"])
+        // The child writes its pid once its trap is set: a SIGTERM before it would kill it.
         .arg(format!(
-            "(trap '' TERM; exec sleep 30) & echo $! > {}; wait",
+            "sh -c \"trap '' TERM; echo \\$\\$ > {}; exec sleep 30\" & wait",
             pid_file.display()
         ))
         .stdin(Stdio::null())
@@ -640,13 +641,20 @@ fn cli_holds_the_lock_until_the_commands_children_end() {
 fn cli_keeps_the_commands_status_when_the_release_fails() {
     use std::process::{Command, Stdio};
     let server = lock_harness::redis::RedisServer::start().unwrap();
-    let gone = Command::new(cli::EXE)
-        .args(["run", "--url", &server.url(), "--ttl", "10", "flushed-job"])
-        .args(["--", "sh", "-c", "sleep 1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The command writes its pid once it runs (so the lock is held), then sleeps 1 s.
+    let run = |key: &str| {
+        let started = cli::pid_file(key);
+        let runner = Command::new(cli::EXE)
+            .args(["run", "--url", &server.url(), "--ttl", "10", key])
+            .args(["--", "sh", "-c"])
+            .arg(format!("echo $$ > {}; sleep 1", started.display()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        cli::pid_written(&started);
+        runner
+    };
+    let gone = run("flushed-job");
     let flushed = Command::new("redis-cli")
         .args(["-u", &server.direct_url(), "FLUSHALL"])
         .output()
@@ -657,13 +665,7 @@ fn cli_keeps_the_commands_status_when_the_release_fails() {
     assert_eq!(gone.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("no longer held"), "no warning: {stderr}");
 
-    let failed = Command::new(cli::EXE)
-        .args(["run", "--url", &server.url(), "--ttl", "10", "release-job"])
-        .args(["--", "sh", "-c", "sleep 1"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let failed = run("release-job");
     server.kill().unwrap();
     let failed = failed.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&failed.stderr);
@@ -671,6 +673,39 @@ fn cli_keeps_the_commands_status_when_the_release_fails() {
     assert!(
         stderr.contains("releasing the lock failed"),
         "no warning: {stderr}"
+    );
+}
+
+/// A daemon the command starts (it leaves the process group with `setsid`: an ssh master, an
+/// agent) is not waited for: the lock would be held for as long as it lives.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_does_not_wait_for_daemons() {
+    use std::process::{Command, Stdio};
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let pid_file = cli::pid_file("daemon");
+    let mut runner = Command::new("setsid")
+        .args(["-w", cli::EXE])
+        .args(["run", "--url", &server.url(), "daemon-job"])
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "setsid sleep 30 & echo $! > {}",
+            pid_file.display()
+        ))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = cli::pid_written(&pid_file);
+    let status = cli::exit_within(&mut runner, Duration::from_secs(3), "with a daemon left");
+    let daemon_ran = cli::running(daemon);
+    cli::signal(daemon, "-KILL");
+    assert!(daemon_ran, "the test's premise: the daemon kept running");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    cli::next_run_gets(
+        &server.url(),
+        "daemon-job",
+        "not released with a daemon left",
     );
 }
 

@@ -539,6 +539,12 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
             }
             Ok(Ok(renewed)) => {
                 telemetry::renewal(backend, "renewed", took);
+                if state.lost_token().is_cancelled() {
+                    // Told it is lost meanwhile (a backstop on another runtime took it while
+                    // this renewal was stranded): the holder stopped; the lease is not taken
+                    // up again, and the guard's release frees the key.
+                    return;
+                }
                 tracing::trace!(key = %renewed.key(), "renewed");
                 let due = next_due(watched, &renewed);
                 state.set_lease(renewed);

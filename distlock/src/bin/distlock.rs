@@ -217,7 +217,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                     signal_group(pid, Signal::SIGKILL);
                 }
                 let _ = child.kill().await;
-                kill_leftovers().await;
+                let group = match (own_group, pid) {
+                    (true, Some(pid)) => as_pid(pid),
+                    _ => nix::unistd::getpgrp(),
+                };
+                kill_leftovers(group, own_group).await;
                 let reason = guard.lost_reason().unwrap_or_default();
                 return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
             }
@@ -244,15 +248,22 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             return Err(anyhow!(error).context("waiting for the command"));
         }
     };
-    // Processes the command started may run on after it (a worker finishing its job after
-    // SIGTERM, a job put in the background): the lock stays held until the last one ends.
+    // Processes the command started may run on after it in its process group (a worker
+    // finishing its job after SIGTERM, a job put in the background): the lock stays held
+    // until the last one ends. A daemon (it left the group with `setsid`: an ssh master, an
+    // agent) is not waited for: it would hold the lock for good.
+    let group = match (own_group, pid) {
+        (true, Some(pid)) => as_pid(pid),
+        _ => nix::unistd::getpgrp(),
+    };
     let mut told = false;
     loop {
-        if reap_all() {
+        reap_all();
+        let leftovers = children_in(group);
+        if leftovers.is_empty() {
             break;
         }
-        let leftovers = children();
-        if !told && !leftovers.is_empty() {
+        if !told {
             eprintln!(
                 "distlock: the command exited; {} process(es) it started still run: the lock \
                  stays held until they end",
@@ -263,10 +274,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         tokio::select! {
             biased;
             _ = guard.lost() => {
-                if let (true, Some(pid)) = (own_group, pid) {
-                    signal_group(pid, Signal::SIGKILL);
-                }
-                kill_leftovers().await;
+                kill_leftovers(group, own_group).await;
                 let reason = guard.lost_reason().unwrap_or_default();
                 return Err(LockError::lost(
                     args.key,
@@ -275,13 +283,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 .into());
             }
             signal = signals.next() => {
-                if let Some(signal) = signal {
-                    if let (true, Some(pid)) = (own_group, pid) {
-                        signal_group(pid, signal);
+                // As above: from a terminal, Ctrl-C and Ctrl-\ reached them already.
+                let from_terminal = matches!(signal, Some(Signal::SIGINT | Signal::SIGQUIT));
+                match signal {
+                    Some(signal) if own_group => signal_group(group.as_raw().unsigned_abs(), signal),
+                    Some(signal) if !from_terminal => {
+                        for leftover in leftovers {
+                            let _ = nix::sys::signal::kill(leftover, signal);
+                        }
                     }
-                    for leftover in leftovers {
-                        let _ = nix::sys::signal::kill(leftover, signal);
-                    }
+                    _ => {}
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -316,9 +327,10 @@ fn as_pid(pid: u32) -> nix::unistd::Pid {
     nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
 
-/// The direct children we have (the command, or what it left behind: we are a subreaper).
-fn children() -> Vec<nix::unistd::Pid> {
-    let me = std::process::id().to_string();
+/// Our children in process group `group` (what the command left behind and was re-parented
+/// to us: we are a subreaper), never ourselves.
+fn children_in(group: nix::unistd::Pid) -> Vec<nix::unistd::Pid> {
+    let me = nix::unistd::getpid();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
     };
@@ -331,35 +343,38 @@ fn children() -> Vec<nix::unistd::Pid> {
                 .collect::<Vec<_>>()
         })
         .map(nix::unistd::Pid::from_raw)
-        .filter(|pid| pid.to_string() != me)
+        .filter(|pid| *pid != me && nix::unistd::getpgid(Some(*pid)) == Ok(group))
         .collect()
 }
 
-/// Reaps every child that has ended; `true` once we have none left.
-fn reap_all() -> bool {
+/// Reaps every child that has ended (daemons the command started are re-parented to us too).
+fn reap_all() {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return false,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(WaitStatus::StillAlive) => return,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             // ECHILD: none left.
-            Err(_) => return true,
+            Err(_) => return,
         }
     }
 }
 
-/// Kills what the command left running (re-parented to us), for up to 2 s.
-async fn kill_leftovers() {
+/// Kills what the command left running in its group (re-parented to us), for up to 2 s.
+async fn kill_leftovers(group: nix::unistd::Pid, own_group: bool) {
     let until = std::time::Instant::now() + Duration::from_secs(2);
     while std::time::Instant::now() < until {
-        if reap_all() {
+        reap_all();
+        let leftovers = children_in(group);
+        if leftovers.is_empty() {
             return;
         }
-        for leftover in children() {
+        if own_group {
+            signal_group(group.as_raw().unsigned_abs(), Signal::SIGKILL);
+        }
+        for leftover in leftovers {
             let _ = nix::sys::signal::kill(leftover, Signal::SIGKILL);
         }
-        reap_all();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
