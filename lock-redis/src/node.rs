@@ -302,6 +302,15 @@ pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockErro
     LockError::backend("redis", format!("{context}: {error}"), retryable, error)
 }
 
+/// Whether `error` is the server's own answer (as opposed to no answer: an I/O error, a
+/// timeout, a dropped connection).
+fn is_server_reply(error: &redis::RedisError) -> bool {
+    !(error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal())
+}
+
 /// A server that refuses writes until something changes on its side: too few replicas
 /// (`min-replicas-to-write`, e.g. just after a failover), full under `noeviction`, busy with
 /// a long script, or failing to persist. redis-rs reads these codes as final; a waiting
@@ -910,17 +919,32 @@ impl Node {
                         std::io::ErrorKind::TimedOut,
                         format!("no answer to INFO server within {limit:?}"),
                     ))
-                })??;
-                let run_id = info
-                    .lines()
-                    .find_map(|line| line.strip_prefix("run_id:"))
-                    .map(str::trim)
-                    .unwrap_or_default();
-                if run_id.is_empty() {
+                })?;
+                let run_id = match info {
+                    Ok(info) => info
+                        .lines()
+                        .find_map(|line| line.strip_prefix("run_id:"))
+                        .map(|run_id| run_id.trim().to_owned())
+                        .unwrap_or_default(),
+                    // No answer: asked again before the next call.
+                    Err(error) if !is_server_reply(&error) => return Err(error),
+                    // Refused (a user without the `info` right, a server that renamed the
+                    // command): the node votes, unchecked.
+                    Err(error) => {
+                        tracing::warn!(
+                            node = %self.addr, %error,
+                            "cannot tell whether this redlock node is another node's server \
+                             (INFO server refused): list each server once"
+                        );
+                        String::new()
+                    }
+                };
+                let found = if run_id.is_empty() {
                     // A server (or proxy) that does not say: nothing to compare.
-                    return Ok(());
-                }
-                let found = servers.register(run_id, &self.addr);
+                    Ok(())
+                } else {
+                    servers.register(&run_id, &self.addr)
+                };
                 verdict.get_or_init(|| found).clone()
             }
         };

@@ -1197,3 +1197,30 @@ async fn redlock_one_server_under_two_names_has_one_vote() -> Result<()> {
     }
     Ok(())
 }
+
+/// A user without the `info` right (least-privilege ACLs deny `@dangerous`): the check that
+/// tells Redlock nodes apart cannot ask, so it lets the node vote unchecked (with a warning)
+/// instead of failing every call of the node with NOPERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_works_for_a_user_without_info() -> Result<()> {
+    let (servers, urls) = redlock_nodes(3, false)?;
+    for server in &servers {
+        let mut admin = server.client()?.get_multiplexed_async_connection().await?;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("-info")
+            .query_async(&mut admin)
+            .await?;
+    }
+    let backend = RedlockBackend::connect_nodes(&urls, redlock_options()).await?;
+    let key = LockKey::new(unique("no-info"))?;
+    let lease = backend
+        .try_acquire(&key, Duration::from_secs(5))
+        .await?
+        .into_lease()
+        .context("not acquired")?;
+    let lease = backend.renew(&lease, Duration::from_secs(5)).await?;
+    ensure!(backend.release(&lease).await?, "release answered false");
+    Ok(())
+}
