@@ -259,7 +259,10 @@ impl Inner {
     }
 
     /// Makes sure both tables exist (created if missing, serialized like the fence
-    /// sequence's creation; needs CREATE on the schema only then).
+    /// sequence's creation; needs CREATE on the schema only then). The check runs on the
+    /// holder session (one short statement); the creation on a connection of its own, so that
+    /// waiting for another process's setup, or a stall inside the transaction, never holds a
+    /// session that may hold locks.
     async fn ensure_tables(
         &self,
         session: &Session,
@@ -270,77 +273,96 @@ impl Inner {
         }
         let intent = self.table("distlock_rw_intent");
         let limits = self.table("distlock_semaphore_limit");
-        let table = format!("{intent} / {limits}");
         let expecting = state.expect_answer();
         let Some(conn) = state.conn.as_mut() else {
             return Err(LockError::backend_msg(BACKEND, "no holder session", true));
         };
-        // The setting takes at most 2^31 - 1 ms.
-        let op_timeout_ms = self
-            .config
-            .op_timeout
-            .as_millis()
-            .clamp(1, i32::MAX as u128)
-            .to_string();
-        let work = async {
-            let exists: bool = sqlx::query_scalar(
+        let exists = tokio::time::timeout(
+            self.config.op_timeout,
+            sqlx::query_scalar::<_, bool>(
                 "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
             )
             .bind(&intent)
             .bind(&limits)
-            .fetch_one(&mut *conn)
-            .await?;
-            if !exists {
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                // This is a holder session, which may hold locks: a process stopped inside
-                // this transaction would leave it idle in a transaction, where
-                // `idle_session_timeout` does not apply and its locks would stay. This one does.
-                sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-                    .bind(&op_timeout_ms)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-                    .bind(SETUP_LOCK.0)
-                    .bind(SETUP_LOCK.1)
-                    .execute(&mut *tx)
-                    .await?;
-                // Unlogged: an intent is worth nothing after a crash (it lapses in 2 s anyway),
-                // and writing it costs no WAL.
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "CREATE UNLOGGED TABLE IF NOT EXISTS {intent} \
-                     (name_key bigint PRIMARY KEY, until timestamptz NOT NULL)"
-                )))
-                .execute(&mut *tx)
-                .await?;
-                // Unlogged too: a crash or failover ends every holder session, so no permit
-                // outlives the rows.
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "CREATE UNLOGGED TABLE IF NOT EXISTS {limits} \
-                     (name_key bigint PRIMARY KEY, permit_limit int NOT NULL)"
-                )))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-            }
-            Ok::<_, sqlx::Error>(())
-        };
-        let outcome = tokio::time::timeout(self.config.op_timeout, work).await;
+            .fetch_one(&mut *conn),
+        )
+        .await;
         drop(expecting);
         if state.lost.is_cancelled() {
             // The heartbeat gave up on this session meanwhile and told its guards.
             self.break_session(session, state, "the holder session did not answer in time");
             return Err(LockError::backend_msg(
                 BACKEND,
-                "creating the semaphore and reader-writer tables: the holder session did not \
-                 answer in time",
+                "looking for the semaphore and reader-writer tables: the holder session did \
+                 not answer in time",
                 true,
             ));
         }
-        match outcome {
-            Ok(Ok(())) => {
-                self.tables_ready.store(true, Ordering::Relaxed);
-                Ok(())
+        let exists = match exists {
+            Ok(Ok(exists)) => exists,
+            Ok(Err(error)) => {
+                if is_connection_error(&error) {
+                    // Its guards hear it now, not at the next probe.
+                    self.break_session(session, state, "looking for the tables failed");
+                }
+                return Err(map_error(
+                    "looking for the semaphore and reader-writer tables",
+                    error,
+                ));
             }
+            Err(_) => {
+                self.break_session(session, state, "looking for the tables timed out");
+                return Err(timed_out(
+                    "looking for the semaphore and reader-writer tables",
+                    self.config.op_timeout,
+                ));
+            }
+        };
+        if !exists {
+            self.create_tables(&intent, &limits).await?;
+        }
+        self.tables_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Creates the tables on a connection of its own (see [`Self::ensure_tables`]).
+    async fn create_tables(&self, intent: &str, limits: &str) -> Result<(), LockError> {
+        let table = format!("{intent} / {limits}");
+        let options = self
+            .options
+            .clone()
+            .application_name(&format!("{}-setup", self.config.application_name));
+        let work = async {
+            let mut conn = options.connect().await?;
+            let mut tx = sqlx::Connection::begin(&mut conn).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                .bind(SETUP_LOCK.0)
+                .bind(SETUP_LOCK.1)
+                .execute(&mut *tx)
+                .await?;
+            // Unlogged: an intent is worth nothing after a crash (it lapses in 2 s anyway),
+            // and writing it costs no WAL.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE UNLOGGED TABLE IF NOT EXISTS {intent} \
+                 (name_key bigint PRIMARY KEY, until timestamptz NOT NULL)"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            // Unlogged too: a crash or failover ends every holder session, so no permit
+            // outlives the rows.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE UNLOGGED TABLE IF NOT EXISTS {limits} \
+                 (name_key bigint PRIMARY KEY, permit_limit int NOT NULL)"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            let _ = sqlx::Connection::close(conn).await;
+            Ok::<_, sqlx::Error>(())
+        };
+        // Dropped on a timeout: the server ends the connection and rolls its transaction back.
+        match tokio::time::timeout(self.config.op_timeout, work).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42501") => {
                 Err(LockError::InvalidConfig(format!(
                     "semaphores and reader-writer locks need the tables {table}, which do not exist and this \
@@ -348,24 +370,14 @@ impl Inner {
                      lock-postgres README) and grant SELECT, INSERT, UPDATE, DELETE on them"
                 )))
             }
-            Ok(Err(error)) => {
-                if is_connection_error(&error) {
-                    // Its guards hear it now, not at the next probe.
-                    self.break_session(session, state, "creating the tables failed");
-                }
-                Err(map_error(
-                    "creating the semaphore and reader-writer tables",
-                    error,
-                ))
-            }
-            Err(_) => {
-                // Perhaps inside the transaction: the session cannot be trusted to be idle.
-                self.break_session(session, state, "creating the tables timed out");
-                Err(timed_out(
-                    "creating the semaphore and reader-writer tables",
-                    self.config.op_timeout,
-                ))
-            }
+            Ok(Err(error)) => Err(map_error(
+                "creating the semaphore and reader-writer tables",
+                error,
+            )),
+            Err(_) => Err(timed_out(
+                "creating the semaphore and reader-writer tables",
+                self.config.op_timeout,
+            )),
         }
     }
 

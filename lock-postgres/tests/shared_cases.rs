@@ -603,3 +603,62 @@ async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
     dba.release(&permit).await?;
     Ok(())
 }
+
+/// The first semaphore call of a backend whose tables do not exist yet creates them under the
+/// setup lock, which another process may hold a while (creating its own fence sequence or
+/// tables). That wait ran on the holder session, counted as an unanswered statement, and
+/// reported the session's locks lost after ~0.5 s; the creation now runs on a connection of
+/// its own and the holder keeps its locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
+    let server = server().await?;
+    let schema = unique("tables").replace('-', "_");
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await?;
+    let backend = backend_at(
+        &server.url(),
+        PostgresConfig {
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            fence_sequence: format!("{schema}.distlock_fence"),
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let locker = Locker::from_arc(backend.clone());
+    let ttl = Duration::from_secs(30);
+    let guard = locker.lock(unique("kept")).ttl(ttl).acquire().await?;
+    // Another process holds the setup lock for 1.5 s.
+    let mut setup = admin.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(lock_postgres::SETUP_LOCK.0)
+        .bind(lock_postgres::SETUP_LOCK.1)
+        .execute(&mut *setup)
+        .await?;
+    let first = tokio::spawn({
+        let backend = backend.clone();
+        let name = LockKey::new(unique("first-sem"))?;
+        async move { backend.try_acquire_permits(&name, 2, 1, ttl).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lost_meanwhile = guard.is_lost();
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(lock_postgres::SETUP_LOCK.0)
+        .bind(lock_postgres::SETUP_LOCK.1)
+        .execute(&mut *setup)
+        .await?;
+    let permit = first.await??.into_lease().context("no permit")?;
+    ensure!(
+        !lost_meanwhile && !guard.is_lost(),
+        "the holder's lock was reported lost while the table creation waited: {:?}",
+        guard.lost_reason()
+    );
+    backend.release(&permit).await?;
+    guard.release().await?;
+    Ok(())
+}
