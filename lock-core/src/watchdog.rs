@@ -97,6 +97,15 @@ struct State {
 }
 
 impl State {
+    /// Queues `watched` at `due` (the caller records the key in its slot).
+    fn insert(&mut self, watched: &Arc<Watched>, due: Instant, backstop: bool) -> QueueKey {
+        let key = (due, self.next_seq);
+        self.next_seq += 1;
+        let watched = watched.clone();
+        self.queue.insert(key, Entry { watched, backstop });
+        key
+    }
+
     /// Wakes every runtime's task (one between two looks keeps a permit).
     fn wake_tasks(&self) {
         for task in self.tasks.values() {
@@ -206,15 +215,7 @@ impl Watchdog {
             state.watching_suspension = true;
             state.suspensions_seen = crate::suspend::suspensions();
         }
-        let key = (due, state.next_seq);
-        state.next_seq += 1;
-        state.queue.insert(
-            key,
-            Entry {
-                watched: watched.clone(),
-                backstop: false,
-            },
-        );
+        let key = state.insert(watched, due, false);
         state.queued_since_wake = true;
         // Replaces a backstop left while the guard was attended (see [`Entry::backstop`]).
         if let Some(old) = lock(&watched.slot).replace(key) {
@@ -332,16 +333,7 @@ impl Watchdog {
             *slot = None;
             let lost_at = watched.guard.with_lease(lost_deadline);
             if lost_at > now && !watched.guard.is_stopped() {
-                let key = (lost_at, state.next_seq);
-                state.next_seq += 1;
-                state.queue.insert(
-                    key,
-                    Entry {
-                        watched: watched.clone(),
-                        backstop: true,
-                    },
-                );
-                *slot = Some(key);
+                *slot = Some(state.insert(&watched, lost_at, true));
             }
             drop(slot);
             due.push(watched);

@@ -12,6 +12,7 @@ use lock_harness::TcpProxy;
 use lock_harness::postgres::PostgresServer;
 use lock_postgres::{PostgresBackend, PostgresConfig};
 use sqlx::postgres::PgPoolOptions;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, timeout};
 
@@ -211,46 +212,12 @@ async fn a_silent_session_does_not_delay_another_sessions_heartbeat() -> Result<
 /// `lost()` within the bound, not when the statement's `op_timeout` (5 s) runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()> {
-    let server = server().await?;
-    let proxy = TcpProxy::start(server.addr())?;
-    let app = unique("busy");
-    let backend = backend_at(
-        &PostgresServer::url_for(proxy.addr()),
-        PostgresConfig {
-            application_name: app.clone(),
-            max_sessions: 1,
-            sessions_per_ttl: 1,
-            ..PostgresConfig::default()
-        },
-    )
-    .await?;
-    let holder = Locker::from_arc(backend.clone());
-    let other = backend_at(&server.url(), PostgresConfig::default()).await?;
-    let key = LockKey::new(unique("busy-held"))?;
-    let ttl = Duration::from_secs(30);
-    let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
-    let lost = lost_at(&guard);
-    proxy.blackhole();
-    // A statement on the same (only) session, stuck in the black hole.
-    let stuck = tokio::spawn({
-        let backend = backend.clone();
+    busy_holder_hears_within_the_bound("busy", |backend, ttl| async move {
         let key = LockKey::new(unique("busy-other"))?;
-        async move { backend.try_acquire(&key, ttl).await }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    terminate_and_check_notice(
-        server,
-        &app,
-        &other,
-        &key,
-        ttl,
-        lost,
-        "busy black-holed holder",
-    )
-    .await?;
-    proxy.heal();
-    let _ = timeout(Duration::from_secs(10), stuck).await;
-    Ok(())
+        backend.try_acquire(&key, ttl).await?;
+        Ok(())
+    })
+    .await
 }
 
 /// As above, but the statement in flight is the first semaphore call of a fresh backend: it
@@ -259,9 +226,27 @@ async fn holder_with_a_statement_in_flight_hears_within_the_bound() -> Result<()
 /// the guard heard only when that statement's `op_timeout` (5 s) ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holder_busy_with_its_first_semaphore_call_hears_within_the_bound() -> Result<()> {
+    busy_holder_hears_within_the_bound("first-permits", |backend, ttl| async move {
+        let key = LockKey::new(unique("first-permits-sem"))?;
+        backend.try_acquire_permits(&key, 3, 1, ttl).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A holder (one session, behind a proxy) whose connection goes silent while `stuck` runs a
+/// statement on that session; the server then ends the session and another process takes the
+/// lock: the holder's `lost()` must fire within the bound.
+async fn busy_holder_hears_within_the_bound<F>(
+    name: &str,
+    stuck: impl FnOnce(Arc<PostgresBackend>, Duration) -> F,
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
     let server = server().await?;
     let proxy = TcpProxy::start(server.addr())?;
-    let app = unique("first-permits");
+    let app = unique(name);
     let backend = backend_at(
         &PostgresServer::url_for(proxy.addr()),
         PostgresConfig {
@@ -274,16 +259,13 @@ async fn holder_busy_with_its_first_semaphore_call_hears_within_the_bound() -> R
     .await?;
     let holder = Locker::from_arc(backend.clone());
     let other = backend_at(&server.url(), PostgresConfig::default()).await?;
-    let key = LockKey::new(unique("first-permits-held"))?;
+    let key = LockKey::new(unique(&format!("{name}-held")))?;
     let ttl = Duration::from_secs(30);
     let guard = holder.lock(key.as_str()).ttl(ttl).acquire().await?;
     let lost = lost_at(&guard);
     proxy.blackhole();
-    let stuck = tokio::spawn({
-        let backend = backend.clone();
-        let key = LockKey::new(unique("first-permits-sem"))?;
-        async move { backend.try_acquire_permits(&key, 3, 1, ttl).await }
-    });
+    // A statement on the same (only) session, stuck in the black hole.
+    let stuck = tokio::spawn(stuck(backend.clone(), ttl));
     tokio::time::sleep(Duration::from_millis(50)).await;
     terminate_and_check_notice(
         server,
@@ -292,7 +274,7 @@ async fn holder_busy_with_its_first_semaphore_call_hears_within_the_bound() -> R
         &key,
         ttl,
         lost,
-        "holder black-holed in its first semaphore call",
+        &format!("{name}: busy black-holed holder"),
     )
     .await?;
     proxy.heal();

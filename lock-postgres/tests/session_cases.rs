@@ -168,21 +168,7 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (backend, proxy) = main.block_on(async {
-        let server = server().await?;
-        // Through a proxy, so the statement is surely still in flight after one poll.
-        let proxy = TcpProxy::start(server.addr())?;
-        let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
-        // Connect the holder session here, in the main runtime.
-        let warm = LockKey::new(unique("warm"))?;
-        let lease = backend
-            .try_acquire(&warm, Duration::from_secs(5))
-            .await?
-            .into_lease()
-            .context("warm-up key not free")?;
-        backend.release(&lease).await?;
-        Ok::<_, anyhow::Error>((backend, proxy))
-    })?;
+    let (backend, proxy) = main.block_on(proxied_backend())?;
     proxy.set_delay(Duration::from_millis(50));
     let key = LockKey::new(unique("abandoned"))?;
     let side = tokio::runtime::Builder::new_current_thread()
@@ -213,19 +199,7 @@ fn acquire_dropped_by_a_closing_runtime_leaves_the_key_usable() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (backend, proxy) = main.block_on(async {
-        let server = server().await?;
-        let proxy = TcpProxy::start(server.addr())?;
-        let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
-        let warm = LockKey::new(unique("warm"))?;
-        let lease = backend
-            .try_acquire(&warm, Duration::from_secs(5))
-            .await?
-            .into_lease()
-            .context("warm-up key not free")?;
-        backend.release(&lease).await?;
-        Ok::<_, anyhow::Error>((backend, proxy))
-    })?;
+    let (backend, proxy) = main.block_on(proxied_backend())?;
     proxy.set_delay(Duration::from_millis(50));
     let key = LockKey::new(unique("closing"))?;
     let side = tokio::runtime::Builder::new_current_thread()
@@ -240,6 +214,22 @@ fn acquire_dropped_by_a_closing_runtime_leaves_the_key_usable() -> Result<()> {
     drop(side);
     proxy.set_delay(Duration::ZERO);
     main.block_on(key_becomes_usable(&backend, &key))
+}
+
+/// A one-session backend through a proxy (so a statement is surely still in flight after
+/// one poll), its holder session connected on the calling runtime.
+async fn proxied_backend() -> Result<(Arc<PostgresBackend>, TcpProxy)> {
+    let server = server().await?;
+    let proxy = TcpProxy::start(server.addr())?;
+    let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
+    let warm = LockKey::new(unique("warm"))?;
+    let lease = backend
+        .try_acquire(&warm, Duration::from_secs(5))
+        .await?
+        .into_lease()
+        .context("warm-up key not free")?;
+    backend.release(&lease).await?;
+    Ok((backend, proxy))
 }
 
 /// Within 3 s the key can be taken and released, and no orphan lock stays on the server.
