@@ -246,7 +246,7 @@ return 1
 /// with a `maxmemory` and any policy but `noeviction`, every lock key is a candidate (each
 /// has a TTL, which the `volatile-*` policies pick from), and an evicted lock is free for the
 /// next client while its holder, until its next renewal, believes it holds it.
-fn warn_if_locks_may_be_evicted(mut conn: ConnectionManager, addr: String) {
+pub(crate) fn warn_if_locks_may_be_evicted(mut conn: ConnectionManager, addr: String) {
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
@@ -258,19 +258,25 @@ fn warn_if_locks_may_be_evicted(mut conn: ConnectionManager, addr: String) {
                 .query_async::<String>(&mut conn),
         )
         .await;
-        if let Ok(Ok(info)) = info
-            && let Some(policy) = eviction_policy(&info)
-        {
-            tracing::warn!(
-                server = %addr,
-                policy,
-                "this redis server may evict keys under memory pressure (maxmemory is set and \
-                 maxmemory-policy is not noeviction): an evicted lock is free for another \
-                 client while its holder still believes it holds it; use a server (or \
-                 database instance) with maxmemory-policy noeviction for locks"
-            );
+        if let Ok(Ok(info)) = info {
+            warn_if_evicting(&info, &addr);
         }
     });
+}
+
+/// The warning of [`warn_if_locks_may_be_evicted`], from an `INFO` answer that has the memory
+/// section.
+fn warn_if_evicting(info: &str, addr: &str) {
+    if let Some(policy) = eviction_policy(info) {
+        tracing::warn!(
+            server = %addr,
+            policy,
+            "this redis server may evict keys under memory pressure (maxmemory is set and \
+             maxmemory-policy is not noeviction): an evicted lock is free for another \
+             client while its holder still believes it holds it; use a server (or \
+             database instance) with maxmemory-policy noeviction for locks"
+        );
+    }
 }
 
 /// The eviction policy from an `INFO memory` answer, when it can evict keys (a `maxmemory`
@@ -909,9 +915,8 @@ impl Node {
                 let limit = self.conn.command_timeout;
                 let info = timeout(
                     limit,
-                    redis::cmd("INFO")
-                        .arg("server")
-                        .query_async::<String>(&mut conn),
+                    // The default sections: `server` (run_id) and `memory` (eviction).
+                    redis::cmd("INFO").query_async::<String>(&mut conn),
                 )
                 .await
                 .map_err(|_| {
@@ -921,11 +926,13 @@ impl Node {
                     ))
                 })?;
                 let run_id = match info {
-                    Ok(info) => info
-                        .lines()
-                        .find_map(|line| line.strip_prefix("run_id:"))
-                        .map(|run_id| run_id.trim().to_owned())
-                        .unwrap_or_default(),
+                    Ok(info) => {
+                        warn_if_evicting(&info, &self.addr);
+                        info.lines()
+                            .find_map(|line| line.strip_prefix("run_id:"))
+                            .map(|run_id| run_id.trim().to_owned())
+                            .unwrap_or_default()
+                    }
                     // No answer: asked again before the next call.
                     Err(error) if !is_server_reply(&error) => return Err(error),
                     // Refused (a user without the `info` right, a server that renamed the
@@ -1761,7 +1768,9 @@ impl Nodes {
             while let Some((index, result)) = pending.next().await {
                 match result {
                     Ok(conn) => {
-                        if let Some(node) = prepared.get(index) {
+                        // Redlock nodes are looked at before their first vote (with their
+                        // run_id), also those that connect later.
+                        if let Some(node) = prepared.get(index).filter(|_| urls.len() == 1) {
                             warn_if_locks_may_be_evicted(conn.clone(), node.addr.clone());
                         }
                         connected += 1;

@@ -488,6 +488,8 @@ impl Follower {
             }
         };
         if role == "master" {
+            // Every master we follow, the first and each one after a failover.
+            crate::node::warn_if_locks_may_be_evicted(server.manager.clone(), server.addr.clone());
             Ok(server)
         } else {
             Err(LockError::backend_msg(

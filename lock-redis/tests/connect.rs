@@ -194,3 +194,76 @@ async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
     );
     Ok(())
 }
+
+/// The same warning for a Sentinel master (the first, and each one after a failover) and for
+/// a Redlock node that connects only after the quorum did (before: only servers the backend
+/// connected to by URL at once were looked at).
+#[tokio::test(flavor = "current_thread")]
+async fn evicting_sentinel_masters_and_late_redlock_nodes_are_warned_about() -> Result<()> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    async fn evicting(client: redis::Client) -> Result<()> {
+        let mut admin = client.get_multiplexed_async_connection().await?;
+        for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
+            let () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut admin)
+                .await?;
+        }
+        Ok(())
+    }
+    let warned = async |count: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while captured.text().matches("may evict").count() < count {
+            ensure!(
+                Instant::now() < deadline,
+                "no warning about {what}: {:?}",
+                captured.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+
+    let set = lock_harness::redis_sentinel::SentinelSet::builder()
+        .wait_for_sentinels(true)
+        .start()
+        .await?;
+    for index in 0..set.node_addrs().len() {
+        evicting(set.node_client(index)?).await?;
+    }
+    let _sentinel = lock_redis::connect(&set.url()).await?;
+    warned(1, "an evicting Sentinel master").await?;
+
+    let plain = [RedisServer::start()?, RedisServer::start()?];
+    let late = RedisServer::builder().proxy(true).start()?;
+    evicting(late.client()?).await?;
+    let proxy = late.proxy().expect("started with a proxy");
+    proxy.blackhole();
+    let urls = vec![plain[0].url(), plain[1].url(), late.url()];
+    let redlock =
+        lock_redis::RedlockBackend::connect_nodes(&urls, lock_redis::RedisOptions::default())
+            .await?;
+    proxy.heal();
+    let key = lock_core::LockKey::new(format!("late-{}", free_port()?))?;
+    let lease = lock_core::LockBackend::try_acquire(&redlock, &key, Duration::from_secs(5))
+        .await?
+        .into_lease();
+    warned(2, "a Redlock node connected after the quorum").await?;
+    if let Some(lease) = lease {
+        lock_core::LockBackend::release(&redlock, &lease).await?;
+    }
+    ensure!(
+        captured.text().matches("may evict").count() == 2,
+        "one warning per evicting server: {}",
+        captured.text()
+    );
+    Ok(())
+}
