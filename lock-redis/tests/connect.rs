@@ -148,26 +148,21 @@ impl Captured {
     }
 }
 
-/// A server that may evict lock keys (a `maxmemory` with a `volatile-*` policy picks among
-/// keys with a TTL, which every lock key has) is named in a warning when the backend
-/// connects; the default server (no `maxmemory`) is not.
-#[tokio::test]
-async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
+/// Captures the WARN events of this thread (tests on a current-thread runtime: the checks'
+/// tasks run on this thread, under this subscriber) until the guard drops.
+fn capture_warnings() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_writer(move || writer.clone())
         .finish();
-    // Current-thread runtime: the check's task runs on this thread, under this subscriber.
-    let _default = tracing::subscriber::set_default(subscriber);
-    let plain = RedisServer::start()?;
-    let _backend = lock_redis::connect(&plain.url()).await?;
-    let evicting = RedisServer::start()?;
-    let mut admin = evicting
-        .client()?
-        .get_multiplexed_async_connection()
-        .await?;
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// Gives the server behind `client` a `maxmemory` and a policy that evicts keys with a TTL.
+async fn make_evicting(client: redis::Client) -> Result<()> {
+    let mut admin = client.get_multiplexed_async_connection().await?;
     for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
         let () = redis::cmd("CONFIG")
             .arg("SET")
@@ -176,16 +171,35 @@ async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
             .query_async(&mut admin)
             .await?;
     }
-    let _evicting_backend = lock_redis::connect(&evicting.url()).await?;
+    Ok(())
+}
+
+/// Waits (3 s at most) until `captured` holds `count` eviction warnings.
+async fn warned(captured: &Captured, count: usize, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !captured.text().contains("may evict") {
+    while captured.text().matches("may evict").count() < count {
         ensure!(
             Instant::now() < deadline,
-            "no warning about an evicting server: {:?}",
+            "no warning about {what}: {:?}",
             captured.text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// A server that may evict lock keys (a `maxmemory` with a `volatile-*` policy picks among
+/// keys with a TTL, which every lock key has) is named in a warning when the backend
+/// connects; the default server (no `maxmemory`) is not.
+#[tokio::test]
+async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
+    let (captured, _default) = capture_warnings();
+    let plain = RedisServer::start()?;
+    let _backend = lock_redis::connect(&plain.url()).await?;
+    let evicting = RedisServer::start()?;
+    make_evicting(evicting.client()?).await?;
+    let _evicting_backend = lock_redis::connect(&evicting.url()).await?;
+    warned(&captured, 1, "an evicting server").await?;
     let text = captured.text();
     ensure!(
         text.matches("may evict").count() == 1
@@ -200,51 +214,20 @@ async fn a_server_that_may_evict_locks_is_warned_about() -> Result<()> {
 /// connected to by URL at once were looked at).
 #[tokio::test(flavor = "current_thread")]
 async fn evicting_sentinel_masters_and_late_redlock_nodes_are_warned_about() -> Result<()> {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-    async fn evicting(client: redis::Client) -> Result<()> {
-        let mut admin = client.get_multiplexed_async_connection().await?;
-        for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
-            let () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg(name)
-                .arg(value)
-                .query_async(&mut admin)
-                .await?;
-        }
-        Ok(())
-    }
-    let warned = async |count: usize, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while captured.text().matches("may evict").count() < count {
-            ensure!(
-                Instant::now() < deadline,
-                "no warning about {what}: {:?}",
-                captured.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok::<_, anyhow::Error>(())
-    };
-
+    let (captured, _default) = capture_warnings();
     let set = lock_harness::redis_sentinel::SentinelSet::builder()
         .wait_for_sentinels(true)
         .start()
         .await?;
     for index in 0..set.node_addrs().len() {
-        evicting(set.node_client(index)?).await?;
+        make_evicting(set.node_client(index)?).await?;
     }
     let _sentinel = lock_redis::connect(&set.url()).await?;
-    warned(1, "an evicting Sentinel master").await?;
+    warned(&captured, 1, "an evicting Sentinel master").await?;
 
     let plain = [RedisServer::start()?, RedisServer::start()?];
     let late = RedisServer::builder().proxy(true).start()?;
-    evicting(late.client()?).await?;
+    make_evicting(late.client()?).await?;
     let proxy = late.proxy().expect("started with a proxy");
     proxy.blackhole();
     let urls = vec![plain[0].url(), plain[1].url(), late.url()];
@@ -256,7 +239,7 @@ async fn evicting_sentinel_masters_and_late_redlock_nodes_are_warned_about() -> 
     let lease = lock_core::LockBackend::try_acquire(&redlock, &key, Duration::from_secs(5))
         .await?
         .into_lease();
-    warned(2, "a Redlock node connected after the quorum").await?;
+    warned(&captured, 2, "a Redlock node connected after the quorum").await?;
     if let Some(lease) = lease {
         lock_core::LockBackend::release(&redlock, &lease).await?;
     }
