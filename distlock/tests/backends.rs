@@ -372,6 +372,13 @@ mod cli {
         })
     }
 
+    /// The parent of `pid`, from `/proc` (`None` once it is gone).
+    pub fn parent_of(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(") ")?;
+        rest.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Whether `pid` still runs `within` from now; killed if so, so that no test leaves it.
     pub fn still_running_after(pid: u32, within: Duration) -> bool {
         let by = Instant::now() + within;
@@ -587,8 +594,16 @@ fn cli_holds_the_lock_until_the_commands_children_end() {
         .unwrap();
     let survivor = cli::pid_written(&pid_file);
     cli::signal(runner.id(), "-TERM");
-    // The shell dies of the SIGTERM passed on; its child ignores it and runs on.
-    std::thread::sleep(Duration::from_millis(500));
+    // The shell dies of the SIGTERM passed on; its child ignores it, runs on, and is
+    // re-parented to distlock (its subreaper).
+    let since = std::time::Instant::now();
+    while cli::parent_of(survivor) != Some(runner.id()) {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "the shell did not end of the SIGTERM passed on"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let next = Command::new(cli::EXE)
         .args(["run", "--url", &server.url(), "children-job", "--", "true"])
         .output()

@@ -208,36 +208,26 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             return Err(anyhow!(error).context(format!("starting {:?}", args.command[0])));
         }
     };
-    let pid = child.id();
+    let pid = child.id().map(as_pid);
+    // The command's process group: its own, or ours (the terminal's).
+    let group = match (own_group, pid) {
+        (true, Some(pid)) => pid,
+        _ => nix::unistd::getpgrp(),
+    };
     let status = loop {
         tokio::select! {
             biased;
             _ = guard.lost() => {
-                if let (true, Some(pid)) = (own_group, pid) {
-                    signal_group(pid, Signal::SIGKILL);
+                if own_group {
+                    let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
                 }
                 let _ = child.kill().await;
-                let group = match (own_group, pid) {
-                    (true, Some(pid)) => as_pid(pid),
-                    _ => nix::unistd::getpgrp(),
-                };
                 kill_leftovers(group, own_group).await;
                 let reason = guard.lost_reason().unwrap_or_default();
                 return Err(LockError::lost(args.key, format!("{reason}; the command was killed")).into());
             }
-            signal = signals.next() => {
-                // In the terminal's group, Ctrl-C and Ctrl-\ reached the command already:
-                // passed on again, a second SIGINT reads as "force quit" to many tools.
-                let from_terminal = matches!(signal, Some(Signal::SIGINT | Signal::SIGQUIT));
-                if let (Some(pid), Some(signal)) = (pid, signal) {
-                    if own_group {
-                        signal_group(pid, signal);
-                    } else if !from_terminal {
-                        // A pid we started and have not reaped yet: it names our command.
-                        let _ = nix::sys::signal::kill(as_pid(pid), signal);
-                    }
-                }
-            }
+            // A pid we started and have not reaped yet: it names our command.
+            signal = signals.next() => pass_on(signal, own_group.then_some(group), pid),
             status = child.wait() => break status,
         }
     };
@@ -252,10 +242,6 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     // finishing its job after SIGTERM, a job put in the background): the lock stays held
     // until the last one ends. A daemon (it left the group with `setsid`: an ssh master, an
     // agent) is not waited for: it would hold the lock for good.
-    let group = match (own_group, pid) {
-        (true, Some(pid)) => as_pid(pid),
-        _ => nix::unistd::getpgrp(),
-    };
     let mut told = false;
     loop {
         reap_all();
@@ -282,19 +268,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 )
                 .into());
             }
-            signal = signals.next() => {
-                // As above: from a terminal, Ctrl-C and Ctrl-\ reached them already.
-                let from_terminal = matches!(signal, Some(Signal::SIGINT | Signal::SIGQUIT));
-                match signal {
-                    Some(signal) if own_group => signal_group(group.as_raw().unsigned_abs(), signal),
-                    Some(signal) if !from_terminal => {
-                        for leftover in leftovers {
-                            let _ = nix::sys::signal::kill(leftover, signal);
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            signal = signals.next() => pass_on(signal, own_group.then_some(group), leftovers),
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
@@ -318,9 +292,25 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     ))
 }
 
-/// Sends `signal` to the process group led by `pid` (the command started with its own group).
-fn signal_group(pid: u32, signal: Signal) {
-    let _ = nix::sys::signal::killpg(as_pid(pid), signal);
+/// Passes `signal` on: to the command's own process group when it has one, else to each of
+/// `targets` (in the terminal's group), except Ctrl-C and Ctrl-\, which reached them from
+/// the terminal already (a second SIGINT reads as "force quit" to many tools). `None`: a
+/// signal that is not passed on.
+fn pass_on(
+    signal: Option<Signal>,
+    own_group: Option<nix::unistd::Pid>,
+    targets: impl IntoIterator<Item = nix::unistd::Pid>,
+) {
+    let Some(signal) = signal else {
+        return;
+    };
+    if let Some(group) = own_group {
+        let _ = nix::sys::signal::killpg(group, signal);
+    } else if !matches!(signal, Signal::SIGINT | Signal::SIGQUIT) {
+        for target in targets {
+            let _ = nix::sys::signal::kill(target, signal);
+        }
+    }
 }
 
 fn as_pid(pid: u32) -> nix::unistd::Pid {
@@ -370,7 +360,7 @@ async fn kill_leftovers(group: nix::unistd::Pid, own_group: bool) {
             return;
         }
         if own_group {
-            signal_group(group.as_raw().unsigned_abs(), Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
         }
         for leftover in leftovers {
             let _ = nix::sys::signal::kill(leftover, Signal::SIGKILL);
@@ -399,10 +389,6 @@ const PASSED_ON: [Signal; 14] = [
     Signal::SIGSTKFLT,
 ];
 
-/// The realtime signals (their default ends the process too): caught, not passed on (the
-/// signal type we forward with names only the standard ones).
-const REALTIME: std::ops::RangeInclusive<i32> = 34..=64;
-
 /// Signals received while the command runs, from one task per signal. A signal that was
 /// ignored when `distlock` started (`nohup`, a shell's background job) gets no handler: it
 /// stays ignored, in the command too (a handler would reset it to its default at the exec).
@@ -418,7 +404,10 @@ impl Signals {
         let standard = PASSED_ON
             .iter()
             .map(|signal| (*signal as i32, Some(*signal)));
-        let realtime = REALTIME.map(|number| (number, None));
+        // The realtime signals (their default ends the process too; the C library reserves
+        // the first few): caught, not passed on (the signal type we forward with names only
+        // the standard ones).
+        let realtime = (libc::SIGRTMIN()..=libc::SIGRTMAX()).map(|number| (number, None));
         for (number, named) in standard.chain(realtime) {
             if ignored & (1u64 << (number - 1)) != 0 {
                 continue;
