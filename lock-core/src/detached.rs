@@ -18,8 +18,11 @@ use std::time::Duration;
 const BACKGROUND_BOUND: Duration = Duration::from_secs(10);
 
 /// The process's background runtime: one worker thread, started on first use, never shut
-/// down (it lives as long as the process, as a global executor does).
-pub(crate) fn background() -> Option<&'static tokio::runtime::Handle> {
+/// down (it lives as long as the process, as a global executor does). `None` if it could not
+/// be started. The client runs work there that must not depend on a caller's runtime
+/// (releases after the caller is gone, the watchdog of guards acquired outside Tokio); a
+/// backend may run its long-lived tasks there for the same reason (lock-etcd does).
+pub fn background_runtime() -> Option<&'static tokio::runtime::Handle> {
     static BACKGROUND: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
     BACKGROUND
         .get_or_init(|| {
@@ -62,7 +65,7 @@ fn on_background<F>(work: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    if let Some(background) = background() {
+    if let Some(background) = background_runtime() {
         background.spawn(async move {
             let _ = tokio::time::timeout(BACKGROUND_BOUND, work).await;
         });

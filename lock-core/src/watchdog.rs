@@ -353,11 +353,11 @@ impl Watchdog {
 /// making a timer there panics, which Tokio reports with what to enable).
 fn task_runtime(state: &mut State) -> Option<Handle> {
     let Ok(current) = Handle::try_current() else {
-        return crate::detached::background().cloned();
+        return crate::detached::background_runtime().cloned();
     };
     let id = current.id();
     if state.untimed.contains(&id) {
-        return crate::detached::background().cloned();
+        return crate::detached::background_runtime().cloned();
     }
     if state
         .tasks
@@ -375,7 +375,7 @@ fn task_runtime(state: &mut State) -> Option<Handle> {
              guards from a background runtime"
         );
         state.untimed.insert(id);
-        crate::detached::background().cloned()
+        crate::detached::background_runtime().cloned()
     }
 }
 

@@ -353,7 +353,7 @@ impl Inner {
     /// caller must not revoke that lease.
     async fn grant(&self, ttl: Duration, lease_id: i64) -> Result<Granted, LockError> {
         let seconds = lease_seconds(ttl);
-        let client = self.connection.client().await?;
+        let client = self.connection.client();
         let mut tries = 0_usize;
         let answer = self
             .attempt(|| {
@@ -414,7 +414,7 @@ impl Inner {
 
     /// Revokes a lease. `Ok(false)`: it no longer existed.
     async fn revoke(&self, lease_id: i64) -> Result<bool, LockError> {
-        let client = self.connection.client().await?;
+        let client = self.connection.client();
         let answer = self
             .attempt(|| {
                 let mut lease = client.lease_client();
@@ -434,7 +434,7 @@ impl Inner {
     }
 
     async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, LockError> {
-        let client = self.connection.client().await?;
+        let client = self.connection.client();
         self.call(what, || {
             let mut kv = client.kv_client();
             let txn = txn.clone();
@@ -445,7 +445,7 @@ impl Inner {
 
     /// Whether a lease still exists (etcd answers TTL −1 for an expired or revoked one).
     async fn lease_alive(&self, lease_id: i64) -> Result<bool, LockError> {
-        let client = self.connection.client().await?;
+        let client = self.connection.client();
         let answer = self
             .call("lease time-to-live", || {
                 let mut lease = client.lease_client();
@@ -513,8 +513,8 @@ impl EtcdBackend {
             .collect();
         let options = security::client_options(&config)?;
         let deadline = Instant::now() + config.connect_timeout;
-        let (client, options) = match Self::open(&config, &endpoints, options, deadline).await {
-            Ok(opened) => opened,
+        let client = match Self::open(&config, &endpoints, options, deadline).await {
+            Ok(client) => client,
             Err(error) if error.is_refused() || !error.is_retryable() => return Err(error),
             Err(error) => {
                 // A client speaking the wrong protocol, or a certificate the server does not
@@ -526,7 +526,7 @@ impl EtcdBackend {
                     .unwrap_or(error));
             }
         };
-        let connection = Arc::new(Connection::new(client, endpoints, options, config.clone()));
+        let connection = Arc::new(Connection::new(client, endpoints));
         let watcher = Watcher::new(connection.clone(), config.request_timeout);
         let renewer = Renewer::new(connection.clone(), config.request_timeout);
         Ok(EtcdBackend {
@@ -544,14 +544,13 @@ impl EtcdBackend {
 
     /// Builds the client (logging in, if credentials are configured) and proves the cluster
     /// answers a read of the prefix (which also proves the user may read it), all by
-    /// `deadline`. Returns the options the client was built with (without credentials if
-    /// the server has authentication off).
+    /// `deadline`, on the background runtime ([`crate::driver`]).
     async fn open(
         config: &EtcdConfig,
         endpoints: &[String],
         mut options: ConnectOptions,
         deadline: Instant,
-    ) -> Result<(Client, ConnectOptions), LockError> {
+    ) -> Result<Client, LockError> {
         let unreachable = |detail: String| {
             LockError::backend_msg(
                 BACKEND,
@@ -610,7 +609,7 @@ impl EtcdBackend {
             Some(GetOptions::new().with_prefix().with_count_only()),
         );
         match timeout_at(deadline, probe).await {
-            Ok(Ok(_)) => Ok((client, options)),
+            Ok(Ok(_)) => Ok(client),
             Ok(Err(error)) => Err(failed(error)),
             Err(_) => Err(unreachable(format!(
                 "no answer within {:?}",
@@ -1003,7 +1002,7 @@ impl LockBackend for EtcdBackend {
             )]);
         let mut tries = 0_usize;
         let attempt = async {
-            let client = self.inner.connection.client().await?;
+            let client = self.inner.connection.client();
             self.inner
                 .call("release txn", || {
                     tries += 1;

@@ -1,46 +1,45 @@
-//! The runtime the etcd client and the backend's long-lived tasks run on: one per process,
-//! one worker thread, started on first use and never shut down.
+//! Where the etcd client and the backend's long-lived tasks run: lock-core's background
+//! runtime ([`lock_core::background_runtime`], one worker thread per process, never shut
+//! down), not a caller's.
 //!
 //! tonic runs a channel's worker (and the connections under it) as tasks of the runtime that
 //! built the channel, and the renewal, watch and follower tasks are long-lived too. Put on a
 //! caller's runtime they stopped with it: a runtime that shut down took every renewal of the
 //! backend with it (the tasks kept a client whose channel was gone), and a current-thread
 //! runtime kept alive but no longer driven (its `block_on` returned) left every renewal of
-//! every runtime queued in a task that never ran. On this runtime they run whatever the
-//! callers' runtimes do; requests made from any runtime reach them through channels.
+//! every runtime queued in a task that never ran. On the background runtime they run whatever
+//! the callers' runtimes do; requests made from any runtime reach them through channels.
 
 use lock_core::LockError;
 use std::future::Future;
-use std::sync::OnceLock;
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 
-/// The driver runtime's handle.
+/// The background runtime's handle.
 pub(crate) fn handle() -> Result<&'static Handle, LockError> {
-    static DRIVER: OnceLock<Result<Handle, String>> = OnceLock::new();
-    DRIVER
-        .get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("distlock-etcd")
-                .enable_all()
-                .build()
-                .map_err(|error| error.to_string())?;
-            let handle = runtime.handle().clone();
-            // Never dropped: the client's channel and the tasks live as long as the process.
-            std::mem::forget(runtime);
-            Ok(handle)
-        })
-        .as_ref()
-        .map_err(|error| {
-            LockError::backend_msg(
-                "etcd",
-                format!("cannot start the etcd client's runtime: {error}"),
-                false,
-            )
-        })
+    lock_core::background_runtime().ok_or_else(|| {
+        LockError::backend_msg(
+            "etcd",
+            "the background runtime for the etcd client could not be started",
+            false,
+        )
+    })
 }
 
-/// Runs `work` on the driver runtime and waits for it from the caller's.
+/// Spawns `task` on the background runtime (on the current one if that could not start,
+/// which only a backend that never connected could meet: connecting needs it).
+pub(crate) fn spawn<F>(task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match handle() {
+        Ok(background) => background.spawn(task),
+        Err(_) => tokio::spawn(task),
+    }
+}
+
+/// Runs `work` on the background runtime and waits for it from the caller's.
 pub(crate) async fn run<F>(work: F) -> Result<F::Output, LockError>
 where
     F: Future + Send + 'static,

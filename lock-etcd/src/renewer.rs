@@ -122,7 +122,7 @@ impl Renewer {
         {
             return Ok((running.checks.clone(), running.keep_alives.clone()));
         }
-        let client = self.shared.connection.client().await?;
+        let client = self.shared.connection.client();
         let mut tasks = lock(&self.shared.tasks);
         if let Some(running) = tasks.as_ref().filter(|t| !t.batcher.is_finished()) {
             return Ok((running.checks.clone(), running.keep_alives.clone()));

@@ -98,7 +98,7 @@ impl Watcher {
         if let Some(requests) = running() {
             return Some(requests);
         }
-        let client = self.connection.client().await.ok()?;
+        let client = self.connection.client();
         let mut task = lock(&self.task);
         if let Some((requests, handle)) = task.as_ref()
             && !handle.is_finished()

@@ -281,10 +281,7 @@ impl EtcdBackend {
         };
         let mut followers = lock(&inner.followers);
         if !running(&followers) {
-            let follower = match crate::driver::handle() {
-                Ok(driver) => driver.spawn(follow_releases(inner.clone(), key.clone(), from)),
-                Err(_) => tokio::spawn(follow_releases(inner.clone(), key.clone(), from)),
-            };
+            let follower = crate::driver::spawn(follow_releases(inner.clone(), key.clone(), from));
             followers.insert(name.to_owned(), follower);
         }
         Ok(releases)
@@ -296,7 +293,7 @@ impl Inner {
     /// (the header carries the store's revision): a prefix read would make etcd count every
     /// sync key of every name on each first subscription.
     pub(super) async fn current_revision(&self) -> Result<i64, LockError> {
-        let client = self.connection.client().await?;
+        let client = self.connection.client();
         let key = format!("{}/%sync/", self.config.prefix);
         let answer = self
             .call("revision read", || {
