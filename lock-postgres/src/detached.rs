@@ -52,31 +52,26 @@ impl<T: Send + 'static> std::future::Future for Detached<T> {
 
 impl<T: Send + 'static> Drop for Detached<T> {
     fn drop(&mut self) {
-        let (Some(work), Some(on_orphan)) = (self.work.take(), self.on_orphan.take()) else {
+        let Some(work) = self.work.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to finish it on: settle its traces while the work (and its
-            // in-flight mark) still exists, then drop it.
-            if let Some(on_abandon) = self.on_abandon.take() {
-                on_abandon();
-            }
-            drop(work);
-            return;
-        };
-        // A runtime shutting down drops its tasks in its own context: this spawn then lands
-        // on a closed runtime and is dropped unrun, or the rest is dropped mid-way. The
-        // orphan settles what it leaves behind then, as above.
-        runtime.spawn(Orphan {
+        let orphan = Orphan {
             work: Some(work),
-            on_orphan: Some(on_orphan),
+            on_orphan: self.on_orphan.take(),
             on_abandon: self.on_abandon.take(),
-        });
+        };
+        // With no runtime to finish it on, the orphan is dropped here and settles what the
+        // work leaves behind. A runtime shutting down drops its tasks in its own context: the
+        // spawn then lands on a closed runtime and the orphan is dropped unrun (or the rest
+        // mid-way), which settles it the same way.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(orphan);
+        }
     }
 }
 
-/// The rest of a dropped operation, run on a task; `on_abandon` if the task is dropped
-/// before the work finishes.
+/// The rest of a dropped operation, run on a task; `on_abandon` if it is dropped before the
+/// work finishes (no runtime, or one that shut down).
 struct Orphan<T: Send + 'static> {
     work: Option<OpFuture<T>>,
     on_orphan: Option<Box<dyn FnOnce(T) + Send>>,

@@ -260,19 +260,15 @@ impl Inner {
         let row = match result {
             Ok(Ok(row)) => row,
             Ok(Err(error)) => {
-                let undo_expecting = state.expect_answer();
                 if is_connection_error(&error) {
                     self.break_session(&session, &mut state, "acquire failed");
-                } else if let Some(conn) = state.conn.as_mut() {
-                    let _expecting = undo_expecting;
+                } else if state.conn.is_some() {
                     // A session lock taken by a statement that then failed survives the
                     // rollback: undo it. We did not hold this key on this session (our books
                     // said so), so this unlock cannot drop a lock we mean to keep.
-                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)")
-                        .bind(hash)
-                        .execute(conn);
+                    let undo = sqlx::query("SELECT pg_advisory_unlock($1)").bind(hash);
                     if !matches!(
-                        tokio::time::timeout(self.config.op_timeout, undo).await,
+                        state.fetch_one(undo, self.config.op_timeout).await,
                         Ok(Ok(_))
                     ) {
                         self.break_session(&session, &mut state, "undoing a failed acquire failed");

@@ -113,6 +113,14 @@ pub(crate) struct SessionState {
     pub(crate) shared_ready: bool,
 }
 
+/// The error of a statement answered after the heartbeat gave up on its session and told
+/// its guards: the caller drops the session (a connection error).
+pub(crate) fn reported_lost() -> sqlx::Error {
+    sqlx::Error::Protocol(
+        "the holder session did not answer in time; its locks were reported lost".into(),
+    )
+}
+
 /// A statement awaited on a holder session (see [`SessionState::expect_answer`]); the mark
 /// goes when it drops.
 pub(crate) struct ExpectedAnswer(Arc<Mutex<Watch>>);
@@ -223,9 +231,7 @@ impl SessionState {
         if self.lost.is_cancelled() {
             // The heartbeat gave up on this session meanwhile and told its guards: whatever
             // the answer, the session must go (the caller drops it on this error).
-            return Ok(Err(sqlx::Error::Protocol(
-                "the holder session did not answer in time; its locks were reported lost".into(),
-            )));
+            return Ok(Err(reported_lost()));
         }
         if matches!(result, Ok(Ok(_))) {
             self.answered_at = Some(Instant::now());

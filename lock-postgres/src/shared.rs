@@ -241,9 +241,7 @@ impl Inner {
         .map_err(|_| sqlx::Error::PoolTimedOut)??;
         drop(expecting);
         if state.lost.is_cancelled() {
-            return Err(sqlx::Error::Protocol(
-                "the holder session did not answer in time; its locks were reported lost".into(),
-            ));
+            return Err(crate::session::reported_lost());
         }
         state.shared_ready = true;
         Ok(())
@@ -273,49 +271,27 @@ impl Inner {
         }
         let intent = self.table("distlock_rw_intent");
         let limits = self.table("distlock_semaphore_limit");
-        let expecting = state.expect_answer();
-        let Some(conn) = state.conn.as_mut() else {
-            return Err(LockError::backend_msg(BACKEND, "no holder session", true));
-        };
-        let exists = tokio::time::timeout(
-            self.config.op_timeout,
-            sqlx::query_scalar::<_, bool>(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+        let looked = state
+            .fetch_one(
+                sqlx::query("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL")
+                    .bind(&intent)
+                    .bind(&limits),
+                self.config.op_timeout,
             )
-            .bind(&intent)
-            .bind(&limits)
-            .fetch_one(&mut *conn),
-        )
-        .await;
-        drop(expecting);
-        if state.lost.is_cancelled() {
-            // The heartbeat gave up on this session meanwhile and told its guards.
-            self.break_session(session, state, "the holder session did not answer in time");
-            return Err(LockError::backend_msg(
-                BACKEND,
-                "looking for the semaphore and reader-writer tables: the holder session did \
-                 not answer in time",
-                true,
-            ));
-        }
-        let exists = match exists {
-            Ok(Ok(exists)) => exists,
+            .await;
+        let what = "looking for the semaphore and reader-writer tables";
+        let exists: bool = match looked {
+            Ok(Ok(row)) => row.try_get(0).map_err(|error| map_error(what, error))?,
             Ok(Err(error)) => {
                 if is_connection_error(&error) {
                     // Its guards hear it now, not at the next probe.
                     self.break_session(session, state, "looking for the tables failed");
                 }
-                return Err(map_error(
-                    "looking for the semaphore and reader-writer tables",
-                    error,
-                ));
+                return Err(map_error(what, error));
             }
             Err(_) => {
                 self.break_session(session, state, "looking for the tables timed out");
-                return Err(timed_out(
-                    "looking for the semaphore and reader-writer tables",
-                    self.config.op_timeout,
-                ));
+                return Err(timed_out(what, self.config.op_timeout));
             }
         };
         if !exists {
@@ -332,9 +308,23 @@ impl Inner {
             .options
             .clone()
             .application_name(&format!("{}-setup", self.config.application_name));
+        // The setting takes at most 2^31 - 1 ms.
+        let op_timeout_ms = self
+            .config
+            .op_timeout
+            .as_millis()
+            .clamp(1, i32::MAX as u128)
+            .to_string();
         let work = async {
             let mut conn = options.connect().await?;
             let mut tx = sqlx::Connection::begin(&mut conn).await?;
+            // A process stopped inside this transaction would keep the setup lock, which every
+            // other backend's setup waits for, for as long as it is stopped: the server ends
+            // the connection instead.
+            sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+                .bind(&op_timeout_ms)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
                 .bind(SETUP_LOCK.0)
                 .bind(SETUP_LOCK.1)
