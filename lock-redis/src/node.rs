@@ -300,10 +300,7 @@ pub(crate) fn backend_error(context: &str, error: redis::RedisError) -> LockErro
         return refused;
     }
     let retryable = !matches!(error.retry_method(), redis::RetryMethod::NoRetry)
-        || error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
+        || !is_server_reply(&error)
         || refuses_writes_for_a_while(&error);
     LockError::backend("redis", format!("{context}: {error}"), retryable, error)
 }
@@ -902,8 +899,8 @@ impl Node {
         }
     }
 
-    /// Redlock: whether this node's server is no other node's. Asked once (`INFO server`),
-    /// before the node's first vote.
+    /// Redlock: whether this node's server is no other node's. Asked once (`INFO`), before
+    /// the node's first vote.
     pub(crate) async fn check_distinct(&self) -> redis::RedisResult<()> {
         let Some((servers, verdict)) = &self.distinct else {
             return Ok(());
@@ -911,46 +908,11 @@ impl Node {
         let verdict = match verdict.get() {
             Some(verdict) => verdict.clone(),
             None => {
-                let (_, mut conn) = self.conn.current();
-                let limit = self.conn.command_timeout;
-                let info = timeout(
-                    limit,
-                    // The default sections: `server` (run_id) and `memory` (eviction).
-                    redis::cmd("INFO").query_async::<String>(&mut conn),
-                )
-                .await
-                .map_err(|_| {
-                    redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer to INFO server within {limit:?}"),
-                    ))
-                })?;
-                let run_id = match info {
-                    Ok(info) => {
-                        warn_if_evicting(&info, &self.addr);
-                        info.lines()
-                            .find_map(|line| line.strip_prefix("run_id:"))
-                            .map(|run_id| run_id.trim().to_owned())
-                            .unwrap_or_default()
-                    }
-                    // No answer: asked again before the next call.
-                    Err(error) if !is_server_reply(&error) => return Err(error),
-                    // Refused (a user without the `info` right, a server that renamed the
-                    // command): the node votes, unchecked.
-                    Err(error) => {
-                        tracing::warn!(
-                            node = %self.addr, %error,
-                            "cannot tell whether this redlock node is another node's server \
-                             (INFO server refused): list each server once"
-                        );
-                        String::new()
-                    }
-                };
-                let found = if run_id.is_empty() {
-                    // A server (or proxy) that does not say: nothing to compare.
-                    Ok(())
-                } else {
-                    servers.register(&run_id, &self.addr)
+                let found = match self.server_run_id().await? {
+                    Some(run_id) => servers.register(&run_id, &self.addr),
+                    // A server (or proxy) that does not say, or a user that may not ask:
+                    // nothing to compare, the node votes unchecked.
+                    None => Ok(()),
                 };
                 verdict.get_or_init(|| found).clone()
             }
@@ -962,6 +924,42 @@ impl Node {
                 message,
             ))
         })
+    }
+
+    /// The server's `run_id` from one `INFO` (its default sections: `server` for the id,
+    /// `memory` for the eviction warning, given here too). `Err` only when it did not
+    /// answer (asked again before the next call); `None` when it does not say or refuses
+    /// (a user without the `info` right, a renamed command).
+    async fn server_run_id(&self) -> redis::RedisResult<Option<String>> {
+        let (_, mut conn) = self.conn.current();
+        let limit = self.conn.command_timeout;
+        let info = timeout(limit, redis::cmd("INFO").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer to INFO within {limit:?}"),
+                ))
+            })?;
+        match info {
+            Ok(info) => {
+                warn_if_evicting(&info, &self.addr);
+                Ok(info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("run_id:"))
+                    .map(|run_id| run_id.trim().to_owned())
+                    .filter(|run_id| !run_id.is_empty()))
+            }
+            Err(error) if !is_server_reply(&error) => Err(error),
+            Err(error) => {
+                tracing::warn!(
+                    node = %self.addr, %error,
+                    "cannot tell whether this redlock node is another node's server (INFO \
+                     refused): list each server once"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// The database number (release channels name it).
