@@ -511,6 +511,22 @@ fn cli_stopped_supervisor_kills_the_command_when_it_resumes() {
     );
 }
 
+/// `distlock` killed outright (SIGKILL: no handler runs) stops renewing, so the lease runs out
+/// and another run gets the lock: the command must not run on unlocked. The kernel kills it
+/// with its supervisor (`PR_SET_PDEATHSIG`). Before, it ran on for good.
+#[cfg(all(feature = "cli", feature = "redis"))]
+#[test]
+fn cli_killed_supervisor_takes_its_command_along() {
+    let server = lock_harness::redis::RedisServer::start().unwrap();
+    let (mut runner, command_pid) = cli::start(&server.url(), "2", "killed-job");
+    cli::signal(runner.id(), "-KILL");
+    let _ = runner.wait();
+    assert!(
+        !cli::still_running_after(command_pid, Duration::from_secs(1)),
+        "the command ran on after distlock was killed: unlocked once the lease runs out"
+    );
+}
+
 /// A command that cannot be started leaves no lock behind (status 69, and the next run
 /// starts at once, not after the 30 s TTL).
 #[cfg(all(feature = "cli", feature = "redis"))]

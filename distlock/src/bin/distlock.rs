@@ -200,6 +200,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     if own_group {
         command.process_group(0);
     }
+    die_with_us(&mut command);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -290,6 +291,30 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(
         code.and_then(|code| u8::try_from(code).ok()).unwrap_or(1),
     ))
+}
+
+/// The command is killed (SIGKILL) if `distlock` dies without a chance to act (SIGKILL, a
+/// crash): nothing renews the lease then, so it would run on unlocked once the TTL is out.
+/// Only the command itself: processes it started outlive it as they would any supervisor's.
+/// The kernel drops the setting when the command execs a set-user-ID program.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends: `run` is polled by
+/// `block_on` on the main thread, which lives as long as the process.
+#[allow(unsafe_code)]
+fn die_with_us(command: &mut tokio::process::Command) {
+    let supervisor = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // Died between the fork and the prctl: the signal will never come.
+            if nix::unistd::getppid() != supervisor {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Passes `signal` on: to the command's own process group when it has one, else to each of
