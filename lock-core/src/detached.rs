@@ -47,6 +47,26 @@ pub fn background_runtime() -> Option<&'static tokio::runtime::Handle> {
         .as_ref()
 }
 
+/// Spawns a backend's long-lived task (a release listener, a reaper, a heartbeat, a
+/// connection probe) where no caller's runtime can end it: on [`background_runtime`], else on
+/// the current runtime. A task spawned on a caller's runtime dies when that runtime shuts
+/// down (the first `#[tokio::test]` of a backend kept in a `static`, a short-lived runtime at
+/// start-up) and stalls while it is not driven; the backend would live on without it
+/// (conformance: `backend_outlives_the_runtime_that_connected_it`). `None` outside any
+/// runtime when the background runtime could not be started.
+pub fn spawn_background<F>(task: F) -> Option<tokio::task::JoinHandle<F::Output>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match background_runtime() {
+        Some(background) => Some(background.spawn(task)),
+        None => tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.spawn(task)),
+    }
+}
+
 /// Runs `work` in the background: on the current runtime, or on the background runtime
 /// (bounded by [`BACKGROUND_BOUND`]).
 pub(crate) fn run_detached<F>(work: F)

@@ -229,10 +229,15 @@ impl Inner {
         let conn = blockers.idle.pop().map(|(conn, _)| conn);
         let hash = self.advisory_key(key);
         // Spawned under the lock: the task's own retirement waits for this entry.
-        let task = tokio::spawn(
-            self.clone()
-                .run_blocker(key.clone(), hash, arm.clone(), conn),
-        );
+        // On the background runtime, as its connection: not ended with a caller's runtime.
+        let Some(task) = lock_core::spawn_background(self.clone().run_blocker(
+            key.clone(),
+            hash,
+            arm.clone(),
+            conn,
+        )) else {
+            return false;
+        };
         blockers
             .running
             .insert(key.as_str().to_owned(), (arm, task.abort_handle()));

@@ -273,14 +273,15 @@ struct Inner {
 #[derive(Debug)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
-    reaper: JoinHandle<()>,
-    heartbeat: JoinHandle<()>,
+    reaper: Option<JoinHandle<()>>,
+    heartbeat: Option<JoinHandle<()>>,
 }
 
 impl Drop for PostgresBackend {
     fn drop(&mut self) {
-        self.reaper.abort();
-        self.heartbeat.abort();
+        for task in [&self.reaper, &self.heartbeat].into_iter().flatten() {
+            task.abort();
+        }
         self.inner.closed.store(true, Ordering::SeqCst);
         lock(&self.inner.blockers).shut_down();
         if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
@@ -351,8 +352,11 @@ impl PostgresBackend {
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);
-        let reaper = tokio::spawn(reaper(inner.clone()));
-        let heartbeat = tokio::spawn(heartbeat(inner.clone()));
+        // On the background runtime: on the caller's, they would end with it (a backend kept
+        // in a static outlives the runtime that connected it) and its locks would go unreaped
+        // and unwatched.
+        let reaper = lock_core::spawn_background(reaper(inner.clone()));
+        let heartbeat = lock_core::spawn_background(heartbeat(inner.clone()));
         Ok(PostgresBackend {
             inner,
             reaper,

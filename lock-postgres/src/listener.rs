@@ -467,7 +467,9 @@ impl Inner {
                 ListenerPhase::Down => {
                     let (tx, rx) = tokio::sync::watch::channel(false);
                     *phase = ListenerPhase::Starting(rx.clone());
-                    tokio::spawn(start_listener(self.clone(), tx));
+                    // On the background runtime, and with it the listener's connections
+                    // and loops: a caller's runtime that shuts down would end them.
+                    lock_core::spawn_background(start_listener(self.clone(), tx));
                     rx
                 }
             }
@@ -486,7 +488,7 @@ impl Inner {
     /// sessions were still connecting slept through a release until its 5 s poll: conformance
     /// case `semaphore_release_wakes_waiter`.)
     pub(crate) fn mark_late(self: Arc<Self>, key: String) {
-        tokio::spawn(async move {
+        lock_core::spawn_background(async move {
             let deadline = Instant::now() + self.config.connect_timeout;
             if !self.closed.load(Ordering::SeqCst)
                 && self.ensure_listener(deadline).await

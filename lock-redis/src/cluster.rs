@@ -74,7 +74,22 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
         .map_err(|error| bad(&error.to_string()))?;
     let limit = options.connect_timeout;
     let started = tokio::time::Instant::now();
-    let connection = match timeout(limit, client.get_async_connection()).await {
+    // Connected on the background runtime: a cluster connection's tasks (its own and each
+    // node connection's) live where it was made, and unlike a `ConnectionManager` it does not
+    // rebuild itself once they end with a caller's runtime ("Unable to send command" for
+    // good; conformance `backend_outlives_the_runtime_that_connected_it`). The cost: each
+    // command's answer crosses to the caller's thread.
+    let connecting = {
+        let client = client.clone();
+        async move { timeout(limit, client.get_async_connection()).await }
+    };
+    let connected = match lock_core::spawn_background(connecting) {
+        Some(task) => task.await.map_err(|error| {
+            LockError::backend_msg("redis", format!("connecting to the cluster: {error}"), true)
+        })?,
+        None => timeout(limit, client.get_async_connection()).await,
+    };
+    let connection = match connected {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             // The cluster client flattens what its node connections met into a message, so

@@ -405,15 +405,16 @@ impl Conn {
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.probing.store(false, Ordering::Release);
-            return;
-        };
         let conn = self.clone();
-        runtime.spawn(async move {
+        // On the background runtime: a probe ended with a caller's runtime would leave
+        // `probing` set, and a silent connection would never be replaced.
+        let spawned = lock_core::spawn_background(async move {
             conn.probe().await;
             conn.probing.store(false, Ordering::Release);
         });
+        if spawned.is_none() {
+            self.probing.store(false, Ordering::Release);
+        }
     }
 
     async fn probe(&self) {
@@ -831,6 +832,7 @@ impl Prepared {
 
 /// What a node's listener feeds: the release hub (release announcements) and the grants the
 /// backend's queued waiters expect.
+#[derive(Clone)]
 struct Feeds {
     hub: ReleaseHub,
     grants: crate::queue::Grants,
@@ -880,14 +882,22 @@ impl Node {
     ) -> Node {
         let (link, receiver) = commands;
         let db = scheme.db();
-        tokio::spawn(listen(
-            conn.clone(),
-            scheme,
-            feeds,
-            (receiver, link.confirmed.clone()),
-            shutdown,
-            options.command_timeout.min(Duration::from_secs(1)),
-        ));
+        // On the caller's runtime, where the waiters it wakes run (a grant passed to another
+        // thread cost a hand-off a wake-up of that thread); it moves to the background
+        // runtime if that runtime drops it (`ListenerTask`'s drop).
+        tokio::spawn(
+            ListenerTask {
+                conn: conn.clone(),
+                scheme,
+                feeds,
+                commands: receiver,
+                confirmed: link.confirmed.clone(),
+                shutdown,
+                op_timeout: options.command_timeout.min(Duration::from_secs(1)),
+                ended: false,
+            }
+            .run(),
+        );
         Node {
             conn,
             db,
@@ -1255,6 +1265,14 @@ pub(crate) async fn connect_server(
     })
 }
 
+impl Server {
+    /// A connection manager to the same server that connects on its first command (on the
+    /// runtime that sends it).
+    pub(crate) fn lazy_twin(&self) -> redis::RedisResult<ConnectionManager> {
+        ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+    }
+}
+
 /// The hook a hub calls when a key's last waiter leaves: unsubscribe on every node.
 fn idle_hook(links: Vec<ListenerLink>, heard: Option<Arc<crate::heard::Heard>>) -> ReleaseHub {
     ReleaseHub::with_idle_hook(move |key| {
@@ -1269,15 +1287,75 @@ fn idle_hook(links: Vec<ListenerLink>, heard: Option<Arc<crate::heard::Heard>>) 
     })
 }
 
+/// A node's pub/sub listener task and what it needs. A runtime that shuts down drops its
+/// tasks unfinished: the listener then carries on from the background runtime (its pub/sub
+/// connection is made again there), so the backend outlives the runtime that connected it
+/// (the first `#[tokio::test]` of a backend kept in a `static`) without its waiters falling
+/// back to polling (conformance `backend_outlives_the_runtime_that_connected_it`).
+struct ListenerTask {
+    conn: Arc<Conn>,
+    scheme: KeyScheme,
+    feeds: Feeds,
+    commands: mpsc::UnboundedReceiver<Command>,
+    confirmed: ConfirmedKeys,
+    shutdown: CancellationToken,
+    op_timeout: Duration,
+    /// The listener returned (shut down, or nothing left to listen for).
+    ended: bool,
+}
+
+impl ListenerTask {
+    async fn run(mut self) {
+        listen(
+            &self.conn,
+            &self.scheme,
+            &self.feeds,
+            &mut self.commands,
+            &self.confirmed,
+            &self.shutdown,
+            self.op_timeout,
+        )
+        .await;
+        self.ended = true;
+    }
+}
+
+impl Drop for ListenerTask {
+    fn drop(&mut self) {
+        if self.ended || self.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(background) = lock_core::background_runtime() else {
+            return;
+        };
+        let (_, placeholder) = mpsc::unbounded_channel();
+        let moved = ListenerTask {
+            conn: self.conn.clone(),
+            scheme: self.scheme.clone(),
+            feeds: self.feeds.clone(),
+            commands: std::mem::replace(&mut self.commands, placeholder),
+            confirmed: self.confirmed.clone(),
+            shutdown: self.shutdown.clone(),
+            op_timeout: self.op_timeout,
+            ended: false,
+        };
+        tracing::debug!(
+            "the runtime running a redis listener dropped it; it goes on in the background"
+        );
+        background.spawn(moved.run());
+    }
+}
+
 /// The pub/sub listener of one node: one connection per backend and node, whatever the
 /// number of waiters. Reconnects with backoff; after each (re)connect it subscribes every key
 /// that has waiters and wakes them all, since releases may have been missed meanwhile.
 async fn listen(
-    conn: Arc<Conn>,
-    scheme: KeyScheme,
-    feeds: Feeds,
-    (mut commands, confirmed): (mpsc::UnboundedReceiver<Command>, ConfirmedKeys),
-    shutdown: CancellationToken,
+    conn: &Arc<Conn>,
+    scheme: &KeyScheme,
+    feeds: &Feeds,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    confirmed: &ConfirmedKeys,
+    shutdown: &CancellationToken,
     op_timeout: Duration,
 ) {
     let Feeds { hub, grants, heard } = feeds;
@@ -1391,7 +1469,7 @@ async fn listen(
                     let mut next = Some(command);
                     let mut taken = 0;
                     while let Some(command) = next {
-                        subs.take(command, &hub).await;
+                        subs.take(command, hub).await;
                         taken += 1;
                         next = if taken < COMMAND_BATCH { commands.try_recv().ok() } else { None };
                     }

@@ -513,9 +513,6 @@ impl Follower {
         if error.is_some_and(|error| !suggests_a_move(error)) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         {
             let mut state = self.state();
             if state.looking {
@@ -528,7 +525,9 @@ impl Follower {
             state.looking = true;
         }
         let follower = self.clone();
-        runtime.spawn(async move {
+        // On the background runtime: a lookup left on a caller's runtime that shut down would
+        // keep `looking` set, and no failover would be followed again.
+        let spawned = lock_core::spawn_background(async move {
             let mut current = current;
             loop {
                 let limit = follower.options.connect_timeout * 2;
@@ -542,7 +541,10 @@ impl Follower {
                             "redis master moved (sentinel); following it"
                         );
                         current = server.addr.clone();
-                        repoint(server.client, server.manager);
+                        // A lazy twin: its connection is made by the first command, on the
+                        // caller's runtime, not here.
+                        let manager = server.lazy_twin().unwrap_or(server.manager);
+                        repoint(server.client, manager);
                         true
                     }
                     Ok(Ok(_)) => false,
@@ -565,15 +567,15 @@ impl Follower {
                 }
             }
         });
+        if spawned.is_none() {
+            self.state().looking = false;
+        }
     }
 
     /// Registers what to do when a sentinel announces a failover of our master (the node
     /// looks the master up at once), and starts listening for the announcements.
     pub(crate) fn on_switch(self: &Arc<Self>, switched: impl Fn() + Send + Sync + 'static) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(watch_switches(
+        lock_core::spawn_background(watch_switches(
             Arc::downgrade(self),
             self.sentinels.clone(),
             self.master_name.clone(),

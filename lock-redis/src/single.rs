@@ -72,9 +72,6 @@ impl Cleanup {
     /// would hold it for its whole TTL; there is one per cancelled waiter, not one per failed
     /// attempt of an outage).
     fn push(self: &Arc<Self>, nodes: &Arc<Nodes>, pending: Pending, always: bool) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let mut state = self.state();
         if state.queue.len() >= CLEANUP_CAPACITY && !always {
             tracing::debug!("clean-up queue full; the failed acquire's key expires by its TTL");
@@ -82,8 +79,10 @@ impl Cleanup {
         }
         state.queue.push_back(pending);
         if !state.worker {
-            state.worker = true;
-            runtime.spawn(self.clone().work(Arc::downgrade(nodes)));
+            // On the background runtime: a worker ended with a caller's runtime would leave
+            // `worker` set, and no clean-up would run again.
+            state.worker =
+                lock_core::spawn_background(self.clone().work(Arc::downgrade(nodes))).is_some();
         }
     }
 

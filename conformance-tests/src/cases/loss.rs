@@ -439,3 +439,155 @@ fn expect_attended(guard: &lock_core::LockGuard, context: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// 13g. A backend outlives the runtime that connected it: one kept in a `static` and
+///      connected by the first `#[tokio::test]`, or by a short-lived runtime at start-up. Its
+///      first locks and waits ran there too (tasks a backend starts lazily start there);
+///      after that runtime shut down, the backend, used from another runtime: (1) wakes a
+///      slowly polling waiter at a release (its release signals still come), (2) keeps a guard
+///      renewed past two TTLs, (3) frees a lock abandoned without release within TTL + slack
+///      while that guard is renewed.
+pub async fn backend_outlives_the_runtime_that_connected_it(
+    factory: &dyn BackendFactory,
+) -> Result<()> {
+    let other = locker(factory).await?;
+    let caps = other.backend().capabilities();
+    let ttl = ttl_for(&caps, 900 * MS);
+    let blocked = unique_key("outlive-blocked");
+    let held = other.lock(&blocked).ttl(ttl * 10).acquire().await?;
+    let backend = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| connect_on_a_runtime_that_ends(factory, &blocked, ttl))
+                .join()
+                .map_err(|_| anyhow::anyhow!("the connecting runtime's thread panicked"))?
+        })
+    })?;
+    held.release().await?;
+    let ours = lock_core::Locker::from_arc(backend);
+
+    // (1) Woken at the release, not at its next backoff step (3 s at first, full jitter).
+    let slow_polling = lock_core::Backoff::new(Duration::from_secs(3), Duration::from_secs(5));
+    let mut beyond_release = Vec::new();
+    for _ in 0..5 {
+        let name = unique_key("outlive-handoff");
+        let guard = other.lock(&name).ttl(ttl * 10).acquire().await?;
+        let waiter = tokio::spawn({
+            let ours = ours.clone();
+            async move {
+                let guard = ours
+                    .lock(&name)
+                    .ttl(ttl)
+                    .backoff(slow_polling)
+                    .wait(Duration::from_secs(10))
+                    .acquire()
+                    .await?;
+                let at = Instant::now();
+                guard.release().await?;
+                anyhow::Ok(at)
+            }
+        });
+        sleep(300 * MS).await;
+        ensure!(guard.release().await?, "release returned false");
+        let answered = Instant::now();
+        let acquired = waiter.await??;
+        beyond_release.push(acquired.saturating_duration_since(answered));
+    }
+    beyond_release.sort();
+    let median = beyond_release[beyond_release.len() / 2];
+    ensure!(
+        median <= 100 * MS,
+        "after the runtime that connected the backend shut down, a waiter got a released lock \
+         a median {median:?} after the release (all: {beyond_release:?}): it polls, its \
+         release signals no longer come"
+    );
+
+    // (2) and (3). Several renewed guards: a backend that spreads keys over connections puts
+    // one beside the abandoned lock, whose expiry then cannot be left to the connection's.
+    let mut renewed = Vec::new();
+    for _ in 0..16 {
+        renewed.push(
+            ours.lock(unique_key("outlive-renewed"))
+                .ttl(ttl)
+                .acquire()
+                .await?,
+        );
+    }
+    let abandoned = unique_key("outlive-abandoned");
+    let started = Instant::now();
+    let guard = ours
+        .lock(&abandoned)
+        .ttl(ttl)
+        .auto_renew(false)
+        .acquire()
+        .await?;
+    std::mem::forget(guard);
+    let limit = ttl + caps.expiry_slack + 300 * MS;
+    let next = other
+        .lock(&abandoned)
+        .ttl(ttl)
+        .wait(limit + Duration::from_secs(2))
+        .retry_delay(Duration::from_secs(30))
+        .acquire()
+        .await
+        .context("a waiter never got a lock abandoned on the backend")?;
+    let took = started.elapsed();
+    ensure!(
+        took <= limit,
+        "after the runtime that connected the backend shut down, a lock abandoned on it was \
+         freed after {took:?}; TTL {ttl:?} + slack {:?} allows at most {limit:?}",
+        caps.expiry_slack
+    );
+    next.release().await?;
+    let until = started + ttl * 2 + caps.expiry_slack;
+    sleep_until_instant(until).await;
+    for guard in renewed {
+        ensure!(
+            !guard.is_lost(),
+            "after the runtime that connected the backend shut down, a guard taken since was \
+             lost: {:?}",
+            guard.lost_reason()
+        );
+        ensure!(
+            held_by_other(other.backend(), &key(guard.key().as_str())?, ttl).await?,
+            "a renewed guard's key was free on the server past its TTL"
+        );
+        ensure!(
+            guard.release().await?,
+            "a renewed guard's release found no lock"
+        );
+    }
+    Ok(())
+}
+
+/// On a thread of its own, a current-thread runtime connects a backend, takes and releases a
+/// lock, and waits for `blocked` (held elsewhere) until its wait times out; then the runtime
+/// shuts down, ending every task it ran.
+fn connect_on_a_runtime_that_ends(
+    factory: &dyn BackendFactory,
+    blocked: &str,
+    ttl: Duration,
+) -> Result<Arc<dyn lock_core::LockBackend>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let backend = runtime.block_on(async {
+        let backend = factory.backend().await?;
+        let locker = lock_core::Locker::from_arc(backend.clone());
+        locker
+            .lock(unique_key("outlive-warm"))
+            .ttl(ttl)
+            .acquire()
+            .await?
+            .release()
+            .await?;
+        let waited = locker.lock(blocked).ttl(ttl).wait(300 * MS).acquire().await;
+        ensure!(
+            waited.is_err(),
+            "got a lock another backend holds: {waited:?}"
+        );
+        anyhow::Ok(backend)
+    })?;
+    drop(runtime);
+    Ok(backend)
+}
