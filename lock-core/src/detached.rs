@@ -67,6 +67,110 @@ where
     }
 }
 
+/// Spawns a backend's long-lived task that should run beside the connections it serves (on
+/// the current runtime: their sockets are read by that runtime's driver, so a task elsewhere
+/// would take a runtime that is merely busy for a silent peer, and every wake-up it gives a
+/// waiter would cross threads), yet must not end with that runtime. If the runtime drops the
+/// task unfinished (it shut down: the first `#[tokio::test]` of a backend kept in a
+/// `static`), `task` is called again and the new future runs on [`background_runtime`].
+/// Cancelling `stop` ends the task wherever it runs (the backend was dropped). A task that
+/// panics is not started again. Outside a runtime it starts on the background runtime.
+pub fn spawn_resident<F, Fut>(stop: tokio_util::sync::CancellationToken, task: F)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let resident = Resident::new(stop, Arc::new(task));
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(resident);
+        }
+        Err(_) => {
+            if let Some(background) = background_runtime() {
+                background.spawn(resident);
+            }
+        }
+    }
+}
+
+/// A [`spawn_resident`] task: its future, and how to make it again.
+struct Resident<F, Fut>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    stop: tokio_util::sync::CancellationToken,
+    /// Ready once `stop` is cancelled (kept across polls: it holds the task's wake-up).
+    stopped: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    task: Arc<F>,
+    running: std::pin::Pin<Box<Fut>>,
+    ended: bool,
+    /// Set while `running` is polled: still set at drop, the poll panicked.
+    in_poll: bool,
+}
+
+impl<F, Fut> Resident<F, Fut>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn new(stop: tokio_util::sync::CancellationToken, task: Arc<F>) -> Self {
+        Resident {
+            stopped: Box::pin(stop.clone().cancelled_owned()),
+            stop,
+            running: Box::pin(task()),
+            task,
+            ended: false,
+            in_poll: false,
+        }
+    }
+}
+
+impl<F, Fut> Future for Resident<F, Fut>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = &mut *self;
+        if this.stopped.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return std::task::Poll::Ready(());
+        }
+        this.in_poll = true;
+        let ready = this.running.as_mut().poll(cx).is_ready();
+        this.in_poll = false;
+        if ready {
+            this.ended = true;
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl<F, Fut> Drop for Resident<F, Fut>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn drop(&mut self) {
+        // A task that panicked would panic again: not started again.
+        if self.ended || self.in_poll || self.stop.is_cancelled() || std::thread::panicking() {
+            return;
+        }
+        // Dropped unfinished: its runtime shut down. The background runtime never does.
+        if let Some(background) = background_runtime() {
+            tracing::debug!("a backend task's runtime shut down; it goes on in the background");
+            background.spawn(Resident::new(self.stop.clone(), self.task.clone()));
+        }
+    }
+}
+
 /// Runs `work` in the background: on the current runtime, or on the background runtime
 /// (bounded by [`BACKGROUND_BOUND`]).
 pub(crate) fn run_detached<F>(work: F)

@@ -40,7 +40,7 @@ mod watchdog;
 
 pub use backend::{Attempt, Capabilities, LockBackend, RwMode, WRITER_INTENT};
 pub use client::{LockOptions, LockRequest, Locker, RwLockName};
-pub use detached::{background_runtime, spawn_background};
+pub use detached::{background_runtime, spawn_background, spawn_resident};
 pub use error::{BoxError, LockError, RefusalKind, looks_like_pem, pem_problem, redact_url};
 pub use guard::LockGuard;
 pub use key::{LockKey, MAX_KEY_LEN};

@@ -193,3 +193,83 @@ fn a_holder_without_expiry_does_not_overflow_the_wait() {
     );
     assert!(result.is_err(), "acquired a lock held for ever");
 }
+
+/// `spawn_resident`: a task spawned on a runtime that shuts down goes on on the background
+/// runtime (made again by its closure); cancelling its token ends it wherever it runs; a task
+/// that panics is not made again.
+#[test]
+fn a_resident_task_outlives_its_runtime_and_ends_when_stopped() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_util::sync::CancellationToken;
+
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        lock_core::spawn_resident(stop.clone(), {
+            let (ticks, started) = (ticks.clone(), started.clone());
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                let ticks = ticks.clone();
+                async move {
+                    loop {
+                        ticks.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    drop(first);
+    let at_shutdown = ticks.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        ticks.load(Ordering::SeqCst) > at_shutdown + 5,
+        "the task ended with its runtime"
+    );
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "made once, then once more"
+    );
+    stop.cancel();
+    std::thread::sleep(Duration::from_millis(50));
+    let at_stop = ticks.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        ticks.load(Ordering::SeqCst),
+        at_stop,
+        "still running after stop"
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 2);
+
+    // A task that panics is not made again.
+    let made = Arc::new(AtomicUsize::new(0));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        lock_core::spawn_resident(CancellationToken::new(), {
+            let made = made.clone();
+            move || {
+                made.fetch_add(1, Ordering::SeqCst);
+                async { panic!("a resident task that panics") }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    drop(runtime);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        1,
+        "a panicked task was made again"
+    );
+}

@@ -273,15 +273,13 @@ struct Inner {
 #[derive(Debug)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
-    reaper: Option<JoinHandle<()>>,
-    heartbeat: Option<JoinHandle<()>>,
+    /// Ends the reaper and the heartbeat, wherever they run.
+    tasks: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for PostgresBackend {
     fn drop(&mut self) {
-        for task in [&self.reaper, &self.heartbeat].into_iter().flatten() {
-            task.abort();
-        }
+        self.tasks.cancel();
         self.inner.closed.store(true, Ordering::SeqCst);
         lock(&self.inner.blockers).shut_down();
         if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
@@ -352,16 +350,22 @@ impl PostgresBackend {
         });
         let fence = inner.setup().await?;
         inner.fence_oid.store(fence.0, Ordering::Relaxed);
-        // On the background runtime: on the caller's, they would end with it (a backend kept
-        // in a static outlives the runtime that connected it) and its locks would go unreaped
-        // and unwatched.
-        let reaper = lock_core::spawn_background(reaper(inner.clone()));
-        let heartbeat = lock_core::spawn_background(heartbeat(inner.clone()));
-        Ok(PostgresBackend {
-            inner,
-            reaper,
-            heartbeat,
-        })
+        // On this runtime, beside the sessions whose sockets its driver reads (a heartbeat on
+        // another runtime would take this one being busy, or not driven between two
+        // `block_on` calls of a sync wrapper, for silent sessions and close them); on the
+        // background runtime once this one shuts down (a backend kept in a static outlives
+        // the runtime that connected it), instead of ending with it: its locks would go
+        // unreaped and unwatched.
+        let tasks = tokio_util::sync::CancellationToken::new();
+        lock_core::spawn_resident(tasks.clone(), {
+            let inner = inner.clone();
+            move || reaper(inner.clone())
+        });
+        lock_core::spawn_resident(tasks.clone(), {
+            let inner = inner.clone();
+            move || heartbeat(inner.clone())
+        });
+        Ok(PostgresBackend { inner, tasks })
     }
 
     /// The advisory key this backend uses for `key` (see [`advisory_key`]).

@@ -469,7 +469,10 @@ impl Inner {
                     *phase = ListenerPhase::Starting(rx.clone());
                     // On the background runtime, and with it the listener's connections
                     // and loops: a caller's runtime that shuts down would end them.
-                    lock_core::spawn_background(start_listener(self.clone(), tx));
+                    if lock_core::spawn_background(start_listener(self.clone(), tx)).is_none() {
+                        *phase = ListenerPhase::Down;
+                        return false;
+                    }
                     rx
                 }
             }

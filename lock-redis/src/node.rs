@@ -883,21 +883,36 @@ impl Node {
         let (link, receiver) = commands;
         let db = scheme.db();
         // On the caller's runtime, where the waiters it wakes run (a grant passed to another
-        // thread cost a hand-off a wake-up of that thread); it moves to the background
-        // runtime if that runtime drops it (`ListenerTask`'s drop).
-        tokio::spawn(
-            ListenerTask {
-                conn: conn.clone(),
-                scheme,
-                feeds,
-                commands: receiver,
-                confirmed: link.confirmed.clone(),
-                shutdown,
-                op_timeout: options.command_timeout.min(Duration::from_secs(1)),
-                ended: false,
+        // thread cost a hand-off a wake-up of that thread); if that runtime shuts down (a
+        // backend in a static, connected by the first `#[tokio::test]`), it starts again on
+        // the background runtime, connects and wakes its waiters, instead of ending: every
+        // waiter would poll from then on (conformance
+        // `backend_outlives_the_runtime_that_connected_it`).
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let op_timeout = options.command_timeout.min(Duration::from_secs(1));
+        lock_core::spawn_resident(shutdown.clone(), {
+            let conn = conn.clone();
+            let confirmed = link.confirmed.clone();
+            move || {
+                let (conn, scheme, feeds) = (conn.clone(), scheme.clone(), feeds.clone());
+                let (receiver, confirmed) = (receiver.clone(), confirmed.clone());
+                let shutdown = shutdown.clone();
+                async move {
+                    // Free once the listener that ran before is dropped.
+                    let mut commands = receiver.lock().await;
+                    listen(
+                        &conn,
+                        &scheme,
+                        &feeds,
+                        &mut commands,
+                        &confirmed,
+                        &shutdown,
+                        op_timeout,
+                    )
+                    .await;
+                }
             }
-            .run(),
-        );
+        });
         Node {
             conn,
             db,
@@ -1285,65 +1300,6 @@ fn idle_hook(links: Vec<ListenerLink>, heard: Option<Arc<crate::heard::Heard>>) 
             let _ = link.commands.send(Command::Unsubscribe(key.to_owned()));
         }
     })
-}
-
-/// A node's pub/sub listener task and what it needs. A runtime that shuts down drops its
-/// tasks unfinished: the listener then carries on from the background runtime (its pub/sub
-/// connection is made again there), so the backend outlives the runtime that connected it
-/// (the first `#[tokio::test]` of a backend kept in a `static`) without its waiters falling
-/// back to polling (conformance `backend_outlives_the_runtime_that_connected_it`).
-struct ListenerTask {
-    conn: Arc<Conn>,
-    scheme: KeyScheme,
-    feeds: Feeds,
-    commands: mpsc::UnboundedReceiver<Command>,
-    confirmed: ConfirmedKeys,
-    shutdown: CancellationToken,
-    op_timeout: Duration,
-    /// The listener returned (shut down, or nothing left to listen for).
-    ended: bool,
-}
-
-impl ListenerTask {
-    async fn run(mut self) {
-        listen(
-            &self.conn,
-            &self.scheme,
-            &self.feeds,
-            &mut self.commands,
-            &self.confirmed,
-            &self.shutdown,
-            self.op_timeout,
-        )
-        .await;
-        self.ended = true;
-    }
-}
-
-impl Drop for ListenerTask {
-    fn drop(&mut self) {
-        if self.ended || self.shutdown.is_cancelled() {
-            return;
-        }
-        let Some(background) = lock_core::background_runtime() else {
-            return;
-        };
-        let (_, placeholder) = mpsc::unbounded_channel();
-        let moved = ListenerTask {
-            conn: self.conn.clone(),
-            scheme: self.scheme.clone(),
-            feeds: self.feeds.clone(),
-            commands: std::mem::replace(&mut self.commands, placeholder),
-            confirmed: self.confirmed.clone(),
-            shutdown: self.shutdown.clone(),
-            op_timeout: self.op_timeout,
-            ended: false,
-        };
-        tracing::debug!(
-            "the runtime running a redis listener dropped it; it goes on in the background"
-        );
-        background.spawn(moved.run());
-    }
 }
 
 /// The pub/sub listener of one node: one connection per backend and node, whatever the
@@ -1893,6 +1849,9 @@ impl Nodes {
             heard.clone(),
         );
         let shutdown = CancellationToken::new();
+        // Until `Nodes` owns the token: a connect dropped at the check below (a caller's
+        // timeout) ends the listeners already started instead of leaving them for good.
+        let stop_if_dropped = shutdown.clone().drop_guard();
         let grants = crate::queue::Grants::default();
         let distinct = (urls.len() > 1).then(|| Arc::new(DistinctServers::default()));
         let connected_now: Vec<bool> = conns.iter().map(Option::is_some).collect();
@@ -1950,6 +1909,7 @@ impl Nodes {
                 }
             }
         }
+        stop_if_dropped.disarm();
         Ok(Arc::new(Nodes {
             nodes,
             hub,

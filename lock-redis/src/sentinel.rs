@@ -541,8 +541,8 @@ impl Follower {
                             "redis master moved (sentinel); following it"
                         );
                         current = server.addr.clone();
-                        // A lazy twin: its connection is made by the first command, on the
-                        // caller's runtime, not here.
+                        // A lazy twin: its connection is made by the first command that uses
+                        // it, on that command's runtime (not necessarily here).
                         let manager = server.lazy_twin().unwrap_or(server.manager);
                         repoint(server.client, manager);
                         true

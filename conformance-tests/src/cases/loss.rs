@@ -455,52 +455,34 @@ pub async fn backend_outlives_the_runtime_that_connected_it(
     let ttl = ttl_for(&caps, 900 * MS);
     let blocked = unique_key("outlive-blocked");
     let held = other.lock(&blocked).ttl(ttl * 10).acquire().await?;
+    // A semaphore's waiters wait for release signals where a lock's may wait on the server
+    // (PostgreSQL): a semaphore wait starts the release listener there too.
+    let mut held_permit = None;
+    if caps.semaphores {
+        held_permit = Some(other.semaphore(&blocked, 1).ttl(ttl * 10).acquire().await?);
+    }
     let backend = tokio::task::block_in_place(|| {
         std::thread::scope(|scope| {
             scope
-                .spawn(|| connect_on_a_runtime_that_ends(factory, &blocked, ttl))
+                .spawn(|| connect_on_a_runtime_that_ends(factory, &blocked, caps.semaphores, ttl))
                 .join()
                 .map_err(|_| anyhow::anyhow!("the connecting runtime's thread panicked"))?
         })
     })?;
     held.release().await?;
+    if let Some(permit) = held_permit {
+        permit.release().await?;
+    }
     let ours = lock_core::Locker::from_arc(backend);
 
-    // (1) Woken at the release, not at its next backoff step (3 s at first, full jitter).
-    let slow_polling = lock_core::Backoff::new(Duration::from_secs(3), Duration::from_secs(5));
-    let mut beyond_release = Vec::new();
-    for _ in 0..5 {
-        let name = unique_key("outlive-handoff");
-        let guard = other.lock(&name).ttl(ttl * 10).acquire().await?;
-        let waiter = tokio::spawn({
-            let ours = ours.clone();
-            async move {
-                let guard = ours
-                    .lock(&name)
-                    .ttl(ttl)
-                    .backoff(slow_polling)
-                    .wait(Duration::from_secs(10))
-                    .acquire()
-                    .await?;
-                let at = Instant::now();
-                guard.release().await?;
-                anyhow::Ok(at)
-            }
-        });
-        sleep(300 * MS).await;
-        ensure!(guard.release().await?, "release returned false");
-        let answered = Instant::now();
-        let acquired = waiter.await??;
-        beyond_release.push(acquired.saturating_duration_since(answered));
+    // (1) Woken at the release, not at its next backoff step. A semaphore's waiters wait for
+    // release signals even where a lock's waiters wait on the server (PostgreSQL).
+    if caps.release_notifications || caps.fair_queue {
+        woken_at_releases(&other, &ours, ttl, None).await?;
     }
-    beyond_release.sort();
-    let median = beyond_release[beyond_release.len() / 2];
-    ensure!(
-        median <= 100 * MS,
-        "after the runtime that connected the backend shut down, a waiter got a released lock \
-         a median {median:?} after the release (all: {beyond_release:?}): it polls, its \
-         release signals no longer come"
-    );
+    if caps.semaphores && caps.release_notifications {
+        woken_at_releases(&other, &ours, ttl, Some(1)).await?;
+    }
 
     // (2) and (3). Several renewed guards: a backend that spreads keys over connections puts
     // one beside the abandoned lock, whose expiry then cannot be left to the connection's.
@@ -515,13 +497,13 @@ pub async fn backend_outlives_the_runtime_that_connected_it(
     }
     let abandoned = unique_key("outlive-abandoned");
     let started = Instant::now();
-    let guard = ours
-        .lock(&abandoned)
-        .ttl(ttl)
-        .auto_renew(false)
-        .acquire()
-        .await?;
-    std::mem::forget(guard);
+    // Taken through the backend and dropped unreleased (a leaked guard would keep the whole
+    // backend, and the tasks this case is about, alive for the rest of the test binary).
+    let attempt = ours.backend().try_acquire(&key(&abandoned)?, ttl).await?;
+    ensure!(
+        attempt.into_lease().is_some(),
+        "the abandoned lock's key was not free"
+    );
     let limit = ttl + caps.expiry_slack + 300 * MS;
     let next = other
         .lock(&abandoned)
@@ -560,12 +542,75 @@ pub async fn backend_outlives_the_runtime_that_connected_it(
     Ok(())
 }
 
+/// Five hand-offs from `other` to a waiter of `ours` that polls slowly (3 s steps at first,
+/// full jitter): the median beyond the release's answer shows a release signal. `permits`:
+/// a semaphore of that many permits instead of a lock.
+async fn woken_at_releases(
+    other: &lock_core::Locker,
+    ours: &lock_core::Locker,
+    ttl: Duration,
+    permits: Option<u32>,
+) -> Result<()> {
+    let slow_polling = lock_core::Backoff::new(Duration::from_secs(3), Duration::from_secs(5));
+    let what = if permits.is_some() {
+        "semaphore permit"
+    } else {
+        "lock"
+    };
+    let mut beyond_release = Vec::new();
+    for _ in 0..5 {
+        let name = unique_key("outlive-handoff");
+        fn request<'a>(
+            locker: &'a lock_core::Locker,
+            name: &str,
+            permits: Option<u32>,
+        ) -> lock_core::LockRequest<'a> {
+            match permits {
+                Some(permits) => locker.semaphore(name, permits),
+                None => locker.lock(name),
+            }
+        }
+        let guard = request(other, &name, permits)
+            .ttl(ttl * 10)
+            .acquire()
+            .await?;
+        let ours = ours.clone();
+        let waiter = tokio::spawn(async move {
+            let guard = request(&ours, &name, permits)
+                .ttl(ttl)
+                .backoff(slow_polling)
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await?;
+            let at = Instant::now();
+            guard.release().await?;
+            anyhow::Ok(at)
+        });
+        sleep(300 * MS).await;
+        ensure!(guard.release().await?, "release returned false");
+        let answered = Instant::now();
+        let acquired = waiter.await??;
+        beyond_release.push(acquired.saturating_duration_since(answered));
+    }
+    beyond_release.sort();
+    let median = beyond_release[beyond_release.len() / 2];
+    ensure!(
+        median <= 100 * MS,
+        "after the runtime that connected the backend shut down, a waiter got a released \
+         {what} a median {median:?} after the release (all: {beyond_release:?}): it polls, \
+         its release signals no longer come"
+    );
+    Ok(())
+}
+
 /// On a thread of its own, a current-thread runtime connects a backend, takes and releases a
-/// lock, and waits for `blocked` (held elsewhere) until its wait times out; then the runtime
-/// shuts down, ending every task it ran.
+/// lock, and waits for `blocked` (held elsewhere: the lock, and with `semaphore` a semaphore
+/// of one permit of that name) until its waits time out; then the runtime shuts down, ending
+/// every task it ran.
 fn connect_on_a_runtime_that_ends(
     factory: &dyn BackendFactory,
     blocked: &str,
+    semaphore: bool,
     ttl: Duration,
 ) -> Result<Arc<dyn lock_core::LockBackend>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -586,6 +631,18 @@ fn connect_on_a_runtime_that_ends(
             waited.is_err(),
             "got a lock another backend holds: {waited:?}"
         );
+        if semaphore {
+            let waited = locker
+                .semaphore(blocked, 1)
+                .ttl(ttl)
+                .wait(300 * MS)
+                .acquire()
+                .await;
+            ensure!(
+                waited.is_err(),
+                "got the only permit another backend holds: {waited:?}"
+            );
+        }
         anyhow::Ok(backend)
     })?;
     drop(runtime);
