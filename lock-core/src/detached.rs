@@ -159,13 +159,18 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     fn drop(&mut self) {
-        // A task that panicked would panic again: not started again.
-        if self.ended || self.in_poll || self.stop.is_cancelled() || std::thread::panicking() {
+        // A task whose poll panicked would panic again: not started again. (Not
+        // `thread::panicking()`: a runtime dropped while its thread unwinds, a failed
+        // `#[tokio::test]`, drops its tasks during that unwind, and they must go on.)
+        if self.ended || self.in_poll || self.stop.is_cancelled() {
             return;
         }
         // Dropped unfinished: its runtime shut down. The background runtime never does.
         if let Some(background) = background_runtime() {
             tracing::debug!("a backend task's runtime shut down; it goes on in the background");
+            // `task` runs in the background runtime's context: anything it spawns or arms
+            // before its future is first polled must not land on the runtime going away.
+            let _context = background.enter();
             background.spawn(Resident::new(self.stop.clone(), self.task.clone()));
         }
     }

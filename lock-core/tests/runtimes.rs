@@ -249,6 +249,42 @@ fn a_resident_task_outlives_its_runtime_and_ends_when_stopped() {
     );
     assert_eq!(started.load(Ordering::SeqCst), 2);
 
+    // A runtime dropped while its thread unwinds (a failed `#[tokio::test]`) drops its tasks
+    // during that unwind: they go on all the same.
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let failed = std::thread::spawn({
+        let (ticks, stop) = (ticks.clone(), stop.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                lock_core::spawn_resident(stop, move || {
+                    let ticks = ticks.clone();
+                    async move {
+                        loop {
+                            ticks.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            });
+            panic!("a test that fails while its runtime is alive");
+        }
+    })
+    .join();
+    assert!(failed.is_err());
+    let after_the_panic = ticks.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        ticks.load(Ordering::SeqCst) > after_the_panic + 5,
+        "the task ended with a runtime dropped during a panic"
+    );
+    stop.cancel();
+
     // A task that panics is not made again.
     let made = Arc::new(AtomicUsize::new(0));
     let runtime = tokio::runtime::Builder::new_current_thread()
