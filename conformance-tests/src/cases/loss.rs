@@ -560,32 +560,11 @@ async fn woken_at_releases(
     let mut beyond_release = Vec::new();
     for _ in 0..5 {
         let name = unique_key("outlive-handoff");
-        fn request<'a>(
-            locker: &'a lock_core::Locker,
-            name: &str,
-            permits: Option<u32>,
-        ) -> lock_core::LockRequest<'a> {
-            match permits {
-                Some(permits) => locker.semaphore(name, permits),
-                None => locker.lock(name),
-            }
-        }
         let guard = request(other, &name, permits)
             .ttl(ttl * 10)
             .acquire()
             .await?;
-        let ours = ours.clone();
-        let waiter = tokio::spawn(async move {
-            let guard = request(&ours, &name, permits)
-                .ttl(ttl)
-                .backoff(slow_polling)
-                .wait(Duration::from_secs(10))
-                .acquire()
-                .await?;
-            let at = Instant::now();
-            guard.release().await?;
-            anyhow::Ok(at)
-        });
+        let waiter = spawn_waiter(ours, &name, permits, ttl, slow_polling);
         sleep(300 * MS).await;
         ensure!(guard.release().await?, "release returned false");
         let answered = Instant::now();

@@ -18,6 +18,41 @@ pub(crate) fn ttl_for(caps: &Capabilities, wanted: Duration) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
+/// A request for `name`: a lock, or with `permits` a semaphore of that many permits.
+pub(crate) fn request<'a>(
+    locker: &'a Locker,
+    name: &str,
+    permits: Option<u32>,
+) -> lock_core::LockRequest<'a> {
+    match permits {
+        Some(permits) => locker.semaphore(name, permits),
+        None => locker.lock(name),
+    }
+}
+
+/// A task that waits for `name` (see [`request`]) polling with `backoff`, releases it at once,
+/// and answers when it got it: hand-off cases time it against the release.
+pub(crate) fn spawn_waiter(
+    locker: &Locker,
+    name: &str,
+    permits: Option<u32>,
+    ttl: Duration,
+    backoff: lock_core::Backoff,
+) -> tokio::task::JoinHandle<Result<Instant>> {
+    let (locker, name) = (locker.clone(), name.to_owned());
+    tokio::spawn(async move {
+        let guard = request(&locker, &name, permits)
+            .ttl(ttl)
+            .backoff(backoff)
+            .wait(Duration::from_secs(10))
+            .acquire()
+            .await?;
+        let at = Instant::now();
+        guard.release().await?;
+        Ok(at)
+    })
+}
+
 pub(crate) async fn locker(factory: &dyn BackendFactory) -> Result<Locker> {
     Ok(Locker::from_arc(factory.backend().await?))
 }

@@ -139,22 +139,7 @@ pub async fn handoff_wakes_waiter_fast(factory: &dyn BackendFactory) -> Result<(
     for _ in 0..10 {
         let name = unique_key("handoff");
         let guard = a.lock(&name).ttl(ttl).acquire().await?;
-        let waiter = {
-            let b = b.clone();
-            let name = name.clone();
-            tokio::spawn(async move {
-                let guard = b
-                    .lock(&name)
-                    .ttl(ttl)
-                    .backoff(slow_polling)
-                    .wait(Duration::from_secs(10))
-                    .acquire()
-                    .await?;
-                let at = Instant::now();
-                guard.release().await?;
-                anyhow::Ok(at)
-            })
-        };
+        let waiter = spawn_waiter(&b, &name, None, ttl, slow_polling);
         sleep(Duration::from_millis(300)).await;
         let released_at = Instant::now();
         ensure!(guard.release().await?, "release returned false");
