@@ -80,16 +80,11 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let resident = Resident::new(stop, Arc::new(task));
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(resident);
-        }
-        Err(_) => {
-            if let Some(background) = background_runtime() {
-                background.spawn(resident);
-            }
-        }
+    let home = tokio::runtime::Handle::try_current()
+        .ok()
+        .or_else(|| background_runtime().cloned());
+    if let Some(home) = home {
+        home.spawn(Resident::new(stop, Arc::new(task)));
     }
 }
 

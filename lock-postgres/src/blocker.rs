@@ -206,7 +206,7 @@ impl Inner {
         if !self.hub.has_waiters(key.as_str()) {
             return true;
         }
-        if self.closed.load(Ordering::SeqCst) {
+        if self.closed.is_cancelled() {
             return false;
         }
         let mut blockers = lock(&self.blockers);
@@ -269,7 +269,7 @@ impl Inner {
                     continue;
                 }
             }
-            if !self.hub.has_waiters(key.as_str()) || self.closed.load(Ordering::SeqCst) {
+            if !self.hub.has_waiters(key.as_str()) || self.closed.is_cancelled() {
                 continue;
             }
             let live = match conn.as_mut() {
@@ -360,7 +360,7 @@ impl Inner {
         }
         if let Some(conn) = conn.take()
             && blockers.idle.len() + blockers.running.len() < MAX_BLOCKERS
-            && !self.closed.load(Ordering::SeqCst)
+            && !self.closed.is_cancelled()
         {
             blockers.idle.push((conn, Instant::now()));
         }
@@ -387,7 +387,7 @@ impl Inner {
             }
             if let Some(conn) = conn
                 && blockers.idle.len() + blockers.running.len() < MAX_BLOCKERS
-                && !self.closed.load(Ordering::SeqCst)
+                && !self.closed.is_cancelled()
             {
                 blockers.idle.push((conn, Instant::now()));
             }

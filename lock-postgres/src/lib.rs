@@ -243,8 +243,9 @@ struct Inner {
     /// When the heartbeat task plans to wake next (`None`: not until woken).
     heartbeat_at: Mutex<Option<Instant>>,
     listener: Mutex<ListenerPhase>,
-    /// Set when the backend is dropped: a listener that connects afterwards is not started.
-    closed: AtomicBool,
+    /// Cancelled when the backend is dropped: a listener that connects afterwards is not
+    /// started, and the reaper and the heartbeat end wherever they run.
+    closed: tokio_util::sync::CancellationToken,
     /// Commands for the waiter connection (set once the listener runs), read by the hub's
     /// idle hook.
     waiter_tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<WaiterCommand>>>,
@@ -273,14 +274,12 @@ struct Inner {
 #[derive(Debug)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,
-    /// Ends the reaper and the heartbeat, wherever they run.
-    tasks: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for PostgresBackend {
     fn drop(&mut self) {
-        self.tasks.cancel();
-        self.inner.closed.store(true, Ordering::SeqCst);
+        // Also ends the reaper and the heartbeat, wherever they run.
+        self.inner.closed.cancel();
         lock(&self.inner.blockers).shut_down();
         if let ListenerPhase::Up(listening) = &*lock(&self.inner.listener) {
             listening.listen.abort();
@@ -337,7 +336,7 @@ impl PostgresBackend {
                 }
             }),
             listener: Mutex::new(ListenerPhase::Down),
-            closed: AtomicBool::new(false),
+            closed: tokio_util::sync::CancellationToken::new(),
             waiter_tx,
             reaper_wake: Notify::new(),
             heartbeat_wake: Notify::new(),
@@ -356,16 +355,15 @@ impl PostgresBackend {
         // background runtime once this one shuts down (a backend kept in a static outlives
         // the runtime that connected it), instead of ending with it: its locks would go
         // unreaped and unwatched.
-        let tasks = tokio_util::sync::CancellationToken::new();
-        lock_core::spawn_resident(tasks.clone(), {
+        lock_core::spawn_resident(inner.closed.clone(), {
             let inner = inner.clone();
             move || reaper(inner.clone())
         });
-        lock_core::spawn_resident(tasks.clone(), {
+        lock_core::spawn_resident(inner.closed.clone(), {
             let inner = inner.clone();
             move || heartbeat(inner.clone())
         });
-        Ok(PostgresBackend { inner, tasks })
+        Ok(PostgresBackend { inner })
     }
 
     /// The advisory key this backend uses for `key` (see [`advisory_key`]).

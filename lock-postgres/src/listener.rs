@@ -98,7 +98,7 @@ pub(crate) async fn start_listener(inner: Arc<Inner>, ready: tokio::sync::watch:
     };
     let mut phase = lock(&inner.listener);
     match result {
-        Ok(listener) if !inner.closed.load(Ordering::SeqCst) => {
+        Ok(listener) if !inner.closed.is_cancelled() => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let _ = inner.waiter_tx.set(tx.clone());
             *phase = ListenerPhase::Up(Listening {
@@ -493,7 +493,7 @@ impl Inner {
     pub(crate) fn mark_late(self: Arc<Self>, key: String) {
         lock_core::spawn_background(async move {
             let deadline = Instant::now() + self.config.connect_timeout;
-            if !self.closed.load(Ordering::SeqCst)
+            if !self.closed.is_cancelled()
                 && self.ensure_listener(deadline).await
                 && self.register_waiter(&key, deadline).await.is_ok()
                 && self.hub.has_waiters(&key)
