@@ -13,7 +13,6 @@
 use lock_core::LockError;
 use std::future::Future;
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 
 /// The background runtime's handle.
 pub(crate) fn handle() -> Result<&'static Handle, LockError> {
@@ -24,19 +23,6 @@ pub(crate) fn handle() -> Result<&'static Handle, LockError> {
             false,
         )
     })
-}
-
-/// Spawns `task` on the background runtime (on the current one if that could not start,
-/// which only a backend that never connected could meet: connecting needs it).
-pub(crate) fn spawn<F>(task: F) -> JoinHandle<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    match handle() {
-        Ok(background) => background.spawn(task),
-        Err(_) => tokio::spawn(task),
-    }
 }
 
 /// Runs `work` on the background runtime and waits for it from the caller's.

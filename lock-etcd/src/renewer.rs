@@ -116,17 +116,11 @@ impl Renewer {
     /// The task handles, (re)starting the tasks on the driver runtime (see [`crate::driver`])
     /// if they are not running.
     async fn tasks(&self) -> Result<(mpsc::UnboundedSender<Check>, KeepAliveQueues), LockError> {
-        if let Some(running) = lock(&self.shared.tasks)
-            .as_ref()
-            .filter(|t| !t.batcher.is_finished())
-        {
-            return Ok((running.checks.clone(), running.keep_alives.clone()));
-        }
-        let client = self.shared.connection.client();
         let mut tasks = lock(&self.shared.tasks);
         if let Some(running) = tasks.as_ref().filter(|t| !t.batcher.is_finished()) {
             return Ok((running.checks.clone(), running.keep_alives.clone()));
         }
+        let client = self.shared.connection.client();
         let runtime = crate::driver::handle()?;
         let shared = &self.shared;
         let keep_alives: KeepAliveQueues = (0..KEEP_ALIVE_STREAMS)

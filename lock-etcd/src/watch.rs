@@ -89,22 +89,13 @@ impl Watcher {
     /// The request queue of the running task, (re)started on the driver runtime (see
     /// [`crate::driver`]) if it is not running.
     async fn requests(&self) -> Option<mpsc::UnboundedSender<Request>> {
-        let running = || {
-            lock(&self.task)
-                .as_ref()
-                .filter(|(_, handle)| !handle.is_finished())
-                .map(|(requests, _)| requests.clone())
-        };
-        if let Some(requests) = running() {
-            return Some(requests);
-        }
-        let client = self.connection.client();
         let mut task = lock(&self.task);
         if let Some((requests, handle)) = task.as_ref()
             && !handle.is_finished()
         {
             return Some(requests.clone());
         }
+        let client = self.connection.client();
         let runtime = crate::driver::handle().ok()?;
         let (requests, receiver) = mpsc::unbounded_channel();
         let mut next_id: i64 = 0;

@@ -280,8 +280,10 @@ impl EtcdBackend {
             }
         };
         let mut followers = lock(&inner.followers);
-        if !running(&followers) {
-            let follower = crate::driver::spawn(follow_releases(inner.clone(), key.clone(), from));
+        if !running(&followers)
+            && let Some(follower) =
+                lock_core::spawn_background(follow_releases(inner.clone(), key.clone(), from))
+        {
             followers.insert(name.to_owned(), follower);
         }
         Ok(releases)
