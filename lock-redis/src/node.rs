@@ -1861,10 +1861,7 @@ impl Nodes {
                 Some(conn) => conn,
                 None => match prepared.lazy() {
                     Ok(conn) => conn,
-                    Err(error) => {
-                        shutdown.cancel();
-                        return Err(error);
-                    }
+                    Err(error) => return Err(error),
                 },
             };
             let mut node = Node::start(
@@ -1899,7 +1896,6 @@ impl Nodes {
                 if let Err(error) = checked
                     && error.kind() == redis::ErrorKind::InvalidClientConfig
                 {
-                    shutdown.cancel();
                     return Err(LockError::InvalidConfig(
                         error
                             .detail()

@@ -488,8 +488,6 @@ impl Follower {
             }
         };
         if role == "master" {
-            // Every master we follow, the first and each one after a failover.
-            crate::node::warn_if_locks_may_be_evicted(server.manager.clone(), server.addr.clone());
             Ok(server)
         } else {
             Err(LockError::backend_msg(
@@ -541,6 +539,11 @@ impl Follower {
                             "redis master moved (sentinel); following it"
                         );
                         current = server.addr.clone();
+                        // Each master we move to (the first one: at connect).
+                        crate::node::warn_if_locks_may_be_evicted(
+                            server.manager.clone(),
+                            server.addr.clone(),
+                        );
                         // A lazy twin: its connection is made by the first command that uses
                         // it, on that command's runtime (not necessarily here).
                         let manager = server.lazy_twin().unwrap_or(server.manager);
@@ -637,6 +640,7 @@ pub(crate) async fn connect(url: &str, options: RedisOptions) -> Result<RedisBac
         }
     };
     let scheme = KeyScheme::new(parsed.options.prefix.clone(), parsed.db)?;
+    crate::node::warn_if_locks_may_be_evicted(server.manager.clone(), server.addr.clone());
     let nodes = Nodes::followed(server, follower, scheme, &parsed.options);
     Ok(RedisBackend::from_nodes(nodes))
 }
