@@ -284,13 +284,22 @@ async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
         let expires = lease.sent_at() + lease.ttl();
         sleep(lease.ttl() - Duration::from_millis(300)).await;
         loop {
-            if factory.cluster.keys_with_prefix(&range).await?.is_empty() {
+            let entries = factory.cluster.keys_with_prefix(&range).await?;
+            let Some(&(_, _, lease_id)) = entries.first() else {
                 break;
+            };
+            if Instant::now() >= expires + Duration::from_secs(3) {
+                // Say what etcd thinks of the lease, so that a failure tells a lease the
+                // server extended (TTL > 0) from one it found expired but did not revoke.
+                let mut client = factory.cluster.client().await?;
+                let seen = client
+                    .lease_time_to_live(lease_id, None)
+                    .await
+                    .map(|ttl| format!("TTL {} s of {} s granted", ttl.ttl(), ttl.granted_ttl()));
+                bail!(
+                    "round {round}: entry never expired, 3 s after its TTL; lease {lease_id:x}: {seen:?}"
+                );
             }
-            ensure!(
-                Instant::now() < expires + Duration::from_secs(3),
-                "entry never expired"
-            );
             sleep(Duration::from_millis(5)).await;
         }
         lags.push(Instant::now().saturating_duration_since(expires));
