@@ -31,6 +31,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_case!(late_renewal_counts_from_its_sending [$factory] $skips);
         $crate::__conformance_case!(guards_outlive_a_stopped_runtime [$factory] $skips);
         $crate::__conformance_case!(backend_outlives_the_runtime_that_connected_it [$factory] $skips);
+        $crate::__conformance_case!(sync_callers_guards_are_attended [$factory] $skips);
         $crate::__conformance_case!(drop_releases_in_background [$factory] $skips);
         $crate::__conformance_case!(bad_input_is_rejected [$factory] $skips);
         $crate::__conformance_case!(many_keys_held_and_renewed [$factory] $skips);
@@ -187,6 +188,11 @@ macro_rules! __conformance_case {
         #[::tokio::test]
         #[ignore = $reason]
         async fn backend_outlives_the_runtime_that_connected_it() {}
+    };
+    (sync_callers_guards_are_attended [$factory:expr] [sync_callers_guards_are_attended : $reason:literal $(, $($rest:tt)*)?]) => {
+        #[::tokio::test]
+        #[ignore = $reason]
+        async fn sync_callers_guards_are_attended() {}
     };
     (drop_releases_in_background [$factory:expr] [drop_releases_in_background : $reason:literal $(, $($rest:tt)*)?]) => {
         #[::tokio::test]

@@ -244,9 +244,14 @@ impl Watchdog {
     /// runs on the process's background runtime instead: a guard is watched wherever it was
     /// acquired.
     fn ensure_task(&self, state: &mut State) {
-        let Some(runtime) = task_runtime(state) else {
-            return;
-        };
+        if let Some(runtime) = task_runtime(state) {
+            self.ensure_task_on(state, &runtime);
+        }
+    }
+
+    /// A task on `runtime`, if it has none (or its task ended with an earlier shutdown of a
+    /// runtime that had the same id).
+    fn ensure_task_on(&self, state: &mut State, runtime: &Handle) {
         let id = runtime.id();
         if state
             .tasks
@@ -255,7 +260,18 @@ impl Watchdog {
         {
             state.tasks.retain(|_, task| !task.handle.is_finished());
             let wake = Arc::new(Notify::new());
-            let handle = runtime.spawn(run(self.clone(), wake.clone()));
+            // Made before the spawn: a task dropped unpolled (its runtime shutting down) must
+            // still hand its work on.
+            let on_drop = HandOnWhenDropped {
+                watchdog: self.clone(),
+                runtime: id,
+            };
+            let watchdog = self.clone();
+            let task_wake = wake.clone();
+            let handle = runtime.spawn(async move {
+                let _on_drop = on_drop;
+                run(watchdog, task_wake).await;
+            });
             state.tasks.insert(id, Task { handle, wake });
         }
     }
@@ -269,6 +285,20 @@ impl Watchdog {
         let mut state = lock(&self.shared.state);
         // The new task (if one is needed) looks at the whole queue when it starts.
         self.ensure_task(&mut state);
+    }
+
+    /// [`Self::attend_from_current_runtime`], and a task on the background runtime too: for
+    /// a lost token, which plain code checks with no runtime driven at all (a sync wrapper
+    /// that keeps its current-thread runtime between calls). The task of the runtime the
+    /// guard came from would never run then: the guard was neither renewed nor told it was
+    /// lost.
+    pub(crate) fn attend_from_anywhere(&self) {
+        let background = crate::detached::background_runtime();
+        let mut state = lock(&self.shared.state);
+        self.ensure_task(&mut state);
+        if let Some(background) = background {
+            self.ensure_task_on(&mut state, background);
+        }
     }
 
     /// Takes the guard's entry (a backstop) out of the queue: it was told it is lost.
@@ -390,18 +420,37 @@ fn next_due(watched: &Watched, lease: &Lease) -> Instant {
     }
 }
 
-/// Wakes the other runtimes' tasks when this task is dropped (its runtime shut down), so the
-/// wake-up it was meant to take is not lost with it.
-struct WakeOthersOnDrop(Watchdog);
+/// Hands a task's work on when the task is dropped (its runtime shut down): wakes the other
+/// runtimes' tasks, so the wake-up it was meant to take is not lost with it, and when no
+/// other runtime has a live task while guards are queued, starts one on the background
+/// runtime. Before, such guards (a sync wrapper's `block_on` on a runtime then dropped) were
+/// neither renewed nor told they were lost until some runtime used the `Locker` again.
+struct HandOnWhenDropped {
+    watchdog: Watchdog,
+    runtime: runtime::Id,
+}
 
-impl Drop for WakeOthersOnDrop {
+impl Drop for HandOnWhenDropped {
     fn drop(&mut self) {
-        self.0.wake_all();
+        let mut state = lock(&self.watchdog.shared.state);
+        let orphaned = !state.queue.is_empty()
+            && !state
+                .tasks
+                .iter()
+                .any(|(id, task)| *id != self.runtime && !task.handle.is_finished());
+        if orphaned
+            && let Some(background) = crate::detached::background_runtime()
+            && background.id() != self.runtime
+        {
+            state.tasks.remove(&self.runtime);
+            self.watchdog.ensure_task_on(&mut state, background);
+        }
+        state.planned_wake = None;
+        state.wake_tasks();
     }
 }
 
 async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
-    let _wake_others = WakeOthersOnDrop(watchdog.clone());
     loop {
         let (due, next) = watchdog.take_due();
         for watched in due {

@@ -107,6 +107,83 @@ fn a_renewal_stranded_on_an_undriven_runtime_still_ends_in_a_signal() {
     drop(acquiring);
 }
 
+/// A guard taken in a sync wrapper's `block_on` whose runtime then shuts down, its holder
+/// working on in plain code and checking its `lost_token()`: the watchdog's only task died
+/// with that runtime, so the guard was neither renewed nor told it was lost, and another
+/// holder took the key while the token said "held" (found by a review, 2026-12-03).
+#[test]
+fn a_guard_whose_runtime_shut_down_is_still_watched_from_sync_code() {
+    let memory = MemoryBackend::new();
+    let locker = Locker::new(memory.clone());
+    let ttl = Duration::from_millis(300);
+    let (guard, token) = sync_call(|| async {
+        let guard = locker.lock("shut-down").ttl(ttl).acquire().await.unwrap();
+        let token = guard.lost_token();
+        (guard, token)
+    });
+    std::thread::sleep(ttl * 4);
+    let taken = sync_call(|| async {
+        let contender = Locker::new(memory.clone());
+        contender.lock("shut-down").try_acquire().await.unwrap()
+    });
+    assert!(
+        token.is_cancelled() || taken.is_none(),
+        "another holder took the key while the guard's token said it was held"
+    );
+    assert!(
+        taken.is_none(),
+        "the guard was not renewed: {:?}",
+        guard.lost_reason()
+    );
+}
+
+/// The same with the runtime kept (as a sync wrapper keeps one for its next call) but not
+/// driven between calls: the watchdog's task there never ran.
+#[test]
+fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
+    let memory = MemoryBackend::new();
+    let locker = Locker::new(memory.clone());
+    let ttl = Duration::from_millis(300);
+    let kept = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (guard, token) = kept.block_on(async {
+        let guard = locker.lock("undriven").ttl(ttl).acquire().await.unwrap();
+        let token = guard.lost_token();
+        (guard, token)
+    });
+    std::thread::sleep(ttl * 4);
+    let taken = sync_call(|| async {
+        let contender = Locker::new(memory.clone());
+        contender.lock("undriven").try_acquire().await.unwrap()
+    });
+    assert!(
+        token.is_cancelled() || taken.is_none(),
+        "another holder took the key while the guard's token said it was held"
+    );
+    assert!(
+        taken.is_none(),
+        "the guard was not renewed: {:?}",
+        guard.lost_reason()
+    );
+    drop(kept);
+}
+
+/// Runs `call` on a current-thread runtime of its own, shut down afterwards: a sync
+/// wrapper's call.
+fn sync_call<F, Fut>(call: F) -> Fut::Output
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future,
+{
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(call())
+}
+
 /// A runtime built without timers: the watchdog's task there could not sleep (Tokio panics
 /// in it), so the guard was neither renewed nor told, and the key went to another holder.
 #[test]

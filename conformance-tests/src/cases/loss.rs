@@ -582,6 +582,62 @@ async fn woken_at_releases(
     Ok(())
 }
 
+/// 13h. A sync caller's guard: taken in `block_on` on a current-thread runtime of the
+///      caller's, which is then dropped (1) or kept, undriven, for the caller's next call
+///      (2), while the holder works on in plain code and checks its `lost_token()`. After
+///      two TTLs each guard is renewed (another client cannot take its key) or its token is
+///      cancelled: never expired while its token says "held". Before the client kept a
+///      watchdog task on its background runtime for such tokens, both expired unrenewed and
+///      another holder got in while the tokens stayed silent.
+pub async fn sync_callers_guards_are_attended(factory: &dyn BackendFactory) -> Result<()> {
+    // A locker of its own: no watchdog task of this runtime's serves its guards.
+    let holder = locker(factory).await?;
+    let contender = locker(factory).await?;
+    let caps = contender.backend().capabilities();
+    let ttl = ttl_for(&caps, 900 * MS);
+    let work = ttl * 2 + caps.expiry_slack_for(ttl) + 100 * MS;
+    let keys = [unique_key("sync-dropped"), unique_key("sync-undriven")];
+    let names = keys.clone();
+    let (held, kept) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        };
+        let take = |runtime: &tokio::runtime::Runtime, name: &str| {
+            runtime.block_on(async {
+                let guard = holder.lock(name).ttl(ttl).acquire().await?;
+                let token = guard.lost_token();
+                anyhow::Ok((guard, token))
+            })
+        };
+        let dropped = take(&runtime()?, &names[0])?;
+        let kept = runtime()?;
+        let undriven = take(&kept, &names[1])?;
+        // The holder's work, in plain code.
+        std::thread::sleep(work);
+        Ok(([dropped, undriven], kept))
+    })
+    .await??;
+    let mut outcome = Ok(());
+    for ((guard, token), (key, how)) in held
+        .iter()
+        .zip(keys.iter().zip(["dropped", "kept undriven"]))
+    {
+        let taken = contender.lock(key).ttl(ttl).try_acquire().await?;
+        if taken.is_some() && !token.is_cancelled() && outcome.is_ok() {
+            outcome = Err(anyhow::anyhow!(
+                "another client took {key} while its holder's lost token (runtime {how}) said \
+                 it was held: neither renewed nor told (is_lost: {})",
+                guard.is_lost()
+            ));
+        }
+    }
+    drop(held);
+    tokio::task::spawn_blocking(move || drop(kept)).await?;
+    outcome
+}
+
 /// On a thread of its own, a current-thread runtime connects a backend, takes and releases a
 /// lock, and waits for `blocked` (held elsewhere: the lock, and with `semaphore` a semaphore
 /// of one permit of that name) until its waits time out; then the runtime shuts down, ending
