@@ -194,6 +194,11 @@ static RW_READ_ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local writer = redis.call('PTTL', KEYS[2])
 if writer ~= -2 or redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    -- This very attempt ran before (re-sent) and holds a share; a writer refused since
+    -- then set its intent. Refusing now would leave that share to nobody for its TTL.
+    return tonumber(redis.call('GET', KEYS[5]) or '1')
+  end
   return refused(now, writer, ARGV[3])
 end
 local ttl = tonumber(ARGV[2])
@@ -580,7 +585,7 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use super::{RW_WRITE_ACQUIRE, SEM_ACQUIRE};
+    use super::{RW_READ_ACQUIRE, RW_WRITE_ACQUIRE, SEM_ACQUIRE};
 
     /// An acquire script run twice with the same token (the Cluster client re-sends a call
     /// whose connection dropped after sending) answers "acquired" both times and counts the
@@ -651,5 +656,43 @@ mod tests {
             .await
             .unwrap();
         assert!(!intent, "the second run set a writer intent against itself");
+        // A reader's attempt re-sent after a writer was refused meanwhile: the writer's
+        // intent must not make the reader's first run, which holds a share, answer "held"
+        // (nobody would know that share, and it would keep the writer out for its TTL).
+        let rw = |conn: &mut redis::aio::MultiplexedConnection,
+                  script: &'static redis::Script,
+                  token: &'static str,
+                  intent_ms: Option<u64>| {
+            let mut conn = conn.clone();
+            async move {
+                let mut call = script.key("r:readers");
+                call.key("r:writer")
+                    .key("r:intent")
+                    .key("r:mark")
+                    .key("r:fence")
+                    .arg(token)
+                    .arg(30_000)
+                    .arg("0");
+                if let Some(intent_ms) = intent_ms {
+                    call.arg(intent_ms);
+                }
+                call.arg("0")
+                    .invoke_async::<redis::Value>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = rw(&mut conn, &RW_READ_ACQUIRE, "reader", None).await;
+        assert!(matches!(first, redis::Value::Int(_)), "reader: {first:?}");
+        let writer = rw(&mut conn, &RW_WRITE_ACQUIRE, "writer", Some(2_000)).await;
+        assert!(
+            !matches!(writer, redis::Value::Int(_)),
+            "the writer got in beside a reader: {writer:?}"
+        );
+        let again = rw(&mut conn, &RW_READ_ACQUIRE, "reader", None).await;
+        assert!(
+            matches!(again, redis::Value::Int(_)),
+            "the reader's re-sent attempt was refused while its share stays: {again:?}"
+        );
     }
 }
