@@ -268,11 +268,28 @@ impl Watchdog {
             };
             let watchdog = self.clone();
             let task_wake = wake.clone();
+            // A runtime that is shutting down drops the task inside `spawn`, on this thread,
+            // while we hold the state lock: its hand-on must not take the lock (see below).
+            SPAWNING.set(true);
             let handle = runtime.spawn(async move {
                 let _on_drop = on_drop;
                 run(watchdog, task_wake).await;
             });
-            state.tasks.insert(id, Task { handle, wake });
+            SPAWNING.set(false);
+            if !handle.is_finished() {
+                state.tasks.insert(id, Task { handle, wake });
+                return;
+            }
+            // The runtime is shutting down (a guard put back by a renewal it dropped): if no
+            // other runtime has a live task, one on the background runtime takes the queue.
+            let others = state.tasks.values().any(|task| !task.handle.is_finished());
+            if !others
+                && !state.queue.is_empty()
+                && let Some(background) = crate::detached::background_runtime()
+                && background.id() != id
+            {
+                self.ensure_task_on(state, background);
+            }
         }
     }
 
@@ -430,8 +447,18 @@ struct HandOnWhenDropped {
     runtime: runtime::Id,
 }
 
+thread_local! {
+    /// Set while [`Watchdog::ensure_task_on`] spawns a task holding the state lock.
+    static SPAWNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Drop for HandOnWhenDropped {
     fn drop(&mut self) {
+        if SPAWNING.get() {
+            // Dropped inside `spawn` by a runtime shutting down: the spawner holds the lock
+            // and hands the work on itself.
+            return;
+        }
         let mut state = lock(&self.watchdog.shared.state);
         let orphaned = !state.queue.is_empty()
             && !state
