@@ -34,6 +34,8 @@ struct Settings {
     upstream_delay: Option<Duration>,
     /// Connections numbered below this forward nothing, ever (see `forget_flows`).
     forgotten_below: u64,
+    /// Connections numbered below this forward nothing until released (see `hold_flows`).
+    held_below: u64,
 }
 
 /// A proxy listening on a free loopback port and forwarding to `upstream`.
@@ -60,6 +62,7 @@ impl TcpProxy {
             delay: Duration::ZERO,
             upstream_delay: None,
             forgotten_below: 0,
+            held_below: 0,
         });
         let connections = Arc::new(Mutex::new(CancellationToken::new()));
         let shutdown = CancellationToken::new();
@@ -144,6 +147,23 @@ impl TcpProxy {
             .send_modify(|settings| settings.forgotten_below = next);
     }
 
+    /// Every connection open now stalls — its bytes wait, nothing is closed — while new
+    /// connections work, until [`TcpProxy::release_flows`] forwards what waited: a path
+    /// that stalls one flow and later delivers its retransmitted bytes, after a client that
+    /// gave up on that connection sent newer commands on another one.
+    pub fn hold_flows(&self) {
+        let next = self.next_connection.load(Ordering::SeqCst);
+        self.settings
+            .send_modify(|settings| settings.held_below = next);
+    }
+
+    /// Forwards what the connections held by [`TcpProxy::hold_flows`] have waiting, and
+    /// everything after it.
+    pub fn release_flows(&self) {
+        self.settings
+            .send_modify(|settings| settings.held_below = 0);
+    }
+
     /// Delays every forwarded chunk by `delay`.
     pub fn set_delay(&self, delay: Duration) {
         self.settings.send_modify(|settings| {
@@ -215,13 +235,16 @@ async fn accept_loop(
     }
 }
 
-/// Waits while connection `id` may not forward (black hole, or a forgotten flow); false when
-/// it must close (refused, or the proxy is gone).
+/// Waits while connection `id` may not forward (black hole, a forgotten or held flow); false
+/// when it must close (refused, or the proxy is gone).
 async fn may_forward(id: u64, settings: &mut watch::Receiver<Settings>) -> bool {
     loop {
         let (mode, forgotten) = {
             let current = settings.borrow();
-            (current.mode, id < current.forgotten_below)
+            (
+                current.mode,
+                id < current.forgotten_below || id < current.held_below,
+            )
         };
         match mode {
             ProxyMode::Refuse => return false,

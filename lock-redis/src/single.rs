@@ -32,8 +32,8 @@ pub struct RedisBackend {
 /// The most clean-ups pending at once per backend. Beyond it a failed acquire's key (if the
 /// script ran at all) is freed by its TTL, as it would be without clean-up.
 const CLEANUP_CAPACITY: usize = 256;
-/// Clean-ups sent at once.
-const CLEANUP_BATCH: usize = 16;
+/// The most clean-ups in flight at once (pipelined on the connection).
+const CLEANUP_IN_FLIGHT: usize = 64;
 
 /// A token to compare-and-delete: the acquire that set it may have run, its answer never came.
 #[derive(Debug)]
@@ -42,14 +42,25 @@ struct Pending {
     token: String,
     /// When the server frees the key anyway (the acquire's TTL).
     expires: Instant,
+    /// A retry waits until then (`None`: a first attempt, sent at once).
+    not_before: Option<Instant>,
 }
 
 /// The clean-ups of one backend: a bounded queue and at most one worker, so an outage that
 /// fails many acquires costs a bounded amount of memory, tasks and (when the server returns)
 /// commands, instead of one retry loop per failed acquire.
+///
+/// A first attempt goes out at once, also while earlier clean-ups are in flight: sent on the
+/// connection its acquire went out on, it runs after that acquire if the acquire ever
+/// arrives. Queued behind a batch still waiting for answers from a silent connection, it
+/// went out only after that batch timed out, by when the connection could have been
+/// replaced: the new one's release found nothing, and the old one's delayed bytes then set
+/// the key for its whole TTL with a token nobody held.
 #[derive(Debug, Default)]
 struct Cleanup {
     state: std::sync::Mutex<CleanupState>,
+    /// Wakes the worker for a new first attempt.
+    added: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -65,12 +76,10 @@ impl Cleanup {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `pending`; starts the worker if none runs. The first attempt goes out at
-    /// once on the same connection as the acquire, so it runs after the acquire if that ever
-    /// arrives. `always`: queued even beyond [`CLEANUP_CAPACITY`] (a waiter leaving the fair
-    /// queue: dropped, its entry would be handed the lock by the next release, and nobody
-    /// would hold it for its whole TTL; there is one per cancelled waiter, not one per failed
-    /// attempt of an outage).
+    /// Queues `pending`; starts the worker if none runs, else wakes it. `always`: queued
+    /// even beyond [`CLEANUP_CAPACITY`] (a waiter leaving the fair queue: dropped, its entry
+    /// would be handed the lock by the next release, and nobody would hold it for its whole
+    /// TTL; there is one per cancelled waiter, not one per failed attempt of an outage).
     fn push(self: &Arc<Self>, nodes: &Arc<Nodes>, pending: Pending, always: bool) {
         let mut state = self.state();
         if state.queue.len() >= CLEANUP_CAPACITY && !always {
@@ -78,7 +87,9 @@ impl Cleanup {
             return;
         }
         state.queue.push_back(pending);
-        if !state.worker {
+        if state.worker {
+            self.added.notify_one();
+        } else {
             // On the background runtime: a worker ended with a caller's runtime would leave
             // `worker` set, and no clean-up would run again.
             state.worker =
@@ -86,63 +97,75 @@ impl Cleanup {
         }
     }
 
-    /// Releases queued tokens, a batch at a time; retryable failures go back in the queue
-    /// until their key expires, after a pause that doubles to 1 s while the server fails.
-    /// Ends when the queue is empty or the backend is dropped.
+    /// Sends queued clean-ups as they become due (first attempts at once, at most
+    /// [`CLEANUP_IN_FLIGHT`] at a time); retryable failures go back in the queue until their
+    /// key expires, after a pause that doubles to 1 s while the server fails. Ends when
+    /// nothing is queued or in flight, or the backend is dropped.
     async fn work(self: Arc<Self>, nodes: std::sync::Weak<Nodes>) {
+        use futures::StreamExt;
+        let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut pause = Duration::from_millis(50);
         loop {
-            let batch: Vec<Pending> = {
+            let mut next_retry: Option<Instant> = None;
+            {
                 let mut state = self.state();
                 let now = Instant::now();
                 state.queue.retain(|pending| pending.expires > now);
-                let take = state.queue.len().min(CLEANUP_BATCH);
-                if take == 0 || nodes.strong_count() == 0 {
+                let strong = nodes.upgrade();
+                let Some(strong) =
+                    strong.filter(|_| !state.queue.is_empty() || !in_flight.is_empty())
+                else {
                     state.queue.clear();
                     state.worker = false;
                     return;
-                }
-                state.queue.drain(..take).collect()
-            };
-            let Some(strong) = nodes.upgrade() else {
-                self.state().worker = false;
-                return;
-            };
-            let Some(node) = strong.nodes.first() else {
-                self.state().worker = false;
-                return;
-            };
-            let results = futures::future::join_all(
-                batch
-                    .iter()
-                    .map(|pending| pending.target.release(node, &pending.token)),
-            )
-            .await;
-            drop(strong);
-            let mut failed = false;
-            for (pending, result) in batch.into_iter().zip(results) {
-                match result {
-                    Ok(released) => {
-                        tracing::debug!(released, "cleaned up after a failed redis acquire");
-                    }
-                    Err(error) if error.is_retryable() => {
-                        tracing::debug!(%error, "clean-up after a failed acquire; retrying");
-                        failed = true;
-                        self.state().queue.push_back(pending);
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "clean-up after a failed acquire gave up");
+                };
+                let mut index = 0;
+                while index < state.queue.len() && in_flight.len() < CLEANUP_IN_FLIGHT {
+                    match state.queue[index].not_before {
+                        Some(at) if at > now => {
+                            next_retry = Some(next_retry.map_or(at, |next| next.min(at)));
+                            index += 1;
+                        }
+                        _ => {
+                            if let Some(pending) = state.queue.remove(index) {
+                                in_flight.push(send_cleanup(strong.clone(), pending));
+                            }
+                        }
                     }
                 }
             }
-            if failed {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            } else {
-                pause = Duration::from_millis(50);
+            tokio::select! {
+                Some((mut pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    match result {
+                        Ok(released) => {
+                            pause = Duration::from_millis(50);
+                            tracing::debug!(released, "cleaned up after a failed redis acquire");
+                        }
+                        Err(error) if error.is_retryable() => {
+                            tracing::debug!(%error, "clean-up after a failed acquire; retrying");
+                            pending.not_before = Some(Instant::now() + pause);
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                            self.state().queue.push_back(pending);
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "clean-up after a failed acquire gave up");
+                        }
+                    }
+                }
+                _ = self.added.notified() => {}
+                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {}
             }
         }
     }
+}
+
+/// One clean-up call on the backend's node; hands `pending` back with the outcome.
+async fn send_cleanup(nodes: Arc<Nodes>, pending: Pending) -> (Pending, Result<bool, LockError>) {
+    let result = match nodes.nodes.first() {
+        Some(node) => pending.target.release(node, &pending.token).await,
+        None => Ok(false),
+    };
+    (pending, result)
 }
 
 impl RedisBackend {
@@ -214,6 +237,7 @@ impl RedisBackend {
             target,
             token,
             expires,
+            not_before: None,
         };
         self.cleanup.push(&self.inner, pending, always);
     }

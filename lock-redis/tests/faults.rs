@@ -467,6 +467,52 @@ async fn failed_acquire_leaves_no_lock_behind() -> Result<()> {
     Ok(())
 }
 
+/// Finding (review, 2026-12-03): the clean-up of a failed acquire waited behind an earlier
+/// clean-up still in flight on a silent connection, and went out only after the probe had
+/// replaced that connection: on the new one it found nothing to delete, and when the old
+/// connection's stalled bytes reached the server, the acquire set its key for the whole TTL
+/// with a token nobody held. A first clean-up goes out at once now, on the connection the
+/// acquire went out on, so it runs after the acquire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_up_follows_its_acquire_across_a_connection_replacement() -> Result<()> {
+    let server = RedisServer::builder().proxy(true).start()?;
+    let proxy = server.proxy().context("no proxy")?;
+    let command_timeout = Duration::from_millis(500);
+    let options = RedisOptions::default().command_timeout(command_timeout);
+    let backend = RedisBackend::connect_with(&server.url(), options).await?;
+    works_again(&backend, Duration::from_secs(2)).await?;
+    let first = LockKey::new(unique("stalled-first"))?;
+    let second = LockKey::new(unique("stalled-second"))?;
+    // The open connection stalls (its bytes wait); new connections work.
+    proxy.hold_flows();
+    let ttl = Duration::from_secs(30);
+    let started = Instant::now();
+    // The first acquire times out at 0.5 s; its clean-up, sent then, waits for an answer
+    // until 1 s, when the probe (PING at 0.5 s, unanswered) replaces the connection. The
+    // second acquire, sent at 0.3 s on the stalled connection, times out at 0.8 s.
+    let (first_attempt, second_attempt) = tokio::join!(backend.try_acquire(&first, ttl), async {
+        sleep(Duration::from_millis(300)).await;
+        backend.try_acquire(&second, ttl).await
+    });
+    ensure!(
+        first_attempt.is_err() && second_attempt.is_err(),
+        "acquires on a stalled connection: {first_attempt:?}, {second_attempt:?}"
+    );
+    // The replacement works; the clean-ups' retries run on it meanwhile.
+    works_again(&backend, Duration::from_secs(3)).await?;
+    sleep((started + Duration::from_secs(2)).saturating_duration_since(Instant::now())).await;
+    // The stalled bytes arrive: both acquires, then what went out after them there.
+    proxy.release_flows();
+    sleep(Duration::from_millis(500)).await;
+    for (key, which) in [(&first, "first"), (&second, "second")] {
+        ensure!(
+            !exists(&server, key).await?,
+            "the {which} failed acquire's key is set with a token nobody holds (TTL {ttl:?})"
+        );
+    }
+    Ok(())
+}
+
 /// Finding: a call waiting for a reconnect was not bounded by the command timeout (up to
 /// 3 × connect timeout + backoff when the host drops SYNs or never answers the handshake).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
