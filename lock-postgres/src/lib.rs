@@ -625,27 +625,7 @@ impl LockBackend for PostgresBackend {
         let Some((hash, held, still_valid)) = begin_release(&self.inner, lease) else {
             return Ok(false);
         };
-        let in_flight = Arc::new(AtomicBool::new(false));
-        let abandon = {
-            let inner = self.inner.clone();
-            let held = held.clone();
-            let in_flight = in_flight.clone();
-            move || {
-                if in_flight.load(Ordering::SeqCst) {
-                    // The unlock may or may not have run: dropping the session frees it.
-                    inner.abandon(&held.session, &in_flight);
-                    inner.forget_pending(hash);
-                } else {
-                    inner.restore_held(hash, held);
-                }
-            }
-        };
-        let unlocked = detached(
-            self.inner.clone().release_held(hash, held, in_flight),
-            |_| {},
-            abandon,
-        )
-        .await?;
+        let unlocked = self.inner.settled_release(hash, held).await?;
         Ok(unlocked && still_valid)
     }
 

@@ -114,12 +114,45 @@ pub(crate) async fn release_lease(inner: Arc<Inner>, lease: Lease) -> Result<boo
     let Some((hash, held, still_valid)) = begin_release(&inner, &lease) else {
         return Ok(false);
     };
-    let in_flight = Arc::new(AtomicBool::new(false));
-    let unlocked = inner.release_held(hash, held, in_flight).await?;
+    let unlocked = inner.settled_release(hash, held).await?;
     Ok(unlocked && still_valid)
 }
 
 impl Inner {
+    /// [`Inner::release_held`], settling the key's `Pending` book entry however it ends. If
+    /// it is dropped unfinished where no runtime can finish it (its runtime shut down, e.g.
+    /// the reaper's, with the unlock's answer still on its way), an unlock that may have run
+    /// drops the session (which frees the lock on the server) and one never sent puts the
+    /// lease back for the reaper. Before, a dropped reaper or orphan release left the entry
+    /// `Pending` for good: every later acquire of the key in this process was answered
+    /// "held" without asking the server.
+    pub(crate) fn settled_release(
+        self: &Arc<Self>,
+        hash: BookKey,
+        held: HeldLock,
+    ) -> Detached<bool> {
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let abandon = {
+            let inner = self.clone();
+            let held = held.clone();
+            let in_flight = in_flight.clone();
+            move || {
+                if in_flight.load(Ordering::SeqCst) {
+                    // The unlock may or may not have run: dropping the session frees it.
+                    inner.abandon(&held.session, &in_flight);
+                    inner.forget_pending(hash);
+                } else {
+                    inner.restore_held(hash, held);
+                }
+            }
+        };
+        detached(
+            self.clone().release_held(hash, held, in_flight),
+            |_| {},
+            abandon,
+        )
+    }
+
     /// Puts a lease whose unlock never reached the server back in the book: it is still held
     /// there, and the reaper unlocks it at its deadline (or now, if that passed).
     pub(crate) fn restore_held(&self, hash: BookKey, held: HeldLock) {

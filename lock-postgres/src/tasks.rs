@@ -35,10 +35,10 @@ pub(crate) async fn reaper(inner: Arc<Inner>) {
         };
         for (hash, held) in expired {
             tracing::debug!(key = %held.key, "lease expired without renewal; unlocking");
-            let inner = inner.clone();
+            // Settled however it ends: this task dies with the reaper's runtime.
+            let release = inner.settled_release(hash, held);
             tokio::spawn(async move {
-                let in_flight = Arc::new(AtomicBool::new(false));
-                if let Err(error) = inner.release_held(hash, held, in_flight).await {
+                if let Err(error) = release.await {
                     tracing::warn!(%error, "unlocking an expired lease failed");
                 }
             });

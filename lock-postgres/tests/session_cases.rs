@@ -216,12 +216,56 @@ fn acquire_dropped_by_a_closing_runtime_leaves_the_key_usable() -> Result<()> {
     main.block_on(key_becomes_usable(&backend, &key))
 }
 
+/// Finding (review, 2026-12-03): the reaper unlocked a lease that ran out unrenewed on a plain
+/// task of its own runtime. That runtime shutting down with the unlock's answer on its way
+/// dropped the task and left the key's book entry `Pending` for good: the key answered `Held`
+/// in this process without asking the server.
+#[test]
+fn a_reaper_unlock_dropped_with_its_runtime_leaves_the_key_usable() -> Result<()> {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // The backend connects here, so its reaper runs here, driven by the runtime's own worker.
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // Slow answers must not make the heartbeat drop the session first (its locks would go
+    // with it, and the reaper would find nothing to unlock).
+    let config = PostgresConfig {
+        probe_timeout: Duration::from_secs(10),
+        ..one_session()
+    };
+    let (backend, proxy) = side.block_on(proxied_backend_with(config))?;
+    let key = LockKey::new(unique("reaped"))?;
+    let lease = side
+        .block_on(backend.try_acquire(&key, lock_postgres::MIN_TTL))?
+        .into_lease()
+        .context("key not free")?;
+    // Never renewed: the reaper unlocks it at its deadline, and the answer takes 2 s.
+    proxy.set_delays(Duration::ZERO, Duration::from_secs(2));
+    let deadline = lease.sent_at() + lease.ttl();
+    std::thread::sleep(
+        (deadline + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    // Shuts down with the reaper's unlock in flight.
+    drop(side);
+    proxy.set_delay(Duration::ZERO);
+    main.block_on(key_becomes_usable(&backend, &key))
+}
+
 /// A one-session backend through a proxy (so a statement is surely still in flight after
 /// one poll), its holder session connected on the calling runtime.
 async fn proxied_backend() -> Result<(Arc<PostgresBackend>, TcpProxy)> {
+    proxied_backend_with(one_session()).await
+}
+
+/// [`proxied_backend`] with `config`.
+async fn proxied_backend_with(config: PostgresConfig) -> Result<(Arc<PostgresBackend>, TcpProxy)> {
     let server = server().await?;
     let proxy = TcpProxy::start(server.addr())?;
-    let backend = backend_at(&PostgresServer::url_for(proxy.addr()), one_session()).await?;
+    let backend = backend_at(&PostgresServer::url_for(proxy.addr()), config).await?;
     let warm = LockKey::new(unique("warm"))?;
     let lease = backend
         .try_acquire(&warm, Duration::from_secs(5))
