@@ -256,18 +256,19 @@ impl Inner {
         format!("{schema}.{name}")
     }
 
-    /// Makes sure both tables exist (created if missing, serialized like the fence
-    /// sequence's creation; needs CREATE on the schema only then). The check runs on the
-    /// holder session (one short statement); the creation on a connection of its own, so that
-    /// waiting for another process's setup, or a stall inside the transaction, never holds a
-    /// session that may hold locks.
-    async fn ensure_tables(
+    /// Whether both tables exist, looked up on the holder session (one short statement).
+    /// `Ok(false)`: the caller lets the session go and runs [`Self::create_tables`] (created
+    /// if missing, serialized like the fence sequence's creation; needs CREATE on the schema
+    /// only then) on a connection of its own, so that waiting for another process's setup, or
+    /// a stall inside the transaction, never holds a session that may hold locks: held, the
+    /// session went unread, and one the server ended meanwhile was noticed only after the wait.
+    async fn tables_exist(
         &self,
         session: &Session,
         state: &mut SessionState,
-    ) -> Result<(), LockError> {
+    ) -> Result<bool, LockError> {
         if self.tables_ready.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(true);
         }
         let intent = self.table("distlock_rw_intent");
         let limits = self.table("distlock_semaphore_limit");
@@ -294,15 +295,16 @@ impl Inner {
                 return Err(timed_out(what, self.config.op_timeout));
             }
         };
-        if !exists {
-            self.create_tables(&intent, &limits).await?;
+        if exists {
+            self.tables_ready.store(true, Ordering::Relaxed);
         }
-        self.tables_ready.store(true, Ordering::Relaxed);
-        Ok(())
+        Ok(exists)
     }
 
-    /// Creates the tables on a connection of its own (see [`Self::ensure_tables`]).
-    async fn create_tables(&self, intent: &str, limits: &str) -> Result<(), LockError> {
+    /// Creates the tables on a connection of its own (see [`Self::tables_exist`]).
+    async fn create_tables(&self) -> Result<(), LockError> {
+        let intent = &self.table("distlock_rw_intent");
+        let limits = &self.table("distlock_semaphore_limit");
         let table = format!("{intent} / {limits}");
         let options = self
             .options
@@ -352,7 +354,10 @@ impl Inner {
         };
         // Dropped on a timeout: the server ends the connection and rolls its transaction back.
         match tokio::time::timeout(self.config.op_timeout, work).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.tables_ready.store(true, Ordering::Relaxed);
+                Ok(())
+            }
             Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("42501") => {
                 Err(LockError::InvalidConfig(format!(
                     "semaphores and reader-writer locks need the tables {table}, which do not exist and this \
@@ -385,7 +390,11 @@ impl Inner {
         let ttl_ms = ttl_ms(ttl);
         let namespace = self.config.namespace.clone();
         let mut state = self.session_conn(&session).await?;
-        self.ensure_tables(&session, &mut state).await?;
+        if !self.tables_exist(&session, &mut state).await? {
+            drop(state);
+            self.create_tables().await?;
+            state = self.session_conn(&session).await?;
+        }
         let fence_oid = Oid(self.fence_oid.load(Ordering::Relaxed));
         let owner = OwnerToken::random();
         let deadline = sent_at + ttl;

@@ -662,3 +662,79 @@ async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
     guard.release().await?;
     Ok(())
 }
+
+/// Finding (review, 2026-12-03): the session stayed taken (its mutex held) while the table
+/// creation waited for another process's setup, so nothing read it: a session the server
+/// ended meanwhile was noticed only when the wait was over, and its holders heard of their
+/// lost locks seconds after another process could have taken them. The creation now runs
+/// with the session free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_to_create_the_tables_leaves_the_session_watched() -> Result<()> {
+    let server = server().await?;
+    let schema = unique("tables").replace('-', "_");
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await?;
+    let backend = backend_at(
+        &server.url(),
+        PostgresConfig {
+            max_sessions: 1,
+            sessions_per_ttl: 1,
+            fence_sequence: format!("{schema}.distlock_fence"),
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let locker = Locker::from_arc(backend.clone());
+    let ttl = Duration::from_secs(30);
+    let name = unique("watched");
+    let guard = locker.lock(&name).ttl(ttl).acquire().await?;
+    let lost = guard.lost();
+    // Another process holds the setup lock for 5 s.
+    let mut setup = admin.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(lock_postgres::SETUP_LOCK.0)
+        .bind(lock_postgres::SETUP_LOCK.1)
+        .execute(&mut *setup)
+        .await?;
+    let first = tokio::spawn({
+        let backend = backend.clone();
+        let name = LockKey::new(unique("first-sem"))?;
+        async move { backend.try_acquire_permits(&name, 2, 1, ttl).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server ends the holder's session while the creation waits.
+    let hash = lock_postgres::advisory_key("distlock", &name);
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+         AND ((classid::int8 << 32) | objid::int8) = $1",
+    )
+    .bind(hash)
+    .fetch_one(&admin)
+    .await?;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&admin)
+        .await?;
+    let ended = Instant::now();
+    let bound = lock_postgres::loss_notice_bound(30_000) + Duration::from_millis(500);
+    let heard = tokio::time::timeout(Duration::from_secs(4), lost).await;
+    let heard_after = ended.elapsed();
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(lock_postgres::SETUP_LOCK.0)
+        .bind(lock_postgres::SETUP_LOCK.1)
+        .execute(&mut *setup)
+        .await?;
+    let _ = first.await?;
+    ensure!(
+        heard.is_ok() && heard_after <= bound,
+        "the holder heard of its session's end {heard_after:?} after it (bound {bound:?}; \
+         heard: {})",
+        heard.is_ok()
+    );
+    Ok(())
+}
