@@ -120,12 +120,14 @@ fn a_guard_whose_runtime_shut_down_is_still_watched_from_sync_code() {
         let guard = locker.lock("shut-down").ttl(ttl).acquire().await.unwrap();
         let token = guard.lost_token();
         (guard, token)
-    });
+    })
+    .unwrap();
     std::thread::sleep(ttl * 4);
     let taken = sync_call(|| async {
         let contender = Locker::new(memory.clone());
         contender.lock("shut-down").try_acquire().await.unwrap()
-    });
+    })
+    .unwrap();
     assert!(
         token.is_cancelled() || taken.is_none(),
         "another holder took the key while the guard's token said it was held"
@@ -157,7 +159,8 @@ fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
     let taken = sync_call(|| async {
         let contender = Locker::new(memory.clone());
         contender.lock("undriven").try_acquire().await.unwrap()
-    });
+    })
+    .unwrap();
     assert!(
         token.is_cancelled() || taken.is_none(),
         "another holder took the key while the guard's token said it was held"
@@ -172,16 +175,15 @@ fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
 
 /// Runs `call` on a current-thread runtime of its own, shut down afterwards: a sync
 /// wrapper's call.
-fn sync_call<F, Fut>(call: F) -> Fut::Output
+fn sync_call<F, Fut>(call: F) -> std::io::Result<Fut::Output>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future,
 {
-    tokio::runtime::Builder::new_current_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .unwrap()
-        .block_on(call())
+        .build()?
+        .block_on(call()))
 }
 
 /// A runtime built without timers: the watchdog's task there could not sleep (Tokio panics
