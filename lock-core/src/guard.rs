@@ -169,8 +169,9 @@ impl LockGuard {
     /// A token cancelled when the lock is lost (a child of the guard's own token, so
     /// cancelling it does not fire the guard's signal).
     ///
-    /// The token may be checked from plain code while no runtime runs: a watchdog task on
-    /// the process's background runtime then renews the guard, or cancels the token in time.
+    /// The token may be checked from plain code while no runtime runs: taken on a
+    /// current-thread runtime or outside Tokio, a watchdog task on the process's background
+    /// runtime (if it could be started) renews the guard, or cancels the token in time.
     pub fn lost_token(&self) -> CancellationToken {
         self.watchdog.attend_from_anywhere();
         self.watched.guard.lost_token().child_token()

@@ -12,7 +12,9 @@
 //! task, all serving the one queue. When a runtime shuts down, its task and the renewals in
 //! flight on it are dropped; a dropped renewal puts its guard back in the queue, due now, and
 //! wakes the tasks left, so every live guard is still renewed (or told it is lost) as long as
-//! any runtime that used this `Locker` runs, or as soon as one acquires again.
+//! any runtime that used this `Locker` runs; when none does, a task on the process's
+//! background runtime takes over (as it does beside a current-thread runtime for a guard whose
+//! lost token was taken: plain code may check it while that runtime is not driven).
 
 use crate::guard::GuardState;
 use crate::telemetry;
@@ -304,13 +306,20 @@ impl Watchdog {
         self.ensure_task(&mut state);
     }
 
-    /// [`Self::attend_from_current_runtime`], and a task on the background runtime too: for
-    /// a lost token, which plain code checks with no runtime driven at all (a sync wrapper
-    /// that keeps its current-thread runtime between calls). The task of the runtime the
-    /// guard came from would never run then: the guard was neither renewed nor told it was
-    /// lost.
+    /// [`Self::attend_from_current_runtime`], and, called on a current-thread runtime (or
+    /// outside Tokio), a task on the background runtime too: for a lost token, which plain
+    /// code may check while no runtime is driven at all (a sync wrapper that keeps its
+    /// current-thread runtime between calls). The task of that runtime would not run then:
+    /// the guard was neither renewed nor told it was lost. A multi-thread runtime's workers
+    /// drive it whatever the caller does (and its shutdown hands the guards on, see
+    /// [`HandOnWhenDropped`]), so async callers there pay for no second task.
     pub(crate) fn attend_from_anywhere(&self) {
-        let background = crate::detached::background_runtime();
+        let undriven_risk = Handle::try_current().ok().is_none_or(|current| {
+            current.runtime_flavor() == runtime::RuntimeFlavor::CurrentThread
+        });
+        let background = undriven_risk
+            .then(crate::detached::background_runtime)
+            .flatten();
         let mut state = lock(&self.shared.state);
         self.ensure_task(&mut state);
         if let Some(background) = background {

@@ -115,7 +115,7 @@ fn a_renewal_stranded_on_an_undriven_runtime_still_ends_in_a_signal() {
 fn a_guard_whose_runtime_shut_down_is_still_watched_from_sync_code() {
     let memory = MemoryBackend::new();
     let locker = Locker::new(memory.clone());
-    let ttl = Duration::from_millis(300);
+    let ttl = Duration::from_millis(600);
     let (guard, token) = sync_call(|| async {
         let guard = locker.lock("shut-down").ttl(ttl).acquire().await.unwrap();
         let token = guard.lost_token();
@@ -145,7 +145,7 @@ fn a_guard_whose_runtime_shut_down_is_still_watched_from_sync_code() {
 fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
     let memory = MemoryBackend::new();
     let locker = Locker::new(memory.clone());
-    let ttl = Duration::from_millis(300);
+    let ttl = Duration::from_millis(600);
     let kept = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,6 +171,34 @@ fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
         guard.lost_reason()
     );
     drop(kept);
+}
+
+/// A guard whose runtime, the only one its `Locker` used, shut down, with nobody taking its
+/// token or waiting for `lost()`: the watchdog's task there hands the guard to one on the
+/// background runtime, which renews it (before, nothing did until the `Locker` was used
+/// from a runtime again).
+#[test]
+fn a_guard_whose_runtime_shut_down_is_still_renewed() {
+    let memory = MemoryBackend::new();
+    let locker = Locker::new(memory.clone());
+    let ttl = Duration::from_millis(600);
+    let guard =
+        sync_call(|| async { locker.lock("handed-on").ttl(ttl).acquire().await.unwrap() }).unwrap();
+    std::thread::sleep(ttl * 4);
+    let taken = sync_call(|| async {
+        let contender = Locker::new(memory.clone());
+        contender.lock("handed-on").try_acquire().await.unwrap()
+    })
+    .unwrap();
+    assert!(
+        guard.is_lost() || taken.is_none(),
+        "another holder took the key of a guard that was neither renewed nor lost"
+    );
+    assert!(
+        taken.is_none(),
+        "the guard was not renewed: {:?}",
+        guard.lost_reason()
+    );
 }
 
 /// Runs `call` on a current-thread runtime of its own, shut down afterwards: a sync

@@ -29,11 +29,14 @@ pub struct RedisBackend {
     cleanup: Arc<Cleanup>,
 }
 
-/// The most clean-ups pending at once per backend. Beyond it a failed acquire's key (if the
-/// script ran at all) is freed by its TTL, as it would be without clean-up.
+/// The most clean-ups queued at once per backend (first attempts and retries waiting to go
+/// out). Beyond it a failed acquire's key (if the script ran at all) is freed by its TTL, as
+/// it would be without clean-up.
 const CLEANUP_CAPACITY: usize = 256;
-/// The most clean-ups in flight at once (pipelined on the connection).
-const CLEANUP_IN_FLIGHT: usize = 64;
+/// The most retries in flight at once (pipelined on the connection). First attempts are not
+/// counted: each must go out at once, behind its acquire (at most [`CLEANUP_CAPACITY`] are
+/// ever queued).
+const CLEANUP_RETRIES_IN_FLIGHT: usize = 64;
 
 /// A token to compare-and-delete: the acquire that set it may have run, its answer never came.
 #[derive(Debug)]
@@ -97,13 +100,14 @@ impl Cleanup {
         }
     }
 
-    /// Sends queued clean-ups as they become due (first attempts at once, at most
-    /// [`CLEANUP_IN_FLIGHT`] at a time); retryable failures go back in the queue until their
+    /// Sends queued clean-ups as they become due (first attempts at once, retries at most
+    /// [`CLEANUP_RETRIES_IN_FLIGHT`] at a time); retryable failures go back in the queue until their
     /// key expires, after a pause that doubles to 1 s while the server fails. Ends when
     /// nothing is queued or in flight, or the backend is dropped.
     async fn work(self: Arc<Self>, nodes: std::sync::Weak<Nodes>) {
         use futures::StreamExt;
         let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut retries_in_flight = 0;
         let mut pause = Duration::from_millis(50);
         loop {
             let mut next_retry: Option<Instant> = None;
@@ -120,14 +124,17 @@ impl Cleanup {
                     return;
                 };
                 let mut index = 0;
-                while index < state.queue.len() && in_flight.len() < CLEANUP_IN_FLIGHT {
+                while index < state.queue.len() {
                     match state.queue[index].not_before {
                         Some(at) if at > now => {
                             next_retry = Some(next_retry.map_or(at, |next| next.min(at)));
                             index += 1;
                         }
-                        _ => {
+                        // Waits for a retry in flight to end (which wakes this loop).
+                        Some(_) if retries_in_flight >= CLEANUP_RETRIES_IN_FLIGHT => index += 1,
+                        retry => {
                             if let Some(pending) = state.queue.remove(index) {
+                                retries_in_flight += usize::from(retry.is_some());
                                 in_flight.push(send_cleanup(strong.clone(), pending));
                             }
                         }
@@ -136,6 +143,7 @@ impl Cleanup {
             }
             tokio::select! {
                 Some((mut pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    retries_in_flight -= usize::from(pending.not_before.is_some());
                     match result {
                         Ok(released) => {
                             pause = Duration::from_millis(50);

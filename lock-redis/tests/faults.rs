@@ -489,9 +489,10 @@ async fn a_clean_up_follows_its_acquire_across_a_connection_replacement() -> Res
     let started = Instant::now();
     // The first acquire times out at 0.5 s; its clean-up, sent then, waits for an answer
     // until 1 s, when the probe (PING at 0.5 s, unanswered) replaces the connection. The
-    // second acquire, sent at 0.3 s on the stalled connection, times out at 0.8 s.
+    // second acquire, sent at 0.1 s on the stalled connection, times out at 0.6 s, while the
+    // first clean-up is in flight.
     let (first_attempt, second_attempt) = tokio::join!(backend.try_acquire(&first, ttl), async {
-        sleep(Duration::from_millis(300)).await;
+        sleep(Duration::from_millis(100)).await;
         backend.try_acquire(&second, ttl).await
     });
     ensure!(
