@@ -145,6 +145,18 @@ struct Shared {
     suspended: Notify,
 }
 
+impl Drop for Shared {
+    /// The `Locker` and its guards are gone: the tasks, which may wait for a wake-up with no
+    /// timer, look once more and end.
+    fn drop(&mut self) {
+        let state = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.wake_tasks();
+    }
+}
+
 impl crate::suspend::SuspensionWake for Shared {
     /// Every queued guard was sent before the suspension: the tasks look at once.
     fn woken_by_suspension(&self) {
@@ -265,10 +277,10 @@ impl Watchdog {
             // Made before the spawn: a task dropped unpolled (its runtime shutting down) must
             // still hand its work on.
             let on_drop = HandOnWhenDropped {
-                watchdog: self.clone(),
+                watchdog: Arc::downgrade(&self.shared),
                 runtime: id,
             };
-            let watchdog = self.clone();
+            let watchdog = Arc::downgrade(&self.shared);
             let task_wake = wake.clone();
             // A runtime that is shutting down drops the task inside `spawn`, on this thread,
             // while we hold the state lock: its hand-on must not take the lock (see below).
@@ -452,7 +464,7 @@ fn next_due(watched: &Watched, lease: &Lease) -> Instant {
 /// runtime. Before, such guards (a sync wrapper's `block_on` on a runtime then dropped) were
 /// neither renewed nor told they were lost until some runtime used the `Locker` again.
 struct HandOnWhenDropped {
-    watchdog: Watchdog,
+    watchdog: std::sync::Weak<Shared>,
     runtime: runtime::Id,
 }
 
@@ -468,7 +480,13 @@ impl Drop for HandOnWhenDropped {
             // and hands the work on itself.
             return;
         }
-        let mut state = lock(&self.watchdog.shared.state);
+        let Some(shared) = self.watchdog.upgrade() else {
+            return;
+        };
+        // Declared before the state's guard, so dropped after it: if this is the last
+        // reference, `Shared`'s drop takes no lock we hold.
+        let watchdog = Watchdog { shared };
+        let mut state = lock(&watchdog.shared.state);
         let orphaned = !state.queue.is_empty()
             && !state
                 .tasks
@@ -479,15 +497,22 @@ impl Drop for HandOnWhenDropped {
             && background.id() != self.runtime
         {
             state.tasks.remove(&self.runtime);
-            self.watchdog.ensure_task_on(&mut state, background);
+            watchdog.ensure_task_on(&mut state, background);
         }
         state.planned_wake = None;
         state.wake_tasks();
     }
 }
 
-async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
+/// A watchdog task: holds the watchdog weakly, so that it ends with the `Locker` and the last
+/// guard it watched (before, a task lived as long as its runtime: one per `Locker` made per
+/// request, for good, on the background runtime too).
+async fn run(shared: std::sync::Weak<Shared>, wake: Arc<Notify>) {
     loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let watchdog = Watchdog { shared };
         let (due, next) = watchdog.take_due();
         for watched in due {
             // Built before the spawn: a task dropped unpolled (its runtime shutting down)
@@ -499,6 +524,7 @@ async fn run(watchdog: Watchdog, wake: Arc<Notify>) {
             };
             tokio::spawn(attending.run());
         }
+        drop(watchdog);
         // A notification that arrived after take_due is kept as a permit, so none is missed.
         match next {
             Some(at) => {

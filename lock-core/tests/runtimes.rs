@@ -122,21 +122,7 @@ fn a_guard_whose_runtime_shut_down_is_still_watched_from_sync_code() {
         (guard, token)
     })
     .unwrap();
-    std::thread::sleep(ttl * 4);
-    let taken = sync_call(|| async {
-        let contender = Locker::new(memory.clone());
-        contender.lock("shut-down").try_acquire().await.unwrap()
-    })
-    .unwrap();
-    assert!(
-        token.is_cancelled() || taken.is_none(),
-        "another holder took the key while the guard's token said it was held"
-    );
-    assert!(
-        taken.is_none(),
-        "the guard was not renewed: {:?}",
-        guard.lost_reason()
-    );
+    renewed_through_plain_work(&memory, "shut-down", ttl, &guard, || token.is_cancelled()).unwrap();
 }
 
 /// The same with the runtime kept (as a sync wrapper keeps one for its next call) but not
@@ -155,21 +141,7 @@ fn a_guard_whose_runtime_is_left_undriven_is_still_watched_from_sync_code() {
         let token = guard.lost_token();
         (guard, token)
     });
-    std::thread::sleep(ttl * 4);
-    let taken = sync_call(|| async {
-        let contender = Locker::new(memory.clone());
-        contender.lock("undriven").try_acquire().await.unwrap()
-    })
-    .unwrap();
-    assert!(
-        token.is_cancelled() || taken.is_none(),
-        "another holder took the key while the guard's token said it was held"
-    );
-    assert!(
-        taken.is_none(),
-        "the guard was not renewed: {:?}",
-        guard.lost_reason()
-    );
+    renewed_through_plain_work(&memory, "undriven", ttl, &guard, || token.is_cancelled()).unwrap();
     drop(kept);
 }
 
@@ -184,21 +156,65 @@ fn a_guard_whose_runtime_shut_down_is_still_renewed() {
     let ttl = Duration::from_millis(600);
     let guard =
         sync_call(|| async { locker.lock("handed-on").ttl(ttl).acquire().await.unwrap() }).unwrap();
+    renewed_through_plain_work(&memory, "handed-on", ttl, &guard, || guard.is_lost()).unwrap();
+}
+
+/// A watchdog task ends with its `Locker` and the guards it watched. A `Locker` made per call
+/// of a sync wrapper, its guard's token taken (a task on the background runtime), left one
+/// task there per call for good.
+#[test]
+fn watchdog_tasks_end_with_their_locker() {
+    let memory = MemoryBackend::new();
+    let background = lock_core::background_runtime().unwrap();
+    let per_call = || {
+        let locker = Locker::new(memory.clone());
+        sync_call(|| async {
+            let guard = locker.lock("per-call").acquire().await.unwrap();
+            let _token = guard.lost_token();
+            guard.release().await.unwrap();
+        })
+        .unwrap();
+    };
+    per_call();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = background.metrics().num_alive_tasks();
+    let calls = 50;
+    for _ in 0..calls {
+        per_call();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = background.metrics().num_alive_tasks();
+    assert!(
+        after < before + 10,
+        "{} background tasks more after {calls} calls with a Locker each",
+        after.saturating_sub(before)
+    );
+}
+
+/// After four TTLs of the holder's work in plain code, another client cannot take `name`:
+/// `guard` was renewed. If it was taken, the guard must at least have been told (`told`).
+fn renewed_through_plain_work(
+    memory: &MemoryBackend,
+    name: &str,
+    ttl: Duration,
+    guard: &lock_core::LockGuard,
+    told: impl Fn() -> bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     std::thread::sleep(ttl * 4);
     let taken = sync_call(|| async {
         let contender = Locker::new(memory.clone());
-        contender.lock("handed-on").try_acquire().await.unwrap()
-    })
-    .unwrap();
+        contender.lock(name).try_acquire().await
+    })??;
     assert!(
-        guard.is_lost() || taken.is_none(),
-        "another holder took the key of a guard that was neither renewed nor lost"
+        told() || taken.is_none(),
+        "another holder took the key while its guard said it was held"
     );
     assert!(
         taken.is_none(),
         "the guard was not renewed: {:?}",
         guard.lost_reason()
     );
+    Ok(())
 }
 
 /// Runs `call` on a current-thread runtime of its own, shut down afterwards: a sync

@@ -604,13 +604,9 @@ async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
     Ok(())
 }
 
-/// The first semaphore call of a backend whose tables do not exist yet creates them under the
-/// setup lock, which another process may hold a while (creating its own fence sequence or
-/// tables). That wait ran on the holder session, counted as an unanswered statement, and
-/// reported the session's locks lost after ~0.5 s; the creation now runs on a connection of
-/// its own and the holder keeps its locks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
+/// A one-session backend whose fence sequence lives in a schema of its own, where the
+/// semaphore tables do not exist yet, and an admin pool on the server.
+async fn backend_without_tables() -> Result<(Arc<lock_postgres::PostgresBackend>, sqlx::PgPool)> {
     let server = server().await?;
     let schema = unique("tables").replace('-', "_");
     let admin = PgPoolOptions::new()
@@ -630,16 +626,44 @@ async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
         },
     )
     .await?;
-    let locker = Locker::from_arc(backend.clone());
-    let ttl = Duration::from_secs(30);
-    let guard = locker.lock(unique("kept")).ttl(ttl).acquire().await?;
-    // Another process holds the setup lock for 1.5 s.
+    Ok((backend, admin))
+}
+
+/// Takes the setup lock on a connection of `admin`'s, as another process's setup would.
+async fn hold_the_setup_lock(
+    admin: &sqlx::PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
     let mut setup = admin.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock($1, $2)")
         .bind(lock_postgres::SETUP_LOCK.0)
         .bind(lock_postgres::SETUP_LOCK.1)
         .execute(&mut *setup)
         .await?;
+    Ok(setup)
+}
+
+async fn let_go_of_the_setup_lock(setup: &mut sqlx::PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(lock_postgres::SETUP_LOCK.0)
+        .bind(lock_postgres::SETUP_LOCK.1)
+        .execute(setup)
+        .await?;
+    Ok(())
+}
+
+/// The first semaphore call of a backend whose tables do not exist yet creates them under the
+/// setup lock, which another process may hold a while (creating its own fence sequence or
+/// tables). That wait ran on the holder session, counted as an unanswered statement, and
+/// reported the session's locks lost after ~0.5 s; the creation now runs on a connection of
+/// its own and the holder keeps its locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
+    let (backend, admin) = backend_without_tables().await?;
+    let locker = Locker::from_arc(backend.clone());
+    let ttl = Duration::from_secs(30);
+    let guard = locker.lock(unique("kept")).ttl(ttl).acquire().await?;
+    // Another process holds the setup lock for 1.5 s.
+    let mut setup = hold_the_setup_lock(&admin).await?;
     let first = tokio::spawn({
         let backend = backend.clone();
         let name = LockKey::new(unique("first-sem"))?;
@@ -647,11 +671,7 @@ async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let lost_meanwhile = guard.is_lost();
-    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-        .bind(lock_postgres::SETUP_LOCK.0)
-        .bind(lock_postgres::SETUP_LOCK.1)
-        .execute(&mut *setup)
-        .await?;
+    let_go_of_the_setup_lock(&mut setup).await?;
     let permit = first.await??.into_lease().context("no permit")?;
     ensure!(
         !lost_meanwhile && !guard.is_lost(),
@@ -670,37 +690,14 @@ async fn waiting_to_create_the_tables_keeps_the_sessions_locks() -> Result<()> {
 /// with the session free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiting_to_create_the_tables_leaves_the_session_watched() -> Result<()> {
-    let server = server().await?;
-    let schema = unique("tables").replace('-', "_");
-    let admin = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url())
-        .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await?;
-    let backend = backend_at(
-        &server.url(),
-        PostgresConfig {
-            max_sessions: 1,
-            sessions_per_ttl: 1,
-            fence_sequence: format!("{schema}.distlock_fence"),
-            ..PostgresConfig::default()
-        },
-    )
-    .await?;
+    let (backend, admin) = backend_without_tables().await?;
     let locker = Locker::from_arc(backend.clone());
     let ttl = Duration::from_secs(30);
     let name = unique("watched");
     let guard = locker.lock(&name).ttl(ttl).acquire().await?;
     let lost = guard.lost();
     // Another process holds the setup lock for 5 s.
-    let mut setup = admin.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock($1, $2)")
-        .bind(lock_postgres::SETUP_LOCK.0)
-        .bind(lock_postgres::SETUP_LOCK.1)
-        .execute(&mut *setup)
-        .await?;
+    let mut setup = hold_the_setup_lock(&admin).await?;
     let first = tokio::spawn({
         let backend = backend.clone();
         let name = LockKey::new(unique("first-sem"))?;
@@ -724,11 +721,7 @@ async fn waiting_to_create_the_tables_leaves_the_session_watched() -> Result<()>
     let bound = lock_postgres::loss_notice_bound(30_000) + Duration::from_millis(500);
     let heard = tokio::time::timeout(Duration::from_secs(4), lost).await;
     let heard_after = ended.elapsed();
-    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-        .bind(lock_postgres::SETUP_LOCK.0)
-        .bind(lock_postgres::SETUP_LOCK.1)
-        .execute(&mut *setup)
-        .await?;
+    let_go_of_the_setup_lock(&mut setup).await?;
     let _ = first.await?;
     ensure!(
         heard.is_ok() && heard_after <= bound,
