@@ -47,6 +47,18 @@ pub fn background_runtime() -> Option<&'static tokio::runtime::Handle> {
         .as_ref()
 }
 
+/// The background runtime when the caller's context may go undriven while plain code waits
+/// on a token: a current-thread runtime (driven only inside `block_on`), or no runtime. A
+/// multi-thread runtime's workers drive it whatever the caller does: `None` there.
+pub(crate) fn background_if_undriven() -> Option<&'static tokio::runtime::Handle> {
+    let undriven_risk = tokio::runtime::Handle::try_current()
+        .ok()
+        .is_none_or(|current| {
+            current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+        });
+    undriven_risk.then(background_runtime).flatten()
+}
+
 /// Spawns a backend's long-lived task (a release listener, a reaper, a heartbeat, a
 /// connection probe) where no caller's runtime can end it: on [`background_runtime`], else on
 /// the current runtime. A task spawned on a caller's runtime dies when that runtime shuts

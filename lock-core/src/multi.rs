@@ -230,6 +230,10 @@ pub struct MultiGuard {
     /// driven) while the guard lives, `lost()` may not fire; `is_lost()` still reads every
     /// guard, and each guard is still renewed by the watchdog.
     watcher: Option<JoinHandle<()>>,
+    /// The same on the background runtime, started by [`MultiGuard::lost_token`] taken on a
+    /// current-thread runtime (or outside Tokio): plain code may check the token while the
+    /// acquiring runtime is not driven, and the watcher there would never run.
+    background_watcher: std::sync::OnceLock<JoinHandle<()>>,
 }
 
 impl MultiGuard {
@@ -247,6 +251,7 @@ impl MultiGuard {
             guards,
             lost,
             watcher,
+            background_watcher: std::sync::OnceLock::new(),
         }
     }
 
@@ -293,16 +298,30 @@ impl MultiGuard {
     }
 
     /// A token cancelled when any key is lost (a child: cancelling it fires nothing).
+    ///
+    /// Taken on a current-thread runtime or outside Tokio, it is watched from the process's
+    /// background runtime too (as [`LockGuard::lost_token`] is): plain code may check it while
+    /// no runtime is driven.
     pub fn lost_token(&self) -> CancellationToken {
+        // Each key's own token: its watchdog then has a task that runs, too.
+        let keys: Vec<_> = self.guards.iter().map(LockGuard::lost_token).collect();
+        if let Some(background) = crate::detached::background_if_undriven() {
+            self.background_watcher.get_or_init(|| {
+                let lost = self.lost.clone();
+                let signals = keys.into_iter().map(|key| Box::pin(key.cancelled_owned()));
+                background.spawn(async move {
+                    futures::future::select_all(signals).await;
+                    lost.cancel();
+                })
+            });
+        }
         self.lost.child_token()
     }
 
     /// Releases every key. `Ok(true)` only if every lease was still ours; all are released
     /// even if one fails (the first error is returned).
     pub async fn release(mut self) -> Result<bool, LockError> {
-        if let Some(watcher) = self.watcher.take() {
-            watcher.abort();
-        }
+        self.stop_watchers();
         let mut all_ours = true;
         let mut first_error = None;
         for guard in std::mem::take(&mut self.guards) {
@@ -336,11 +355,20 @@ impl MultiGuard {
     }
 }
 
-impl Drop for MultiGuard {
-    fn drop(&mut self) {
+impl MultiGuard {
+    fn stop_watchers(&mut self) {
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();
         }
+        if let Some(watcher) = self.background_watcher.get() {
+            watcher.abort();
+        }
+    }
+}
+
+impl Drop for MultiGuard {
+    fn drop(&mut self) {
+        self.stop_watchers();
         // The guards release themselves in the background as they drop.
     }
 }

@@ -326,12 +326,7 @@ impl Watchdog {
     /// drive it whatever the caller does (and its shutdown hands the guards on, see
     /// [`HandOnWhenDropped`]), so async callers there pay for no second task.
     pub(crate) fn attend_from_anywhere(&self) {
-        let undriven_risk = Handle::try_current().ok().is_none_or(|current| {
-            current.runtime_flavor() == runtime::RuntimeFlavor::CurrentThread
-        });
-        let background = undriven_risk
-            .then(crate::detached::background_runtime)
-            .flatten();
+        let background = crate::detached::background_if_undriven();
         let mut state = lock(&self.shared.state);
         self.ensure_task(&mut state);
         if let Some(background) = background {

@@ -159,6 +159,66 @@ fn a_guard_whose_runtime_shut_down_is_still_renewed() {
     renewed_through_plain_work(&memory, "handed-on", ttl, &guard, || guard.is_lost()).unwrap();
 }
 
+/// A backend whose renewals answer "lost" once `losing` is set.
+#[derive(Debug)]
+struct LosingRenewals {
+    inner: MemoryBackend,
+    losing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[lock_core::async_trait]
+impl LockBackend for LosingRenewals {
+    async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+        self.inner.try_acquire(key, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        if self.losing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LockError::lost(
+                lease.key().as_str(),
+                "taken away by the test",
+            ));
+        }
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        self.inner.release(lease).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// `lock_all`'s guard in a sync caller: its token, taken in `block_on` on a runtime then
+/// dropped, fires when a key is lost. Its watcher ran on that runtime only, so the token
+/// stayed silent while the key was gone.
+#[test]
+fn a_multi_guards_token_fires_for_a_sync_caller() {
+    let losing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let locker = Locker::new(LosingRenewals {
+        inner: MemoryBackend::new(),
+        losing: losing.clone(),
+    });
+    let ttl = Duration::from_millis(600);
+    let (guard, token) = sync_call(|| async {
+        let guard = locker
+            .lock_all(["multi-a", "multi-b"])
+            .ttl(ttl)
+            .acquire()
+            .await
+            .unwrap();
+        let token = guard.lost_token();
+        (guard, token)
+    })
+    .unwrap();
+    losing.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(ttl);
+    assert!(
+        token.is_cancelled(),
+        "a key's renewal answered lost, and the multi-guard's token stayed silent (is_lost: {})",
+        guard.is_lost()
+    );
+}
+
 /// A watchdog task ends with its `Locker` and the guards it watched. A `Locker` made per call
 /// of a sync wrapper, its guard's token taken (a task on the background runtime), left one
 /// task there per call for good.
