@@ -303,12 +303,15 @@ impl MultiGuard {
     /// background runtime too (as [`LockGuard::lost_token`] is): plain code may check it while
     /// no runtime is driven.
     pub fn lost_token(&self) -> CancellationToken {
-        // Each key's own token: its watchdog then has a task that runs, too.
-        let keys: Vec<_> = self.guards.iter().map(LockGuard::lost_token).collect();
         if let Some(background) = crate::detached::background_if_undriven() {
             self.background_watcher.get_or_init(|| {
                 let lost = self.lost.clone();
-                let signals = keys.into_iter().map(|key| Box::pin(key.cancelled_owned()));
+                // Each key's own token: its watchdog then has a task that runs, too.
+                let signals = self
+                    .guards
+                    .iter()
+                    .map(|guard| Box::pin(guard.lost_token().cancelled_owned()))
+                    .collect::<Vec<_>>();
                 background.spawn(async move {
                     futures::future::select_all(signals).await;
                     lost.cancel();
@@ -356,6 +359,7 @@ impl MultiGuard {
 }
 
 impl MultiGuard {
+    /// Stops the watchers that fire `lost` (release or drop).
     fn stop_watchers(&mut self) {
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();

@@ -294,16 +294,25 @@ impl Watchdog {
                 state.tasks.insert(id, Task { handle, wake });
                 return;
             }
-            // The runtime is shutting down (a guard put back by a renewal it dropped): if no
-            // other runtime has a live task, one on the background runtime takes the queue.
-            let others = state.tasks.values().any(|task| !task.handle.is_finished());
-            if !others
-                && !state.queue.is_empty()
-                && let Some(background) = crate::detached::background_runtime()
-                && background.id() != id
-            {
-                self.ensure_task_on(state, background);
-            }
+            // The runtime is shutting down (a guard put back by a renewal it dropped).
+            self.hand_to_background_if_orphaned(state, id);
+        }
+    }
+
+    /// When guards are queued and no runtime but `leaving` has a live task, starts one on
+    /// the background runtime: `leaving` is shutting down, and nobody else would attend them.
+    fn hand_to_background_if_orphaned(&self, state: &mut State, leaving: runtime::Id) {
+        let orphaned = !state.queue.is_empty()
+            && !state
+                .tasks
+                .iter()
+                .any(|(id, task)| *id != leaving && !task.handle.is_finished());
+        if orphaned
+            && let Some(background) = crate::detached::background_runtime()
+            && background.id() != leaving
+        {
+            state.tasks.remove(&leaving);
+            self.ensure_task_on(state, background);
         }
     }
 
@@ -482,18 +491,7 @@ impl Drop for HandOnWhenDropped {
         // reference, `Shared`'s drop takes no lock we hold.
         let watchdog = Watchdog { shared };
         let mut state = lock(&watchdog.shared.state);
-        let orphaned = !state.queue.is_empty()
-            && !state
-                .tasks
-                .iter()
-                .any(|(id, task)| *id != self.runtime && !task.handle.is_finished());
-        if orphaned
-            && let Some(background) = crate::detached::background_runtime()
-            && background.id() != self.runtime
-        {
-            state.tasks.remove(&self.runtime);
-            watchdog.ensure_task_on(&mut state, background);
-        }
+        watchdog.hand_to_background_if_orphaned(&mut state, self.runtime);
         state.planned_wake = None;
         state.wake_tasks();
     }
