@@ -198,7 +198,7 @@ impl Inner {
             return Ok(ServerWait::NotThere);
         };
         // Claimed above, but another waiter may have taken it since: then wait for signals.
-        let Ok(mut state) = session.state.try_lock() else {
+        let Some(mut state) = self.try_lock_session(&session) else {
             return Ok(ServerWait::NotThere);
         };
         if !state.ttls.is_empty() || !state.holds.is_empty() {

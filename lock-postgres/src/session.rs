@@ -438,14 +438,32 @@ impl Inner {
                     )
                 })?,
         };
+        self.drop_if_tainted(session, &mut state);
+        Ok(state)
+    }
+
+    /// The session's state if it is free now, for the heartbeat's own statements. A tainted
+    /// session is dropped first, as [`Inner::lock_session`] drops it: the abandoned
+    /// statement's answer (a grant nobody recorded) would otherwise be read and skipped by
+    /// the next statement, and the session would keep that lock while it lives.
+    pub(crate) fn try_lock_session<'s>(
+        &self,
+        session: &'s Session,
+    ) -> Option<tokio::sync::MutexGuard<'s, SessionState>> {
+        let mut state = session.state.try_lock().ok()?;
+        self.drop_if_tainted(session, &mut state);
+        Some(state)
+    }
+
+    /// Drops the connection of a session marked tainted (see [`Inner::abandon`]).
+    fn drop_if_tainted(&self, session: &Session, state: &mut SessionState) {
         if session.tainted.swap(false, Ordering::SeqCst) && state.conn.is_some() {
             self.break_session(
                 session,
-                &mut state,
+                state,
                 "an operation was abandoned mid-statement outside a runtime",
             );
         }
-        Ok(state)
     }
 
     /// Locks the session and makes sure it is connected (connecting within

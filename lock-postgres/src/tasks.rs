@@ -132,7 +132,7 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
             let inner = inner.clone();
             tokio::spawn(async move {
                 // Taken meanwhile: that statement is the probe.
-                if let Ok(state) = session.state.try_lock() {
+                if let Some(state) = inner.try_lock_session(&session) {
                     inner.probe(&session, state).await;
                 }
             });
@@ -140,7 +140,7 @@ pub(crate) async fn heartbeat(inner: Arc<Inner>) {
         for session in resets {
             let inner = inner.clone();
             tokio::spawn(async move {
-                if let Ok(state) = session.state.try_lock() {
+                if let Some(state) = inner.try_lock_session(&session) {
                     inner.turn_off_timeout(&session, state).await;
                 }
             });

@@ -255,6 +255,73 @@ fn a_reaper_unlock_dropped_with_its_runtime_leaves_the_key_usable() -> Result<()
     main.block_on(key_becomes_usable(&backend, &key))
 }
 
+/// Finding (review, 2026-12-03): an acquire abandoned mid-statement outside a runtime marks
+/// its (busy) session tainted, and the session's next user drops the connection. The
+/// heartbeat's probe took the session without looking at the mark: it read past the
+/// abandoned statement's answer (a grant nobody recorded) and kept the session alive, so the
+/// key stayed locked on the server until the session's next ordinary use (here the lease of
+/// another key running out, 10 s later).
+#[test]
+fn a_heartbeat_probe_drops_a_tainted_session() -> Result<()> {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (backend, proxy) = main.block_on(proxied_backend())?;
+    // A lock on the session keeps the heartbeat probing it (every 250 ms).
+    let kept = LockKey::new(unique("kept"))?;
+    main.block_on(backend.try_acquire(&kept, Duration::from_secs(10)))?
+        .into_lease()
+        .context("kept key not free")?;
+    // The same statement as the abandoned acquire's, so that statement is prepared already
+    // and its one poll sends the statement itself (not only its preparation).
+    let same_shape = LockKey::new(unique("same-shape"))?;
+    let lease = main
+        .block_on(backend.try_acquire(&same_shape, Duration::from_secs(5)))?
+        .into_lease()
+        .context("key not free")?;
+    main.block_on(backend.release(&lease))?;
+    proxy.set_delay(Duration::from_millis(50));
+    let key = LockKey::new(unique("tainted"))?;
+    let side = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (pending, early) = side.block_on(async {
+        let mut acquire = backend.try_acquire(&key, Duration::from_secs(5));
+        let early = futures_poll_once(acquire.as_mut()).await;
+        (acquire, early)
+    });
+    if let Some(result) = early {
+        bail!("the acquire finished on its first poll ({result:?}); cannot test abandonment");
+    }
+    drop(pending);
+    drop(side);
+    proxy.set_delay(Duration::ZERO);
+    // The abandoned statement reaches the server first (another client trying meanwhile
+    // would take the key before it, and nothing would be left to find).
+    std::thread::sleep(Duration::from_millis(200));
+    // Nothing else uses `backend`: only its heartbeat touches the session. Another client
+    // must get the key once the abandoned statement's session is gone.
+    main.block_on(async {
+        let other = backend_at(&server().await?.url(), PostgresConfig::default()).await?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(lease) = other
+                .try_acquire(&key, Duration::from_secs(5))
+                .await?
+                .into_lease()
+            {
+                other.release(&lease).await?;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the abandoned acquire's grant stayed on a session the heartbeat kept alive");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
 /// A one-session backend through a proxy (so a statement is surely still in flight after
 /// one poll), its holder session connected on the calling runtime.
 async fn proxied_backend() -> Result<(Arc<PostgresBackend>, TcpProxy)> {
