@@ -98,6 +98,7 @@ impl Locker {
             key: key.into(),
             options: self.defaults,
             kind: LeaseKind::Lock,
+            permits_misused: false,
         }
     }
 
@@ -197,6 +198,8 @@ pub struct LockRequest<'a> {
     options: LockOptions,
     /// A lock, semaphore permits, or a reader-writer side.
     kind: LeaseKind,
+    /// `permits` was called on a request that is not a semaphore's: acquire refuses it.
+    permits_misused: bool,
 }
 
 impl LockRequest<'_> {
@@ -227,11 +230,11 @@ impl LockRequest<'_> {
     /// How many of a semaphore's permits to take at once (default 1). Only for requests from
     /// [`Locker::semaphore`]; on any other request it is an `InvalidConfig` error at acquire.
     pub fn permits(mut self, count: u32) -> Self {
-        self.kind = match self.kind {
-            LeaseKind::Permits { limit, .. } => LeaseKind::Permits { limit, count },
-            // Marks the misuse; acquire reports it.
-            _ => LeaseKind::Permits { limit: 0, count },
-        };
+        match self.kind {
+            LeaseKind::Permits { limit, .. } => self.kind = LeaseKind::Permits { limit, count },
+            // Acquire reports the misuse.
+            _ => self.permits_misused = true,
+        }
         self
     }
 
@@ -310,6 +313,16 @@ impl LockRequest<'_> {
         let key = LockKey::new(self.key)?;
         let mut options = self.options;
         let kind = self.kind;
+        if self.permits_misused {
+            let what = match kind {
+                LeaseKind::Read | LeaseKind::Write => "a reader-writer lock",
+                _ => "a lock",
+            };
+            return Err(LockError::InvalidConfig(format!(
+                "{key}: permits(..) applies only to a semaphore (Locker::semaphore), and this \
+                 request is for {what}"
+            )));
+        }
         validate_ttl(options.ttl)?;
         let backend = self.locker.backend.clone();
         let caps = &self.locker.caps;
@@ -695,6 +708,27 @@ mod tests {
     use crate::{Capabilities, Lease, MemoryBackend};
     use async_trait::async_trait;
     use tokio_util::sync::CancellationToken;
+
+    /// `permits` on a lock or a reader-writer request says so (it once said "a limit of 0
+    /// permits admits nobody", a limit the caller never set), and takes nothing.
+    #[tokio::test]
+    async fn permits_on_a_request_that_is_not_a_semaphore_is_named() {
+        let locker = Locker::new(MemoryBackend::new());
+        for (request, what) in [
+            (locker.lock("k").permits(2), "for a lock"),
+            (locker.rwlock("k").read().permits(2), "reader-writer"),
+            (locker.rwlock("k").write().permits(1), "reader-writer"),
+        ] {
+            match request.try_acquire().await {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(message.contains("Locker::semaphore"), "{message}");
+                    assert!(message.contains(what), "{message}");
+                }
+                other => panic!("expected InvalidConfig, got {other:?}"),
+            }
+        }
+        assert!(locker.lock("k").try_acquire().await.unwrap().is_some());
+    }
 
     /// A memory backend that attaches one shared lost signal to every lease, as a backend
     /// does for all leases on one server session.

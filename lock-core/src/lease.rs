@@ -161,7 +161,10 @@ impl Lease {
         ttl: Duration,
         sent_at: Instant,
     ) -> Self {
-        let valid_until = sent_at + ttl.saturating_sub(drift(ttl));
+        // No lease is valid for more than `MAX_TTL` (acquire refuses longer TTLs); the cap
+        // also keeps a backend's absurd TTL (a server's answer) from overflowing `Instant`.
+        let valid_for = ttl.min(MAX_TTL);
+        let valid_until = sent_at + valid_for.saturating_sub(drift(valid_for));
         Lease {
             key,
             owner,
@@ -308,6 +311,22 @@ mod tests {
         assert!(validate_ttl(Duration::ZERO).is_err());
         assert!(validate_ttl(Duration::MAX).is_err());
         assert!(validate_ttl(Duration::from_millis(1)).is_ok());
+    }
+
+    /// A backend handing over an absurd TTL (a server's answer) gets a lease valid for at
+    /// most `MAX_TTL`, not a panic from `Instant` overflowing.
+    #[test]
+    fn an_absurd_ttl_is_capped_not_a_panic() {
+        let now = Instant::now();
+        let lease = Lease::new(
+            LockKey::new("k").unwrap(),
+            OwnerToken::random(),
+            None,
+            Duration::MAX,
+            now,
+        );
+        assert!(lease.valid_until() <= now + MAX_TTL);
+        assert!(lease.valid_until() > now + MAX_TTL / 2);
     }
 
     #[tokio::test]

@@ -141,6 +141,21 @@ impl MultiLockRequest<'_> {
                     }
                 }
             }
+            // A key taken early in the round may have run out while the later ones were
+            // taken (a slow backend, a hung renewal): never hand out a guard past its lost
+            // deadline, as a single lock's late grant is never handed out. Such a round is
+            // given back and counts as blocked by that key.
+            let blocked = blocked.or_else(|| {
+                let now = Instant::now();
+                let (index, _) = held
+                    .iter()
+                    .find(|(_, guard)| guard.is_lost() || now >= guard.lost_deadline())?;
+                tracing::warn!(
+                    key = %keys[*index],
+                    "a key of lock_all ran out while the others were taken; giving the round back"
+                );
+                Some(*index)
+            });
             let Some(index) = blocked else {
                 held.sort_by_key(|(index, _)| *index);
                 return Ok(MultiGuard::new(held.into_iter().map(|(_, g)| g).collect()));

@@ -641,6 +641,16 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
                     // up again, and the guard's release frees the key.
                     return;
                 }
+                // Answered past the lost deadline (a runtime that stalled finds the answer and
+                // the timer both ready, and the answer is looked at first): the holder may have
+                // been told `is_lost()` meanwhile, so the guard is not taken up again.
+                if Instant::now() >= lost_at {
+                    watched.lose(
+                        "renew_unconfirmed",
+                        "renewal confirmed only after the validity deadline".into(),
+                    );
+                    return;
+                }
                 tracing::trace!(key = %renewed.key(), "renewed");
                 let due = next_due(watched, &renewed);
                 state.set_lease(renewed);

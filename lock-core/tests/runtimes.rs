@@ -42,11 +42,13 @@ fn a_guard_watched_from_another_runtime_is_renewed_there() {
     drop(acquiring);
 }
 
-/// The memory backend, with renewals that take `renew_delay` to answer.
+/// The memory backend, with renewals that take `renew_delay` to answer: before they reach
+/// the backend, or (`renewed_first`) after (a slow link's return path).
 #[derive(Debug)]
 struct SlowRenewals {
     inner: MemoryBackend,
     renew_delay: Duration,
+    renewed_first: bool,
 }
 
 #[lock_core::async_trait]
@@ -55,6 +57,11 @@ impl LockBackend for SlowRenewals {
         self.inner.try_acquire(key, ttl).await
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+        if self.renewed_first {
+            let renewed = self.inner.renew(lease, ttl).await;
+            tokio::time::sleep(self.renew_delay).await;
+            return renewed;
+        }
         tokio::time::sleep(self.renew_delay).await;
         self.inner.renew(lease, ttl).await
     }
@@ -64,6 +71,55 @@ impl LockBackend for SlowRenewals {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
+}
+
+/// Finding (review, 2026-12-03): a runtime that stalls past the lost deadline with a renewal
+/// in flight finds, when it runs again, the renewal's answer and the deadline's timer both
+/// ready, and the timeout looked at the answer first: the guard, already reported lost by
+/// `is_lost()` during the stall (its validity had passed), was taken up again and never
+/// told. A renewal confirmed after the lost deadline now ends in the lost signal.
+#[test]
+fn a_renewal_answered_past_the_deadline_of_a_stalled_runtime_is_not_taken_up() {
+    let backend = SlowRenewals {
+        inner: MemoryBackend::new(),
+        renew_delay: Duration::from_millis(400),
+        renewed_first: true,
+    };
+    let locker = Locker::new(backend);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ttl = Duration::from_millis(600);
+        let guard = locker.lock("stalled").ttl(ttl).acquire().await.unwrap();
+        // Renewal sent at ttl/3 = 200 ms, answered at ~600 ms: past the lost deadline
+        // (~530 ms) and the validity (592 ms).
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let stalled_until = guard.valid_until() + Duration::from_millis(60);
+        // The runtime's only thread is busy: nothing runs until both are due.
+        std::thread::sleep(stalled_until.saturating_duration_since(tokio::time::Instant::now()));
+        assert!(
+            guard.is_lost(),
+            "is_lost() was false past the validity deadline"
+        );
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            guard.is_lost(),
+            "a guard is_lost() had reported lost was taken up again by a renewal answered \
+             after its lost deadline (valid for {:?} more)",
+            guard
+                .valid_until()
+                .saturating_duration_since(tokio::time::Instant::now())
+        );
+        assert!(
+            guard.lost_token().is_cancelled(),
+            "the lost signal never fired"
+        );
+    });
 }
 
 /// The renewal is in flight on the acquiring current-thread runtime when its `block_on`
@@ -76,6 +132,7 @@ fn a_renewal_stranded_on_an_undriven_runtime_still_ends_in_a_signal() {
     let backend = SlowRenewals {
         inner: memory.clone(),
         renew_delay: Duration::from_millis(300),
+        renewed_first: false,
     };
     let locker = Locker::new(backend);
     let acquiring = tokio::runtime::Builder::new_current_thread()

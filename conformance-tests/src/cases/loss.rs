@@ -247,6 +247,40 @@ pub async fn late_grant_is_never_handed_out(factory: &dyn BackendFactory) -> Res
         "with_lock ran its work on a grant that arrived after its deadline, while another \
          client held the key (outcome: {outcome:?})"
     );
+
+    // lock_all: each grant is on time, but the first key runs out while the second is
+    // taken (every call waits a TTL before it is sent, and nothing renews). The guard was
+    // handed out with its first key lost (finding of 2026-12-03).
+    let keys = [unique_key("late-all-a"), unique_key("late-all-b")];
+    plan.acquire(Fault::Delay(ttl));
+    let outcome = slow
+        .lock_all(keys.clone())
+        .ttl(ttl)
+        .auto_renew(false)
+        .try_acquire()
+        .await;
+    plan.acquire(Fault::None);
+    match outcome {
+        Ok(Some(guard)) if guard.is_lost() => bail!(
+            "lock_all handed out a guard with a key already past its deadline (each call \
+             waited {ttl:?} before it was sent, TTL {ttl:?})"
+        ),
+        Ok(Some(guard)) => {
+            guard.release().await?;
+        }
+        Ok(None) => {}
+        Err(error) if error.is_retryable() => {}
+        Err(error) => bail!("lock_all with slow calls gave a non-retryable error: {error}"),
+    }
+    // The round given back holds nothing.
+    let guard = other
+        .lock_all(keys.clone())
+        .ttl(ttl)
+        .wait(ttl + caps.expiry_slack + Duration::from_secs(2))
+        .acquire()
+        .await
+        .context("the keys stayed held after lock_all gave a late round back")?;
+    guard.release().await?;
     Ok(())
 }
 
