@@ -72,8 +72,16 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
     let bad = |name: &str, value: &str| {
         LockError::InvalidConfig(format!("invalid value {value:?} for URL parameter {name}"))
     };
+    let mut seen = std::collections::HashSet::new();
     for (name, value) in parsed.query_pairs() {
         let number = || value.parse::<u64>().map_err(|_| bad(&name, &value));
+        // A parameter given twice would be settled silently by its last value (a second
+        // `namespace` decides which locks clash with which): refused instead.
+        if !seen.insert(canonical_parameter(&name)) {
+            return Err(LockError::InvalidConfig(format!(
+                "URL parameter {name} is given more than once"
+            )));
+        }
         match name.as_ref() {
             "namespace" => config.namespace = value.to_string(),
             "max_sessions" => {
@@ -97,7 +105,7 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
             "sslrootcert" | "ssl-root-cert" | "ssl-ca" if value == "system" => system_roots = true,
             "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey"
             | "ssl-key" => {
-                check_readable(&name, &value)?;
+                check_readable(&format!("URL parameter {name}"), &value, is_key(&name))?;
                 kept.push((name.to_string(), value.to_string()))
             }
             "sslmode" | "ssl-mode" => {
@@ -148,6 +156,7 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
             }
         }
     }
+    check_environment(&seen, parsed.port().is_some())?;
     if kept.is_empty() {
         parsed.set_query(None);
     } else {
@@ -170,21 +179,101 @@ pub(crate) fn parse_url(url: &str) -> Result<(PgConnectOptions, PostgresConfig),
 /// A certificate or key file named in the URL must be readable now: sqlx reads it only at
 /// the first TLS handshake, where a missing file would look like a connection failure. Inline
 /// PEM (sqlx accepts it for these parameters) is not a file.
-fn check_readable(name: &str, value: &str) -> Result<(), LockError> {
+fn check_readable(what: &str, value: &str, key: bool) -> Result<(), LockError> {
     if value.trim_start().starts_with("-----BEGIN") {
         return Ok(());
     }
     let contents = std::fs::read(value).map_err(|error| {
-        LockError::InvalidConfig(format!(
-            "URL parameter {name}: cannot read {value:?}: {error}"
-        ))
+        LockError::InvalidConfig(format!("{what}: cannot read {value:?}: {error}"))
     })?;
     // sqlx parses the file only at the first TLS handshake, where garbage would read as a
     // failed connection: a PEM file has a BEGIN line.
-    if let Some(problem) = lock_core::pem_problem(&contents, matches!(name, "sslkey" | "ssl-key")) {
+    if let Some(problem) = lock_core::pem_problem(&contents, key) {
         return Err(LockError::InvalidConfig(format!(
-            "URL parameter {name}: {value:?} {problem}"
+            "{what}: {value:?} {problem}"
         )));
+    }
+    Ok(())
+}
+
+fn is_key(name: &str) -> bool {
+    matches!(name, "sslkey" | "ssl-key")
+}
+
+/// One name for a URL parameter and its aliases.
+fn canonical_parameter(name: &str) -> String {
+    match name {
+        "ssl-root-cert" | "ssl-ca" => "sslrootcert".into(),
+        "ssl-cert" => "sslcert".into(),
+        "ssl-key" => "sslkey".into(),
+        "ssl-mode" => "sslmode".into(),
+        other => other.into(),
+    }
+}
+
+/// The `PG*` environment variables sqlx reads (as libpq does) for what the URL leaves out.
+/// sqlx drops a value it cannot use without a word: `PGSSLMODE=verify-fulll` would connect
+/// with `prefer` (no certificate check), `PGPORT=abc` to 5432, and a missing `PGSSLROOTCERT`
+/// would fail only at the TLS handshake, looking like an unreachable server. Refused here,
+/// naming the variable.
+fn check_environment(
+    url_parameters: &std::collections::HashSet<String>,
+    url_has_port: bool,
+) -> Result<(), LockError> {
+    let read = |name: &str| -> Result<Option<String>, LockError> {
+        match std::env::var(name) {
+            Ok(value) => Ok(Some(value)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(LockError::InvalidConfig(format!(
+                "environment variable {name} is not valid UTF-8"
+            ))),
+        }
+    };
+    if !url_parameters.contains("sslmode")
+        && let Some(mode) = read("PGSSLMODE")?
+        && mode.parse::<sqlx::postgres::PgSslMode>().is_err()
+    {
+        return Err(LockError::InvalidConfig(format!(
+            "environment variable PGSSLMODE={mode:?} is not an sslmode (disable, allow, prefer, \
+             require, verify-ca, verify-full)"
+        )));
+    }
+    if !url_has_port
+        && !url_parameters.contains("port")
+        && let Some(port) = read("PGPORT")?
+        && !port.parse::<u16>().is_ok_and(|port| port > 0)
+    {
+        return Err(LockError::InvalidConfig(format!(
+            "environment variable PGPORT={port:?} is not a port number"
+        )));
+    }
+    for (variable, parameter) in [
+        ("PGSSLROOTCERT", "sslrootcert"),
+        ("PGSSLCERT", "sslcert"),
+        ("PGSSLKEY", "sslkey"),
+    ] {
+        if !url_parameters.contains(parameter)
+            && let Some(value) = read(variable)?
+        {
+            check_readable(
+                &format!("environment variable {variable}"),
+                &value,
+                is_key(parameter),
+            )?;
+        }
+    }
+    // The rest (PGHOST, PGUSER, PGPASSWORD, PGDATABASE, PGAPPNAME, PGOPTIONS) are taken as
+    // they are, by sqlx as by libpq.
+    for name in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGDATABASE",
+        "PGAPPNAME",
+        "PGOPTIONS",
+    ] {
+        read(name)?;
     }
     Ok(())
 }
@@ -227,6 +316,24 @@ pub(crate) fn check_config(config: &PostgresConfig) -> Result<(), LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parameter given twice (or under two of its names) is refused, not settled by the
+    /// last one.
+    #[test]
+    fn a_parameter_given_twice_is_refused() {
+        for url in [
+            "postgres://u@h/db?namespace=a&namespace=b",
+            "postgres://u@h/db?sslmode=require&ssl-mode=disable",
+            "postgres://u@h/db?op_timeout_ms=10&op_timeout_ms=10",
+        ] {
+            match parse_url(url) {
+                Err(LockError::InvalidConfig(message)) => {
+                    assert!(message.contains("more than once"), "{url}: {message}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn an_ipv6_host_loses_its_brackets() -> Result<(), LockError> {

@@ -252,6 +252,9 @@ struct Inner {
     reaper_wake: Notify,
     /// The fence sequence, by OID: found once at setup, never through `search_path`.
     fence_oid: AtomicU32,
+    /// The fence sequence's schema, quoted by the server (set at setup): the semaphore and
+    /// reader-writer tables live there.
+    fence_schema: std::sync::OnceLock<String>,
     /// Advisory keys of recently used lock keys (see [`Inner::advisory_key`]).
     key_cache: Mutex<HashMap<LockKey, i64>>,
     /// The semaphore-limit and reader-writer intent tables exist (checked or created once per
@@ -342,6 +345,7 @@ impl PostgresBackend {
             heartbeat_wake: Notify::new(),
             heartbeat_at: Mutex::new(None),
             fence_oid: AtomicU32::new(0),
+            fence_schema: std::sync::OnceLock::new(),
             key_cache: Mutex::default(),
             tables_ready: AtomicBool::new(false),
             spare: Mutex::new(None),

@@ -36,10 +36,12 @@
 //!   ends, so a key with a waiter subscribed to wait here arms no blocker (`blocker.rs`).
 //! - **TTL from the grant.** The server starts the session's `idle_session_timeout` (the lock's
 //!   TTL) when the statement ends, which may be long after it was sent. The statement reports
-//!   how long it ran by the server's clock; the lease counts from the send plus that (or plus
-//!   the time we waited for the answer, if less: a server clock that jumped forward), which is
-//!   no later than the server's start. A process paused after the grant thus finds its lease
-//!   as old as the server's, never younger.
+//!   how long it ran by the server's clock; the lease counts from the send plus that, which
+//!   is no later than the server's start. A run longer than the time we waited for the answer
+//!   (a server clock that jumped forward) is not believed, and the lease counts from the send:
+//!   counting from the answer instead would date it after the server's start, by however long
+//!   this process was stalled before it read the answer. A process paused after the grant thus
+//!   finds its lease as old as the server's, never younger.
 
 use super::*;
 
@@ -324,9 +326,7 @@ impl Inner {
         }
         let fence = self.checked_fence(&session, &mut state, fence)?;
         state.timeout_set_ms = timeout_ms;
-        // No later than the server's start of the TTL (see the module docs).
-        let ran = Duration::from_micros(u64::try_from(ran_us).unwrap_or(0));
-        let valid_from = sent_at + ran.min(answered_at - sent_at);
+        let valid_from = grant_valid_from(sent_at, answered_at, ran_us);
         let owner = OwnerToken::random();
         let held = HeldLock {
             key: key.clone(),
@@ -337,7 +337,7 @@ impl Inner {
             ttl_ms,
             deadline: valid_from + ttl,
         };
-        tracing::trace!(key = %key, session = session.id, ?ran, "granted on the server");
+        tracing::trace!(key = %key, session = session.id, ran_us, "granted on the server");
         let lost_signal = self.record_grant(state, BookKey::Lock(hash), held);
         Ok(ServerWait::Granted(
             Lease::new(
@@ -376,5 +376,46 @@ impl Inner {
                 ))
             }
         }
+    }
+}
+
+/// When a lease granted on the server starts, no later than the server's start of its TTL
+/// (see the module docs): the send plus how long the statement ran by the server's clock
+/// (`ran_us`), or the send itself when that run is longer than the time we waited for the
+/// answer (the server's clock jumped) or negative (it went back).
+fn grant_valid_from(sent_at: Instant, answered_at: Instant, ran_us: i64) -> Instant {
+    let ran = Duration::from_micros(u64::try_from(ran_us).unwrap_or(0));
+    if ran <= answered_at.saturating_duration_since(sent_at) {
+        sent_at + ran
+    } else {
+        sent_at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_counts_from_the_send_plus_the_servers_run() {
+        let sent_at = Instant::now();
+        let answered_at = sent_at + Duration::from_millis(900);
+        assert_eq!(
+            grant_valid_from(sent_at, answered_at, 800_000),
+            sent_at + Duration::from_millis(800)
+        );
+        // The server's clock went back: the run reads negative.
+        assert_eq!(grant_valid_from(sent_at, answered_at, -5), sent_at);
+    }
+
+    /// Finding (review, 2026-12-03): a run longer than our wait (the server's clock jumped
+    /// forward) made the lease count from the answer's arrival, which is after the server's
+    /// start by however long this process stalled before reading it: a lease younger than
+    /// the server's. It counts from the send now.
+    #[test]
+    fn a_run_longer_than_the_wait_is_not_believed() {
+        let sent_at = Instant::now();
+        let answered_at = sent_at + Duration::from_millis(900);
+        assert_eq!(grant_valid_from(sent_at, answered_at, 60_000_000), sent_at);
     }
 }

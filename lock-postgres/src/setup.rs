@@ -164,16 +164,21 @@ impl Inner {
         let name = self.config.fence_sequence.as_str();
         let invalid =
             |why: String| LockError::InvalidConfig(format!("fence_sequence {name:?}: {why}"));
-        let parts: Option<i32> = sqlx::query_scalar("SELECT array_length(parse_ident($1), 1)")
-            .bind(name)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|error| invalid(format!("not a valid name: {error}")))?;
-        if parts != Some(2) {
+        // The schema, quoted by the server, is where the semaphore and reader-writer tables
+        // go: splitting the setting at its last '.' would cut `public."fence.seq"` apart.
+        let (parts, schema): (Option<i32>, Option<String>) = sqlx::query_as(
+            "SELECT array_length(parse_ident($1), 1), quote_ident((parse_ident($1))[1])",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|error| invalid(format!("not a valid name: {error}")))?;
+        let (Some(2), Some(schema)) = (parts, schema) else {
             return Err(invalid(
                 "give it as schema.name, so every role finds the same sequence".into(),
             ));
-        }
+        };
+        let _ = self.fence_schema.set(schema);
         let lookup = "SELECT to_regclass($1)::oid";
         let mut oid: Option<Oid> = sqlx::query_scalar(lookup)
             .bind(name)

@@ -247,12 +247,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Table `name` in the fence sequence's schema (as the configuration spells it).
+    /// Table `name` in the fence sequence's schema (as the server quoted it at setup).
     fn table(&self, name: &str) -> String {
-        let sequence = self.config.fence_sequence.as_str();
-        let schema = sequence
-            .rsplit_once('.')
-            .map_or("public", |(schema, _)| schema);
+        // Setup sets it before the backend exists; "public" only to be total.
+        let schema = self.fence_schema.get().map_or("public", String::as_str);
         format!("{schema}.{name}")
     }
 

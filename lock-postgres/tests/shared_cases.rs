@@ -731,3 +731,47 @@ async fn waiting_to_create_the_tables_leaves_the_session_watched() -> Result<()>
     );
     Ok(())
 }
+
+/// Finding (review, 2026-12-03): the semaphore and reader-writer tables go into the fence
+/// sequence's schema, which was cut out of the setting at its last '.': for
+/// `schema."fence.seq"` that gave the schema `schema."fence`, and every semaphore failed
+/// with an SQL syntax error. The server now names the schema at setup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quoted_fence_sequence_name_with_a_dot_keeps_its_schema() -> Result<()> {
+    let server = server().await?;
+    let schema = unique("dotted").replace('-', "_");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url())
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await?;
+    let backend = backend_at(
+        &server.url(),
+        PostgresConfig {
+            fence_sequence: format!("{schema}.\"fence.seq\""),
+            ..PostgresConfig::default()
+        },
+    )
+    .await?;
+    let key = LockKey::new(unique("dotted-permits"))?;
+    let ttl = Duration::from_secs(5);
+    let permit = acquired(
+        backend.try_acquire_permits(&key, 2, 1, ttl).await?,
+        "a permit of a free semaphore",
+    )?;
+    backend.release(&permit).await?;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 \
+         AND tablename IN ('distlock_rw_intent', 'distlock_semaphore_limit')",
+    )
+    .bind(&schema)
+    .fetch_one(&admin)
+    .await?;
+    ensure!(
+        tables == 2,
+        "{tables} of the 2 tables are in schema {schema}"
+    );
+    Ok(())
+}
