@@ -9,8 +9,8 @@ use std::time::Duration;
 ///
 /// Read it from the environment with [`Config::from_env`] (the variables below), or, with the
 /// `serde` feature, deserialize it from a settings file (the same field names; durations as
-/// `"30s"`, `"100ms"`, `"1m30s"`, or a number of milliseconds). Missing fields take the
-/// defaults.
+/// `"30s"`, `"100ms"`, `"1m30s"` or `0`: a bare number other than 0 is refused, as in the
+/// environment). Missing fields take the defaults.
 ///
 /// | variable | field | default | meaning |
 /// |---|---|---|---|
@@ -268,13 +268,18 @@ mod serde_duration {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Written {
-        Millis(u64),
+        Number(f64),
         Text(String),
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         match Written::deserialize(d)? {
-            Written::Millis(millis) => Ok(Duration::from_millis(millis)),
+            Written::Number(0.0) => Ok(Duration::ZERO),
+            // Read as milliseconds until 2026-12-03, while the CLI reads `--ttl 30` as 30 s
+            // and the environment refuses a bare number: `"ttl": 30` was a 30 ms lease.
+            Written::Number(number) => Err(serde::de::Error::custom(format!(
+                "{number}: a bare number is ambiguous: write \"{number}s\" or \"{number}ms\""
+            ))),
             Written::Text(text) => super::parse_duration(&text)
                 .map_err(|why| serde::de::Error::custom(format!("{text:?}: {why}"))),
         }
@@ -423,7 +428,7 @@ mod tests {
     #[test]
     fn deserializes_with_serde() {
         let config: Config = serde_json::from_str(
-            r#"{"url": "memory://settings", "ttl": "10s", "wait": 2500, "retries": 4}"#,
+            r#"{"url": "memory://settings", "ttl": "10s", "wait": "2500ms", "retries": 4}"#,
         )
         .unwrap();
         assert_eq!(config.ttl, Duration::from_secs(10));
@@ -432,6 +437,11 @@ mod tests {
         assert!(config.auto_renew);
         let error = serde_json::from_str::<Config>(r#"{"ttl": "ten seconds"}"#).unwrap_err();
         assert!(error.to_string().contains("ten seconds"), "{error}");
+        // A bare number is ambiguous (it was read as milliseconds: a 30 ms lease); 0 is not.
+        let error = serde_json::from_str::<Config>(r#"{"ttl": 30}"#).unwrap_err();
+        assert!(error.to_string().contains("ambiguous"), "{error}");
+        let zero: Config = serde_json::from_str(r#"{"wait": 0}"#).unwrap();
+        assert_eq!(zero.wait, Duration::ZERO);
         let round_trip: Config =
             serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
         assert_eq!(round_trip, config);

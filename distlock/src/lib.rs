@@ -208,6 +208,15 @@ mod tests {
             "postgres://app:s3cret@127.0.0.1:1/x?sslmode=bogus",
             "postgres://app@127.0.0.1:1/x?password=s3cret&sslmode=bogus",
             "etcd://app:s3cret@127.0.0.1:1/p?bogus=1",
+            // Bad escapes in the password itself.
+            "etcd://app:s3cr%et@127.0.0.1:1",
+            "etcd://app:s3cret%FF@127.0.0.1:1",
+            "etcd://app:s3cret%+1@127.0.0.1:1",
+            "redis://app:s3cr%et@127.0.0.1:1/0",
+            "redis://app:s3cret%FF@127.0.0.1:1/0",
+            "redlock://app:s3cr%et@127.0.0.1:1/0,127.0.0.1:2/0,127.0.0.1:3/0",
+            "postgres://app:s3cr%et@127.0.0.1:1/x",
+            "postgres://app:s3cret%FF@127.0.0.1:1/x",
         ] {
             let message = match connect(url).await {
                 Err(error) => format!("{error} / {error:?}"),

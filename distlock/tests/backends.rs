@@ -225,6 +225,54 @@ fn cli_usage_errors_are_clear() {
         assert_eq!(output.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+    // A TTL past the largest accepted is refused before connecting: at once, even with a
+    // server that never answers (it waited out the connect timeout, then exited 69).
+    let started = std::time::Instant::now();
+    let output = Command::new(exe)
+        .args([
+            "run",
+            "--ttl",
+            "40000000s",
+            "--url",
+            "redis://10.255.255.1:6379/0",
+            "k",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("largest accepted TTL"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // PostgreSQL's own environment variables, which sqlx reads as libpq does: a value it
+    // cannot use was dropped without a word (a misspelt PGSSLMODE meant `prefer`, without
+    // certificate checks). Refused before connecting, naming the variable.
+    for (name, value) in [
+        ("PGSSLMODE", "verify-fulll"),
+        ("PGPORT", "abc"),
+        ("PGSSLROOTCERT", "/nonexistent/root.crt"),
+    ] {
+        let output = Command::new(exe)
+            .args([
+                "run",
+                "--url",
+                "postgres://app@10.255.255.1/x",
+                "k",
+                "--",
+                "true",
+            ])
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{name}={value}: {stderr}");
+        assert!(stderr.contains(name), "{name}={value}: {stderr}");
+    }
     // A bad URL from the environment is a usage error naming it.
     let output = Command::new(exe)
         .args(["run", "k", "--", "true"])

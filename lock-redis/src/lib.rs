@@ -91,6 +91,7 @@ async fn connect_followed(
     url: &str,
     options: &RedisOptions,
 ) -> Option<Result<RedisBackend, LockError>> {
+    let url = &*options::lowercase_scheme(url);
     if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
         Some(sentinel::connect(url, options.clone()).await)
     } else if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {

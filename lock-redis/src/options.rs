@@ -148,7 +148,19 @@ pub(crate) fn check_userinfo(rest: &str) -> Result<(), &'static str> {
 /// Parses `redis://[user:pass@]host:port[/db][?prefix=…]` or
 /// `redlock://[user:pass@]h1:p1,h2:p2,h3:p3[/db][?prefix=…]` (TLS: `rediss://`,
 /// `redlocks://`, with `tls_ca`, `tls_cert`, `tls_key` and an optional `#insecure`).
+/// `url` with its scheme in lower case: schemes are case-insensitive (RFC 3986), and the
+/// rest of the parsing compares them as written (`REDIS://` was an "unknown scheme").
+pub(crate) fn lowercase_scheme(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.bytes().any(|byte| byte.is_ascii_uppercase()) => {
+            format!("{}://{rest}", scheme.to_ascii_lowercase()).into()
+        }
+        _ => url.into(),
+    }
+}
+
 pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUrl, LockError> {
+    let url = &*lowercase_scheme(url);
     let bad = |why: &str| {
         let url = lock_core::redact_url(url);
         LockError::InvalidConfig(format!("redis URL {url:?}: {why}"))
@@ -214,7 +226,13 @@ pub(crate) fn parse_url(url: &str, mut options: RedisOptions) -> Result<ParsedUr
     let mut passthrough = Vec::new();
     let mut wait_timeout = None;
     if let Some(query) = query {
+        let mut seen = std::collections::HashSet::new();
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            // Given twice, the last value would win without a word (a second `prefix`
+            // decides which locks clash with which).
+            if !seen.insert(name.clone()) {
+                return Err(bad(&format!("parameter {name} is given more than once")));
+            }
             let millis = || {
                 value
                     .parse::<u64>()
@@ -381,7 +399,13 @@ mod tests {
         }
         let resp3 = parse_url("redis://h:1/0?protocol=resp3", RedisOptions::default())?;
         assert_eq!(resp3.nodes, ["redis://h:1/0?protocol=resp3"]);
+        // Schemes are case-insensitive.
+        let upper = parse_url("REDIS://h:1/0", RedisOptions::default())?;
+        assert_eq!(upper.nodes, ["redis://h:1/0"]);
+        assert!(parse_url("RedLock://h1:1,h2:2,h3:3/0", RedisOptions::default())?.redlock);
         for bad in [
+            "redis://h:1/0?prefix=a&prefix=b",
+            "redlock://h1:1,h2:2,h3:3/0?node_timeout_ms=5&node_timeout_ms=5",
             "redis//x",
             "http://h:1",
             "redis://h:1/x",

@@ -106,8 +106,16 @@ fn parse(url: &str, options: RedisOptions) -> Result<SentinelUrl, LockError> {
     let mut kept = url::form_urlencoded::Serializer::new(String::new());
     for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
-            "sentinel_username" => sentinel_user = Some(value.into_owned()),
-            "sentinel_password" => sentinel_password = Some(value.into_owned()),
+            "sentinel_username" | "sentinel_password" => {
+                let slot = if name == "sentinel_username" {
+                    &mut sentinel_user
+                } else {
+                    &mut sentinel_password
+                };
+                if slot.replace(value.into_owned()).is_some() {
+                    return Err(bad(&format!("parameter {name} is given more than once")));
+                }
+            }
             _ => {
                 kept.append_pair(&name, &value);
             }

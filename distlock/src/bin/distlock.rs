@@ -163,6 +163,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     // Bad input is a usage error at once, not a backend failure after a connect timeout.
     distlock::LockKey::new(args.key.as_str())?;
+    distlock::validate_ttl(args.ttl)?;
     distlock::check_usable_ttl(args.ttl, Duration::ZERO)?;
     // Orphaned descendants of the command are re-parented to us, so we can wait for them.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a subreaper")?;
@@ -180,7 +181,14 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let guard = request.acquire().await?;
     // Before the command starts: a signal from then on is passed on, never fatal to us.
-    let mut signals = Signals::new()?;
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            // Released now: a guard merely dropped is released on a task that dies with us.
+            let _ = guard.release().await;
+            return Err(error);
+        }
+    };
     let mut command = tokio::process::Command::new(&args.command[0]);
     command
         .args(&args.command[1..])
