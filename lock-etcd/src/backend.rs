@@ -198,37 +198,45 @@ fn oldest_entry(range: Vec<u8>) -> TxnOp {
 /// dropped while its grant is in flight, or a grant whose answer was lost, still has its
 /// lease revoked. While the grant may still land, "lease not found" is not taken as final:
 /// the revoke is repeated until a request timeout after the drop. Transport failures are
-/// retried for at most [`REVOKE_PERSISTENCE`] (bounded work; the lease then expires by its
-/// TTL).
+/// retried for the lease's TTL, at least [`REVOKE_PERSISTENCE`]: after that the lease has
+/// expired anyway.
 struct RevokeOnDrop {
     armed: Option<(Arc<Inner>, i64)>,
     /// The grant was sent but not answered: the lease may not exist yet.
     grant_in_flight: bool,
+    /// The lease's TTL: how long it may live without us.
+    ttl: Duration,
 }
 
-/// How long a background revoke keeps retrying transport failures.
+/// The shortest time a background revoke keeps retrying transport failures. Once it gave up
+/// after this whatever the TTL: a waiter's entry with a long TTL, left by a revoke that
+/// failed while a member was silent for longer, stayed at the head of the queue, owned by
+/// nobody, until that TTL ran out.
 const REVOKE_PERSISTENCE: Duration = Duration::from_secs(30);
 
 impl RevokeOnDrop {
-    /// Armed for a lease that exists.
-    fn new(inner: &Arc<Inner>, lease_id: i64) -> Self {
+    /// Armed for a lease of `ttl` that exists.
+    fn new(inner: &Arc<Inner>, lease_id: i64, ttl: Duration) -> Self {
         RevokeOnDrop {
             armed: Some((inner.clone(), lease_id)),
             grant_in_flight: false,
+            ttl,
         }
     }
 
-    /// Armed for a lease whose grant is about to be sent.
-    fn before_grant(inner: &Arc<Inner>, lease_id: i64) -> Self {
+    /// Armed for a lease of `ttl` whose grant is about to be sent.
+    fn before_grant(inner: &Arc<Inner>, lease_id: i64, ttl: Duration) -> Self {
         RevokeOnDrop {
             armed: Some((inner.clone(), lease_id)),
             grant_in_flight: true,
+            ttl,
         }
     }
 
-    /// The grant answered: the lease exists.
-    fn granted(&mut self) {
+    /// The grant answered: the lease exists, with the TTL etcd `granted`.
+    fn granted(&mut self, granted: Duration) {
         self.grant_in_flight = false;
+        self.ttl = self.ttl.max(granted);
     }
 
     fn disarm(&mut self) {
@@ -249,6 +257,10 @@ impl Drop for RevokeOnDrop {
         let grant_landing_until = self
             .grant_in_flight
             .then(|| dropped_at + inner.config.request_timeout);
+        // The lease may live its whole TTL from its last renewal (or from a grant landing
+        // up to a request timeout late).
+        let persistence =
+            REVOKE_PERSISTENCE.max(self.ttl.saturating_add(inner.config.request_timeout));
         runtime.spawn(async move {
             let mut pause = Duration::from_millis(50);
             loop {
@@ -257,7 +269,7 @@ impl Drop for RevokeOnDrop {
                     // The grant may not have been applied yet: revoke again after it.
                     Ok(false) => grant_landing_until.is_some_and(|until| Instant::now() < until),
                     Err(error) if error.is_retryable() => {
-                        let retry = dropped_at.elapsed() < REVOKE_PERSISTENCE;
+                        let retry = dropped_at.elapsed() < persistence;
                         if !retry {
                             tracing::debug!(%error, lease_id, "background revoke failed; the lease will expire");
                         }
@@ -399,10 +411,10 @@ impl Inner {
         ttl: Duration,
     ) -> Result<(i64, Duration, RevokeOnDrop), LockError> {
         let lease_id = new_lease_id();
-        let mut revoke = RevokeOnDrop::before_grant(self, lease_id);
+        let mut revoke = RevokeOnDrop::before_grant(self, lease_id, ttl);
         match self.grant(ttl, lease_id).await? {
             Granted::Ttl(granted) => {
-                revoke.granted();
+                revoke.granted(granted);
                 Ok((lease_id, granted, revoke))
             }
             Granted::Collision(error) => {
@@ -683,7 +695,9 @@ impl EtcdBackend {
             let sent = Instant::now();
             match timeout_at(
                 deadline.max(sent),
-                self.inner.renewer.keep_alive(place.lease_id),
+                self.inner
+                    .renewer
+                    .keep_alive(place.lease_id, last + granted),
             )
             .await
             {
@@ -876,7 +890,8 @@ async fn keep_queued_lease_alive(
     loop {
         sleep_until(refresh_at).await;
         let sent = Instant::now();
-        match inner.renewer.keep_alive(place.lease_id).await {
+        let alive_until = *lock(refreshed) + place.granted;
+        match inner.renewer.keep_alive(place.lease_id, alive_until).await {
             Ok(true) => {
                 *lock(refreshed) = sent;
                 refresh_at = sent + place.granted / 3;
@@ -958,6 +973,8 @@ impl LockBackend for EtcdBackend {
                 held.entry.clone(),
                 shared::holder_value(lease.owner(), lease.kind()),
                 held.lease_id,
+                // The lease was last confirmed by the call sent at `lease.sent_at()`.
+                lease.sent_at() + held.granted,
             )
             .await?;
         match renewal {
@@ -971,7 +988,8 @@ impl LockBackend for EtcdBackend {
             Renewal::Expired => {
                 return Err(LockError::lost(
                     lease.key().as_str(),
-                    "etcd answered the keep-alive with TTL 0: the lease expired",
+                    "the lease expired (etcd answered the keep-alive with TTL 0, or its TTL had \
+                     run out before one was sent)",
                 ));
             }
         }
@@ -1021,7 +1039,7 @@ impl LockBackend for EtcdBackend {
                 // retrying in the background. Never for a lease copied under another owner:
                 // that etcd lease is someone else's hold.
                 if held.owner == lease.owner() {
-                    drop(RevokeOnDrop::new(&self.inner, held.lease_id));
+                    drop(RevokeOnDrop::new(&self.inner, held.lease_id, held.granted));
                 }
                 return Err(error);
             }
@@ -1040,7 +1058,7 @@ impl LockBackend for EtcdBackend {
         }
         // The entry is gone (the next contender is already woken); the now empty lease is
         // revoked off the caller's path. If that fails it simply expires.
-        drop(RevokeOnDrop::new(&self.inner, held.lease_id));
+        drop(RevokeOnDrop::new(&self.inner, held.lease_id, held.granted));
         Ok(true)
     }
 
@@ -1138,6 +1156,53 @@ mod server_tests {
             Err(error) => backend_error(&EtcdConfig::new(["test"]), "put", error),
         };
         anyhow::ensure!(error.is_retryable(), "not retryable: {error}");
+        Ok(())
+    }
+
+    /// Finding (review, 2026-12-03): etcd answers a keep-alive of a lease that expired but is
+    /// not revoked yet only once the revoke is done (its next expiry scan, up to 500 ms), and
+    /// a stream's keep-alives in order: a late keep-alive of one lease held up the renewals
+    /// of every other lease on its shared stream. A lease whose TTL has run out by our clock
+    /// now gets no keep-alive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_out_lease_holds_up_no_other_keep_alive() -> anyhow::Result<()> {
+        let cluster = lock_harness::etcd::EtcdCluster::single().await?;
+        let mut client = Client::connect(cluster.direct_endpoints(), None).await?;
+        let renewer = Renewer::new(
+            Arc::new(Connection::new(client.clone(), cluster.direct_endpoints())),
+            Duration::from_secs(3),
+        );
+        // Two leases on one of the renewer's streams (ids equal modulo the stream count).
+        let short_id = new_lease_id() & !0xff;
+        let long_id = short_id + 16 * 7;
+        let with_id = |id| Some(etcd_client::LeaseGrantOptions::new().with_id(id));
+        let sent = Instant::now();
+        client.lease_grant(2, with_id(short_id)).await?;
+        client.lease_grant(30, with_id(long_id)).await?;
+        let long_until = Instant::now() + Duration::from_secs(30);
+        // Both streams open, then the short lease runs out.
+        anyhow::ensure!(
+            renewer.keep_alive(long_id, long_until).await?,
+            "long lease gone"
+        );
+        sleep_until(sent + Duration::from_millis(2010)).await;
+        let mut slowest = Duration::ZERO;
+        for _ in 0..3 {
+            let late = renewer.keep_alive(short_id, sent + Duration::from_secs(2));
+            let started = Instant::now();
+            let (late, alive) = tokio::join!(late, async {
+                sleep(Duration::from_millis(1)).await;
+                renewer.keep_alive(long_id, long_until).await
+            });
+            slowest = slowest.max(started.elapsed());
+            anyhow::ensure!(!late?, "the run-out lease was kept alive");
+            anyhow::ensure!(alive?, "the long lease was lost");
+            sleep(Duration::from_millis(150)).await;
+        }
+        anyhow::ensure!(
+            slowest < Duration::from_millis(100),
+            "a keep-alive waited {slowest:?} behind a run-out lease's on the same stream"
+        );
         Ok(())
     }
 

@@ -211,12 +211,18 @@ impl EtcdConfig {
         let mut config = EtcdConfig::new(endpoints).with_prefix(prefix);
         config.credentials = credentials;
         let mut tls = EtcdTls::new();
+        let mut seen = std::collections::HashSet::new();
         for pair in query.into_iter().flat_map(|query| query.split('&')) {
             if pair.is_empty() {
                 continue;
             }
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).map_err(|why| invalid(&why))?;
+            // Given twice, the last value would win without a word.
+            if !seen.insert(name) {
+                return Err(invalid(&format!("option {name}= is given more than once")));
+            }
+            let value =
+                percent_decode(value, &format!("option {name}=")).map_err(|why| invalid(&why))?;
             if value.is_empty() {
                 return Err(invalid(&format!("option {name}= has no value")));
             }
@@ -276,28 +282,36 @@ fn parse_userinfo(userinfo: &str) -> Result<Credentials, String> {
     let (user, password) = userinfo
         .split_once(':')
         .ok_or("credentials must be user:password@ (a password is required)")?;
-    let user = percent_decode(user)?;
+    let user = percent_decode(user, "the user name")?;
     if user.is_empty() {
         return Err("an empty user name in user:password@".into());
     }
     Ok(Credentials {
         user,
-        password: percent_decode(password)?,
+        password: percent_decode(password, "the password")?,
     })
 }
 
-/// Decodes `%XX` escapes (UTF-8); anything else is taken as it is.
-fn percent_decode(text: &str) -> Result<String, String> {
+/// Decodes `%XX` escapes (UTF-8); anything else is taken as it is. `what` names the part in
+/// errors, which never quote the text: it may be a password.
+fn percent_decode(text: &str, what: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;
     while index < bytes.len() {
         if bytes[index] == b'%' {
+            // Two hex digits exactly (`from_str_radix` alone would take "+1").
             let hex = bytes
                 .get(index + 1..index + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|hex| std::str::from_utf8(hex).ok())
                 .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in {text:?}"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "a bad percent escape in {what} (at byte {index}: '%' must be followed \
+                         by two hex digits; write '%25' for a '%')"
+                    )
+                })?;
             out.push(hex);
             index += 3;
         } else {
@@ -305,7 +319,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
             index += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("percent escapes in {text:?} are not UTF-8"))
+    String::from_utf8(out).map_err(|_| format!("the percent escapes in {what} are not UTF-8"))
 }
 
 fn parse_endpoint(host: &str) -> Result<String, String> {
@@ -402,6 +416,10 @@ mod tests {
             "etcd://u:s3#cret@a:1",
             "etcd://root:2024/s3cret@h:2379",
             "etcd://u:s3?x=cret@a:1",
+            // A bad escape in the password (the message once quoted the password).
+            "etcd://u:s3cr%et@a:1",
+            "etcd://u:s3cret%FF@a:1",
+            "etcd://u:s3cret%+1@a:1",
         ] {
             let Err(LockError::InvalidConfig(message)) = EtcdConfig::from_url(url) else {
                 panic!("{url} accepted");
@@ -431,6 +449,9 @@ mod tests {
             "etcd://a:1?ca=/x",
             "etcd://a:1?ca=",
             "etcd://u:%zz@a:1",
+            "etcd://u:%+1@a:1",
+            "etcds://a:1?ca=/x&ca=/y",
+            "etcd://u:p@a:1?ca=%-1",
             "127.0.0.1:2379",
             "etcd://::1:2379",
             "etcds://a:1?cert=/c",

@@ -149,12 +149,14 @@ impl Renewer {
         Ok((checks, keep_alives))
     }
 
-    /// Checks that `entry` holds `owner` on `lease_id`, then keeps the lease alive.
+    /// Checks that `entry` holds `owner` on `lease_id`, then keeps the lease alive (see
+    /// [`Renewer::keep_alive`] for `alive_until`).
     pub(crate) async fn renew(
         &self,
         entry: Vec<u8>,
         owner: String,
         lease_id: i64,
+        alive_until: Instant,
     ) -> Result<Renewal, LockError> {
         let (checks, _) = self.tasks().await?;
         let (reply, answer) = oneshot::channel();
@@ -170,7 +172,7 @@ impl Renewer {
         if !answer.await.map_err(|_| gone())?? {
             return Ok(Renewal::NotOurs);
         }
-        Ok(if self.keep_alive(lease_id).await? {
+        Ok(if self.keep_alive(lease_id, alive_until).await? {
             Renewal::Renewed
         } else {
             Renewal::Expired
@@ -180,7 +182,21 @@ impl Renewer {
     /// One keep-alive over the shared streams, bounded by the request timeout. `Ok(false)`:
     /// the lease is gone. Used by renewals and by queued waiters, so waiting costs no stream
     /// of its own.
-    pub(crate) async fn keep_alive(&self, lease_id: i64) -> Result<bool, LockError> {
+    ///
+    /// `alive_until`: when the lease runs out unless renewed (the send time of its last
+    /// confirmed grant or keep-alive, plus its TTL). Past it, the answer is `Ok(false)` at once,
+    /// without a keep-alive: etcd answers a keep-alive of a lease that expired but is not
+    /// revoked yet only once its revoke is done (up to its next expiry scan, 500 ms, or a
+    /// revoke retry 3 s later), and answers a stream's keep-alives in order, so every other
+    /// lease on that stream would wait as long, and short ones would be lost.
+    pub(crate) async fn keep_alive(
+        &self,
+        lease_id: i64,
+        alive_until: Instant,
+    ) -> Result<bool, LockError> {
+        if Instant::now() >= alive_until {
+            return Ok(false);
+        }
         let (_, keep_alives) = self.tasks().await?;
         // A lease always goes to the same stream, so its answers come back in order.
         let index =

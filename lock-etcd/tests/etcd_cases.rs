@@ -364,6 +364,61 @@ async fn queued_waiter_keeps_its_deadline_while_a_keep_alive_hangs() -> Result<(
     Ok(())
 }
 
+/// Finding (review, 2026-12-03): the revoke of a waiter's lease that gave up gave up for
+/// good after 30 s of failures, whatever the lease's TTL. A waiter with a long TTL whose
+/// member went away for longer than that left its queue entry behind: once the holder
+/// released, that entry was the head of the queue, owned by nobody, and every other waiter
+/// waited out its TTL (90 s here). The revoke now retries for the lease's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiters_revoke_outlasts_a_long_outage() -> Result<()> {
+    let factory = EtcdFactory::start(1).await?;
+    let holder = Locker::from_arc(direct_backend(&factory).await?);
+    let third = Locker::from_arc(direct_backend(&factory).await?);
+    let waiter = locker(&factory).await?;
+    let guard = holder
+        .lock("ghost")
+        .ttl(Duration::from_secs(120))
+        .acquire()
+        .await?;
+    let task = tokio::spawn(async move {
+        waiter
+            .lock("ghost")
+            .ttl(Duration::from_secs(90))
+            .wait(Duration::from_millis(2500))
+            .acquire()
+            .await
+    });
+    queue_of(&factory, "ghost", 2).await?;
+    factory.cluster.blackhole(0)?;
+    let outcome = timeout(Duration::from_secs(10), task).await;
+    // Then unreachable (connections refused: a black hole would keep the revokes' bytes and
+    // deliver them when healed) past the 30 s the revoke used to give up after (its tries
+    // take up to a request timeout each).
+    factory.cluster.cut(0)?;
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    factory.cluster.heal(0)?;
+    match outcome.context("waiter hung for 10 s")?? {
+        Err(error) if error.is_timeout() => {}
+        other => bail!("expected the waiter to time out, got {other:?}"),
+    }
+    guard.release().await?;
+    match third
+        .lock("ghost")
+        .ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(6))
+        .acquire()
+        .await
+    {
+        Ok(guard) => {
+            guard.release().await?;
+        }
+        Err(error) => {
+            bail!("the timed-out waiter's entry still held the queue after the outage: {error}")
+        }
+    }
+    Ok(())
+}
+
 /// Waiters keep their leases alive over the renewer's shared streams: 20 waiters over three
 /// keep-alive periods open at most the renewer's 16 streams, not one per keep-alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
