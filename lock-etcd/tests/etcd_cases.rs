@@ -267,12 +267,17 @@ async fn bad_urls_and_unreachable_servers_fail_fast() -> Result<()> {
 }
 
 /// Measures how late etcd deletes an abandoned entry after its TTL (the lessor's 500 ms scan
-/// plus a raft round), the basis of `EXPIRY_SLACK`.
+/// plus a raft round), the basis of `EXPIRY_SLACK`. It fails only on an entry seen alive past
+/// the slack: the lag counted is up to the start of the last look that still found the entry
+/// (each look opens a client of its own, which on a loaded machine took 100 ms and more, and
+/// counting to the end of the first look that did not find it once failed the test for that
+/// time alone); the bound to that end is printed beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
     let factory = EtcdFactory::start(1).await?;
     let backend = factory.backend().await?;
     let mut lags = Vec::new();
+    let mut gone_by = Vec::new();
     for round in 0..6 {
         let key = LockKey::new(format!("lag{round}"))?;
         let range = lock_etcd::key_range(&factory.prefix, &key);
@@ -283,11 +288,14 @@ async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
             .context("not acquired")?;
         let expires = lease.sent_at() + lease.ttl();
         sleep(lease.ttl() - Duration::from_millis(300)).await;
+        let mut seen_alive = expires;
         loop {
+            let asked = Instant::now();
             let entries = factory.cluster.keys_with_prefix(&range).await?;
             let Some(&(_, _, lease_id)) = entries.first() else {
                 break;
             };
+            seen_alive = seen_alive.max(asked);
             if Instant::now() >= expires + Duration::from_secs(3) {
                 // Say what etcd thinks of the lease, so that a failure tells a lease the
                 // server extended (TTL > 0) from one it found expired but did not revoke.
@@ -302,14 +310,16 @@ async fn expiry_lag_is_within_the_declared_slack() -> Result<()> {
             }
             sleep(Duration::from_millis(5)).await;
         }
-        lags.push(Instant::now().saturating_duration_since(expires));
+        lags.push(seen_alive.saturating_duration_since(expires));
+        gone_by.push(Instant::now().saturating_duration_since(expires));
     }
+    println!("expiry lag after TTL, seen alive until / seen gone by: {lags:?} / {gone_by:?}");
     lags.sort();
-    println!("expiry lag after TTL (sorted): {lags:?}");
     let worst = lags[lags.len() - 1];
     ensure!(
         worst <= lock_etcd::EXPIRY_SLACK,
-        "an entry outlived its TTL by {worst:?}, more than the declared slack {:?}",
+        "an entry was seen alive {worst:?} after its TTL, more than the declared slack {:?} \
+         (seen alive until / gone by, per round: {lags:?} / {gone_by:?})",
         lock_etcd::EXPIRY_SLACK
     );
     Ok(())
