@@ -427,6 +427,16 @@ where
     };
     match outcome {
         None => Err(guard.into_lost_error()),
+        // The work's last poll ran past the deadline (it blocked the runtime: synchronous
+        // I/O, CPU work): it was not stopped in time, and another holder may have acted
+        // meanwhile, so it is not reported as done under the lock.
+        Some(_) if guard.is_lost() || Instant::now() >= guard.stop_at() => {
+            tracing::warn!(
+                "the work finished after the lock's lost deadline (its last poll blocked \
+                 past it); reported as lost"
+            );
+            Err(guard.into_lost_error())
+        }
         Some(output) => {
             if let Err(error) = guard.release_after_work().await {
                 tracing::warn!(%error, "release after the work failed; TTL will free the lock");
@@ -708,6 +718,118 @@ mod tests {
     use crate::{Capabilities, Lease, MemoryBackend};
     use async_trait::async_trait;
     use tokio_util::sync::CancellationToken;
+
+    /// A memory backend whose first `failures` releases fail with a retryable error.
+    #[derive(Debug)]
+    struct FlakyReleases {
+        inner: MemoryBackend,
+        failures: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    #[async_trait]
+    impl LockBackend for FlakyReleases {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            self.inner.try_acquire(key, ttl).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.failures
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                return Err(LockError::backend_msg("flaky", "connection reset", true));
+            }
+            self.inner.release(lease).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    /// Finding (review, 2026-12-03): a release that failed with a retryable error was
+    /// tried once, and the guard was gone: the key stayed held for the rest of its TTL
+    /// (30 s here), every waiter timing out. It is retried in the background now.
+    #[tokio::test]
+    async fn a_release_that_fails_is_retried_in_the_background() {
+        let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let locker = Locker::new(FlakyReleases {
+            inner: MemoryBackend::new(),
+            failures: failures.clone(),
+        });
+        let flaky = |n| failures.store(n, std::sync::atomic::Ordering::SeqCst);
+        let ttl = Duration::from_secs(30);
+        // An explicit release: the error is returned, and the release goes on.
+        let guard = locker.lock("k").ttl(ttl).acquire().await.unwrap();
+        flaky(2);
+        assert!(
+            guard
+                .release()
+                .await
+                .is_err_and(|error| error.is_retryable())
+        );
+        let again = locker
+            .lock("k")
+            .ttl(ttl)
+            .wait(Duration::from_secs(3))
+            .acquire()
+            .await;
+        assert!(
+            again.is_ok(),
+            "the key stayed held after a failed release: {again:?}"
+        );
+        // Dropped, and released after the work of `run`.
+        let guard = again.unwrap();
+        flaky(2);
+        drop(guard);
+        locker
+            .lock("k")
+            .ttl(ttl)
+            .wait(Duration::from_secs(3))
+            .run(async {
+                flaky(2);
+            })
+            .await
+            .expect("the key stayed held after a dropped guard's failed release");
+        let last = locker
+            .lock("k")
+            .ttl(ttl)
+            .wait(Duration::from_secs(3))
+            .acquire()
+            .await;
+        assert!(
+            last.is_ok(),
+            "the key stayed held after run's failed release: {last:?}"
+        );
+    }
+
+    /// Finding (review, 2026-12-03): the deadline was checked before each poll of `run`'s
+    /// work only; work whose last poll blocked past it (synchronous I/O, CPU work) returned
+    /// `Ok` although another holder may have acted meanwhile.
+    #[test]
+    fn work_that_finishes_past_the_deadline_is_reported_lost() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let locker = Locker::new(MemoryBackend::new());
+            let outcome = locker
+                .lock("blocking")
+                .ttl(Duration::from_millis(100))
+                .auto_renew(false)
+                .run(async {
+                    std::thread::sleep(Duration::from_millis(300));
+                    42
+                })
+                .await;
+            assert!(
+                outcome.as_ref().is_err_and(LockError::is_lost),
+                "work that blocked past the lost deadline was reported done: {outcome:?}"
+            );
+        });
+    }
 
     /// `permits` on a lock or a reader-writer request says so (it once said "a limit of 0
     /// permits admits nobody", a limit the caller never set), and takes nothing.

@@ -233,7 +233,23 @@ struct Release {
 
 impl Release {
     async fn run(mut self) {
-        let result = self.backend.release(&self.lease).await;
+        // A retryable failure is tried again until the key would expire by its TTL anyway:
+        // one attempt left the lock to every waiter's timeout for the rest of that TTL.
+        let expires = self.lease.sent_at() + self.lease.ttl();
+        let mut pause = Duration::from_millis(50);
+        let result = loop {
+            let result = self.backend.release(&self.lease).await;
+            match &result {
+                Err(error)
+                    if error.is_retryable() && tokio::time::Instant::now() + pause < expires =>
+                {
+                    tracing::debug!(key = %self.lease.key(), %error, why = self.why, "background release failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                _ => break result,
+            }
+        };
         self.done = true;
         telemetry::release(
             self.backend.name(),

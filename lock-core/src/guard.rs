@@ -43,8 +43,16 @@ impl GuardState {
         read(&lock(&self.lease))
     }
 
-    pub(crate) fn set_lease(&self, lease: Lease) {
-        *lock(&self.lease) = lease;
+    /// Takes up a renewed lease only if it is still before `lost_at`, checked under the
+    /// lease's lock: a reader of the old lease then never saw it past its validity, so
+    /// `is_lost()` cannot go from true back to false.
+    pub(crate) fn take_renewal_before(&self, renewed: Lease, lost_at: Instant) -> bool {
+        let mut lease = lock(&self.lease);
+        if Instant::now() >= lost_at {
+            return false;
+        }
+        *lease = renewed;
+        true
     }
 
     /// Fires the lost signal; `true` the first time (so a loss is counted once).
@@ -177,13 +185,21 @@ impl LockGuard {
         self.watched.guard.lost_token().child_token()
     }
 
-    /// Releases the lock. `Ok(false)`: it was no longer ours (expired or taken over).
+    /// Releases the lock. `Ok(false)`: it was no longer ours (expired or taken over). A
+    /// retryable error (a connection reset, a timeout) is returned, and the release goes on in
+    /// the background, retried until the lease's TTL would have freed the key anyway: the
+    /// guard is gone, so the caller could not try again, and nothing renews the lease.
     pub async fn release(mut self) -> Result<bool, LockError> {
         self.watchdog.unwatch(&self.watched);
         let lease = self.watched.guard.lease();
         let result = self.watched.backend.release(&lease).await;
         // Only now: if this future is dropped mid-release, Drop releases in the background.
         self.released = true;
+        if let Err(error) = &result
+            && error.is_retryable()
+        {
+            crate::detached::release_detached(self.watched.backend.clone(), lease, "retry");
+        }
         let backend = self.watched.backend.name();
         telemetry::release(backend, telemetry::release_outcome(&result), "explicit");
         self.count_end(backend);

@@ -309,6 +309,13 @@ impl MultiGuard {
 
     /// A future that resolves when any key is lost.
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        // Acquired outside Tokio: no watcher runs on an acquiring runtime, so one runs on
+        // the background runtime (before, this future never resolved).
+        if self.watcher.is_none()
+            && let Some(background) = crate::detached::background_runtime()
+        {
+            self.watch_from(background);
+        }
         self.lost.clone().cancelled_owned()
     }
 
@@ -319,21 +326,26 @@ impl MultiGuard {
     /// no runtime is driven.
     pub fn lost_token(&self) -> CancellationToken {
         if let Some(background) = crate::detached::background_if_undriven() {
-            self.background_watcher.get_or_init(|| {
-                let lost = self.lost.clone();
-                // Each key's own token: its watchdog then has a task that runs, too.
-                let signals = self
-                    .guards
-                    .iter()
-                    .map(|guard| Box::pin(guard.lost_token().cancelled_owned()))
-                    .collect::<Vec<_>>();
-                background.spawn(async move {
-                    futures::future::select_all(signals).await;
-                    lost.cancel();
-                })
-            });
+            self.watch_from(background);
         }
         self.lost.child_token()
+    }
+
+    /// Starts the watcher on `background` (once).
+    fn watch_from(&self, background: &tokio::runtime::Handle) {
+        self.background_watcher.get_or_init(|| {
+            let lost = self.lost.clone();
+            // Each key's own token: its watchdog then has a task that runs, too.
+            let signals = self
+                .guards
+                .iter()
+                .map(|guard| Box::pin(guard.lost_token().cancelled_owned()))
+                .collect::<Vec<_>>();
+            background.spawn(async move {
+                futures::future::select_all(signals).await;
+                lost.cancel();
+            })
+        });
     }
 
     /// Releases every key. `Ok(true)` only if every lease was still ours; all are released

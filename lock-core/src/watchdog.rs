@@ -644,16 +644,15 @@ async fn attend_once(watchdog: &Watchdog, watched: &Arc<Watched>) {
                 // Answered past the lost deadline (a runtime that stalled finds the answer and
                 // the timer both ready, and the answer is looked at first): the holder may have
                 // been told `is_lost()` meanwhile, so the guard is not taken up again.
-                if Instant::now() >= lost_at {
+                let due = next_due(watched, &renewed);
+                tracing::trace!(key = %renewed.key(), "renewed");
+                if !state.take_renewal_before(renewed, lost_at) {
                     watched.lose(
                         "renew_unconfirmed",
                         "renewal confirmed only after the validity deadline".into(),
                     );
                     return;
                 }
-                tracing::trace!(key = %renewed.key(), "renewed");
-                let due = next_due(watched, &renewed);
-                state.set_lease(renewed);
                 watchdog.schedule(watched, due);
                 return;
             }

@@ -398,6 +398,33 @@ fn a_guard_acquired_outside_tokio_is_renewed() {
     );
 }
 
+/// Finding (review, 2026-12-03): `lock_all` outside Tokio built its `MultiGuard` without a
+/// watcher (none could be spawned there), so `lost()` never resolved when a key was lost.
+/// It now starts a watcher on the background runtime.
+#[test]
+fn a_multi_guards_lost_fires_when_taken_outside_tokio() {
+    let locker = Locker::new(MemoryBackend::new());
+    let guard = futures::executor::block_on(
+        locker
+            .lock_all(["outside-a", "outside-b"])
+            .ttl(Duration::from_millis(100))
+            .auto_renew(false)
+            .try_acquire(),
+    )
+    .unwrap()
+    .expect("free keys");
+    let waited = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { tokio::time::timeout(Duration::from_secs(2), guard.lost()).await });
+    assert!(
+        waited.is_ok(),
+        "lost() never fired (is_lost: {})",
+        guard.is_lost()
+    );
+}
+
 /// A backend may answer "held, for ever" with `Duration::MAX`: the wait must not overflow.
 #[test]
 fn a_holder_without_expiry_does_not_overflow_the_wait() {
