@@ -43,6 +43,18 @@ local function next_fence(counter, clock)
   redis.call('SET', counter, string.format('%d', fence))
   return fence
 end
+-- The answer of an attempt that ran before (a re-sent call). The counter is written again
+-- (its own value and TTL) so that this call writes something: `WAIT` after it counts the
+-- replicas that have the first run's writes too. A call that writes nothing is counted
+-- against a connection that wrote nothing, and `WAIT` answers at once, whatever the replicas
+-- have (a re-sent acquire was taken as replicated while no replica had it).
+local function resent_fence(counter)
+  local fence = redis.call('GET', counter)
+  if fence then
+    redis.call('SET', counter, fence, 'KEEPTTL')
+  end
+  return tonumber(fence or '1')
+end
 ";
 
 /// Lua shared by the scripts of a lock's keys (KEYS: lock, fence counter, queue, queue
@@ -113,7 +125,7 @@ end
 if holder == ARGV[1] then
   -- This very attempt ran before (a client that re-sends a call whose connection dropped,
   -- as the Cluster client does): it holds the lock. The fence counter has not gone back.
-  return tonumber(redis.call('GET', KEYS[2]) or '1')
+  return resent_fence(KEYS[2])
 end
 if ARGV[3] == '1' and holder ~= '' and not marked then
   redis.call('APPEND', KEYS[1], '+')
@@ -2069,6 +2081,70 @@ pub(crate) mod tests {
             Some("volatile-lru")
         );
         assert_eq!(super::eviction_policy("garbage"), None);
+    }
+
+    /// Finding (review, 2026-12-03): an acquire re-sent on a new connection (the Cluster
+    /// client re-sends a call whose connection dropped) found itself holding and wrote
+    /// nothing, so the `WAIT` pipelined after it was counted against a connection that had
+    /// written nothing and answered at once: `wait_replicas` took the lock as replicated while
+    /// the replica (here paused) had none of it. The re-sent run writes the fence counter
+    /// again, so `WAIT` counts only replicas that have the first run's writes.
+    #[tokio::test]
+    async fn a_resent_acquire_is_confirmed_only_by_replicas_that_have_it() {
+        let set = lock_harness::redis_sentinel::SentinelSet::builder()
+            .start()
+            .await
+            .unwrap();
+        let master = set.node_client(0).unwrap();
+        let mut first = master.get_multiplexed_async_connection().await.unwrap();
+        let wait = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                let reached: u32 = redis::cmd("WAIT")
+                    .arg(1)
+                    .arg(300)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                reached
+            }
+        };
+        // Loads the script and shows the replica acknowledges while it runs.
+        let _: redis::Value = super::ACQUIRE
+            .key("w:warm")
+            .key("w:fence")
+            .arg("token0")
+            .arg(30_000)
+            .arg("0")
+            .invoke_async(&mut first)
+            .await
+            .unwrap();
+        assert_eq!(wait(&mut first).await, 1, "the replica never acknowledged");
+        set.pause_node(1).unwrap();
+        let _: redis::Value = redis::cmd("EVALSHA")
+            .arg(super::ACQUIRE.get_hash())
+            .arg(2)
+            .arg(&["r:lock", "r:fence"])
+            .arg(("token1", 30_000, "0"))
+            .query_async(&mut first)
+            .await
+            .unwrap();
+        // The same call again, on a new connection, with its WAIT.
+        let mut resent = master.get_multiplexed_async_connection().await.unwrap();
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(super::evalsha(
+            &super::ACQUIRE,
+            &["r:lock", "r:fence"],
+            ("token1", 30_000, "0"),
+        ));
+        pipeline.cmd("WAIT").arg(1).arg(300);
+        let (fence, reached): (i64, u32) = pipeline.query_async(&mut resent).await.unwrap();
+        set.resume_node(1).unwrap();
+        assert!(fence > 0, "the re-sent acquire did not answer acquired");
+        assert_eq!(
+            reached, 0,
+            "WAIT counted a paused replica for a re-sent acquire it never received"
+        );
     }
 
     /// The lock's acquire script run twice with the same token (a re-sent call) answers

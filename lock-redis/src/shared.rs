@@ -43,7 +43,7 @@ end
 if redis.call('ZSCORE', KEYS[1], ARGV[4] .. ':' .. ARGV[1]) then
   -- This very attempt ran before (re-sent after its connection dropped, as the Cluster
   -- client does): it holds its permits; counting them again would lose them for good.
-  return tonumber(redis.call('GET', KEYS[3]) or '1')
+  return resent_fence(KEYS[3])
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
@@ -197,7 +197,7 @@ if writer ~= -2 or redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     -- This very attempt ran before (re-sent) and holds a share; a writer refused since
     -- then set its intent. Refusing now would leave that share to nobody for its TTL.
-    return tonumber(redis.call('GET', KEYS[5]) or '1')
+    return resent_fence(KEYS[5])
   end
   return refused(now, writer, ARGV[3])
 end
@@ -223,7 +223,7 @@ local writer = redis.call('PTTL', KEYS[2])
 if writer ~= -2 or redis.call('EXISTS', KEYS[1]) == 1 then
   if writer ~= -2 and redis.call('GET', KEYS[2]) == ARGV[1] then
     -- This very attempt ran before (re-sent): it is the writer.
-    return tonumber(redis.call('GET', KEYS[5]) or '1')
+    return resent_fence(KEYS[5])
   end
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
   return refused(now, writer, ARGV[3])
