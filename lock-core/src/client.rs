@@ -759,9 +759,14 @@ mod tests {
             failures: failures.clone(),
         });
         let flaky = |n| failures.store(n, std::sync::atomic::Ordering::SeqCst);
-        let ttl = Duration::from_secs(30);
+        let request = || {
+            locker
+                .lock("k")
+                .ttl(Duration::from_secs(30))
+                .wait(Duration::from_secs(3))
+        };
         // An explicit release: the error is returned, and the release goes on.
-        let guard = locker.lock("k").ttl(ttl).acquire().await.unwrap();
+        let guard = request().acquire().await.unwrap();
         flaky(2);
         assert!(
             guard
@@ -769,35 +774,20 @@ mod tests {
                 .await
                 .is_err_and(|error| error.is_retryable())
         );
-        let again = locker
-            .lock("k")
-            .ttl(ttl)
-            .wait(Duration::from_secs(3))
-            .acquire()
-            .await;
-        assert!(
-            again.is_ok(),
-            "the key stayed held after a failed release: {again:?}"
-        );
         // Dropped, and released after the work of `run`.
-        let guard = again.unwrap();
+        let guard = request()
+            .acquire()
+            .await
+            .expect("the key stayed held after a failed release");
         flaky(2);
         drop(guard);
-        locker
-            .lock("k")
-            .ttl(ttl)
-            .wait(Duration::from_secs(3))
+        request()
             .run(async {
                 flaky(2);
             })
             .await
             .expect("the key stayed held after a dropped guard's failed release");
-        let last = locker
-            .lock("k")
-            .ttl(ttl)
-            .wait(Duration::from_secs(3))
-            .acquire()
-            .await;
+        let last = request().acquire().await;
         assert!(
             last.is_ok(),
             "the key stayed held after run's failed release: {last:?}"

@@ -169,24 +169,31 @@ fn acquire_dropped_outside_a_runtime_leaves_the_key_usable() -> Result<()> {
         .enable_all()
         .build()?;
     let (backend, proxy) = main.block_on(proxied_backend())?;
-    proxy.set_delay(Duration::from_millis(50));
     let key = LockKey::new(unique("abandoned"))?;
+    abandon_an_acquire(&backend, &proxy, &key)?;
+    main.block_on(key_becomes_usable(&backend, &key))
+}
+
+/// Polls an acquire of `key` once on a runtime of its own, its statement slowed by the proxy
+/// so that it is surely in flight, then drops it where no runtime runs (the backend cannot
+/// finish the operation).
+fn abandon_an_acquire(backend: &PostgresBackend, proxy: &TcpProxy, key: &LockKey) -> Result<()> {
+    proxy.set_delay(Duration::from_millis(50));
     let side = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let (pending, early) = side.block_on(async {
-        let mut acquire = backend.try_acquire(&key, Duration::from_secs(5));
+        let mut acquire = backend.try_acquire(key, Duration::from_secs(5));
         let early = futures_poll_once(acquire.as_mut()).await;
         (acquire, early)
     });
     if let Some(result) = early {
         bail!("the acquire finished on its first poll ({result:?}); cannot test abandonment");
     }
-    // No runtime on this thread now: the backend cannot finish the operation.
     drop(pending);
     drop(side);
     proxy.set_delay(Duration::ZERO);
-    main.block_on(key_becomes_usable(&backend, &key))
+    Ok(())
 }
 
 /// The same with the acquire running on a task of a runtime that shuts down while its
@@ -281,22 +288,8 @@ fn a_heartbeat_probe_drops_a_tainted_session() -> Result<()> {
         .into_lease()
         .context("key not free")?;
     main.block_on(backend.release(&lease))?;
-    proxy.set_delay(Duration::from_millis(50));
     let key = LockKey::new(unique("tainted"))?;
-    let side = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (pending, early) = side.block_on(async {
-        let mut acquire = backend.try_acquire(&key, Duration::from_secs(5));
-        let early = futures_poll_once(acquire.as_mut()).await;
-        (acquire, early)
-    });
-    if let Some(result) = early {
-        bail!("the acquire finished on its first poll ({result:?}); cannot test abandonment");
-    }
-    drop(pending);
-    drop(side);
-    proxy.set_delay(Duration::ZERO);
+    abandon_an_acquire(&backend, &proxy, &key)?;
     // The abandoned statement reaches the server first (another client trying meanwhile
     // would take the key before it, and nothing would be left to find).
     std::thread::sleep(Duration::from_millis(200));

@@ -607,6 +607,21 @@ async fn a_right_revoked_mid_run_leaves_no_permit_held() -> Result<()> {
 /// A one-session backend whose fence sequence lives in a schema of its own, where the
 /// semaphore tables do not exist yet, and an admin pool on the server.
 async fn backend_without_tables() -> Result<(Arc<lock_postgres::PostgresBackend>, sqlx::PgPool)> {
+    let config = PostgresConfig {
+        max_sessions: 1,
+        sessions_per_ttl: 1,
+        ..PostgresConfig::default()
+    };
+    let (backend, admin, _) = backend_in_a_new_schema("distlock_fence", config).await?;
+    Ok((backend, admin))
+}
+
+/// A backend whose fence sequence is `sequence` in a new schema (returned, with an admin
+/// pool on the server).
+async fn backend_in_a_new_schema(
+    sequence: &str,
+    config: PostgresConfig,
+) -> Result<(Arc<lock_postgres::PostgresBackend>, sqlx::PgPool, String)> {
     let server = server().await?;
     let schema = unique("tables").replace('-', "_");
     let admin = PgPoolOptions::new()
@@ -616,17 +631,12 @@ async fn backend_without_tables() -> Result<(Arc<lock_postgres::PostgresBackend>
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&admin)
         .await?;
-    let backend = backend_at(
-        &server.url(),
-        PostgresConfig {
-            max_sessions: 1,
-            sessions_per_ttl: 1,
-            fence_sequence: format!("{schema}.distlock_fence"),
-            ..PostgresConfig::default()
-        },
-    )
-    .await?;
-    Ok((backend, admin))
+    let config = PostgresConfig {
+        fence_sequence: format!("{schema}.{sequence}"),
+        ..config
+    };
+    let backend = backend_at(&server.url(), config).await?;
+    Ok((backend, admin, schema))
 }
 
 /// Takes the setup lock on a connection of `admin`'s, as another process's setup would.
@@ -738,23 +748,8 @@ async fn waiting_to_create_the_tables_leaves_the_session_watched() -> Result<()>
 /// with an SQL syntax error. The server now names the schema at setup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quoted_fence_sequence_name_with_a_dot_keeps_its_schema() -> Result<()> {
-    let server = server().await?;
-    let schema = unique("dotted").replace('-', "_");
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&server.url())
-        .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await?;
-    let backend = backend_at(
-        &server.url(),
-        PostgresConfig {
-            fence_sequence: format!("{schema}.\"fence.seq\""),
-            ..PostgresConfig::default()
-        },
-    )
-    .await?;
+    let (backend, admin, schema) =
+        backend_in_a_new_schema("\"fence.seq\"", PostgresConfig::default()).await?;
     let key = LockKey::new(unique("dotted-permits"))?;
     let ttl = Duration::from_secs(5);
     let permit = acquired(
