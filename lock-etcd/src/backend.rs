@@ -658,9 +658,12 @@ impl EtcdBackend {
         refreshed: Instant,
         deadline: Instant,
     ) -> Result<Option<Instant>, LockError> {
-        // Only confirmed keep-alives move it, since it becomes the lease's `sent_at` (its
-        // validity deadline).
-        let refreshed = Mutex::new(refreshed);
+        // Only confirmed keep-alives move `confirmed`, since it becomes the lease's `sent_at`
+        // (its validity deadline).
+        let refreshed = Mutex::new(QueuedRefresh {
+            confirmed: refreshed,
+            in_flight: None,
+        });
         let keep_alive = keep_queued_lease_alive(&self.inner, place, &refreshed);
         let turn = tokio::select! {
             // Acquired beats the deadline when both are ready.
@@ -670,34 +673,37 @@ impl EtcdBackend {
             () = sleep_until(deadline) => return Ok(None),
         };
         turn?;
-        let last = *lock(&refreshed);
-        self.confirm_turn(place, last, deadline).await
+        let refresh = *lock(&refreshed);
+        self.confirm_turn(place, refresh, deadline).await
     }
 
-    /// Our turn came; `last` is when the last confirmed keep-alive was sent. The lease's
-    /// validity counts from there, so an old `last` (keep-alive answers slow or failing)
-    /// would hand out a lease whose deadline is close or past although etcd may have kept it
-    /// alive since. If less than 2/3 of the TTL is left (a scheduled refresh is overdue),
-    /// one keep-alive confirms the lease now (bounded by the caller's deadline), and the
-    /// validity counts from its send time. A lease that still has no more than the lost
+    /// Our turn came; `refresh.confirmed` is when the last confirmed keep-alive was sent.
+    /// The lease's validity counts from there, so an old one (keep-alive answers slow or
+    /// failing) would hand out a lease whose deadline is close or past although etcd may have
+    /// kept it alive since. If less than 2/3 of the TTL is left (a scheduled refresh is
+    /// overdue), one keep-alive confirms the lease now (bounded by the caller's deadline), and
+    /// the validity counts from its send time. A lease that still has no more than the lost
     /// margin left is not handed out: a retryable error (the entry is revoked, the client
     /// rejoins).
     async fn confirm_turn(
         &self,
         place: &Place<'_>,
-        last: Instant,
+        refresh: QueuedRefresh,
         deadline: Instant,
     ) -> Result<Option<Instant>, LockError> {
         let granted = place.granted;
         let valid_until = |sent: Instant| sent + granted.saturating_sub(lock_core::drift(granted));
+        let last = refresh.confirmed;
         let mut confirmed = last;
         if valid_until(last) < Instant::now() + granted * 2 / 3 {
+            // A keep-alive still unanswered when the turn came (its answer was dropped with
+            // the wait) may have reached etcd and kept the lease alive past `last + granted`:
+            // the lease is known gone only past its send time plus the TTL.
+            let alive_until = refresh.in_flight.unwrap_or(last).max(last) + granted;
             let sent = Instant::now();
             match timeout_at(
                 deadline.max(sent),
-                self.inner
-                    .renewer
-                    .keep_alive(place.lease_id, last + granted),
+                self.inner.renewer.keep_alive(place.lease_id, alive_until),
             )
             .await
             {
@@ -879,21 +885,36 @@ impl EtcdBackend {
 /// Longest a queued waiter trusts its predecessor's watch before it looks again.
 const QUEUE_RECHECK: Duration = Duration::from_secs(1);
 
+/// A queued entry's lease refreshes, as its turn finds them.
+#[derive(Clone, Copy, Debug)]
+struct QueuedRefresh {
+    /// Send time of the last keep-alive (or grant) etcd confirmed.
+    confirmed: Instant,
+    /// Send time of the keep-alive awaiting its answer, if one is.
+    in_flight: Option<Instant>,
+}
+
 /// Keeps a queued entry's lease alive at TTL/3 over the renewer's shared streams, recording
 /// each confirmed refresh in `refreshed`. Returns only when etcd says the lease is gone.
 async fn keep_queued_lease_alive(
     inner: &Inner,
     place: &Place<'_>,
-    refreshed: &Mutex<Instant>,
+    refreshed: &Mutex<QueuedRefresh>,
 ) -> LockError {
-    let mut refresh_at = *lock(refreshed) + place.granted / 3;
+    let mut refresh_at = lock(refreshed).confirmed + place.granted / 3;
     loop {
         sleep_until(refresh_at).await;
         let sent = Instant::now();
-        let alive_until = *lock(refreshed) + place.granted;
-        match inner.renewer.keep_alive(place.lease_id, alive_until).await {
+        let alive_until = {
+            let mut refresh = lock(refreshed);
+            refresh.in_flight = Some(sent);
+            refresh.confirmed + place.granted
+        };
+        let answer = inner.renewer.keep_alive(place.lease_id, alive_until).await;
+        lock(refreshed).in_flight = None;
+        match answer {
             Ok(true) => {
-                *lock(refreshed) = sent;
+                lock(refreshed).confirmed = sent;
                 refresh_at = sent + place.granted / 3;
             }
             Ok(false) => {
