@@ -136,21 +136,22 @@ fn replace_once<T>(
 }
 
 /// The `ttl` option: as [`duration`], and a literal must also be a TTL a lock can use:
-/// more than 4.05 ms (the clock-drift allowance and the lost margin take that much of any
-/// lease) and at most a year.
+/// more than 7.62 ms (the clock-drift allowance and the lost margin must leave a third of
+/// it and a millisecond for the first renewal; `lock_core::check_usable_ttl`) and at most a
+/// year.
 fn ttl(input: ParseStream) -> syn::Result<TokenStream2> {
     if input.peek(LitStr) {
         let literal: LitStr = input.fork().parse()?;
         let nanos = parse_duration(&literal.value())
             .map_err(|reason| syn::Error::new(literal.span(), reason))?;
-        const USABLE_FROM: u64 = 4_050_000;
+        const USABLE_FROM: u64 = 7_620_000;
         const YEAR: u64 = 365 * 24 * 3600 * 1_000_000_000;
         if nanos <= USABLE_FROM || nanos > YEAR {
             return Err(syn::Error::new(
                 literal.span(),
                 format!(
-                    "ttl {:?} cannot be used: a TTL must be more than 4.05 ms (clock drift and \
-                     the lost margin take that much of every lease) and at most a year",
+                    "ttl {:?} cannot be used: a TTL must be more than 7.62 ms (clock drift and \
+                     the lost margin must leave time to renew it) and at most a year",
                     literal.value()
                 ),
             ));

@@ -706,7 +706,8 @@ impl Drop for InFlightAttempt {
         crate::detached::run_detached(async move {
             if let Ok(Attempt::Acquired(lease)) = attempt.await {
                 tracing::debug!(key = %lease.key(), "releasing a lease granted to a cancelled acquire");
-                let _ = backend.release(&lease).await;
+                // Retried like any background release: one failed try left the lock to its TTL.
+                crate::detached::release_detached(backend, lease, "cancelled");
             }
         });
     }
@@ -794,6 +795,60 @@ mod tests {
         );
     }
 
+    /// Grants answering 50 ms after the call, over [`FlakyReleases`].
+    #[derive(Debug)]
+    struct SlowGrants(FlakyReleases);
+
+    #[async_trait]
+    impl LockBackend for SlowGrants {
+        async fn try_acquire(&self, key: &LockKey, ttl: Duration) -> Result<Attempt, LockError> {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.try_acquire(key, ttl).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, LockError> {
+            self.0.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+            self.0.release(lease).await
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+    }
+
+    /// Finding (Redlock review, 2026-12-04): the grant that answered a cancelled acquire was
+    /// released with one try; a retryable failure left the key held for its whole TTL
+    /// (30 s here). It is released as any background release now, retried until it expires.
+    #[tokio::test]
+    async fn a_cancelled_acquires_grant_is_released_despite_a_failed_try() {
+        let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let locker = Locker::new(SlowGrants(FlakyReleases {
+            inner: MemoryBackend::new(),
+            failures: failures.clone(),
+        }));
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            locker.lock("k").ttl(Duration::from_secs(30)).acquire(),
+        )
+        .await;
+        assert!(
+            cancelled.is_err(),
+            "the acquire was not cut off: {cancelled:?}"
+        );
+        // The grant lands about 40 ms later; its first release fails.
+        failures.store(1, std::sync::atomic::Ordering::SeqCst);
+        let next = locker
+            .lock("k")
+            .ttl(Duration::from_secs(30))
+            .wait(Duration::from_secs(3))
+            .acquire()
+            .await;
+        assert!(
+            next.is_ok(),
+            "the cancelled acquire's grant stayed held after one failed release: {next:?}"
+        );
+    }
+
     /// `permits` on a lock or a reader-writer request says so (it once said "a limit of 0
     /// permits admits nobody", a limit the caller never set), and takes nothing.
     #[tokio::test]
@@ -845,11 +900,14 @@ mod tests {
     }
 
     /// A TTL that clock drift and the lost margin would use up entirely is refused, not
-    /// granted and given back as late on every attempt until the wait ends.
+    /// granted and given back as late on every attempt until the wait ends. So is one that
+    /// leaves less than its first renewal needs (a third of it, plus a timer's millisecond):
+    /// 5–7 ms were accepted and every such lock was reported lost before it could be renewed
+    /// (facade review, 2026-12-04).
     #[tokio::test]
     async fn a_ttl_too_short_to_use_is_invalid() {
         let locker = Locker::new(MemoryBackend::new());
-        for ttl in [1, 3, 4] {
+        for ttl in [1, 3, 4, 5, 6, 7] {
             let outcome = locker
                 .lock("short")
                 .ttl(Duration::from_millis(ttl))

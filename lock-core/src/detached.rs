@@ -235,7 +235,12 @@ impl Release {
     async fn run(mut self) {
         // A retryable failure is tried again until the key would expire by its TTL anyway:
         // one attempt left the lock to every waiter's timeout for the rest of that TTL.
-        let expires = self.lease.sent_at() + self.lease.ttl();
+        // Checked: a hand-written backend's lease may carry an absurd TTL.
+        let expires = self
+            .lease
+            .sent_at()
+            .checked_add(self.lease.ttl())
+            .unwrap_or_else(|| self.lease.valid_until());
         let mut pause = Duration::from_millis(50);
         let result = loop {
             let result = self.backend.release(&self.lease).await;

@@ -36,17 +36,20 @@ pub fn drift(ttl: Duration) -> Duration {
 
 /// Refuses a TTL too short to use: a lease's validity is its TTL less the clock-drift
 /// allowance ([`drift`]), and the lost signal fires a margin ([`crate::lost_margin`]) before
-/// that, so a TTL of about 4.05 ms or less (as granted: raised to `min_ttl`, the backend's
-/// minimum) leaves nothing, and every grant would be given back as late.
+/// that. The watchdog renews at a third of the TTL, on a timer that may fire up to a
+/// millisecond late, so what is left must outlast that: a TTL (as granted: raised to
+/// `min_ttl`, the backend's minimum) of about 7.62 ms or less would be reported lost before
+/// its first renewal could be tried, however fast the server.
 pub fn check_usable_ttl(ttl: Duration, min_ttl: Duration) -> Result<(), LockError> {
     let granted = ttl.max(min_ttl);
     let reserved = drift(granted) + crate::lost_margin(granted);
-    if granted <= reserved {
+    let first_renewal = granted / 3 + Duration::from_millis(1);
+    if granted.saturating_sub(reserved) <= first_renewal {
         return Err(LockError::InvalidTtl {
             ttl,
             reason: format!(
                 "too short to use: the clock-drift allowance and the lost margin take {reserved:?} \
-                 of it (a TTL must be more than about 4.05 ms)"
+                 of it, which leaves no time to renew it (a TTL must be more than about 7.62 ms)"
             ),
         });
     }

@@ -12,7 +12,7 @@
 //! | `distlock_renewals_total` | counter | backend, outcome = `renewed`, `failed`, `lost`, `timeout` | renew calls by the watchdog |
 //! | `distlock_renewal_seconds` | histogram (s) | backend | latency of renew calls that answered |
 //! | `distlock_losses_total` | counter | backend, reason = `renew_refused`, `renew_unconfirmed`, `renew_timeout`, `deadline`, `suspended`, `backend_signal` | locks lost while held |
-//! | `distlock_releases_total` | counter | backend, outcome = `released`, `not_ours`, `error`, how = `explicit`, `drop`, `late_grant` (a grant that came too late, given back) | releases |
+//! | `distlock_releases_total` | counter | backend, outcome = `released`, `not_ours`, `error`, how = `explicit`, `drop`, `late_grant` (a grant that came too late, given back), `retry` (an explicit release that failed with a retryable error, retried in the background), `cancelled` (a grant that answered a cancelled acquire) | releases |
 //! | `distlock_held_locks` | gauge | backend | guards alive now |
 
 use std::time::Duration;

@@ -456,7 +456,10 @@ fn task_runtime(state: &mut State) -> Option<Handle> {
 fn next_due(watched: &Watched, lease: &Lease) -> Instant {
     let lost_at = lost_deadline(lease);
     if watched.auto_renew {
-        (lease.sent_at() + lease.ttl() / 3).min(lost_at)
+        lease
+            .sent_at()
+            .checked_add(lease.ttl() / 3)
+            .map_or(lost_at, |renew_at| renew_at.min(lost_at))
     } else {
         lost_at
     }

@@ -42,8 +42,9 @@ if #expired > 0 then
 end
 if redis.call('ZSCORE', KEYS[1], ARGV[4] .. ':' .. ARGV[1]) then
   -- This very attempt ran before (re-sent after its connection dropped, as the Cluster
-  -- client does): it holds its permits; counting them again would lose them for good.
-  return resent_fence(KEYS[3])
+  -- client does): it holds its permits; counting them again would lose them for good. A
+  -- fresh fence: the counter now may be the fence of a holder admitted since.
+  return next_fence(KEYS[3], clock)
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
@@ -197,7 +198,8 @@ if writer ~= -2 or redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     -- This very attempt ran before (re-sent) and holds a share; a writer refused since
     -- then set its intent. Refusing now would leave that share to nobody for its TTL.
-    return resent_fence(KEYS[5])
+    -- A fresh fence: the counter now may be the fence of a reader admitted since.
+    return next_fence(KEYS[5], ARGV[4] == '1' and clock or nil)
   end
   return refused(now, writer, ARGV[3])
 end
@@ -693,6 +695,76 @@ mod tests {
         assert!(
             matches!(again, redis::Value::Int(_)),
             "the reader's re-sent attempt was refused while its share stays: {again:?}"
+        );
+    }
+
+    /// Holders of a semaphore or readers hold at once, and each must have its own fence. A
+    /// re-sent attempt answered with the counter as it stood, which is the fence of whoever
+    /// got in after its first run: two holders with one fence. It now takes a fresh fence.
+    #[tokio::test]
+    async fn a_resent_shared_attempt_gets_a_fence_of_its_own() {
+        let (_server, mut conn) = crate::node::tests::script_server().await;
+        let fence = |answer: redis::Value| match answer {
+            redis::Value::Int(fence) => fence,
+            other => panic!("not granted: {other:?}"),
+        };
+        let permit = |conn: &mut redis::aio::MultiplexedConnection, token: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                SEM_ACQUIRE
+                    .key("f:holders")
+                    .key("f:meta")
+                    .key("f:fence")
+                    .arg(token)
+                    .arg(30_000)
+                    .arg(5)
+                    .arg(1)
+                    .arg("0")
+                    .invoke_async::<redis::Value>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = fence(permit(&mut conn, "one").await);
+        let second = fence(permit(&mut conn, "two").await);
+        let resent = fence(permit(&mut conn, "one").await);
+        assert!(
+            resent > second && second > first,
+            "permits: first run {first}, the next holder {second}, the re-sent first {resent}"
+        );
+        let read = |conn: &mut redis::aio::MultiplexedConnection, token: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                RW_READ_ACQUIRE
+                    .key("g:readers")
+                    .key("g:writer")
+                    .key("g:intent")
+                    .key("g:mark")
+                    .key("g:fence")
+                    .arg(token)
+                    .arg(30_000)
+                    .arg("0")
+                    .arg("0")
+                    .invoke_async::<redis::Value>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = fence(read(&mut conn, "one").await);
+        let second = fence(read(&mut conn, "two").await);
+        // A writer refused meanwhile: its intent keeps new readers out, not this one.
+        let _: () = redis::cmd("SET")
+            .arg("g:intent")
+            .arg("1")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let resent = fence(read(&mut conn, "one").await);
+        assert!(
+            resent > second && second > first,
+            "readers: first run {first}, the next reader {second}, the re-sent first {resent}"
         );
     }
 }

@@ -1,4 +1,4 @@
-#[distlock::locked("job", ttl = "2ms")]
+#[distlock::locked("job", ttl = "6ms")]
 async fn job() -> Result<(), distlock::LockError> {
     Ok(())
 }
